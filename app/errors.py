@@ -1,0 +1,73 @@
+"""The exception tree of Duplex.
+
+    DuplexError                    root: every error Duplex raises on purpose
+    ├── ConfigurationError         settings that cannot be used (bad value, unknown key)
+    ├── TemplateError              a task template that cannot be loaded or is invalid
+    ├── InputError                 other bad user input (JSON context, unknown task or step)
+    ├── TransitionError            an operator command asked for an impossible state change
+    ├── StorageError               the database failed; wraps the driver's exception
+    │   └── SchemaNotReadyError    the database schema is not at head (run `duplex migrate`)
+    └── StepError                  raised by handlers to say how their step failed
+        ├── PermanentError         do not retry (error_type ``permanent_error``)
+        └── RetryableError         retry, optionally after ``retry_after`` seconds
+                                   (error_type ``retryable_error``)
+
+The CLI prints any ``DuplexError`` as one line on stderr and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class DuplexError(Exception):
+    """Root of every error Duplex raises on purpose."""
+
+
+class ConfigurationError(DuplexError):
+    """Settings that cannot be used."""
+
+
+class TemplateError(DuplexError):
+    """A task template that cannot be loaded or is invalid."""
+
+
+class InputError(DuplexError):
+    """Bad user input other than a template."""
+
+
+class TransitionError(DuplexError):
+    """An operator command that asks for an impossible state change."""
+
+
+class StorageError(DuplexError):
+    """The database failed; the driver's exception is the ``__cause__``."""
+
+
+class SchemaNotReadyError(StorageError):
+    """The database schema is missing or behind the code."""
+
+
+class StepError(DuplexError):
+    """Raised by a handler to say how its step failed."""
+
+    error_type = "handler_error"
+    retryable = True
+
+
+class PermanentError(StepError):
+    """A failure that retrying cannot fix; the step goes to ``error`` at once."""
+
+    error_type = "permanent_error"
+    retryable = False
+
+
+class RetryableError(StepError):
+    """A failure worth retrying; ``retry_after`` (seconds) overrides the backoff."""
+
+    error_type = "retryable_error"
+    retryable = True
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        if retry_after is not None and retry_after < 0:
+            raise ValueError("retry_after must be >= 0 seconds")
+        self.retry_after = retry_after

@@ -1,0 +1,56 @@
+"""Schema migrations, run in code with a lock so workers starting together don't race."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, text
+
+import migrations
+from app.db import Database
+from app.errors import SchemaNotReadyError
+
+# Any constant works; it only has to be the same in every Duplex process.
+_ADVISORY_LOCK_KEY = 0x6475706C6578  # "duplex"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Return an Alembic config pointing at the bundled ``migrations`` package."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str | None:
+    """Return the newest revision the code knows."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def upgrade_to_head(db: Database) -> None:
+    """Bring the schema to head inside one locked write transaction."""
+    with db.write() as conn:
+        # SQLite: db.write() already holds the write lock (BEGIN IMMEDIATE).
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+        command.upgrade(alembic_config(conn), "head")
+
+
+def current_revision(db: Database) -> str | None:
+    """Return the revision the database is at, or None when it has never been migrated."""
+    with db.read() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def ensure_schema_ready(db: Database) -> None:
+    """Raise ``SchemaNotReadyError`` unless the database is at head."""
+    current, head = current_revision(db), head_revision()
+    if current != head:
+        state = "has no Duplex schema" if current is None else f"is at revision {current}"
+        raise SchemaNotReadyError(
+            f"the database {state}, the code expects {head}: run `duplex migrate`"
+        )

@@ -1,0 +1,163 @@
+"""Settings: ``settings.toml`` overridden by ``DUPLEX_<SECTION>__<KEY>`` environment variables.
+
+Read once at the edge (the CLI) and passed down as typed, frozen sections.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from app.errors import ConfigurationError
+
+SETTINGS_FILE_ENV = "DUPLEX_SETTINGS"
+DEFAULT_SETTINGS_FILE = "settings.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseSettings(_Section):
+    """Where the orchestration tables live."""
+
+    url: str = "sqlite:///duplex.db"
+    busy_timeout_ms: int = Field(default=5000, ge=0)
+    pool_size: int = Field(default=5, ge=1)
+
+
+class WorkerSettings(_Section):
+    """How many handlers run at once, and for how long."""
+
+    id: str | None = None
+    namespaces: tuple[str, ...] = ("default",)
+    handler_modules: tuple[str, ...] = ()
+    max_concurrent_handlers: int = Field(default=10, ge=1, le=1024)
+    prefetch: int = Field(default=4, ge=0, le=1024)
+    handler_timeout_ms: int = Field(default=30_000, gt=0)
+    shutdown_timeout_ms: int = Field(default=10_000, ge=0)
+    max_result_bytes: int = Field(default=1_000_000, gt=0)
+    commit_batch_size: int = Field(default=500, ge=1)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+
+
+class EventSystemSettings(_Section):
+    """How the worker learns that work is available."""
+
+    deployment_mode: Literal["polling", "event_driven", "hybrid"] = "polling"
+    polling_interval_ms: int = Field(default=250, gt=0)
+    claim_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class RetrySettings(_Section):
+    """Backoff for retryable failures: ``base * multiplier ** (attempt - 1)``, capped, jittered."""
+
+    backoff_base_ms: int = Field(default=1000, ge=0)
+    backoff_multiplier: float = Field(default=2.0, ge=1.0)
+    backoff_max_ms: int = Field(default=300_000, ge=0)
+    jitter: float = Field(default=0.1, ge=0.0, le=1.0)
+
+
+class DomainEventSettings(_Section):
+    """In-process delivery of committed domain events."""
+
+    buffer_size: int = Field(default=10_000, ge=1)
+
+
+class LoggingSettings(_Section):
+    """Log level and format."""
+
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    json_format: bool = False
+
+
+class TemplateSettings(_Section):
+    """Where ``duplex submit NAME`` looks for templates."""
+
+    directory: Path = Path("templates")
+
+
+class Settings(BaseSettings):
+    """All settings of a Duplex process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DUPLEX_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    database: DatabaseSettings = DatabaseSettings()
+    worker: WorkerSettings = WorkerSettings()
+    event_system: EventSystemSettings = EventSystemSettings()
+    retry: RetrySettings = RetrySettings()
+    domain_events: DomainEventSettings = DomainEventSettings()
+    logging: LoggingSettings = LoggingSettings()
+    templates: TemplateSettings = TemplateSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then the environment, then the TOML file
+        # (``toml_file`` in the model config, set by ``load_settings``).
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def settings_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """Return the settings file to read: explicit, ``$DUPLEX_SETTINGS``, or ./settings.toml."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigurationError(f"settings file not found: {path}")
+        return path
+    from_env = os.environ.get(SETTINGS_FILE_ENV)
+    if from_env:
+        path = Path(from_env)
+        if not path.is_file():
+            raise ConfigurationError(f"settings file not found: {path} (from ${SETTINGS_FILE_ENV})")
+        return path
+    default = Path(DEFAULT_SETTINGS_FILE)
+    return default if default.is_file() else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read and validate the settings; raise ``ConfigurationError`` naming the bad key."""
+    toml_file = settings_path(path)
+    # A subclass per load carries the file in its config, so no global state is involved.
+    reader = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml_file}})
+    try:
+        return reader()
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc, toml_file)) from None
+    except ValueError as exc:  # malformed TOML or an undecodable environment value
+        where = f" in {toml_file}" if toml_file else ""
+        raise ConfigurationError(f"invalid settings{where}: {_one_line(str(exc))}") from None
+
+
+def _describe(exc: ValidationError, toml_file: Path | None) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        message = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
+        env_name = "DUPLEX_" + "__".join(str(p) for p in error["loc"]).upper()
+        problems.append(f"{key}: {message} (set in {toml_file or 'defaults'} or ${env_name})")
+    return "invalid settings: " + "; ".join(problems)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
