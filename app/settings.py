@@ -139,7 +139,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     """Read and validate the settings; raise ``ConfigurationError`` naming the bad key."""
     toml_file = settings_path(path)
     # A subclass per load carries the file in its config, so no global state is involved.
-    reader = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml_file}})
+    reader: type[Settings] = type(
+        "Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml_file}}
+    )
     try:
         return reader()
     except ValidationError as exc:

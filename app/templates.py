@@ -104,7 +104,17 @@ class TaskTemplate(BaseModel):
     namespace: _NonEmptyStr = "default"
     version: _NonEmptyStr = "1.0.0"
     description: Annotated[str, Field(strict=True)] = ""
-    steps: tuple[StepTemplate, ...] = Field(min_length=1)
+    steps: tuple[StepTemplate, ...]
+
+    @field_validator("steps")
+    @classmethod
+    def _has_steps(cls, steps: tuple[StepTemplate, ...]) -> tuple[StepTemplate, ...]:
+        """Require at least one step."""
+        # Not Field(min_length=1): pydantic checks that length against the items
+        # that validated, so one bad step would also report "at least 1 item".
+        if not steps:
+            raise ValueError("a template needs at least one step")
+        return steps
 
     @model_validator(mode="after")
     def _steps_form_a_dag(self) -> TaskTemplate:
@@ -224,9 +234,7 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise TemplateError(
-            _one_line(
-                f"{path}: not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}"
-            )
+            _one_line(f"{path}: not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}")
         ) from exc
 
 
@@ -281,9 +289,7 @@ def _non_json_value(value: Any, location: str) -> str | None:
     return None
 
 
-def _kahn(
-    steps: Sequence[StepTemplate], index: Mapping[str, int]
-) -> tuple[list[int], list[str]]:
+def _kahn(steps: Sequence[StepTemplate], index: Mapping[str, int]) -> tuple[list[int], list[str]]:
     """Order step positions parents first; return the order and a cycle, if any.
 
     ``index`` must name every dependency. The ready set is a heap of template

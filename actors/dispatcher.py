@@ -1,0 +1,196 @@
+"""[4] Dispatcher: the dispatch channel, and the pool of HandlerWorkers that bounds parallelism."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import pykka
+from loguru import logger
+
+from actors.handler_worker import HandlerWorker, HandlerWorkerProxy
+from app.execution import SHUTDOWN_TIMEOUT, timeout_failure
+from app.handlers import HandlerRegistry
+from app.messages import ClaimedStep, StepFailure, StepOutcome
+from app.models import utcnow
+from app.pool import HandlerPool, Running
+from app.timer import Timer, TimerHandle
+
+if TYPE_CHECKING:
+    from actors.completion_processor import CompletionProcessorProxy
+    from actors.event_system import EventSystemProxy
+
+
+class Dispatcher(pykka.ThreadingActor):
+    """Give each claimed step to an idle worker; enforce timeouts; replace stuck workers."""
+
+    def __init__(
+        self,
+        completion: CompletionProcessorProxy,
+        registry: HandlerRegistry,
+        timer: Timer,
+        *,
+        size: int,
+        default_timeout_s: float,
+        max_result_bytes: int,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        super().__init__()
+        self._completion = completion
+        self._registry = registry
+        self._timer = timer
+        self._pool = HandlerPool(size)
+        self._default_timeout_s = default_timeout_s
+        self._max_result_bytes = max_result_bytes
+        self._clock = clock
+        self._workers: dict[int, HandlerWorkerProxy] = {}
+        self._deadlines: dict[int, TimerHandle] = {}
+        self._intake: EventSystemProxy | None = None
+        self._self: DispatcherProxy | None = None
+        self._draining = False
+        self.dispatched = 0
+
+    def on_start(self) -> None:
+        self._self = self.actor_ref.proxy()
+        for _ in range(self._pool.size):
+            self._start_worker()
+
+    def on_stop(self) -> None:
+        for handle in self._deadlines.values():
+            handle.cancel()
+        for worker_id, worker in self._workers.items():
+            if worker_id not in self._pool.abandoned:
+                worker.actor_ref.stop(block=False)
+
+    def connect(self, intake: EventSystemProxy) -> None:
+        """Learn where to report freed capacity (the EventSystem is started after this actor)."""
+        self._intake = intake
+
+    def dispatch(self, steps: list[ClaimedStep]) -> None:
+        """The dispatch channel: accept claimed steps, fire-and-forget."""
+        if self._draining:
+            self._completion.release.defer(steps)
+            return
+        self._pool.enqueue(steps)
+        self._assign()
+
+    def slot_freed(self, worker_id: int, step_uuid: str, attempt: int) -> None:
+        """A worker finished an attempt (its result is on its way to the CompletionProcessor)."""
+        if not self._pool.finished(worker_id, step_uuid, attempt):
+            # A worker abandoned after a timeout came back; its slot was replaced already.
+            logger.info("abandoned handler thread for step {} returned", step_uuid)
+            self._retire(worker_id)
+            return
+        handle = self._deadlines.pop(worker_id, None)
+        if handle is not None:
+            handle.cancel()
+        self._capacity_freed()
+        self._assign()
+
+    def deadline_passed(self, worker_id: int, step_uuid: str, attempt: int) -> None:
+        """Timer: if the attempt still runs, fail it as timed out and replace the worker."""
+        self._deadlines.pop(worker_id, None)
+        run = self._pool.time_out(worker_id, step_uuid, attempt)
+        if run is None:
+            return
+        self._abandon(run, timeout_failure(run.timeout_s))
+        logger.warning(
+            "step {} ({}) timed out after {:g}s; worker replaced, {} abandoned thread(s)",
+            run.step.name,
+            step_uuid,
+            run.timeout_s,
+            len(self._pool.abandoned),
+        )
+        self._start_worker()
+        self._capacity_freed()
+        self._assign()
+
+    def drain(self) -> int:
+        """Stop starting handlers; hand back claimed steps that never started."""
+        self._draining = True
+        waiting = self._pool.take_waiting()
+        if waiting:
+            self._completion.release.defer(waiting)
+        return len(waiting)
+
+    def abandon_running(self) -> int:
+        """Shutdown timeout: give every running attempt a ``shutdown_timeout`` result."""
+        runs = list(self._pool.running.values())
+        for run in runs:
+            self._pool.time_out(run.worker_id, run.step.step_uuid, run.step.attempt)
+            failure = StepFailure(
+                SHUTDOWN_TIMEOUT,
+                "the worker stopped before the handler finished (worker.shutdown_timeout_ms)",
+                retryable=True,
+            )
+            self._abandon(run, failure)
+        return len(runs)
+
+    def live_workers(self) -> list[pykka.ActorRef[HandlerWorker]]:
+        """Return the workers that are not stuck in an abandoned handler."""
+        return [
+            proxy.actor_ref
+            for worker_id, proxy in self._workers.items()
+            if worker_id not in self._pool.abandoned
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": self._pool.busy,
+            "waiting": len(self._pool.waiting),
+            "idle": len(self._pool.idle),
+            "abandoned_threads": len(self._pool.abandoned),
+            "timeouts": self._pool.timeouts,
+            "dispatched": self.dispatched,
+            "draining": self._draining,
+        }
+
+    def _assign(self) -> None:
+        if self._draining:
+            return
+        for run in self._pool.assign(self._default_timeout_s):
+            self.dispatched += 1
+            self._workers[run.worker_id].run.defer(run.step, run.cancellation, run.timeout_s)
+            self._deadlines[run.worker_id] = self._timer.call_later(
+                run.timeout_s, self._deadline_callback(run)
+            )
+
+    def _deadline_callback(self, run: Running) -> Callable[[], None]:
+        me, key = self._self, (run.worker_id, run.step.step_uuid, run.step.attempt)
+        assert me is not None
+
+        def fire() -> None:
+            me.deadline_passed.defer(*key)
+
+        return fire
+
+    def _abandon(self, run: Running, failure: StepFailure) -> None:
+        # The thread cannot be killed: flag it (async handlers are cancelled for real), send
+        # the failure now, and let the commit guard reject whatever it returns later.
+        run.cancellation.cancel()
+        now = self._clock()
+        self._completion.submit.defer(StepOutcome(run.step, now, now, failure=failure))
+        self._workers[run.worker_id].actor_ref.stop(block=False)
+
+    def _retire(self, worker_id: int) -> None:
+        self._workers.pop(worker_id, None)
+
+    def _start_worker(self) -> None:
+        assert self._self is not None
+        worker_id = self._pool.new_worker_id()
+        ref = HandlerWorker.start(
+            worker_id,
+            self._self,
+            self._completion,
+            self._registry,
+            max_result_bytes=self._max_result_bytes,
+        )
+        self._workers[worker_id] = ref.proxy()
+
+    def _capacity_freed(self) -> None:
+        if self._intake is not None:
+            self._intake.capacity_freed.defer(1)
+
+
+DispatcherProxy = pykka.ActorProxy[Dispatcher]

@@ -1,0 +1,84 @@
+"""[6] DomainEventPublisher: delivers committed domain events to in-process subscribers."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pykka
+from loguru import logger
+
+from app.messages import DomainEvent
+from app.subscriptions import SubscriberRegistry
+
+_STOP = object()
+
+
+class DomainEventPublisher(pykka.ThreadingActor):
+    """Accept committed events into a bounded queue; a delivery thread calls subscribers.
+
+    Subscribers run on their own thread so a slow or failing one never holds up this actor,
+    let alone a step. When the queue is full, events are dropped and counted: they remain in
+    the ``domain_events`` table for any SQL reader.
+    """
+
+    def __init__(self, subscribers: SubscriberRegistry, *, buffer_size: int) -> None:
+        super().__init__()
+        self._subscribers = subscribers
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=buffer_size)
+        self._thread = threading.Thread(
+            target=self._deliver_forever, name="duplex-event-delivery", daemon=True
+        )
+        self._counts = {"published": 0, "delivered": 0, "dropped": 0, "subscriber_errors": 0}
+        self._lock = threading.Lock()
+
+    def on_start(self) -> None:
+        self._thread.start()
+
+    def on_stop(self) -> None:
+        self.close(timeout_s=5.0)
+
+    def publish(self, events: Sequence[DomainEvent]) -> None:
+        """Queue committed events for delivery; drop (and count) what does not fit."""
+        for event in events:
+            try:
+                self._queue.put_nowait(event)
+                self._count("published")
+            except queue.Full:
+                self._count("dropped")
+                logger.warning("event queue full; dropped {} ({})", event.name, event.event_id)
+
+    def close(self, timeout_s: float) -> bool:
+        """Deliver what is queued, then stop the delivery thread; return whether it finished."""
+        if not self._thread.is_alive():
+            return True
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._counts, "queued": self._queue.qsize()}
+
+    def _deliver_forever(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, DomainEvent)
+            for subscriber in self._subscribers.matching(item.name):
+                try:
+                    subscriber(item)
+                except Exception:
+                    self._count("subscriber_errors")
+                    logger.exception("subscriber {!r} failed on {}", subscriber, item.name)
+            self._count("delivered")
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+
+DomainEventPublisherProxy = pykka.ActorProxy[DomainEventPublisher]

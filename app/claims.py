@@ -1,0 +1,219 @@
+"""Claiming ready steps, and handing back claims that never started.
+
+A claim is atomic: the candidate rows are read and updated in one write transaction
+(``BEGIN IMMEDIATE`` on SQLite, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), and the update is
+guarded by state, so two workers can never claim the same attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Select, and_, func, insert, select, update
+
+from app.messages import ClaimedStep, EventDeclaration
+from app.models import tasks, workflow_step_edges, workflow_step_transitions, workflow_steps
+from app.states import (
+    CLAIMABLE,
+    ENQUEUED,
+    IN_PROGRESS,
+    TASK_IN_PROGRESS,
+    TASK_PENDING,
+    WAITING_FOR_RETRY,
+)
+
+ws = workflow_steps
+
+
+def claim_ready_steps(
+    conn: Connection,
+    *,
+    worker_id: str,
+    namespaces: Sequence[str],
+    limit: int,
+    now: datetime,
+) -> list[ClaimedStep]:
+    """Claim up to ``limit`` ready steps (due retries first, then oldest enqueued)."""
+    if limit <= 0 or not namespaces:
+        return []
+    candidates: dict[str, str] = {}
+    for state in (WAITING_FOR_RETRY, ENQUEUED):
+        wanted = limit - len(candidates)
+        if wanted <= 0:
+            break
+        query = _ready(conn, state, namespaces, now, wanted)
+        candidates.update({row.step_uuid: row.state for row in conn.execute(query)})
+    if not candidates:
+        return []
+
+    claimed = list(
+        conn.execute(
+            update(ws)
+            .where(ws.c.step_uuid.in_(list(candidates)), ws.c.state.in_(CLAIMABLE))
+            .values(
+                state=IN_PROGRESS,
+                attempts=ws.c.attempts + 1,
+                claimed_by=worker_id,
+                claimed_at=now,
+                started_at=None,
+                next_attempt_at=None,
+                updated_at=now,
+            )
+            .returning(
+                ws.c.step_uuid,
+                ws.c.task_uuid,
+                ws.c.name,
+                ws.c.handler,
+                ws.c.attempts,
+                ws.c.max_attempts,
+                ws.c.retryable,
+                ws.c.timeout_ms,
+                ws.c.inputs,
+                ws.c.declared_events,
+                ws.c.created_at,
+                ws.c.position,
+            )
+        )
+    )
+    if not claimed:
+        return []
+    # RETURNING gives no order guarantee; keep the queue's order (oldest first).
+    claimed.sort(key=lambda r: (r.created_at, r.position))
+
+    conn.execute(
+        insert(workflow_step_transitions),
+        [
+            {
+                "step_uuid": row.step_uuid,
+                "from_state": candidates[row.step_uuid],
+                "to_state": IN_PROGRESS,
+                "attempt": row.attempts,
+                "worker_id": worker_id,
+                "reason": "claimed",
+                "created_at": now,
+            }
+            for row in claimed
+        ],
+    )
+    task_uuids = sorted({row.task_uuid for row in claimed})
+    conn.execute(
+        update(tasks)
+        .where(tasks.c.task_uuid.in_(task_uuids), tasks.c.state == TASK_PENDING)
+        .values(state=TASK_IN_PROGRESS, updated_at=now)
+    )
+    contexts = {
+        task_uuid: context
+        for task_uuid, context in conn.execute(
+            select(tasks.c.task_uuid, tasks.c.context).where(tasks.c.task_uuid.in_(task_uuids))
+        )
+    }
+    parents = _dependency_results(conn, [row.step_uuid for row in claimed])
+    return [
+        ClaimedStep(
+            step_uuid=row.step_uuid,
+            task_uuid=row.task_uuid,
+            name=row.name,
+            handler=row.handler,
+            attempt=row.attempts,
+            max_attempts=row.max_attempts,
+            retryable=row.retryable,
+            timeout_ms=row.timeout_ms,
+            claimed_by=worker_id,
+            inputs=row.inputs or {},
+            task_context=contexts.get(row.task_uuid) or {},
+            dependency_results=parents.get(row.step_uuid, {}),
+            declared_events=_declared(row.declared_events),
+        )
+        for row in claimed
+    ]
+
+
+def _ready(
+    conn: Connection, state: str, namespaces: Sequence[str], now: datetime, limit: int
+) -> Select[Any]:
+    # next_attempt_at is "ready since" for enqueued steps and "due at" for retries, so one
+    # index (state, namespace, next_attempt_at) serves both without sorting the backlog.
+    query = (
+        select(ws.c.step_uuid, ws.c.state)
+        .where(
+            ws.c.state == state, ws.c.namespace.in_(list(namespaces)), ws.c.next_attempt_at <= now
+        )
+        .order_by(ws.c.next_attempt_at)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return query
+
+
+def _dependency_results(conn: Connection, step_uuids: list[str]) -> dict[str, dict[str, Any]]:
+    edges, parent = workflow_step_edges, ws.alias("parent")
+    rows = conn.execute(
+        select(edges.c.to_step_uuid, parent.c.name, parent.c.results)
+        .join(parent, parent.c.step_uuid == edges.c.from_step_uuid)
+        .where(edges.c.to_step_uuid.in_(step_uuids))
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for child, name, value in rows:
+        results.setdefault(child, {})[name] = value or {}
+    return results
+
+
+def _declared(raw: Any) -> tuple[EventDeclaration, ...]:
+    return tuple(EventDeclaration(e["name"], e.get("condition", "success")) for e in raw or ())
+
+
+def release_claims(
+    conn: Connection, steps: Sequence[ClaimedStep], *, worker_id: str, now: datetime, reason: str
+) -> int:
+    """Hand back claimed attempts that never started; they become ready again at once.
+
+    The attempt is not counted: the handler never ran. Guarded like a result, so a claim that
+    was meanwhile recovered by another worker is left alone.
+    """
+    released = 0
+    for step in steps:
+        result = conn.execute(
+            update(ws)
+            .where(
+                ws.c.step_uuid == step.step_uuid,
+                ws.c.state == IN_PROGRESS,
+                ws.c.attempts == step.attempt,
+                ws.c.claimed_by == worker_id,
+            )
+            .values(
+                state=ENQUEUED,
+                attempts=ws.c.attempts - 1,
+                claimed_by=None,
+                claimed_at=None,
+                next_attempt_at=now,
+                updated_at=now,
+            )
+        )
+        if result.rowcount:
+            released += 1
+            conn.execute(
+                insert(workflow_step_transitions).values(
+                    step_uuid=step.step_uuid,
+                    from_state=IN_PROGRESS,
+                    to_state=ENQUEUED,
+                    attempt=step.attempt - 1,
+                    worker_id=worker_id,
+                    reason=reason,
+                    created_at=now,
+                )
+            )
+    return released
+
+
+def count_open_work(conn: Connection, namespaces: Sequence[str]) -> int:
+    """Count steps that could still run without an operator: enqueued, in progress, retrying."""
+    query = select(func.count()).where(
+        and_(
+            ws.c.state.in_((ENQUEUED, IN_PROGRESS, WAITING_FOR_RETRY)),
+            ws.c.namespace.in_(list(namespaces)),
+        )
+    )
+    return int(conn.execute(query).scalar_one())

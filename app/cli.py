@@ -1,0 +1,263 @@
+"""The ``duplex`` command line: run, submit, status, migrate.
+
+Any ``DuplexError`` becomes one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, NoReturn
+
+from loguru import logger
+
+from app.db import Database
+from app.errors import DuplexError
+from app.handlers import import_handler_modules
+from app.logs import configure_logging
+from app.migrate import ensure_schema_ready, upgrade_to_head
+from app.models import utcnow
+from app.queries import active_workers, get_task, list_tasks, task_steps
+from app.settings import Settings, load_settings
+from app.submission import create_task, parse_context
+from app.templates import load_template
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"duplex: error: {message} (see `duplex --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="duplex", description="Duplex: a bounded-parallel step worker.")
+    parser.add_argument(
+        "--settings", help="settings file (default: $DUPLEX_SETTINGS or ./settings.toml)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the long-lived worker")
+    run.add_argument(
+        "--until-idle", action="store_true", help="exit once no work is left that could run"
+    )
+    run.add_argument(
+        "--concurrency", type=_positive_int, help="handler slots (worker.max_concurrent_handlers)"
+    )
+    run.add_argument(
+        "--namespace",
+        action="append",
+        dest="namespaces",
+        metavar="NS",
+        help="namespace to serve (repeatable)",
+    )
+    run.set_defaults(func=cmd_run)
+
+    submit = sub.add_parser("submit", help="create a task from a template; prints its UUID")
+    submit.add_argument("template", help="template file, or a template name in templates.directory")
+    submit.add_argument("--context", help="task context as a JSON object")
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="tasks, or one task's steps, with their states")
+    status.add_argument("task_uuid", nargs="?", help="show this task's steps")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--limit", type=_positive_int, default=50, help="tasks to list (default 50)"
+    )
+    status.set_defaults(func=cmd_status)
+
+    migrate = sub.add_parser("migrate", help="bring the database schema to head")
+    migrate.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``duplex`` console script."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace, Settings], int] = args.func
+    try:
+        settings = load_settings(args.settings)
+        configure_logging(settings.logging)
+        return func(args, settings)
+    except DuplexError as exc:
+        print(f"duplex: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("duplex: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in Duplex: still no traceback on the terminal
+        logger.opt(exception=exc).debug("unexpected error")
+        print(f"duplex: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    db = Database(settings.database)
+    try:
+        upgrade_to_head(db)
+    finally:
+        db.dispose()
+    print("database schema is at head")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    template = load_template(args.template, settings.templates.directory)
+    context = parse_context(args.context)
+    db = Database(settings.database)
+    try:
+        ensure_schema_ready(db)
+        with db.write() as conn:
+            task_uuid = create_task(conn, template, context, now=utcnow())
+    finally:
+        db.dispose()
+    print(f"submitted {template.name} ({len(template.steps)} steps)", file=sys.stderr)
+    print(task_uuid)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    db = Database(settings.database)
+    try:
+        ensure_schema_ready(db)
+        with db.read() as conn:
+            if args.task_uuid:
+                task = get_task(conn, args.task_uuid)
+                steps = task_steps(conn, args.task_uuid)
+                if args.json:
+                    _print_json({**task.as_json(), "steps": [s.as_json() for s in steps]})
+                else:
+                    print(_format_task(task))
+                    print(_format_steps(steps))
+                return 0
+            summaries = list_tasks(conn, limit=args.limit)
+            live = active_workers(conn)
+    finally:
+        db.dispose()
+    if args.json:
+        _print_json({"tasks": [t.as_json() for t in summaries], "workers": live})
+    else:
+        print(_format_tasks(summaries))
+        for worker in live:
+            dispatcher = (worker.get("stats") or {}).get("dispatcher") or {}
+            print(
+                f"worker {worker['worker_id']}: heartbeat {worker['heartbeat_at']}, "
+                f"running {dispatcher.get('running', '?')}, "
+                f"abandoned threads {dispatcher.get('abandoned_threads', 0)}"
+            )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from app.worker import Worker
+
+    worker_cfg: dict[str, Any] = {}
+    if args.concurrency:
+        worker_cfg["max_concurrent_handlers"] = args.concurrency
+    if args.namespaces:
+        worker_cfg["namespaces"] = tuple(args.namespaces)
+    if worker_cfg:
+        settings = settings.model_copy(
+            update={"worker": settings.worker.model_copy(update=worker_cfg)}
+        )
+    import_handler_modules(settings.worker.handler_modules)
+    db = Database(settings.database)
+    upgrade_to_head(db)
+    worker = Worker(settings, db)
+    _install_signal_handlers(worker.stop_requested.set)
+    try:
+        worker.start()
+        worker.serve(until_idle=args.until_idle)
+    finally:
+        worker.stop()
+        db.dispose()
+    return 0
+
+
+def _install_signal_handlers(request_stop: Callable[[], None]) -> None:
+    received: list[int] = []
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if received:
+            # Second signal: leave now; in-flight claims are recovered by the stale-claim rule.
+            logger.warning("second signal: exiting at once")
+            os._exit(128 + signum)
+        received.append(signum)
+        logger.info(
+            "{} received: draining (send again to exit at once)", signal.Signals(signum).name
+        )
+        request_stop()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _format_tasks(summaries: Sequence[Any]) -> str:
+    if not summaries:
+        return "no tasks"
+    rows = [("TASK", "NAME", "STATE", "EXECUTION STATUS", "STEPS", "CREATED")]
+    for t in summaries:
+        rows.append(
+            (
+                t.task_uuid,
+                t.name,
+                t.state,
+                t.execution_status,
+                f"{t.complete_steps}/{t.total_steps}",
+                t.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            )
+        )
+    return _table(rows)
+
+
+def _format_task(task: Any) -> str:
+    return (
+        f"task {task.task_uuid}  {task.name} {task.version} ({task.namespace})\n"
+        f"state {task.state}, execution status {task.execution_status}, "
+        f"{task.complete_steps}/{task.total_steps} steps complete"
+    )
+
+
+def _format_steps(steps: Sequence[Any]) -> str:
+    rows = [("STEP", "STATE", "ATTEMPTS", "DURATION", "ERROR", "DEPENDS ON")]
+    for s in steps:
+        duration = f"{s.duration_ms} ms" if s.duration_ms is not None else "-"
+        rows.append(
+            (
+                s.name,
+                s.state,
+                f"{s.attempts}/{s.max_attempts}",
+                duration,
+                s.error_type or "-",
+                ", ".join(s.depends_on) or "-",
+            )
+        )
+    return _table(rows)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )

@@ -1,0 +1,327 @@
+"""Committing attempt outcomes: the orchestration step of Duplex, in one transaction per batch.
+
+For each outcome the step row is updated under a guard (still ``in_progress``, same attempt,
+same claimant), so a late or duplicate result is rejected, never applied twice. In the same
+transaction: the transition row, the domain events (outbox rows), dependents made ready and
+task states brought up to date. Events are returned to be published only after the commit.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, exists, func, insert, not_, select, update
+
+from app.execution import WORKER_LOST
+from app.messages import ClaimedStep, DomainEvent, JSONDict, StepFailure, StepOutcome
+from app.models import (
+    domain_events,
+    tasks,
+    workers,
+    workflow_step_edges,
+    workflow_step_transitions,
+    workflow_steps,
+)
+from app.retry import RetryPolicy
+from app.states import (
+    COMPLETE,
+    DONE,
+    ENQUEUED,
+    IN_PROGRESS,
+    PENDING,
+    TASK_CANCELLED,
+    TASK_COMPLETE,
+    TASK_ERROR,
+    derive_task_state,
+)
+
+ws = workflow_steps
+
+
+@dataclass
+class CommitReport:
+    """What a batch commit did."""
+
+    applied: list[StepOutcome] = field(default_factory=list)
+    rejected: list[StepOutcome] = field(default_factory=list)
+    events: list[DomainEvent] = field(default_factory=list)
+    enqueued: int = 0
+    next_retry_at: datetime | None = None
+
+
+def commit_outcomes(
+    conn: Connection,
+    outcomes: Sequence[StepOutcome],
+    *,
+    policy: RetryPolicy,
+    now: datetime,
+    rng: random.Random,
+) -> CommitReport:
+    """Apply ``outcomes`` inside the caller's write transaction and return what happened."""
+    report = CommitReport()
+    transitions: list[dict[str, Any]] = []
+    event_rows: list[dict[str, Any]] = []
+    completed: list[str] = []
+    touched_tasks: set[str] = set()
+
+    for outcome in outcomes:
+        step = outcome.step
+        values: dict[str, Any] = {
+            "started_at": outcome.started_at,
+            "updated_at": now,
+        }
+        if outcome.failure is None:
+            new_state = COMPLETE
+            values.update(state=COMPLETE, results=outcome.result, error=None, completed_at=now)
+            next_at = None
+        else:
+            decision = policy.decide(
+                outcome.failure,
+                attempt=step.attempt,
+                max_attempts=step.max_attempts,
+                step_retryable=step.retryable,
+                now=now,
+                rng=rng,
+            )
+            new_state, next_at = decision.state, decision.next_attempt_at
+            values.update(state=new_state, error=outcome.failure.as_json(), next_attempt_at=next_at)
+            if next_at is None:
+                values["completed_at"] = now
+        applied = conn.execute(
+            update(ws)
+            .where(
+                ws.c.step_uuid == step.step_uuid,
+                ws.c.state == IN_PROGRESS,
+                ws.c.attempts == step.attempt,
+                ws.c.claimed_by == step.claimed_by,
+            )
+            .values(**values)
+        ).rowcount
+        if not applied:
+            report.rejected.append(outcome)
+            continue
+        report.applied.append(outcome)
+        touched_tasks.add(step.task_uuid)
+        if new_state == COMPLETE:
+            completed.append(step.step_uuid)
+        if next_at is not None and (report.next_retry_at is None or next_at < report.next_retry_at):
+            report.next_retry_at = next_at
+        transitions.append(
+            _transition(
+                step.step_uuid,
+                IN_PROGRESS,
+                new_state,
+                step.attempt,
+                step.claimed_by,
+                now,
+                _reason(outcome),
+            )
+        )
+        for name, payload in _events_of(outcome, new_state, next_at):
+            event = DomainEvent(
+                str(uuid.uuid4()), name, step.task_uuid, step.step_uuid, payload, now
+            )
+            report.events.append(event)
+            event_rows.append(
+                {
+                    "event_id": event.event_id,
+                    "name": event.name,
+                    "task_uuid": event.task_uuid,
+                    "step_uuid": event.step_uuid,
+                    "payload": event.payload,
+                    "created_at": now,
+                }
+            )
+
+    if completed:
+        for step_uuid in enqueue_ready_dependents(conn, completed, now=now):
+            transitions.append(
+                _transition(step_uuid, PENDING, ENQUEUED, 0, None, now, "dependencies complete")
+            )
+            report.enqueued += 1
+    if transitions:
+        conn.execute(insert(workflow_step_transitions), transitions)
+    if event_rows:
+        conn.execute(insert(domain_events), event_rows)
+    if touched_tasks:
+        update_task_states(conn, touched_tasks, now=now)
+    return report
+
+
+def enqueue_ready_dependents(
+    conn: Connection, parents: Iterable[str], *, now: datetime
+) -> list[str]:
+    """Enqueue pending children of ``parents`` whose parents are now all complete or resolved."""
+    edges, other_edge, other_parent = (
+        workflow_step_edges,
+        workflow_step_edges.alias("other_edge"),
+        ws.alias("other_parent"),
+    )
+    unfinished_parent = exists().where(
+        other_edge.c.to_step_uuid == ws.c.step_uuid,
+        other_parent.c.step_uuid == other_edge.c.from_step_uuid,
+        not_(other_parent.c.state.in_(DONE)),
+    )
+    children = select(edges.c.to_step_uuid).where(edges.c.from_step_uuid.in_(list(parents)))
+    rows = conn.execute(
+        update(ws)
+        .where(ws.c.state == PENDING, ws.c.step_uuid.in_(children), not_(unfinished_parent))
+        .values(state=ENQUEUED, next_attempt_at=now, updated_at=now)
+        .returning(ws.c.step_uuid)
+    )
+    return sorted(row.step_uuid for row in rows)
+
+
+def update_task_states(conn: Connection, task_uuids: Iterable[str], *, now: datetime) -> None:
+    """Bring each task's state in line with its steps (see ``derive_task_state``)."""
+    ids = sorted(set(task_uuids))
+    counts: dict[str, Counter[str]] = {t: Counter() for t in ids}
+    rows = conn.execute(
+        select(ws.c.task_uuid, ws.c.state, func.count())
+        .where(ws.c.task_uuid.in_(ids))
+        .group_by(ws.c.task_uuid, ws.c.state)
+    )
+    for task_uuid, state, n in rows:
+        counts[task_uuid][state] = n
+    current = {
+        task_uuid: state
+        for task_uuid, state in conn.execute(
+            select(tasks.c.task_uuid, tasks.c.state).where(tasks.c.task_uuid.in_(ids))
+        )
+    }
+    for task_uuid, state in current.items():
+        new_state = derive_task_state(state, counts[task_uuid])
+        if new_state == state:
+            continue
+        values: dict[str, Any] = {"state": new_state, "updated_at": now}
+        finished = new_state in (TASK_COMPLETE, TASK_ERROR, TASK_CANCELLED)
+        values["completed_at"] = now if finished else None
+        conn.execute(update(tasks).where(tasks.c.task_uuid == task_uuid).values(**values))
+
+
+def recover_stale_claims(
+    conn: Connection,
+    *,
+    claim_timeout: timedelta,
+    now: datetime,
+    policy: RetryPolicy,
+    rng: random.Random,
+    limit: int = 500,
+) -> CommitReport:
+    """Fail attempts whose claimant stopped heart-beating (``worker_lost``); retry per policy.
+
+    A claim is stale when it is older than ``claim_timeout`` and its worker has no fresh
+    heartbeat, so a long handler on a live worker is never taken away from it.
+    """
+    cutoff = now - claim_timeout
+    alive = exists().where(
+        workers.c.worker_id == ws.c.claimed_by,
+        workers.c.heartbeat_at >= cutoff,
+        workers.c.stopped_at.is_(None),
+    )
+    query = (
+        select(
+            ws.c.step_uuid,
+            ws.c.task_uuid,
+            ws.c.name,
+            ws.c.handler,
+            ws.c.attempts,
+            ws.c.max_attempts,
+            ws.c.retryable,
+            ws.c.timeout_ms,
+            ws.c.claimed_by,
+            ws.c.claimed_at,
+        )
+        .where(ws.c.state == IN_PROGRESS, ws.c.claimed_at < cutoff, not_(alive))
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(of=ws, skip_locked=True)
+    outcomes = []
+    for row in conn.execute(query):
+        step = ClaimedStep(
+            step_uuid=row.step_uuid,
+            task_uuid=row.task_uuid,
+            name=row.name,
+            handler=row.handler,
+            attempt=row.attempts,
+            max_attempts=row.max_attempts,
+            retryable=row.retryable,
+            timeout_ms=row.timeout_ms,
+            claimed_by=row.claimed_by,
+        )
+        failure = StepFailure(
+            WORKER_LOST,
+            f"worker {row.claimed_by} stopped heart-beating while running this attempt",
+            retryable=True,
+        )
+        outcomes.append(StepOutcome(step, row.claimed_at, now, failure=failure))
+    return commit_outcomes(conn, outcomes, policy=policy, now=now, rng=rng)
+
+
+def _transition(
+    step_uuid: str,
+    from_state: str | None,
+    to_state: str,
+    attempt: int,
+    worker_id: str | None,
+    now: datetime,
+    reason: str | None,
+) -> dict[str, Any]:
+    return {
+        "step_uuid": step_uuid,
+        "from_state": from_state,
+        "to_state": to_state,
+        "attempt": attempt,
+        "worker_id": worker_id,
+        "reason": reason,
+        "created_at": now,
+    }
+
+
+def _reason(outcome: StepOutcome) -> str:
+    return "succeeded" if outcome.failure is None else outcome.failure.error_type
+
+
+def _events_of(
+    outcome: StepOutcome, new_state: str, next_at: datetime | None
+) -> list[tuple[str, JSONDict]]:
+    """List the domain events an applied outcome produces, in order."""
+    step = outcome.step
+    base: JSONDict = {"step_name": step.name, "handler": step.handler, "attempt": step.attempt}
+    events: list[tuple[str, JSONDict]] = [(e.name, e.payload) for e in outcome.events]
+    if outcome.failure is None:
+        events.append(("step.completed", base))
+        declared_payload: JSONDict = {**base, "outcome": "success", "result": outcome.result}
+        wanted = ("success", "always")
+    else:
+        failure = outcome.failure
+        events.append(
+            (
+                "step.failed",
+                {
+                    **base,
+                    "error_type": failure.error_type,
+                    "message": failure.message,
+                    "retryable": failure.retryable,
+                    "state": new_state,
+                    "next_attempt_at": next_at.isoformat() if next_at else None,
+                },
+            )
+        )
+        declared_payload = {
+            **base,
+            "outcome": "failure",
+            "error_type": failure.error_type,
+            "message": failure.message,
+            "state": new_state,
+        }
+        wanted = ("failure", "always")
+    events.extend((d.name, declared_payload) for d in step.declared_events if d.condition in wanted)
+    return events

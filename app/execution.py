@@ -1,0 +1,173 @@
+"""Run one attempt of a step and turn whatever happens into a ``StepOutcome``.
+
+Plain code, no actors: the HandlerWorker actor calls ``run_attempt`` on its own thread.
+Every way a handler can end becomes a result with a stable ``error_type``; nothing escapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+
+from app.errors import StepError
+from app.handlers import Cancellation, Handler, HandlerRegistry, StepContext, bind_logger
+from app.messages import ClaimedStep, JSONDict, StepFailure, StepOutcome
+from app.models import utcnow
+
+# Stable error types (DESIGN.md section 5).
+HANDLER_ERROR = "handler_error"
+HANDLER_TIMEOUT = "handler_timeout"
+HANDLER_NOT_FOUND = "handler_not_found"
+HANDLER_ABORTED = "handler_aborted"
+INVALID_RESULT = "invalid_result"
+RESULT_TOO_LARGE = "result_too_large"
+SHUTDOWN_TIMEOUT = "shutdown_timeout"
+WORKER_LOST = "worker_lost"
+
+
+def run_attempt(
+    step: ClaimedStep,
+    registry: HandlerRegistry,
+    *,
+    timeout_s: float,
+    cancellation: Cancellation,
+    max_result_bytes: int,
+    clock: Callable[[], datetime] = utcnow,
+) -> StepOutcome:
+    """Run ``step``'s handler once and describe how it ended."""
+    started_at = clock()
+    handler = registry.resolve(step.handler)
+    if handler is None:
+        failure = StepFailure(
+            HANDLER_NOT_FOUND,
+            f"no handler registered as {step.handler!r} (check worker.handler_modules)",
+            retryable=False,
+        )
+        return StepOutcome(step, started_at, clock(), failure=failure)
+
+    ctx = StepContext(
+        task_uuid=step.task_uuid,
+        step_uuid=step.step_uuid,
+        step_name=step.name,
+        task_context=step.task_context,
+        inputs=step.inputs,
+        dependency_results=step.dependency_results,
+        attempt=step.attempt,
+        max_attempts=step.max_attempts,
+        deadline=started_at + timedelta(seconds=timeout_s),
+        deadline_monotonic=time.monotonic() + timeout_s,
+        cancelled=cancellation,
+        logger=bind_logger(step.name, step.step_uuid, step.attempt),
+    )
+    try:
+        value = _call(handler, ctx, cancellation)
+    except StepError as exc:
+        failure = StepFailure(
+            exc.error_type,
+            _message(exc),
+            retryable=exc.retryable,
+            retry_after=getattr(exc, "retry_after", None),
+        )
+        return StepOutcome(step, started_at, clock(), failure=failure, events=tuple(ctx.events))
+    except asyncio.CancelledError:
+        # Our own cancellation after a timeout; the timeout result was already sent, and
+        # this one will be rejected by the commit guard.
+        error_type = HANDLER_TIMEOUT if cancellation.is_set() else HANDLER_ABORTED
+        failure = StepFailure(error_type, "handler was cancelled", retryable=True)
+        return StepOutcome(step, started_at, clock(), failure=failure)
+    except Exception as exc:
+        failure = StepFailure(
+            HANDLER_ERROR, _message(exc), retryable=True, traceback=traceback.format_exc()
+        )
+        return StepOutcome(step, started_at, clock(), failure=failure, events=tuple(ctx.events))
+    except BaseException as exc:
+        # SystemExit, KeyboardInterrupt and friends would kill the worker's thread (and pykka
+        # stops every actor on a BaseException); a handler that does this has a bug a retry
+        # will repeat.
+        failure = StepFailure(
+            HANDLER_ABORTED,
+            f"handler raised {type(exc).__name__}: {exc}",
+            retryable=False,
+            traceback=traceback.format_exc(),
+        )
+        return StepOutcome(step, started_at, clock(), failure=failure)
+
+    normalised = normalise_result(value, max_result_bytes)
+    if isinstance(normalised, StepFailure):
+        return StepOutcome(step, started_at, clock(), failure=normalised, events=tuple(ctx.events))
+    return StepOutcome(step, started_at, clock(), result=normalised, events=tuple(ctx.events))
+
+
+def _call(handler: Handler, ctx: StepContext, cancellation: Cancellation) -> Any:
+    if inspect.iscoroutinefunction(handler):
+        return asyncio.run(_run_cancellable(handler, ctx, cancellation))
+    value = handler(ctx)
+    if inspect.isawaitable(value):  # a sync callable that returned a coroutine
+        return asyncio.run(_await_cancellable(value, cancellation))
+    return value
+
+
+async def _run_cancellable(handler: Handler, ctx: StepContext, cancellation: Cancellation) -> Any:
+    return await _await_cancellable(handler(ctx), cancellation)
+
+
+async def _await_cancellable(awaitable: Any, cancellation: Cancellation) -> Any:
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(awaitable)
+    # Cancelling from the dispatcher's thread must go through the loop's thread.
+
+    def cancel_task() -> None:
+        loop.call_soon_threadsafe(task.cancel)
+
+    cancellation.on_cancel(cancel_task)
+    try:
+        return await task
+    finally:
+        cancellation.on_cancel(None)
+
+
+def normalise_result(value: Any, max_result_bytes: int) -> JSONDict | StepFailure:
+    """Turn a handler's return value into the step's result dict, or say why it can't be."""
+    if value is None:
+        result: Any = {}
+    elif isinstance(value, BaseModel):
+        result = value.model_dump(mode="json")
+    elif isinstance(value, dict):
+        result = value
+    else:
+        result = {"result": value}
+    try:
+        encoded = json.dumps(result, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        return StepFailure(
+            INVALID_RESULT, f"result is not JSON-serialisable: {exc}", retryable=False
+        )
+    if not isinstance(result, dict) or any(not isinstance(k, str) for k in result):
+        # json.dumps quietly turns int keys into strings; store what a reader will get back.
+        result = json.loads(encoded)
+    size = len(encoded.encode())
+    if size > max_result_bytes:
+        return StepFailure(
+            RESULT_TOO_LARGE,
+            f"result is {size} bytes, over the limit of {max_result_bytes}",
+            retryable=False,
+        )
+    return dict(result)
+
+
+def timeout_failure(timeout_s: float) -> StepFailure:
+    """Return the failure committed when an attempt runs past its deadline."""
+    return StepFailure(HANDLER_TIMEOUT, f"handler ran longer than {timeout_s:g}s", retryable=True)
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

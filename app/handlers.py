@@ -1,0 +1,171 @@
+"""Step handlers: the registry, the ``step_handler`` decorator and ``StepContext``.
+
+Only handlers registered in code can run. A handler name read from the database is looked up
+in the registry and never imported by path, so the database is not a way to run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from loguru import logger
+
+from app.errors import ConfigurationError
+from app.messages import EmittedEvent, JSONDict
+
+if TYPE_CHECKING:
+    from loguru import Logger
+
+Handler = Callable[["StepContext"], Any] | Callable[["StepContext"], Awaitable[Any]]
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+class Cancellation:
+    """An Event-like flag a handler can check; set when its attempt is timed out or abandoned.
+
+    Setting it also cancels a running ``async def`` handler for real.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._on_cancel: Callable[[], None] | None = None
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until cancelled or ``timeout`` seconds pass; return whether cancelled."""
+        return self._event.wait(timeout)
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self) -> None:
+        """Set the flag and run the registered cancel hook once."""
+        with self._lock:
+            self._event.set()
+            hook, self._on_cancel = self._on_cancel, None
+        if hook is not None:
+            hook()
+
+    def on_cancel(self, hook: Callable[[], None] | None) -> None:
+        """Register (or clear) a hook; it runs at once when already cancelled."""
+        with self._lock:
+            if not self._event.is_set() or hook is None:
+                self._on_cancel = hook
+                return
+        if hook is not None:
+            hook()
+
+
+@dataclass
+class StepContext:
+    """Everything a handler gets about the step it runs."""
+
+    task_uuid: str
+    step_uuid: str
+    step_name: str
+    task_context: JSONDict
+    inputs: JSONDict
+    dependency_results: dict[str, JSONDict]
+    attempt: int
+    max_attempts: int
+    deadline: datetime
+    deadline_monotonic: float
+    cancelled: Cancellation
+    logger: Logger
+    events: list[EmittedEvent] = field(default_factory=list)
+
+    def emit(self, name: str, payload: JSONDict | None = None) -> None:
+        """Record a domain event; it is committed with this attempt's result."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("an event name must be a non-empty string")
+        payload = {} if payload is None else payload
+        try:
+            json.dumps(payload, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"event {name!r} payload is not JSON-serialisable: {exc}") from None
+        self.events.append(EmittedEvent(name, payload))
+
+    def time_remaining(self) -> float:
+        """Return the seconds left before this attempt times out (never negative)."""
+        return max(0.0, self.deadline_monotonic - time.monotonic())
+
+
+class HandlerRegistry:
+    """Handler names mapped to the functions registered in code."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, handler: Handler) -> None:
+        """Register ``handler`` as ``name``; another function under a taken name is an error."""
+        if not name or not isinstance(name, str):
+            raise ValueError("a handler name must be a non-empty string")
+        with self._lock:
+            existing = self._handlers.get(name)
+            if existing is not None and _qualname(existing) != _qualname(handler):
+                raise ConfigurationError(
+                    f"handler {name!r} is registered twice: "
+                    f"{_qualname(existing)} and {_qualname(handler)}"
+                )
+            self._handlers[name] = handler
+
+    def resolve(self, name: str) -> Handler | None:
+        return self._handlers.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self._handlers.pop(name, None)
+
+
+registry = HandlerRegistry()
+
+
+def step_handler(name: str, *, registry: HandlerRegistry = registry) -> Callable[[H], H]:
+    """Register the decorated function (sync or ``async def``) as the handler ``name``."""
+
+    def decorate(func: H) -> H:
+        registry.register(name, func)
+        return func
+
+    return decorate
+
+
+def import_handler_modules(modules: Iterable[str]) -> None:
+    """Import the modules named in ``worker.handler_modules`` so their handlers register."""
+    # Like other worker tools, look in the working directory first, so project modules
+    # import without an install.
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"worker.handler_modules: cannot import {module!r}: {type(exc).__name__}: {exc}"
+            ) from None
+
+
+def bind_logger(step_name: str, step_uuid: str, attempt: int) -> Logger:
+    """Return a logger that tags every line with the step."""
+    return logger.bind(step=step_name, step_uuid=step_uuid, attempt=attempt)
+
+
+def _qualname(func: Callable[..., Any]) -> str:
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"

@@ -1,0 +1,51 @@
+"""Intake credits: how many steps the worker may claim now.
+
+The worker never holds more claimed steps than ``max_concurrent_handlers + prefetch``; the
+database is the buffer, so a backlog of 100k steps does not grow the worker's memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class IntakeCredits:
+    """Free capacity, and whether a claim is already on its way."""
+
+    capacity: int
+    available: int = -1
+    claim_in_flight: bool = False
+    # True when the last claim filled up: the queue probably holds more, claim again as soon
+    # as capacity frees instead of waiting for the next poll.
+    backlog_likely: bool = True
+    stopped: bool = False
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        if self.available < 0:
+            self.available = self.capacity
+
+    def next_claim(self, *, work_signalled: bool) -> int:
+        """Return how many steps to claim now (0 for none) and reserve them."""
+        if self.stopped or self.claim_in_flight or self.available <= 0:
+            return 0
+        if not (work_signalled or self.backlog_likely):
+            return 0
+        self.claim_in_flight = True
+        limit, self.available = self.available, 0
+        return limit
+
+    def claimed(self, requested: int, got: int) -> None:
+        """Account for a finished claim: unclaimed credits come back."""
+        self.claim_in_flight = False
+        self.available += requested - got
+        self.backlog_likely = got >= requested
+
+    def freed(self, slots: int = 1) -> None:
+        """Account for capacity given back by the dispatcher."""
+        self.available = min(self.capacity, self.available + slots)
+
+    def stop(self) -> None:
+        self.stopped = True

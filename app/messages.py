@@ -1,0 +1,125 @@
+"""The messages actors exchange: small, frozen, typed.
+
+Rows become these objects at the SQL boundary; nothing mutable crosses a mailbox.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+JSONDict = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EventDeclaration:
+    """A domain event a template declares for a step, with when to emit it."""
+
+    name: str
+    condition: Literal["success", "failure", "always"] = "success"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedStep:
+    """One attempt of a step, claimed by this worker and ready to run."""
+
+    step_uuid: str
+    task_uuid: str
+    name: str
+    handler: str
+    attempt: int
+    max_attempts: int
+    retryable: bool
+    timeout_ms: int | None
+    claimed_by: str
+    inputs: JSONDict = field(default_factory=dict)
+    task_context: JSONDict = field(default_factory=dict)
+    dependency_results: dict[str, JSONDict] = field(default_factory=dict)
+    declared_events: tuple[EventDeclaration, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EmittedEvent:
+    """A domain event a handler emitted with ``ctx.emit``."""
+
+    name: str
+    payload: JSONDict
+
+
+@dataclass(frozen=True, slots=True)
+class StepFailure:
+    """Why an attempt failed; stored as the step's ``error`` JSON."""
+
+    error_type: str
+    message: str
+    retryable: bool
+    traceback: str | None = None
+    retry_after: float | None = None
+
+    def as_json(self) -> JSONDict:
+        data: JSONDict = {
+            "error_type": self.error_type,
+            "message": self.message,
+            "retryable": self.retryable,
+        }
+        if self.traceback is not None:
+            data["traceback"] = self.traceback
+        if self.retry_after is not None:
+            data["retry_after"] = self.retry_after
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """The result of one attempt: exactly one of ``result`` or ``failure`` is set."""
+
+    step: ClaimedStep
+    started_at: datetime
+    finished_at: datetime
+    result: JSONDict | None = None
+    failure: StepFailure | None = None
+    events: tuple[EmittedEvent, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.result is None) == (self.failure is None):
+            raise ValueError("a StepOutcome has exactly one of result or failure")
+
+    @property
+    def succeeded(self) -> bool:
+        return self.failure is None
+
+
+@dataclass(frozen=True, slots=True)
+class DomainEvent:
+    """A committed domain event, as stored in ``domain_events``."""
+
+    event_id: str
+    name: str
+    task_uuid: str
+    step_uuid: str | None
+    payload: JSONDict
+    created_at: datetime
+
+
+# Commands routed by the CommandProcessor.
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteReadySteps:
+    """Claim up to ``limit`` ready steps and dispatch them."""
+
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Report what the worker is doing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Stop intake and drain."""
+
+
+Command = ExecuteReadySteps | Status | Shutdown

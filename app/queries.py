@@ -1,0 +1,177 @@
+"""Read-side queries behind ``duplex status``: tasks, their execution status, their steps."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, column, select, table
+
+from app.errors import InputError
+from app.models import tasks, workers, workflow_step_edges, workflow_steps
+
+execution_status = table(
+    "task_execution_status",
+    column("task_uuid"),
+    column("total_steps"),
+    column("pending_steps"),
+    column("ready_steps"),
+    column("in_progress_steps"),
+    column("waiting_for_retry_steps"),
+    column("complete_steps"),
+    column("resolved_steps"),
+    column("error_steps"),
+    column("cancelled_steps"),
+    column("execution_status"),
+)
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """A task with its execution status."""
+
+    task_uuid: str
+    name: str
+    namespace: str
+    version: str
+    state: str
+    execution_status: str
+    total_steps: int
+    complete_steps: int
+    error_steps: int
+    created_at: datetime
+    completed_at: datetime | None
+
+    def as_json(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True)
+class StepSummary:
+    """One step of a task."""
+
+    step_uuid: str
+    name: str
+    handler: str
+    state: str
+    attempts: int
+    max_attempts: int
+    depends_on: tuple[str, ...]
+    error_type: str | None
+    error_message: str | None
+    duration_ms: int | None
+    next_attempt_at: datetime | None
+    claimed_by: str | None
+    results: dict[str, Any] | None
+
+    def as_json(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+def list_tasks(conn: Connection, *, limit: int = 50) -> list[TaskSummary]:
+    """Return the newest tasks first, with their execution status."""
+    es = execution_status
+    rows = conn.execute(
+        select(
+            tasks.c.task_uuid,
+            tasks.c.name,
+            tasks.c.namespace,
+            tasks.c.version,
+            tasks.c.state,
+            es.c.execution_status,
+            es.c.total_steps,
+            es.c.complete_steps,
+            es.c.error_steps,
+            tasks.c.created_at,
+            tasks.c.completed_at,
+        )
+        .join(es, es.c.task_uuid == tasks.c.task_uuid)
+        .order_by(tasks.c.created_at.desc(), tasks.c.task_uuid)
+        .limit(limit)
+    )
+    return [TaskSummary(**row._asdict()) for row in rows]
+
+
+def get_task(conn: Connection, task_uuid: str) -> TaskSummary:
+    """Return one task, or raise ``InputError`` naming the unknown uuid."""
+    es = execution_status
+    row = conn.execute(
+        select(
+            tasks.c.task_uuid,
+            tasks.c.name,
+            tasks.c.namespace,
+            tasks.c.version,
+            tasks.c.state,
+            es.c.execution_status,
+            es.c.total_steps,
+            es.c.complete_steps,
+            es.c.error_steps,
+            tasks.c.created_at,
+            tasks.c.completed_at,
+        )
+        .join(es, es.c.task_uuid == tasks.c.task_uuid)
+        .where(tasks.c.task_uuid == task_uuid)
+    ).first()
+    if row is None:
+        raise InputError(f"unknown task: {task_uuid}")
+    return TaskSummary(**row._asdict())
+
+
+def task_steps(conn: Connection, task_uuid: str) -> list[StepSummary]:
+    """Return a task's steps in dependency order (parents before children)."""
+    ws = workflow_steps
+    parent = ws.alias("parent")
+    parents: dict[str, list[str]] = {}
+    for child, name in conn.execute(
+        select(workflow_step_edges.c.to_step_uuid, parent.c.name)
+        .join(parent, parent.c.step_uuid == workflow_step_edges.c.from_step_uuid)
+        .where(parent.c.task_uuid == task_uuid)
+        .order_by(parent.c.position)
+    ):
+        parents.setdefault(child, []).append(name)
+    rows = conn.execute(select(ws).where(ws.c.task_uuid == task_uuid).order_by(ws.c.position))
+    steps = []
+    for row in rows:
+        error = row.error or {}
+        duration = None
+        if row.started_at is not None and row.completed_at is not None:
+            duration = int((row.completed_at - row.started_at).total_seconds() * 1000)
+        steps.append(
+            StepSummary(
+                step_uuid=row.step_uuid,
+                name=row.name,
+                handler=row.handler,
+                state=row.state,
+                attempts=row.attempts,
+                max_attempts=row.max_attempts,
+                depends_on=tuple(parents.get(row.step_uuid, ())),
+                error_type=error.get("error_type"),
+                error_message=error.get("message"),
+                duration_ms=duration,
+                next_attempt_at=row.next_attempt_at if row.state == "waiting_for_retry" else None,
+                claimed_by=row.claimed_by,
+                results=row.results,
+            )
+        )
+    return steps
+
+
+def active_workers(conn: Connection) -> list[dict[str, Any]]:
+    """Return workers that have not stopped, with their last reported counters."""
+    rows = conn.execute(
+        select(workers).where(workers.c.stopped_at.is_(None)).order_by(workers.c.started_at)
+    )
+    return [_jsonable(dict(row._mapping)) for row in rows]
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, datetime):
+            out[key] = value.isoformat()
+        elif isinstance(value, tuple):
+            out[key] = list(value)
+        else:
+            out[key] = value
+    return out

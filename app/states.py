@@ -1,0 +1,81 @@
+"""Step and task states, and the legal moves between step states (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from app.errors import TransitionError
+
+PENDING = "pending"
+ENQUEUED = "enqueued"
+IN_PROGRESS = "in_progress"
+WAITING_FOR_RETRY = "waiting_for_retry"
+COMPLETE = "complete"
+ERROR = "error"
+CANCELLED = "cancelled"
+RESOLVED_MANUALLY = "resolved_manually"
+
+STEP_STATES = (
+    PENDING,
+    ENQUEUED,
+    IN_PROGRESS,
+    WAITING_FOR_RETRY,
+    COMPLETE,
+    ERROR,
+    CANCELLED,
+    RESOLVED_MANUALLY,
+)
+# States a claim may take a step from.
+CLAIMABLE = (ENQUEUED, WAITING_FOR_RETRY)
+# States that satisfy a dependency.
+DONE = (COMPLETE, RESOLVED_MANUALLY)
+# States in which a step may still run (now or later) without an operator.
+ACTIVE = (ENQUEUED, IN_PROGRESS, WAITING_FOR_RETRY)
+
+STEP_TRANSITIONS: Mapping[str, frozenset[str]] = {
+    PENDING: frozenset({ENQUEUED, CANCELLED, RESOLVED_MANUALLY}),
+    ENQUEUED: frozenset({IN_PROGRESS, CANCELLED, RESOLVED_MANUALLY}),
+    WAITING_FOR_RETRY: frozenset({IN_PROGRESS, CANCELLED, RESOLVED_MANUALLY}),
+    # in_progress -> enqueued: a claim handed back, never started (worker stopping).
+    # in_progress -> cancelled is not here: a running step finishes; cancel stops the rest.
+    IN_PROGRESS: frozenset({COMPLETE, WAITING_FOR_RETRY, ERROR, ENQUEUED}),
+    ERROR: frozenset({ENQUEUED, RESOLVED_MANUALLY}),
+    COMPLETE: frozenset(),
+    CANCELLED: frozenset(),
+    RESOLVED_MANUALLY: frozenset(),
+}
+
+# Task states.
+TASK_PENDING = "pending"
+TASK_IN_PROGRESS = "in_progress"
+TASK_COMPLETE = "complete"
+TASK_ERROR = "error"
+TASK_CANCELLED = "cancelled"
+TASK_STATES = (TASK_PENDING, TASK_IN_PROGRESS, TASK_COMPLETE, TASK_ERROR, TASK_CANCELLED)
+
+
+def check_step_transition(from_state: str, to_state: str) -> None:
+    """Raise ``TransitionError`` unless ``from_state -> to_state`` is a legal move."""
+    if to_state not in STEP_TRANSITIONS.get(from_state, frozenset()):
+        raise TransitionError(f"a step cannot go from {from_state} to {to_state}")
+
+
+def derive_task_state(current: str, step_counts: Mapping[str, int]) -> str:
+    """Return a task's state from how many of its steps are in each state.
+
+    ``complete`` once every step is complete or resolved; ``error`` once a step failed for good
+    and nothing can still run (pending steps only move when a running step completes);
+    ``cancelled`` stays cancelled; otherwise ``in_progress`` (``pending`` before any claim).
+    """
+    if current == TASK_CANCELLED:
+        return TASK_CANCELLED
+    total = sum(step_counts.values())
+    done = sum(step_counts.get(s, 0) for s in DONE)
+    if total > 0 and done == total:
+        return TASK_COMPLETE
+    active = sum(step_counts.get(s, 0) for s in ACTIVE)
+    if step_counts.get(ERROR, 0) > 0 and active == 0:
+        return TASK_ERROR
+    if current == TASK_PENDING and step_counts.get(IN_PROGRESS, 0) == 0 and done == 0:
+        return TASK_PENDING
+    return TASK_IN_PROGRESS

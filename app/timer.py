@@ -1,0 +1,82 @@
+"""One background thread that fires callbacks at given times.
+
+Actors use it to send themselves messages later (poll ticks, handler deadlines, commit retry
+backoff) without a thread per timer. Callbacks must be quick: they only ``tell``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+from loguru import logger
+
+
+class TimerHandle:
+    """A scheduled callback; ``cancel()`` stops it from firing."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Timer:
+    """A heap of (when, callback) served by one daemon thread."""
+
+    def __init__(self, name: str = "duplex-timer") -> None:
+        self._heap: list[tuple[float, int, TimerHandle, Callable[[], object]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call_later(self, delay_s: float, callback: Callable[[], object]) -> TimerHandle:
+        """Run ``callback`` on the timer thread after ``delay_s`` seconds."""
+        handle = TimerHandle()
+        with self._cond:
+            heapq.heappush(
+                self._heap,
+                (time.monotonic() + max(0.0, delay_s), next(self._seq), handle, callback),
+            )
+            self._cond.notify()
+        return handle
+
+    def stop(self) -> None:
+        """Stop the thread; pending callbacks never fire."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    # Drop cancelled entries eagerly so the heap stays as small as what is live.
+                    while self._heap and self._heap[0][2].cancelled:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                if self._stopped:
+                    return
+                _, _, handle, callback = heapq.heappop(self._heap)
+            if handle.cancelled:
+                continue
+            try:
+                callback()
+            except Exception:
+                # A callback that fails must not stop every later timer.
+                logger.exception("timer callback failed")

@@ -1,0 +1,58 @@
+"""Example handlers: order fulfilment.
+
+validate -> (reserve_stock, charge in parallel) -> ship. The payment gateway turns the first
+charge attempt away, so the step fails once and succeeds on its retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from app import DomainEvent, PermanentError, RetryableError, StepContext, step_handler, subscribe
+
+
+@step_handler("orders.validate")
+def validate(ctx: StepContext) -> dict[str, Any]:
+    order = ctx.task_context.get("order")
+    if not isinstance(order, dict) or not order.get("items"):
+        raise PermanentError("the task context has no order with items")
+    time.sleep(0.3)
+    total = order.get("total") or sum(i.get("price", 0) * i.get("qty", 1) for i in order["items"])
+    return {"order_id": order["id"], "total": total, "lines": len(order["items"])}
+
+
+@step_handler("orders.reserve_stock")
+def reserve_stock(ctx: StepContext) -> dict[str, Any]:
+    order = ctx.task_context["order"]
+    time.sleep(0.5)
+    reserved = [{"sku": i["sku"], "qty": i.get("qty", 1)} for i in order["items"]]
+    ctx.emit("stock.reserved", {"order_id": order["id"], "items": reserved})
+    return {"reserved": reserved}
+
+
+@step_handler("orders.charge")
+def charge(ctx: StepContext) -> dict[str, Any]:
+    order = ctx.task_context["order"]
+    total = ctx.dependency_results["validate"]["total"]
+    if ctx.attempt == 1:
+        ctx.logger.info("payment gateway busy; asking for a retry")
+        raise RetryableError("payment gateway busy", retry_after=1.0)
+    time.sleep(0.4)
+    ctx.emit("payment.charged", {"order_id": order["id"], "total": total})
+    return {"charged": total, "attempt": ctx.attempt}
+
+
+@step_handler("orders.ship")
+async def ship(ctx: StepContext) -> dict[str, Any]:
+    order = ctx.task_context["order"]
+    await asyncio.sleep(0.3)
+    ctx.emit("order.shipped", {"order_id": order["id"]})
+    return {"tracking": f"TRACK-{order['id']}"}
+
+
+@subscribe("payment.*")
+@subscribe("order.*")
+def announce(event: DomainEvent) -> None:
+    print(f"event {event.name}: {event.payload}", flush=True)

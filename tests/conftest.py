@@ -1,0 +1,109 @@
+"""Shared fixtures: migrated databases (SQLite always, PostgreSQL when reachable).
+
+PostgreSQL tests skip on a laptop without a server, but fail when ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from app.db import Database
+from app.migrate import upgrade_to_head
+from app.settings import DatabaseSettings, Settings
+
+POSTGRES_URL = os.environ.get(
+    "DUPLEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def make_settings(url: str, **sections: dict[str, Any]) -> Settings:
+    """Build settings for a test without reading settings.toml or the environment's file."""
+    return Settings(database={"url": url}, **sections)  # type: ignore[arg-type]
+
+
+def sqlite_database(path: Path) -> Database:
+    """Return a migrated SQLite database in ``path``."""
+    db = Database(DatabaseSettings(url=f"sqlite:///{path}"))
+    upgrade_to_head(db)
+    return db
+
+
+def postgres_available() -> bool:
+    try:
+        engine = create_engine(POSTGRES_URL)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+def require_postgres() -> None:
+    """Skip without PostgreSQL, except in CI where a missing server is a failure."""
+    if postgres_available():
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"PostgreSQL is required in CI but {POSTGRES_URL} is not reachable")
+    pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}")
+
+
+def postgres_schema_url(schema: str) -> str:
+    """Return the test server URL with ``schema`` first on the search path."""
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    return f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
+
+
+def create_postgres_schema() -> str:
+    schema = f"duplex_test_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine.dispose()
+    return schema
+
+
+def drop_postgres_schema(schema: str) -> None:
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[Database]:
+    db = sqlite_database(tmp_path / "duplex.db")
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def postgres_db() -> Iterator[Database]:
+    """A migrated PostgreSQL database in a schema of its own, dropped afterwards."""
+    require_postgres()
+    schema = create_postgres_schema()
+    db = Database(DatabaseSettings(url=postgres_schema_url(schema)))
+    try:
+        upgrade_to_head(db)
+        yield db
+    finally:
+        db.dispose()
+        drop_postgres_schema(schema)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """Each storage test runs on both backends."""
+    if request.param == "sqlite":
+        database = sqlite_database(tmp_path / "duplex.db")
+        yield database
+        database.dispose()
+    else:
+        yield request.getfixturevalue("postgres_db")

@@ -1,0 +1,75 @@
+"""One workflow through the real actors on SQLite: the pipeline is wired end to end."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from sqlalchemy import select
+
+from app.handlers import HandlerRegistry, StepContext
+from app.messages import DomainEvent
+from app.models import utcnow, workflow_steps
+from app.submission import create_task
+from app.subscriptions import SubscriberRegistry
+from app.templates import parse_template
+from app.worker import Worker
+from tests.conftest import make_settings, sqlite_database
+
+TEMPLATE = """
+name = "diamond"
+[[steps]]
+name = "a"
+handler = "t.echo"
+[[steps]]
+name = "b"
+handler = "t.echo"
+depends_on = ["a"]
+[[steps]]
+name = "c"
+handler = "t.echo"
+depends_on = ["a"]
+[[steps]]
+name = "d"
+handler = "t.echo"
+depends_on = ["b", "c"]
+"""
+
+
+def test_diamond_runs_to_completion(tmp_path: Path) -> None:
+    db = sqlite_database(tmp_path / "d.db")
+    registry, subscribers = HandlerRegistry(), SubscriberRegistry()
+    done = threading.Event()
+    seen: list[str] = []
+
+    def echo(ctx: StepContext) -> dict[str, object]:
+        ctx.emit("test.ran", {"step": ctx.step_name})
+        return {"step": ctx.step_name, "parents": sorted(ctx.dependency_results)}
+
+    registry.register("t.echo", echo)
+
+    def on_event(event: DomainEvent) -> None:
+        seen.append(event.name)
+        if event.name == "step.completed" and event.payload["step_name"] == "d":
+            done.set()
+
+    subscribers.add("*", on_event)
+    with db.write() as conn:
+        task = create_task(conn, parse_template(TEMPLATE), {}, now=utcnow())
+    worker = Worker(
+        make_settings(str(db.url), worker={"max_concurrent_handlers": 2}),
+        db,
+        registry=registry,
+        subscribers=subscribers,
+    )
+    worker.start()
+    try:
+        assert done.wait(10)
+    finally:
+        worker.stop()
+    with db.read() as conn:
+        rows = {r.name: r for r in conn.execute(select(workflow_steps))}
+    assert {n: r.state for n, r in rows.items()} == dict.fromkeys("abcd", "complete")
+    assert rows["d"].results == {"step": "d", "parents": ["b", "c"]}
+    assert seen.count("test.ran") == 4
+    assert task
