@@ -1,7 +1,13 @@
-"""[1] EventSystem: turns "work is available" into claim commands, never more than fits."""
+"""[1] EventSystem: turns "work is available" into claim commands, never more than fits.
+
+Work is signalled by a poll timer (``polling``), by PostgreSQL LISTEN/NOTIFY
+(``event_driven``), or both (``hybrid``); and always by in-process nudges: a submission in
+this process, dependents made ready by a commit, a retry falling due.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pykka
@@ -9,6 +15,7 @@ from loguru import logger
 
 from app.intake import IntakeCredits
 from app.messages import ExecuteReadySteps
+from app.notifications import WorkListener
 from app.timer import Timer, TimerHandle
 
 if TYPE_CHECKING:
@@ -16,7 +23,7 @@ if TYPE_CHECKING:
 
 
 class EventSystem(pykka.ThreadingActor):
-    """Intake: polls on a timer, and claims at once when nudged or when capacity frees."""
+    """Intake: claims when signalled and whenever capacity frees while a backlog remains."""
 
     def __init__(
         self,
@@ -25,25 +32,36 @@ class EventSystem(pykka.ThreadingActor):
         *,
         capacity: int,
         polling_interval_s: float,
+        polling: bool = True,
+        listen: Callable[[Callable[[], None]], WorkListener] | None = None,
     ) -> None:
         super().__init__()
         self._commands = commands
         self._timer = timer
         self._credits = IntakeCredits(capacity)
         self._interval = polling_interval_s
+        self._polling = polling
+        self._make_listener = listen
+        self._listener: WorkListener | None = None
         self._poll_handle: TimerHandle | None = None
         self._self: EventSystemProxy | None = None
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
+        if self._make_listener is not None:
+            self._listener = self._make_listener(self._self.nudge.defer)
 
     def begin(self) -> None:
-        """Start polling; sent once every actor that reports back to intake is wired."""
-        self.poll()
+        """Start intake; sent once every actor that reports back to it is wired."""
+        if self._listener is not None:
+            self._listener.start()
+        if self._polling:
+            self.poll()
+        else:
+            self.nudge()
 
     def on_stop(self) -> None:
-        if self._poll_handle is not None:
-            self._poll_handle.cancel()
+        self._stop_signals()
 
     def poll(self) -> None:
         """Timer tick: look for work, then schedule the next tick."""
@@ -68,9 +86,14 @@ class EventSystem(pykka.ThreadingActor):
     def stop_intake(self) -> None:
         """Claim nothing more (the worker is stopping)."""
         self._credits.stop()
+        self._stop_signals()
+        logger.info("intake stopped")
+
+    def _stop_signals(self) -> None:
         if self._poll_handle is not None:
             self._poll_handle.cancel()
-        logger.info("intake stopped")
+        if self._listener is not None:
+            self._listener.stop()
 
     def _claim(self, *, work_signalled: bool) -> None:
         limit = self._credits.next_claim(work_signalled=work_signalled)

@@ -37,6 +37,7 @@ from app.handlers import HandlerRegistry
 from app.handlers import registry as default_registry
 from app.messages import Shutdown, Status
 from app.models import utcnow, workers
+from app.notifications import WorkListener
 from app.retry import RetryPolicy
 from app.settings import Settings
 from app.subscriptions import SubscriberRegistry
@@ -120,11 +121,14 @@ class Worker:
             self.db, dispatcher.proxy(), worker_id=self.worker_id, namespaces=cfg.namespaces
         )
         commands = CommandProcessor.start(executor.proxy(), dispatcher.proxy())
+        polling, listen = self._intake_signals()
         intake = EventSystem.start(
             commands.proxy(),
             self.timer,
             capacity=cfg.max_concurrent_handlers + cfg.prefetch,
             polling_interval_s=self.settings.event_system.polling_interval_ms / 1000,
+            polling=polling,
+            listen=listen,
         )
         self._refs = [intake, commands, executor, dispatcher, completion, publisher]
         self.actors = Actors(
@@ -152,6 +156,28 @@ class Worker:
             self.registry.names(),
         )
         return self.actors
+
+    def _intake_signals(
+        self,
+    ) -> tuple[bool, Callable[[Callable[[], None]], WorkListener] | None]:
+        """Return whether to poll, and how to build the LISTEN/NOTIFY listener (if any)."""
+        mode = self.settings.event_system.deployment_mode
+        if mode == "polling":
+            return True, None
+        if self.db.dialect != "postgresql":
+            logger.warning(
+                "event_system.deployment_mode = {!r} needs PostgreSQL LISTEN/NOTIFY; "
+                "{} polls instead",
+                mode,
+                self.db.dialect,
+            )
+            return True, None
+        namespaces = self.settings.worker.namespaces
+
+        def listen(on_work: Callable[[], None]) -> WorkListener:
+            return WorkListener(self.db.url, namespaces, on_work)
+
+        return mode == "hybrid", listen
 
     def nudge(self) -> None:
         """Tell the intake that work was just submitted in this process."""

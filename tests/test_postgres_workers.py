@@ -1,0 +1,155 @@
+"""PostgreSQL: several workers share one queue; event-driven intake; locked migrations."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import func, select
+
+from app.db import Database
+from app.handlers import HandlerRegistry, StepContext
+from app.migrate import current_revision, head_revision, upgrade_to_head
+from app.models import utcnow, workflow_step_transitions, workflow_steps
+from app.settings import DatabaseSettings
+from app.submission import create_task
+from app.subscriptions import SubscriberRegistry
+from app.templates import parse_template
+from app.worker import Worker
+from tests.conftest import (
+    create_postgres_schema,
+    drop_postgres_schema,
+    make_settings,
+    postgres_schema_url,
+    require_postgres,
+)
+
+pytestmark = pytest.mark.postgres
+
+
+def fan_template(n: int) -> str:
+    steps = "".join(f'[[steps]]\nname = "s{i}"\nhandler = "t.count"\n' for i in range(n))
+    return f'name = "fan"\n{steps}'
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    require_postgres()
+    schema = create_postgres_schema()
+    try:
+        yield postgres_schema_url(schema)
+    finally:
+        drop_postgres_schema(schema)
+
+
+def wait_for(predicate: object, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_two_workers_share_the_queue_and_run_each_step_once(pg_url: str) -> None:
+    db = Database(DatabaseSettings(url=pg_url))
+    upgrade_to_head(db)
+    runs: Counter[str] = Counter()
+    lock = threading.Lock()
+    registry = HandlerRegistry()
+
+    def count(ctx: StepContext) -> None:
+        time.sleep(0.002)
+        with lock:
+            runs[ctx.step_uuid] += 1
+
+    registry.register("t.count", count)
+    with db.write() as conn:
+        create_task(conn, parse_template(fan_template(200)), {}, now=utcnow())
+    settings = make_settings(pg_url, worker={"max_concurrent_handlers": 4})
+    workers = [
+        Worker(settings, Database(DatabaseSettings(url=pg_url)), registry=registry)
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        assert wait_for(lambda: sum(runs.values()) >= 200, 60)
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert len(runs) == 200
+    assert set(runs.values()) == {1}
+    with db.read() as conn:
+        claimants = conn.execute(
+            select(workflow_step_transitions.c.worker_id, func.count())
+            .where(workflow_step_transitions.c.to_state == "in_progress")
+            .group_by(workflow_step_transitions.c.worker_id)
+        ).all()
+        states = set(conn.execute(select(workflow_steps.c.state)).scalars())
+    assert states == {"complete"}
+    assert len(claimants) == 2, "both workers should have claimed work"
+    db.dispose()
+
+
+def test_event_driven_intake_picks_up_a_submission_without_polling(pg_url: str) -> None:
+    db = Database(DatabaseSettings(url=pg_url))
+    upgrade_to_head(db)
+    registry, subscribers = HandlerRegistry(), SubscriberRegistry()
+    ran: list[str] = []
+    first, second = threading.Event(), threading.Event()
+
+    def record(ctx: StepContext) -> None:
+        ran.append(ctx.task_uuid)
+        (second if first.is_set() else first).set()
+
+    registry.register("t.count", record)
+    settings = make_settings(
+        pg_url,
+        event_system={"deployment_mode": "event_driven", "polling_interval_ms": 3_600_000},
+    )
+    with db.write() as conn:
+        create_task(conn, parse_template(fan_template(1)), {}, now=utcnow())
+    worker = Worker(settings, db, registry=registry, subscribers=subscribers)
+    worker.start()
+    try:
+        # The first task is found by the look the listener takes once LISTEN is in effect;
+        # after it ran, nothing polls, so only a NOTIFY can bring the second one in.
+        assert first.wait(10)
+        other = Database(DatabaseSettings(url=pg_url))
+        with other.write() as conn:
+            create_task(conn, parse_template(fan_template(1)), {}, now=utcnow())
+        other.dispose()
+        assert second.wait(10), "a NOTIFY should have woken the worker"
+    finally:
+        worker.stop()
+        db.dispose()
+    assert len(set(ran)) == 2
+
+
+def test_workers_starting_together_migrate_once(pg_url: str) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def migrate() -> None:
+        db = Database(DatabaseSettings(url=pg_url))
+        try:
+            barrier.wait()
+            upgrade_to_head(db)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            db.dispose()
+
+    threads = [threading.Thread(target=migrate) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    db = Database(DatabaseSettings(url=pg_url))
+    assert current_revision(db) == head_revision()
+    db.dispose()
