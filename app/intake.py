@@ -16,10 +16,12 @@ class IntakeCredits:
     capacity: int
     available: int = -1
     claim_in_flight: bool = False
-    # True when the last claim filled up: the queue probably holds more, claim again as soon
-    # as capacity frees instead of waiting for the next poll.
+    # True when the last claim filled up (the queue probably holds more) or work was
+    # signalled since: claim as soon as capacity frees instead of waiting for the next poll.
     backlog_likely: bool = True
     stopped: bool = False
+    # Work was signalled while a claim was on its way; that claim may have looked too early.
+    signalled_during_claim: bool = False
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -28,10 +30,17 @@ class IntakeCredits:
             self.available = self.capacity
 
     def next_claim(self, *, work_signalled: bool) -> int:
-        """Return how many steps to claim now (0 for none) and reserve them."""
-        if self.stopped or self.claim_in_flight or self.available <= 0:
-            return 0
-        if not (work_signalled or self.backlog_likely):
+        """Return how many steps to claim now (0 for none) and reserve them.
+
+        A signal that cannot be served at once is remembered, never dropped: it is served
+        when the claim on its way returns or when capacity frees.
+        """
+        if work_signalled:
+            if self.claim_in_flight:
+                self.signalled_during_claim = True
+            else:
+                self.backlog_likely = True
+        if self.stopped or self.claim_in_flight or self.available <= 0 or not self.backlog_likely:
             return 0
         self.claim_in_flight = True
         limit, self.available = self.available, 0
@@ -41,7 +50,8 @@ class IntakeCredits:
         """Account for a finished claim: unclaimed credits come back."""
         self.claim_in_flight = False
         self.available += requested - got
-        self.backlog_likely = got >= requested
+        self.backlog_likely = got >= requested or self.signalled_during_claim
+        self.signalled_during_claim = False
 
     def freed(self, slots: int = 1) -> None:
         """Account for capacity given back by the dispatcher."""

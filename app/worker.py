@@ -35,13 +35,15 @@ from app.db import Database
 from app.errors import DuplexError, StorageError
 from app.handlers import HandlerRegistry
 from app.handlers import registry as default_registry
-from app.messages import Shutdown, Status
+from app.messages import JSONDict, Shutdown, Status
 from app.models import utcnow, workers
 from app.notifications import WorkListener
 from app.retry import RetryPolicy
 from app.settings import Settings
+from app.submission import create_task
 from app.subscriptions import SubscriberRegistry
 from app.subscriptions import subscribers as default_subscribers
+from app.templates import TaskTemplate
 from app.timer import Timer
 
 _ASK_TIMEOUT_S = 10.0
@@ -178,6 +180,13 @@ class Worker:
             return WorkListener(self.db.url, namespaces, on_work)
 
         return mode == "hybrid", listen
+
+    def submit(self, template: TaskTemplate, context: JSONDict | None = None) -> str:
+        """Create a task in this worker's database and wake the intake at once."""
+        with self.db.write() as conn:
+            task_uuid = create_task(conn, template, context or {}, now=utcnow())
+        self.nudge()
+        return task_uuid
 
     def nudge(self) -> None:
         """Tell the intake that work was just submitted in this process."""

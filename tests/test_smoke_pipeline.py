@@ -73,3 +73,20 @@ def test_diamond_runs_to_completion(tmp_path: Path) -> None:
     assert rows["d"].results == {"step": "d", "parents": ["b", "c"]}
     assert seen.count("test.ran") == 4
     assert task
+
+
+def test_in_process_submission_nudges_the_intake(tmp_path: Path) -> None:
+    db = sqlite_database(tmp_path / "n.db")
+    registry = HandlerRegistry()
+    ran = threading.Event()
+    registry.register("t.echo", lambda ctx: ran.set())
+    # Polling once an hour: only the nudge from Worker.submit can bring the task in.
+    settings = make_settings(str(db.url), event_system={"polling_interval_ms": 3_600_000})
+    worker = Worker(settings, db, registry=registry, subscribers=SubscriberRegistry())
+    worker.start()
+    try:
+        assert worker.status()["dispatcher"]["dispatched"] == 0
+        worker.submit(parse_template('name = "one"\n[[steps]]\nname = "a"\nhandler = "t.echo"\n'))
+        assert ran.wait(10)
+    finally:
+        worker.stop()
