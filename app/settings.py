@@ -6,6 +6,7 @@ Read once at the edge (the CLI) and passed down as typed, frozen sections.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -147,8 +148,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     except ValidationError as exc:
         raise ConfigurationError(_describe(exc, toml_file)) from None
     except ValueError as exc:  # malformed TOML or an undecodable environment value
-        where = f" in {toml_file}" if toml_file else ""
-        raise ConfigurationError(f"invalid settings{where}: {_one_line(str(exc))}") from None
+        raise ConfigurationError(_describe_unparsable(exc, toml_file)) from None
 
 
 def _describe(exc: ValidationError, toml_file: Path | None) -> str:
@@ -159,6 +159,21 @@ def _describe(exc: ValidationError, toml_file: Path | None) -> str:
         env_name = "DUPLEX_" + "__".join(str(p) for p in error["loc"]).upper()
         problems.append(f"{key}: {message} (set in {toml_file or 'defaults'} or ${env_name})")
     return "invalid settings: " + "; ".join(problems)
+
+
+def _describe_unparsable(exc: ValueError, toml_file: Path | None) -> str:
+    text = _one_line(str(exc))
+    env_field = re.search(r'field "(\w+)" from source "EnvSettingsSource"', text)
+    if env_field:
+        prefix = f"DUPLEX_{env_field.group(1).upper()}__"
+        matching = sorted(k for k in os.environ if k.upper().startswith(prefix))
+        names = ", ".join(matching) or f"{prefix}*"
+        return (
+            f"invalid settings: cannot parse environment variable {names} "
+            '(lists and tables must be JSON, e.g. \'["a", "b"]\')'
+        )
+    where = f" in {toml_file}" if toml_file else ""
+    return f"invalid settings{where}: {text}"
 
 
 def _one_line(text: str) -> str:

@@ -1,0 +1,668 @@
+"""End to end through the ``duplex`` CLI, each command a real subprocess.
+
+Every test works in its own ``tmp_path``: a ``settings.toml`` there points at a SQLite file
+there and at the handlers in ``tests/e2e_handlers``, which the subprocess imports through
+``PYTHONPATH=<repo root>``. Handlers append ``<step_uuid> <attempt>`` to ``$E2E_RUN_LOG`` as
+they start, so a test can tell how often each step's handler really ran. Assertions are on
+states, counts and orderings read back with ``sqlite3``, never on timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = REPO_ROOT / "tests" / "e2e_templates"
+HANDLER_MODULE = "tests.e2e_handlers.handlers"
+RUN_LOG_ENV = "E2E_RUN_LOG"
+
+# Upper bound for any one CLI call; a hang fails the test instead of stalling the suite.
+COMMAND_TIMEOUT_S = 60.0
+# Upper bound for waiting on a condition polled from the database or a log file.
+WAIT_S = 30.0
+
+ORDER_CONTEXT = {
+    "order": {"id": "A-1001", "items": [{"sku": "BOOK-1", "qty": 2}], "total": 42.5},
+}
+
+
+def _settings_toml(
+    db_path: Path,
+    *,
+    handler_modules: Sequence[str] = (HANDLER_MODULE,),
+    templates_dir: Path = TEMPLATES,
+    worker: dict[str, Any] | None = None,
+) -> str:
+    worker_cfg: dict[str, Any] = {
+        "namespaces": ["default"],
+        "handler_modules": list(handler_modules),
+        "max_concurrent_handlers": 8,
+        "prefetch": 4,
+        "handler_timeout_ms": 30000,
+        "shutdown_timeout_ms": 10000,
+        **(worker or {}),
+    }
+    lines = [
+        "[database]",
+        f"url = {json.dumps(f'sqlite:///{db_path}')}",
+        "",
+        "[worker]",
+        *(f"{key} = {json.dumps(value)}" for key, value in worker_cfg.items()),
+        "",
+        "[event_system]",
+        'deployment_mode = "polling"',
+        "polling_interval_ms = 50",
+        "",
+        "[retry]",
+        "backoff_base_ms = 100",
+        "jitter = 0.0",
+        "",
+        "[logging]",
+        'level = "INFO"',
+        "",
+        "[templates]",
+        f"directory = {json.dumps(str(templates_dir))}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def duplex_script() -> Path:
+    """Return the ``duplex`` console script of the interpreter running the tests."""
+    beside = Path(sys.executable).parent / "duplex"
+    if beside.is_file():
+        return beside
+    found = shutil.which("duplex")
+    assert found, "the duplex console script is not installed next to sys.executable"
+    return Path(found)
+
+
+@dataclass
+class Duplex:
+    """A working directory with settings, a database and a run log, and ways to drive it."""
+
+    cwd: Path
+    db_path: Path
+    run_log: Path
+    env: dict[str, str]
+
+    def command(self, args: Sequence[str], *, script: bool = False) -> list[str]:
+        prefix = [str(duplex_script())] if script else [sys.executable, "-m", "app"]
+        return [*prefix, *args]
+
+    def run(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        script: bool = False,
+        timeout: float = COMMAND_TIMEOUT_S,
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(args, script=script),
+            cwd=self.cwd,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def ok(self, *args: str, script: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run a command that must succeed; show its output when it does not."""
+        result = self.run(*args, script=script)
+        assert result.returncode == 0, _describe(result)
+        assert "Traceback" not in result.stderr, _describe(result)
+        return result
+
+    def submit(self, template: str | Path, context: dict[str, Any] | None = None) -> str:
+        args = ["submit", str(template)]
+        if context is not None:
+            args += ["--context", json.dumps(context)]
+        result = self.ok(*args)
+        last = result.stdout.splitlines()[-1]
+        assert str(uuid.UUID(last)) == last, f"last stdout line is not a UUID alone: {last!r}"
+        return last
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        """Start a long-lived command with its output going to files (no pipe to fill up)."""
+        self.stdout_path.unlink(missing_ok=True)
+        self.stderr_path.unlink(missing_ok=True)
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            return subprocess.Popen(
+                self.command(args), cwd=self.cwd, env=self.env, stdout=out, stderr=err
+            )
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.cwd / "worker.stdout"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.cwd / "worker.stderr"
+
+    def stderr_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def sql(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(self.db_path, timeout=10)
+        try:
+            return conn.execute(query, params).fetchall()
+        finally:
+            conn.close()
+
+    def step_states(self, task_uuid: str) -> dict[str, tuple[str, int]]:
+        """Return ``name -> (state, attempts)`` for a task's steps."""
+        rows = self.sql(
+            "SELECT name, state, attempts FROM workflow_steps WHERE task_uuid = ?", [task_uuid]
+        )
+        return {name: (state, attempts) for name, state, attempts in rows}
+
+    def runs(self) -> Counter[str]:
+        """Return how many times each step's handler started, from the run log."""
+        if not self.run_log.exists():
+            return Counter()
+        return Counter(line.split()[0] for line in self.run_log.read_text().splitlines() if line)
+
+
+def _describe(result: subprocess.CompletedProcess[str]) -> str:
+    return (
+        f"exit {result.returncode}: {result.args}\n"
+        f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    )
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def make_duplex(
+    directory: Path,
+    *,
+    handler_modules: Sequence[str] = (HANDLER_MODULE,),
+    templates_dir: Path = TEMPLATES,
+    worker: dict[str, Any] | None = None,
+) -> Duplex:
+    directory.mkdir(parents=True, exist_ok=True)
+    db_path = directory / "duplex.db"
+    (directory / "settings.toml").write_text(
+        _settings_toml(
+            db_path, handler_modules=handler_modules, templates_dir=templates_dir, worker=worker
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUPLEX_")}
+    env.update(
+        PYTHONPATH=str(REPO_ROOT),
+        PYTHONUNBUFFERED="1",
+        **{RUN_LOG_ENV: str(directory / "runs.log")},
+    )
+    return Duplex(cwd=directory, db_path=db_path, run_log=directory / "runs.log", env=env)
+
+
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database file brought to head once by `duplex migrate`, copied by tests that need one."""
+    duplex = make_duplex(tmp_path_factory.mktemp("migrated"))
+    duplex.ok("migrate")
+    # Fold the WAL into the main file so that copying the one file copies everything.
+    conn = sqlite3.connect(duplex.db_path)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    return duplex.db_path
+
+
+@pytest.fixture
+def duplex(tmp_path: Path, migrated_db: Path) -> Duplex:
+    """A working directory whose database is already migrated."""
+    env = make_duplex(tmp_path / "work")
+    shutil.copyfile(migrated_db, env.db_path)
+    return env
+
+
+def _sleepy_template(path: Path, count: int, seconds: float) -> Path:
+    steps = "".join(
+        f'\n[[steps]]\nname = "s{i:02d}"\nhandler = "e2e.sleep"\n'
+        f"inputs = {{ seconds = {seconds} }}\n"
+        for i in range(count)
+    )
+    path.write_text(f'name = "e2e_sleepy"\n{steps}')
+    return path
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """Assert: non-zero exit, no traceback, exactly one non-empty stderr line naming the problem."""
+    assert result.returncode != 0, _describe(result)
+    assert "Traceback" not in result.stderr, _describe(result)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, _describe(result)
+    line = lines[0].strip()
+    assert line, _describe(result)
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line
+
+
+# --- the happy path -----------------------------------------------------------------------
+
+
+def test_migrate_submit_run_status(tmp_path: Path) -> None:
+    """A diamond goes through migrate, submit and `run --until-idle`, and SQL shows it all."""
+    duplex = make_duplex(tmp_path)
+    assert "head" in duplex.ok("migrate").stdout
+
+    task = duplex.submit(TEMPLATES / "diamond.toml", {"k": 1})
+    assert duplex.step_states(task) == {
+        "a": ("enqueued", 0),
+        "b": ("pending", 0),
+        "c": ("pending", 0),
+        "d": ("pending", 0),
+    }
+
+    run = duplex.ok("run", "--until-idle")
+    assert "no work left" in run.stderr
+
+    assert duplex.step_states(task) == {name: ("complete", 1) for name in "abcd"}
+    assert duplex.sql("SELECT state FROM tasks WHERE task_uuid = ?", [task]) == [("complete",)]
+    (context,) = duplex.sql("SELECT context FROM tasks WHERE task_uuid = ?", [task])[0]
+    assert json.loads(context) == {"k": 1}
+    # d saw both parents' results.
+    (results,) = duplex.sql(
+        "SELECT results FROM workflow_steps WHERE task_uuid = ? AND name = 'd'", [task]
+    )[0]
+    assert json.loads(results) == {"step": "d", "parents": ["b", "c"]}
+
+    transitions = duplex.sql(
+        "SELECT s.name, t.from_state, t.to_state, t.attempt FROM workflow_step_transitions t "
+        "JOIN workflow_steps s ON s.step_uuid = t.step_uuid WHERE s.task_uuid = ? ORDER BY t.id",
+        [task],
+    )
+    by_step: dict[str, list[tuple[Any, ...]]] = {}
+    for name, *move in transitions:
+        by_step.setdefault(name, []).append(tuple(move))
+    assert by_step["a"] == [
+        (None, "enqueued", 0),
+        ("enqueued", "in_progress", 1),
+        ("in_progress", "complete", 1),
+    ]
+    for name in "bcd":
+        assert by_step[name] == [
+            (None, "pending", 0),
+            ("pending", "enqueued", 0),
+            ("enqueued", "in_progress", 1),
+            ("in_progress", "complete", 1),
+        ], name
+
+    events = Counter(
+        name for (name,) in duplex.sql("SELECT name FROM domain_events WHERE task_uuid = ?", [task])
+    )
+    assert events == {"step.completed": 4, "e2e.echoed": 4}
+    # Every step.completed names a step of this task and its step row.
+    completed = duplex.sql(
+        "SELECT e.step_uuid, s.name FROM domain_events e "
+        "JOIN workflow_steps s ON s.step_uuid = e.step_uuid "
+        "WHERE e.task_uuid = ? AND e.name = 'step.completed'",
+        [task],
+    )
+    assert sorted(name for _, name in completed) == ["a", "b", "c", "d"]
+    assert sorted(duplex.runs().values()) == [1, 1, 1, 1]
+
+    listing = json.loads(duplex.ok("status", "--json").stdout)
+    (summary,) = [t for t in listing["tasks"] if t["task_uuid"] == task]
+    assert summary["execution_status"] == "all_complete"
+    assert summary["state"] == "complete"
+    assert summary["complete_steps"] == summary["total_steps"] == 4
+    assert listing["workers"] == []  # the worker marked itself stopped
+
+    detail = json.loads(duplex.ok("status", task, "--json").stdout)
+    assert detail["task_uuid"] == task
+    assert detail["execution_status"] == "all_complete"
+    names = [step["name"] for step in detail["steps"]]
+    assert sorted(names) == ["a", "b", "c", "d"]
+    for position, step in enumerate(detail["steps"]):
+        assert step["state"] == "complete"
+        for parent in step["depends_on"]:
+            assert names.index(parent) < position, f"{parent} listed after child {step['name']}"
+    assert {s["name"]: sorted(s["depends_on"]) for s in detail["steps"]} == {
+        "a": [],
+        "b": ["a"],
+        "c": ["a"],
+        "d": ["b", "c"],
+    }
+
+    # The human-readable form works too.
+    assert "all_complete" in duplex.ok("status", task).stdout
+
+
+def test_duplex_console_script_works(tmp_path: Path) -> None:
+    """The installed `duplex` script is the same CLI (every other test uses `python -m app`)."""
+    duplex = make_duplex(tmp_path)
+    assert "head" in duplex.ok("migrate", script=True).stdout
+    assert json.loads(duplex.ok("status", "--json", script=True).stdout) == {
+        "tasks": [],
+        "workers": [],
+    }
+
+
+def test_bundled_example_runs_to_completion(tmp_path: Path, migrated_db: Path) -> None:
+    """examples/order_fulfillment.toml: charge is turned away once, then succeeds."""
+    # cwd is not the repo: `examples` imports through PYTHONPATH alone.
+    duplex = make_duplex(
+        tmp_path, handler_modules=["examples.orders"], templates_dir=REPO_ROOT / "examples"
+    )
+    shutil.copyfile(migrated_db, duplex.db_path)
+    # By name, looked up in templates.directory.
+    task = duplex.submit("order_fulfillment", ORDER_CONTEXT)
+
+    run = duplex.ok("run", "--until-idle")
+    # The example's subscriber prints committed events.
+    assert "event order.shipped" in run.stdout
+    assert "event payment.charged" in run.stdout
+
+    states = duplex.step_states(task)
+    assert states == {
+        "validate": ("complete", 1),
+        "reserve_stock": ("complete", 1),
+        "charge": ("complete", 2),
+        "ship": ("complete", 1),
+    }
+    assert duplex.sql("SELECT state FROM tasks WHERE task_uuid = ?", [task]) == [("complete",)]
+
+    charge_moves = duplex.sql(
+        "SELECT t.from_state, t.to_state, t.attempt, t.reason FROM workflow_step_transitions t "
+        "JOIN workflow_steps s ON s.step_uuid = t.step_uuid "
+        "WHERE s.task_uuid = ? AND s.name = 'charge' ORDER BY t.id",
+        [task],
+    )
+    assert [m[:3] for m in charge_moves] == [
+        (None, "pending", 0),
+        ("pending", "enqueued", 0),
+        ("enqueued", "in_progress", 1),
+        ("in_progress", "waiting_for_retry", 1),
+        ("waiting_for_retry", "in_progress", 2),
+        ("in_progress", "complete", 2),
+    ]
+    assert charge_moves[3][3] == "retryable_error"
+
+    failed = duplex.sql(
+        "SELECT payload FROM domain_events WHERE task_uuid = ? AND name = 'step.failed'", [task]
+    )
+    assert len(failed) == 1
+    payload = json.loads(failed[0][0])
+    assert payload["step_name"] == "charge"
+    assert payload["attempt"] == 1
+    assert payload["error_type"] == "retryable_error"
+    assert payload["state"] == "waiting_for_retry"
+
+    events = Counter(
+        n for (n,) in duplex.sql("SELECT name FROM domain_events WHERE task_uuid = ?", [task])
+    )
+    assert events["step.completed"] == 4
+    assert events["billing.charge_failed"] == 1
+    assert events["payment.charged"] == 1
+    assert events["order.fulfilled"] == 1
+
+    detail = json.loads(duplex.ok("status", task, "--json").stdout)
+    assert detail["execution_status"] == "all_complete"
+    order = [s["name"] for s in detail["steps"]]
+    assert (order[0], order[-1]) == ("validate", "ship")
+
+
+# --- run options --------------------------------------------------------------------------
+
+
+def test_concurrency_flag_bounds_parallel_handlers(duplex: Duplex) -> None:
+    """settings say 8 slots; --concurrency 2 wins: the handlers never see more than 2 at once."""
+    task = duplex.submit(TEMPLATES / "gather.toml")
+    run = duplex.ok("run", "--until-idle", "--concurrency", "2")
+    assert "started: 2 handler slots" in run.stderr
+    assert duplex.step_states(task) == {f"g{i}": ("complete", 1) for i in range(1, 5)}
+    peaks = [
+        json.loads(results)["peak"]
+        for (results,) in duplex.sql(
+            "SELECT results FROM workflow_steps WHERE task_uuid = ?", [task]
+        )
+    ]
+    # Each handler waits for a partner, so the pool's 2 slots are seen full, and never more.
+    assert max(peaks) == 2
+
+
+def test_concurrency_flag_rejects_zero(duplex: Duplex) -> None:
+    result = duplex.run("run", "--until-idle", "--concurrency", "0")
+    assert_one_line_error(result, "--concurrency", "at least 1")
+
+
+def test_namespace_flag_limits_what_runs(duplex: Duplex) -> None:
+    mine = duplex.submit(TEMPLATES / "diamond.toml")
+    theirs = duplex.submit(TEMPLATES / "other_namespace.toml")
+
+    duplex.ok("run", "--until-idle", "--namespace", "default")
+    assert duplex.step_states(mine) == {name: ("complete", 1) for name in "abcd"}
+    # The other namespace's step was never claimed, let alone run.
+    assert duplex.step_states(theirs) == {"only": ("enqueued", 0)}
+    (only_uuid,) = duplex.sql("SELECT step_uuid FROM workflow_steps WHERE task_uuid = ?", [theirs])
+    assert only_uuid[0] not in duplex.runs()
+    assert duplex.sql(
+        "SELECT COUNT(*) FROM workflow_step_transitions WHERE step_uuid = ?", [only_uuid[0]]
+    ) == [(1,)]
+
+    # Repeatable: serving both namespaces picks it up.
+    duplex.ok("run", "--until-idle", "--namespace", "other", "--namespace", "default")
+    assert duplex.step_states(theirs) == {"only": ("complete", 1)}
+    assert duplex.runs()[only_uuid[0]] == 1
+
+
+# --- signals ------------------------------------------------------------------------------
+
+
+def test_sigterm_drains_without_losing_work(duplex: Duplex) -> None:
+    steps = 30
+    task = duplex.submit(_sleepy_template(duplex.cwd / "sleepy.toml", steps, 0.3))
+    worker = duplex.start("run", "--concurrency", "4")
+    try:
+
+        def some_complete() -> bool:
+            assert worker.poll() is None, duplex.stderr_text()
+            rows = duplex.sql(
+                "SELECT COUNT(*) FROM workflow_steps WHERE task_uuid = ? AND state = 'complete'",
+                [task],
+            )
+            return int(rows[0][0]) >= 4
+
+        wait_for(some_complete, "the first steps to complete")
+        worker.send_signal(signal.SIGTERM)
+        # Within shutdown_timeout_ms (10 s), plus slack for interpreter exit on a busy machine.
+        returncode = worker.wait(timeout=10 + 10)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
+    stderr = duplex.stderr_text()
+    assert returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "SIGTERM received" in stderr
+
+    states = duplex.step_states(task)
+    by_state = Counter(state for state, _ in states.values())
+    assert by_state["in_progress"] == 0, states
+    assert set(by_state) <= {"complete", "enqueued"}, states
+    # Intake stopped: with 4 slots of 0.3 s steps, the drain cannot have run all 30.
+    assert by_state["enqueued"] > 0, states
+
+    uuids = dict(
+        duplex.sql("SELECT name, step_uuid FROM workflow_steps WHERE task_uuid = ?", [task])
+    )
+    started = duplex.runs()
+    for name, (state, attempts) in states.items():
+        if state == "complete":
+            assert attempts == 1, name
+            assert started[uuids[name]] == 1, name
+        else:
+            # Handed back or never claimed: the attempt was not counted and no handler ran.
+            assert attempts == 0, name
+            assert started[uuids[name]] == 0, name
+    # Every handler that started was let finish and its result committed.
+    assert set(started) == {uuids[n] for n, (s, _) in states.items() if s == "complete"}
+    handed_back = duplex.sql(
+        "SELECT t.attempt FROM workflow_step_transitions t "
+        "JOIN workflow_steps s ON s.step_uuid = t.step_uuid "
+        "WHERE s.task_uuid = ? AND t.from_state = 'in_progress' AND t.to_state = 'enqueued'",
+        [task],
+    )
+    assert all(attempt == 0 for (attempt,) in handed_back)
+    assert duplex.sql("SELECT COUNT(*) FROM workers WHERE stopped_at IS NULL") == [(0,)]
+
+    duplex.ok("run", "--until-idle", "--concurrency", "4")
+    assert duplex.step_states(task) == {f"s{i:02d}": ("complete", 1) for i in range(steps)}
+    complete_moves = Counter(
+        step_uuid
+        for (step_uuid,) in duplex.sql(
+            "SELECT t.step_uuid FROM workflow_step_transitions t "
+            "JOIN workflow_steps s ON s.step_uuid = t.step_uuid "
+            "WHERE s.task_uuid = ? AND t.to_state = 'complete'",
+            [task],
+        )
+    )
+    assert complete_moves == Counter(set(uuids.values()))
+    assert duplex.runs() == Counter(set(uuids.values()))
+    events = duplex.sql(
+        "SELECT COUNT(*), COUNT(DISTINCT step_uuid) FROM domain_events "
+        "WHERE task_uuid = ? AND name = 'step.completed'",
+        [task],
+    )
+    assert events == [(steps, steps)]
+
+
+def test_second_signal_exits_at_once(tmp_path: Path, migrated_db: Path) -> None:
+    duplex = make_duplex(
+        tmp_path, worker={"shutdown_timeout_ms": 300_000, "handler_timeout_ms": 600_000}
+    )
+    shutil.copyfile(migrated_db, duplex.db_path)
+    task = duplex.submit(TEMPLATES / "long_sleep.toml")
+    worker = duplex.start("run")
+    try:
+        wait_for(lambda: len(duplex.runs()) == 1, "the long handler to start")
+        # While it runs, status sees the live worker and the task processing.
+        listing = json.loads(duplex.ok("status", "--json").stdout)
+        assert [w["pid"] for w in listing["workers"]] == [worker.pid]
+        assert [t["execution_status"] for t in listing["tasks"]] == ["processing"]
+        worker.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SIGTERM received" in duplex.stderr_text(), "the drain to begin")
+        # Draining waits for a handler that sleeps two minutes: still running.
+        assert worker.poll() is None, duplex.stderr_text()
+        worker.send_signal(signal.SIGTERM)
+        returncode = worker.wait(timeout=15)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
+    assert returncode != 0
+    assert returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in duplex.stderr_text()
+    # What was in flight stays claimed, for the stale-claim rule to recover.
+    assert duplex.step_states(task) == {"nap": ("in_progress", 1)}
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def test_missing_template_file(duplex: Duplex) -> None:
+    missing = duplex.cwd / "no_such_template.toml"
+    assert_one_line_error(duplex.run("submit", str(missing)), "no_such_template.toml")
+    assert duplex.sql("SELECT COUNT(*) FROM tasks") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("template", "fragments"),
+    [
+        ("cycle.toml", ("cycle.toml", "cycle", "a -> b -> a")),
+        ("unknown_field.toml", ("unknown_field.toml", "retries", "unknown field")),
+    ],
+)
+def test_invalid_template_writes_nothing(
+    duplex: Duplex, template: str, fragments: tuple[str, ...]
+) -> None:
+    assert_one_line_error(duplex.run("submit", str(TEMPLATES / template)), *fragments)
+    for table in ("tasks", "workflow_steps", "workflow_step_transitions"):
+        assert duplex.sql(f"SELECT COUNT(*) FROM {table}") == [(0,)], table
+
+
+@pytest.mark.parametrize(
+    ("context", "fragments"),
+    [
+        ("{not json", ("invalid JSON context",)),
+        ("[1, 2]", ("invalid JSON context", "object")),
+    ],
+    ids=["invalid-json", "not-an-object"],
+)
+def test_bad_context(duplex: Duplex, context: str, fragments: tuple[str, ...]) -> None:
+    result = duplex.run("submit", str(TEMPLATES / "diamond.toml"), "--context", context)
+    assert_one_line_error(result, *fragments)
+    assert duplex.sql("SELECT COUNT(*) FROM tasks") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("worker", "fragments"),
+    [
+        ({"max_concurrent_handlers": 0}, ("worker.max_concurrent_handlers",)),
+        ({"max_concurency": 4}, ("worker.max_concurency", "unknown setting")),
+    ],
+    ids=["invalid-value", "unknown-key"],
+)
+def test_bad_settings_file(
+    tmp_path: Path, worker: dict[str, Any], fragments: tuple[str, ...]
+) -> None:
+    duplex = make_duplex(tmp_path, worker=worker)
+    assert_one_line_error(duplex.run("run", "--until-idle"), *fragments)
+    assert not duplex.db_path.exists()  # failed at start-up, before touching the database
+
+
+def test_bad_env_override(tmp_path: Path) -> None:
+    duplex = make_duplex(tmp_path)
+    result = duplex.run(
+        "run", "--until-idle", env={"DUPLEX_WORKER__MAX_CONCURRENT_HANDLERS": "abc"}
+    )
+    assert_one_line_error(result, "max_concurrent_handlers")
+    assert not duplex.db_path.exists()
+
+
+def test_unimportable_handler_module(duplex: Duplex) -> None:
+    result = duplex.run(
+        "run", "--until-idle", env={"DUPLEX_WORKER__HANDLER_MODULES": '["no_such_module"]'}
+    )
+    assert_one_line_error(result, "worker.handler_modules", "no_such_module")
+
+
+def test_status_of_unknown_task(duplex: Duplex) -> None:
+    unknown = str(uuid.uuid4())
+    assert_one_line_error(duplex.run("status", unknown, "--json"), unknown)
+
+
+def test_submit_before_migrate(tmp_path: Path) -> None:
+    duplex = make_duplex(tmp_path)
+    result = duplex.run("submit", str(TEMPLATES / "diamond.toml"))
+    assert_one_line_error(result, "duplex migrate")
+    assert result.stdout == ""
+    status = duplex.run("status")
+    assert_one_line_error(status, "duplex migrate")
