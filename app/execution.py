@@ -150,9 +150,9 @@ def normalise_result(value: Any, max_result_bytes: int) -> JSONDict | StepFailur
         return StepFailure(
             INVALID_RESULT, f"result is not JSON-serialisable: {exc}", retryable=False
         )
-    if not isinstance(result, dict) or any(not isinstance(k, str) for k in result):
-        # json.dumps quietly turns int keys into strings; store what a reader will get back.
-        result = json.loads(encoded)
+    # Hand on exactly what a reader of the database will get back (int keys become strings,
+    # tuples lists), so events and stored results never differ in shape.
+    result = json.loads(encoded)
     size = len(encoded.encode())
     if size > max_result_bytes:
         return StepFailure(
@@ -160,7 +160,8 @@ def normalise_result(value: Any, max_result_bytes: int) -> JSONDict | StepFailur
             f"result is {size} bytes, over the limit of {max_result_bytes}",
             retryable=False,
         )
-    return dict(result)
+    assert isinstance(result, dict)
+    return result
 
 
 def timeout_failure(timeout_s: float) -> StepFailure:

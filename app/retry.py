@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,10 +43,11 @@ class RetryPolicy:
     def delay(self, attempt: int, rng: random.Random) -> timedelta:
         """Return the wait before the attempt after ``attempt`` (1-based)."""
         exponent = max(0, attempt - 1)
-        # Compare in log space first so a huge attempt number cannot overflow the float.
-        raw = float(self.max_ms)
-        if exponent < 1024:
-            raw = min(raw, self.base_ms * self.multiplier**exponent)
+        try:
+            growth = float(self.multiplier) ** exponent
+        except OverflowError:  # a huge multiplier or attempt number: the cap applies
+            growth = math.inf
+        raw = min(float(self.max_ms), self.base_ms * growth) if self.base_ms else 0.0
         jittered = raw * (1 + rng.uniform(-self.jitter, self.jitter))
         return timedelta(milliseconds=max(0.0, min(jittered, float(self.max_ms))))
 

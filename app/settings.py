@@ -139,6 +139,7 @@ def settings_path(explicit: str | os.PathLike[str] | None = None) -> Path | None
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     """Read and validate the settings; raise ``ConfigurationError`` naming the bad key."""
     toml_file = settings_path(path)
+    _reject_unknown_env_sections()
     # A subclass per load carries the file in its config, so no global state is involved.
     reader: type[Settings] = type(
         "Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml_file}}
@@ -159,6 +160,23 @@ def _describe(exc: ValidationError, toml_file: Path | None) -> str:
         env_name = "DUPLEX_" + "__".join(str(p) for p in error["loc"]).upper()
         problems.append(f"{key}: {message} (set in {toml_file or 'defaults'} or ${env_name})")
     return "invalid settings: " + "; ".join(problems)
+
+
+def _reject_unknown_env_sections() -> None:
+    # pydantic-settings ignores DUPLEX_<SECTION>__<KEY> for a section it doesn't know, which
+    # would hide a typo such as DUPLEX_WORKERS__MAX_CONCURRENT_HANDLERS.
+    unknown = sorted(
+        name
+        for name in os.environ
+        if name.upper().startswith("DUPLEX_")
+        and "__" in name[len("DUPLEX_") :]
+        and name[len("DUPLEX_") :].split("__", 1)[0].lower() not in Settings.model_fields
+    )
+    if unknown:
+        raise ConfigurationError(
+            "invalid settings: "
+            + "; ".join(f"${name}: unknown settings section" for name in unknown)
+        )
 
 
 def _describe_unparsable(exc: ValueError, toml_file: Path | None) -> str:

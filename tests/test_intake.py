@@ -1,0 +1,145 @@
+"""IntakeCredits: the worker never claims more than it can run (plus prefetch)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from app.intake import IntakeCredits
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        IntakeCredits(0)
+
+
+def test_first_claim_takes_the_whole_capacity_even_without_a_signal() -> None:
+    credits = IntakeCredits(5)
+    assert credits.available == 5
+    assert credits.next_claim(work_signalled=False) == 5
+    assert credits.claim_in_flight
+    assert credits.available == 0
+
+
+def test_only_one_claim_in_flight() -> None:
+    credits = IntakeCredits(5)
+    assert credits.next_claim(work_signalled=True) == 5
+    credits.freed(2)  # nothing was running; the cap keeps this honest
+    assert credits.next_claim(work_signalled=True) == 0
+    credits.claimed(5, 5)
+    assert not credits.claim_in_flight
+
+
+def test_unclaimed_credits_come_back() -> None:
+    credits = IntakeCredits(5)
+    assert credits.next_claim(work_signalled=True) == 5
+    credits.claimed(5, 2)
+    assert credits.available == 3
+    assert not credits.backlog_likely
+    # A short claim means the queue is drained: wait for a signal before claiming again.
+    assert credits.next_claim(work_signalled=False) == 0
+    assert credits.next_claim(work_signalled=True) == 3
+
+
+def test_full_claim_means_claim_again_as_soon_as_capacity_frees() -> None:
+    credits = IntakeCredits(3)
+    assert credits.next_claim(work_signalled=True) == 3
+    credits.claimed(3, 3)
+    assert credits.backlog_likely
+    assert credits.next_claim(work_signalled=False) == 0  # nothing free
+    credits.freed()
+    assert credits.next_claim(work_signalled=False) == 1
+
+
+def test_freed_never_exceeds_capacity() -> None:
+    credits = IntakeCredits(4)
+    credits.freed(100)
+    assert credits.available == 4
+
+
+def test_nothing_is_claimed_after_stop() -> None:
+    credits = IntakeCredits(4)
+    credits.stop()
+    assert credits.next_claim(work_signalled=True) == 0
+    credits.freed(4)
+    assert credits.next_claim(work_signalled=True) == 0
+
+
+class IntakeMachine(RuleBasedStateMachine):
+    """The dispatcher's view: claims come back, steps finish one by one (or a few at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.credits = IntakeCredits(1)
+        self.capacity = 1
+        self.unfinished = 0  # claimed and not yet finished
+        self.in_flight: int | None = None  # the limit of the claim on its way
+
+    @initialize(capacity=st.integers(min_value=1, max_value=12))
+    def start(self, capacity: int) -> None:
+        self.credits = IntakeCredits(capacity)
+        self.capacity = capacity
+
+    @rule(work_signalled=st.booleans())
+    def ask_for_a_claim(self, work_signalled: bool) -> None:
+        limit = self.credits.next_claim(work_signalled=work_signalled)
+        assert limit >= 0
+        if self.in_flight is not None or self.credits.stopped:
+            assert limit == 0
+        if limit:
+            assert self.unfinished + limit <= self.capacity
+            self.in_flight = limit
+
+    @precondition(lambda self: self.in_flight is not None)
+    @rule(data=st.data())
+    def claim_returns(self, data: st.DataObject) -> None:
+        assert self.in_flight is not None
+        got = data.draw(st.integers(min_value=0, max_value=self.in_flight))
+        self.credits.claimed(self.in_flight, got)
+        self.unfinished += got
+        self.in_flight = None
+
+    @precondition(lambda self: self.unfinished > 0)
+    @rule(data=st.data())
+    def steps_finish(self, data: st.DataObject) -> None:
+        n = data.draw(st.integers(min_value=1, max_value=self.unfinished))
+        self.credits.freed(n)
+        self.unfinished -= n
+
+    @rule()
+    def stop(self) -> None:
+        self.credits.stop()
+
+    @invariant()
+    def never_more_claimed_than_capacity(self) -> None:
+        reserved = self.in_flight or 0
+        assert self.unfinished + reserved <= self.capacity
+        assert 0 <= self.credits.available <= self.capacity
+        assert self.credits.available + self.unfinished + reserved <= self.capacity
+
+    @invariant()
+    def no_capacity_is_lost(self) -> None:
+        # Every credit is free, reserved by the claim on its way, or held by an unfinished step.
+        reserved = self.in_flight or 0
+        assert self.credits.available + self.unfinished + reserved == self.capacity
+
+    @invariant()
+    def claim_in_flight_flag_matches(self) -> None:
+        assert self.credits.claim_in_flight == (self.in_flight is not None)
+
+
+IntakeMachine.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_intake_credits_machine = IntakeMachine.TestCase
