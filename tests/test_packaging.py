@@ -11,6 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+PIP_INSTALL = (sys.executable, "-m", "pip", "install", "--no-deps", "--quiet")
+
 pytestmark = pytest.mark.e2e
 
 
@@ -35,8 +37,7 @@ def test_wheel_install_runs_migrate_and_status(tmp_path: Path) -> None:
     )
     (wheel,) = wheels.glob("duplex-*.whl")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target)]
-        + [str(wheel)],
+        [*PIP_INSTALL, "--target", str(target), str(wheel)],
         check=True,
         timeout=300,
         capture_output=True,
