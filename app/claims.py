@@ -3,6 +3,10 @@
 A claim is atomic: the candidate rows are read and updated in one write transaction
 (``BEGIN IMMEDIATE`` on SQLite, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), and the update is
 guarded by state, so two workers can never claim the same attempt.
+
+A claim never waits for a task row: the other writers lock the task before its steps (see
+``app.commits``), so a claim that held step locks while waiting for a task could deadlock
+with ``duplex cancel``.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ from typing import Any
 
 from sqlalchemy import Connection, Select, and_, func, insert, select, update
 
-from app.messages import ClaimedStep, EventDeclaration
+from app.commits import declared_events, lock_tasks
+from app.messages import ClaimedStep
 from app.models import tasks, workflow_step_edges, workflow_step_transitions, workflow_steps
 from app.states import (
+    CANCELLED,
     CLAIMABLE,
     ENQUEUED,
     IN_PROGRESS,
+    TASK_CANCELLED,
     TASK_IN_PROGRESS,
     TASK_PENDING,
     WAITING_FOR_RETRY,
@@ -98,11 +105,7 @@ def claim_ready_steps(
         ],
     )
     task_uuids = sorted({row.task_uuid for row in claimed})
-    conn.execute(
-        update(tasks)
-        .where(tasks.c.task_uuid.in_(task_uuids), tasks.c.state == TASK_PENDING)
-        .values(state=TASK_IN_PROGRESS, updated_at=now)
-    )
+    _mark_tasks_started(conn, task_uuids, now)
     contexts = {
         task_uuid: context
         for task_uuid, context in conn.execute(
@@ -124,7 +127,7 @@ def claim_ready_steps(
             inputs=row.inputs or {},
             task_context=contexts.get(row.task_uuid) or {},
             dependency_results=parents.get(row.step_uuid, {}),
-            declared_events=_declared(row.declared_events),
+            declared_events=declared_events(row.declared_events),
         )
         for row in claimed
     ]
@@ -161,8 +164,26 @@ def _dependency_results(conn: Connection, step_uuids: list[str]) -> dict[str, di
     return results
 
 
-def _declared(raw: Any) -> tuple[EventDeclaration, ...]:
-    return tuple(EventDeclaration(e["name"], e.get("condition", "success")) for e in raw or ())
+def _mark_tasks_started(conn: Connection, task_uuids: list[str], now: datetime) -> None:
+    """Move still-pending tasks to in_progress, skipping task rows another writer holds.
+
+    A skipped task stays ``pending`` only until its first result is committed, which brings
+    the task state up to date (``derive_task_state``).
+    """
+    if conn.dialect.name == "postgresql":
+        free = (
+            select(tasks.c.task_uuid)
+            .where(tasks.c.task_uuid.in_(task_uuids), tasks.c.state == TASK_PENDING)
+            .with_for_update(skip_locked=True)
+        )
+        task_uuids = [task_uuid for (task_uuid,) in conn.execute(free)]
+        if not task_uuids:
+            return
+    conn.execute(
+        update(tasks)
+        .where(tasks.c.task_uuid.in_(task_uuids), tasks.c.state == TASK_PENDING)
+        .values(state=TASK_IN_PROGRESS, updated_at=now)
+    )
 
 
 def release_claims(
@@ -171,10 +192,14 @@ def release_claims(
     """Hand back claimed attempts that never started; they become ready again at once.
 
     The attempt is not counted: the handler never ran. Guarded like a result, so a claim that
-    was meanwhile recovered by another worker is left alone.
+    was meanwhile recovered by another worker is left alone. A step whose task was cancelled
+    meanwhile is not handed back to the queue: it becomes ``cancelled``.
     """
     released = 0
+    task_states = lock_tasks(conn, {step.task_uuid for step in steps})
     for step in steps:
+        cancelled = task_states.get(step.task_uuid) == TASK_CANCELLED
+        to_state = CANCELLED if cancelled else ENQUEUED
         result = conn.execute(
             update(ws)
             .where(
@@ -184,11 +209,12 @@ def release_claims(
                 ws.c.claimed_by == worker_id,
             )
             .values(
-                state=ENQUEUED,
+                state=to_state,
                 attempts=ws.c.attempts - 1,
                 claimed_by=None,
                 claimed_at=None,
-                next_attempt_at=now,
+                next_attempt_at=None if cancelled else now,
+                completed_at=now if cancelled else None,
                 updated_at=now,
             )
         )
@@ -198,10 +224,10 @@ def release_claims(
                 insert(workflow_step_transitions).values(
                     step_uuid=step.step_uuid,
                     from_state=IN_PROGRESS,
-                    to_state=ENQUEUED,
+                    to_state=to_state,
                     attempt=step.attempt - 1,
                     worker_id=worker_id,
-                    reason=reason,
+                    reason=f"{reason}; task cancelled" if cancelled else reason,
                     created_at=now,
                 )
             )

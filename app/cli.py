@@ -1,4 +1,5 @@
-"""The ``duplex`` command line: run, submit, status, migrate.
+"""The ``duplex`` command line: run, submit, status, migrate, and the operator commands
+cancel, retry and resolve.
 
 Any ``DuplexError`` becomes one line on stderr and a non-zero exit, never a traceback.
 """
@@ -10,25 +11,36 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any, NoReturn
 
 from loguru import logger
 
 from app.db import Database
-from app.errors import DuplexError
+from app.errors import DuplexError, InputError
 from app.handlers import import_handler_modules
 from app.logs import configure_logging
 from app.migrate import ensure_schema_ready, upgrade_to_head
 from app.models import utcnow
-from app.queries import active_workers, get_task, list_tasks, task_steps
+from app.operations import (
+    OperatorReport,
+    cancel_task,
+    operator_identity,
+    resolve_step,
+    retry_step,
+)
+from app.queries import StepSummary, TaskSummary, active_workers, get_task, list_tasks, task_steps
 from app.settings import Settings, load_settings
+from app.states import ENQUEUED, TASK_FINISHED
 from app.submission import create_task, parse_context
 from app.templates import load_template
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,7 +82,39 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--limit", type=_positive_int, default=50, help="tasks to list (default 50)"
     )
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow TASK_UUID live until it is complete, error or cancelled (then exit 0)",
+    )
+    status.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="refresh interval of --watch (default 1)",
+    )
     status.set_defaults(func=cmd_status)
+
+    for name, what, help_text, func in (
+        (
+            "cancel",
+            "task_uuid",
+            "cancel a task: steps not yet running are cancelled, running ones finish",
+            cmd_cancel,
+        ),
+        ("retry", "step_uuid", "give a step in error one more attempt", cmd_retry),
+        (
+            "resolve",
+            "step_uuid",
+            "mark a step resolved_manually so that its dependents can run",
+            cmd_resolve,
+        ),
+    ):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument(what, metavar=what.upper())
+        command.add_argument("--reason", metavar="TEXT", help="why (kept in the transition rows)")
+        command.set_defaults(func=func)
 
     migrate = sub.add_parser("migrate", help="bring the database schema to head")
     migrate.set_defaults(func=cmd_migrate)
@@ -123,9 +167,13 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    if args.watch and not args.task_uuid:
+        raise InputError("--watch follows one task: give its TASK_UUID")
     db = Database(settings.database)
     try:
         ensure_schema_ready(db)
+        if args.watch:
+            return _watch(db, args.task_uuid, interval_s=args.interval, as_json=args.json)
         with db.read() as conn:
             if args.task_uuid:
                 task = get_task(conn, args.task_uuid)
@@ -152,6 +200,113 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 f"abandoned threads {dispatcher.get('abandoned_threads', 0)}"
             )
     return 0
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    report = _operate(settings, cancel_task, args.task_uuid, args.reason)
+    cancelled = len(report.changes)
+    line = f"cancelled task {report.task_uuid}: {cancelled} step(s) cancelled"
+    if report.still_running:
+        line += (
+            f"; {report.still_running} running step(s) will finish without resuming the workflow"
+        )
+    print(line)
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    report = _operate(settings, retry_step, args.step_uuid, args.reason)
+    (change,) = report.changes
+    print(
+        f"step {change.name} ({change.step_uuid}) enqueued for one more attempt; "
+        f"task {report.task_uuid} is {report.task_state}"
+    )
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
+    report = _operate(settings, resolve_step, args.step_uuid, args.reason)
+    resolved, *unblocked = report.changes
+    line = f"step {resolved.name} ({resolved.step_uuid}) resolved manually"
+    ready = [change.name for change in unblocked if change.to_state == ENQUEUED]
+    if ready:
+        line += f"; enqueued {', '.join(ready)}"
+    print(f"{line}; task {report.task_uuid} is {report.task_state}")
+    return 0
+
+
+def _operate(
+    settings: Settings,
+    operation: Callable[..., OperatorReport],
+    target: str,
+    reason: str | None,
+) -> OperatorReport:
+    """Run one operator command in one write transaction (nothing written if it fails)."""
+    db = Database(settings.database)
+    try:
+        ensure_schema_ready(db)
+        with db.write() as conn:
+            return operation(
+                conn, target, operator=operator_identity(), now=utcnow(), reason=reason
+            )
+    finally:
+        db.dispose()
+
+
+def _watch(db: Database, task_uuid: str, *, interval_s: float, as_json: bool) -> int:
+    """Show the task until it is finished (exit 0); Ctrl-C stops watching (exit 130).
+
+    On a terminal the view is redrawn in place every interval. Piped, a snapshot is printed
+    whenever a state changes (with ``--json``: one JSON object per line), so the output is a
+    readable log of the run.
+    """
+    interactive = sys.stdout.isatty() and not as_json
+    last: tuple[Any, ...] | None = None
+    with _interrupt_flag() as interrupted:
+        while True:
+            with db.read() as conn:
+                task = get_task(conn, task_uuid)
+                steps = task_steps(conn, task_uuid)
+            key = (
+                task.state,
+                task.execution_status,
+                tuple((s.state, s.attempts, s.error_type) for s in steps),
+            )
+            if as_json:
+                text = json.dumps({**task.as_json(), "steps": [s.as_json() for s in steps]})
+            else:
+                text = f"{_format_task(task)}\n{_format_steps(steps)}"
+            if interactive:
+                # Home the cursor and clear the screen: a live view, refreshed in place.
+                stamp = utcnow().strftime("%H:%M:%S UTC")
+                sys.stdout.write(
+                    f"\x1b[H\x1b[2J{text}\n\n"
+                    f"(as of {stamp}; refresh every {interval_s:g}s; Ctrl-C to stop)\n"
+                )
+                sys.stdout.flush()
+            elif key != last:
+                print(text if as_json or last is None else f"\n{text}", flush=True)
+            last = key
+            if task.state in TASK_FINISHED:
+                return 0
+            if interrupted.wait(interval_s):
+                print(f"duplex: stopped watching (task is {task.state})", file=sys.stderr)
+                return EXIT_INTERRUPTED
+
+
+@contextmanager
+def _interrupt_flag() -> Iterator[threading.Event]:
+    """Turn SIGINT into an Event for the duration, so Ctrl-C never interrupts a query."""
+    flag = threading.Event()
+    try:
+        previous = signal.signal(signal.SIGINT, lambda _signum, _frame: flag.set())
+    except ValueError:  # not the main thread (embedded use): Ctrl-C stays KeyboardInterrupt
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -198,6 +353,16 @@ def _install_signal_handlers(request_stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGTERM, handle)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -212,7 +377,7 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def _format_tasks(summaries: Sequence[Any]) -> str:
+def _format_tasks(summaries: Sequence[TaskSummary]) -> str:
     if not summaries:
         return "no tasks"
     rows = [("TASK", "NAME", "STATE", "EXECUTION STATUS", "STEPS", "CREATED")]
@@ -230,7 +395,7 @@ def _format_tasks(summaries: Sequence[Any]) -> str:
     return _table(rows)
 
 
-def _format_task(task: Any) -> str:
+def _format_task(task: TaskSummary) -> str:
     return (
         f"task {task.task_uuid}  {task.name} {task.version} ({task.namespace})\n"
         f"state {task.state}, execution status {task.execution_status}, "
@@ -238,10 +403,12 @@ def _format_task(task: Any) -> str:
     )
 
 
-def _format_steps(steps: Sequence[Any]) -> str:
+def _format_steps(steps: Sequence[StepSummary]) -> str:
     rows = [("STEP", "STATE", "ATTEMPTS", "DURATION", "ERROR", "DEPENDS ON")]
     for s in steps:
-        duration = f"{s.duration_ms} ms" if s.duration_ms is not None else "-"
+        duration = _format_duration(s.duration_ms)
+        if s.state == "in_progress" and s.duration_ms is not None:
+            duration += " (running)"
         rows.append(
             (
                 s.name,
@@ -253,6 +420,14 @@ def _format_steps(steps: Sequence[Any]) -> str:
             )
         )
     return _table(rows)
+
+
+def _format_duration(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return f"{ms} ms"
+    return f"{ms / 1000:.1f} s"
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:

@@ -4,6 +4,13 @@ For each outcome the step row is updated under a guard (still ``in_progress``, s
 same claimant), so a late or duplicate result is rejected, never applied twice. In the same
 transaction: the transition row, the domain events (outbox rows), dependents made ready and
 task states brought up to date. Events are returned to be published only after the commit.
+
+Every writer that changes what may run next in a task (this module, releases of claims, the
+operator commands) first locks the task rows, in task-uuid order (``lock_tasks``). On
+PostgreSQL under READ COMMITTED this is what makes readiness correct: without it, two workers
+committing the last two parents of a step at once could each still see the other parent
+running, and the child would never be enqueued. It also orders results after ``duplex cancel``.
+SQLite needs no row locks: ``BEGIN IMMEDIATE`` already serialises writers.
 """
 
 from __future__ import annotations
@@ -19,7 +26,14 @@ from typing import Any
 from sqlalchemy import Connection, exists, func, insert, not_, select, update
 
 from app.execution import WORKER_LOST
-from app.messages import ClaimedStep, DomainEvent, JSONDict, StepFailure, StepOutcome
+from app.messages import (
+    ClaimedStep,
+    DomainEvent,
+    EventDeclaration,
+    JSONDict,
+    StepFailure,
+    StepOutcome,
+)
 from app.models import (
     domain_events,
     tasks,
@@ -30,14 +44,15 @@ from app.models import (
 )
 from app.retry import RetryPolicy
 from app.states import (
+    CANCELLED,
     COMPLETE,
     DONE,
     ENQUEUED,
     IN_PROGRESS,
     PENDING,
     TASK_CANCELLED,
-    TASK_COMPLETE,
-    TASK_ERROR,
+    TASK_FINISHED,
+    WAITING_FOR_RETRY,
     derive_task_state,
 )
 
@@ -63,19 +78,29 @@ def commit_outcomes(
     now: datetime,
     rng: random.Random,
 ) -> CommitReport:
-    """Apply ``outcomes`` inside the caller's write transaction and return what happened."""
+    """Apply ``outcomes`` inside the caller's write transaction and return what happened.
+
+    A result for a step whose task was cancelled while it ran is still recorded, but it does
+    not resume the workflow: no dependent is enqueued, and a failure that would be retried
+    moves the step to ``cancelled`` instead.
+    """
     report = CommitReport()
+    if not outcomes:
+        return report
     transitions: list[dict[str, Any]] = []
     event_rows: list[dict[str, Any]] = []
     completed: list[str] = []
     touched_tasks: set[str] = set()
+    task_states = lock_tasks(conn, {outcome.step.task_uuid for outcome in outcomes})
 
     for outcome in outcomes:
         step = outcome.step
+        task_cancelled = task_states.get(step.task_uuid) == TASK_CANCELLED
         values: dict[str, Any] = {
             "started_at": outcome.started_at,
             "updated_at": now,
         }
+        reason = _reason(outcome)
         if outcome.failure is None:
             new_state = COMPLETE
             values.update(state=COMPLETE, results=outcome.result, error=None, completed_at=now)
@@ -90,6 +115,9 @@ def commit_outcomes(
                 rng=rng,
             )
             new_state, next_at = decision.state, decision.next_attempt_at
+            if task_cancelled and new_state == WAITING_FOR_RETRY:
+                new_state, next_at = CANCELLED, None
+                reason += "; retry cancelled (task cancelled)"
             values.update(state=new_state, error=outcome.failure.as_json(), next_attempt_at=next_at)
             if next_at is None:
                 values["completed_at"] = now
@@ -108,19 +136,19 @@ def commit_outcomes(
             continue
         report.applied.append(outcome)
         touched_tasks.add(step.task_uuid)
-        if new_state == COMPLETE:
+        if new_state == COMPLETE and not task_cancelled:
             completed.append(step.step_uuid)
         if next_at is not None and (report.next_retry_at is None or next_at < report.next_retry_at):
             report.next_retry_at = next_at
         transitions.append(
-            _transition(
+            transition_row(
                 step.step_uuid,
                 IN_PROGRESS,
                 new_state,
                 step.attempt,
                 step.claimed_by,
                 now,
-                _reason(outcome),
+                reason,
             )
         )
         for name, payload in _events_of(outcome, new_state, next_at):
@@ -142,7 +170,7 @@ def commit_outcomes(
     if completed:
         for step_uuid in enqueue_ready_dependents(conn, completed, now=now):
             transitions.append(
-                _transition(step_uuid, PENDING, ENQUEUED, 0, None, now, "dependencies complete")
+                transition_row(step_uuid, PENDING, ENQUEUED, 0, None, now, "dependencies complete")
             )
             report.enqueued += 1
     if transitions:
@@ -178,6 +206,21 @@ def enqueue_ready_dependents(
     return sorted(row.step_uuid for row in rows)
 
 
+def lock_tasks(conn: Connection, task_uuids: Iterable[str]) -> dict[str, str]:
+    """Lock the task rows (PostgreSQL ``FOR UPDATE``, in uuid order) and return their states.
+
+    Call it before touching the tasks' steps, so every writer takes locks in one order.
+    """
+    ids = sorted(set(task_uuids))
+    if not ids:
+        return {}
+    query = select(tasks.c.task_uuid, tasks.c.state).where(tasks.c.task_uuid.in_(ids))
+    if conn.dialect.name == "postgresql":
+        # PostgreSQL locks rows as the sorted result is produced: a deadlock-free order.
+        query = query.order_by(tasks.c.task_uuid).with_for_update()
+    return {task_uuid: state for task_uuid, state in conn.execute(query)}
+
+
 def update_task_states(conn: Connection, task_uuids: Iterable[str], *, now: datetime) -> None:
     """Bring each task's state in line with its steps (see ``derive_task_state``)."""
     ids = sorted(set(task_uuids))
@@ -200,8 +243,7 @@ def update_task_states(conn: Connection, task_uuids: Iterable[str], *, now: date
         if new_state == state:
             continue
         values: dict[str, Any] = {"state": new_state, "updated_at": now}
-        finished = new_state in (TASK_COMPLETE, TASK_ERROR, TASK_CANCELLED)
-        values["completed_at"] = now if finished else None
+        values["completed_at"] = now if new_state in TASK_FINISHED else None
         conn.execute(update(tasks).where(tasks.c.task_uuid == task_uuid).values(**values))
 
 
@@ -217,7 +259,9 @@ def recover_stale_claims(
     """Fail attempts whose claimant stopped heart-beating (``worker_lost``); retry per policy.
 
     A claim is stale when it is older than ``claim_timeout`` and its worker has no fresh
-    heartbeat, so a long handler on a live worker is never taken away from it.
+    heartbeat, so a long handler on a live worker is never taken away from it. The rows are
+    not locked here: ``commit_outcomes`` locks their tasks first and then guards each update,
+    so two workers recovering at once, or a late result racing the recovery, apply once.
     """
     cutoff = now - claim_timeout
     alive = exists().where(
@@ -237,12 +281,12 @@ def recover_stale_claims(
             ws.c.timeout_ms,
             ws.c.claimed_by,
             ws.c.claimed_at,
+            ws.c.declared_events,
         )
         .where(ws.c.state == IN_PROGRESS, ws.c.claimed_at < cutoff, not_(alive))
+        .order_by(ws.c.claimed_at)
         .limit(limit)
     )
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(of=ws, skip_locked=True)
     outcomes = []
     for row in conn.execute(query):
         step = ClaimedStep(
@@ -255,6 +299,7 @@ def recover_stale_claims(
             retryable=row.retryable,
             timeout_ms=row.timeout_ms,
             claimed_by=row.claimed_by,
+            declared_events=declared_events(row.declared_events),
         )
         failure = StepFailure(
             WORKER_LOST,
@@ -265,7 +310,12 @@ def recover_stale_claims(
     return commit_outcomes(conn, outcomes, policy=policy, now=now, rng=rng)
 
 
-def _transition(
+def declared_events(raw: Any) -> tuple[EventDeclaration, ...]:
+    """Turn a step's stored ``declared_events`` JSON into declarations."""
+    return tuple(EventDeclaration(e["name"], e.get("condition", "success")) for e in raw or ())
+
+
+def transition_row(
     step_uuid: str,
     from_state: str | None,
     to_state: str,
@@ -274,6 +324,7 @@ def _transition(
     now: datetime,
     reason: str | None,
 ) -> dict[str, Any]:
+    """Build one ``workflow_step_transitions`` row."""
     return {
         "step_uuid": step_uuid,
         "from_state": from_state,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 from sqlalchemy import Connection, column, select, table
 
 from app.errors import InputError
-from app.models import tasks, workers, workflow_step_edges, workflow_steps
+from app.models import tasks, utcnow, workers, workflow_step_edges, workflow_steps
+from app.states import IN_PROGRESS, WAITING_FOR_RETRY
 
 execution_status = table(
     "task_execution_status",
@@ -69,6 +71,14 @@ class StepSummary:
         return _jsonable(asdict(self))
 
 
+def parse_uuid(text: str, what: str) -> str:
+    """Return ``text`` as a canonical UUID, or raise ``InputError`` naming the unknown ``what``."""
+    try:
+        return str(uuid.UUID(text.strip()))
+    except (ValueError, AttributeError):
+        raise InputError(f"unknown {what}: {text} (not a UUID)") from None
+
+
 def list_tasks(conn: Connection, *, limit: int = 50) -> list[TaskSummary]:
     """Return the newest tasks first, with their execution status."""
     es = execution_status
@@ -95,6 +105,7 @@ def list_tasks(conn: Connection, *, limit: int = 50) -> list[TaskSummary]:
 
 def get_task(conn: Connection, task_uuid: str) -> TaskSummary:
     """Return one task, or raise ``InputError`` naming the unknown uuid."""
+    task_id = parse_uuid(task_uuid, "task")
     es = execution_status
     row = conn.execute(
         select(
@@ -111,15 +122,23 @@ def get_task(conn: Connection, task_uuid: str) -> TaskSummary:
             tasks.c.completed_at,
         )
         .join(es, es.c.task_uuid == tasks.c.task_uuid)
-        .where(tasks.c.task_uuid == task_uuid)
+        .where(tasks.c.task_uuid == task_id)
     ).first()
     if row is None:
         raise InputError(f"unknown task: {task_uuid}")
     return TaskSummary(**row._asdict())
 
 
-def task_steps(conn: Connection, task_uuid: str) -> list[StepSummary]:
-    """Return a task's steps in dependency order (parents before children)."""
+def task_steps(
+    conn: Connection, task_uuid: str, *, now: datetime | None = None
+) -> list[StepSummary]:
+    """Return a task's steps in dependency order (parents before children).
+
+    ``duration_ms`` is the last attempt's run time for a finished step, and the time since the
+    claim for a running one.
+    """
+    task_uuid = parse_uuid(task_uuid, "task")
+    now = now or utcnow()
     ws = workflow_steps
     parent = ws.alias("parent")
     parents: dict[str, list[str]] = {}
@@ -135,7 +154,9 @@ def task_steps(conn: Connection, task_uuid: str) -> list[StepSummary]:
     for row in rows:
         error = row.error or {}
         duration = None
-        if row.started_at is not None and row.completed_at is not None:
+        if row.state == IN_PROGRESS and row.claimed_at is not None:
+            duration = max(0, int((now - row.claimed_at).total_seconds() * 1000))
+        elif row.started_at is not None and row.completed_at is not None:
             duration = int((row.completed_at - row.started_at).total_seconds() * 1000)
         steps.append(
             StepSummary(
@@ -149,7 +170,7 @@ def task_steps(conn: Connection, task_uuid: str) -> list[StepSummary]:
                 error_type=error.get("error_type"),
                 error_message=error.get("message"),
                 duration_ms=duration,
-                next_attempt_at=row.next_attempt_at if row.state == "waiting_for_retry" else None,
+                next_attempt_at=row.next_attempt_at if row.state == WAITING_FOR_RETRY else None,
                 claimed_by=row.claimed_by,
                 results=row.results,
             )

@@ -31,14 +31,20 @@ CLAIMABLE = (ENQUEUED, WAITING_FOR_RETRY)
 DONE = (COMPLETE, RESOLVED_MANUALLY)
 # States in which a step may still run (now or later) without an operator.
 ACTIVE = (ENQUEUED, IN_PROGRESS, WAITING_FOR_RETRY)
+# States a step is created in (the ``from_state`` of its first transition row is NULL).
+INITIAL = (PENDING, ENQUEUED)
+# States an operator's cancel stops: everything that has not started yet.
+CANCELLABLE = (PENDING, ENQUEUED, WAITING_FOR_RETRY)
 
 STEP_TRANSITIONS: Mapping[str, frozenset[str]] = {
     PENDING: frozenset({ENQUEUED, CANCELLED, RESOLVED_MANUALLY}),
     ENQUEUED: frozenset({IN_PROGRESS, CANCELLED, RESOLVED_MANUALLY}),
     WAITING_FOR_RETRY: frozenset({IN_PROGRESS, CANCELLED, RESOLVED_MANUALLY}),
     # in_progress -> enqueued: a claim handed back, never started (worker stopping).
-    # in_progress -> cancelled is not here: a running step finishes; cancel stops the rest.
-    IN_PROGRESS: frozenset({COMPLETE, WAITING_FOR_RETRY, ERROR, ENQUEUED}),
+    # in_progress -> cancelled: a running step always finishes, but when its task was cancelled
+    # meanwhile, the retry its failure would get (or the re-run of a handed-back claim) is
+    # cancelled instead of scheduled.
+    IN_PROGRESS: frozenset({COMPLETE, WAITING_FOR_RETRY, ERROR, ENQUEUED, CANCELLED}),
     ERROR: frozenset({ENQUEUED, RESOLVED_MANUALLY}),
     COMPLETE: frozenset(),
     CANCELLED: frozenset(),
@@ -52,11 +58,21 @@ TASK_COMPLETE = "complete"
 TASK_ERROR = "error"
 TASK_CANCELLED = "cancelled"
 TASK_STATES = (TASK_PENDING, TASK_IN_PROGRESS, TASK_COMPLETE, TASK_ERROR, TASK_CANCELLED)
+# Task states nothing moves a task out of without an operator (``duplex retry``/``resolve``
+# can bring an errored task back).
+TASK_FINISHED = (TASK_COMPLETE, TASK_ERROR, TASK_CANCELLED)
+
+
+def is_legal_step_transition(from_state: str | None, to_state: str) -> bool:
+    """Tell whether a transition row may say ``from_state -> to_state`` (None: creation)."""
+    if from_state is None:
+        return to_state in INITIAL
+    return to_state in STEP_TRANSITIONS.get(from_state, frozenset())
 
 
 def check_step_transition(from_state: str, to_state: str) -> None:
     """Raise ``TransitionError`` unless ``from_state -> to_state`` is a legal move."""
-    if to_state not in STEP_TRANSITIONS.get(from_state, frozenset()):
+    if not is_legal_step_transition(from_state, to_state):
         raise TransitionError(f"a step cannot go from {from_state} to {to_state}")
 
 

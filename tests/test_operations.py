@@ -1,0 +1,482 @@
+"""Operator commands (``app.operations``) on SQLite and PostgreSQL, without any actor.
+
+The workflow is driven by hand through the same functions the actors call (claim, commit,
+release), so each test sets up exactly the moment it is about.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from app.claims import claim_ready_steps, release_claims
+from app.commits import CommitReport, commit_outcomes
+from app.db import Database
+from app.errors import InputError, TransitionError
+from app.messages import ClaimedStep, StepFailure, StepOutcome
+from app.models import (
+    domain_events,
+    tasks,
+    utcnow,
+    workflow_step_edges,
+    workflow_step_transitions,
+    workflow_steps,
+)
+from app.operations import (
+    OperatorReport,
+    cancel_task,
+    operator_identity,
+    resolve_step,
+    retry_step,
+)
+from app.retry import RetryPolicy
+from app.submission import create_task
+from app.templates import parse_template
+
+OPERATOR = "operator:tester"
+POLICY = RetryPolicy(base_ms=0, multiplier=1.0, max_ms=0, jitter=0.0)
+
+# a -> b -> c, and x on its own.
+TEMPLATE = """
+name = "ops"
+[[steps]]
+name = "a"
+handler = "t.h"
+[[steps]]
+name = "b"
+handler = "t.h"
+depends_on = ["a"]
+max_attempts = 2
+[[steps]]
+name = "c"
+handler = "t.h"
+depends_on = ["b"]
+[[steps]]
+name = "x"
+handler = "t.h"
+"""
+
+# Two parents: d waits for both.
+FAN_IN = """
+name = "fan_in"
+[[steps]]
+name = "p"
+handler = "t.h"
+[[steps]]
+name = "q"
+handler = "t.h"
+[[steps]]
+name = "d"
+handler = "t.h"
+depends_on = ["p", "q"]
+"""
+
+
+class Flow:
+    """A task driven step by step through claims and commits."""
+
+    def __init__(self, db: Database, template: str = TEMPLATE) -> None:
+        self.db = db
+        self.namespace = f"ns-{uuid.uuid4().hex[:8]}"
+        text = template.replace('name = "ops"', f'name = "ops"\nnamespace = "{self.namespace}"')
+        text = text.replace('name = "fan_in"', f'name = "fan_in"\nnamespace = "{self.namespace}"')
+        with db.write() as conn:
+            self.task = create_task(conn, parse_template(text), {"k": 1}, now=utcnow())
+
+    def claim(self, *names: str) -> list[ClaimedStep]:
+        """Claim the ready steps; assert they are exactly ``names``."""
+        with self.db.write() as conn:
+            claimed = claim_ready_steps(
+                conn, worker_id="w1", namespaces=[self.namespace], limit=100, now=utcnow()
+            )
+        assert sorted(s.name for s in claimed) == sorted(names)
+        return claimed
+
+    def run(self, step: ClaimedStep, kind: str = "success") -> CommitReport:
+        """Commit an outcome of ``kind`` (success, retryable, permanent) for a claimed step."""
+        now = utcnow()
+        if kind == "success":
+            outcome = StepOutcome(step, now, now, result={"from": step.name})
+        else:
+            failure = StepFailure(f"{kind}_error", f"{step.name} failed", kind == "retryable")
+            outcome = StepOutcome(step, now, now, failure=failure)
+        with self.db.write() as conn:
+            return commit_outcomes(conn, [outcome], policy=POLICY, now=now, rng=random.Random(0))
+
+    def uuid_of(self, name: str) -> str:
+        with self.db.read() as conn:
+            return str(
+                conn.execute(
+                    select(workflow_steps.c.step_uuid).where(
+                        workflow_steps.c.task_uuid == self.task, workflow_steps.c.name == name
+                    )
+                ).scalar_one()
+            )
+
+    def states(self) -> dict[str, str]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(workflow_steps.c.name, workflow_steps.c.state).where(
+                    workflow_steps.c.task_uuid == self.task
+                )
+            )
+            return dict(rows.all())
+
+    def step(self, name: str) -> Any:
+        with self.db.read() as conn:
+            return conn.execute(
+                select(workflow_steps).where(
+                    workflow_steps.c.task_uuid == self.task, workflow_steps.c.name == name
+                )
+            ).one()
+
+    def task_row(self) -> Any:
+        with self.db.read() as conn:
+            return conn.execute(select(tasks).where(tasks.c.task_uuid == self.task)).one()
+
+    def transitions(self, name: str) -> list[Any]:
+        with self.db.read() as conn:
+            return list(
+                conn.execute(
+                    select(workflow_step_transitions)
+                    .where(workflow_step_transitions.c.step_uuid == self.uuid_of(name))
+                    .order_by(workflow_step_transitions.c.id)
+                )
+            )
+
+    def operate(
+        self, operation: Callable[..., OperatorReport], target: str, reason: str | None = None
+    ) -> OperatorReport:
+        with self.db.write() as conn:
+            return operation(conn, target, operator=OPERATOR, now=utcnow(), reason=reason)
+
+
+def snapshot(db: Database) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, to prove that a refused command wrote nothing."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    with db.read() as conn:
+        for table in (
+            tasks,
+            workflow_steps,
+            workflow_step_edges,
+            workflow_step_transitions,
+            domain_events,
+        ):
+            out[table.name] = sorted((tuple(row) for row in conn.execute(select(table))), key=repr)
+    return out
+
+
+def refused(
+    flow: Flow,
+    operation: Callable[..., OperatorReport],
+    target: str,
+    error: type[Exception],
+    *fragments: str,
+) -> str:
+    """Assert that the command raises ``error`` with a one-line message and writes nothing."""
+    before = snapshot(flow.db)
+    with pytest.raises(error) as info:
+        flow.operate(operation, target, "should not happen")
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+    assert snapshot(flow.db) == before
+    return message
+
+
+# --- cancel -------------------------------------------------------------------------------
+
+
+def test_cancel_stops_everything_not_running(db: Database) -> None:
+    flow = Flow(db)
+    (_a, x) = sorted(flow.claim("a", "x"), key=lambda s: s.name)
+    flow.run(x, "retryable")  # x waits for a retry
+    assert flow.states() == {
+        "a": "in_progress",
+        "b": "pending",
+        "c": "pending",
+        "x": "waiting_for_retry",
+    }
+    report = flow.operate(cancel_task, flow.task, "customer withdrew")
+    assert sorted(c.name for c in report.changes) == ["b", "c", "x"]
+    assert report.still_running == 1
+    assert report.task_state == "cancelled"
+    assert flow.states() == {
+        "a": "in_progress",
+        "b": "cancelled",
+        "c": "cancelled",
+        "x": "cancelled",
+    }
+    task = flow.task_row()
+    assert task.state == "cancelled"
+    assert task.completed_at is not None
+    (*_, last) = flow.transitions("x")
+    assert (last.from_state, last.to_state) == ("waiting_for_retry", "cancelled")
+    assert last.worker_id == OPERATOR
+    assert last.reason == "cancelled by operator: customer withdrew"
+    assert flow.step("x").next_attempt_at is None
+
+    # Nothing is left to claim.
+    flow.claim()
+
+
+def test_a_running_step_finishes_but_does_not_resume_a_cancelled_workflow(db: Database) -> None:
+    flow = Flow(db)
+    (a, x) = sorted(flow.claim("a", "x"), key=lambda s: s.name)
+    flow.operate(cancel_task, flow.task)
+
+    report = flow.run(a)  # success: recorded, but b is not enqueued
+    assert report.enqueued == 0
+    assert [o.step.name for o in report.applied] == ["a"]
+    assert "step.completed" in [e.name for e in report.events]
+    report = flow.run(x, "retryable")  # would be retried: cancelled instead
+    assert report.next_retry_at is None
+    assert flow.states() == {"a": "complete", "b": "cancelled", "c": "cancelled", "x": "cancelled"}
+    assert flow.step("a").results == {"from": "a"}
+    assert flow.step("x").error["error_type"] == "retryable_error"
+    (*_, last) = flow.transitions("x")
+    assert (last.from_state, last.to_state) == ("in_progress", "cancelled")
+    assert "retry cancelled" in last.reason
+    assert flow.task_row().state == "cancelled"
+    flow.claim()
+
+
+def test_a_permanent_failure_after_cancel_is_an_error(db: Database) -> None:
+    flow = Flow(db)
+    (a, _x) = sorted(flow.claim("a", "x"), key=lambda s: s.name)
+    flow.operate(cancel_task, flow.task)
+    flow.run(a, "permanent")
+    assert flow.states()["a"] == "error"
+    assert flow.task_row().state == "cancelled"
+
+
+def test_a_claim_handed_back_after_cancel_is_cancelled(db: Database) -> None:
+    flow = Flow(db)
+    claimed = flow.claim("a", "x")
+    flow.operate(cancel_task, flow.task)
+    with db.write() as conn:
+        released = release_claims(conn, claimed, worker_id="w1", now=utcnow(), reason="stopping")
+    assert released == 2
+    assert flow.states() == dict.fromkeys("abcx", "cancelled")
+    (*_, last) = flow.transitions("a")
+    assert (last.from_state, last.to_state, last.attempt) == ("in_progress", "cancelled", 0)
+    flow.claim()
+
+
+def test_cancel_of_an_errored_task_cancels_what_is_blocked(db: Database) -> None:
+    flow = Flow(db)
+    (a, x) = sorted(flow.claim("a", "x"), key=lambda s: s.name)
+    flow.run(x)
+    flow.run(a, "permanent")
+    assert flow.task_row().state == "error"
+    report = flow.operate(cancel_task, flow.task)
+    assert sorted(c.name for c in report.changes) == ["b", "c"]
+    assert flow.states() == {"a": "error", "b": "cancelled", "c": "cancelled", "x": "complete"}
+
+
+def test_cancel_refuses_finished_tasks_and_unknown_ids(db: Database) -> None:
+    flow = Flow(db)
+    flow.operate(cancel_task, flow.task)
+    refused(flow, cancel_task, flow.task, TransitionError, flow.task, "already cancelled")
+
+    done = Flow(db, FAN_IN)
+    for step in done.claim("p", "q"):
+        done.run(step)
+    (d,) = done.claim("d")
+    done.run(d)
+    assert done.task_row().state == "complete"
+    refused(done, cancel_task, done.task, TransitionError, "already complete")
+
+    unknown = str(uuid.uuid4())
+    refused(flow, cancel_task, unknown, InputError, f"unknown task: {unknown}")
+    refused(flow, cancel_task, "not-a-uuid", InputError, "unknown task: not-a-uuid")
+    # A uuid the step table knows is still not a task.
+    refused(flow, cancel_task, flow.uuid_of("a"), InputError, "unknown task")
+
+
+def test_an_uppercase_uuid_is_accepted(db: Database) -> None:
+    flow = Flow(db)
+    report = flow.operate(cancel_task, flow.task.upper())
+    assert report.task_uuid == flow.task
+    assert flow.task_row().state == "cancelled"
+
+
+# --- retry --------------------------------------------------------------------------------
+
+
+def test_retry_gives_an_exhausted_step_one_more_attempt(db: Database) -> None:
+    flow = Flow(db)
+    (a, x) = sorted(flow.claim("a", "x"), key=lambda s: s.name)
+    flow.run(x)
+    flow.run(a)
+    (b,) = flow.claim("b")
+    flow.run(b, "retryable")
+    (b,) = flow.claim("b")
+    flow.run(b, "retryable")  # attempt 2 of 2: error
+    assert flow.states()["b"] == "error"
+    assert flow.task_row().state == "error"
+
+    report = flow.operate(retry_step, flow.uuid_of("b"), "upstream fixed")
+    assert report.task_state == "in_progress"
+    assert [(c.name, c.from_state, c.to_state) for c in report.changes] == [
+        ("b", "error", "enqueued")
+    ]
+    row = flow.step("b")
+    assert (row.state, row.attempts, row.max_attempts) == ("enqueued", 2, 3)
+    task = flow.task_row()
+    assert (task.state, task.completed_at) == ("in_progress", None)
+    (*_, last) = flow.transitions("b")
+    assert (last.from_state, last.to_state, last.worker_id) == ("error", "enqueued", OPERATOR)
+    assert last.reason.startswith("retried by operator: upstream fixed")
+    assert "max_attempts raised to 3" in last.reason
+
+    (b,) = flow.claim("b")
+    assert (b.attempt, b.max_attempts) == (3, 3)
+    assert flow.run(b).enqueued == 1
+    (c,) = flow.claim("c")
+    assert c.dependency_results == {"b": {"from": "b"}}
+    flow.run(c)
+    assert flow.task_row().state == "complete"
+
+
+def test_retry_of_a_permanent_failure_keeps_max_attempts(db: Database) -> None:
+    flow = Flow(db)
+    (a, x) = sorted(flow.claim("a", "x"), key=lambda s: s.name)
+    flow.run(x)
+    flow.run(a)
+    (b,) = flow.claim("b")
+    flow.run(b, "permanent")  # attempt 1 of 2, but not retryable
+    flow.operate(retry_step, flow.uuid_of("b"))
+    row = flow.step("b")
+    assert (row.state, row.max_attempts) == ("enqueued", 2)
+    assert flow.transitions("b")[-1].reason == "retried by operator"
+
+
+def test_retry_refuses_steps_not_in_error(db: Database) -> None:
+    flow = Flow(db)
+    (a, _x) = sorted(flow.claim("a", "x"), key=lambda s: s.name)
+    refused(flow, retry_step, flow.uuid_of("a"), TransitionError, "in_progress", "'a'")
+    refused(flow, retry_step, flow.uuid_of("b"), TransitionError, "pending")
+    flow.run(a)
+    refused(flow, retry_step, flow.uuid_of("a"), TransitionError, "complete")
+    refused(flow, retry_step, flow.uuid_of("b"), TransitionError, "enqueued")
+    unknown = str(uuid.uuid4())
+    refused(flow, retry_step, unknown, InputError, f"unknown step: {unknown}")
+    refused(flow, retry_step, flow.task, InputError, "unknown step")
+
+
+def test_retry_and_resolve_refuse_steps_of_a_cancelled_task(db: Database) -> None:
+    flow = Flow(db)
+    (a, _x) = sorted(flow.claim("a", "x"), key=lambda s: s.name)
+    flow.operate(cancel_task, flow.task)
+    flow.run(a, "permanent")
+    assert flow.states()["a"] == "error"
+    refused(flow, retry_step, flow.uuid_of("a"), TransitionError, "is cancelled")
+    refused(flow, resolve_step, flow.uuid_of("a"), TransitionError, "is cancelled")
+
+
+# --- resolve ------------------------------------------------------------------------------
+
+
+def test_resolve_unblocks_dependents(db: Database) -> None:
+    flow = Flow(db)
+    (a, x) = sorted(flow.claim("a", "x"), key=lambda s: s.name)
+    flow.run(x)
+    flow.run(a)
+    (b,) = flow.claim("b")
+    flow.run(b, "permanent")
+    assert flow.task_row().state == "error"
+
+    report = flow.operate(resolve_step, flow.uuid_of("b"), "done by hand")
+    assert [(c.name, c.from_state, c.to_state) for c in report.changes] == [
+        ("b", "error", "resolved_manually"),
+        ("c", "pending", "enqueued"),
+    ]
+    assert report.task_state == "in_progress"
+    (*_, last) = flow.transitions("b")
+    assert (last.to_state, last.worker_id, last.reason) == (
+        "resolved_manually",
+        OPERATOR,
+        "resolved by operator: done by hand",
+    )
+    (enqueued,) = flow.transitions("c")[-1:]
+    assert (enqueued.from_state, enqueued.to_state, enqueued.worker_id) == (
+        "pending",
+        "enqueued",
+        OPERATOR,
+    )
+    (c,) = flow.claim("c")
+    assert c.dependency_results == {"b": {}}  # a resolved parent has no result
+    flow.run(c)
+    assert flow.task_row().state == "complete"
+
+
+def test_resolve_waits_for_the_other_parents(db: Database) -> None:
+    flow = Flow(db, FAN_IN)
+    p, q = sorted(flow.claim("p", "q"), key=lambda s: s.name)
+    flow.run(p, "permanent")
+    report = flow.operate(resolve_step, flow.uuid_of("p"))
+    assert [c.name for c in report.changes] == ["p"]  # q still runs: d stays pending
+    assert flow.states()["d"] == "pending"
+    flow.run(q)
+    (d,) = flow.claim("d")
+    assert d.dependency_results == {"p": {}, "q": {"from": "q"}}
+
+
+def test_resolve_of_the_last_failure_completes_the_task(db: Database) -> None:
+    flow = Flow(db, FAN_IN)
+    p, q = sorted(flow.claim("p", "q"), key=lambda s: s.name)
+    flow.run(p)
+    flow.run(q)
+    (d,) = flow.claim("d")
+    flow.run(d, "permanent")
+    assert flow.task_row().state == "error"
+    report = flow.operate(resolve_step, flow.uuid_of("d"))
+    assert report.task_state == "complete"
+    task = flow.task_row()
+    assert task.completed_at is not None
+
+
+def test_resolve_skips_a_step_that_has_not_run(db: Database) -> None:
+    flow = Flow(db)
+    # b is pending (a has not run); resolving it skips it, and c, whose only parent is b,
+    # is ready at once.
+    report = flow.operate(resolve_step, flow.uuid_of("b"))
+    assert [(c.name, c.from_state, c.to_state) for c in report.changes] == [
+        ("b", "pending", "resolved_manually"),
+        ("c", "pending", "enqueued"),
+    ]
+    claimed = {s.name: s for s in flow.claim("a", "c", "x")}
+    for step in claimed.values():
+        assert flow.run(step).enqueued == 0  # a's completion finds b already settled
+    assert flow.states() == {
+        "a": "complete",
+        "b": "resolved_manually",
+        "c": "complete",
+        "x": "complete",
+    }
+    assert flow.task_row().state == "complete"
+
+
+def test_resolve_refuses_running_and_finished_steps(db: Database) -> None:
+    flow = Flow(db)
+    (a, x) = sorted(flow.claim("a", "x"), key=lambda s: s.name)
+    refused(flow, resolve_step, flow.uuid_of("a"), TransitionError, "in_progress")
+    flow.run(a)
+    refused(flow, resolve_step, flow.uuid_of("a"), TransitionError, "complete")
+    flow.run(x, "permanent")
+    flow.operate(resolve_step, flow.uuid_of("x"))
+    refused(flow, resolve_step, flow.uuid_of("x"), TransitionError, "resolved_manually")
+    refused(flow, resolve_step, "zzz", InputError, "unknown step: zzz")
+
+
+def test_operator_identity_names_the_user() -> None:
+    identity = operator_identity()
+    assert identity.startswith("operator:")
+    assert len(identity) > len("operator:")
