@@ -343,14 +343,18 @@ def _reason(outcome: StepOutcome) -> str:
 def _events_of(
     outcome: StepOutcome, new_state: str, next_at: datetime | None
 ) -> list[tuple[str, JSONDict]]:
-    """List the domain events an applied outcome produces, in order."""
+    """List the domain events an applied outcome produces, in order.
+
+    Events the handler emitted come first, then ``step.completed`` or ``step.failed``, then
+    the template's declared events whose condition matches how the step ended.
+    """
     step = outcome.step
     base: JSONDict = {"step_name": step.name, "handler": step.handler, "attempt": step.attempt}
     events: list[tuple[str, JSONDict]] = [(e.name, e.payload) for e in outcome.events]
     if outcome.failure is None:
         events.append(("step.completed", base))
         declared_payload: JSONDict = {**base, "outcome": "success", "result": outcome.result}
-        wanted = ("success", "always")
+        wanted: tuple[str, ...] = ("success", "always")
     else:
         failure = outcome.failure
         events.append(
@@ -373,6 +377,8 @@ def _events_of(
             "message": failure.message,
             "state": new_state,
         }
-        wanted = ("failure", "always")
+        # Declared failure events are about the step, not an attempt: a failure that will be
+        # retried is not one (``step.failed`` above reports every failed attempt).
+        wanted = () if new_state == WAITING_FOR_RETRY else ("failure", "always")
     events.extend((d.name, declared_payload) for d in step.declared_events if d.condition in wanted)
     return events

@@ -419,7 +419,8 @@ def test_bundled_example_runs_to_completion(tmp_path: Path, migrated_db: Path) -
         n for (n,) in duplex.sql("SELECT name FROM domain_events WHERE task_uuid = ?", [task])
     )
     assert events["step.completed"] == 4
-    assert events["billing.charge_failed"] == 1
+    # The charge failed once but the step did not: its declared failure event stays silent.
+    assert events["billing.charge_failed"] == 0
     assert events["payment.charged"] == 1
     assert events["order.fulfilled"] == 1
 

@@ -1,0 +1,303 @@
+"""Throughput benchmarks of the real Worker on SQLite (issues 2 and 3).
+
+    .venv/bin/python benchmarks/throughput.py [--only NAME ...] [--quick] [--strict-poll]
+
+Scenarios: sleep, noop, memory, fanout, submit. Each uses a fresh, migrated SQLite database in
+a temporary directory and a private handler registry; work is submitted with ``create_task``
+before the worker starts (submission is timed apart), then the clock runs from just before
+``Worker.start()`` until ``count_open_work`` reads 0. Figures only: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sqlalchemy import func, select
+
+from app.db import Database
+from app.handlers import HandlerRegistry, StepContext
+from app.messages import DomainEvent
+from app.models import workflow_step_transitions, workflow_steps
+from app.subscriptions import SubscriberRegistry
+from app.templates import parse_template
+from benchmarks import _common
+from benchmarks._common import (
+    Result,
+    Run,
+    Spans,
+    Submission,
+    bench_settings,
+    fanout_template_text,
+    fmt_s,
+    fresh_database,
+    independent_template_text,
+    print_load,
+    print_machine_info,
+    print_table,
+    quiet_logging,
+    run_until_drained,
+    submit,
+    write_tasks,
+)
+
+CONCURRENCY = 10
+
+
+def _noop(ctx: StepContext) -> None:
+    return None
+
+
+def _header(name: str, description: str) -> None:
+    print(f"== {name}: {description}")
+
+
+def _print_run(sub: Submission, run: Run, steps: int) -> None:
+    if run.serve_error is not None:
+        print(f"   !! worker failed: {type(run.serve_error).__name__}: {run.serve_error}")
+    elif run.timed_out:
+        print("   !! timed out before the work drained")
+    print(
+        f"   submit {fmt_s(sub.total_s)} (parse {fmt_s(sub.parse_s)}, write {fmt_s(sub.write_s)})"
+        " - not in the figures below"
+    )
+    print(f"   start {fmt_s(run.start_s)}, drain {fmt_s(run.drain_s)}, stop {fmt_s(run.stop_s)}")
+    print(
+        f"   process CPU during the drain {run.cpu_s:.2f} s = {run.cpu_s / steps * 1000:.2f} ms"
+        f"/step ({run.cpu_s / run.drain_s:.2f} cores)"
+    )
+
+
+# --- 1. sleep ------------------------------------------------------------------------------
+
+
+def bench_sleep(quick: bool) -> list[Result]:
+    steps, sleep_s = (100 if quick else 1000), 0.100
+    ceiling = CONCURRENCY / sleep_s
+    _header("sleep", f"{steps} independent steps sleeping {sleep_s * 1000:.0f} ms, c={CONCURRENCY}")
+    registry, spans = HandlerRegistry(), Spans()
+    registry.register("bench.sleep", spans.sleeper(sleep_s))
+    with fresh_database() as db:
+        sub = submit(db, independent_template_text(steps, "bench.sleep"))
+        run = run_until_drained(
+            db, bench_settings(db.url, concurrency=CONCURRENCY), registry, expected=steps
+        )
+    rate = steps / run.drain_s
+    efficiency = rate / ceiling
+    _print_run(sub, run, steps)
+    print(f"   {spans.describe(run, CONCURRENCY)}")
+    print(f"   {rate:.1f} steps/s vs ceiling {ceiling:.0f} steps/s: efficiency {efficiency:.3f}")
+    print()
+    return [
+        Result("sleep", "steps/s", f"{rate:.1f}", f"ceiling {ceiling:.0f}"),
+        Result("sleep", "efficiency", f"{efficiency:.3f}", ">= 0.95", efficiency >= 0.95),
+        Result("sleep", "slot occupancy", f"{spans.occupancy(CONCURRENCY):.3f}"),
+    ]
+
+
+# --- 2. noop -------------------------------------------------------------------------------
+
+
+def bench_noop(quick: bool) -> list[Result]:
+    steps = 500 if quick else 5000
+    _header("noop", f"{steps} independent no-op steps, c={CONCURRENCY}, events delivered")
+    registry = HandlerRegistry()
+    registry.register("bench.noop", _noop)
+    subscribers = SubscriberRegistry()
+    seen = [0]
+    all_seen = threading.Event()
+
+    def count_completed(event: DomainEvent) -> None:
+        # One delivery thread calls subscribers, so a plain counter is safe.
+        seen[0] += 1
+        if seen[0] >= steps:
+            all_seen.set()
+
+    subscribers.add("step.completed", count_completed)
+    with fresh_database() as db:
+        sub = submit(db, independent_template_text(steps, "bench.noop"))
+        run = run_until_drained(
+            db,
+            bench_settings(db.url, concurrency=CONCURRENCY),
+            registry,
+            expected=steps,
+            subscribers=subscribers,
+            also_done=all_seen.is_set,
+        )
+    rate = steps / run.drain_s
+    completion = run.final_status.get("completion", {})
+    _print_run(sub, run, steps)
+    print(
+        f"   {rate:.0f} steps/s; step.completed seen {seen[0]}/{steps}; "
+        f"committed {completion.get('committed')}"
+    )
+    print()
+    return [
+        Result("noop", "steps/s", f"{rate:.0f}", ">= 1500 (2 cores)", rate >= 1500),
+        Result("noop", "CPU per step", f"{run.cpu_s / steps * 1000:.2f} ms"),
+    ]
+
+
+# --- 3. memory (in a subprocess, see benchmarks/memory.py) ---------------------------------
+
+
+def bench_memory(quick: bool) -> list[Result]:
+    from benchmarks.memory import run_memory
+
+    return run_memory(quick)
+
+
+# --- 4. fanout -----------------------------------------------------------------------------
+
+
+def bench_fanout(quick: bool) -> list[Result]:
+    steps, sleep_s = (100 if quick else 1000), 0.050
+    middles = steps - 2
+    ceiling_s = middles * sleep_s / CONCURRENCY + 2 * sleep_s
+    _header(
+        "fanout",
+        f"root -> {middles} parallel -> join, {sleep_s * 1000:.0f} ms steps, c={CONCURRENCY}",
+    )
+    registry, spans = HandlerRegistry(), Spans()
+    registry.register("bench.sleep", spans.sleeper(sleep_s))
+    with fresh_database() as db:
+        sub = submit(db, fanout_template_text(steps, "bench.sleep"))
+        run = run_until_drained(
+            db, bench_settings(db.url, concurrency=CONCURRENCY), registry, expected=steps
+        )
+        timeline = _join_timeline(db)
+    efficiency = ceiling_s / run.drain_s
+    _print_run(sub, run, steps)
+    print(f"   {spans.describe(run, CONCURRENCY)}")
+    print(f"   ceiling {fmt_s(ceiling_s)}: efficiency {efficiency:.3f}")
+    delay = timeline["join_enqueued"] - timeline["last_middle_complete"]
+    same = timeline["join_enqueued"] == timeline["last_middle_complete"]
+    claim = timeline["join_claimed"] - timeline["join_enqueued"]
+    print(
+        f"   last middle complete -> join enqueued: {delay * 1000:.1f} ms "
+        f"({'same commit batch' if same else 'different commit'}); "
+        f"join enqueued -> claimed: {claim * 1000:.1f} ms"
+    )
+    print()
+    return [
+        Result("fanout", "efficiency", f"{efficiency:.3f}", ">= 0.95", efficiency >= 0.95),
+        Result("fanout", "slot occupancy", f"{spans.occupancy(CONCURRENCY):.3f}"),
+        Result(
+            "fanout",
+            "last middle -> join enqueued",
+            f"{delay * 1000:.1f} ms" + (" (same batch)" if same else ""),
+        ),
+        Result("fanout", "join enqueued -> claimed", f"{claim * 1000:.1f} ms"),
+    ]
+
+
+def _join_timeline(db: Database) -> dict[str, float]:
+    """Read the join's and the middles' transition times (seconds since the epoch)."""
+    t, ws = workflow_step_transitions, workflow_steps
+    join = select(ws.c.step_uuid).where(ws.c.name == "join").scalar_subquery()
+    middles = select(ws.c.step_uuid).where(ws.c.name.like("m%"))
+    queries = {
+        "last_middle_complete": select(func.max(t.c.created_at)).where(
+            t.c.step_uuid.in_(middles), t.c.from_state == "in_progress", t.c.to_state == "complete"
+        ),
+        "join_enqueued": select(func.min(t.c.created_at)).where(
+            t.c.step_uuid == join, t.c.from_state == "pending", t.c.to_state == "enqueued"
+        ),
+        "join_claimed": select(func.min(t.c.created_at)).where(
+            t.c.step_uuid == join, t.c.to_state == "in_progress"
+        ),
+    }
+    with db.read() as conn:
+        found = {key: conn.execute(q).scalar_one() for key, q in queries.items()}
+    return {key: value.timestamp() if value else math.nan for key, value in found.items()}
+
+
+# --- 5. submit -----------------------------------------------------------------------------
+
+
+def bench_submit(quick: bool) -> list[Result]:
+    steps, reps = (100 if quick else 1000), 3
+    _header("submit", f"parse_template + create_task of a {steps}-step template, best of {reps}")
+    results = []
+    for shape, text in (
+        ("independent", independent_template_text(steps, "bench.noop")),
+        ("fanout", fanout_template_text(steps, "bench.noop")),
+    ):
+        parse_times, write_times, totals = [], [], []
+        with fresh_database() as db:
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                template = parse_template(text)
+                t1 = time.perf_counter()
+                write_tasks(db, template, 1)
+                t2 = time.perf_counter()
+                parse_times.append(t1 - t0)
+                write_times.append(t2 - t1)
+                totals.append(t2 - t0)
+        best = min(totals)
+        print(
+            f"   {shape:<11} best total {fmt_s(best)} "
+            f"(parse best {fmt_s(min(parse_times))}, write best {fmt_s(min(write_times))}; "
+            f"all totals {', '.join(fmt_s(x) for x in totals)})"
+        )
+        results += [
+            Result(f"submit/{shape}", "parse", fmt_s(min(parse_times))),
+            Result(f"submit/{shape}", "write", fmt_s(min(write_times))),
+            Result(f"submit/{shape}", "total", fmt_s(best), "< 1 s", best < 1.0),
+        ]
+    print()
+    return results
+
+
+SCENARIOS: dict[str, Callable[[bool], list[Result]]] = {
+    "sleep": bench_sleep,
+    "noop": bench_noop,
+    "memory": bench_memory,
+    "fanout": bench_fanout,
+    "submit": bench_submit,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(SCENARIOS),
+        metavar="NAME",
+        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument("--quick", action="store_true", help="sizes shrunk 10x, for smoke runs")
+    parser.add_argument(
+        "--strict-poll",
+        action="store_true",
+        help="query count_open_work every 10 ms from the start (costs the worker GIL time)",
+    )
+    args = parser.parse_args(argv)
+    quiet_logging()
+    _common.STRICT_POLL = args.strict_poll
+    print_machine_info()
+    if args.strict_poll:
+        print("(--strict-poll: count_open_work every 10 ms from the start)")
+    if args.quick:
+        print("(--quick: sizes shrunk 10x; figures are for smoke runs only)\n")
+    results: list[Result] = []
+    for name, bench in SCENARIOS.items():
+        if args.only and name not in args.only:
+            continue
+        results += bench(args.quick)
+    print_load()
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
