@@ -67,6 +67,7 @@ class CompletionProcessor(pykka.ThreadingActor):
         self._releases: list[ClaimedStep] = []
         self._flush_pending = False
         self._failures_in_a_row = 0
+        self._lagging = False
         self._intake: EventSystemProxy | None = None
         self._self: CompletionProcessorProxy | None = None
         self.stats_counters = {"committed": 0, "rejected": 0, "released": 0, "commit_errors": 0}
@@ -81,6 +82,10 @@ class CompletionProcessor(pykka.ThreadingActor):
     def submit(self, outcome: StepOutcome) -> None:
         """The completion channel: accept one attempt's outcome, fire-and-forget."""
         self._outcomes.append(outcome)
+        if not self._lagging and len(self._outcomes) >= self._batch_size:
+            self._lagging = True
+            if self._intake is not None:
+                self._intake.commits_lagging.defer(True)
         self._schedule_flush()
 
     def release(self, steps: Sequence[ClaimedStep]) -> None:
@@ -107,6 +112,10 @@ class CompletionProcessor(pykka.ThreadingActor):
             return
         self._failures_in_a_row = 0
         del self._outcomes[: len(batch)]
+        if self._lagging and len(self._outcomes) <= self._batch_size // 2:
+            self._lagging = False
+            if self._intake is not None:
+                self._intake.commits_lagging.defer(False)
         self._releases.clear()
         self.stats_counters["released"] += released
         self._after_commit(report, work_ready=released > 0)

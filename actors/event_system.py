@@ -83,6 +83,14 @@ class EventSystem(pykka.ThreadingActor):
         self._credits.freed(slots)
         self._claim(work_signalled=False)
 
+    def commits_lagging(self, lagging: bool) -> None:
+        """The CompletionProcessor holds too many uncommitted results (or caught up again)."""
+        self._credits.commits_lagging = lagging
+        if lagging:
+            logger.info("commits are lagging; intake paused")
+        else:
+            self._claim(work_signalled=False)
+
     def stop_intake(self) -> None:
         """Claim nothing more (the worker is stopping)."""
         self._credits.stop()

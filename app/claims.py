@@ -15,11 +15,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, func, insert, select, update
+from sqlalchemy import Connection, Integer, Select, and_, bindparam, func, insert, select, update
 
 from app.commits import declared_events, lock_tasks
 from app.messages import ClaimedStep
-from app.models import tasks, workflow_step_edges, workflow_step_transitions, workflow_steps
+from app.models import (
+    tasks,
+    unindexed,
+    workflow_step_edges,
+    workflow_step_transitions,
+    workflow_steps,
+)
 from app.states import (
     CANCELLED,
     CLAIMABLE,
@@ -46,43 +52,21 @@ def claim_ready_steps(
     if limit <= 0 or not namespaces:
         return []
     candidates: dict[str, str] = {}
+    skip_locked = conn.dialect.name == "postgresql"
     for state in (WAITING_FOR_RETRY, ENQUEUED):
         wanted = limit - len(candidates)
         if wanted <= 0:
             break
-        query = _ready(conn, state, namespaces, now, wanted)
-        candidates.update({row.step_uuid: row.state for row in conn.execute(query)})
+        rows = conn.execute(
+            _READY[state, skip_locked],
+            {"namespaces": list(namespaces), "now": now, "limit": wanted},
+        )
+        candidates.update({row.step_uuid: row.state for row in rows})
     if not candidates:
         return []
 
     claimed = list(
-        conn.execute(
-            update(ws)
-            .where(ws.c.step_uuid.in_(list(candidates)), ws.c.state.in_(CLAIMABLE))
-            .values(
-                state=IN_PROGRESS,
-                attempts=ws.c.attempts + 1,
-                claimed_by=worker_id,
-                claimed_at=now,
-                started_at=None,
-                next_attempt_at=None,
-                updated_at=now,
-            )
-            .returning(
-                ws.c.step_uuid,
-                ws.c.task_uuid,
-                ws.c.name,
-                ws.c.handler,
-                ws.c.attempts,
-                ws.c.max_attempts,
-                ws.c.retryable,
-                ws.c.timeout_ms,
-                ws.c.inputs,
-                ws.c.declared_events,
-                ws.c.created_at,
-                ws.c.position,
-            )
-        )
+        conn.execute(_CLAIM, {"ids": list(candidates), "worker_id": worker_id, "now": now})
     )
     if not claimed:
         return []
@@ -107,10 +91,7 @@ def claim_ready_steps(
     task_uuids = sorted({row.task_uuid for row in claimed})
     _mark_tasks_started(conn, task_uuids, now)
     contexts = {
-        task_uuid: context
-        for task_uuid, context in conn.execute(
-            select(tasks.c.task_uuid, tasks.c.context).where(tasks.c.task_uuid.in_(task_uuids))
-        )
+        task_uuid: context for task_uuid, context in conn.execute(_CONTEXTS, {"ids": task_uuids})
     }
     parents = _dependency_results(conn, [row.step_uuid for row in claimed])
     return [
@@ -133,31 +114,72 @@ def claim_ready_steps(
     ]
 
 
-def _ready(
-    conn: Connection, state: str, namespaces: Sequence[str], now: datetime, limit: int
-) -> Select[Any]:
+def _ready_query(state: str, *, skip_locked: bool) -> Select[Any]:
     # next_attempt_at is "ready since" for enqueued steps and "due at" for retries, so one
     # index (state, namespace, next_attempt_at) serves both without sorting the backlog.
     query = (
         select(ws.c.step_uuid, ws.c.state)
         .where(
-            ws.c.state == state, ws.c.namespace.in_(list(namespaces)), ws.c.next_attempt_at <= now
+            ws.c.state == state,
+            ws.c.namespace.in_(bindparam("namespaces", expanding=True)),
+            ws.c.next_attempt_at <= bindparam("now", type_=ws.c.next_attempt_at.type),
         )
         .order_by(ws.c.next_attempt_at)
-        .limit(limit)
+        .limit(bindparam("limit", type_=Integer))
     )
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return query
+    return query.with_for_update(skip_locked=True) if skip_locked else query
+
+
+# The claim path runs for every few steps: its statements are built once, not per call.
+_READY = {
+    (state, skip_locked): _ready_query(state, skip_locked=skip_locked)
+    for state in CLAIMABLE
+    for skip_locked in (False, True)
+}
+_NOW = bindparam("now", type_=ws.c.updated_at.type)
+_CLAIM = (
+    update(ws)
+    .where(
+        ws.c.step_uuid.in_(bindparam("ids", expanding=True)),
+        unindexed(ws.c.state).in_(CLAIMABLE),
+    )
+    .values(
+        state=IN_PROGRESS,
+        attempts=ws.c.attempts + 1,
+        claimed_by=bindparam("worker_id"),
+        claimed_at=_NOW,
+        started_at=None,
+        next_attempt_at=None,
+        updated_at=_NOW,
+    )
+    .returning(
+        ws.c.step_uuid,
+        ws.c.task_uuid,
+        ws.c.name,
+        ws.c.handler,
+        ws.c.attempts,
+        ws.c.max_attempts,
+        ws.c.retryable,
+        ws.c.timeout_ms,
+        ws.c.inputs,
+        ws.c.declared_events,
+        ws.c.created_at,
+        ws.c.position,
+    )
+)
+_CONTEXTS = select(tasks.c.task_uuid, tasks.c.context).where(
+    tasks.c.task_uuid.in_(bindparam("ids", expanding=True))
+)
+_parent = ws.alias("parent")
+_PARENT_RESULTS = (
+    select(workflow_step_edges.c.to_step_uuid, _parent.c.name, _parent.c.results)
+    .join(_parent, _parent.c.step_uuid == workflow_step_edges.c.from_step_uuid)
+    .where(workflow_step_edges.c.to_step_uuid.in_(bindparam("ids", expanding=True)))
+)
 
 
 def _dependency_results(conn: Connection, step_uuids: list[str]) -> dict[str, dict[str, Any]]:
-    edges, parent = workflow_step_edges, ws.alias("parent")
-    rows = conn.execute(
-        select(edges.c.to_step_uuid, parent.c.name, parent.c.results)
-        .join(parent, parent.c.step_uuid == edges.c.from_step_uuid)
-        .where(edges.c.to_step_uuid.in_(step_uuids))
-    )
+    rows = conn.execute(_PARENT_RESULTS, {"ids": step_uuids})
     results: dict[str, dict[str, Any]] = {}
     for child, name, value in rows:
         results.setdefault(child, {})[name] = value or {}

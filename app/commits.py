@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, exists, func, insert, not_, select, update
+from sqlalchemy import Connection, bindparam, exists, insert, not_, select, update
 
+from app.errors import StorageError
 from app.execution import WORKER_LOST
 from app.messages import (
     ClaimedStep,
@@ -37,6 +37,7 @@ from app.messages import (
 from app.models import (
     domain_events,
     tasks,
+    unindexed,
     workers,
     workflow_step_edges,
     workflow_step_transitions,
@@ -50,6 +51,7 @@ from app.states import (
     ENQUEUED,
     IN_PROGRESS,
     PENDING,
+    STEP_STATES,
     TASK_CANCELLED,
     TASK_FINISHED,
     WAITING_FOR_RETRY,
@@ -92,19 +94,20 @@ def commit_outcomes(
     completed: list[str] = []
     touched_tasks: set[str] = set()
     task_states = lock_tasks(conn, {outcome.step.task_uuid for outcome in outcomes})
+    held = _claims_held(conn, [outcome.step.step_uuid for outcome in outcomes])
+    updates: list[dict[str, Any]] = []
 
     for outcome in outcomes:
         step = outcome.step
+        # The guard: the claim must still be this attempt's, by this claimant. A late result
+        # (after a timeout or a recovery) or a duplicate is rejected, never applied twice.
+        if held.pop(step.step_uuid, None) != (step.attempt, step.claimed_by):
+            report.rejected.append(outcome)
+            continue
         task_cancelled = task_states.get(step.task_uuid) == TASK_CANCELLED
-        values: dict[str, Any] = {
-            "started_at": outcome.started_at,
-            "updated_at": now,
-        }
         reason = _reason(outcome)
         if outcome.failure is None:
-            new_state = COMPLETE
-            values.update(state=COMPLETE, results=outcome.result, error=None, completed_at=now)
-            next_at = None
+            new_state, next_at = COMPLETE, None
         else:
             decision = policy.decide(
                 outcome.failure,
@@ -118,22 +121,20 @@ def commit_outcomes(
             if task_cancelled and new_state == WAITING_FOR_RETRY:
                 new_state, next_at = CANCELLED, None
                 reason += "; retry cancelled (task cancelled)"
-            values.update(state=new_state, error=outcome.failure.as_json(), next_attempt_at=next_at)
-            if next_at is None:
-                values["completed_at"] = now
-        applied = conn.execute(
-            update(ws)
-            .where(
-                ws.c.step_uuid == step.step_uuid,
-                ws.c.state == IN_PROGRESS,
-                ws.c.attempts == step.attempt,
-                ws.c.claimed_by == step.claimed_by,
-            )
-            .values(**values)
-        ).rowcount
-        if not applied:
-            report.rejected.append(outcome)
-            continue
+        updates.append(
+            {
+                "b_step_uuid": step.step_uuid,
+                "b_attempt": step.attempt,
+                "b_claimed_by": step.claimed_by,
+                "v_state": new_state,
+                "v_results": outcome.result,
+                "v_error": None if outcome.failure is None else outcome.failure.as_json(),
+                "v_next_attempt_at": next_at,
+                "v_started_at": outcome.started_at,
+                "v_completed_at": None if next_at is not None else now,
+                "v_updated_at": now,
+            }
+        )
         report.applied.append(outcome)
         touched_tasks.add(step.task_uuid)
         if new_state == COMPLETE and not task_cancelled:
@@ -142,13 +143,7 @@ def commit_outcomes(
             report.next_retry_at = next_at
         transitions.append(
             transition_row(
-                step.step_uuid,
-                IN_PROGRESS,
-                new_state,
-                step.attempt,
-                step.claimed_by,
-                now,
-                reason,
+                step.step_uuid, IN_PROGRESS, new_state, step.attempt, step.claimed_by, now, reason
             )
         )
         for name, payload in _events_of(outcome, new_state, next_at):
@@ -167,6 +162,14 @@ def commit_outcomes(
                 }
             )
 
+    if updates:
+        result = conn.execute(_APPLY_OUTCOME, updates)
+        if conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(updates):
+            # The rows were checked under lock above; a mismatch means another writer broke
+            # the locking order. Roll the whole batch back; it is retried and re-checked.
+            raise StorageError(
+                f"applied {result.rowcount} of {len(updates)} checked results; batch rolled back"
+            )
     if completed:
         for step_uuid in enqueue_ready_dependents(conn, completed, now=now):
             transitions.append(
@@ -182,27 +185,75 @@ def commit_outcomes(
     return report
 
 
+# One statement for every applied outcome of a batch (executemany). The guard is repeated in
+# SQL; ``state || ''`` keeps SQLite on the primary key instead of scanning the state index.
+_APPLY_OUTCOME = (
+    update(ws)
+    .where(
+        ws.c.step_uuid == bindparam("b_step_uuid"),
+        unindexed(ws.c.state) == IN_PROGRESS,
+        ws.c.attempts == bindparam("b_attempt"),
+        ws.c.claimed_by == bindparam("b_claimed_by"),
+    )
+    .values(
+        state=bindparam("v_state"),
+        results=bindparam("v_results", type_=ws.c.results.type),
+        error=bindparam("v_error", type_=ws.c.error.type),
+        next_attempt_at=bindparam("v_next_attempt_at", type_=ws.c.next_attempt_at.type),
+        started_at=bindparam("v_started_at", type_=ws.c.started_at.type),
+        completed_at=bindparam("v_completed_at", type_=ws.c.completed_at.type),
+        updated_at=bindparam("v_updated_at", type_=ws.c.updated_at.type),
+    )
+)
+
+
+def _claims_held(conn: Connection, step_uuids: Sequence[str]) -> dict[str, tuple[int, str | None]]:
+    """Return (attempt, claimant) of each given step that is still ``in_progress``."""
+    query = _CLAIMS_HELD_FOR_UPDATE if conn.dialect.name == "postgresql" else _CLAIMS_HELD
+    rows = conn.execute(query, {"ids": sorted(set(step_uuids))})
+    return {row.step_uuid: (row.attempts, row.claimed_by) for row in rows}
+
+
+_CLAIMS_HELD = select(ws.c.step_uuid, ws.c.attempts, ws.c.claimed_by).where(
+    ws.c.step_uuid.in_(bindparam("ids", expanding=True)), unindexed(ws.c.state) == IN_PROGRESS
+)
+_CLAIMS_HELD_FOR_UPDATE = _CLAIMS_HELD.with_for_update()
+
+
+_other_edge = workflow_step_edges.alias("other_edge")
+_other_parent = ws.alias("other_parent")
+_ENQUEUE_READY = (
+    update(ws)
+    .where(
+        unindexed(ws.c.state) == PENDING,
+        ws.c.step_uuid.in_(
+            select(workflow_step_edges.c.to_step_uuid).where(
+                workflow_step_edges.c.from_step_uuid.in_(bindparam("parents", expanding=True))
+            )
+        ),
+        # ...and no parent that is not yet complete or resolved.
+        not_(
+            exists().where(
+                _other_edge.c.to_step_uuid == ws.c.step_uuid,
+                _other_parent.c.step_uuid == _other_edge.c.from_step_uuid,
+                not_(_other_parent.c.state.in_(DONE)),
+            )
+        ),
+    )
+    .values(
+        state=ENQUEUED,
+        next_attempt_at=bindparam("now", type_=ws.c.next_attempt_at.type),
+        updated_at=bindparam("now", type_=ws.c.updated_at.type),
+    )
+    .returning(ws.c.step_uuid)
+)
+
+
 def enqueue_ready_dependents(
     conn: Connection, parents: Iterable[str], *, now: datetime
 ) -> list[str]:
     """Enqueue pending children of ``parents`` whose parents are now all complete or resolved."""
-    edges, other_edge, other_parent = (
-        workflow_step_edges,
-        workflow_step_edges.alias("other_edge"),
-        ws.alias("other_parent"),
-    )
-    unfinished_parent = exists().where(
-        other_edge.c.to_step_uuid == ws.c.step_uuid,
-        other_parent.c.step_uuid == other_edge.c.from_step_uuid,
-        not_(other_parent.c.state.in_(DONE)),
-    )
-    children = select(edges.c.to_step_uuid).where(edges.c.from_step_uuid.in_(list(parents)))
-    rows = conn.execute(
-        update(ws)
-        .where(ws.c.state == PENDING, ws.c.step_uuid.in_(children), not_(unfinished_parent))
-        .values(state=ENQUEUED, next_attempt_at=now, updated_at=now)
-        .returning(ws.c.step_uuid)
-    )
+    rows = conn.execute(_ENQUEUE_READY, {"parents": list(parents), "now": now})
     return sorted(row.step_uuid for row in rows)
 
 
@@ -214,37 +265,46 @@ def lock_tasks(conn: Connection, task_uuids: Iterable[str]) -> dict[str, str]:
     ids = sorted(set(task_uuids))
     if not ids:
         return {}
-    query = select(tasks.c.task_uuid, tasks.c.state).where(tasks.c.task_uuid.in_(ids))
-    if conn.dialect.name == "postgresql":
-        # PostgreSQL locks rows as the sorted result is produced: a deadlock-free order.
-        query = query.order_by(tasks.c.task_uuid).with_for_update()
-    return {task_uuid: state for task_uuid, state in conn.execute(query)}
+    query = _LOCK_TASKS if conn.dialect.name == "postgresql" else _TASK_STATES
+    return {task_uuid: state for task_uuid, state in conn.execute(query, {"ids": ids})}
+
+
+_TASK_STATES = select(tasks.c.task_uuid, tasks.c.state).where(
+    tasks.c.task_uuid.in_(bindparam("ids", expanding=True))
+)
+# PostgreSQL locks rows as the sorted result is produced: a deadlock-free order.
+_LOCK_TASKS = _TASK_STATES.order_by(tasks.c.task_uuid).with_for_update()
 
 
 def update_task_states(conn: Connection, task_uuids: Iterable[str], *, now: datetime) -> None:
     """Bring each task's state in line with its steps (see ``derive_task_state``)."""
     ids = sorted(set(task_uuids))
-    counts: dict[str, Counter[str]] = {t: Counter() for t in ids}
-    rows = conn.execute(
-        select(ws.c.task_uuid, ws.c.state, func.count())
-        .where(ws.c.task_uuid.in_(ids))
-        .group_by(ws.c.task_uuid, ws.c.state)
-    )
-    for task_uuid, state, n in rows:
-        counts[task_uuid][state] = n
-    current = {
-        task_uuid: state
-        for task_uuid, state in conn.execute(
-            select(tasks.c.task_uuid, tasks.c.state).where(tasks.c.task_uuid.in_(ids))
-        )
-    }
+    current = {task_uuid: state for task_uuid, state in conn.execute(_TASK_STATES, {"ids": ids})}
     for task_uuid, state in current.items():
-        new_state = derive_task_state(state, counts[task_uuid])
+        new_state = derive_task_state(state, _states_present(conn, task_uuid))
         if new_state == state:
             continue
         values: dict[str, Any] = {"state": new_state, "updated_at": now}
         values["completed_at"] = now if new_state in TASK_FINISHED else None
         conn.execute(update(tasks).where(tasks.c.task_uuid == task_uuid).values(**values))
+
+
+def _states_present(conn: Connection, task_uuid: str) -> dict[str, int]:
+    """Return {state: 1} for each state some step of the task is in.
+
+    One probe per state on the (task_uuid, state) index, so the cost does not grow with the
+    size of the task (counting every step of a 5000-step task on each commit did).
+    """
+    row = conn.execute(_STATES_PRESENT, {"task_uuid": task_uuid}).one()
+    return {state: 1 for state in STEP_STATES if row._mapping[state]}
+
+
+_STATES_PRESENT = select(
+    *[
+        exists().where(ws.c.task_uuid == bindparam("task_uuid"), ws.c.state == state).label(state)
+        for state in STEP_STATES
+    ]
+)
 
 
 def recover_stale_claims(

@@ -7,6 +7,7 @@ SQLite runs in WAL mode with a busy timeout, and write transactions open with
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,6 +29,10 @@ class Database:
         self.url = settings.url
         self.engine = create_database_engine(settings)
         self.dialect = self.engine.dialect.name
+        # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
+        # growing steps (the busy handler) instead of being woken. Queue this process's writers
+        # on a lock instead; other processes still meet busy_timeout.
+        self._write_lock: threading.Lock | None = threading.Lock() if self.is_sqlite else None
 
     @property
     def is_sqlite(self) -> bool:
@@ -36,7 +41,11 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """Open a write transaction (``BEGIN IMMEDIATE`` on SQLite); commit on success."""
-        with self._transaction(write=True) as conn:
+        if self._write_lock is None:
+            with self._transaction(write=True) as conn:
+                yield conn
+            return
+        with self._write_lock, self._transaction(write=True) as conn:
             yield conn
 
     @contextmanager

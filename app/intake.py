@@ -22,6 +22,9 @@ class IntakeCredits:
     stopped: bool = False
     # Work was signalled while a claim was on its way; that claim may have looked too early.
     signalled_during_claim: bool = False
+    # Results are waiting for the database: claim nothing more until commits catch up, so the
+    # results held in memory stay bounded even when handlers outrun commits.
+    commits_lagging: bool = False
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -40,7 +43,13 @@ class IntakeCredits:
                 self.signalled_during_claim = True
             else:
                 self.backlog_likely = True
-        if self.stopped or self.claim_in_flight or self.available <= 0 or not self.backlog_likely:
+        if (
+            self.stopped
+            or self.commits_lagging
+            or self.claim_in_flight
+            or self.available <= 0
+            or not self.backlog_likely
+        ):
             return 0
         self.claim_in_flight = True
         limit, self.available = self.available, 0

@@ -1,0 +1,458 @@
+"""DESIGN.md section 2, guarantees 1-4, checked with hypothesis against the real actors.
+
+Each example runs a real ``Worker`` (all six actors) on a fresh SQLite database with its own
+handler and subscriber registries, drives the work to the end, stops the worker and then
+checks the database, the handler log and the order in which commits and deliveries happened.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from actors.completion_processor import CommitObserver
+from app.claims import count_open_work
+from app.commits import CommitReport
+from app.db import Database
+from app.errors import PermanentError, RetryableError
+from app.handlers import HandlerRegistry, StepContext
+from app.messages import DomainEvent
+from app.models import domain_events, utcnow, workflow_step_transitions, workflow_steps
+from app.states import STEP_TRANSITIONS
+from app.submission import create_task
+from app.subscriptions import SubscriberRegistry
+from app.templates import TaskTemplate
+from app.worker import Worker
+from tests.conftest import make_settings, sqlite_database
+
+EXAMPLES = settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+# Steps whose plan has a timeout get this per-step limit; their other attempts sleep <= 50 ms.
+TIMEOUT_MS = 600
+RESULT_STATES = ("complete", "waiting_for_retry", "error")
+ERROR_TYPES = {
+    "ok": None,
+    "retryable": "retryable_error",
+    "permanent": "permanent_error",
+    "crash": "handler_error",
+    "timeout": "handler_timeout",
+}
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout_s`` passes; return whether it held."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def open_work(db: Database) -> int:
+    with db.read() as conn:
+        return count_open_work(conn, ("default",))
+
+
+def submit(db: Database, steps: list[dict[str, Any]], name: str = "prop") -> str:
+    template = TaskTemplate.model_validate({"name": name, "steps": steps})
+    with db.write() as conn:
+        return create_task(conn, template, {}, now=utcnow())
+
+
+@contextmanager
+def fresh_database() -> Iterator[Database]:
+    """A migrated SQLite database in a directory of its own (one per hypothesis example)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = sqlite_database(Path(tmp) / "p.db")
+        try:
+            yield db
+        finally:
+            db.dispose()
+
+
+@contextmanager
+def running_worker(
+    db: Database,
+    n: int,
+    registry: HandlerRegistry,
+    subscribers: SubscriberRegistry | None = None,
+    observer: CommitObserver | None = None,
+) -> Iterator[tuple[Worker, dict[str, Any]]]:
+    """Start a worker with ``n`` slots; stop it on exit, leaving its final stats in the dict."""
+    worker = Worker(
+        make_settings(
+            str(db.url),
+            worker={"max_concurrent_handlers": n},
+            event_system={"polling_interval_ms": 20},
+            retry={"backoff_base_ms": 10, "backoff_multiplier": 1.0, "jitter": 0.0},
+        ),
+        db,
+        registry=registry,
+        subscribers=subscribers or SubscriberRegistry(),
+        observer=observer,
+    )
+    final: dict[str, Any] = {}
+    worker.start()
+    try:
+        yield worker, final
+    finally:
+        final.update(worker.stop())
+
+
+@dataclass
+class Gauge:
+    """How many handlers hold a slot now, and the most that ever did at once."""
+
+    current: int = 0
+    peak: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    changed: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.changed = threading.Condition(self.lock)
+
+    def enter(self) -> Callable[[], None]:
+        """Take a slot; return an idempotent release."""
+        with self.lock:
+            self.current += 1
+            self.peak = max(self.peak, self.current)
+            self.changed.notify_all()
+        released = False
+
+        def leave() -> None:
+            nonlocal released
+            with self.lock:
+                if not released:
+                    released = True
+                    self.current -= 1
+
+        return leave
+
+    def wait_for_peak(self, n: int, timeout_s: float) -> bool:
+        with self.lock:
+            return self.changed.wait_for(lambda: self.peak >= n, timeout_s)
+
+
+# A plan is the sequence of what a step's attempts do; the last entry settles the step.
+FAILING = ("retryable", "crash", "timeout")
+plans = st.builds(
+    lambda fails, last, exhausted: [*fails, exhausted if last == "exhaust" else last],
+    st.lists(st.sampled_from(FAILING), max_size=2),
+    st.sampled_from(["ok", "ok", "permanent", "exhaust"]),
+    st.sampled_from(FAILING),
+)
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> tuple[int, list[dict[str, Any]]]:
+    """A concurrency and a random DAG of steps, each with a plan and sleeps per attempt."""
+    n = draw(st.integers(1, 8))
+    count = draw(st.integers(1, 12))
+    steps = []
+    for i in range(count):
+        plan = draw(plans)
+        parents = draw(st.lists(st.integers(0, i - 1), max_size=2, unique=True)) if i else []
+        steps.append(
+            {
+                "name": f"s{i}",
+                "handler": "prop.step",
+                "depends_on": [f"s{p}" for p in parents],
+                "max_attempts": len(plan),
+                "timeout_ms": TIMEOUT_MS if "timeout" in plan else None,
+                "inputs": {
+                    "plan": plan,
+                    "sleep_ms": draw(st.lists(st.integers(0, 50), min_size=3, max_size=3)),
+                },
+            }
+        )
+    return n, steps
+
+
+def expected_states(
+    steps: list[dict[str, Any]], kind_of: Callable[[str, int], str]
+) -> dict[str, tuple[str, int]]:
+    """Each step's final (state, attempts): a step runs only once all its parents completed."""
+    expected: dict[str, tuple[str, int]] = {}
+    for step in steps:  # parents come first
+        name, last = step["name"], step["max_attempts"]
+        expected[name] = ("pending", 0)
+        if any(expected[p][0] != "complete" for p in step["depends_on"]):
+            continue
+        for attempt in range(1, last + 1):
+            kind = kind_of(name, attempt)
+            if kind == "ok":
+                expected[name] = ("complete", attempt)
+                break
+            if kind == "permanent" or attempt == last:
+                expected[name] = ("error", attempt)
+                break
+    return expected
+
+
+def check_transitions(rows: list[Any], step_uuid: str) -> tuple[Counter[int], Counter[int]]:
+    """Walk one step's transitions in order; return claims and settlements per attempt."""
+    claims: Counter[int] = Counter()
+    settled: Counter[int] = Counter()
+    state: str | None = None
+    open_attempt: int | None = None
+    for row in rows:
+        assert row.from_state == state, (step_uuid, row)
+        if state is not None:
+            assert row.to_state in STEP_TRANSITIONS[state], (step_uuid, row)
+        if row.to_state == "in_progress":
+            assert open_attempt is None, f"{step_uuid}: claimed while attempt {open_attempt} open"
+            open_attempt = row.attempt
+            claims[row.attempt] += 1
+        elif row.from_state == "in_progress":
+            assert open_attempt is not None
+            if row.to_state == "enqueued":  # a release hands the attempt back uncounted
+                assert row.attempt == open_attempt - 1, (step_uuid, row)
+            else:
+                assert row.to_state in RESULT_STATES, (step_uuid, row)
+                assert row.attempt == open_attempt, (step_uuid, row)
+            settled[open_attempt] += 1
+            open_attempt = None
+        state = row.to_state
+    assert open_attempt is None, f"{step_uuid}: attempt {open_attempt} never settled"
+    return claims, settled
+
+
+@EXAMPLES
+@given(workloads())
+def test_random_workloads_keep_every_guarantee(workload: tuple[int, list[dict[str, Any]]]) -> None:
+    """Guarantees 1, 2 and 3 over random plans, sleeps, timeouts, DAGs and concurrency."""
+    n, steps = workload
+    registry, subscribers = HandlerRegistry(), SubscriberRegistry()
+    gauge = Gauge()
+    lock = threading.Lock()
+    invocations: list[tuple[str, int]] = []
+    never_cancelled: list[tuple[str, int]] = []
+    # Commits (from the observer) and deliveries (from a subscriber), in the order they happened.
+    sequence: list[tuple[str, str]] = []
+    reports: list[CommitReport] = []
+
+    def step(ctx: StepContext) -> dict[str, Any]:
+        leave = gauge.enter()
+        # A timed-out attempt gives its slot back when the Dispatcher cancels it, not when the
+        # abandoned thread finally returns: that is the moment a replacement may start.
+        ctx.cancelled.on_cancel(leave)
+        try:
+            key = (ctx.step_uuid, ctx.attempt)
+            kind = ctx.inputs["plan"][ctx.attempt - 1]
+            with lock:
+                invocations.append(key)
+            ctx.emit("test.attempt", {"attempt": ctx.attempt, "kind": kind})
+            if kind == "timeout":
+                if not ctx.cancelled.wait(10):
+                    with lock:
+                        never_cancelled.append(key)
+                return {"late": True}
+            time.sleep(ctx.inputs["sleep_ms"][ctx.attempt - 1] / 1000)
+            if kind == "retryable":
+                raise RetryableError("try again")
+            if kind == "permanent":
+                raise PermanentError("never")
+            if kind == "crash":
+                raise ValueError("boom")
+            return {"attempt": ctx.attempt}
+        finally:
+            leave()
+
+    def observer(report: CommitReport) -> None:
+        with lock:
+            reports.append(report)
+            sequence.extend(("commit", e.event_id) for e in report.events)
+
+    def subscriber(event: DomainEvent) -> None:
+        with lock:
+            sequence.append(("deliver", event.event_id))
+
+    def committed_types() -> dict[tuple[str, int], str | None]:
+        """The error type (None for success) each applied attempt was committed with."""
+        with lock:
+            return {
+                (o.step.step_uuid, o.step.attempt): o.failure.error_type if o.failure else None
+                for r in reports
+                for o in r.applied
+            }
+
+    def timed_out() -> list[tuple[str, int]]:
+        return sorted(k for k, t in committed_types().items() if t == "handler_timeout")
+
+    registry.register("prop.step", step)
+    subscribers.add("*", subscriber)
+    with fresh_database() as db:
+        with running_worker(db, n, registry, subscribers, observer) as (worker, final):
+            task_uuid = submit(db, steps)
+            worker.nudge()
+            assert wait_until(lambda: open_work(db) == 0), "work did not finish"
+            # Late results of timed-out attempts come back once their handlers see the flag.
+            assert wait_until(lambda: worker.status()["completion"]["rejected"] == len(timed_out()))
+        with db.read() as conn:
+            step_rows = {r.name: r for r in conn.execute(select(workflow_steps))}
+            transitions = list(
+                conn.execute(
+                    select(workflow_step_transitions).order_by(workflow_step_transitions.c.id)
+                )
+            )
+            stored_events = list(conn.execute(select(domain_events)))
+
+    # Guarantee 1: never more than n handlers at once.
+    assert gauge.peak <= n
+    assert gauge.current == 0
+
+    assert all(r.task_uuid == task_uuid for r in step_rows.values())
+
+    # Every step ends where its plan says; none is lost or left running. On a busy machine a
+    # quick attempt may still overrun a step's timeout: then it counts as a timeout.
+    committed = committed_types()
+    uuid_of = {name: r.step_uuid for name, r in step_rows.items()}
+    plan_of = {step["name"]: step["inputs"]["plan"] for step in steps}
+    for (step_uuid, attempt), error_type in committed.items():
+        planned = next(p for n, p in plan_of.items() if uuid_of[n] == step_uuid)[attempt - 1]
+        assert error_type in (ERROR_TYPES[planned], "handler_timeout"), (planned, error_type)
+
+    def kind_of(name: str, attempt: int) -> str:
+        if committed.get((uuid_of[name], attempt)) == "handler_timeout":
+            return "timeout"
+        return str(plan_of[name][attempt - 1])
+
+    expected = expected_states(steps, kind_of)
+    assert {name: (r.state, r.attempts) for name, r in step_rows.items()} == expected
+
+    # Guarantee 3: every claimed attempt has exactly one committed outcome, and each attempt
+    # ran its handler exactly once.
+    assert not never_cancelled
+    calls = Counter(invocations)
+    assert all(times == 1 for times in calls.values()), calls
+    by_uuid = {r.step_uuid: r for r in step_rows.values()}
+    for step_uuid, row in by_uuid.items():
+        claims, settled = check_transitions(
+            [t for t in transitions if t.step_uuid == step_uuid], step_uuid
+        )
+        attempts = set(range(1, row.attempts + 1))
+        assert claims == Counter(dict.fromkeys(attempts, 1)), (row.name, claims)
+        assert settled == claims, (row.name, settled)
+        assert {a for s, a in calls if s == step_uuid} == attempts, row.name
+    applied = Counter((o.step.step_uuid, o.step.attempt) for r in reports for o in r.applied)
+    assert applied == calls
+    rejected = sorted((o.step.step_uuid, o.step.attempt) for r in reports for o in r.rejected)
+    assert rejected == timed_out()
+    assert final["dispatcher"]["timeouts"] == len(rejected)
+    assert final["dispatcher"]["abandoned_threads"] == 0
+
+    # The outbox holds each applied attempt's events once; a timed-out attempt's own events
+    # died with its rejected late result.
+    stored = Counter((e.step_uuid, e.name) for e in stored_events)
+    for name, (state, ran) in expected.items():
+        kinds = [kind_of(name, attempt) for attempt in range(1, ran + 1)]
+        step_uuid = uuid_of[name]
+        assert stored[(step_uuid, "test.attempt")] == sum(k != "timeout" for k in kinds), name
+        assert stored[(step_uuid, "step.completed")] == (state == "complete"), name
+        assert stored[(step_uuid, "step.failed")] == ran - (state == "complete"), name
+
+    # Guarantee 2: each event is delivered once, and only after the commit that holds it.
+    committed_at: dict[str, int] = {}
+    delivered: Counter[str] = Counter()
+    for index, (what, event_id) in enumerate(sequence):
+        if what == "commit":
+            assert event_id not in committed_at
+            committed_at[event_id] = index
+        else:
+            assert committed_at.get(event_id, index) < index, f"{event_id} delivered first"
+            delivered[event_id] += 1
+    assert set(committed_at) == {e.event_id for e in stored_events}
+    assert delivered == Counter(committed_at.keys())
+
+
+@EXAMPLES
+@given(st.integers(1, 8))
+def test_enough_ready_work_fills_every_slot(n: int) -> None:
+    """Guarantee 1: with 2n ready steps, exactly n handlers run at once (never more)."""
+    registry = HandlerRegistry()
+    gauge = Gauge()
+    reached = []
+
+    def hold(ctx: StepContext) -> None:
+        leave = gauge.enter()
+        try:
+            # Stay in the slot until all n slots were busy at once (or give up after 10 s).
+            reached.append(gauge.wait_for_peak(n, 10.0))
+        finally:
+            leave()
+
+    registry.register("prop.hold", hold)
+    with fresh_database() as db, running_worker(db, n, registry) as (worker, _):
+        submit(db, [{"name": f"h{i}", "handler": "prop.hold"} for i in range(2 * n)])
+        worker.nudge()
+        assert wait_until(lambda: open_work(db) == 0)
+    assert gauge.peak == n
+    assert reached == [True] * (2 * n)
+
+
+@EXAMPLES
+@given(st.integers(1, 6))
+def test_blocked_completion_path_never_stops_handlers(n: int) -> None:
+    """Guarantee 4: while the CompletionProcessor is stuck, all 3n steps still run."""
+    registry = HandlerRegistry()
+    lock = threading.Lock()
+    started: list[str] = []
+    finished: list[str] = []
+    completion_blocked = threading.Event()
+    unblock = threading.Event()
+    calls = 0
+
+    def quick(ctx: StepContext) -> dict[str, str]:
+        with lock:
+            started.append(ctx.step_name)
+            first = len(started) == 1
+        if not first:
+            # Everyone but the first waits until the completion path is stuck, so all of
+            # them provably start while it is.
+            completion_blocked.wait(10)
+        with lock:
+            finished.append(ctx.step_name)
+        return {"step": ctx.step_name}
+
+    def observer(report: CommitReport) -> None:
+        # Runs on the CompletionProcessor's thread: blocking here blocks the whole actor.
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            completion_blocked.set()
+            unblock.wait(30)
+
+    registry.register("prop.quick", quick)
+    with fresh_database() as db:
+        with running_worker(db, n, registry, observer=observer) as (worker, final):
+            try:
+                submit(db, [{"name": f"q{i}", "handler": "prop.quick"} for i in range(3 * n)])
+                worker.nudge()
+                assert completion_blocked.wait(10)
+                ran_while_blocked = wait_until(lambda: len(finished) == 3 * n, timeout_s=15)
+                still_blocked = not unblock.is_set()
+            finally:
+                unblock.set()
+            assert ran_while_blocked, f"only {len(finished)} of {3 * n} handlers ran"
+            assert still_blocked
+            assert wait_until(lambda: open_work(db) == 0)
+        with db.read() as conn:
+            rows = list(conn.execute(select(workflow_steps.c.state, workflow_steps.c.attempts)))
+    assert sorted(started) == sorted(f"q{i}" for i in range(3 * n))
+    assert [tuple(r) for r in rows] == [("complete", 1)] * (3 * n)
+    assert final["completion"]["committed"] == 3 * n
