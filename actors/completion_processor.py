@@ -14,6 +14,7 @@ from app.claims import release_claims
 from app.commits import CommitReport, commit_outcomes, recover_stale_claims
 from app.db import Database
 from app.errors import StorageError
+from app.execution import RESULT_UNSTORABLE, unstorable
 from app.messages import ClaimedStep, StepOutcome
 from app.models import utcnow
 from app.retry import RetryPolicy
@@ -100,25 +101,62 @@ class CompletionProcessor(pykka.ThreadingActor):
         releases = list(self._releases)
         if not batch and not releases:
             return
-        now = self._clock()
         try:
-            with self._db.write() as conn:
-                report = commit_outcomes(conn, batch, policy=self._policy, now=now, rng=self._rng)
-                released = release_claims(
-                    conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"
-                )
+            report, released = self._commit(batch, releases)
         except StorageError as exc:
-            self._commit_failed(exc, len(batch) + len(releases))
+            if exc.transient or len(batch) < 2:
+                self._commit_failed(exc, len(batch) + len(releases))
+                return
+            # The database refused something in this batch and would refuse it again: find
+            # it by committing one outcome at a time, so it cannot hold up the others.
+            self._commit_one_by_one(batch)
             return
+        self._committed(len(batch))
+        self._releases.clear()
+        self.stats_counters["released"] += released
+        self._after_commit(report, work_ready=released > 0)
+
+    def _commit(
+        self, outcomes: Sequence[StepOutcome], releases: Sequence[ClaimedStep] = ()
+    ) -> tuple[CommitReport, int]:
+        now = self._clock()
+        with self._db.write() as conn:
+            report = commit_outcomes(conn, outcomes, policy=self._policy, now=now, rng=self._rng)
+            released = release_claims(
+                conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"
+            )
+        return report, released
+
+    def _commit_one_by_one(self, batch: Sequence[StepOutcome]) -> None:
+        for outcome in batch:
+            try:
+                try:
+                    report, _ = self._commit([outcome])
+                except StorageError as exc:
+                    if exc.transient:
+                        raise
+                    logger.error(
+                        "the database refused the result of step {} ({}); recording it as {}",
+                        outcome.step.step_uuid,
+                        exc,
+                        RESULT_UNSTORABLE,
+                    )
+                    report, _ = self._commit([unstorable(outcome, exc)])
+            except StorageError as exc:
+                self._commit_failed(exc, len(self._outcomes))
+                return
+            self._committed(1)
+            self._after_commit(report, work_ready=False)
+        self._schedule_flush()
+
+    def _committed(self, count: int) -> None:
+        """Drop ``count`` committed outcomes from the buffer; resume intake if it paused."""
         self._failures_in_a_row = 0
-        del self._outcomes[: len(batch)]
+        del self._outcomes[:count]
         if self._lagging and len(self._outcomes) <= self._batch_size // 2:
             self._lagging = False
             if self._intake is not None:
                 self._intake.commits_lagging.defer(False)
-        self._releases.clear()
-        self.stats_counters["released"] += released
-        self._after_commit(report, work_ready=released > 0)
         if self._outcomes:
             self._schedule_flush()
 
@@ -159,7 +197,11 @@ class CompletionProcessor(pykka.ThreadingActor):
                 outcome.step.attempt,
             )
         if self._observer is not None:
-            self._observer(report)
+            try:
+                self._observer(report)
+            except Exception:
+                # A hook that fails is logged; it must not stop results from being announced.
+                logger.exception("commit observer failed")
         if report.events:
             self._publisher.publish.defer(report.events)
         if self._intake is not None:

@@ -14,7 +14,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    IntegrityError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 
 from app.errors import ConfigurationError, StorageError
 from app.settings import DatabaseSettings
@@ -62,7 +68,10 @@ class Database:
                 with conn.begin():
                     yield conn
         except SQLAlchemyError as exc:
-            raise StorageError(f"database error: {_first_line(exc)}") from exc
+            refused = isinstance(exc, (DataError, IntegrityError, ProgrammingError))
+            raise StorageError(
+                f"database error: {_first_line(exc)}", transient=not refused
+            ) from exc
 
     def dispose(self) -> None:
         self.engine.dispose()

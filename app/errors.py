@@ -39,7 +39,15 @@ class TransitionError(DuplexError):
 
 
 class StorageError(DuplexError):
-    """The database failed; the driver's exception is the ``__cause__``."""
+    """The database failed; the driver's exception is the ``__cause__``.
+
+    ``transient`` is True for failures worth retrying as they are (lost connection, lock
+    timeout) and False when the database refused the data itself (it would fail again).
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class SchemaNotReadyError(StorageError):

@@ -29,6 +29,7 @@ HANDLER_NOT_FOUND = "handler_not_found"
 HANDLER_ABORTED = "handler_aborted"
 INVALID_RESULT = "invalid_result"
 RESULT_TOO_LARGE = "result_too_large"
+RESULT_UNSTORABLE = "result_unstorable"
 SHUTDOWN_TIMEOUT = "shutdown_timeout"
 WORKER_LOST = "worker_lost"
 
@@ -84,9 +85,7 @@ def run_attempt(
         failure = StepFailure(error_type, "handler was cancelled", retryable=True)
         return StepOutcome(step, started_at, clock(), failure=failure)
     except Exception as exc:
-        failure = StepFailure(
-            HANDLER_ERROR, _message(exc), retryable=True, traceback=traceback.format_exc()
-        )
+        failure = StepFailure(HANDLER_ERROR, _message(exc), retryable=True, traceback=_traceback())
         return StepOutcome(step, started_at, clock(), failure=failure, events=tuple(ctx.events))
     except BaseException as exc:
         # SystemExit, KeyboardInterrupt and friends would kill the worker's thread (and pykka
@@ -96,7 +95,7 @@ def run_attempt(
             HANDLER_ABORTED,
             f"handler raised {type(exc).__name__}: {exc}",
             retryable=False,
-            traceback=traceback.format_exc(),
+            traceback=_traceback(),
         )
         return StepOutcome(step, started_at, clock(), failure=failure)
 
@@ -153,6 +152,12 @@ def normalise_result(value: Any, max_result_bytes: int) -> JSONDict | StepFailur
     # Hand on exactly what a reader of the database will get back (int keys become strings,
     # tuples lists), so events and stored results never differ in shape.
     result = json.loads(encoded)
+    if _has_nul(encoded):
+        return StepFailure(
+            INVALID_RESULT,
+            "result contains a NUL character, which the database cannot store",
+            retryable=False,
+        )
     size = len(encoded.encode())
     if size > max_result_bytes:
         return StepFailure(
@@ -164,11 +169,35 @@ def normalise_result(value: Any, max_result_bytes: int) -> JSONDict | StepFailur
     return result
 
 
+def _has_nul(encoded_json: str) -> bool:
+    # json.dumps writes NUL as \u0000; PostgreSQL refuses it in JSONB and text.
+    return "\\u0000" in encoded_json.replace("\\\\", "")
+
+
+def storable_text(text: str) -> str:
+    """Return ``text`` with NUL characters spelled out, so any database accepts it."""
+    return text.replace("\x00", "\\x00")
+
+
+def unstorable(outcome: StepOutcome, exc: Exception) -> StepOutcome:
+    """Return a permanent failure for an attempt whose result the database refused."""
+    failure = StepFailure(
+        RESULT_UNSTORABLE,
+        storable_text(f"the database refused this result: {exc}"),
+        retryable=False,
+    )
+    return StepOutcome(outcome.step, outcome.started_at, outcome.finished_at, failure=failure)
+
+
 def timeout_failure(timeout_s: float) -> StepFailure:
     """Return the failure committed when an attempt runs past its deadline."""
     return StepFailure(HANDLER_TIMEOUT, f"handler ran longer than {timeout_s:g}s", retryable=True)
 
 
 def _message(exc: BaseException) -> str:
-    text = str(exc)
+    text = storable_text(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _traceback() -> str:
+    return storable_text(traceback.format_exc())

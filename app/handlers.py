@@ -92,9 +92,11 @@ class StepContext:
             raise ValueError("an event name must be a non-empty string")
         payload = {} if payload is None else payload
         try:
-            json.dumps(payload, allow_nan=False)
+            encoded = json.dumps([name, payload], allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"event {name!r} payload is not JSON-serialisable: {exc}") from None
+        if "\\u0000" in encoded.replace("\\\\", ""):
+            raise ValueError(f"event {name!r} contains a NUL character, which cannot be stored")
         self.events.append(EmittedEvent(name, payload))
 
     def time_remaining(self) -> float:

@@ -288,12 +288,6 @@ def test_full_event_buffer_drops_and_counts_but_keeps_rows(sqlite_db: Database) 
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a result PostgreSQL cannot store (NUL in JSONB/text) fails every batch commit "
-    "forever and blocks all other results (CompletionProcessor.flush retries the whole batch)",
-)
 def test_unstorable_result_does_not_block_other_results(postgres_db: Database) -> None:
     """Guarantee 6: a result the database rejects becomes a failure; others still commit."""
     registry = HandlerRegistry()
@@ -317,3 +311,56 @@ def test_unstorable_result_does_not_block_other_results(postgres_db: Database) -
     assert states == {"nul": "error", "fine": "complete"}
     assert settled
     assert not failing
+
+
+@pytest.mark.postgres
+def test_a_refused_outcome_is_isolated_and_recorded_as_unstorable(postgres_db: Database) -> None:
+    """The database refuses one outcome of a batch (an event name over 255 characters).
+
+    The batch is split, the refused outcome settles as ``result_unstorable`` and every other
+    result of the batch still commits and is announced.
+    """
+    registry, subscribers = HandlerRegistry(), SubscriberRegistry()
+    gate = threading.Event()
+
+    def poison(ctx: StepContext) -> None:
+        gate.wait(5)
+        ctx.emit("x" * 300, {})
+
+    def fine(ctx: StepContext) -> dict[str, str]:
+        gate.wait(5)
+        return {"step": ctx.step_name}
+
+    registry.register("t.poison", poison)
+    registry.register("t.fine", fine)
+    delivered: list[str] = []
+    subscribers.add("step.completed", lambda event: delivered.append(event.payload["step_name"]))
+    with running_worker(
+        postgres_db, registry, subscribers, worker={"max_concurrent_handlers": 4}
+    ) as (worker, _):
+        steps = [{"name": "poison", "handler": "t.poison"}] + [
+            {"name": f"fine{i}", "handler": "t.fine"} for i in range(3)
+        ]
+        template = TaskTemplate.model_validate({"name": "refused", "steps": steps})
+        with postgres_db.write() as conn:
+            create_task(conn, template, {}, now=utcnow())
+        worker.nudge()
+        # Release all four together so their results share a commit batch.
+        assert wait_until(lambda: worker.status()["dispatcher"]["running"] == 4, timeout_s=10)
+        gate.set()
+        assert wait_until(lambda: open_work(postgres_db) == 0, timeout_s=10)
+        assert wait_until(lambda: len(delivered) == 3, timeout_s=5)
+        assert not worker.status()["completion"]["commit_failing"]
+    with postgres_db.read() as conn:
+        rows = {
+            row.name: row
+            for row in conn.execute(
+                select(workflow_steps.c.name, workflow_steps.c.state, workflow_steps.c.error)
+            )
+        }
+    assert rows["poison"].state == "error"
+    assert rows["poison"].error["error_type"] == "result_unstorable"
+    assert {name: row.state for name, row in rows.items() if name != "poison"} == dict.fromkeys(
+        ["fine0", "fine1", "fine2"], "complete"
+    )
+    assert sorted(delivered) == ["fine0", "fine1", "fine2"]

@@ -178,14 +178,17 @@ def test_normalise_result_counts_bytes_not_characters() -> None:
     assert isinstance(normalise_result(value, len(encoded) - 1), StepFailure)
 
 
+# Every JSON value a database can store: PostgreSQL refuses NUL characters in JSONB.
+storable_text = st.text(alphabet=st.characters(exclude_characters="\x00"))
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
+    | storable_text,
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+        st.lists(children, max_size=4)
+        | st.dictionaries(storable_text.filter(lambda t: len(t) <= 5), children, max_size=4)
     ),
     max_leaves=20,
 )
@@ -591,3 +594,17 @@ def test_deadline_is_timezone_aware_utc() -> None:
     run(lambda ctx: seen.append(ctx.deadline), timeout_s=5)
     assert seen[0].tzinfo is not None
     assert seen[0].utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    "value", [{"text": "a\x00b"}, {"a\x00": 1}, ["x", {"deep": "\x00"}], "\x00"]
+)
+def test_a_nul_character_anywhere_is_an_invalid_result(value: Any) -> None:
+    failure = normalise_result(value, 1_000_000)
+    assert isinstance(failure, StepFailure)
+    assert failure.error_type == "invalid_result"
+    assert "NUL" in failure.message
+
+
+def test_a_literal_backslash_u0000_is_not_mistaken_for_nul() -> None:
+    assert normalise_result({"text": "\\u0000"}, 1_000_000) == {"text": "\\u0000"}
