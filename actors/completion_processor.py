@@ -35,7 +35,8 @@ class CompletionProcessor(pykka.ThreadingActor):
     """Batch results, commit each batch in one transaction, then publish its events.
 
     Results arriving while a batch commits queue up in the mailbox and go into the next
-    batch, so batches grow with load without any waiting. If a commit fails, the batch is
+    batch, so batches grow with load; ``linger_s`` (``worker.commit_linger_ms``) lets a batch
+    gather for a few milliseconds more before it commits. If a commit fails, the batch is
     kept and retried with backoff, and none of its events are delivered.
     """
 
@@ -48,6 +49,7 @@ class CompletionProcessor(pykka.ThreadingActor):
         policy: RetryPolicy,
         batch_size: int,
         claim_timeout_s: float,
+        linger_s: float = 0.0,
         worker_id: str,
         observer: CommitObserver | None = None,
         clock: Callable[[], datetime] = utcnow,
@@ -59,6 +61,7 @@ class CompletionProcessor(pykka.ThreadingActor):
         self._timer = timer
         self._policy = policy
         self._batch_size = batch_size
+        self._linger_s = linger_s
         self._claim_timeout = timedelta(seconds=claim_timeout_s)
         self._worker_id = worker_id
         self._observer = observer
@@ -223,8 +226,14 @@ class CompletionProcessor(pykka.ThreadingActor):
             self._timer.call_later(delay, self._self.flush.defer)
 
     def _schedule_flush(self) -> None:
-        if not self._flush_pending and self._self is not None:
-            self._flush_pending = True
+        if self._flush_pending or self._self is None:
+            return
+        self._flush_pending = True
+        if self._linger_s and len(self._outcomes) < self._batch_size:
+            # Let a few more results join the batch: one transaction for several results
+            # costs far less than one each, and the slots are already free (guarantee 4).
+            self._timer.call_later(self._linger_s, self._self.flush.defer)
+        else:
             self._self.flush.defer()
 
 

@@ -43,11 +43,12 @@ class WorkerSettings(_Section):
     namespaces: tuple[str, ...] = ("default",)
     handler_modules: tuple[str, ...] = ()
     max_concurrent_handlers: int = Field(default=10, ge=1, le=1024)
-    prefetch: int = Field(default=4, ge=0, le=1024)
+    prefetch: int = Field(default=10, ge=0, le=1024)
     handler_timeout_ms: int = Field(default=30_000, gt=0)
     shutdown_timeout_ms: int = Field(default=10_000, ge=0)
     max_result_bytes: int = Field(default=1_000_000, gt=0)
     commit_batch_size: int = Field(default=500, ge=1)
+    commit_linger_ms: float = Field(default=5.0, ge=0, le=1000)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
 
 

@@ -107,6 +107,7 @@ class Worker:
             self.timer,
             policy=RetryPolicy.from_settings(self.settings.retry),
             batch_size=cfg.commit_batch_size,
+            linger_s=cfg.commit_linger_ms / 1000,
             claim_timeout_s=self.settings.event_system.claim_timeout_s,
             worker_id=self.worker_id,
             observer=self.observer,
