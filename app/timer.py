@@ -41,12 +41,13 @@ class Timer:
     def call_later(self, delay_s: float, callback: Callable[[], object]) -> TimerHandle:
         """Run ``callback`` on the timer thread after ``delay_s`` seconds."""
         handle = TimerHandle()
+        entry = (time.monotonic() + max(0.0, delay_s), next(self._seq), handle, callback)
         with self._cond:
-            heapq.heappush(
-                self._heap,
-                (time.monotonic() + max(0.0, delay_s), next(self._seq), handle, callback),
-            )
-            self._cond.notify()
+            heapq.heappush(self._heap, entry)
+            # Wake the thread only when its next deadline moved earlier; most timers (handler
+            # deadlines) fire long after the head, and a wake-up per step costs the GIL.
+            if self._heap[0] is entry:
+                self._cond.notify()
         return handle
 
     def stop(self) -> None:
