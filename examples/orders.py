@@ -52,7 +52,21 @@ async def ship(ctx: StepContext) -> dict[str, Any]:
     return {"tracking": f"TRACK-{order['id']}"}
 
 
+@subscribe("step.*")
+def show_progress(event: DomainEvent) -> None:
+    p = event.payload
+    if event.name == "step.completed":
+        print(f"  step {p['step_name']:<14} complete   (attempt {p['attempt']})", flush=True)
+    else:
+        print(
+            f"  step {p['step_name']:<14} failed     (attempt {p['attempt']}, "
+            f"{p['error_type']}: {p['message']}) -> {p['state']}",
+            flush=True,
+        )
+
+
 @subscribe("payment.*")
 @subscribe("order.*")
+@subscribe("stock.*")
 def announce(event: DomainEvent) -> None:
-    print(f"event {event.name}: {event.payload}", flush=True)
+    print(f"  event {event.name}: {event.payload}", flush=True)
