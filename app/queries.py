@@ -79,26 +79,25 @@ def parse_uuid(text: str, what: str) -> str:
         raise InputError(f"unknown {what}: {text} (not a UUID)") from None
 
 
+_TASK_SUMMARY = select(
+    tasks.c.task_uuid,
+    tasks.c.name,
+    tasks.c.namespace,
+    tasks.c.version,
+    tasks.c.state,
+    execution_status.c.execution_status,
+    execution_status.c.total_steps,
+    execution_status.c.complete_steps,
+    execution_status.c.error_steps,
+    tasks.c.created_at,
+    tasks.c.completed_at,
+).join(execution_status, execution_status.c.task_uuid == tasks.c.task_uuid)
+
+
 def list_tasks(conn: Connection, *, limit: int = 50) -> list[TaskSummary]:
     """Return the newest tasks first, with their execution status."""
-    es = execution_status
     rows = conn.execute(
-        select(
-            tasks.c.task_uuid,
-            tasks.c.name,
-            tasks.c.namespace,
-            tasks.c.version,
-            tasks.c.state,
-            es.c.execution_status,
-            es.c.total_steps,
-            es.c.complete_steps,
-            es.c.error_steps,
-            tasks.c.created_at,
-            tasks.c.completed_at,
-        )
-        .join(es, es.c.task_uuid == tasks.c.task_uuid)
-        .order_by(tasks.c.created_at.desc(), tasks.c.task_uuid)
-        .limit(limit)
+        _TASK_SUMMARY.order_by(tasks.c.created_at.desc(), tasks.c.task_uuid).limit(limit)
     )
     return [TaskSummary(**row._asdict()) for row in rows]
 
@@ -106,24 +105,7 @@ def list_tasks(conn: Connection, *, limit: int = 50) -> list[TaskSummary]:
 def get_task(conn: Connection, task_uuid: str) -> TaskSummary:
     """Return one task, or raise ``InputError`` naming the unknown uuid."""
     task_id = parse_uuid(task_uuid, "task")
-    es = execution_status
-    row = conn.execute(
-        select(
-            tasks.c.task_uuid,
-            tasks.c.name,
-            tasks.c.namespace,
-            tasks.c.version,
-            tasks.c.state,
-            es.c.execution_status,
-            es.c.total_steps,
-            es.c.complete_steps,
-            es.c.error_steps,
-            tasks.c.created_at,
-            tasks.c.completed_at,
-        )
-        .join(es, es.c.task_uuid == tasks.c.task_uuid)
-        .where(tasks.c.task_uuid == task_id)
-    ).first()
+    row = conn.execute(_TASK_SUMMARY.where(tasks.c.task_uuid == task_id)).first()
     if row is None:
         raise InputError(f"unknown task: {task_uuid}")
     return TaskSummary(**row._asdict())
