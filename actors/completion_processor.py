@@ -107,7 +107,7 @@ class CompletionProcessor(pykka.ThreadingActor):
         try:
             report, released = self._commit(batch, releases)
         except StorageError as exc:
-            if exc.transient or len(batch) < 2:
+            if exc.transient or not batch:
                 self._commit_failed(exc, len(batch) + len(releases))
                 return
             # The database refused something in this batch and would refuse it again: find

@@ -90,10 +90,10 @@ class Dispatcher(pykka.ThreadingActor):
 
     def deadline_passed(self, worker_id: int, step_uuid: str, attempt: int) -> None:
         """Timer: if the attempt still runs, fail it as timed out and replace the worker."""
-        self._deadlines.pop(worker_id, None)
         run = self._pool.time_out(worker_id, step_uuid, attempt)
-        if run is None:
+        if run is None:  # a stale deadline: that attempt finished in time
             return
+        self._deadlines.pop(worker_id, None)
         self._abandon(run, timeout_failure(run.timeout_s))
         logger.warning(
             "step {} ({}) timed out after {:g}s; worker replaced, {} abandoned thread(s)",
@@ -118,7 +118,7 @@ class Dispatcher(pykka.ThreadingActor):
         """Shutdown timeout: give every running attempt a ``shutdown_timeout`` result."""
         runs = list(self._pool.running.values())
         for run in runs:
-            self._pool.time_out(run.worker_id, run.step.step_uuid, run.step.attempt)
+            self._pool.abandon(run.worker_id, run.step.step_uuid, run.step.attempt)
             failure = StepFailure(
                 SHUTDOWN_TIMEOUT,
                 "the worker stopped before the handler finished (worker.shutdown_timeout_ms)",

@@ -54,7 +54,11 @@ class DomainEventPublisher(pykka.ThreadingActor):
         """Deliver what is queued, then stop the delivery thread; return whether it finished."""
         if not self._thread.is_alive():
             return True
-        self._queue.put(_STOP)
+        try:
+            self._queue.put(_STOP, timeout=timeout_s)
+        except queue.Full:  # a subscriber is stuck; its thread is a daemon and dies with us
+            logger.error("event delivery is stuck; {} event(s) not delivered", self._queue.qsize())
+            return False
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 

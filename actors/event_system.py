@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from actors.command_processor import CommandProcessorProxy
 
 
+# How often event-driven intake looks anyway, and how soon a failed claim is retried.
+SAFETY_POLL_S = 30.0
+CLAIM_RETRY_S = 1.0
+
+
 class EventSystem(pykka.ThreadingActor):
     """Intake: claims when signalled and whenever capacity frees while a backlog remains."""
 
@@ -55,10 +60,7 @@ class EventSystem(pykka.ThreadingActor):
         """Start intake; sent once every actor that reports back to it is wired."""
         if self._listener is not None:
             self._listener.start()
-        if self._polling:
-            self.poll()
-        else:
-            self.nudge()
+        self.poll()
 
     def on_stop(self) -> None:
         self._stop_signals()
@@ -67,7 +69,10 @@ class EventSystem(pykka.ThreadingActor):
         """Timer tick: look for work, then schedule the next tick."""
         self._claim(work_signalled=True)
         if not self._credits.stopped and self._self is not None:
-            self._poll_handle = self._timer.call_later(self._interval, self._self.poll.defer)
+            # Event-driven intake still looks now and then: a retry falling due sends no
+            # NOTIFY, and the worker that scheduled it may have stopped.
+            interval = self._interval if self._polling else max(self._interval, SAFETY_POLL_S)
+            self._poll_handle = self._timer.call_later(interval, self._self.poll.defer)
 
     def nudge(self) -> None:
         """Work may be available now (a submission, dependents made ready, a retry due)."""
@@ -77,6 +82,13 @@ class EventSystem(pykka.ThreadingActor):
         """The StepExecutor finished a claim."""
         self._credits.claimed(requested, got)
         self._claim(work_signalled=False)
+
+    def claim_failed(self, requested: int) -> None:
+        """The StepExecutor's claim failed (database trouble): try again after a pause."""
+        self._credits.claimed(requested, 0)
+        self._credits.backlog_likely = True
+        if self._self is not None and not self._credits.stopped:
+            self._timer.call_later(CLAIM_RETRY_S, self._self.nudge.defer)
 
     def capacity_freed(self, slots: int = 1) -> None:
         """The Dispatcher has room again."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pykka
+from loguru import logger
 
-from app.execution import run_attempt
+from app.execution import HANDLER_ABORTED, run_attempt, storable_text
 from app.handlers import Cancellation, HandlerRegistry
-from app.messages import ClaimedStep
+from app.messages import ClaimedStep, StepFailure, StepOutcome
+from app.models import utcnow
 
 if TYPE_CHECKING:
     from actors.completion_processor import CompletionProcessorProxy
@@ -38,13 +40,25 @@ class HandlerWorker(pykka.ThreadingActor):
         self._max_result_bytes = max_result_bytes
 
     def run(self, step: ClaimedStep, cancellation: Cancellation, timeout_s: float) -> None:
-        outcome = run_attempt(
-            step,
-            self._registry,
-            timeout_s=timeout_s,
-            cancellation=cancellation,
-            max_result_bytes=self._max_result_bytes,
-        )
+        try:
+            outcome = run_attempt(
+                step,
+                self._registry,
+                timeout_s=timeout_s,
+                cancellation=cancellation,
+                max_result_bytes=self._max_result_bytes,
+            )
+        except BaseException as exc:
+            # run_attempt turns every handler failure into a result; this is Duplex failing to
+            # prepare the attempt. The slot and the claim must still come back.
+            logger.exception("could not run step {}", step.step_uuid)
+            now = utcnow()
+            failure = StepFailure(
+                HANDLER_ABORTED,
+                storable_text(f"the attempt could not be run: {type(exc).__name__}: {exc}"),
+                retryable=False,
+            )
+            outcome = StepOutcome(step, now, now, failure=failure)
         # Slot first: a slow completion path must never stop new handlers from starting.
         self._dispatcher.slot_freed.defer(self._worker_id, step.step_uuid, step.attempt)
         self._completion.submit.defer(outcome)

@@ -12,6 +12,7 @@ from loguru import logger
 from app.claims import claim_ready_steps
 from app.db import Database
 from app.errors import StorageError
+from app.messages import ClaimedStep
 from app.models import utcnow
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class StepExecutor(pykka.ThreadingActor):
         self._intake = intake
 
     def execute(self, limit: int) -> None:
-        steps = []
+        steps: list[ClaimedStep] = []
         try:
             with self._db.write() as conn:
                 steps = claim_ready_steps(
@@ -56,8 +57,11 @@ class StepExecutor(pykka.ThreadingActor):
                     now=self._clock(),
                 )
         except StorageError as exc:
-            # Nothing was claimed; the next poll tries again.
+            # Nothing was claimed; the intake tries again shortly.
             logger.warning("claim failed: {}", exc)
+            if self._intake is not None:
+                self._intake.claim_failed.defer(limit)
+            return
         if steps:
             self.claimed_total += len(steps)
             self._dispatcher.dispatch.defer(steps)

@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DataError,
+    DBAPIError,
     IntegrityError,
     ProgrammingError,
     SQLAlchemyError,
@@ -68,7 +69,11 @@ class Database:
                 with conn.begin():
                     yield conn
         except SQLAlchemyError as exc:
-            refused = isinstance(exc, (DataError, IntegrityError, ProgrammingError))
+            # The database refused the data itself, or the statement could not even be built
+            # from it: retrying the same data cannot help.
+            refused = isinstance(exc, (DataError, IntegrityError, ProgrammingError)) or not (
+                isinstance(exc, DBAPIError)
+            )
             raise StorageError(
                 f"database error: {_first_line(exc)}", transient=not refused
             ) from exc

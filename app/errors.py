@@ -17,6 +17,11 @@ The CLI prints any ``DuplexError`` as one line on stderr and exits non-zero.
 
 from __future__ import annotations
 
+import math
+
+# A retry can be put off by at most 30 days.
+MAX_RETRY_AFTER_S = 30 * 86400.0
+
 
 class DuplexError(Exception):
     """Root of every error Duplex raises on purpose."""
@@ -76,6 +81,11 @@ class RetryableError(StepError):
 
     def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
         super().__init__(message)
-        if retry_after is not None and retry_after < 0:
-            raise ValueError("retry_after must be >= 0 seconds")
+        if retry_after is not None and not (
+            math.isfinite(retry_after) and 0 <= retry_after <= MAX_RETRY_AFTER_S
+        ):
+            raise ValueError(
+                f"retry_after must be between 0 and {MAX_RETRY_AFTER_S:.0f} seconds, "
+                f"got {retry_after!r}"
+            )
         self.retry_after = retry_after

@@ -144,7 +144,7 @@ def normalise_result(value: Any, max_result_bytes: int) -> JSONDict | StepFailur
     else:
         result = {"result": value}
     try:
-        encoded = json.dumps(result, allow_nan=False, separators=(",", ":"))
+        encoded = json.dumps(result, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         return StepFailure(
             INVALID_RESULT, f"result is not JSON-serialisable: {exc}", retryable=False
@@ -158,7 +158,14 @@ def normalise_result(value: Any, max_result_bytes: int) -> JSONDict | StepFailur
             "result contains a NUL character, which the database cannot store",
             retryable=False,
         )
-    size = len(encoded.encode())
+    try:
+        size = len(encoded.encode("utf-8"))
+    except UnicodeEncodeError:
+        return StepFailure(
+            INVALID_RESULT,
+            "result contains text that is not valid Unicode (a lone surrogate)",
+            retryable=False,
+        )
     if size > max_result_bytes:
         return StepFailure(
             RESULT_TOO_LARGE,
@@ -176,7 +183,8 @@ def _has_nul(encoded_json: str) -> bool:
 
 def storable_text(text: str) -> str:
     """Return ``text`` with NUL characters spelled out, so any database accepts it."""
-    return text.replace("\x00", "\\x00")
+    # Lone surrogates (e.g. from undecodable file names) cannot be stored as UTF-8 either.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def unstorable(outcome: StepOutcome, exc: Exception) -> StepOutcome:

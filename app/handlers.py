@@ -92,12 +92,17 @@ class StepContext:
             raise ValueError("an event name must be a non-empty string")
         payload = {} if payload is None else payload
         try:
-            encoded = json.dumps([name, payload], allow_nan=False)
+            encoded = json.dumps([name, payload], allow_nan=False, ensure_ascii=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"event {name!r} payload is not JSON-serialisable: {exc}") from None
         if "\\u0000" in encoded.replace("\\\\", ""):
             raise ValueError(f"event {name!r} contains a NUL character, which cannot be stored")
-        self.events.append(EmittedEvent(name, payload))
+        try:
+            encoded.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"event {name!r} contains text that is not valid Unicode") from None
+        # Keep a copy: the handler may go on changing its dict after emitting it.
+        self.events.append(EmittedEvent(name, json.loads(encoded)[1]))
 
     def time_remaining(self) -> float:
         """Return the seconds left before this attempt times out (never negative)."""

@@ -37,7 +37,21 @@ def upgrade_to_head(db: Database) -> None:
         # SQLite: db.write() already holds the write lock (BEGIN IMMEDIATE).
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+        _refuse_unknown_revision(MigrationContext.configure(conn).get_current_revision())
         command.upgrade(alembic_config(conn), "head")
+
+
+def _refuse_unknown_revision(current: str | None) -> None:
+    if current is None:
+        return
+    known = {
+        script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    }
+    if current not in known:
+        raise SchemaNotReadyError(
+            f"the database is at revision {current}, which this version of Duplex does not "
+            "know (a newer Duplex migrated it): upgrade Duplex"
+        )
 
 
 def current_revision(db: Database) -> str | None:
@@ -49,6 +63,7 @@ def current_revision(db: Database) -> str | None:
 def ensure_schema_ready(db: Database) -> None:
     """Raise ``SchemaNotReadyError`` unless the database is at head."""
     current, head = current_revision(db), head_revision()
+    _refuse_unknown_revision(current)
     if current != head:
         state = "has no Duplex schema" if current is None else f"is at revision {current}"
         raise SchemaNotReadyError(

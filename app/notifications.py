@@ -39,7 +39,6 @@ class WorkListener:
         self._on_work = on_work
         self._reconnect_max_s = reconnect_max_s
         self._stop = threading.Event()
-        self._listening = threading.Event()
         self._thread = threading.Thread(target=self._run, name="duplex-listen", daemon=True)
 
     def start(self) -> None:
@@ -49,9 +48,11 @@ class WorkListener:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def wait_until_listening(self, timeout: float) -> bool:
-        """Return True once LISTEN is in effect (tests and start-up use it)."""
-        return self._listening.wait(timeout)
+    def _signal(self) -> None:
+        try:
+            self._on_work()
+        except Exception:  # the intake is gone (stopping); nothing left to wake
+            self._stop.set()
 
     def _run(self) -> None:
         delay = 0.5
@@ -59,16 +60,14 @@ class WorkListener:
             try:
                 with psycopg.connect(self._conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    self._listening.set()
                     delay = 0.5
                     # Anything committed while (re)connecting was missed: look once.
-                    self._on_work()
+                    self._signal()
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=0.5):
                             if note.payload in self._namespaces:
-                                self._on_work()
+                                self._signal()
             except psycopg.Error as exc:
-                self._listening.clear()
                 if self._stop.is_set():
                     return
                 # Polling (hybrid mode) covers the gap; keep trying to get the push back.

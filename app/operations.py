@@ -67,10 +67,6 @@ class OperatorReport:
     changes: tuple[StepChange, ...]
     still_running: int = 0
 
-    def moved_to(self, state: str) -> list[StepChange]:
-        """Return the changes that moved a step to ``state``."""
-        return [change for change in self.changes if change.to_state == state]
-
 
 def operator_identity() -> str:
     """Return who is running the command, as written to ``worker_id`` of transition rows."""

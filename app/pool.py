@@ -72,13 +72,19 @@ class HandlerPool:
         return True
 
     def time_out(self, worker_id: int, step_uuid: str, attempt: int) -> Running | None:
-        """Abandon the worker if it still runs that attempt; return the attempt if so."""
+        """Abandon the worker if it still runs that attempt (a timeout); return the attempt."""
+        run = self.abandon(worker_id, step_uuid, attempt)
+        if run is not None:
+            self.timeouts += 1
+        return run
+
+    def abandon(self, worker_id: int, step_uuid: str, attempt: int) -> Running | None:
+        """Give up on the worker if it still runs that attempt; return the attempt if so."""
         run = self.running.get(worker_id)
         if run is None or run.step.step_uuid != step_uuid or run.step.attempt != attempt:
             return None
         del self.running[worker_id]
         self.abandoned.add(worker_id)
-        self.timeouts += 1
         return run
 
     def take_waiting(self) -> list[ClaimedStep]:

@@ -7,11 +7,10 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from app.errors import MAX_RETRY_AFTER_S
 from app.messages import StepFailure
 from app.settings import RetrySettings
-
-WAITING_FOR_RETRY = "waiting_for_retry"
-ERROR = "error"
+from app.states import ERROR, WAITING_FOR_RETRY
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +63,9 @@ class RetryPolicy:
         """Decide between another attempt later and a permanent ``error``."""
         if not (failure.retryable and step_retryable and attempt < max_attempts):
             return RetryDecision(ERROR)
-        if failure.retry_after is not None:
-            wait = timedelta(seconds=failure.retry_after)
+        retry_after = failure.retry_after
+        if retry_after is not None and math.isfinite(retry_after):
+            wait = timedelta(seconds=min(max(0.0, retry_after), MAX_RETRY_AFTER_S))
         else:
             wait = self.delay(attempt, rng)
         return RetryDecision(WAITING_FOR_RETRY, now + wait)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from app.errors import TransitionError
-
 PENDING = "pending"
 ENQUEUED = "enqueued"
 IN_PROGRESS = "in_progress"
@@ -68,12 +66,6 @@ def is_legal_step_transition(from_state: str | None, to_state: str) -> bool:
     if from_state is None:
         return to_state in INITIAL
     return to_state in STEP_TRANSITIONS.get(from_state, frozenset())
-
-
-def check_step_transition(from_state: str, to_state: str) -> None:
-    """Raise ``TransitionError`` unless ``from_state -> to_state`` is a legal move."""
-    if not is_legal_step_transition(from_state, to_state):
-        raise TransitionError(f"a step cannot go from {from_state} to {to_state}")
 
 
 def derive_task_state(current: str, step_counts: Mapping[str, int]) -> str:

@@ -24,12 +24,21 @@ def parse_context(text: str | None) -> JSONDict:
     if text is None or not text.strip():
         return {}
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise InputError(f"invalid JSON context: {exc}") from None
+    except ValueError as exc:
+        raise InputError(f"invalid JSON context: {exc}") from None
+    except RecursionError:
+        raise InputError("invalid JSON context: nested too deeply") from None
     if not isinstance(value, dict):
         raise InputError(f"invalid JSON context: expected an object, got {type(value).__name__}")
     return value
+
+
+def _reject_constant(name: str) -> None:
+    # Python's json accepts NaN and Infinity; JSON (and PostgreSQL) do not.
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def create_task(

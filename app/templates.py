@@ -67,7 +67,8 @@ class StepTemplate(BaseModel):
     depends_on: tuple[_StepName, ...] = ()
     max_attempts: Annotated[int, Field(strict=True, ge=1, le=100)] = 3
     retryable: Annotated[bool, Field(strict=True)] = True
-    timeout_ms: Annotated[int, Field(strict=True, gt=0)] | None = None
+    # At most a week: a timeout is a deadline, and the timer serves at most 30 days ahead.
+    timeout_ms: Annotated[int, Field(strict=True, gt=0, le=604_800_000)] | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
     events: tuple[EventDeclaration, ...] = ()
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from loguru import logger
 
+MAX_DELAY_S = 30 * 86400.0
+
 
 class TimerHandle:
     """A scheduled callback; ``cancel()`` stops it from firing."""
@@ -41,7 +43,9 @@ class Timer:
     def call_later(self, delay_s: float, callback: Callable[[], object]) -> TimerHandle:
         """Run ``callback`` on the timer thread after ``delay_s`` seconds."""
         handle = TimerHandle()
-        entry = (time.monotonic() + max(0.0, delay_s), next(self._seq), handle, callback)
+        # Clamp: Condition.wait overflows on huge timeouts, and nothing here needs > 30 days.
+        delay_s = min(max(0.0, delay_s), MAX_DELAY_S)
+        entry = (time.monotonic() + delay_s, next(self._seq), handle, callback)
         with self._cond:
             heapq.heappush(self._heap, entry)
             # Wake the thread only when its next deadline moved earlier; most timers (handler
@@ -70,7 +74,7 @@ class Timer:
                     wait = self._heap[0][0] - time.monotonic()
                     if wait <= 0:
                         break
-                    self._cond.wait(wait)
+                    self._cond.wait(min(wait, 3600.0))
                 if self._stopped:
                     return
                 _, _, handle, callback = heapq.heappop(self._heap)

@@ -265,7 +265,10 @@ class Worker:
             logger.error("orderly stop interrupted ({}); stopping what is left", exc)
         finally:
             for ref in self._refs:
-                ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+                try:
+                    ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+                except pykka.Timeout:
+                    logger.error("{} did not stop in time", ref.actor_class.__name__)
             if self.timer is not None:
                 self.timer.stop()
             self._mark_stopped(final)
@@ -284,10 +287,10 @@ class Worker:
         assert self.actors is not None
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
-            if self.actors.completion.stats().get()["buffered"] == 0:
+            if self.actors.completion.stats().get(timeout=_ASK_TIMEOUT_S)["buffered"] == 0:
                 return
             time.sleep(0.02)
-        left = self.actors.completion.stats().get()["buffered"]
+        left = self.actors.completion.stats().get(timeout=_ASK_TIMEOUT_S)["buffered"]
         logger.error(
             "{} result(s) could not be committed before exit; their steps are recovered by the "
             "stale-claim rule",

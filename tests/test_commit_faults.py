@@ -364,3 +364,78 @@ def test_a_refused_outcome_is_isolated_and_recorded_as_unstorable(postgres_db: D
         ["fine0", "fine1", "fine2"], "complete"
     )
     assert sorted(delivered) == ["fine0", "fine1", "fine2"]
+
+
+def test_stop_does_not_hang_on_a_stuck_subscriber_with_a_full_queue(tmp_path: Any) -> None:
+    """A subscriber that never returns and a full delivery queue: stop still ends, and logs."""
+    from tests.conftest import sqlite_database
+
+    db = sqlite_database(tmp_path / "stuck.db")
+    ran: list[str] = []
+    stuck = threading.Event()  # never set: the subscriber blocks for good
+    subscribers = SubscriberRegistry()
+    subscribers.add("*", lambda event: stuck.wait())
+    worker = Worker(
+        make_settings(
+            str(db.url),
+            worker={"max_concurrent_handlers": 2, "shutdown_timeout_ms": 100},
+            domain_events={"buffer_size": 2},
+        ),
+        db,
+        registry=emitting_registry(ran),
+        subscribers=subscribers,
+    )
+    worker.start()
+    submit_steps(db, 4)
+    worker.nudge()
+    assert wait_until(lambda: open_work(db) == 0, timeout_s=15)
+    finished = threading.Event()
+
+    def stop() -> None:
+        worker.stop()
+        finished.set()
+
+    threading.Thread(target=stop, daemon=True).start()
+    assert finished.wait(60), "Worker.stop hung on the stuck subscriber"
+    db.dispose()
+
+
+def test_an_attempt_that_cannot_even_be_prepared_still_frees_its_slot(tmp_path: Any) -> None:
+    """If Duplex itself fails before the handler runs, the step fails and the slot returns."""
+    from tests.conftest import sqlite_database
+
+    class BrokenRegistry(HandlerRegistry):
+        def resolve(self, name: str) -> Any:
+            if name == "t.broken":
+                raise RuntimeError("registry exploded")
+            return super().resolve(name)
+
+    db = sqlite_database(tmp_path / "broken.db")
+    ran: list[str] = []
+    registry = BrokenRegistry()
+    registry.register("t.emit", emitting_registry(ran).resolve("t.emit"))  # type: ignore[arg-type]
+    steps = [{"name": "broken", "handler": "t.broken"}] + [
+        {"name": f"s{i}", "handler": "t.emit"} for i in range(3)
+    ]
+    with db.write() as conn:
+        create_task(
+            conn, TaskTemplate.model_validate({"name": "b", "steps": steps}), {}, now=utcnow()
+        )
+    worker = Worker(
+        make_settings(str(db.url), worker={"max_concurrent_handlers": 1}),
+        db,
+        registry=registry,
+        subscribers=SubscriberRegistry(),
+    )
+    worker.start()
+    try:
+        assert wait_until(lambda: open_work(db) == 0, timeout_s=15)
+        assert worker.status()["dispatcher"]["running"] == 0
+    finally:
+        worker.stop()
+    with db.read() as conn:
+        rows = {r.name: r for r in conn.execute(select(workflow_steps))}
+    assert rows["broken"].state == "error"
+    assert rows["broken"].error["error_type"] == "handler_aborted"
+    assert all(rows[f"s{i}"].state == "complete" for i in range(3))
+    db.dispose()

@@ -172,8 +172,9 @@ def test_normalise_result_size_limit_is_inclusive() -> None:
 
 
 def test_normalise_result_counts_bytes_not_characters() -> None:
-    value = {"k": "é" * 10}  # 2 bytes each in UTF-8, escaped to 6 by json.dumps
-    encoded = json.dumps(value, separators=(",", ":")).encode()
+    value = {"k": "é" * 10}  # 1 character, 2 bytes each in UTF-8
+    encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    assert len(encoded) > len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
     assert isinstance(normalise_result(value, len(encoded)), dict)
     assert isinstance(normalise_result(value, len(encoded) - 1), StepFailure)
 
@@ -608,3 +609,35 @@ def test_a_nul_character_anywhere_is_an_invalid_result(value: Any) -> None:
 
 def test_a_literal_backslash_u0000_is_not_mistaken_for_nul() -> None:
     assert normalise_result({"text": "\\u0000"}, 1_000_000) == {"text": "\\u0000"}
+
+
+def test_a_lone_surrogate_is_an_invalid_result() -> None:
+    failure = normalise_result({"path": "caf\udcff"}, 1_000_000)
+    assert isinstance(failure, StepFailure)
+    assert failure.error_type == "invalid_result"
+    assert "Unicode" in failure.message
+
+
+@pytest.mark.parametrize("retry_after", [float("nan"), float("inf"), -1.0, 1e12])
+def test_retry_after_must_be_a_sane_number_of_seconds(retry_after: float) -> None:
+    with pytest.raises(ValueError, match="retry_after"):
+        RetryableError("later", retry_after=retry_after)
+
+
+def test_an_emitted_payload_changed_afterwards_is_stored_as_emitted() -> None:
+    registry = HandlerRegistry()
+
+    def handler(ctx: StepContext) -> None:
+        payload: dict[str, Any] = {"n": 1}
+        ctx.emit("thing.happened", payload)
+        payload["at"] = object()  # not JSON; must not reach the commit
+
+    registry.register("h", handler)
+    outcome = run_attempt(
+        ClaimedStep("s", "t", "step", "h", 1, 3, True, None, "w"),
+        registry,
+        timeout_s=5,
+        cancellation=Cancellation(),
+        max_result_bytes=1000,
+    )
+    assert outcome.events == (EmittedEvent("thing.happened", {"n": 1}),)

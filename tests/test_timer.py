@@ -153,3 +153,11 @@ def test_stop_drops_pending_callbacks() -> None:
     assert fired == []
     # Stopping twice is harmless.
     timer.stop()
+
+
+def test_a_delay_beyond_what_the_clock_can_wait_does_not_kill_the_thread(timer: Timer) -> None:
+    # Condition.wait overflows past threading.TIMEOUT_MAX; the timer must survive that.
+    done = threading.Event()
+    timer.call_later(1e12, lambda: None)
+    timer.call_later(0.01, done.set)
+    assert done.wait(5)
