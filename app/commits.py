@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -181,7 +181,7 @@ def commit_outcomes(
     if event_rows:
         conn.execute(insert(domain_events), event_rows)
     if touched_tasks:
-        update_task_states(conn, touched_tasks, now=now)
+        update_task_states(conn, touched_tasks, now=now, locked_states=task_states)
     return report
 
 
@@ -276,10 +276,23 @@ _TASK_STATES = select(tasks.c.task_uuid, tasks.c.state).where(
 _LOCK_TASKS = _TASK_STATES.order_by(tasks.c.task_uuid).with_for_update()
 
 
-def update_task_states(conn: Connection, task_uuids: Iterable[str], *, now: datetime) -> None:
-    """Bring each task's state in line with its steps (see ``derive_task_state``)."""
+def update_task_states(
+    conn: Connection,
+    task_uuids: Iterable[str],
+    *,
+    now: datetime,
+    locked_states: Mapping[str, str] | None = None,
+) -> None:
+    """Bring each task's state in line with its steps (see ``derive_task_state``).
+
+    ``locked_states`` are the states ``lock_tasks`` read in this transaction, if at hand.
+    """
     ids = sorted(set(task_uuids))
-    current = {task_uuid: state for task_uuid, state in conn.execute(_TASK_STATES, {"ids": ids})}
+    if locked_states is None:
+        locked_states = {t: s for t, s in conn.execute(_TASK_STATES, {"ids": ids})}
+    current = {
+        task_uuid: locked_states[task_uuid] for task_uuid in ids if task_uuid in locked_states
+    }
     for task_uuid, state in current.items():
         new_state = derive_task_state(state, _states_present(conn, task_uuid))
         if new_state == state:
