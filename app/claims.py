@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Integer, Select, and_, bindparam, func, insert, select, update
 
-from app.commits import declared_events, lock_tasks
+from app.commits import declared_events, lock_tasks, transition_row
 from app.messages import ClaimedStep
 from app.models import (
     tasks,
@@ -244,13 +244,15 @@ def release_claims(
             released += 1
             conn.execute(
                 insert(workflow_step_transitions).values(
-                    step_uuid=step.step_uuid,
-                    from_state=IN_PROGRESS,
-                    to_state=to_state,
-                    attempt=step.attempt - 1,
-                    worker_id=worker_id,
-                    reason=f"{reason}; task cancelled" if cancelled else reason,
-                    created_at=now,
+                    transition_row(
+                        step.step_uuid,
+                        IN_PROGRESS,
+                        to_state,
+                        step.attempt - 1,
+                        worker_id,
+                        now,
+                        f"{reason}; task cancelled" if cancelled else reason,
+                    )
                 )
             )
     return released
