@@ -495,14 +495,16 @@ def test_watch_follows_a_task_until_it_finishes(cli: Cli) -> None:
     template = cli.template("gated", GATED.replace('"retryable"', '"ok"'))
     task = cli.submit(template, {"gate_dir": str(gate_dir)})
     watch = cli.popen("status", task, "--watch", "--json", "--interval", "0.1")
-    worker = cli.popen("run", "--until-idle")
     watchdog = threading.Timer(WAIT_S, watch.kill)
     watchdog.start()
+    worker = None
     try:
         assert watch.stdout is not None
         assert watch.stderr is not None
+        # The first snapshot comes before any worker runs, so it shows the task pending.
+        snapshots: list[dict[str, Any]] = [json.loads(watch.stdout.readline())]
+        worker = cli.popen("run", "--until-idle")
         # Read snapshots until one shows the gated steps running, then let them finish.
-        snapshots: list[dict[str, Any]] = []
         while not snapshots or not any(s["state"] == "in_progress" for s in snapshots[-1]["steps"]):
             line = watch.stdout.readline()
             assert line, "the watch ended before showing a running step"
@@ -515,7 +517,7 @@ def test_watch_follows_a_task_until_it_finishes(cli: Cli) -> None:
     finally:
         watchdog.cancel()
         for process in (watch, worker):
-            if process.poll() is None:
+            if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
     assert watch.returncode == 0, err
