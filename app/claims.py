@@ -70,8 +70,10 @@ def claim_ready_steps(
     )
     if not claimed:
         return []
-    # RETURNING gives no order guarantee; keep the queue's order (oldest first).
-    claimed.sort(key=lambda r: (r.created_at, r.position))
+    # RETURNING gives no order guarantee; keep the queue's order (due retries first, then
+    # the oldest enqueued), which is the order the candidates were read in.
+    queue_order = {step_uuid: i for i, step_uuid in enumerate(candidates)}
+    claimed.sort(key=lambda r: queue_order[r.step_uuid])
 
     conn.execute(
         insert(workflow_step_transitions),

@@ -92,6 +92,9 @@ class StepStateMachine(RuleBasedStateMachine):
         self.rng = random.Random(0)
         # Every claim ever made, settled or not: committing a settled one tests the guard.
         self.claims: list[ClaimedStep] = []
+        # Steps in creation order: draws must not depend on the (random) uuids, or hypothesis
+        # cannot replay an example.
+        self.step_uuids: list[str] = []
 
     def teardown(self) -> None:
         self.db.dispose()
@@ -235,11 +238,18 @@ class StepStateMachine(RuleBasedStateMachine):
 
     def _create(self, template: TaskTemplate) -> str:
         with self.db.write() as conn:
-            return create_task(conn, template, {}, now=self.now)
+            task_uuid = create_task(conn, template, {}, now=self.now)
+            self.step_uuids.extend(
+                conn.execute(
+                    select(workflow_steps.c.step_uuid)
+                    .where(workflow_steps.c.task_uuid == task_uuid)
+                    .order_by(workflow_steps.c.position)
+                ).scalars()
+            )
+        return task_uuid
 
     def _step_uuids(self) -> list[str]:
-        with self.db.read() as conn:
-            return sorted(conn.execute(select(workflow_steps.c.step_uuid)).scalars())
+        return self.step_uuids
 
     def _snapshot(self) -> tuple[Any, ...]:
         with self.db.read() as conn:
