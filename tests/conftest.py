@@ -6,14 +6,16 @@ PostgreSQL tests skip on a laptop without a server, but fail when ``CI`` is set.
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
 
+from app.claims import count_open_work
 from app.db import Database
 from app.migrate import upgrade_to_head
 from app.settings import DatabaseSettings, Settings
@@ -21,6 +23,22 @@ from app.settings import DatabaseSettings, Settings
 POSTGRES_URL = os.environ.get(
     "DUPLEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout_s`` passes; return whether it held."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def open_work(db: Database, namespaces: tuple[str, ...] = ("default",)) -> int:
+    """Count steps that could still run (enqueued, in progress, waiting for retry)."""
+    with db.read() as conn:
+        return count_open_work(conn, namespaces)
 
 
 def make_settings(url: str, **sections: dict[str, Any]) -> Settings:

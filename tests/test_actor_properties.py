@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from actors.completion_processor import CommitObserver
-from app.claims import count_open_work
 from app.commits import CommitReport
 from app.db import Database
 from app.errors import PermanentError, RetryableError
@@ -34,7 +33,7 @@ from app.submission import create_task
 from app.subscriptions import SubscriberRegistry
 from app.templates import TaskTemplate
 from app.worker import Worker
-from tests.conftest import make_settings, sqlite_database
+from tests.conftest import make_settings, open_work, sqlite_database, wait_until
 
 EXAMPLES = settings(
     max_examples=12,
@@ -51,21 +50,6 @@ ERROR_TYPES = {
     "crash": "handler_error",
     "timeout": "handler_timeout",
 }
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout_s`` passes; return whether it held."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
-def open_work(db: Database) -> int:
-    with db.read() as conn:
-        return count_open_work(conn, ("default",))
 
 
 def submit(db: Database, steps: list[dict[str, Any]], name: str = "prop") -> str:

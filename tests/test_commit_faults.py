@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,7 +21,6 @@ import pytest
 from sqlalchemy import event, select
 
 from actors.completion_processor import CommitObserver
-from app.claims import count_open_work
 from app.commits import CommitReport
 from app.db import Database
 from app.handlers import HandlerRegistry, StepContext
@@ -31,23 +30,9 @@ from app.submission import create_task
 from app.subscriptions import SubscriberRegistry
 from app.templates import TaskTemplate
 from app.worker import Worker
-from tests.conftest import make_settings
+from tests.conftest import make_settings, open_work, sqlite_database, wait_until
 
 STEPS = 6
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
-def open_work(db: Database) -> int:
-    with db.read() as conn:
-        return count_open_work(conn, ("default",))
 
 
 def submit_steps(db: Database, count: int) -> str:
@@ -368,8 +353,6 @@ def test_a_refused_outcome_is_isolated_and_recorded_as_unstorable(postgres_db: D
 
 def test_stop_does_not_hang_on_a_stuck_subscriber_with_a_full_queue(tmp_path: Any) -> None:
     """A subscriber that never returns and a full delivery queue: stop still ends, and logs."""
-    from tests.conftest import sqlite_database
-
     db = sqlite_database(tmp_path / "stuck.db")
     ran: list[str] = []
     stuck = threading.Event()  # never set: the subscriber blocks for good
@@ -402,7 +385,6 @@ def test_stop_does_not_hang_on_a_stuck_subscriber_with_a_full_queue(tmp_path: An
 
 def test_an_attempt_that_cannot_even_be_prepared_still_frees_its_slot(tmp_path: Any) -> None:
     """If Duplex itself fails before the handler runs, the step fails and the slot returns."""
-    from tests.conftest import sqlite_database
 
     class BrokenRegistry(HandlerRegistry):
         def resolve(self, name: str) -> Any:

@@ -25,6 +25,7 @@ from tests.conftest import (
     make_settings,
     postgres_schema_url,
     require_postgres,
+    wait_until,
 )
 
 pytestmark = pytest.mark.postgres
@@ -43,15 +44,6 @@ def pg_url() -> Iterator[str]:
         yield postgres_schema_url(schema)
     finally:
         drop_postgres_schema(schema)
-
-
-def wait_for(predicate: object, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_two_workers_share_the_queue_and_run_each_step_once(pg_url: str) -> None:
@@ -77,7 +69,7 @@ def test_two_workers_share_the_queue_and_run_each_step_once(pg_url: str) -> None
     for worker in workers:
         worker.start()
     try:
-        assert wait_for(lambda: sum(runs.values()) >= 200, 60)
+        assert wait_until(lambda: sum(runs.values()) >= 200, 60)
     finally:
         for worker in workers:
             worker.stop()

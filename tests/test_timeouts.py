@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,16 +25,7 @@ from app.models import domain_events, utcnow, workflow_steps
 from app.submission import create_task
 from app.templates import TaskTemplate
 from app.worker import Worker
-from tests.conftest import make_settings
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+from tests.conftest import make_settings, wait_until
 
 
 def submit(db: Database, *steps: dict[str, Any]) -> str:
