@@ -6,31 +6,38 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
+from actors.supervised import SupervisedActor, tell
 from app.messages import Command, ExecuteReadySteps, Shutdown, Status
+from app.supervision import Supervisor
 
 if TYPE_CHECKING:
     from actors.dispatcher import DispatcherProxy
     from actors.step_executor import StepExecutorProxy
 
 
-class CommandProcessor(pykka.ThreadingActor):
+class CommandProcessor(SupervisedActor):
     """Route ``ExecuteReadySteps``, ``Status`` and ``Shutdown``; decide nothing else."""
 
-    def __init__(self, executor: StepExecutorProxy, dispatcher: DispatcherProxy) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        executor: StepExecutorProxy,
+        dispatcher: DispatcherProxy,
+        supervisor: Supervisor | None = None,
+    ) -> None:
+        super().__init__(supervisor)
         self._executor = executor
         self._dispatcher = dispatcher
 
     def handle(self, command: Command) -> Any:
         match command:
             case ExecuteReadySteps(limit=limit):
-                self._executor.execute.defer(limit)
+                tell(self._executor.execute, limit)
                 return None
             case Status():
                 # Hand back the future; waiting on it here would block this actor.
                 return self._dispatcher.stats()
             case Shutdown():
-                self._dispatcher.drain.defer()
+                tell(self._dispatcher.drain)
                 return None
         raise TypeError(f"unknown command: {command!r}")
 

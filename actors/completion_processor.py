@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import random
+import socket
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pykka
 from loguru import logger
 
+from actors.supervised import SupervisedActor, take_mailbox, tell
 from app.claims import release_claims
-from app.commits import CommitReport, commit_outcomes, recover_stale_claims
+from app.commits import CommitReport, commit_outcomes
 from app.db import Database
 from app.errors import StorageError
 from app.execution import RESULT_UNSTORABLE, unstorable
 from app.messages import ClaimedStep, StepOutcome
 from app.models import utcnow
+from app.recovery import dead_local_workers, recover_lost_claims
 from app.retry import RetryPolicy
+from app.supervision import Supervisor
 from app.timer import Timer
 
 if TYPE_CHECKING:
@@ -31,7 +37,7 @@ class CommitObserver(Protocol):
     def __call__(self, report: CommitReport) -> None: ...
 
 
-class CompletionProcessor(pykka.ThreadingActor):
+class CompletionProcessor(SupervisedActor):
     """Batch results, commit each batch in one transaction, then publish its events.
 
     Results arriving while a batch commits queue up in the mailbox and go into the next
@@ -54,15 +60,17 @@ class CompletionProcessor(pykka.ThreadingActor):
         observer: CommitObserver | None = None,
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(supervisor)
         self._db = db
         self._publisher = publisher
         self._timer = timer
         self._policy = policy
         self._batch_size = batch_size
         self._linger_s = linger_s
-        self._claim_timeout = timedelta(seconds=claim_timeout_s)
+        self._heartbeat_timeout = timedelta(seconds=claim_timeout_s)
+        self._hostname = socket.gethostname()
         self._worker_id = worker_id
         self._observer = observer
         self._clock = clock
@@ -74,7 +82,13 @@ class CompletionProcessor(pykka.ThreadingActor):
         self._lagging = False
         self._intake: EventSystemProxy | None = None
         self._self: CompletionProcessorProxy | None = None
-        self.stats_counters = {"committed": 0, "rejected": 0, "released": 0, "commit_errors": 0}
+        self.stats_counters = {
+            "committed": 0,
+            "rejected": 0,
+            "released": 0,
+            "commit_errors": 0,
+            "recovered": 0,
+        }
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
@@ -89,7 +103,7 @@ class CompletionProcessor(pykka.ThreadingActor):
         if not self._lagging and len(self._outcomes) >= self._batch_size:
             self._lagging = True
             if self._intake is not None:
-                self._intake.commits_lagging.defer(True)
+                tell(self._intake.commits_lagging, True)
         self._schedule_flush()
 
     def release(self, steps: Sequence[ClaimedStep]) -> None:
@@ -100,24 +114,66 @@ class CompletionProcessor(pykka.ThreadingActor):
     def flush(self) -> None:
         """Commit what is buffered, one transaction per batch."""
         self._flush_pending = False
+        if not self._flush_batch():
+            self._flush_pending = True
+            if self._self is not None:
+                self._timer.call_later(self._retry_delay(), partial(tell, self._self.flush))
+        elif self._outcomes or self._releases:
+            self._schedule_flush()
+
+    def drain(self, timeout_s: float) -> int:
+        """The worker is stopping: commit everything held now, retrying failed commits for up
+        to ``timeout_s``; return how many results (and releases) are still uncommitted."""
+        end = time.monotonic() + timeout_s
+        while self._outcomes or self._releases:
+            if self._flush_batch():
+                continue
+            pause = min(self._retry_delay(), end - time.monotonic())
+            if pause <= 0:
+                break
+            time.sleep(pause)
+        return len(self._outcomes) + len(self._releases)
+
+    def salvage(self) -> None:
+        # This actor failed: take in the results still in its mailbox, try each batch once,
+        # and count what could not be saved (those claims fall to the liveness rule).
+        for message in take_mailbox(self):
+            if message.attr_path == ("submit",):
+                self._outcomes.extend(message.args)
+            elif message.attr_path == ("release",):
+                self._releases.extend(message.args[0])
+        while (self._outcomes or self._releases) and self._flush_batch():
+            pass
+        left = len(self._outcomes) + len(self._releases)
+        if left:
+            logger.error("{} result(s) could not be committed after the failure", left)
+            self.supervisor.results_lost(left)
+
+    def on_stop(self) -> None:
+        # Stopped without a drain (the worker's stop was cut short): one last try.
+        while (self._outcomes or self._releases) and self._flush_batch():
+            pass
+
+    def _flush_batch(self) -> bool:
+        """Commit one batch; return False when the database failed (the batch is kept)."""
         batch = self._outcomes[: self._batch_size]
         releases = list(self._releases)
         if not batch and not releases:
-            return
+            return True
         try:
             report, released = self._commit(batch, releases)
         except StorageError as exc:
             if exc.transient or not batch:
                 self._commit_failed(exc, len(batch) + len(releases))
-                return
+                return False
             # The database refused something in this batch and would refuse it again: find
             # it by committing one outcome at a time, so it cannot hold up the others.
-            self._commit_one_by_one(batch)
-            return
+            return self._commit_one_by_one(batch)
         self._committed(len(batch))
         self._releases.clear()
         self.stats_counters["released"] += released
         self._after_commit(report, work_ready=released > 0)
+        return True
 
     def _commit(
         self, outcomes: Sequence[StepOutcome], releases: Sequence[ClaimedStep] = ()
@@ -130,7 +186,7 @@ class CompletionProcessor(pykka.ThreadingActor):
             )
         return report, released
 
-    def _commit_one_by_one(self, batch: Sequence[StepOutcome]) -> None:
+    def _commit_one_by_one(self, batch: Sequence[StepOutcome]) -> bool:
         for outcome in batch:
             try:
                 try:
@@ -147,10 +203,10 @@ class CompletionProcessor(pykka.ThreadingActor):
                     report, _ = self._commit([unstorable(outcome, exc)])
             except StorageError as exc:
                 self._commit_failed(exc, len(self._outcomes))
-                return
+                return False
             self._committed(1)
             self._after_commit(report, work_ready=False)
-        self._schedule_flush()
+        return True
 
     def _committed(self, count: int) -> None:
         """Drop ``count`` committed outcomes from the buffer; resume intake if it paused."""
@@ -159,27 +215,40 @@ class CompletionProcessor(pykka.ThreadingActor):
         if self._lagging and len(self._outcomes) <= self._batch_size // 2:
             self._lagging = False
             if self._intake is not None:
-                self._intake.commits_lagging.defer(False)
-        if self._outcomes:
-            self._schedule_flush()
+                tell(self._intake.commits_lagging, False)
 
-    def recover_stale_claims(self) -> int:
-        """Fail attempts of workers that stopped heart-beating, so their steps run again."""
+    def recover_lost_claims(self) -> int:
+        """Fail the running attempts of dead workers (``worker_lost``), so their steps run again."""
+        now = self._clock()
         try:
             with self._db.write() as conn:
-                report = recover_stale_claims(
+                dead = dead_local_workers(
                     conn,
-                    claim_timeout=self._claim_timeout,
-                    now=self._clock(),
+                    hostname=self._hostname,
+                    me=self._worker_id,
+                    heartbeat_cutoff=now - self._heartbeat_timeout,
+                )
+                report = recover_lost_claims(
+                    conn,
+                    me=self._worker_id,
+                    heartbeat_timeout=self._heartbeat_timeout,
+                    now=now,
                     policy=self._policy,
                     rng=self._rng,
+                    dead_workers=dead,
                 )
         except StorageError as exc:
-            logger.warning("stale-claim recovery failed: {}", exc)
+            logger.warning("recovery of lost workers' claims failed: {}", exc)
             return 0
         if report.applied:
-            logger.warning("recovered {} stale claim(s) of lost workers", len(report.applied))
-        self._after_commit(report, work_ready=False)
+            lost = sorted({o.step.claimed_by or "?" for o in report.applied})
+            logger.warning(
+                "recovered {} running attempt(s) of lost worker(s) {}",
+                len(report.applied),
+                ", ".join(lost),
+            )
+            self.stats_counters["recovered"] += len(report.applied)
+            self._after_commit(report, work_ready=False)
         return len(report.applied)
 
     def stats(self) -> dict[str, Any]:
@@ -205,25 +274,32 @@ class CompletionProcessor(pykka.ThreadingActor):
             except Exception:
                 # A hook that fails is logged; it must not stop results from being announced.
                 logger.exception("commit observer failed")
-        if report.events:
-            self._publisher.publish.defer(report.events)
+        if report.events and not tell(self._publisher.publish, report.events):
+            logger.warning(
+                "{} committed event(s) not delivered in-process: the publisher is gone "
+                "(they are in the domain_events table)",
+                len(report.events),
+            )
         if self._intake is not None:
             if report.enqueued or work_ready:
-                self._intake.nudge.defer()
+                tell(self._intake.nudge)
             if report.next_retry_at is not None:
                 delay = (report.next_retry_at - self._clock()).total_seconds()
-                self._timer.call_later(delay, self._intake.nudge.defer)
+                self._timer.call_later(delay, partial(tell, self._intake.nudge))
 
     def _commit_failed(self, exc: StorageError, size: int) -> None:
         self._failures_in_a_row += 1
         self.stats_counters["commit_errors"] += 1
-        delay = min(5.0, 0.05 * 2 ** min(self._failures_in_a_row - 1, 10))
         logger.warning(
-            "commit of {} result(s) failed ({}); kept, retrying in {:.2f}s", size, exc, delay
+            "commit of {} result(s) failed ({}); kept, retrying in {:.2f}s",
+            size,
+            exc,
+            self._retry_delay(),
         )
-        self._flush_pending = True
-        if self._self is not None:
-            self._timer.call_later(delay, self._self.flush.defer)
+
+    def _retry_delay(self) -> float:
+        """Backoff after failed commits in a row: 50 ms doubling, at most 5 s."""
+        return min(5.0, 0.05 * 2.0 ** min(max(self._failures_in_a_row - 1, 0), 10))
 
     def _schedule_flush(self) -> None:
         if self._flush_pending or self._self is None:
@@ -232,9 +308,9 @@ class CompletionProcessor(pykka.ThreadingActor):
         if self._linger_s and len(self._outcomes) < self._batch_size:
             # Let a few more results join the batch: one transaction for several results
             # costs far less than one each, and the slots are already free (guarantee 4).
-            self._timer.call_later(self._linger_s, self._self.flush.defer)
+            self._timer.call_later(self._linger_s, partial(tell, self._self.flush))
         else:
-            self._self.flush.defer()
+            tell(self._self.flush)
 
 
 CompletionProcessorProxy = pykka.ActorProxy[CompletionProcessor]

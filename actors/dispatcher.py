@@ -10,11 +10,13 @@ import pykka
 from loguru import logger
 
 from actors.handler_worker import HandlerWorker, HandlerWorkerProxy
-from app.execution import SHUTDOWN_TIMEOUT, timeout_failure
+from actors.supervised import SupervisedActor, tell
+from app.execution import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT, timeout_failure
 from app.handlers import HandlerRegistry
 from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.models import utcnow
 from app.pool import HandlerPool, Running
+from app.supervision import Supervisor
 from app.timer import Timer, TimerHandle
 
 if TYPE_CHECKING:
@@ -22,8 +24,13 @@ if TYPE_CHECKING:
     from actors.event_system import EventSystemProxy
 
 
-class Dispatcher(pykka.ThreadingActor):
-    """Give each claimed step to an idle worker; enforce timeouts; replace stuck workers."""
+class Dispatcher(SupervisedActor):
+    """Give each claimed step to an idle worker; enforce timeouts; replace stuck workers.
+
+    A HandlerWorker that dies is restarted: its only state is the attempt it ran, which this
+    actor holds, so that attempt is settled as ``handler_worker_failed`` and a fresh worker
+    takes the slot (a late result from it would be rejected by the commit guard).
+    """
 
     def __init__(
         self,
@@ -35,8 +42,9 @@ class Dispatcher(pykka.ThreadingActor):
         default_timeout_s: float,
         max_result_bytes: int,
         clock: Callable[[], datetime] = utcnow,
+        supervisor: Supervisor | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(supervisor)
         self._completion = completion
         self._registry = registry
         self._timer = timer
@@ -67,10 +75,20 @@ class Dispatcher(pykka.ThreadingActor):
         """Learn where to report freed capacity (the EventSystem is started after this actor)."""
         self._intake = intake
 
+    def salvage(self) -> None:
+        # Claims that never started go back to the queue; running handlers carry on and send
+        # their results straight to the CompletionProcessor, and the stop waits for them.
+        for handle in self._deadlines.values():
+            handle.cancel()
+        waiting = self._pool.take_waiting()
+        if waiting and not tell(self._completion.release, waiting):
+            self.supervisor.results_lost(len(waiting))
+        self.supervisor.adopt(self.live_workers())
+
     def dispatch(self, steps: list[ClaimedStep]) -> None:
         """The dispatch channel: accept claimed steps, fire-and-forget."""
         if self._draining:
-            self._completion.release.defer(steps)
+            tell(self._completion.release, steps)
             return
         self._pool.enqueue(steps)
         self._assign()
@@ -86,6 +104,29 @@ class Dispatcher(pykka.ThreadingActor):
         if handle is not None:
             handle.cancel()
         self._capacity_freed()
+        self._assign()
+
+    def worker_failed(self, worker_id: int) -> None:
+        """A HandlerWorker died outside any handler: settle its attempt, start a fresh one."""
+        run = self._pool.running.get(worker_id)
+        self._workers.pop(worker_id, None)
+        if run is None:
+            self._pool.retire(worker_id)
+        else:
+            self._pool.abandon(worker_id, run.step.step_uuid, run.step.attempt)
+            self._pool.retire(worker_id)
+            handle = self._deadlines.pop(worker_id, None)
+            if handle is not None:
+                handle.cancel()
+            failure = StepFailure(
+                HANDLER_WORKER_FAILED,
+                "the worker actor running this attempt failed; it was restarted",
+                retryable=True,
+            )
+            self._abandon(run, failure)
+            self._capacity_freed()
+        logger.warning("handler worker {} failed; a fresh one takes its slot", worker_id)
+        self._start_worker()
         self._assign()
 
     def deadline_passed(self, worker_id: int, step_uuid: str, attempt: int) -> None:
@@ -111,7 +152,7 @@ class Dispatcher(pykka.ThreadingActor):
         self._draining = True
         waiting = self._pool.take_waiting()
         if waiting:
-            self._completion.release.defer(waiting)
+            tell(self._completion.release, waiting)
         return len(waiting)
 
     def abandon_running(self) -> int:
@@ -151,7 +192,7 @@ class Dispatcher(pykka.ThreadingActor):
             return
         for run in self._pool.assign(self._default_timeout_s):
             self.dispatched += 1
-            self._workers[run.worker_id].run.defer(run.step, run.cancellation, run.timeout_s)
+            tell(self._workers[run.worker_id].run, run.step, run.cancellation, run.timeout_s)
             self._deadlines[run.worker_id] = self._timer.call_later(
                 run.timeout_s, self._deadline_callback(run)
             )
@@ -161,17 +202,21 @@ class Dispatcher(pykka.ThreadingActor):
         assert me is not None
 
         def fire() -> None:
-            me.deadline_passed.defer(*key)
+            tell(me.deadline_passed, *key)
 
         return fire
 
     def _abandon(self, run: Running, failure: StepFailure) -> None:
-        # The thread cannot be killed: flag it (async handlers are cancelled for real), send
-        # the failure now, and let the commit guard reject whatever it returns later.
-        run.cancellation.cancel()
+        # The thread cannot be killed: send the failure now, then flag it (async handlers are
+        # cancelled for real; the handler's own cancel hook runs on a thread of its own), and
+        # let the commit guard reject whatever it returns later.
         now = self._clock()
-        self._completion.submit.defer(StepOutcome(run.step, now, now, failure=failure))
-        self._workers[run.worker_id].actor_ref.stop(block=False)
+        if not tell(self._completion.submit, StepOutcome(run.step, now, now, failure=failure)):
+            self.supervisor.results_lost(1)
+        run.cancellation.cancel()
+        worker = self._workers.get(run.worker_id)
+        if worker is not None:
+            worker.actor_ref.stop(block=False)
 
     def _retire(self, worker_id: int) -> None:
         self._workers.pop(worker_id, None)
@@ -185,12 +230,13 @@ class Dispatcher(pykka.ThreadingActor):
             self._completion,
             self._registry,
             max_result_bytes=self._max_result_bytes,
+            supervisor=self.supervisor,
         )
         self._workers[worker_id] = ref.proxy()
 
     def _capacity_freed(self) -> None:
         if self._intake is not None:
-            self._intake.capacity_freed.defer(1)
+            tell(self._intake.capacity_freed, 1)
 
 
 DispatcherProxy = pykka.ActorProxy[Dispatcher]

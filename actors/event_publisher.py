@@ -10,13 +10,15 @@ from typing import Any
 import pykka
 from loguru import logger
 
+from actors.supervised import SupervisedActor
 from app.messages import DomainEvent
 from app.subscriptions import SubscriberRegistry
+from app.supervision import Supervisor
 
 _STOP = object()
 
 
-class DomainEventPublisher(pykka.ThreadingActor):
+class DomainEventPublisher(SupervisedActor):
     """Accept committed events into a bounded queue; a delivery thread calls subscribers.
 
     Subscribers run on their own thread so a slow or failing one never holds up this actor,
@@ -24,8 +26,14 @@ class DomainEventPublisher(pykka.ThreadingActor):
     the ``domain_events`` table for any SQL reader.
     """
 
-    def __init__(self, subscribers: SubscriberRegistry, *, buffer_size: int) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        subscribers: SubscriberRegistry,
+        *,
+        buffer_size: int,
+        supervisor: Supervisor | None = None,
+    ) -> None:
+        super().__init__(supervisor)
         self._subscribers = subscribers
         self._queue: queue.Queue[object] = queue.Queue(maxsize=buffer_size)
         self._thread = threading.Thread(
@@ -38,6 +46,10 @@ class DomainEventPublisher(pykka.ThreadingActor):
         self._thread.start()
 
     def on_stop(self) -> None:
+        self.close(timeout_s=5.0)
+
+    def salvage(self) -> None:
+        # What is queued was committed: deliver it before the thread goes.
         self.close(timeout_s=5.0)
 
     def publish(self, events: Sequence[DomainEvent]) -> None:

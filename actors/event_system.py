@@ -8,14 +8,17 @@ this process, dependents made ready by a commit, a retry falling due.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pykka
 from loguru import logger
 
+from actors.supervised import SupervisedActor, tell
 from app.intake import IntakeCredits
 from app.messages import ExecuteReadySteps
 from app.notifications import WorkListener
+from app.supervision import Supervisor
 from app.timer import Timer, TimerHandle
 
 if TYPE_CHECKING:
@@ -27,7 +30,7 @@ SAFETY_POLL_S = 30.0
 CLAIM_RETRY_S = 1.0
 
 
-class EventSystem(pykka.ThreadingActor):
+class EventSystem(SupervisedActor):
     """Intake: claims when signalled and whenever capacity frees while a backlog remains."""
 
     def __init__(
@@ -39,8 +42,9 @@ class EventSystem(pykka.ThreadingActor):
         polling_interval_s: float,
         polling: bool = True,
         listen: Callable[[Callable[[], None]], WorkListener] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(supervisor)
         self._commands = commands
         self._timer = timer
         self._credits = IntakeCredits(capacity)
@@ -65,6 +69,10 @@ class EventSystem(pykka.ThreadingActor):
     def on_stop(self) -> None:
         self._stop_signals()
 
+    def salvage(self) -> None:
+        self._credits.stop()
+        self._stop_signals()
+
     def poll(self) -> None:
         """Timer tick: look for work, then schedule the next tick."""
         self._claim(work_signalled=True)
@@ -72,7 +80,7 @@ class EventSystem(pykka.ThreadingActor):
             # Event-driven intake still looks now and then: a retry falling due sends no
             # NOTIFY, and the worker that scheduled it may have stopped.
             interval = self._interval if self._polling else max(self._interval, SAFETY_POLL_S)
-            self._poll_handle = self._timer.call_later(interval, self._self.poll.defer)
+            self._poll_handle = self._timer.call_later(interval, partial(tell, self._self.poll))
 
     def nudge(self) -> None:
         """Work may be available now (a submission, dependents made ready, a retry due)."""
@@ -88,7 +96,7 @@ class EventSystem(pykka.ThreadingActor):
         self._credits.claimed(requested, 0)
         self._credits.backlog_likely = True
         if self._self is not None and not self._credits.stopped:
-            self._timer.call_later(CLAIM_RETRY_S, self._self.nudge.defer)
+            self._timer.call_later(CLAIM_RETRY_S, partial(tell, self._self.nudge))
 
     def capacity_freed(self, slots: int = 1) -> None:
         """The Dispatcher has room again."""
@@ -118,7 +126,7 @@ class EventSystem(pykka.ThreadingActor):
     def _claim(self, *, work_signalled: bool) -> None:
         limit = self._credits.next_claim(work_signalled=work_signalled)
         if limit:
-            self._commands.handle.defer(ExecuteReadySteps(limit))
+            tell(self._commands.handle, ExecuteReadySteps(limit))
 
 
 EventSystemProxy = pykka.ActorProxy[EventSystem]

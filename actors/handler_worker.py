@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import pykka
 from loguru import logger
 
+from actors.supervised import tell
 from app.execution import HANDLER_ABORTED, run_attempt, storable_text
 from app.handlers import Cancellation, HandlerRegistry
 from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.models import utcnow
+from app.supervision import Supervisor
 
 if TYPE_CHECKING:
     from actors.completion_processor import CompletionProcessorProxy
@@ -18,7 +21,10 @@ if TYPE_CHECKING:
 
 
 class HandlerWorker(pykka.ThreadingActor):
-    """A pool slot. Frees its slot first, then sends the result on the completion channel."""
+    """A pool slot. Frees its slot first, then sends the result on the completion channel.
+
+    Its failure policy is a restart: the Dispatcher is told and replaces it (see there).
+    """
 
     # A handler stuck past its timeout keeps this thread; it must not keep the process alive.
     use_daemon_thread = True
@@ -31,8 +37,10 @@ class HandlerWorker(pykka.ThreadingActor):
         registry: HandlerRegistry,
         *,
         max_result_bytes: int,
+        supervisor: Supervisor | None = None,
     ) -> None:
         super().__init__()
+        self._supervisor = supervisor or Supervisor()
         self._worker_id = worker_id
         self._dispatcher = dispatcher
         self._completion = completion
@@ -60,8 +68,27 @@ class HandlerWorker(pykka.ThreadingActor):
             )
             outcome = StepOutcome(step, now, now, failure=failure)
         # Slot first: a slow completion path must never stop new handlers from starting.
-        self._dispatcher.slot_freed.defer(self._worker_id, step.step_uuid, step.attempt)
-        self._completion.submit.defer(outcome)
+        tell(self._dispatcher.slot_freed, self._worker_id, step.step_uuid, step.attempt)
+        if not tell(self._completion.submit, outcome):
+            # The CompletionProcessor died; the worker is stopping and this claim falls to
+            # the liveness rule (recovered as worker_lost once this process has exited).
+            logger.error("result of step {} lost: the completion path is gone", step.step_uuid)
+            self._supervisor.results_lost(1)
+
+    def on_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        logger.error(
+            "actor HandlerWorker {} failed ({}: {}); restarting it",
+            self._worker_id,
+            exception_type.__name__ if exception_type else "error",
+            exception_value,
+        )
+        if not tell(self._dispatcher.worker_failed, self._worker_id):
+            self._supervisor.actor_failed(f"HandlerWorker {self._worker_id}", exception_value)
 
 
 HandlerWorkerProxy = pykka.ActorProxy[HandlerWorker]

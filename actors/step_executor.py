@@ -9,19 +9,25 @@ from typing import TYPE_CHECKING
 import pykka
 from loguru import logger
 
-from app.claims import claim_ready_steps
+from actors.supervised import SupervisedActor, tell
+from app.claims import claim_ready_steps, release_claims
 from app.db import Database
 from app.errors import StorageError
 from app.messages import ClaimedStep
 from app.models import utcnow
+from app.supervision import Supervisor
 
 if TYPE_CHECKING:
     from actors.dispatcher import DispatcherProxy
     from actors.event_system import EventSystemProxy
 
 
-class StepExecutor(pykka.ThreadingActor):
-    """Claim, tell the Dispatcher (fire-and-forget), report credits, move on."""
+class StepExecutor(SupervisedActor):
+    """Claim, tell the Dispatcher (fire-and-forget), report credits, move on.
+
+    Claims it could not hand on (the Dispatcher is gone, or this actor failed between the
+    claim and the hand-off) are handed back in SQL at once, so none is stranded.
+    """
 
     def __init__(
         self,
@@ -31,14 +37,16 @@ class StepExecutor(pykka.ThreadingActor):
         worker_id: str,
         namespaces: Sequence[str],
         clock: Callable[[], datetime] = utcnow,
+        supervisor: Supervisor | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(supervisor)
         self._db = db
         self._dispatcher = dispatcher
         self._worker_id = worker_id
         self._namespaces = tuple(namespaces)
         self._clock = clock
         self._intake: EventSystemProxy | None = None
+        self._in_hand: list[ClaimedStep] = []
         self.claimed_total = 0
 
     def connect(self, intake: EventSystemProxy) -> None:
@@ -60,13 +68,32 @@ class StepExecutor(pykka.ThreadingActor):
             # Nothing was claimed; the intake tries again shortly.
             logger.warning("claim failed: {}", exc)
             if self._intake is not None:
-                self._intake.claim_failed.defer(limit)
+                tell(self._intake.claim_failed, limit)
             return
         if steps:
+            self._in_hand = steps
             self.claimed_total += len(steps)
-            self._dispatcher.dispatch.defer(steps)
+            if not tell(self._dispatcher.dispatch, steps):
+                self._hand_back("the dispatcher is gone")
+            self._in_hand = []
         if self._intake is not None:
-            self._intake.claimed.defer(limit, len(steps))
+            tell(self._intake.claimed, limit, len(steps))
+
+    def salvage(self) -> None:
+        self._hand_back("the step executor failed")
+
+    def _hand_back(self, why: str) -> None:
+        steps, self._in_hand = self._in_hand, []
+        if not steps:
+            return
+        try:
+            with self._db.write() as conn:
+                release_claims(
+                    conn, steps, worker_id=self._worker_id, now=self._clock(), reason=why
+                )
+        except StorageError as exc:
+            logger.error("could not hand back {} claim(s) ({}): {}", len(steps), why, exc)
+            self.supervisor.results_lost(len(steps))
 
 
 StepExecutorProxy = pykka.ActorProxy[StepExecutor]

@@ -325,32 +325,41 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.database)
     upgrade_to_head(db)
     worker = Worker(settings, db)
-    _install_signal_handlers(worker.stop_requested.set)
+    received = _install_signal_handlers(worker.request_stop)
     try:
         worker.start()
         worker.serve(until_idle=args.until_idle)
+        if received:
+            logger.info(
+                "{} received: draining (send again to exit at once)",
+                signal.Signals(received[0]).name,
+            )
     finally:
+        # Raises WorkerCrashedError or UncommittedResultsError: one line, a non-zero exit.
         worker.stop()
         db.dispose()
     return 0
 
 
-def _install_signal_handlers(request_stop: Callable[[], None]) -> None:
+def _install_signal_handlers(request_stop: Callable[[], None]) -> list[int]:
+    """Make SIGINT/SIGTERM request a drain; a second one exits at once.
+
+    The handler only sets a flag: it may interrupt the main thread anywhere, even inside the
+    logger, so everything else (the log line, the drain) happens on the main thread.
+    """
     received: list[int] = []
 
     def handle(signum: int, _frame: FrameType | None) -> None:
         if received:
-            # Second signal: leave now; in-flight claims are recovered by the stale-claim rule.
-            logger.warning("second signal: exiting at once")
+            # Second signal: leave now; in-flight claims are recovered by the liveness rule.
+            os.write(2, b"duplex: second signal: exiting at once\n")
             os._exit(128 + signum)
         received.append(signum)
-        logger.info(
-            "{} received: draining (send again to exit at once)", signal.Signals(signum).name
-        )
         request_stop()
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
+    return received
 
 
 def _positive_float(text: str) -> float:

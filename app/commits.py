@@ -19,26 +19,22 @@ import random
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, exists, insert, not_, select, update
 
 from app.errors import StorageError
-from app.execution import WORKER_LOST
 from app.messages import (
-    ClaimedStep,
     DomainEvent,
     EventDeclaration,
     JSONDict,
-    StepFailure,
     StepOutcome,
 )
 from app.models import (
     domain_events,
     tasks,
     unindexed,
-    workers,
     workflow_step_edges,
     workflow_step_transitions,
     workflow_steps,
@@ -318,69 +314,6 @@ _STATES_PRESENT = select(
         for state in STEP_STATES
     ]
 )
-
-
-def recover_stale_claims(
-    conn: Connection,
-    *,
-    claim_timeout: timedelta,
-    now: datetime,
-    policy: RetryPolicy,
-    rng: random.Random,
-    limit: int = 500,
-) -> CommitReport:
-    """Fail attempts whose claimant stopped heart-beating (``worker_lost``); retry per policy.
-
-    A claim is stale when it is older than ``claim_timeout`` and its worker has no fresh
-    heartbeat, so a long handler on a live worker is never taken away from it. The rows are
-    not locked here: ``commit_outcomes`` locks their tasks first and then guards each update,
-    so two workers recovering at once, or a late result racing the recovery, apply once.
-    """
-    cutoff = now - claim_timeout
-    alive = exists().where(
-        workers.c.worker_id == ws.c.claimed_by,
-        workers.c.heartbeat_at >= cutoff,
-        workers.c.stopped_at.is_(None),
-    )
-    query = (
-        select(
-            ws.c.step_uuid,
-            ws.c.task_uuid,
-            ws.c.name,
-            ws.c.handler,
-            ws.c.attempts,
-            ws.c.max_attempts,
-            ws.c.retryable,
-            ws.c.timeout_ms,
-            ws.c.claimed_by,
-            ws.c.claimed_at,
-            ws.c.declared_events,
-        )
-        .where(ws.c.state == IN_PROGRESS, ws.c.claimed_at < cutoff, not_(alive))
-        .order_by(ws.c.claimed_at)
-        .limit(limit)
-    )
-    outcomes = []
-    for row in conn.execute(query):
-        step = ClaimedStep(
-            step_uuid=row.step_uuid,
-            task_uuid=row.task_uuid,
-            name=row.name,
-            handler=row.handler,
-            attempt=row.attempts,
-            max_attempts=row.max_attempts,
-            retryable=row.retryable,
-            timeout_ms=row.timeout_ms,
-            claimed_by=row.claimed_by,
-            declared_events=declared_events(row.declared_events),
-        )
-        failure = StepFailure(
-            WORKER_LOST,
-            f"worker {row.claimed_by} stopped heart-beating while running this attempt",
-            retryable=True,
-        )
-        outcomes.append(StepOutcome(step, row.claimed_at, now, failure=failure))
-    return commit_outcomes(conn, outcomes, policy=policy, now=now, rng=rng)
 
 
 def declared_events(raw: Any) -> tuple[EventDeclaration, ...]:

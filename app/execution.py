@@ -27,6 +27,7 @@ HANDLER_ERROR = "handler_error"
 HANDLER_TIMEOUT = "handler_timeout"
 HANDLER_NOT_FOUND = "handler_not_found"
 HANDLER_ABORTED = "handler_aborted"
+HANDLER_WORKER_FAILED = "handler_worker_failed"
 INVALID_RESULT = "invalid_result"
 RESULT_TOO_LARGE = "result_too_large"
 RESULT_UNSTORABLE = "result_unstorable"
@@ -126,11 +127,11 @@ async def _await_cancellable(awaitable: Any, cancellation: Cancellation) -> Any:
     def cancel_task() -> None:
         loop.call_soon_threadsafe(task.cancel)
 
-    cancellation.on_cancel(cancel_task)
+    cancellation.set_canceller(cancel_task)
     try:
         return await task
     finally:
-        cancellation.on_cancel(None)
+        cancellation.set_canceller(None)
 
 
 def normalise_result(value: Any, max_result_bytes: int) -> JSONDict | StepFailure:

@@ -32,13 +32,16 @@ H = TypeVar("H", bound=Callable[..., Any])
 class Cancellation:
     """An Event-like flag a handler can check; set when its attempt is timed out or abandoned.
 
-    Setting it also cancels a running ``async def`` handler for real.
+    Setting it also cancels a running ``async def`` handler for real. A hook registered with
+    ``on_cancel`` is user code: it runs on a thread of its own, so one that raises or blocks
+    never touches the Dispatcher that cancels.
     """
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._on_cancel: Callable[[], None] | None = None
+        self._canceller: Callable[[], None] | None = None
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -51,21 +54,46 @@ class Cancellation:
         return self._event.is_set()
 
     def cancel(self) -> None:
-        """Set the flag and run the registered cancel hook once."""
+        """Set the flag, cancel an async handler, and start the user's hook on its own thread."""
         with self._lock:
             self._event.set()
             hook, self._on_cancel = self._on_cancel, None
+            canceller, self._canceller = self._canceller, None
+        if canceller is not None:
+            try:
+                canceller()
+            except Exception:  # the handler's event loop already closed: nothing to cancel
+                logger.debug("async handler already finished when cancelled")
         if hook is not None:
-            hook()
+            threading.Thread(
+                target=_run_hook, args=(hook,), name="duplex-cancel-hook", daemon=True
+            ).start()
 
     def on_cancel(self, hook: Callable[[], None] | None) -> None:
-        """Register (or clear) a hook; it runs at once when already cancelled."""
+        """Register (or clear) a hook; it runs at once, on this thread, if already cancelled."""
         with self._lock:
             if not self._event.is_set() or hook is None:
                 self._on_cancel = hook
                 return
-        if hook is not None:
-            hook()
+        hook()
+
+    def set_canceller(self, canceller: Callable[[], None] | None) -> None:
+        """Duplex's own hook that cancels a running ``async def`` handler (quick, never user code).
+
+        Kept apart from ``on_cancel`` so that a handler's own hook is never overwritten.
+        """
+        with self._lock:
+            if not self._event.is_set() or canceller is None:
+                self._canceller = canceller
+                return
+        canceller()
+
+
+def _run_hook(hook: Callable[[], None]) -> None:
+    try:
+        hook()
+    except Exception:
+        logger.exception("a cancel hook (ctx.cancelled.on_cancel) raised")
 
 
 @dataclass

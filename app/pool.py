@@ -87,6 +87,12 @@ class HandlerPool:
         self.abandoned.add(worker_id)
         return run
 
+    def retire(self, worker_id: int) -> None:
+        """Forget a worker that died: it is neither idle nor stuck in a handler."""
+        self.abandoned.discard(worker_id)
+        if worker_id in self.idle:
+            self.idle.remove(worker_id)
+
     def take_waiting(self) -> list[ClaimedStep]:
         """Remove and return the steps that never started."""
         steps = list(self.waiting)

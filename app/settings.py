@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -49,6 +49,7 @@ class WorkerSettings(_Section):
     max_result_bytes: int = Field(default=1_000_000, gt=0)
     commit_batch_size: int = Field(default=500, ge=1)
     commit_linger_ms: float = Field(default=5.0, ge=0, le=1000)
+    # At most a third of event_system.claim_timeout_s (checked in ``Settings``).
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
 
 
@@ -57,7 +58,9 @@ class EventSystemSettings(_Section):
 
     deployment_mode: Literal["polling", "event_driven", "hybrid"] = "polling"
     polling_interval_ms: int = Field(default=250, gt=0)
-    claim_timeout_s: float = Field(default=300.0, gt=0)
+    # The liveness timeout: a worker whose heartbeat is older than this is presumed dead and
+    # its running attempts are recovered (``worker_lost``).
+    claim_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class RetrySettings(_Section):
@@ -105,6 +108,19 @@ class Settings(BaseSettings):
     domain_events: DomainEventSettings = DomainEventSettings()
     logging: LoggingSettings = LoggingSettings()
     templates: TemplateSettings = TemplateSettings()
+
+    @model_validator(mode="after")
+    def _heartbeat_fits_the_liveness_timeout(self) -> Settings:
+        interval = self.worker.heartbeat_interval_s
+        timeout = self.event_system.claim_timeout_s
+        if interval * 3 > timeout:
+            # A live worker must beat at least three times within the timeout, or one late
+            # beat would get it presumed dead and its running steps recovered from under it.
+            raise ValueError(
+                f"worker.heartbeat_interval_s ({interval:g}) must be at most a third of "
+                f"event_system.claim_timeout_s ({timeout:g})"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -156,6 +172,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
 def _describe(exc: ValidationError, toml_file: Path | None) -> str:
     problems = []
     for error in exc.errors():
+        if not error["loc"]:  # a rule across sections: its message names the keys
+            problems.append(error["msg"].removeprefix("Value error, "))
+            continue
         key = ".".join(str(part) for part in error["loc"])
         message = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
         env_name = "DUPLEX_" + "__".join(str(p) for p in error["loc"]).upper()

@@ -7,6 +7,7 @@ HandlerWorker -> CompletionProcessor (completion channel) -> DomainEventPublishe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -30,6 +31,7 @@ from actors.dispatcher import Dispatcher, DispatcherProxy
 from actors.event_publisher import DomainEventPublisher, DomainEventPublisherProxy
 from actors.event_system import EventSystem, EventSystemProxy
 from actors.step_executor import StepExecutor, StepExecutorProxy
+from actors.supervised import tell
 from app.claims import count_open_work
 from app.db import Database
 from app.errors import DuplexError, StorageError
@@ -43,14 +45,22 @@ from app.settings import Settings
 from app.submission import create_task
 from app.subscriptions import SubscriberRegistry
 from app.subscriptions import subscribers as default_subscribers
+from app.supervision import ActorFailure, Supervisor
 from app.templates import TaskTemplate
 from app.timer import Timer
 
 _ASK_TIMEOUT_S = 10.0
+# How often the watchdog looks at the actors, and the longest wait for an answer from one.
+_WATCH_TICK_S = 0.05
+_STATS_TIMEOUT_S = 1.0
 
 
 class WorkerCrashedError(DuplexError):
-    """One of the worker's actors died; the worker stops rather than run crippled."""
+    """One of the worker's actors failed; the worker stopped in order rather than run crippled."""
+
+
+class UncommittedResultsError(DuplexError):
+    """The worker stopped with results it could not commit (the database was unreachable)."""
 
 
 def new_worker_id() -> str:
@@ -71,7 +81,14 @@ class Actors:
 
 
 class Worker:
-    """One Duplex worker process: its actors, its heartbeat and its graceful stop."""
+    """One Duplex worker process: its actors, its heartbeat, its watchdog and its stop.
+
+    ``start()`` returns at once; the actors, a heartbeat thread and a watchdog thread then
+    run on their own. ``serve()`` blocks until a stop is requested. ``stop()`` drains in order
+    and raises ``WorkerCrashedError`` if an actor failed, ``UncommittedResultsError`` if
+    results could not be committed. When an actor fails, the watchdog runs that same stop by
+    itself, so an embedding application never keeps a half-alive worker.
+    """
 
     def __init__(
         self,
@@ -88,18 +105,32 @@ class Worker:
         self.registry = registry
         self.subscribers = subscribers
         self.observer = observer
+        self.supervisor = Supervisor()
         self.stop_requested = threading.Event()
+        self.failure: ActorFailure | None = None
         self.timer: Timer | None = None
         self.actors: Actors | None = None
         self._refs: list[pykka.ActorRef[Any]] = []
+        # Set from a signal handler: a plain assignment, no lock, no logging.
+        self._stop_flag = False
+        self._stopping = False
+        self._stop_lock = threading.Lock()
+        self._final: dict[str, Any] | None = None
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._stats: dict[str, Any] = {}
+        self._last_beat = time.monotonic()
 
     def start(self) -> Actors:
         """Register the worker and start the actors, downstream first, wiring proxies."""
         cfg = self.settings.worker
         self._register()
         self.timer = Timer()
+        supervisor = self.supervisor
         publisher = DomainEventPublisher.start(
-            self.subscribers, buffer_size=self.settings.domain_events.buffer_size
+            self.subscribers,
+            buffer_size=self.settings.domain_events.buffer_size,
+            supervisor=supervisor,
         )
         completion = CompletionProcessor.start(
             self.db,
@@ -111,6 +142,7 @@ class Worker:
             claim_timeout_s=self.settings.event_system.claim_timeout_s,
             worker_id=self.worker_id,
             observer=self.observer,
+            supervisor=supervisor,
         )
         dispatcher = Dispatcher.start(
             completion.proxy(),
@@ -119,11 +151,16 @@ class Worker:
             size=cfg.max_concurrent_handlers,
             default_timeout_s=cfg.handler_timeout_ms / 1000,
             max_result_bytes=cfg.max_result_bytes,
+            supervisor=supervisor,
         )
         executor = StepExecutor.start(
-            self.db, dispatcher.proxy(), worker_id=self.worker_id, namespaces=cfg.namespaces
+            self.db,
+            dispatcher.proxy(),
+            worker_id=self.worker_id,
+            namespaces=cfg.namespaces,
+            supervisor=supervisor,
         )
-        commands = CommandProcessor.start(executor.proxy(), dispatcher.proxy())
+        commands = CommandProcessor.start(executor.proxy(), dispatcher.proxy(), supervisor)
         polling, listen = self._intake_signals()
         intake = EventSystem.start(
             commands.proxy(),
@@ -132,6 +169,7 @@ class Worker:
             polling_interval_s=self.settings.event_system.polling_interval_ms / 1000,
             polling=polling,
             listen=listen,
+            supervisor=supervisor,
         )
         self._refs = [intake, commands, executor, dispatcher, completion, publisher]
         self.actors = Actors(
@@ -150,7 +188,15 @@ class Worker:
                 self.actors.completion.connect(self.actors.event_system),
             ]
         )
+        # A restart after a crash on this host resumes the dead worker's steps at once.
+        self.actors.completion.recover_lost_claims().get(timeout=_ASK_TIMEOUT_S)
         self.actors.event_system.begin.defer()
+        self._threads = [
+            threading.Thread(target=self._beat, name="duplex-heartbeat", daemon=True),
+            threading.Thread(target=self._watch, name="duplex-watchdog", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
         logger.info(
             "worker {} started: {} handler slots, namespaces {}, handlers {}",
             self.worker_id,
@@ -205,109 +251,214 @@ class Worker:
             "events": self.actors.publisher.stats().get(timeout=timeout_s),
         }
 
+    def request_stop(self) -> None:
+        """Ask ``serve()`` to return; safe in a signal handler (it only sets a flag)."""
+        self._stop_flag = True
+
     def serve(self, *, until_idle: bool = False, on_tick: Callable[[], None] | None = None) -> None:
-        """Run until a stop is requested (or, with ``until_idle``, until no work is left)."""
-        cfg = self.settings
-        tick_s = min(cfg.worker.heartbeat_interval_s, cfg.event_system.polling_interval_ms / 1000)
-        next_heartbeat = next_recovery = time.monotonic()
-        recovery_every = max(1.0, cfg.event_system.claim_timeout_s / 4)
-        while not self.stop_requested.wait(tick_s):
-            self._check_actors()
-            now = time.monotonic()
-            if now >= next_heartbeat:
-                self._heartbeat()
-                next_heartbeat = now + cfg.worker.heartbeat_interval_s
-            if now >= next_recovery and self.actors is not None:
-                self.actors.completion.recover_stale_claims.defer()
-                next_recovery = now + recovery_every
+        """Run until a stop is requested (or, with ``until_idle``, until no work is left).
+
+        Raises ``WorkerCrashedError`` (after the stop) when an actor failed.
+        """
+        tick_s = min(0.1, self.settings.event_system.polling_interval_ms / 1000)
+        while not self._stop_flag and not self.stop_requested.wait(tick_s):
             if on_tick is not None:
                 on_tick()
             if until_idle and self._idle():
                 logger.info("no work left that could run; stopping (--until-idle)")
                 return
+        if self.failure is not None:
+            self.stop()  # waits for the watchdog's stop and raises
 
     def stop(self) -> dict[str, Any]:
-        """Drain: stop intake, hand back unstarted claims, let handlers finish, commit, deliver.
+        """Stop in order, whatever has died; return the final stats.
 
-        Each stage tolerates an actor that already died, so a crash still ends in an orderly
-        exit with everything that can be committed committed.
+        1. stop intake; 2. hand back claimed steps that never started; 3. let running
+        handlers finish (up to ``worker.shutdown_timeout_ms``); 4. commit every result held;
+        5. deliver the committed events. Each stage goes on past an actor that died. Then
+        raise ``WorkerCrashedError`` if an actor failed, or ``UncommittedResultsError`` if
+        results are left uncommitted (their steps fall to the liveness rule).
         """
-        if self.actors is None:
-            return {}
-        actors = self.actors
-        deadline = time.monotonic() + self.settings.worker.shutdown_timeout_ms / 1000
-        final: dict[str, Any] = {}
-        try:
-            actors.event_system.stop_intake().get(timeout=_ASK_TIMEOUT_S)
-            # Barriers: a claim command already on its way must reach the Dispatcher before
-            # the drain, so that what it claimed is handed back rather than stranded.
-            actors.command_processor.handle(Status()).get(timeout=_ASK_TIMEOUT_S)
-            actors.step_executor.claimed_total.get(timeout=_ASK_TIMEOUT_S)
-            actors.command_processor.handle(Shutdown()).get(timeout=_ASK_TIMEOUT_S)
-            while (
-                actors.dispatcher.stats().get(timeout=_ASK_TIMEOUT_S)["running"]
-                and time.monotonic() < deadline
-            ):
-                time.sleep(0.02)
-            abandoned = actors.dispatcher.abandon_running().get(timeout=_ASK_TIMEOUT_S)
-            if abandoned:
-                logger.warning("{} handler(s) still running at shutdown timeout", abandoned)
-            # Once a worker has stopped, the result it sent is in the CompletionProcessor's
-            # mailbox, ahead of anything asked of it from here on.
-            for ref in actors.dispatcher.live_workers().get(timeout=_ASK_TIMEOUT_S):
-                ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
-            self._wait_for_commits(
-                timeout_s=max(5.0, self.settings.worker.shutdown_timeout_ms / 1000)
+        with self._stop_lock:
+            if self._final is None:
+                self._final = self._stop()
+        failure = self.failure or self.supervisor.first_failure()
+        if failure is not None:
+            raise WorkerCrashedError(f"{failure}; the worker stopped")
+        uncommitted = self._final.get("uncommitted", 0)
+        if uncommitted:
+            raise UncommittedResultsError(
+                f"{uncommitted} result(s) could not be committed before the worker stopped; "
+                "their steps will be recovered as worker_lost by the liveness rule"
             )
-            final = self.status()
-            actors.publisher.close(timeout_s=5.0).get(timeout=10.0)
-        except (pykka.ActorDeadError, pykka.Timeout) as exc:
-            logger.error("orderly stop interrupted ({}); stopping what is left", exc)
+        return self._final
+
+    def _stop(self) -> dict[str, Any]:
+        actors = self.actors
+        if actors is None:
+            return {}
+        self._stopping = True
+        deadline = time.monotonic() + self.settings.worker.shutdown_timeout_ms / 1000
+        final: dict[str, Any] = {"uncommitted": 0}
+        try:
+            self._stage(
+                "stop intake", lambda: actors.event_system.stop_intake().get(timeout=_ASK_TIMEOUT_S)
+            )
+            self._stage("hand back unstarted claims", lambda: self._hand_back_unstarted(actors))
+            self._stage("finish running handlers", lambda: self._finish_handlers(actors, deadline))
+            uncommitted = self._commit_everything(actors, deadline)
+            self._stage("collect the final stats", lambda: final.update(self.status()))
+            self._stage(
+                "deliver committed events",
+                lambda: actors.publisher.close(timeout_s=5.0).get(timeout=10.0),
+            )
+        except Exception:
+            # A bug in a stage must not leave the actors' threads keeping the process alive.
+            logger.exception("stop: unexpected error; stopping what is left")
+            uncommitted = -1
         finally:
-            for ref in self._refs:
-                try:
-                    ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
-                except pykka.Timeout:
-                    logger.error("{} did not stop in time", ref.actor_class.__name__)
-            if self.timer is not None:
-                self.timer.stop()
-            self._mark_stopped(final)
-            self.actors = None
+            self._release_everything()
+        lost = self.supervisor.lost
+        final["uncommitted"] = max(uncommitted, 0) + lost
+        if uncommitted < 0 or final["uncommitted"]:
+            logger.error(
+                "{} result(s) could not be committed before exit; their steps will be "
+                "recovered as worker_lost by the liveness rule (event_system.claim_timeout_s, "
+                "or at once by the next worker started on this host)",
+                final["uncommitted"] if uncommitted >= 0 else "some",
+            )
+        self._mark_stopped(final)
+        self.actors = None
         logger.info("worker {} stopped", self.worker_id)
         return final
 
-    def _check_actors(self) -> None:
-        dead = [ref.actor_class.__name__ for ref in self._refs if not ref.is_alive()]
-        if dead:
-            raise WorkerCrashedError(
-                f"actor {', '.join(dead)} stopped unexpectedly (its error is logged above)"
-            )
+    def _release_everything(self) -> None:
+        """Stop every actor and thread of this worker, whatever state they are in."""
+        for ref in self._refs:
+            try:
+                ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+            except pykka.Timeout:
+                logger.error("{} did not stop in time", ref.actor_class.__name__)
+        if self.timer is not None:
+            self.timer.stop()
+        self._closing.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=_ASK_TIMEOUT_S)
 
-    def _wait_for_commits(self, timeout_s: float) -> None:
-        assert self.actors is not None
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.actors.completion.stats().get(timeout=_ASK_TIMEOUT_S)["buffered"] == 0:
-                return
-            time.sleep(0.02)
-        left = self.actors.completion.stats().get(timeout=_ASK_TIMEOUT_S)["buffered"]
-        logger.error(
-            "{} result(s) could not be committed before exit; their steps are recovered by the "
-            "stale-claim rule",
-            left,
+    def _stage(self, what: str, action: Callable[[], object]) -> None:
+        """Run one stage of the stop; an actor that died or hangs is logged, then passed."""
+        try:
+            action()
+        except (pykka.ActorDeadError, pykka.Timeout, StorageError) as exc:
+            logger.error("stop: could not {}: {}", what, str(exc) or type(exc).__name__)
+
+    def _hand_back_unstarted(self, actors: Actors) -> None:
+        # Barriers: a claim command already on its way must reach the Dispatcher before the
+        # drain, so that what it claimed is handed back rather than stranded.
+        self._stage(
+            "wait for claim commands in flight",
+            lambda: actors.command_processor.handle(Status()).get(timeout=_ASK_TIMEOUT_S),
         )
+        self._stage(
+            "wait for claims in flight",
+            lambda: actors.step_executor.claimed_total.get(timeout=_ASK_TIMEOUT_S),
+        )
+        try:
+            actors.command_processor.handle(Shutdown()).get(timeout=_ASK_TIMEOUT_S)
+        except pykka.ActorDeadError:
+            actors.dispatcher.drain().get(timeout=_ASK_TIMEOUT_S)
+
+    def _finish_handlers(self, actors: Actors, deadline: float) -> None:
+        """Wait for running handlers until ``deadline``; then settle what still runs."""
+        if not self._refs[3].is_alive():
+            # The Dispatcher died: wait for the handler workers it left running (a stop
+            # message queues behind the attempt in progress).
+            for ref in self.supervisor.orphans():
+                try:
+                    ref.stop(block=True, timeout=max(0.01, deadline - time.monotonic()))
+                except pykka.Timeout:
+                    self.supervisor.results_lost(1)
+            return
+        dispatcher = actors.dispatcher
+        while (
+            dispatcher.stats().get(timeout=_ASK_TIMEOUT_S)["running"]
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.02)
+        abandoned = dispatcher.abandon_running().get(timeout=_ASK_TIMEOUT_S)
+        if abandoned:
+            logger.warning("{} handler(s) still running at shutdown timeout", abandoned)
+        # Once a worker has stopped, the result it sent is in the CompletionProcessor's
+        # mailbox, ahead of anything asked of it from here on.
+        for ref in dispatcher.live_workers().get(timeout=_ASK_TIMEOUT_S):
+            ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+
+    def _commit_everything(self, actors: Actors, deadline: float) -> int:
+        """Commit every result the CompletionProcessor holds; return how many are left."""
+        # At least one try, even when the handlers used up the shutdown timeout.
+        budget = max(0.5, deadline - time.monotonic())
+        try:
+            left: int = actors.completion.drain(budget).get(timeout=budget + _ASK_TIMEOUT_S)
+        except pykka.ActorDeadError:
+            return 0  # what it held is counted by its salvage (Supervisor.lost)
+        except pykka.Timeout:
+            logger.error("stop: the CompletionProcessor did not finish committing in time")
+            return int(self._stats.get("completion", {}).get("buffered", 0)) or 1
+        return left
+
+    def _watch(self) -> None:
+        """The watchdog: notice a failed actor, recover lost workers, refresh stats."""
+        cfg = self.settings
+        recovery_every = min(1.0, cfg.event_system.claim_timeout_s / 3)
+        next_recovery = time.monotonic() + recovery_every
+        next_stats = time.monotonic()
+        while not self._closing.is_set() and not self._stopping:
+            self.supervisor.failed.wait(_WATCH_TICK_S)
+            if self._stopping:
+                return
+            dead = [ref.actor_class.__name__ for ref in self._refs if not ref.is_alive()]
+            if self.supervisor.failed.is_set() or dead:
+                self._crash(dead)
+                return
+            assert self.actors is not None
+            now = time.monotonic()
+            if now >= next_recovery:
+                tell(self.actors.completion.recover_lost_claims)
+                next_recovery = now + recovery_every
+            if now >= next_stats:
+                # On no answer, the heartbeat goes on with the last stats.
+                with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                    self._stats = self.status(timeout_s=_STATS_TIMEOUT_S)
+                next_stats = now + cfg.worker.heartbeat_interval_s
+
+    def _crash(self, dead: list[str]) -> None:
+        self.failure = self.supervisor.first_failure() or ActorFailure(
+            ", ".join(dead), "its thread died"
+        )
+        logger.error("{}; stopping the worker in order", self.failure)
+        self.stop_requested.set()
+        # The error is raised again to whoever calls serve() or stop().
+        with contextlib.suppress(DuplexError):
+            self.stop()
+
+    def _beat(self) -> None:
+        """The heartbeat thread: it needs no actor, so a saturated worker still beats."""
+        interval = self.settings.worker.heartbeat_interval_s
+        while not self._closing.wait(interval):
+            self._heartbeat()
 
     def _idle(self) -> bool:
         try:
             with self.db.read() as conn:
                 open_work = count_open_work(conn, self.settings.worker.namespaces)
-        except StorageError:
+            return (
+                open_work == 0
+                and self.actors is not None
+                and not self.status()["completion"]["buffered"]
+            )
+        except (StorageError, pykka.ActorDeadError, pykka.Timeout):
             return False
-        return (
-            open_work == 0
-            and self.actors is not None
-            and not self.status()["completion"]["buffered"]
-        )
 
     def _register(self) -> None:
         now = utcnow()
@@ -324,10 +475,19 @@ class Worker:
             )
 
     def _heartbeat(self) -> None:
-        try:
-            stats = self.status()
-        except pykka.Timeout:
-            stats = {"status": "timeout"}
+        silent_s = time.monotonic() - self._last_beat
+        timeout_s = self.settings.event_system.claim_timeout_s
+        if silent_s > timeout_s:
+            # A pause (SIGSTOP, swap, a stalled disk) longer than the liveness timeout: other
+            # workers may have recovered this worker's running attempts, whose late results
+            # the commit guard now rejects. New work is served as usual.
+            logger.warning(
+                "this worker was silent for {:.1f}s, longer than event_system.claim_timeout_s "
+                "({:g}s): it was presumed dead and its running steps may have been recovered",
+                silent_s,
+                timeout_s,
+            )
+        stats = dict(self._stats)
         abandoned = stats.get("dispatcher", {}).get("abandoned_threads", 0)
         if abandoned:
             logger.warning("{} abandoned handler thread(s) still running", abandoned)
@@ -340,6 +500,8 @@ class Worker:
                 )
         except StorageError as exc:
             logger.warning("heartbeat failed: {}", exc)
+            return
+        self._last_beat = time.monotonic()
 
     def _mark_stopped(self, stats: dict[str, Any]) -> None:
         try:

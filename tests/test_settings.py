@@ -45,7 +45,8 @@ def test_defaults_without_a_file() -> None:
     assert settings.worker.shutdown_timeout_ms == 10_000
     assert settings.event_system.deployment_mode == "polling"
     assert settings.event_system.polling_interval_ms == 250
-    assert settings.event_system.claim_timeout_s == 300.0
+    assert settings.event_system.claim_timeout_s == 30.0
+    assert settings.worker.heartbeat_interval_s == 5.0
     assert settings.domain_events.buffer_size == 10_000
     assert settings.logging.level == "INFO"
     assert settings.retry.backoff_multiplier == 2.0
@@ -73,7 +74,7 @@ handler_timeout_ms = 1500
 [event_system]
 deployment_mode = "hybrid"
 polling_interval_ms = 50
-claim_timeout_s = 12.5
+claim_timeout_s = 16.5
 
 [domain_events]
 buffer_size = 7
@@ -92,7 +93,7 @@ level = "DEBUG"
     assert settings.worker.shutdown_timeout_ms == 10_000
     assert settings.event_system.deployment_mode == "hybrid"
     assert settings.event_system.polling_interval_ms == 50
-    assert settings.event_system.claim_timeout_s == 12.5
+    assert settings.event_system.claim_timeout_s == 16.5
     assert settings.domain_events.buffer_size == 7
     assert settings.logging.level == "DEBUG"
 

@@ -3,7 +3,7 @@
 Hypothesis interleaves every code path that changes a step's state: ``create_task``,
 ``claim_ready_steps`` (two workers), ``commit_outcomes`` with success, retryable and permanent
 outcomes (for live claims and for claims already settled, which the guard must reject),
-``release_claims``, ``recover_stale_claims``, and the operator commands ``cancel_task``,
+``release_claims``, ``recover_lost_claims``, and the operator commands ``cancel_task``,
 ``retry_step`` and ``resolve_step`` (on any step, so refusals are exercised too). Time is a
 fake clock that the test moves, so retries come due when hypothesis decides.
 
@@ -38,11 +38,12 @@ from hypothesis.stateful import (
 from sqlalchemy import func, select
 
 from app.claims import claim_ready_steps, release_claims
-from app.commits import commit_outcomes, recover_stale_claims
+from app.commits import commit_outcomes
 from app.errors import TransitionError
 from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.models import tasks, workflow_step_edges, workflow_step_transitions, workflow_steps
 from app.operations import cancel_task, resolve_step, retry_step
+from app.recovery import recover_lost_claims
 from app.retry import RetryPolicy
 from app.states import (
     CANCELLED,
@@ -153,9 +154,10 @@ class StepStateMachine(RuleBasedStateMachine):
     def recover_stale(self) -> None:
         # No worker heartbeats here, so every claim older than the timeout is stale.
         with self.db.write() as conn:
-            recover_stale_claims(
+            recover_lost_claims(
                 conn,
-                claim_timeout=timedelta(seconds=30),
+                me="recoverer",
+                heartbeat_timeout=timedelta(seconds=30),
                 now=self.now,
                 policy=self.policy,
                 rng=self.rng,

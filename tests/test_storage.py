@@ -1,13 +1,16 @@
 """Claims and commits on real databases (SQLite and PostgreSQL via the ``db`` fixture).
 
 Plain functions, no actors: create_task, claim_ready_steps, commit_outcomes, release_claims,
-recover_stale_claims and count_open_work, checked against the rows they leave behind.
+recover_lost_claims and count_open_work, checked against the rows they leave behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections import Counter
 from datetime import datetime, timedelta
@@ -16,7 +19,7 @@ from typing import Any
 from sqlalchemy import Row, insert, select, text
 
 from app.claims import claim_ready_steps, count_open_work, release_claims
-from app.commits import CommitReport, commit_outcomes, recover_stale_claims
+from app.commits import CommitReport, commit_outcomes
 from app.db import Database
 from app.execution import HANDLER_TIMEOUT, WORKER_LOST
 from app.messages import (
@@ -35,6 +38,7 @@ from app.models import (
     workflow_step_transitions,
     workflow_steps,
 )
+from app.recovery import dead_local_workers, process_exists, recover_lost_claims
 from app.retry import RetryPolicy
 from app.submission import create_task
 from app.templates import parse_template
@@ -822,22 +826,25 @@ def test_release_claims_is_guarded(db: Database) -> None:
     assert rows["r1"].state == "complete"
 
 
-# --- recover_stale_claims ----------------------------------------------------------------------
+# --- recover_lost_claims ----------------------------------------------------------------------
 
 
-def test_recover_stale_claims_of_lost_workers_only(db: Database) -> None:
+def test_recover_lost_claims_of_dead_workers_only(db: Database) -> None:
     t0 = utcnow()
-    timeout = timedelta(seconds=60)
-    recover_at = t0 + timeout + timedelta(seconds=1)
-    task = submit(db, wide(5), t0)
+    timeout = timedelta(seconds=30)
+    recover_at = t0 + timedelta(seconds=5)
+    task = submit(db, wide(6), t0)
     add_worker(db, "live", heartbeat_at=recover_at - timedelta(seconds=1))
-    add_worker(db, "dead", heartbeat_at=t0 - timedelta(hours=1))
+    add_worker(db, "dead", heartbeat_at=recover_at - timeout - timedelta(seconds=1))
     add_worker(db, "stopped", heartbeat_at=recover_at, stopped_at=recover_at)
+    add_worker(db, "exited", heartbeat_at=recover_at)  # fresh heartbeat, process gone
+    # The recovering worker itself, silent for long: it never recovers its own claims.
+    add_worker(db, "recoverer", heartbeat_at=t0 - timedelta(hours=1))
     claims: dict[str, ClaimedStep] = {}
-    for worker in ("live", "dead", "stopped", "ghost"):
+    for worker in ("live", "dead", "stopped", "exited", "ghost", "recoverer"):
+        # Claims are only seconds old: liveness alone decides, not the claim's age.
         (step,) = claim(db, t0, worker=worker, limit=1)
         claims[worker] = step
-    (recent,) = claim(db, t0 + timeout, worker="dead", limit=1)  # not old enough yet
     with db.write() as conn:
         # Make the ghost's attempt its last: recovering it is an error, not a retry.
         conn.execute(
@@ -846,44 +853,91 @@ def test_recover_stale_claims_of_lost_workers_only(db: Database) -> None:
             .values(max_attempts=1)
         )
 
-    with db.write() as conn:
-        report = recover_stale_claims(
-            conn, claim_timeout=timeout, now=recover_at, policy=POLICY, rng=random.Random(0)
-        )
+    def recover() -> CommitReport:
+        with db.write() as conn:
+            return recover_lost_claims(
+                conn,
+                me="recoverer",
+                heartbeat_timeout=timeout,
+                now=recover_at,
+                policy=POLICY,
+                rng=random.Random(0),
+                dead_workers=["exited"],
+            )
+
+    report = recover()
+    lost = ("dead", "stopped", "exited", "ghost")
     recovered = {o.step.step_uuid for o in report.applied}
-    assert recovered == {claims[w].step_uuid for w in ("dead", "stopped", "ghost")}
+    assert recovered == {claims[w].step_uuid for w in lost}
     assert all(
         o.failure is not None and o.failure.error_type == WORKER_LOST for o in report.applied
     )
     rows = {r.step_uuid: r for r in steps_of(db, task).values()}
-    assert rows[claims["live"].step_uuid].state == "in_progress"
-    assert rows[claims["live"].step_uuid].claimed_by == "live"
-    assert rows[recent.step_uuid].state == "in_progress"
-    for worker in ("dead", "stopped", "ghost"):
+    for worker in ("live", "recoverer"):
+        assert rows[claims[worker].step_uuid].state == "in_progress"
+        assert rows[claims[worker].step_uuid].claimed_by == worker
+    for worker in lost:
         row = rows[claims[worker].step_uuid]
         expected = "error" if worker == "ghost" else "waiting_for_retry"
         assert row.state == expected
         assert row.error["error_type"] == WORKER_LOST
         assert transitions_of(db, row.step_uuid)[-1][:4] == ("in_progress", expected, 1, worker)
-    assert Counter(e.name for e in report.events) == Counter({"step.failed": 3})
+    assert Counter(e.name for e in report.events) == Counter({"step.failed": 4})
 
     # The lost worker's result turns up after all: rejected.
     late = ok(claims["dead"], recover_at)
     assert commit(db, [late], recover_at).rejected == [late]
-    # Recovering again finds nothing new.
-    with db.write() as conn:
-        again = recover_stale_claims(
-            conn, claim_timeout=timeout, now=recover_at, policy=POLICY, rng=random.Random(0)
+    # Recovering again finds nothing new: each lost attempt is recorded once.
+    assert recover().applied == []
+
+
+def test_dead_local_workers_are_those_whose_process_is_gone(db: Database) -> None:
+    now = utcnow()
+    fresh = now - timedelta(seconds=1)
+    for worker_id, pid in (("alive", 100), ("gone", 200), ("me", 300)):
+        add_worker(db, worker_id, heartbeat_at=fresh)
+        with db.write() as conn:
+            conn.execute(workers.update().where(workers.c.worker_id == worker_id).values(pid=pid))
+    add_worker(db, "stale", heartbeat_at=now - timedelta(hours=1))  # dead by SQL already
+    add_worker(db, "done", heartbeat_at=fresh, stopped_at=fresh)
+    with db.read() as conn:
+        dead = dead_local_workers(
+            conn,
+            hostname="test-host",
+            me="me",
+            heartbeat_cutoff=now - timedelta(seconds=30),
+            alive=lambda pid: pid != 200,
         )
-    assert again.applied == []
+        elsewhere = dead_local_workers(
+            conn,
+            hostname="other-host",
+            me="me",
+            heartbeat_cutoff=now - timedelta(seconds=30),
+            alive=lambda pid: False,
+        )
+    assert dead == ["gone"]
+    assert elsewhere == []
 
 
-def test_recover_stale_claims_with_nothing_to_recover(db: Database) -> None:
+def test_process_exists() -> None:
+    assert process_exists(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not process_exists(child.pid)
+    assert not process_exists(0)
+
+
+def test_recover_lost_claims_with_nothing_to_recover(db: Database) -> None:
     now = utcnow()
     submit(db, wide(1), now)
     with db.write() as conn:
-        report = recover_stale_claims(
-            conn, claim_timeout=timedelta(seconds=1), now=now, policy=POLICY, rng=random.Random(0)
+        report = recover_lost_claims(
+            conn,
+            me="recoverer",
+            heartbeat_timeout=timedelta(seconds=1),
+            now=now,
+            policy=POLICY,
+            rng=random.Random(0),
         )
     assert (report.applied, report.rejected, report.events) == ([], [], [])
 

@@ -1,0 +1,142 @@
+"""Recovering the running attempts of workers that died (DESIGN.md guarantee 9).
+
+A worker is presumed dead when its heartbeat is older than ``event_system.claim_timeout_s``,
+when it recorded its stop, or when it has no ``workers`` row at all. On the same host there is
+a faster sign: its process no longer exists, so a restart after a crash resumes at once.
+A worker never recovers its own claims.
+
+Each lost attempt is committed like any result (``worker_lost``, retryable) through
+``commit_outcomes``, which locks the tasks and guards every update: when two workers recover
+at once, or a late result races the recovery, the attempt is settled exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Collection
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import Connection, bindparam, exists, not_, or_, select
+
+from app.commits import CommitReport, commit_outcomes, declared_events
+from app.execution import WORKER_LOST
+from app.messages import ClaimedStep, StepFailure, StepOutcome
+from app.models import workers, workflow_steps
+from app.retry import RetryPolicy
+from app.states import IN_PROGRESS
+
+ws = workflow_steps
+
+
+def process_exists(pid: int) -> bool:
+    """Return whether a process ``pid`` runs on this host (a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    try:
+        # /proc/<pid>/stat: "pid (comm) state ..."; a killed, unreaped child is a zombie.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def dead_local_workers(
+    conn: Connection,
+    *,
+    hostname: str,
+    me: str,
+    heartbeat_cutoff: datetime,
+    alive: Callable[[int], bool] = process_exists,
+) -> list[str]:
+    """Return the ids of this host's workers that look alive in SQL but whose process is gone.
+
+    Workers whose heartbeat already expired are dead by the SQL rule and not listed.
+    """
+    rows = conn.execute(
+        select(workers.c.worker_id, workers.c.pid).where(
+            workers.c.hostname == hostname,
+            workers.c.worker_id != me,
+            workers.c.stopped_at.is_(None),
+            workers.c.heartbeat_at >= heartbeat_cutoff,
+        )
+    )
+    return sorted(worker_id for worker_id, pid in rows if pid is not None and not alive(pid))
+
+
+def recover_lost_claims(
+    conn: Connection,
+    *,
+    me: str,
+    heartbeat_timeout: timedelta,
+    now: datetime,
+    policy: RetryPolicy,
+    rng: random.Random,
+    dead_workers: Collection[str] = (),
+    limit: int = 500,
+) -> CommitReport:
+    """Fail the running attempts of dead workers as ``worker_lost``; retry them per policy.
+
+    Run inside the caller's write transaction. ``dead_workers`` are known dead besides the
+    SQL rule (see ``dead_local_workers``). ``me``'s own claims are never touched.
+    """
+    cutoff = now - heartbeat_timeout
+    alive = exists().where(
+        workers.c.worker_id == ws.c.claimed_by,
+        workers.c.heartbeat_at >= cutoff,
+        workers.c.stopped_at.is_(None),
+    )
+    query = (
+        select(
+            ws.c.step_uuid,
+            ws.c.task_uuid,
+            ws.c.name,
+            ws.c.handler,
+            ws.c.attempts,
+            ws.c.max_attempts,
+            ws.c.retryable,
+            ws.c.timeout_ms,
+            ws.c.claimed_by,
+            ws.c.claimed_at,
+            ws.c.declared_events,
+        )
+        .where(
+            ws.c.state == IN_PROGRESS,
+            ws.c.claimed_by != me,
+            or_(
+                ws.c.claimed_by.in_(bindparam("dead", expanding=True)),
+                not_(alive),
+            ),
+        )
+        .order_by(ws.c.claimed_at)
+        .limit(limit)
+    )
+    outcomes = []
+    for row in conn.execute(query, {"dead": sorted(dead_workers)}):
+        step = ClaimedStep(
+            step_uuid=row.step_uuid,
+            task_uuid=row.task_uuid,
+            name=row.name,
+            handler=row.handler,
+            attempt=row.attempts,
+            max_attempts=row.max_attempts,
+            retryable=row.retryable,
+            timeout_ms=row.timeout_ms,
+            claimed_by=row.claimed_by,
+            declared_events=declared_events(row.declared_events),
+        )
+        why = "exited" if row.claimed_by in dead_workers else "stopped heart-beating"
+        failure = StepFailure(
+            WORKER_LOST,
+            f"worker {row.claimed_by} {why} while running this attempt",
+            retryable=True,
+        )
+        outcomes.append(StepOutcome(step, row.claimed_at, now, failure=failure))
+    return commit_outcomes(conn, outcomes, policy=policy, now=now, rng=rng)
