@@ -298,6 +298,13 @@ class Worker:
         if actors is None:
             return {}
         self._stopping = True
+        dead = [ref.actor_class.__name__ for ref in self._refs if not ref.is_alive()]
+        if dead and self.failure is None:
+            # Died before the watchdog looked: the stop still reports it.
+            self.failure = self.supervisor.first_failure() or ActorFailure(
+                ", ".join(dead), "it stopped unexpectedly"
+            )
+            logger.error("{}; stopping the worker in order", self.failure)
         deadline = time.monotonic() + self.settings.worker.shutdown_timeout_ms / 1000
         final: dict[str, Any] = {"uncommitted": 0}
         try:
@@ -434,7 +441,7 @@ class Worker:
 
     def _crash(self, dead: list[str]) -> None:
         self.failure = self.supervisor.first_failure() or ActorFailure(
-            ", ".join(dead), "its thread died"
+            ", ".join(dead), "it stopped unexpectedly"
         )
         logger.error("{}; stopping the worker in order", self.failure)
         self.stop_requested.set()
