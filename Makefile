@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-recovery clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
+
+# Recovery time after SIGKILL (needs PostgreSQL on 127.0.0.1:5432, and root for unshare).
+bench-recovery: $(STAMP)
+	$(PY) benchmarks/recovery.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache duplex.db*
