@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -185,7 +186,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                     print(_format_steps(steps))
                 return 0
             summaries = list_tasks(conn, limit=args.limit)
-            live = active_workers(conn)
+            # Workers presumed dead by the liveness rule are not listed.
+            cutoff = utcnow() - timedelta(seconds=settings.event_system.claim_timeout_s)
+            live = active_workers(conn, heartbeat_since=cutoff)
     finally:
         db.dispose()
     if args.json:

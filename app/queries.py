@@ -160,10 +160,12 @@ def task_steps(
     return steps
 
 
-def active_workers(conn: Connection) -> list[dict[str, Any]]:
-    """Return workers that have not stopped, with their last reported counters."""
+def active_workers(conn: Connection, *, heartbeat_since: datetime) -> list[dict[str, Any]]:
+    """Return workers that have not stopped and beat since then, with their last counters."""
     rows = conn.execute(
-        select(workers).where(workers.c.stopped_at.is_(None)).order_by(workers.c.started_at)
+        select(workers)
+        .where(workers.c.stopped_at.is_(None), workers.c.heartbeat_at >= heartbeat_since)
+        .order_by(workers.c.started_at)
     )
     return [_jsonable(dict(row._mapping)) for row in rows]
 
