@@ -452,8 +452,11 @@ class Worker:
     def _beat(self) -> None:
         """The heartbeat thread: it needs no actor, so a saturated worker still beats."""
         interval = self.settings.worker.heartbeat_interval_s
-        while not self._closing.wait(interval):
+        next_beat = time.monotonic() + interval
+        # A fixed rate: the time a write takes (the GIL is busy under load) is not added on.
+        while not self._closing.wait(max(0.0, next_beat - time.monotonic())):
             self._heartbeat()
+            next_beat = max(next_beat + interval, time.monotonic())
 
     def _idle(self) -> bool:
         try:

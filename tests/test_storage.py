@@ -18,7 +18,12 @@ from typing import Any
 
 from sqlalchemy import Row, insert, select, text
 
-from app.claims import claim_ready_steps, count_open_work, release_claims
+from app.claims import (
+    claim_ready_steps,
+    count_open_work,
+    release_claims,
+    release_unconfirmed_claim,
+)
 from app.commits import CommitReport, commit_outcomes
 from app.db import Database
 from app.execution import HANDLER_TIMEOUT, WORKER_LOST
@@ -940,6 +945,30 @@ def test_recover_lost_claims_with_nothing_to_recover(db: Database) -> None:
             rng=random.Random(0),
         )
     assert (report.applied, report.rejected, report.events) == ([], [], [])
+
+
+# --- release_unconfirmed_claim -----------------------------------------------------------------
+
+
+def test_release_unconfirmed_claim_hands_back_exactly_that_claim(db: Database) -> None:
+    t0 = utcnow()
+    task = submit(db, wide(4), t0)
+    lost = claim(db, t0, limit=2)  # committed, but the worker never heard of it
+    kept = claim(db, t0 + timedelta(seconds=1), limit=1)
+    other = claim(db, t0, worker="w2", limit=1)
+    with db.write() as conn:
+        released = release_unconfirmed_claim(
+            conn, worker_id="w1", claimed_at=t0, now=t0 + timedelta(seconds=2)
+        )
+    assert released == 2
+    rows = {r.step_uuid: r for r in steps_of(db, task).values()}
+    for step in lost:
+        assert (rows[step.step_uuid].state, rows[step.step_uuid].attempts) == ("enqueued", 0)
+        assert transitions_of(db, step.step_uuid)[-1][:3] == ("in_progress", "enqueued", 0)
+    for step in (*kept, *other):
+        assert rows[step.step_uuid].state == "in_progress"
+    with db.write() as conn:  # nothing is handed back twice
+        assert release_unconfirmed_claim(conn, worker_id="w1", claimed_at=t0, now=t0) == 0
 
 
 # --- count_open_work ---------------------------------------------------------------------------
