@@ -43,7 +43,12 @@ from app.models import (
     workflow_step_transitions,
     workflow_steps,
 )
-from app.recovery import dead_local_workers, process_exists, recover_lost_claims
+from app.recovery import (
+    PROCESS_STARTED_AT,
+    dead_local_workers,
+    process_exists,
+    recover_lost_claims,
+)
 from app.retry import RetryPolicy
 from app.submission import create_task
 from app.templates import parse_template
@@ -922,6 +927,29 @@ def test_dead_local_workers_are_those_whose_process_is_gone(db: Database) -> Non
         )
     assert dead == ["gone"]
     assert elsewhere == []
+
+
+def test_a_dead_worker_with_this_processs_pid_is_one_from_an_earlier_process(
+    db: Database,
+) -> None:
+    """A container's PID 1 restarted on the same host: same pid, earlier start."""
+    now = utcnow()
+    for worker_id, started in (
+        ("earlier", PROCESS_STARTED_AT - timedelta(seconds=5)),
+        ("sibling", PROCESS_STARTED_AT + timedelta(microseconds=1)),  # a Worker in this process
+    ):
+        add_worker(db, worker_id, heartbeat_at=now)
+        with db.write() as conn:
+            conn.execute(
+                workers.update()
+                .where(workers.c.worker_id == worker_id)
+                .values(pid=os.getpid(), started_at=started)
+            )
+    with db.read() as conn:
+        dead = dead_local_workers(
+            conn, hostname="test-host", me="me", heartbeat_cutoff=now - timedelta(seconds=30)
+        )
+    assert dead == ["earlier"]
 
 
 def test_process_exists() -> None:
