@@ -390,7 +390,7 @@ class Worker:
 
     def _finish_handlers(self, actors: Actors, deadline: float) -> None:
         """Wait for running handlers until ``deadline``; then settle what still runs."""
-        if not self._refs[3].is_alive():
+        if not actors.dispatcher.actor_ref.is_alive():
             # The Dispatcher died: wait for the handler workers it left running (a stop
             # message queues behind the attempt in progress).
             for ref in self.supervisor.orphans():
@@ -440,10 +440,12 @@ class Worker:
             if self.supervisor.failed.is_set() or dead:
                 self._crash(dead)
                 return
-            assert self.actors is not None
+            actors = self.actors
+            if actors is None:  # stopped meanwhile
+                return
             now = time.monotonic()
             if now >= next_recovery:
-                tell(self.actors.completion.recover_lost_claims)
+                tell(actors.completion.recover_lost_claims)
                 next_recovery = now + recovery_every
             if now >= next_stats:
                 # On no answer, the heartbeat goes on with the last stats.
