@@ -14,15 +14,15 @@ import pykka
 from loguru import logger
 
 from actors.supervised import SupervisedActor, take_mailbox, tell
-from app.claims import release_claims
-from app.commits import CommitReport, commit_outcomes
 from app.db import Database
 from app.errors import StorageError
 from app.execution import RESULT_UNSTORABLE, unstorable
 from app.messages import ClaimedStep, StepOutcome
 from app.models import utcnow
-from app.recovery import dead_local_workers, recover_lost_claims
 from app.retry import RetryPolicy
+from app.storage.claims import release_claims
+from app.storage.recovery import dead_local_workers, recover_lost_claims
+from app.storage.results import CommitReport, commit_outcomes
 from app.supervision import Supervisor
 from app.timer import Timer
 

@@ -26,17 +26,25 @@ from app.handlers import import_handler_modules
 from app.logs import configure_logging
 from app.migrate import ensure_schema_ready, upgrade_to_head
 from app.models import utcnow
-from app.operations import (
+from app.settings import Settings, load_settings
+from app.states import ENQUEUED, TASK_FINISHED
+from app.storage.operations import (
     OperatorReport,
     cancel_task,
     operator_identity,
     resolve_step,
     retry_step,
 )
-from app.queries import StepSummary, TaskSummary, active_workers, get_task, list_tasks, task_steps
-from app.settings import Settings, load_settings
-from app.states import ENQUEUED, TASK_FINISHED
-from app.submission import create_task, parse_context
+from app.storage.queries import (
+    StepSummary,
+    TaskSummary,
+    active_workers,
+    get_task,
+    list_tasks,
+    task_steps,
+)
+from app.storage.submission import create_task
+from app.submission import parse_context
 from app.templates import load_template
 
 EXIT_ERROR = 1

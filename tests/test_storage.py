@@ -18,8 +18,6 @@ from typing import Any
 
 from sqlalchemy import Row, insert, select, text
 
-from app.claims import claim_ready_steps, count_open_work, release_claims
-from app.commits import CommitReport, commit_outcomes
 from app.db import Database
 from app.execution import HANDLER_TIMEOUT, WORKER_LOST
 from app.messages import (
@@ -38,9 +36,11 @@ from app.models import (
     workflow_step_transitions,
     workflow_steps,
 )
-from app.recovery import dead_local_workers, process_exists, recover_lost_claims
 from app.retry import RetryPolicy
-from app.submission import create_task
+from app.storage.claims import claim_ready_steps, count_open_work, release_claims
+from app.storage.recovery import dead_local_workers, process_exists, recover_lost_claims
+from app.storage.results import CommitReport, commit_outcomes
+from app.storage.submission import create_task
 from app.templates import parse_template
 
 POLICY = RetryPolicy(base_ms=1000, multiplier=2.0, max_ms=60_000, jitter=0.0)

@@ -17,7 +17,6 @@ from typing import Any
 
 from sqlalchemy import Connection, Integer, Select, and_, bindparam, func, insert, select, update
 
-from app.commits import declared_events, lock_tasks, transition_row
 from app.messages import ClaimedStep
 from app.models import (
     tasks,
@@ -36,6 +35,9 @@ from app.states import (
     TASK_PENDING,
     WAITING_FOR_RETRY,
 )
+from app.storage.events import declared_events
+from app.storage.task_state import lock_tasks
+from app.storage.transitions import transition_row
 
 ws = workflow_steps
 
