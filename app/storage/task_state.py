@@ -6,9 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Connection, bindparam, exists, select, update
+from sqlalchemy import (
+    Connection,
+    String,
+    bindparam,
+    exists,
+    literal,
+    select,
+    true,
+    union_all,
+    update,
+)
 
 from app.models import (
     tasks,
@@ -59,28 +68,49 @@ def update_task_states(
     current = {
         task_uuid: locked_states[task_uuid] for task_uuid in ids if task_uuid in locked_states
     }
+    if not current:
+        return
+    present: dict[str, dict[str, int]] = {task_uuid: {} for task_uuid in current}
+    for task_uuid, state in conn.execute(_STATES_PRESENT, {"ids": list(current)}):
+        present[task_uuid][state] = 1
+    changes = []
     for task_uuid, state in current.items():
-        new_state = derive_task_state(state, _states_present(conn, task_uuid))
-        if new_state == state:
-            continue
-        values: dict[str, Any] = {"state": new_state, "updated_at": now}
-        values["completed_at"] = now if new_state in TASK_FINISHED else None
-        conn.execute(update(tasks).where(tasks.c.task_uuid == task_uuid).values(**values))
+        new_state = derive_task_state(state, present[task_uuid])
+        if new_state != state:
+            changes.append(
+                {
+                    "b_task_uuid": task_uuid,
+                    "v_state": new_state,
+                    "v_updated_at": now,
+                    "v_completed_at": now if new_state in TASK_FINISHED else None,
+                }
+            )
+    if changes:
+        conn.execute(_SET_TASK_STATE, changes)
 
 
-def _states_present(conn: Connection, task_uuid: str) -> dict[str, int]:
-    """Return {state: 1} for each state some step of the task is in.
-
-    One probe per state on the (task_uuid, state) index, so the cost does not grow with the
-    size of the task (counting every step of a 5000-step task on each commit did).
-    """
-    row = conn.execute(_STATES_PRESENT, {"task_uuid": task_uuid}).one()
-    return {state: 1 for state in STEP_STATES if row._mapping[state]}
-
-
-_STATES_PRESENT = select(
-    *[
-        exists().where(ws.c.task_uuid == bindparam("task_uuid"), ws.c.state == state).label(state)
-        for state in STEP_STATES
-    ]
+# Which states the steps of each task are in: for every (task, state) pair one probe of the
+# (task_uuid, state) index, so the cost grows with the tasks in the batch, never with their
+# size (counting every step of a 5000-step task on each commit did), and one statement
+# serves the whole batch.
+# The step states as a derived table (UNION ALL: SQLite takes no column list on VALUES).
+_states = union_all(*[select(literal(s, String).label("state")) for s in STEP_STATES]).subquery(
+    "step_states"
+)
+_STATES_PRESENT = (
+    select(tasks.c.task_uuid, _states.c.state)
+    .select_from(tasks.join(_states, true()))
+    .where(
+        tasks.c.task_uuid.in_(bindparam("ids", expanding=True)),
+        exists().where(ws.c.task_uuid == tasks.c.task_uuid, ws.c.state == _states.c.state),
+    )
+)
+_SET_TASK_STATE = (
+    update(tasks)
+    .where(tasks.c.task_uuid == bindparam("b_task_uuid"))
+    .values(
+        state=bindparam("v_state"),
+        updated_at=bindparam("v_updated_at", type_=tasks.c.updated_at.type),
+        completed_at=bindparam("v_completed_at", type_=tasks.c.completed_at.type),
+    )
 )
