@@ -38,12 +38,10 @@ def events_of(
     step = outcome.step
     base: JSONDict = {"step_name": step.name, "handler": step.handler, "attempt": step.attempt}
     events: list[tuple[str, JSONDict]] = [(e.name, e.payload) for e in outcome.events]
-    if outcome.failure is None:
+    failure = outcome.failure
+    if failure is None:
         events.append(("step.completed", base))
-        declared_payload: JSONDict = {**base, "outcome": "success", "result": outcome.result}
-        wanted: tuple[str, ...] = ("success", "always")
     else:
-        failure = outcome.failure
         events.append(
             (
                 "step.failed",
@@ -57,7 +55,19 @@ def events_of(
                 },
             )
         )
-        declared_payload = {
+    if step.declared_events:
+        events.extend(_declared(outcome, new_state, base))
+    return events
+
+
+def _declared(outcome: StepOutcome, new_state: str, base: JSONDict) -> list[tuple[str, JSONDict]]:
+    """The template's declared events whose condition matches how the attempt ended."""
+    failure = outcome.failure
+    if failure is None:
+        payload: JSONDict = {**base, "outcome": "success", "result": outcome.result}
+        wanted: tuple[str, ...] = ("success", "always")
+    else:
+        payload = {
             **base,
             "outcome": "failure",
             "error_type": failure.error_type,
@@ -65,7 +75,6 @@ def events_of(
             "state": new_state,
         }
         # Declared failure events are about the step, not an attempt: a failure that will be
-        # retried is not one (``step.failed`` above reports every failed attempt).
+        # retried is not one (``step.failed`` reports every failed attempt).
         wanted = () if new_state == WAITING_FOR_RETRY else ("failure", "always")
-    events.extend((d.name, declared_payload) for d in step.declared_events if d.condition in wanted)
-    return events
+    return [(d.name, payload) for d in outcome.step.declared_events if d.condition in wanted]
