@@ -10,7 +10,7 @@ import pykka
 from loguru import logger
 
 from actors.handler_worker import HandlerWorker, HandlerWorkerProxy
-from actors.supervised import SupervisedActor, tell
+from actors.supervised import SupervisedActor, take_mailbox, tell
 from app.execution import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT, timeout_failure
 from app.handlers import HandlerRegistry
 from app.messages import ClaimedStep, StepFailure, StepOutcome
@@ -81,14 +81,16 @@ class Dispatcher(SupervisedActor):
         for handle in self._deadlines.values():
             handle.cancel()
         waiting = self._pool.take_waiting()
-        if waiting and not tell(self._completion.release, waiting):
-            self.supervisor.results_lost(len(waiting))
+        for message in take_mailbox(self):  # claims that were on their way here
+            if message.attr_path == ("dispatch",):
+                waiting.extend(message.args[0])
+        self._release(waiting)
         self.supervisor.adopt(self.live_workers())
 
     def dispatch(self, steps: list[ClaimedStep]) -> None:
         """The dispatch channel: accept claimed steps, fire-and-forget."""
         if self._draining:
-            tell(self._completion.release, steps)
+            self._release(steps)
             return
         self._pool.enqueue(steps)
         self._assign()
@@ -151,8 +153,7 @@ class Dispatcher(SupervisedActor):
         """Stop starting handlers; hand back claimed steps that never started."""
         self._draining = True
         waiting = self._pool.take_waiting()
-        if waiting:
-            tell(self._completion.release, waiting)
+        self._release(waiting)
         return len(waiting)
 
     def abandon_running(self) -> int:
@@ -167,6 +168,12 @@ class Dispatcher(SupervisedActor):
             )
             self._abandon(run, failure)
         return len(runs)
+
+    def _release(self, steps: list[ClaimedStep]) -> None:
+        """Hand claims that never started back to the queue (through the commit path)."""
+        if steps and not tell(self._completion.release, steps):
+            # The CompletionProcessor is gone: they fall to the liveness rule.
+            self.supervisor.results_lost(len(steps))
 
     def live_workers(self) -> list[pykka.ActorRef[HandlerWorker]]:
         """Return the workers that are not stuck in an abandoned handler."""

@@ -14,7 +14,7 @@ from app.db import Database
 from app.errors import StorageError
 from app.messages import ClaimedStep
 from app.models import utcnow
-from app.storage.claims import claim_ready_steps, release_claims
+from app.storage.claims import claim_ready_steps, release_claims, release_unconfirmed_claim
 from app.supervision import Supervisor
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ class StepExecutor(SupervisedActor):
         self._clock = clock
         self._intake: EventSystemProxy | None = None
         self._in_hand: list[ClaimedStep] = []
+        # ``claimed_at`` stamps of claims that failed: they may have committed unheard.
+        self._unconfirmed: list[datetime] = []
         self.claimed_total = 0
 
     def connect(self, intake: EventSystemProxy) -> None:
@@ -55,18 +57,24 @@ class StepExecutor(SupervisedActor):
 
     def execute(self, limit: int) -> None:
         steps: list[ClaimedStep] = []
+        now = self._clock()
         try:
+            self._settle_unconfirmed()
+            now = self._clock()  # what was handed back is ready as of now
             with self._db.write() as conn:
                 steps = claim_ready_steps(
                     conn,
                     worker_id=self._worker_id,
                     namespaces=self._namespaces,
                     limit=limit,
-                    now=self._clock(),
+                    now=now,
                 )
         except StorageError as exc:
-            # Nothing was claimed; the intake tries again shortly.
+            # Most likely nothing was claimed, but a connection lost around COMMIT may hide a
+            # claim that did commit: remember it, hand back its steps once the database
+            # answers again. The intake tries again shortly.
             logger.warning("claim failed: {}", exc)
+            self._unconfirmed.append(now)
             if self._intake is not None:
                 tell(self._intake.claim_failed, limit)
             return
@@ -78,6 +86,21 @@ class StepExecutor(SupervisedActor):
             self._in_hand = []
         if self._intake is not None:
             tell(self._intake.claimed, limit, len(steps))
+
+    def _settle_unconfirmed(self) -> None:
+        while self._unconfirmed:
+            with self._db.write() as conn:
+                released = release_unconfirmed_claim(
+                    conn,
+                    worker_id=self._worker_id,
+                    claimed_at=self._unconfirmed[0],
+                    now=self._clock(),
+                )
+            self._unconfirmed.pop(0)
+            if released:
+                logger.warning(
+                    "a claim reported as failed had committed; handed back {} step(s)", released
+                )
 
     def salvage(self) -> None:
         self._hand_back("the step executor failed")

@@ -314,7 +314,7 @@ class Worker:
             self._stage("hand back unstarted claims", lambda: self._hand_back_unstarted(actors))
             self._stage("finish running handlers", lambda: self._finish_handlers(actors, deadline))
             uncommitted = self._commit_everything(actors, deadline)
-            self._stage("collect the final stats", lambda: final.update(self.status()))
+            final.update(self._final_stats(actors))
             self._stage(
                 "deliver committed events",
                 lambda: actors.publisher.close(timeout_s=5.0).get(timeout=10.0),
@@ -352,6 +352,18 @@ class Worker:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=_ASK_TIMEOUT_S)
+
+    def _final_stats(self, actors: Actors) -> dict[str, Any]:
+        """The counters of every actor still alive (a dead one's part is left out)."""
+        parts: dict[str, Any] = {"worker_id": self.worker_id}
+        for key, ask in (
+            ("dispatcher", actors.dispatcher.stats),
+            ("completion", actors.completion.stats),
+            ("events", actors.publisher.stats),
+        ):
+            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                parts[key] = ask().get(timeout=_ASK_TIMEOUT_S)
+        return parts
 
     def _stage(self, what: str, action: Callable[[], object]) -> None:
         """Run one stage of the stop; an actor that died or hangs is logged, then passed."""
@@ -452,8 +464,11 @@ class Worker:
     def _beat(self) -> None:
         """The heartbeat thread: it needs no actor, so a saturated worker still beats."""
         interval = self.settings.worker.heartbeat_interval_s
-        while not self._closing.wait(interval):
+        next_beat = time.monotonic() + interval
+        # A fixed rate: the time a write takes (the GIL is busy under load) is not added on.
+        while not self._closing.wait(max(0.0, next_beat - time.monotonic())):
             self._heartbeat()
+            next_beat = max(next_beat + interval, time.monotonic())
 
     def _idle(self) -> bool:
         try:

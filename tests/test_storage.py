@@ -37,8 +37,18 @@ from app.models import (
     workflow_steps,
 )
 from app.retry import RetryPolicy
-from app.storage.claims import claim_ready_steps, count_open_work, release_claims
-from app.storage.recovery import dead_local_workers, process_exists, recover_lost_claims
+from app.storage.claims import (
+    claim_ready_steps,
+    count_open_work,
+    release_claims,
+    release_unconfirmed_claim,
+)
+from app.storage.recovery import (
+    PROCESS_STARTED_AT,
+    dead_local_workers,
+    process_exists,
+    recover_lost_claims,
+)
 from app.storage.results import CommitReport, commit_outcomes
 from app.storage.submission import create_task
 from app.templates import parse_template
@@ -919,6 +929,29 @@ def test_dead_local_workers_are_those_whose_process_is_gone(db: Database) -> Non
     assert elsewhere == []
 
 
+def test_a_dead_worker_with_this_processs_pid_is_one_from_an_earlier_process(
+    db: Database,
+) -> None:
+    """A container's PID 1 restarted on the same host: same pid, earlier start."""
+    now = utcnow()
+    for worker_id, started in (
+        ("earlier", PROCESS_STARTED_AT - timedelta(seconds=5)),
+        ("sibling", PROCESS_STARTED_AT + timedelta(microseconds=1)),  # a Worker in this process
+    ):
+        add_worker(db, worker_id, heartbeat_at=now)
+        with db.write() as conn:
+            conn.execute(
+                workers.update()
+                .where(workers.c.worker_id == worker_id)
+                .values(pid=os.getpid(), started_at=started)
+            )
+    with db.read() as conn:
+        dead = dead_local_workers(
+            conn, hostname="test-host", me="me", heartbeat_cutoff=now - timedelta(seconds=30)
+        )
+    assert dead == ["earlier"]
+
+
 def test_process_exists() -> None:
     assert process_exists(os.getpid())
     child = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -940,6 +973,30 @@ def test_recover_lost_claims_with_nothing_to_recover(db: Database) -> None:
             rng=random.Random(0),
         )
     assert (report.applied, report.rejected, report.events) == ([], [], [])
+
+
+# --- release_unconfirmed_claim -----------------------------------------------------------------
+
+
+def test_release_unconfirmed_claim_hands_back_exactly_that_claim(db: Database) -> None:
+    t0 = utcnow()
+    task = submit(db, wide(4), t0)
+    lost = claim(db, t0, limit=2)  # committed, but the worker never heard of it
+    kept = claim(db, t0 + timedelta(seconds=1), limit=1)
+    other = claim(db, t0, worker="w2", limit=1)
+    with db.write() as conn:
+        released = release_unconfirmed_claim(
+            conn, worker_id="w1", claimed_at=t0, now=t0 + timedelta(seconds=2)
+        )
+    assert released == 2
+    rows = {r.step_uuid: r for r in steps_of(db, task).values()}
+    for step in lost:
+        assert (rows[step.step_uuid].state, rows[step.step_uuid].attempts) == ("enqueued", 0)
+        assert transitions_of(db, step.step_uuid)[-1][:3] == ("in_progress", "enqueued", 0)
+    for step in (*kept, *other):
+        assert rows[step.step_uuid].state == "in_progress"
+    with db.write() as conn:  # nothing is handed back twice
+        assert release_unconfirmed_claim(conn, worker_id="w1", claimed_at=t0, now=t0) == 0
 
 
 # --- count_open_work ---------------------------------------------------------------------------

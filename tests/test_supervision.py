@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pykka
 import pytest
 from sqlalchemy import select
 
@@ -25,6 +26,7 @@ from actors.event_system import EventSystem
 from actors.handler_worker import HandlerWorker
 from actors.step_executor import StepExecutor
 from app.db import Database
+from app.errors import StorageError
 from app.handlers import Cancellation, HandlerRegistry, StepContext
 from app.messages import DomainEvent
 from app.models import utcnow, workflow_step_transitions, workflow_steps
@@ -226,6 +228,54 @@ def test_a_dead_dispatcher_does_not_strand_claims(sqlite_db: Database) -> None:
         reasons = conn.execute(select(workflow_step_transitions.c.reason)).scalars().all()
     assert reasons.count("the dispatcher is gone") == 3
     assert supervisor.lost == 0
+
+
+class LostCommitReply(Database):
+    """A database whose next write commits, then reports a lost connection."""
+
+    def __init__(self, inner: Database) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.lose_next = False
+
+    @contextmanager
+    def write(self) -> Iterator[Any]:
+        with super().write() as conn:
+            yield conn
+        if self.lose_next:
+            self.lose_next = False
+            raise StorageError("database error: server closed the connection unexpectedly")
+
+
+def test_a_claim_whose_commit_reply_was_lost_is_handed_back(sqlite_db: Database) -> None:
+    """The claim committed but the StepExecutor heard a failure: its steps are not stranded."""
+    db = LostCommitReply(sqlite_db)
+    dispatched: list[Any] = []
+    dispatcher = Collector.start(dispatched)
+    executor = StepExecutor.start(db, dispatcher.proxy(), worker_id="w1", namespaces=["default"])
+    try:
+        submit(sqlite_db, 3)
+        db.lose_next = True
+        executor.proxy().execute(3).get(timeout=10)
+        assert states(sqlite_db) == [("in_progress", 1)] * 3  # claimed, unheard of
+        executor.proxy().execute(3).get(timeout=10)  # the retry settles the lost claim first
+    finally:
+        executor.stop()
+        dispatcher.stop()
+    assert [s.attempt for batch in dispatched for s in batch] == [1, 1, 1]
+    with sqlite_db.read() as conn:
+        reasons = conn.execute(select(workflow_step_transitions.c.reason)).scalars().all()
+    assert reasons.count("claim not confirmed (connection lost)") == 3
+
+
+class Collector(pykka.ThreadingActor):
+    """Stands in for the Dispatcher: records what it is told to dispatch."""
+
+    def __init__(self, into: list[Any]) -> None:
+        super().__init__()
+        self.into = into
+
+    def dispatch(self, steps: list[Any]) -> None:
+        self.into.append(steps)
 
 
 def test_cancel_hooks_never_run_on_the_dispatcher_thread(sqlite_db: Database) -> None:

@@ -262,6 +262,41 @@ def release_claims(
     return released
 
 
+def release_unconfirmed_claim(
+    conn: Connection, *, worker_id: str, claimed_at: datetime, now: datetime
+) -> int:
+    """Hand back what a claim transaction claimed if its outcome was never confirmed.
+
+    When the connection drops around COMMIT, the claim may have committed without the worker
+    hearing of it: those steps are this live worker's, so no one would recover them. Every
+    claim stamps ``claimed_at`` with its own ``now``, which finds exactly its rows.
+    """
+    rows = conn.execute(
+        select(ws.c.step_uuid, ws.c.task_uuid, ws.c.attempts, ws.c.max_attempts).where(
+            ws.c.state == IN_PROGRESS,
+            ws.c.claimed_by == worker_id,
+            ws.c.claimed_at == bindparam("claimed_at", type_=ws.c.claimed_at.type),
+        ),
+        {"claimed_at": claimed_at},
+    )
+    steps = [
+        ClaimedStep(
+            step_uuid=row.step_uuid,
+            task_uuid=row.task_uuid,
+            name="",
+            handler="",
+            attempt=row.attempts,
+            max_attempts=row.max_attempts,
+            retryable=True,
+            timeout_ms=None,
+            claimed_by=worker_id,
+        )
+        for row in rows
+    ]
+    reason = "claim not confirmed (connection lost)"
+    return release_claims(conn, steps, worker_id=worker_id, now=now, reason=reason)
+
+
 def count_open_work(conn: Connection, namespaces: Sequence[str]) -> int:
     """Count steps that could still run without an operator: enqueued, in progress, retrying."""
     query = select(func.count()).where(

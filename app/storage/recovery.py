@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Collection
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import Connection, bindparam, exists, not_, or_, select
@@ -49,6 +49,12 @@ def process_exists(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+# When this process started using Duplex. A worker row with this process's own pid but an
+# earlier start belongs to an earlier process that had the same pid (a container's PID 1
+# restarted on the same host): it is dead, though the pid is alive.
+PROCESS_STARTED_AT = datetime.now(UTC)
+
+
 def dead_local_workers(
     conn: Connection,
     *,
@@ -62,14 +68,24 @@ def dead_local_workers(
     Workers whose heartbeat already expired are dead by the SQL rule and not listed.
     """
     rows = conn.execute(
-        select(workers.c.worker_id, workers.c.pid).where(
+        select(workers.c.worker_id, workers.c.pid, workers.c.started_at).where(
             workers.c.hostname == hostname,
             workers.c.worker_id != me,
             workers.c.stopped_at.is_(None),
             workers.c.heartbeat_at >= heartbeat_cutoff,
         )
     )
-    return sorted(worker_id for worker_id, pid in rows if pid is not None and not alive(pid))
+    own_pid = os.getpid()
+    dead = []
+    for worker_id, pid, started_at in rows:
+        if pid is None:
+            continue
+        if pid == own_pid:
+            if started_at < PROCESS_STARTED_AT:
+                dead.append(worker_id)
+        elif not alive(pid):
+            dead.append(worker_id)
+    return sorted(dead)
 
 
 def recover_lost_claims(
