@@ -14,15 +14,16 @@ import pykka
 from loguru import logger
 
 from actors.supervised import SupervisedActor, take_mailbox, tell
-from app.claims import release_claims
-from app.commits import CommitReport, commit_outcomes
+from app.commit_buffer import CommitBuffer
 from app.db import Database
 from app.errors import StorageError
 from app.execution import RESULT_UNSTORABLE, unstorable
 from app.messages import ClaimedStep, StepOutcome
 from app.models import utcnow
-from app.recovery import dead_local_workers, recover_lost_claims
 from app.retry import RetryPolicy
+from app.storage.claims import release_claims
+from app.storage.recovery import dead_local_workers, recover_lost_claims
+from app.storage.results import CommitReport, commit_outcomes
 from app.supervision import Supervisor
 from app.timer import Timer
 
@@ -67,19 +68,13 @@ class CompletionProcessor(SupervisedActor):
         self._publisher = publisher
         self._timer = timer
         self._policy = policy
-        self._batch_size = batch_size
-        self._linger_s = linger_s
+        self._buffer = CommitBuffer(batch_size, linger_s)
         self._heartbeat_timeout = timedelta(seconds=claim_timeout_s)
         self._hostname = socket.gethostname()
         self._worker_id = worker_id
         self._observer = observer
         self._clock = clock
         self._rng = rng or random.Random()
-        self._outcomes: list[StepOutcome] = []
-        self._releases: list[ClaimedStep] = []
-        self._flush_pending = False
-        self._failures_in_a_row = 0
-        self._lagging = False
         self._intake: EventSystemProxy | None = None
         self._self: CompletionProcessorProxy | None = None
         self.stats_counters = {
@@ -99,65 +94,62 @@ class CompletionProcessor(SupervisedActor):
 
     def submit(self, outcome: StepOutcome) -> None:
         """The completion channel: accept one attempt's outcome, fire-and-forget."""
-        self._outcomes.append(outcome)
-        if not self._lagging and len(self._outcomes) >= self._batch_size:
-            self._lagging = True
-            if self._intake is not None:
-                tell(self._intake.commits_lagging, True)
+        if self._buffer.add(outcome) and self._intake is not None:
+            tell(self._intake.commits_lagging, True)
         self._schedule_flush()
 
     def release(self, steps: Sequence[ClaimedStep]) -> None:
         """Hand back claims that never started (the worker is stopping)."""
-        self._releases.extend(steps)
+        self._buffer.add_releases(steps)
         self._schedule_flush()
 
     def flush(self) -> None:
         """Commit what is buffered, one transaction per batch."""
-        self._flush_pending = False
+        self._buffer.flush_scheduled = False
         if not self._flush_batch():
-            self._flush_pending = True
+            self._buffer.flush_scheduled = True
             if self._self is not None:
-                self._timer.call_later(self._retry_delay(), partial(tell, self._self.flush))
-        elif self._outcomes or self._releases:
+                delay = self._buffer.retry_delay()
+                self._timer.call_later(delay, partial(tell, self._self.flush))
+        else:
             self._schedule_flush()
 
     def drain(self, timeout_s: float) -> int:
         """The worker is stopping: commit everything held now, retrying failed commits for up
         to ``timeout_s``; return how many results (and releases) are still uncommitted."""
         end = time.monotonic() + timeout_s
-        while self._outcomes or self._releases:
+        while self._buffer:
             if self._flush_batch():
                 continue
-            pause = min(self._retry_delay(), end - time.monotonic())
+            pause = min(self._buffer.retry_delay(), end - time.monotonic())
             if pause <= 0:
                 break
             time.sleep(pause)
-        return len(self._outcomes) + len(self._releases)
+        return self._buffer.held
 
     def salvage(self) -> None:
         # This actor failed: take in the results still in its mailbox, try each batch once,
         # and count what could not be saved (those claims fall to the liveness rule).
         for message in take_mailbox(self):
             if message.attr_path == ("submit",):
-                self._outcomes.extend(message.args)
+                self._buffer.add(message.args[0])
             elif message.attr_path == ("release",):
-                self._releases.extend(message.args[0])
-        while (self._outcomes or self._releases) and self._flush_batch():
+                self._buffer.add_releases(message.args[0])
+        while self._buffer and self._flush_batch():
             pass
-        left = len(self._outcomes) + len(self._releases)
+        left = self._buffer.held
         if left:
             logger.error("{} result(s) could not be committed after the failure", left)
             self.supervisor.results_lost(left)
 
     def on_stop(self) -> None:
         # Stopped without a drain (the worker's stop was cut short): one last try.
-        while (self._outcomes or self._releases) and self._flush_batch():
+        while self._buffer and self._flush_batch():
             pass
 
     def _flush_batch(self) -> bool:
         """Commit one batch; return False when the database failed (the batch is kept)."""
-        batch = self._outcomes[: self._batch_size]
-        releases = list(self._releases)
+        batch, releases = self._buffer.next_batch()
         if not batch and not releases:
             return True
         try:
@@ -169,8 +161,7 @@ class CompletionProcessor(SupervisedActor):
             # The database refused something in this batch and would refuse it again: find
             # it by committing one outcome at a time, so it cannot hold up the others.
             return self._commit_one_by_one(batch)
-        self._committed(len(batch))
-        self._releases.clear()
+        self._committed(len(batch), releases=True)
         self.stats_counters["released"] += released
         self._after_commit(report, work_ready=released > 0)
         return True
@@ -202,20 +193,16 @@ class CompletionProcessor(SupervisedActor):
                     )
                     report, _ = self._commit([unstorable(outcome, exc)])
             except StorageError as exc:
-                self._commit_failed(exc, len(self._outcomes))
+                self._commit_failed(exc, self._buffer.held)
                 return False
             self._committed(1)
             self._after_commit(report, work_ready=False)
         return True
 
-    def _committed(self, count: int) -> None:
+    def _committed(self, count: int, *, releases: bool = False) -> None:
         """Drop ``count`` committed outcomes from the buffer; resume intake if it paused."""
-        self._failures_in_a_row = 0
-        del self._outcomes[:count]
-        if self._lagging and len(self._outcomes) <= self._batch_size // 2:
-            self._lagging = False
-            if self._intake is not None:
-                tell(self._intake.commits_lagging, False)
+        if self._buffer.committed(count, releases=releases) and self._intake is not None:
+            tell(self._intake.commits_lagging, False)
 
     def recover_lost_claims(self) -> int:
         """Fail the running attempts of dead workers (``worker_lost``), so their steps run again."""
@@ -254,8 +241,8 @@ class CompletionProcessor(SupervisedActor):
     def stats(self) -> dict[str, Any]:
         return {
             **self.stats_counters,
-            "buffered": len(self._outcomes) + len(self._releases),
-            "commit_failing": self._failures_in_a_row > 0,
+            "buffered": self._buffer.held,
+            "commit_failing": self._buffer.failing,
         }
 
     def _after_commit(self, report: CommitReport, *, work_ready: bool) -> None:
@@ -288,27 +275,20 @@ class CompletionProcessor(SupervisedActor):
                 self._timer.call_later(delay, partial(tell, self._intake.nudge))
 
     def _commit_failed(self, exc: StorageError, size: int) -> None:
-        self._failures_in_a_row += 1
+        delay = self._buffer.failed()
         self.stats_counters["commit_errors"] += 1
         logger.warning(
-            "commit of {} result(s) failed ({}); kept, retrying in {:.2f}s",
-            size,
-            exc,
-            self._retry_delay(),
+            "commit of {} result(s) failed ({}); kept, retrying in {:.2f}s", size, exc, delay
         )
 
-    def _retry_delay(self) -> float:
-        """Backoff after failed commits in a row: 50 ms doubling, at most 5 s."""
-        return min(5.0, 0.05 * 2.0 ** min(max(self._failures_in_a_row - 1, 0), 10))
-
     def _schedule_flush(self) -> None:
-        if self._flush_pending or self._self is None:
+        if self._self is None:
             return
-        self._flush_pending = True
-        if self._linger_s and len(self._outcomes) < self._batch_size:
-            # Let a few more results join the batch: one transaction for several results
-            # costs far less than one each, and the slots are already free (guarantee 4).
-            self._timer.call_later(self._linger_s, partial(tell, self._self.flush))
+        delay = self._buffer.schedule()
+        if delay is None:
+            return
+        if delay:
+            self._timer.call_later(delay, partial(tell, self._self.flush))
         else:
             tell(self._self.flush)
 

@@ -10,11 +10,11 @@ import pykka
 from loguru import logger
 
 from actors.supervised import SupervisedActor, tell
-from app.claims import claim_ready_steps, release_claims, release_unconfirmed_claim
 from app.db import Database
 from app.errors import StorageError
 from app.messages import ClaimedStep
 from app.models import utcnow
+from app.storage.claims import claim_ready_steps, release_claims, release_unconfirmed_claim
 from app.supervision import Supervisor
 
 if TYPE_CHECKING:

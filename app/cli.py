@@ -20,23 +20,31 @@ from typing import Any, NoReturn
 
 from loguru import logger
 
+from app.client import Client
 from app.db import Database
 from app.errors import DuplexError, InputError
 from app.handlers import import_handler_modules
 from app.logs import configure_logging
 from app.migrate import ensure_schema_ready, upgrade_to_head
 from app.models import utcnow
-from app.operations import (
+from app.settings import Settings, load_settings
+from app.states import ENQUEUED, TASK_FINISHED
+from app.storage.operations import (
     OperatorReport,
     cancel_task,
     operator_identity,
     resolve_step,
     retry_step,
 )
-from app.queries import StepSummary, TaskSummary, active_workers, get_task, list_tasks, task_steps
-from app.settings import Settings, load_settings
-from app.states import ENQUEUED, TASK_FINISHED
-from app.submission import create_task, parse_context
+from app.storage.queries import (
+    StepSummary,
+    TaskSummary,
+    active_workers,
+    get_task,
+    list_tasks,
+    task_steps,
+)
+from app.submission import parse_context
 from app.templates import load_template
 
 EXIT_ERROR = 1
@@ -75,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="create a task from a template; prints its UUID")
     submit.add_argument("template", help="template file, or a template name in templates.directory")
     submit.add_argument("--context", help="task context as a JSON object")
+    submit.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="submitting the same KEY for this template again returns the existing task",
+    )
     submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser("status", help="tasks, or one task's steps, with their states")
@@ -158,11 +171,16 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.database)
     try:
         ensure_schema_ready(db)
-        with db.write() as conn:
-            task_uuid = create_task(conn, template, context, now=utcnow())
+        with Client(db) as client:
+            key = args.idempotency_key
+            existing = client.find(template.name, key) if key is not None else None
+            task_uuid = existing or client.submit(template, context, idempotency_key=key)
     finally:
         db.dispose()
-    print(f"submitted {template.name} ({len(template.steps)} steps)", file=sys.stderr)
+    if existing:
+        print(f"task for idempotency key {key!r} exists already; nothing written", file=sys.stderr)
+    else:
+        print(f"submitted {template.name} ({len(template.steps)} steps)", file=sys.stderr)
     print(task_uuid)
     return 0
 

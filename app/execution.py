@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from app.errors import StepError
-from app.handlers import Cancellation, Handler, HandlerRegistry, StepContext, bind_logger
+from app.handlers import Cancellation, Handler, HandlerRegistry, StepContext
 from app.messages import ClaimedStep, JSONDict, StepFailure, StepOutcome
 from app.models import utcnow
 
@@ -67,10 +67,9 @@ def run_attempt(
         deadline=started_at + timedelta(seconds=timeout_s),
         deadline_monotonic=time.monotonic() + timeout_s,
         cancelled=cancellation,
-        logger=bind_logger(step.name, step.step_uuid, step.attempt),
     )
     try:
-        value = _call(handler, ctx, cancellation)
+        value = _call(handler, ctx, cancellation, is_async=registry.is_async(step.handler))
     except StepError as exc:
         failure = StepFailure(
             exc.error_type,
@@ -106,8 +105,8 @@ def run_attempt(
     return StepOutcome(step, started_at, clock(), result=normalised, events=tuple(ctx.events))
 
 
-def _call(handler: Handler, ctx: StepContext, cancellation: Cancellation) -> Any:
-    if inspect.iscoroutinefunction(handler):
+def _call(handler: Handler, ctx: StepContext, cancellation: Cancellation, *, is_async: bool) -> Any:
+    if is_async:
         return asyncio.run(_run_cancellable(handler, ctx, cancellation))
     value = handler(ctx)
     if inspect.isawaitable(value):  # a sync callable that returned a coroutine

@@ -7,6 +7,7 @@ in the registry and never imported by path, so the database is not a way to run 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import sys
 import threading
@@ -14,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -111,8 +113,13 @@ class StepContext:
     deadline: datetime
     deadline_monotonic: float
     cancelled: Cancellation
-    logger: Logger
     events: list[EmittedEvent] = field(default_factory=list)
+
+    @cached_property
+    def logger(self) -> Logger:
+        """A logger that tags every line with the step (bound on first use: most handlers
+        never log, and binding costs on every attempt)."""
+        return bind_logger(self.step_name, self.step_uuid, self.attempt)
 
     def emit(self, name: str, payload: JSONDict | None = None) -> None:
         """Record a domain event; it is committed with this attempt's result."""
@@ -142,6 +149,8 @@ class HandlerRegistry:
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        # Whether each handler is ``async def``, found once at registration, not per call.
+        self._is_async: dict[str, bool] = {}
         self._lock = threading.Lock()
 
     def register(self, name: str, handler: Handler) -> None:
@@ -156,9 +165,13 @@ class HandlerRegistry:
                     f"{_qualname(existing)} and {_qualname(handler)}"
                 )
             self._handlers[name] = handler
+            self._is_async[name] = inspect.iscoroutinefunction(handler)
 
     def resolve(self, name: str) -> Handler | None:
         return self._handlers.get(name)
+
+    def is_async(self, name: str) -> bool:
+        return self._is_async.get(name, False)
 
     def names(self) -> list[str]:
         return sorted(self._handlers)
@@ -166,6 +179,7 @@ class HandlerRegistry:
     def unregister(self, name: str) -> None:
         with self._lock:
             self._handlers.pop(name, None)
+            self._is_async.pop(name, None)
 
 
 registry = HandlerRegistry()

@@ -88,7 +88,10 @@ tasks = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("completed_at", UTCDateTime),
+    # Set by a submitter that may retry: unique per template name (see Client.submit).
+    Column("idempotency_key", String(255)),
     Index(None, "namespace", "state"),
+    Index("ux_tasks_name_idempotency_key", "name", "idempotency_key", unique=True),
 )
 
 workflow_steps = Table(

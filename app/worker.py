@@ -19,7 +19,6 @@ from typing import Any
 
 import pykka
 from loguru import logger
-from sqlalchemy import insert, update
 
 from actors.command_processor import CommandProcessor, CommandProcessorProxy
 from actors.completion_processor import (
@@ -32,17 +31,18 @@ from actors.event_publisher import DomainEventPublisher, DomainEventPublisherPro
 from actors.event_system import EventSystem, EventSystemProxy
 from actors.step_executor import StepExecutor, StepExecutorProxy
 from actors.supervised import tell
-from app.claims import count_open_work
 from app.db import Database
 from app.errors import DuplexError, StorageError
 from app.handlers import HandlerRegistry
 from app.handlers import registry as default_registry
 from app.messages import JSONDict, Shutdown, Status
-from app.models import utcnow, workers
+from app.models import utcnow
 from app.notifications import WorkListener
 from app.retry import RetryPolicy
 from app.settings import Settings
-from app.submission import create_task
+from app.storage.claims import count_open_work
+from app.storage.submission import create_task
+from app.storage.workers import mark_worker_stopped, record_heartbeat, register_worker
 from app.subscriptions import SubscriberRegistry
 from app.subscriptions import subscribers as default_subscribers
 from app.supervision import ActorFailure, Supervisor
@@ -485,17 +485,9 @@ class Worker:
             return False
 
     def _register(self) -> None:
-        now = utcnow()
         with self.db.write() as conn:
-            conn.execute(
-                insert(workers).values(
-                    worker_id=self.worker_id,
-                    hostname=socket.gethostname(),
-                    pid=os.getpid(),
-                    started_at=now,
-                    heartbeat_at=now,
-                    stats={},
-                )
+            register_worker(
+                conn, self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), now=utcnow()
             )
 
     def _heartbeat(self) -> None:
@@ -517,11 +509,7 @@ class Worker:
             logger.warning("{} abandoned handler thread(s) still running", abandoned)
         try:
             with self.db.write() as conn:
-                conn.execute(
-                    update(workers)
-                    .where(workers.c.worker_id == self.worker_id)
-                    .values(heartbeat_at=utcnow(), stats=stats)
-                )
+                record_heartbeat(conn, self.worker_id, now=utcnow(), stats=stats)
         except StorageError as exc:
             logger.warning("heartbeat failed: {}", exc)
             return
@@ -530,10 +518,6 @@ class Worker:
     def _mark_stopped(self, stats: dict[str, Any]) -> None:
         try:
             with self.db.write() as conn:
-                conn.execute(
-                    update(workers)
-                    .where(workers.c.worker_id == self.worker_id)
-                    .values(stopped_at=utcnow(), heartbeat_at=utcnow(), stats=stats)
-                )
+                mark_worker_stopped(conn, self.worker_id, now=utcnow(), stats=stats)
         except StorageError as exc:
             logger.warning("could not mark worker stopped: {}", exc)

@@ -22,15 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from app.claims import count_open_work  # noqa: E402
-from app.commits import CommitReport  # noqa: E402
 from app.db import Database  # noqa: E402
 from app.handlers import HandlerRegistry  # noqa: E402
 from app.logs import configure_logging  # noqa: E402
 from app.migrate import upgrade_to_head  # noqa: E402
 from app.models import utcnow  # noqa: E402
 from app.settings import DatabaseSettings, LoggingSettings, Settings  # noqa: E402
-from app.submission import create_task  # noqa: E402
+from app.storage.claims import count_open_work  # noqa: E402
+from app.storage.results import CommitReport  # noqa: E402
+from app.storage.submission import create_task  # noqa: E402
 from app.subscriptions import SubscriberRegistry  # noqa: E402
 from app.templates import TaskTemplate, parse_template  # noqa: E402
 from app.worker import Worker  # noqa: E402

@@ -23,10 +23,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.commits import CommitReport
 from app.db import Database
 from app.handlers import HandlerRegistry, StepContext
 from app.settings import DatabaseSettings, WorkerSettings
+from app.storage.results import CommitReport
 from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
 from app.worker import Worker

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/throughput.py [--only NAME ...] [--quick] [--strict-poll]
 
-Scenarios: sleep, noop, memory, fanout, submit. Each uses a fresh, migrated SQLite database in
+Scenarios: sleep, noop, memory, fanout, submit, tasks, bulk, postgres (the last two need
+PostgreSQL on 127.0.0.1:5432, and skip without it). Each uses a fresh, migrated SQLite database in
 a temporary directory and a private handler registry; work is submitted with ``create_task``
 before the worker starts (submission is timed apart), then the clock runs from just before
 ``Worker.start()`` until ``count_open_work`` reads 0. Figures only: nothing here asserts.
@@ -12,21 +13,29 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select
+from sqlalchemy import text as sql
 
+from app import Client
 from app.db import Database
 from app.handlers import HandlerRegistry, StepContext
 from app.messages import DomainEvent
+from app.migrate import upgrade_to_head
 from app.models import workflow_step_transitions, workflow_steps
+from app.settings import DatabaseSettings
 from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
 from benchmarks import _common
@@ -50,6 +59,7 @@ from benchmarks._common import (
 )
 
 CONCURRENCY = 10
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _noop(ctx: StepContext) -> None:
@@ -257,12 +267,150 @@ def bench_submit(quick: bool) -> list[Result]:
     return results
 
 
+# --- 6. tasks: many single-step tasks -----------------------------------------------------
+
+
+def bench_tasks(quick: bool) -> list[Result]:
+    count = 500 if quick else 5000
+    _header("tasks", f"{count} single-step no-op tasks (submit_many), c={CONCURRENCY}")
+    registry = HandlerRegistry()
+    registry.register("bench.noop", _noop)
+    template = parse_template(independent_template_text(1, "bench.noop"))
+    with fresh_database() as db:
+        t0 = time.perf_counter()
+        Client(db).submit_many(template, [{} for _ in range(count)])
+        submit_s = time.perf_counter() - t0
+        run = run_until_drained(
+            db, bench_settings(db.url, concurrency=CONCURRENCY), registry, expected=count
+        )
+    rate = count / run.drain_s
+    print(f"   submitted in {fmt_s(submit_s)}; drained in {fmt_s(run.drain_s)}: {rate:.0f} steps/s")
+    print()
+    return [
+        Result("tasks", "steps/s", f"{rate:.0f}"),
+        Result("tasks", "CPU per step", f"{run.cpu_s / count * 1000:.2f} ms"),
+    ]
+
+
+# --- 7. bulk: submit_many ------------------------------------------------------------------
+
+
+def bench_bulk(quick: bool) -> list[Result]:
+    count = 500 if quick else 5000
+    _header("bulk", f"Client.submit_many of {count} single-step tasks, one transaction")
+    template = parse_template(independent_template_text(1, "bench.noop"))
+    results = []
+    for backend in ("sqlite", "postgres"):
+        with _database(backend) as db:
+            if db is None:
+                print(f"   {backend}: not reachable, skipped")
+                continue
+            client = Client(db)
+            t0 = time.perf_counter()
+            client.submit_many(template, [{} for _ in range(count)])
+            elapsed = time.perf_counter() - t0
+        print(f"   {backend:<8} {fmt_s(elapsed)} ({count / elapsed:.0f} tasks/s)")
+        results.append(Result(f"bulk/{backend}", "submit_many", fmt_s(elapsed)))
+    print()
+    return results
+
+
+# --- 8. postgres: one and two worker processes ----------------------------------------------
+
+
+def bench_postgres(quick: bool) -> list[Result]:
+    count = 500 if quick else 5000
+    _header("postgres", f"{count} single-step no-op tasks on PostgreSQL, `duplex run` processes")
+    template = parse_template(independent_template_text(1, "bench.noop"))
+    results = []
+    for processes in (1, 2):
+        with _database("postgres") as db:
+            if db is None:
+                print("   PostgreSQL not reachable, skipped")
+                return []
+            Client(db).submit_many(template, [{} for _ in range(count)])
+            elapsed = _run_processes(db, processes, concurrency=CONCURRENCY)
+        rate = count / elapsed
+        print(f"   {processes} process(es) x {CONCURRENCY} slots: {fmt_s(elapsed)}, {rate:.0f}/s")
+        results.append(Result(f"postgres/{processes}p", "steps/s", f"{rate:.0f}"))
+    print()
+    return results
+
+
+def _run_processes(db: Database, processes: int, *, concurrency: int) -> float:
+    """Run ``duplex run`` processes on ``db`` until the queue is empty; return the seconds
+    from the first claim to the last commit."""
+    env = {
+        **os.environ,
+        "DUPLEX_DATABASE__URL": db.url,
+        "DUPLEX_WORKER__HANDLER_MODULES": '["benchmarks.handlers"]',
+        "DUPLEX_WORKER__MAX_CONCURRENT_HANDLERS": str(concurrency),
+        "DUPLEX_LOGGING__LEVEL": "WARNING",
+        "DUPLEX_SETTINGS": str(ROOT / "benchmarks" / "empty_settings.toml"),
+        "PYTHONPATH": str(ROOT),
+    }
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "app", "run"], env=env, cwd=ROOT)
+        for _ in range(processes)
+    ]
+    try:
+        while _common.open_work(db):
+            time.sleep(0.05)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.wait(60)
+    # From the first claim to the last commit, as recorded in SQL: process start-up (about a
+    # second of imports) is not the worker's throughput.
+    with db.read() as conn:
+        first = conn.execute(
+            select(func.min(workflow_step_transitions.c.created_at)).where(
+                workflow_step_transitions.c.to_state == "in_progress"
+            )
+        ).scalar_one()
+        last = conn.execute(select(func.max(workflow_steps.c.completed_at))).scalar_one()
+    return float((last - first).total_seconds())
+
+
+@contextmanager
+def _database(backend: str) -> Iterator[Database | None]:
+    if backend == "sqlite":
+        with fresh_database() as db:
+            yield db
+        return
+    url = os.environ.get(
+        "DUPLEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    )
+    schema = f"duplex_bench_{os.getpid()}"
+    try:
+        admin = create_engine(url)
+        with admin.begin() as conn:
+            conn.execute(sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            conn.execute(sql(f'CREATE SCHEMA "{schema}"'))
+    except Exception:
+        yield None
+        return
+    db = Database(DatabaseSettings(url=f"{url}?options=-csearch_path%3D{schema}"))
+    try:
+        upgrade_to_head(db)
+        yield db
+    finally:
+        db.dispose()
+        with admin.begin() as conn:
+            conn.execute(sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
 SCENARIOS: dict[str, Callable[[bool], list[Result]]] = {
     "sleep": bench_sleep,
     "noop": bench_noop,
     "memory": bench_memory,
     "fanout": bench_fanout,
     "submit": bench_submit,
+    "tasks": bench_tasks,
+    "bulk": bench_bulk,
+    "postgres": bench_postgres,
 }
 
 

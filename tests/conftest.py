@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from app.claims import count_open_work
 from app.db import Database
 from app.migrate import upgrade_to_head
 from app.settings import DatabaseSettings, Settings
+from app.storage.claims import count_open_work
 
 POSTGRES_URL = os.environ.get(
     "DUPLEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -21,12 +21,12 @@ import pytest
 from sqlalchemy import event, select
 
 from actors.completion_processor import CommitObserver
-from app.commits import CommitReport
 from app.db import Database
 from app.handlers import HandlerRegistry, StepContext
 from app.messages import DomainEvent
 from app.models import domain_events, utcnow, workflow_step_transitions, workflow_steps
-from app.submission import create_task
+from app.storage.results import CommitReport
+from app.storage.submission import create_task
 from app.subscriptions import SubscriberRegistry
 from app.templates import TaskTemplate
 from app.worker import Worker

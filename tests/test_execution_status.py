@@ -18,10 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, insert, select, update
 
-from app.commits import update_task_states
 from app.db import Database
 from app.models import tasks, utcnow, workflow_steps
-from app.queries import execution_status, get_task, list_tasks
 from app.states import (
     COMPLETE,
     ERROR,
@@ -33,7 +31,9 @@ from app.states import (
     TASK_PENDING,
     derive_task_state,
 )
-from app.submission import create_task
+from app.storage.queries import execution_status, get_task, list_tasks
+from app.storage.submission import create_task
+from app.storage.task_state import update_task_states
 from app.templates import parse_template
 
 # A step "state" of a case: a real step state, or a retry that is due / not yet due.

@@ -22,7 +22,7 @@ from app.migrate import (
 )
 from app.models import metadata, utcnow
 from app.settings import DatabaseSettings
-from app.submission import create_task
+from app.storage.submission import create_task
 from app.templates import parse_template
 from tests.conftest import (
     create_postgres_schema,

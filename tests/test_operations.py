@@ -14,8 +14,6 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from app.claims import claim_ready_steps, release_claims
-from app.commits import CommitReport, commit_outcomes
 from app.db import Database
 from app.errors import InputError, TransitionError
 from app.messages import ClaimedStep, StepFailure, StepOutcome
@@ -27,15 +25,17 @@ from app.models import (
     workflow_step_transitions,
     workflow_steps,
 )
-from app.operations import (
+from app.retry import RetryPolicy
+from app.storage.claims import claim_ready_steps, release_claims
+from app.storage.operations import (
     OperatorReport,
     cancel_task,
     operator_identity,
     resolve_step,
     retry_step,
 )
-from app.retry import RetryPolicy
-from app.submission import create_task
+from app.storage.results import CommitReport, commit_outcomes
+from app.storage.submission import create_task
 from app.templates import parse_template
 
 OPERATOR = "operator:tester"

@@ -37,7 +37,7 @@ from app.migrate import upgrade_to_head
 from app.models import utcnow
 from app.notifications import libpq_url
 from app.settings import DatabaseSettings
-from app.submission import create_task
+from app.storage.submission import create_task
 from app.templates import parse_template
 from tests.conftest import (
     create_postgres_schema,
@@ -647,23 +647,31 @@ def test_workers_busy_in_pure_python_never_look_dead(
 
 
 def _terminate_blocked(cluster: Cluster, admin: psycopg.Connection[Any], kind: str) -> bool:
-    """Hold ``tasks`` locked until a claim or commit of the worker blocks on it; kill that one.
+    """Block a claim or a commit of the worker mid-transaction, then terminate its backend.
 
-    A claim's transaction waits at its ``FOR UPDATE SKIP LOCKED`` on ``tasks`` (having
-    claimed its steps already); a commit's at its ``FOR UPDATE`` of the task rows (having
-    read its claims). Terminating it then rolls the transaction back, never half-commits it.
+    A claim is held at its transition insert (``workflow_step_transitions`` locked), after its
+    UPDATE has claimed the steps; a commit at its ``FOR UPDATE`` of the task rows (``tasks``
+    locked), after it read its claims. A claim is told from a commit by the task row locks a
+    commit holds. Terminating the backend rolls the transaction back, never half-commits it.
     """
+    table = "workflow_step_transitions" if kind == "claim" else "tasks"
     with psycopg.connect(cluster.conninfo("duplex-faults-locker")) as locker:
-        locker.execute("LOCK TABLE tasks IN EXCLUSIVE MODE")
+        locker.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            for pid, query in admin.execute(
-                "SELECT pid, query FROM pg_stat_activity "
-                "WHERE application_name = %s AND wait_event_type = 'Lock'",
+            for pid, query, locks_tasks in admin.execute(
+                "SELECT a.pid, a.query, EXISTS (SELECT 1 FROM pg_locks l"
+                "  JOIN pg_class c ON c.oid = l.relation"
+                "  WHERE l.pid = a.pid AND c.relname = 'tasks' AND l.mode = 'RowShareLock')"
+                " FROM pg_stat_activity a"
+                " WHERE a.application_name = %s AND a.wait_event_type = 'Lock'",
                 [cluster.app_name],
             ).fetchall():
-                is_claim = "SKIP LOCKED" in query
-                if (kind == "claim") == is_claim and "FOR UPDATE" in query:
+                if kind == "claim":
+                    hit = "workflow_step_transitions" in query and not locks_tasks
+                else:
+                    hit = "FOR UPDATE" in query and "SKIP LOCKED" not in query
+                if hit:
                     admin.execute("SELECT pg_terminate_backend(%s)", [pid])
                     locker.rollback()
                     return True

@@ -15,7 +15,7 @@ from app.handlers import HandlerRegistry, StepContext
 from app.migrate import current_revision, head_revision, upgrade_to_head
 from app.models import utcnow, workflow_step_transitions, workflow_steps
 from app.settings import DatabaseSettings
-from app.submission import create_task
+from app.storage.submission import create_task
 from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
 from app.worker import Worker

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from app.handlers import HandlerRegistry, StepContext
 from app.messages import DomainEvent
 from app.models import utcnow, workflow_steps
-from app.submission import create_task
+from app.storage.submission import create_task
 from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
 from app.worker import Worker

@@ -37,13 +37,9 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import func, select
 
-from app.claims import claim_ready_steps, release_claims
-from app.commits import commit_outcomes
 from app.errors import TransitionError
 from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.models import tasks, workflow_step_edges, workflow_step_transitions, workflow_steps
-from app.operations import cancel_task, resolve_step, retry_step
-from app.recovery import recover_lost_claims
 from app.retry import RetryPolicy
 from app.states import (
     CANCELLED,
@@ -53,7 +49,11 @@ from app.states import (
     derive_task_state,
     is_legal_step_transition,
 )
-from app.submission import create_task
+from app.storage.claims import claim_ready_steps, release_claims
+from app.storage.operations import cancel_task, resolve_step, retry_step
+from app.storage.recovery import recover_lost_claims
+from app.storage.results import commit_outcomes
+from app.storage.submission import create_task
 from app.templates import TaskTemplate
 from tests.conftest import sqlite_database
 

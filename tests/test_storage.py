@@ -18,13 +18,6 @@ from typing import Any
 
 from sqlalchemy import Row, insert, select, text
 
-from app.claims import (
-    claim_ready_steps,
-    count_open_work,
-    release_claims,
-    release_unconfirmed_claim,
-)
-from app.commits import CommitReport, commit_outcomes
 from app.db import Database
 from app.execution import HANDLER_TIMEOUT, WORKER_LOST
 from app.messages import (
@@ -43,19 +36,27 @@ from app.models import (
     workflow_step_transitions,
     workflow_steps,
 )
-from app.recovery import (
+from app.retry import RetryPolicy
+from app.storage.claims import (
+    claim_ready_steps,
+    count_open_work,
+    release_claims,
+    release_unconfirmed_claim,
+)
+from app.storage.recovery import (
     PROCESS_STARTED_AT,
     dead_local_workers,
     process_exists,
     recover_lost_claims,
 )
-from app.retry import RetryPolicy
-from app.submission import create_task
+from app.storage.results import CommitReport, commit_outcomes
+from app.storage.submission import create_task
 from app.templates import parse_template
 
 POLICY = RetryPolicy(base_ms=1000, multiplier=2.0, max_ms=60_000, jitter=0.0)
 WAIT_S = 30.0
 
+DIAMOND_PARENTS = {"b": {"a"}, "c": {"a"}, "d": {"b", "c"}}
 DIAMOND = """
 name = "diamond"
 [[steps]]
@@ -973,6 +974,24 @@ def test_recover_lost_claims_with_nothing_to_recover(db: Database) -> None:
             rng=random.Random(0),
         )
     assert (report.applied, report.rejected, report.events) == ([], [], [])
+
+
+def test_one_claim_across_tasks_gives_each_step_its_own_task(db: Database) -> None:
+    t0 = utcnow()
+    first = submit(db, DIAMOND, t0, {"n": 1})
+    second = submit(db, wide(3), t0, {"n": 2})
+    (started,) = [s for s in claim(db, t0, limit=1) if s.task_uuid == first]
+    with db.write() as conn:
+        commit_outcomes(conn, [ok(started, t0)], policy=POLICY, now=t0, rng=random.Random(0))
+    claimed = claim(db, t0 + timedelta(seconds=1), limit=10)
+    assert {s.task_uuid for s in claimed} == {first, second}
+    for step in claimed:
+        assert step.task_context == {"n": 1 if step.task_uuid == first else 2}
+        parents = DIAMOND_PARENTS.get(step.name, set()) if step.task_uuid == first else set()
+        assert set(step.dependency_results) == parents
+    with db.read() as conn:
+        states = dict(conn.execute(select(tasks.c.task_uuid, tasks.c.state)).all())
+    assert states == {first: "in_progress", second: "in_progress"}
 
 
 # --- release_unconfirmed_claim -----------------------------------------------------------------

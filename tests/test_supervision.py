@@ -30,7 +30,7 @@ from app.errors import StorageError
 from app.handlers import Cancellation, HandlerRegistry, StepContext
 from app.messages import DomainEvent
 from app.models import utcnow, workflow_step_transitions, workflow_steps
-from app.submission import create_task
+from app.storage.submission import create_task
 from app.subscriptions import SubscriberRegistry
 from app.supervision import Supervisor
 from app.templates import TaskTemplate

@@ -18,11 +18,11 @@ import pytest
 from sqlalchemy import select
 
 from actors.completion_processor import CommitObserver
-from app.commits import CommitReport
 from app.db import Database
 from app.handlers import HandlerRegistry, StepContext
 from app.models import domain_events, utcnow, workflow_steps
-from app.submission import create_task
+from app.storage.results import CommitReport
+from app.storage.submission import create_task
 from app.templates import TaskTemplate
 from app.worker import Worker
 from tests.conftest import make_settings, wait_until

@@ -39,18 +39,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, select, text
 
-from app.claims import claim_ready_steps
-from app.commits import CommitReport, commit_outcomes
 from app.db import Database
 from app.errors import PermanentError, RetryableError
 from app.handlers import HandlerRegistry, StepContext
 from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.models import tasks, utcnow, workflow_step_transitions, workflow_steps
-from app.operations import cancel_task
-from app.queries import get_task
 from app.retry import RetryPolicy
 from app.states import TASK_FINISHED, is_legal_step_transition
-from app.submission import create_task
+from app.storage.claims import claim_ready_steps
+from app.storage.operations import cancel_task
+from app.storage.queries import get_task
+from app.storage.results import CommitReport, commit_outcomes
+from app.storage.submission import create_task
 from app.subscriptions import SubscriberRegistry
 from app.templates import TaskTemplate
 from app.worker import Worker

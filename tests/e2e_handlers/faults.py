@@ -264,8 +264,8 @@ def _break_late_results_recorded() -> None:
 
     import actors.completion_processor as completion_processor
     import actors.handler_worker as handler_worker
-    from app.commits import transition_row
     from app.models import utcnow, workflow_step_transitions
+    from app.storage.transitions import transition_row
 
     original_tell = getattr(handler_worker, "tell")  # noqa: B009
 

@@ -158,7 +158,7 @@ class _AnyClaims(dict[str, Any]):
 def _break_guard() -> None:
     from sqlalchemy import bindparam, update
 
-    import app.commits as commits
+    import app.storage.results as commits
 
     ws = commits.ws
 
@@ -200,8 +200,8 @@ def _break_heartbeat() -> None:
 
 def _break_announce() -> None:
     from actors.completion_processor import CompletionProcessor
-    from app.claims import release_claims
-    from app.commits import commit_outcomes
+    from app.storage.claims import release_claims
+    from app.storage.results import commit_outcomes
 
     def commit_announcing_early(
         self: CompletionProcessor, outcomes: Any, releases: Any = ()

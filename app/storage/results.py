@@ -17,25 +17,21 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, exists, insert, not_, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from app.errors import StorageError
 from app.messages import (
     DomainEvent,
-    EventDeclaration,
-    JSONDict,
     StepOutcome,
 )
 from app.models import (
     domain_events,
-    tasks,
     unindexed,
-    workflow_step_edges,
     workflow_step_transitions,
     workflow_steps,
 )
@@ -43,16 +39,16 @@ from app.retry import RetryPolicy
 from app.states import (
     CANCELLED,
     COMPLETE,
-    DONE,
     ENQUEUED,
     IN_PROGRESS,
     PENDING,
-    STEP_STATES,
     TASK_CANCELLED,
-    TASK_FINISHED,
     WAITING_FOR_RETRY,
-    derive_task_state,
 )
+from app.storage.events import events_of
+from app.storage.readiness import enqueue_ready_dependents
+from app.storage.task_state import lock_tasks, update_task_states
+from app.storage.transitions import transition_row
 
 ws = workflow_steps
 
@@ -142,7 +138,7 @@ def commit_outcomes(
                 step.step_uuid, IN_PROGRESS, new_state, step.attempt, step.claimed_by, now, reason
             )
         )
-        for name, payload in _events_of(outcome, new_state, next_at):
+        for name, payload in events_of(outcome, new_state, next_at):
             event = DomainEvent(
                 str(uuid.uuid4()), name, step.task_uuid, step.step_uuid, payload, now
             )
@@ -216,175 +212,5 @@ _CLAIMS_HELD = select(ws.c.step_uuid, ws.c.attempts, ws.c.claimed_by).where(
 _CLAIMS_HELD_FOR_UPDATE = _CLAIMS_HELD.with_for_update()
 
 
-_other_edge = workflow_step_edges.alias("other_edge")
-_other_parent = ws.alias("other_parent")
-_ENQUEUE_READY = (
-    update(ws)
-    .where(
-        unindexed(ws.c.state) == PENDING,
-        ws.c.step_uuid.in_(
-            select(workflow_step_edges.c.to_step_uuid).where(
-                workflow_step_edges.c.from_step_uuid.in_(bindparam("parents", expanding=True))
-            )
-        ),
-        # ...and no parent that is not yet complete or resolved.
-        not_(
-            exists().where(
-                _other_edge.c.to_step_uuid == ws.c.step_uuid,
-                _other_parent.c.step_uuid == _other_edge.c.from_step_uuid,
-                not_(_other_parent.c.state.in_(DONE)),
-            )
-        ),
-    )
-    .values(
-        state=ENQUEUED,
-        next_attempt_at=bindparam("now", type_=ws.c.next_attempt_at.type),
-        updated_at=bindparam("now", type_=ws.c.updated_at.type),
-    )
-    .returning(ws.c.step_uuid)
-)
-
-
-def enqueue_ready_dependents(
-    conn: Connection, parents: Iterable[str], *, now: datetime
-) -> list[str]:
-    """Enqueue pending children of ``parents`` whose parents are now all complete or resolved."""
-    rows = conn.execute(_ENQUEUE_READY, {"parents": list(parents), "now": now})
-    return sorted(row.step_uuid for row in rows)
-
-
-def lock_tasks(conn: Connection, task_uuids: Iterable[str]) -> dict[str, str]:
-    """Lock the task rows (PostgreSQL ``FOR UPDATE``, in uuid order) and return their states.
-
-    Call it before touching the tasks' steps, so every writer takes locks in one order.
-    """
-    ids = sorted(set(task_uuids))
-    if not ids:
-        return {}
-    query = _LOCK_TASKS if conn.dialect.name == "postgresql" else _TASK_STATES
-    return {task_uuid: state for task_uuid, state in conn.execute(query, {"ids": ids})}
-
-
-_TASK_STATES = select(tasks.c.task_uuid, tasks.c.state).where(
-    tasks.c.task_uuid.in_(bindparam("ids", expanding=True))
-)
-# PostgreSQL locks rows as the sorted result is produced: a deadlock-free order.
-_LOCK_TASKS = _TASK_STATES.order_by(tasks.c.task_uuid).with_for_update()
-
-
-def update_task_states(
-    conn: Connection,
-    task_uuids: Iterable[str],
-    *,
-    now: datetime,
-    locked_states: Mapping[str, str] | None = None,
-) -> None:
-    """Bring each task's state in line with its steps (see ``derive_task_state``).
-
-    ``locked_states`` are the states ``lock_tasks`` read in this transaction, if at hand.
-    """
-    ids = sorted(set(task_uuids))
-    if locked_states is None:
-        locked_states = {t: s for t, s in conn.execute(_TASK_STATES, {"ids": ids})}
-    current = {
-        task_uuid: locked_states[task_uuid] for task_uuid in ids if task_uuid in locked_states
-    }
-    for task_uuid, state in current.items():
-        new_state = derive_task_state(state, _states_present(conn, task_uuid))
-        if new_state == state:
-            continue
-        values: dict[str, Any] = {"state": new_state, "updated_at": now}
-        values["completed_at"] = now if new_state in TASK_FINISHED else None
-        conn.execute(update(tasks).where(tasks.c.task_uuid == task_uuid).values(**values))
-
-
-def _states_present(conn: Connection, task_uuid: str) -> dict[str, int]:
-    """Return {state: 1} for each state some step of the task is in.
-
-    One probe per state on the (task_uuid, state) index, so the cost does not grow with the
-    size of the task (counting every step of a 5000-step task on each commit did).
-    """
-    row = conn.execute(_STATES_PRESENT, {"task_uuid": task_uuid}).one()
-    return {state: 1 for state in STEP_STATES if row._mapping[state]}
-
-
-_STATES_PRESENT = select(
-    *[
-        exists().where(ws.c.task_uuid == bindparam("task_uuid"), ws.c.state == state).label(state)
-        for state in STEP_STATES
-    ]
-)
-
-
-def declared_events(raw: Any) -> tuple[EventDeclaration, ...]:
-    """Turn a step's stored ``declared_events`` JSON into declarations."""
-    return tuple(EventDeclaration(e["name"], e.get("condition", "success")) for e in raw or ())
-
-
-def transition_row(
-    step_uuid: str,
-    from_state: str | None,
-    to_state: str,
-    attempt: int,
-    worker_id: str | None,
-    now: datetime,
-    reason: str | None,
-) -> dict[str, Any]:
-    """Build one ``workflow_step_transitions`` row."""
-    return {
-        "step_uuid": step_uuid,
-        "from_state": from_state,
-        "to_state": to_state,
-        "attempt": attempt,
-        "worker_id": worker_id,
-        "reason": reason,
-        "created_at": now,
-    }
-
-
 def _reason(outcome: StepOutcome) -> str:
     return "succeeded" if outcome.failure is None else outcome.failure.error_type
-
-
-def _events_of(
-    outcome: StepOutcome, new_state: str, next_at: datetime | None
-) -> list[tuple[str, JSONDict]]:
-    """List the domain events an applied outcome produces, in order.
-
-    Events the handler emitted come first, then ``step.completed`` or ``step.failed``, then
-    the template's declared events whose condition matches how the step ended.
-    """
-    step = outcome.step
-    base: JSONDict = {"step_name": step.name, "handler": step.handler, "attempt": step.attempt}
-    events: list[tuple[str, JSONDict]] = [(e.name, e.payload) for e in outcome.events]
-    if outcome.failure is None:
-        events.append(("step.completed", base))
-        declared_payload: JSONDict = {**base, "outcome": "success", "result": outcome.result}
-        wanted: tuple[str, ...] = ("success", "always")
-    else:
-        failure = outcome.failure
-        events.append(
-            (
-                "step.failed",
-                {
-                    **base,
-                    "error_type": failure.error_type,
-                    "message": failure.message,
-                    "retryable": failure.retryable,
-                    "state": new_state,
-                    "next_attempt_at": next_at.isoformat() if next_at else None,
-                },
-            )
-        )
-        declared_payload = {
-            **base,
-            "outcome": "failure",
-            "error_type": failure.error_type,
-            "message": failure.message,
-            "state": new_state,
-        }
-        # Declared failure events are about the step, not an attempt: a failure that will be
-        # retried is not one (``step.failed`` above reports every failed attempt).
-        wanted = () if new_state == WAITING_FOR_RETRY else ("failure", "always")
-    events.extend((d.name, declared_payload) for d in step.declared_events if d.condition in wanted)
-    return events

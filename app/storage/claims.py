@@ -15,9 +15,20 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Integer, Select, and_, bindparam, func, insert, select, update
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    Integer,
+    Select,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    select,
+    update,
+)
 
-from app.commits import declared_events, lock_tasks, transition_row
 from app.messages import ClaimedStep
 from app.models import (
     tasks,
@@ -36,6 +47,9 @@ from app.states import (
     TASK_PENDING,
     WAITING_FOR_RETRY,
 )
+from app.storage.events import declared_events
+from app.storage.task_state import lock_tasks
+from app.storage.transitions import transition_row
 
 ws = workflow_steps
 
@@ -90,12 +104,13 @@ def claim_ready_steps(
             for row in claimed
         ],
     )
-    task_uuids = sorted({row.task_uuid for row in claimed})
-    _mark_tasks_started(conn, task_uuids, now)
-    contexts = {
-        task_uuid: context for task_uuid, context in conn.execute(_CONTEXTS, {"ids": task_uuids})
-    }
-    parents = _dependency_results(conn, [row.step_uuid for row in claimed])
+    # The claim's RETURNING already brought each task's state and context and whether a
+    # step has parents: only what is needed is read or written on top.
+    pending = sorted({row.task_uuid for row in claimed if row.task_state == TASK_PENDING})
+    if pending:
+        _mark_tasks_started(conn, pending, now)
+    with_parents = [row.step_uuid for row in claimed if row.has_parents]
+    parents = _dependency_results(conn, with_parents) if with_parents else {}
     return [
         ClaimedStep(
             step_uuid=row.step_uuid,
@@ -108,7 +123,7 @@ def claim_ready_steps(
             timeout_ms=row.timeout_ms,
             claimed_by=worker_id,
             inputs=row.inputs or {},
-            task_context=contexts.get(row.task_uuid) or {},
+            task_context=row.task_context or {},
             dependency_results=parents.get(row.step_uuid, {}),
             declared_events=declared_events(row.declared_events),
         )
@@ -139,6 +154,22 @@ _READY = {
     for skip_locked in (False, True)
 }
 _NOW = bindparam("now", type_=ws.c.updated_at.type)
+# Read in the claim's own RETURNING, saving a statement each. Spelled out in SQL because
+# SQLAlchemy renders columns in RETURNING without their table, which would turn the
+# correlation ``t.task_uuid = workflow_steps.task_uuid`` into ``task_uuid = task_uuid``.
+_RETURN_TASK_STATE = literal_column(
+    "(SELECT t.state FROM tasks AS t WHERE t.task_uuid = workflow_steps.task_uuid)",
+    tasks.c.state.type,
+).label("task_state")
+_RETURN_TASK_CONTEXT = literal_column(
+    "(SELECT t.context FROM tasks AS t WHERE t.task_uuid = workflow_steps.task_uuid)",
+    tasks.c.context.type,
+).label("task_context")
+_RETURN_HAS_PARENTS = literal_column(
+    "EXISTS (SELECT 1 FROM workflow_step_edges AS e"
+    " WHERE e.to_step_uuid = workflow_steps.step_uuid)",
+    Boolean(),
+).label("has_parents")
 _CLAIM = (
     update(ws)
     .where(
@@ -167,10 +198,10 @@ _CLAIM = (
         ws.c.declared_events,
         ws.c.created_at,
         ws.c.position,
+        _RETURN_TASK_STATE,
+        _RETURN_TASK_CONTEXT,
+        _RETURN_HAS_PARENTS,
     )
-)
-_CONTEXTS = select(tasks.c.task_uuid, tasks.c.context).where(
-    tasks.c.task_uuid.in_(bindparam("ids", expanding=True))
 )
 _parent = ws.alias("parent")
 _PARENT_RESULTS = (

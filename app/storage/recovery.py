@@ -20,12 +20,13 @@ from pathlib import Path
 
 from sqlalchemy import Connection, bindparam, exists, not_, or_, select
 
-from app.commits import CommitReport, commit_outcomes, declared_events
 from app.execution import WORKER_LOST
 from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.models import workers, workflow_steps
 from app.retry import RetryPolicy
 from app.states import IN_PROGRESS
+from app.storage.events import declared_events
+from app.storage.results import CommitReport, commit_outcomes
 
 ws = workflow_steps
 

@@ -19,10 +19,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, insert, select, update
 
-from app.commits import enqueue_ready_dependents, lock_tasks, transition_row, update_task_states
 from app.errors import InputError, TransitionError
 from app.models import tasks, workflow_step_transitions, workflow_steps
-from app.queries import parse_uuid
 from app.states import (
     CANCELLABLE,
     CANCELLED,
@@ -35,6 +33,10 @@ from app.states import (
     TASK_CANCELLED,
     TASK_COMPLETE,
 )
+from app.storage.queries import parse_uuid
+from app.storage.readiness import enqueue_ready_dependents
+from app.storage.task_state import lock_tasks, update_task_states
+from app.storage.transitions import transition_row
 
 __all__ = [
     "OperatorReport",

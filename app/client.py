@@ -1,0 +1,115 @@
+"""Submitting work from other programs, without running a worker.
+
+    from app import Client
+
+    with Client("postgresql+psycopg://app@db/duplex") as client:
+        task_uuid = client.submit("order_fulfillment", {"order": order}, idempotency_key=order_id)
+        uuids = client.submit_many("nightly_report", [{"day": d} for d in days])
+
+A submission is one transaction. On PostgreSQL the steps it makes ready wake idle workers at
+once through the work notification; on SQLite workers see them at their next poll.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from sqlalchemy.exc import IntegrityError
+
+from app.db import Database
+from app.errors import InputError, StorageError
+from app.messages import JSONDict
+from app.models import utcnow
+from app.settings import DatabaseSettings, Settings
+from app.storage.submission import create_tasks, existing_tasks
+from app.templates import TaskTemplate, load_template
+
+
+class Client:
+    """A connection to a Duplex database for creating tasks."""
+
+    def __init__(self, target: str | Settings | Database) -> None:
+        """``target``: a database URL, the settings (``database`` and ``templates`` are
+        used), or an open ``Database`` (which the client then does not close)."""
+        self._templates_dir: Path | None = None
+        self._owns_db = not isinstance(target, Database)
+        if isinstance(target, Database):
+            self.db = target
+        elif isinstance(target, Settings):
+            self.db = Database(target.database)
+            self._templates_dir = target.templates.directory
+        else:
+            self.db = Database(DatabaseSettings(url=target))
+        # Imported here: ``import app`` (what handler modules do) should not load Alembic.
+        from app.migrate import ensure_schema_ready
+
+        ensure_schema_ready(self.db)
+
+    def submit(
+        self,
+        template: TaskTemplate | str | Path,
+        context: JSONDict | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Create one task; return its UUID (an existing task's, for a key already used)."""
+        keys = None if idempotency_key is None else [idempotency_key]
+        (task_uuid,) = self.submit_many(template, [context or {}], idempotency_keys=keys)
+        return task_uuid
+
+    def submit_many(
+        self,
+        template: TaskTemplate | str | Path,
+        contexts: Iterable[JSONDict],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> list[str]:
+        """Create one task per context in one transaction; return their UUIDs in order."""
+        resolved = self._template(template)
+        batch = list(contexts)
+        for context in batch:
+            if not isinstance(context, dict):
+                raise InputError(f"a task context must be a JSON object, not {context!r:.80}")
+        if idempotency_keys is not None and len(idempotency_keys) != len(batch):
+            raise InputError(
+                f"{len(idempotency_keys)} idempotency key(s) for {len(batch)} context(s)"
+            )
+        for attempt in (1, 2):
+            try:
+                with self.db.write() as conn:
+                    return create_tasks(
+                        conn, resolved, batch, now=utcnow(), idempotency_keys=idempotency_keys
+                    )
+            except StorageError as exc:
+                # Another submitter used one of the keys between our check and our insert:
+                # the second try finds its task and writes nothing for that key.
+                if attempt == 2 or not isinstance(exc.__cause__, IntegrityError):
+                    raise
+        raise AssertionError("unreachable")
+
+    def find(self, template_name: str, idempotency_key: str) -> str | None:
+        """Return the UUID of the task submitted with this key for this template, if any."""
+        with self.db.read() as conn:
+            return existing_tasks(conn, template_name, [idempotency_key]).get(idempotency_key)
+
+    def close(self) -> None:
+        if self._owns_db:
+            self.db.dispose()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _template(self, template: TaskTemplate | str | Path) -> TaskTemplate:
+        if isinstance(template, TaskTemplate):
+            return template
+        return load_template(str(template), self._templates_dir)

@@ -1,0 +1,60 @@
+"""Readiness: the pending children of completed steps become ``enqueued`` once all their
+parents are complete or resolved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import Connection, bindparam, exists, not_, select, update
+
+from app.models import (
+    unindexed,
+    workflow_step_edges,
+    workflow_steps,
+)
+from app.states import (
+    DONE,
+    ENQUEUED,
+    PENDING,
+)
+
+ws = workflow_steps
+
+
+_other_edge = workflow_step_edges.alias("other_edge")
+_other_parent = ws.alias("other_parent")
+_ENQUEUE_READY = (
+    update(ws)
+    .where(
+        unindexed(ws.c.state) == PENDING,
+        ws.c.step_uuid.in_(
+            select(workflow_step_edges.c.to_step_uuid).where(
+                workflow_step_edges.c.from_step_uuid.in_(bindparam("parents", expanding=True))
+            )
+        ),
+        # ...and no parent that is not yet complete or resolved.
+        not_(
+            exists().where(
+                _other_edge.c.to_step_uuid == ws.c.step_uuid,
+                _other_parent.c.step_uuid == _other_edge.c.from_step_uuid,
+                not_(_other_parent.c.state.in_(DONE)),
+            )
+        ),
+    )
+    .values(
+        state=ENQUEUED,
+        next_attempt_at=bindparam("now", type_=ws.c.next_attempt_at.type),
+        updated_at=bindparam("now", type_=ws.c.updated_at.type),
+    )
+    .returning(ws.c.step_uuid)
+)
+
+
+def enqueue_ready_dependents(
+    conn: Connection, parents: Iterable[str], *, now: datetime
+) -> list[str]:
+    """Enqueue pending children of ``parents`` whose parents are now all complete or resolved."""
+    rows = conn.execute(_ENQUEUE_READY, {"parents": list(parents), "now": now})
+    return sorted(row.step_uuid for row in rows)

@@ -1,0 +1,168 @@
+"""Writing tasks from validated templates: tasks, steps, edges and their first transitions.
+
+Many tasks go in one transaction with one batched insert per table, however many tasks
+there are. An idempotency key is unique per template name: a key already used returns
+the existing task and writes nothing for it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, insert, select
+
+from app.messages import JSONDict
+from app.models import tasks, workflow_step_edges, workflow_step_transitions, workflow_steps
+from app.states import ENQUEUED, PENDING, TASK_PENDING
+from app.templates import TaskTemplate
+
+# SQLite allows 32766 bound parameters per statement; stay well below it.
+_MAX_PARAMETERS = 30_000
+
+
+def create_task(
+    conn: Connection,
+    template: TaskTemplate,
+    context: JSONDict,
+    *,
+    now: datetime,
+    task_uuid: str | None = None,
+    idempotency_key: str | None = None,
+) -> str:
+    """Write one task; roots start ``enqueued``, the rest ``pending``. Return its UUID."""
+    (task_id,) = create_tasks(
+        conn,
+        template,
+        [context],
+        now=now,
+        idempotency_keys=[idempotency_key],
+        task_uuids=[task_uuid or str(uuid.uuid4())],
+    )
+    return task_id
+
+
+def create_tasks(
+    conn: Connection,
+    template: TaskTemplate,
+    contexts: Sequence[JSONDict],
+    *,
+    now: datetime,
+    idempotency_keys: Sequence[str | None] | None = None,
+    task_uuids: Sequence[str] | None = None,
+) -> list[str]:
+    """Write one task per context, in the caller's transaction; return their UUIDs in order.
+
+    A context whose idempotency key was used before for this template (or earlier in the same
+    call) gets that task's UUID, and nothing is written for it.
+    """
+    keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(contexts)
+    if len(keys) != len(contexts):
+        raise ValueError("give one idempotency key (or None) per context")
+    known = existing_tasks(conn, template.name, [k for k in keys if k is not None])
+    ids: list[str] = []
+    task_rows: list[dict[str, Any]] = []
+    for index, (context, key) in enumerate(zip(contexts, keys, strict=True)):
+        if key is not None and key in known:
+            ids.append(known[key])
+            continue
+        task_id = task_uuids[index] if task_uuids is not None else str(uuid.uuid4())
+        if key is not None:
+            known[key] = task_id
+        ids.append(task_id)
+        task_rows.append(
+            {
+                "task_uuid": task_id,
+                "name": template.name,
+                "namespace": template.namespace,
+                "version": template.version,
+                "state": TASK_PENDING,
+                "context": context,
+                "idempotency_key": key,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    step_rows, edge_rows, transition_rows = _step_rows(template, task_rows, now)
+    for table, rows in (
+        (tasks, task_rows),
+        (workflow_steps, step_rows),
+        (workflow_step_edges, edge_rows),
+        (workflow_step_transitions, transition_rows),
+    ):
+        if rows:
+            # executemany of one prebuilt statement: the driver batches it (SQLite's C loop,
+            # psycopg's pipeline); compiling a multi-row VALUES per call costs far more.
+            conn.execute(insert(table), rows)
+    return ids
+
+
+def existing_tasks(conn: Connection, name: str, keys: Sequence[str]) -> dict[str, str]:
+    """Return {idempotency key: task UUID} for the keys already used by template ``name``."""
+    found: dict[str, str] = {}
+    unique = sorted(set(keys))
+    for start in range(0, len(unique), _MAX_PARAMETERS // 2):
+        rows = conn.execute(
+            _EXISTING, {"name": name, "keys": unique[start : start + _MAX_PARAMETERS // 2]}
+        )
+        found.update({key: task_uuid for key, task_uuid in rows})
+    return found
+
+
+_EXISTING = select(tasks.c.idempotency_key, tasks.c.task_uuid).where(
+    tasks.c.name == bindparam("name"),
+    tasks.c.idempotency_key.in_(bindparam("keys", expanding=True)),
+)
+
+
+def _step_rows(
+    template: TaskTemplate, task_rows: Sequence[dict[str, Any]], now: datetime
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Build the step, edge and transition rows of every new task of ``template``."""
+    ordered = template.topological_order()
+    steps: list[dict[str, Any]] = []
+    edges: list[dict[str, Any]] = []
+    transitions: list[dict[str, Any]] = []
+    for task in task_rows:
+        step_ids = {step.name: str(uuid.uuid4()) for step in ordered}
+        for position, step in enumerate(ordered):
+            state = PENDING if step.depends_on else ENQUEUED
+            step_id = step_ids[step.name]
+            steps.append(
+                {
+                    "step_uuid": step_id,
+                    "task_uuid": task["task_uuid"],
+                    "namespace": template.namespace,
+                    "name": step.name,
+                    "handler": step.handler,
+                    "position": position,
+                    "state": state,
+                    "attempts": 0,
+                    "max_attempts": step.max_attempts,
+                    "retryable": step.retryable,
+                    "timeout_ms": step.timeout_ms,
+                    "inputs": step.inputs,
+                    "declared_events": [e.model_dump() for e in step.events],
+                    "next_attempt_at": now if state == ENQUEUED else None,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+            transitions.append(
+                {
+                    "step_uuid": step_id,
+                    "from_state": None,
+                    "to_state": state,
+                    "attempt": 0,
+                    "worker_id": None,
+                    "reason": "submitted",
+                    "created_at": now,
+                }
+            )
+            edges.extend(
+                {"from_step_uuid": step_ids[parent], "to_step_uuid": step_id}
+                for parent in step.depends_on
+            )
+    return steps, edges, transitions
