@@ -93,9 +93,12 @@ def commit_outcomes(
         step = outcome.step
         # The guard: the claim must still be this attempt's, by this claimant. A late result
         # (after a timeout or a recovery) or a duplicate is rejected, never applied twice.
-        if held.pop(step.step_uuid, None) != (step.attempt, step.claimed_by):
+        if held.get(step.step_uuid) != (step.attempt, step.claimed_by):
             report.rejected.append(outcome)
             continue
+        # Taken only on a match: a late result of an earlier attempt in the same batch must
+        # not use up the claim of the current one; a duplicate finds it gone.
+        del held[step.step_uuid]
         task_cancelled = task_states.get(step.task_uuid) == TASK_CANCELLED
         reason = _reason(outcome)
         if outcome.failure is None:

@@ -154,6 +154,12 @@ class _AnyClaims(dict[str, Any]):
     def pop(self, key: str, default: Any = None) -> Any:
         return _AnyClaim()
 
+    def get(self, key: str, default: Any = None) -> Any:
+        return _AnyClaim()
+
+    def __delitem__(self, key: str) -> None:
+        pass
+
 
 def _break_guard() -> None:
     from sqlalchemy import bindparam, update
