@@ -103,6 +103,22 @@ def running_worker(
         final.update(worker.stop())
 
 
+def wait_while_progressing(
+    done: Callable[[], bool], progress: Callable[[], object], stall_s: float = 15.0
+) -> bool:
+    """Wait until ``done``; give up when ``progress`` has not changed for ``stall_s``."""
+    seen = progress()
+
+    def done_or_moved() -> bool:
+        return done() or progress() != seen
+
+    while wait_until(done_or_moved, timeout_s=stall_s):
+        if done():
+            return True
+        seen = progress()
+    return False
+
+
 @dataclass
 class Gauge:
     """How many handlers hold a slot now, and the most that ever did at once.
@@ -324,8 +340,11 @@ def test_random_workloads_keep_every_guarantee(workload: tuple[int, list[dict[st
         with running_worker(db, n, registry, subscribers, observer) as (worker, final):
             task_uuid = submit(db, steps)
             worker.nudge()
-            # Generous: a chain of steps whose attempts time out takes a while.
-            assert wait_until(lambda: open_work(db) == 0, timeout_s=120), "work did not finish"
+            # A chain of steps whose attempts time out takes a while, but never stalls: some
+            # attempt is claimed or settled at least every TIMEOUT_MS.
+            assert wait_while_progressing(
+                lambda: open_work(db) == 0, lambda: (len(invocations), len(reports))
+            ), "work stopped before it finished"
             # Late results of timed-out attempts come back once their handlers see the flag.
             assert wait_until(late_results_settled)
         with db.read() as conn:
