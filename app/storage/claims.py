@@ -112,23 +112,49 @@ def claim_ready_steps(
     with_parents = [row.step_uuid for row in claimed if row.has_parents]
     parents = _dependency_results(conn, with_parents) if with_parents else {}
     return [
-        ClaimedStep(
-            step_uuid=row.step_uuid,
-            task_uuid=row.task_uuid,
-            name=row.name,
-            handler=row.handler,
-            attempt=row.attempts,
-            max_attempts=row.max_attempts,
-            retryable=row.retryable,
-            timeout_ms=row.timeout_ms,
+        claimed_step(
+            row,
             claimed_by=worker_id,
             inputs=row.inputs or {},
             task_context=row.task_context or {},
             dependency_results=parents.get(row.step_uuid, {}),
-            declared_events=declared_events(row.declared_events),
         )
         for row in claimed
     ]
+
+
+# The columns a ``ClaimedStep`` is built from (see ``claimed_step``).
+STEP_COLUMNS = (
+    ws.c.step_uuid,
+    ws.c.task_uuid,
+    ws.c.name,
+    ws.c.handler,
+    ws.c.attempts,
+    ws.c.max_attempts,
+    ws.c.retryable,
+    ws.c.timeout_ms,
+    ws.c.declared_events,
+)
+
+
+def claimed_step(row: Any, *, claimed_by: str, **context: Any) -> ClaimedStep:
+    """Build the ``ClaimedStep`` of a row read with ``STEP_COLUMNS``.
+
+    ``context`` (inputs, task context, dependency results) is only needed to run the step.
+    """
+    return ClaimedStep(
+        step_uuid=row.step_uuid,
+        task_uuid=row.task_uuid,
+        name=row.name,
+        handler=row.handler,
+        attempt=row.attempts,
+        max_attempts=row.max_attempts,
+        retryable=row.retryable,
+        timeout_ms=row.timeout_ms,
+        claimed_by=claimed_by,
+        declared_events=declared_events(row.declared_events),
+        **context,
+    )
 
 
 def _ready_query(state: str, *, skip_locked: bool) -> Select[Any]:
@@ -186,18 +212,8 @@ _CLAIM = (
         updated_at=_NOW,
     )
     .returning(
-        ws.c.step_uuid,
-        ws.c.task_uuid,
-        ws.c.name,
-        ws.c.handler,
-        ws.c.attempts,
-        ws.c.max_attempts,
-        ws.c.retryable,
-        ws.c.timeout_ms,
+        *STEP_COLUMNS,
         ws.c.inputs,
-        ws.c.declared_events,
-        ws.c.created_at,
-        ws.c.position,
         _RETURN_TASK_STATE,
         _RETURN_TASK_CONTEXT,
         _RETURN_HAS_PARENTS,
@@ -301,27 +317,14 @@ def release_unconfirmed_claim(
     claim stamps ``claimed_at`` with its own ``now``, which finds exactly its rows.
     """
     rows = conn.execute(
-        select(ws.c.step_uuid, ws.c.task_uuid, ws.c.attempts, ws.c.max_attempts).where(
+        select(*STEP_COLUMNS).where(
             ws.c.state == IN_PROGRESS,
             ws.c.claimed_by == worker_id,
             ws.c.claimed_at == bindparam("claimed_at", type_=ws.c.claimed_at.type),
         ),
         {"claimed_at": claimed_at},
     )
-    steps = [
-        ClaimedStep(
-            step_uuid=row.step_uuid,
-            task_uuid=row.task_uuid,
-            name="",
-            handler="",
-            attempt=row.attempts,
-            max_attempts=row.max_attempts,
-            retryable=True,
-            timeout_ms=None,
-            claimed_by=worker_id,
-        )
-        for row in rows
-    ]
+    steps = [claimed_step(row, claimed_by=worker_id) for row in rows]
     reason = "claim not confirmed (connection lost)"
     return release_claims(conn, steps, worker_id=worker_id, now=now, reason=reason)
 

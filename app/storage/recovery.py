@@ -21,11 +21,11 @@ from pathlib import Path
 from sqlalchemy import Connection, bindparam, exists, not_, or_, select
 
 from app.execution import WORKER_LOST
-from app.messages import ClaimedStep, StepFailure, StepOutcome
+from app.messages import StepFailure, StepOutcome
 from app.models import workers, workflow_steps
 from app.retry import RetryPolicy
 from app.states import IN_PROGRESS
-from app.storage.events import declared_events
+from app.storage.claims import STEP_COLUMNS, claimed_step
 from app.storage.results import CommitReport, commit_outcomes
 
 ws = workflow_steps
@@ -111,19 +111,7 @@ def recover_lost_claims(
         workers.c.stopped_at.is_(None),
     )
     query = (
-        select(
-            ws.c.step_uuid,
-            ws.c.task_uuid,
-            ws.c.name,
-            ws.c.handler,
-            ws.c.attempts,
-            ws.c.max_attempts,
-            ws.c.retryable,
-            ws.c.timeout_ms,
-            ws.c.claimed_by,
-            ws.c.claimed_at,
-            ws.c.declared_events,
-        )
+        select(*STEP_COLUMNS, ws.c.claimed_by, ws.c.claimed_at)
         .where(
             ws.c.state == IN_PROGRESS,
             ws.c.claimed_by != me,
@@ -137,18 +125,7 @@ def recover_lost_claims(
     )
     outcomes = []
     for row in conn.execute(query, {"dead": sorted(dead_workers)}):
-        step = ClaimedStep(
-            step_uuid=row.step_uuid,
-            task_uuid=row.task_uuid,
-            name=row.name,
-            handler=row.handler,
-            attempt=row.attempts,
-            max_attempts=row.max_attempts,
-            retryable=row.retryable,
-            timeout_ms=row.timeout_ms,
-            claimed_by=row.claimed_by,
-            declared_events=declared_events(row.declared_events),
-        )
+        step = claimed_step(row, claimed_by=row.claimed_by)
         why = "exited" if row.claimed_by in dead_workers else "stopped heart-beating"
         failure = StepFailure(
             WORKER_LOST,

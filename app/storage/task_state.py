@@ -92,8 +92,8 @@ def update_task_states(
 # Which states the steps of each task are in: for every (task, state) pair one probe of the
 # (task_uuid, state) index, so the cost grows with the tasks in the batch, never with their
 # size (counting every step of a 5000-step task on each commit did), and one statement
-# serves the whole batch.
-# The step states as a derived table (UNION ALL: SQLite takes no column list on VALUES).
+# serves the whole batch. The states are a derived table of UNION ALL (SQLite takes no
+# column list on VALUES).
 _states = union_all(*[select(literal(s, String).label("state")) for s in STEP_STATES]).subquery(
     "step_states"
 )
