@@ -39,6 +39,7 @@ class EventSystem(SupervisedActor):
         timer: Timer,
         *,
         capacity: int,
+        min_claim: int = 1,
         polling_interval_s: float,
         polling: bool = True,
         listen: Callable[[Callable[[], None]], WorkListener] | None = None,
@@ -47,7 +48,7 @@ class EventSystem(SupervisedActor):
         super().__init__(supervisor)
         self._commands = commands
         self._timer = timer
-        self._credits = IntakeCredits(capacity)
+        self._credits = IntakeCredits(capacity, min_claim)
         self._interval = polling_interval_s
         self._polling = polling
         self._make_listener = listen

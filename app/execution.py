@@ -99,10 +99,13 @@ def run_attempt(
         )
         return StepOutcome(step, started_at, clock(), failure=failure)
 
-    normalised = normalise_result(value, max_result_bytes)
+    normalised = encode_result(value, max_result_bytes)
     if isinstance(normalised, StepFailure):
         return StepOutcome(step, started_at, clock(), failure=normalised, events=tuple(ctx.events))
-    return StepOutcome(step, started_at, clock(), result=normalised, events=tuple(ctx.events))
+    result, encoded = normalised
+    return StepOutcome(
+        step, started_at, clock(), result=result, events=tuple(ctx.events), result_json=encoded
+    )
 
 
 def _call(handler: Handler, ctx: StepContext, cancellation: Cancellation, *, is_async: bool) -> Any:
@@ -135,8 +138,17 @@ async def _await_cancellable(awaitable: Any, cancellation: Cancellation) -> Any:
 
 def normalise_result(value: Any, max_result_bytes: int) -> JSONDict | StepFailure:
     """Turn a handler's return value into the step's result dict, or say why it can't be."""
+    normalised = encode_result(value, max_result_bytes)
+    return normalised if isinstance(normalised, StepFailure) else normalised[0]
+
+
+def encode_result(value: Any, max_result_bytes: int) -> tuple[JSONDict, str] | StepFailure:
+    """Like ``normalise_result``, with the result's JSON text as it is stored (encoded once)."""
+    if value is None and max_result_bytes >= 2:
+        return {}, "{}"  # the common case: a handler that returns nothing
+    result: Any
     if value is None:
-        result: Any = {}
+        result = {}
     elif isinstance(value, BaseModel):
         result = value.model_dump(mode="json")
     elif isinstance(value, dict):
@@ -173,7 +185,7 @@ def normalise_result(value: Any, max_result_bytes: int) -> JSONDict | StepFailur
             retryable=False,
         )
     assert isinstance(result, dict)
-    return result
+    return result, encoded
 
 
 def _has_nul(encoded_json: str) -> bool:

@@ -37,6 +37,9 @@ class ClaimedStep:
     task_context: JSONDict = field(default_factory=dict)
     dependency_results: dict[str, JSONDict] = field(default_factory=dict)
     declared_events: tuple[EventDeclaration, ...] = ()
+    # Whether a step depends on this one. Unknown (True) costs a readiness check at commit;
+    # the claim knows, and saves it for the steps nothing depends on.
+    has_children: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,8 @@ class StepOutcome:
     result: JSONDict | None = None
     failure: StepFailure | None = None
     events: tuple[EmittedEvent, ...] = ()
+    # ``result`` as JSON text, when the handler's path already encoded it to check it.
+    result_json: str | None = None
 
     def __post_init__(self) -> None:
         if (self.result is None) == (self.failure is None):

@@ -166,6 +166,9 @@ class Worker:
             commands.proxy(),
             self.timer,
             capacity=cfg.max_concurrent_handlers + cfg.prefetch,
+            # Up to half the prefetch: while that many claimed steps wait for a slot, a
+            # bigger, later claim leaves no handler idle.
+            min_claim=max(1, cfg.prefetch // 2),
             polling_interval_s=self.settings.event_system.polling_interval_ms / 1000,
             polling=polling,
             listen=listen,

@@ -59,6 +59,21 @@ def test_full_claim_means_claim_again_as_soon_as_capacity_frees() -> None:
     assert credits.next_claim(work_signalled=False) == 1
 
 
+def test_a_claim_waits_for_min_claim_free_credits() -> None:
+    credits = IntakeCredits(10, min_claim=4)
+    assert credits.next_claim(work_signalled=True) == 10
+    credits.claimed(10, 10)
+    credits.freed(3)
+    assert credits.next_claim(work_signalled=True) == 0
+    credits.freed(1)
+    assert credits.next_claim(work_signalled=False) == 4
+
+
+def test_min_claim_must_fit_the_capacity() -> None:
+    with pytest.raises(ValueError, match="min_claim"):
+        IntakeCredits(4, min_claim=5)
+
+
 def test_freed_never_exceeds_capacity() -> None:
     credits = IntakeCredits(4)
     credits.freed(100)
@@ -79,14 +94,17 @@ class IntakeMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.credits = IntakeCredits(1)
-        self.capacity = 1
+        self.capacity = self.slots = self.min_claim = 1
         self.unfinished = 0  # claimed and not yet finished
         self.in_flight: int | None = None  # the limit of the claim on its way
 
-    @initialize(capacity=st.integers(min_value=1, max_value=12))
-    def start(self, capacity: int) -> None:
-        self.credits = IntakeCredits(capacity)
-        self.capacity = capacity
+    @initialize(slots=st.integers(min_value=1, max_value=12), prefetch=st.integers(0, 12))
+    def start(self, slots: int, prefetch: int) -> None:
+        # As the worker sets it up: capacity is the slots plus the prefetch.
+        self.slots = slots
+        self.capacity = slots + prefetch
+        self.min_claim = max(1, prefetch // 2)
+        self.credits = IntakeCredits(self.capacity, self.min_claim)
 
     @rule(work_signalled=st.booleans())
     def ask_for_a_claim(self, work_signalled: bool) -> None:
@@ -96,7 +114,12 @@ class IntakeMachine(RuleBasedStateMachine):
             assert limit == 0
         if limit:
             assert self.unfinished + limit <= self.capacity
+            assert limit >= self.min_claim
             self.in_flight = limit
+        elif self.in_flight is None and self.credits.backlog_likely and not self.credits.stopped:
+            # Declined for want of credits: only while every slot has a claimed step to run,
+            # so waiting for a bigger claim never leaves a handler idle.
+            assert self.unfinished >= self.slots
 
     @precondition(lambda self: self.in_flight is not None)
     @rule(data=st.data())
@@ -137,8 +160,8 @@ class IntakeMachine(RuleBasedStateMachine):
 
 
 IntakeMachine.TestCase.settings = settings(
-    max_examples=100,
-    stateful_step_count=30,
+    max_examples=300,
+    stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

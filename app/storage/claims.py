@@ -23,7 +23,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     func,
-    insert,
     literal_column,
     select,
     update,
@@ -34,7 +33,6 @@ from app.models import (
     tasks,
     unindexed,
     workflow_step_edges,
-    workflow_step_transitions,
     workflow_steps,
 )
 from app.states import (
@@ -47,9 +45,10 @@ from app.states import (
     TASK_PENDING,
     WAITING_FOR_RETRY,
 )
+from app.storage.driver import db_time
 from app.storage.events import declared_events
 from app.storage.task_state import lock_tasks
-from app.storage.transitions import transition_row
+from app.storage.transitions import insert_transitions, transition_row
 
 ws = workflow_steps
 
@@ -89,18 +88,19 @@ def claim_ready_steps(
     queue_order = {step_uuid: i for i, step_uuid in enumerate(candidates)}
     claimed.sort(key=lambda r: queue_order[r.step_uuid])
 
-    conn.execute(
-        insert(workflow_step_transitions),
+    at = db_time(conn.dialect, now)
+    insert_transitions(
+        conn,
         [
-            {
-                "step_uuid": row.step_uuid,
-                "from_state": candidates[row.step_uuid],
-                "to_state": IN_PROGRESS,
-                "attempt": row.attempts,
-                "worker_id": worker_id,
-                "reason": "claimed",
-                "created_at": now,
-            }
+            transition_row(
+                row.step_uuid,
+                candidates[row.step_uuid],
+                IN_PROGRESS,
+                row.attempts,
+                worker_id,
+                at,
+                "claimed",
+            )
             for row in claimed
         ],
     )
@@ -118,6 +118,7 @@ def claim_ready_steps(
             inputs=row.inputs or {},
             task_context=row.task_context or {},
             dependency_results=parents.get(row.step_uuid, {}),
+            has_children=row.has_children,
         )
         for row in claimed
     ]
@@ -196,6 +197,11 @@ _RETURN_HAS_PARENTS = literal_column(
     " WHERE e.to_step_uuid = workflow_steps.step_uuid)",
     Boolean(),
 ).label("has_parents")
+_RETURN_HAS_CHILDREN = literal_column(
+    "EXISTS (SELECT 1 FROM workflow_step_edges AS e"
+    " WHERE e.from_step_uuid = workflow_steps.step_uuid)",
+    Boolean(),
+).label("has_children")
 _CLAIM = (
     update(ws)
     .where(
@@ -217,6 +223,7 @@ _CLAIM = (
         _RETURN_TASK_STATE,
         _RETURN_TASK_CONTEXT,
         _RETURN_HAS_PARENTS,
+        _RETURN_HAS_CHILDREN,
     )
 )
 _parent = ws.alias("parent")
@@ -242,19 +249,25 @@ def _mark_tasks_started(conn: Connection, task_uuids: list[str], now: datetime) 
     the task state up to date (``derive_task_state``).
     """
     if conn.dialect.name == "postgresql":
-        free = (
-            select(tasks.c.task_uuid)
-            .where(tasks.c.task_uuid.in_(task_uuids), tasks.c.state == TASK_PENDING)
-            .with_for_update(skip_locked=True)
-        )
-        task_uuids = [task_uuid for (task_uuid,) in conn.execute(free)]
+        task_uuids = [
+            row.task_uuid for row in conn.execute(_FREE_PENDING_TASKS, {"ids": task_uuids})
+        ]
         if not task_uuids:
             return
-    conn.execute(
-        update(tasks)
-        .where(tasks.c.task_uuid.in_(task_uuids), tasks.c.state == TASK_PENDING)
-        .values(state=TASK_IN_PROGRESS, updated_at=now)
-    )
+    conn.execute(_START_TASKS, {"ids": task_uuids, "now": now})
+
+
+_PENDING_TASKS = and_(
+    tasks.c.task_uuid.in_(bindparam("ids", expanding=True)), tasks.c.state == TASK_PENDING
+)
+_FREE_PENDING_TASKS = (
+    select(tasks.c.task_uuid).where(_PENDING_TASKS).with_for_update(skip_locked=True)
+)
+_START_TASKS = (
+    update(tasks)
+    .where(_PENDING_TASKS)
+    .values(state=TASK_IN_PROGRESS, updated_at=bindparam("now", type_=tasks.c.updated_at.type))
+)
 
 
 def release_claims(
@@ -291,18 +304,19 @@ def release_claims(
         )
         if result.rowcount:
             released += 1
-            conn.execute(
-                insert(workflow_step_transitions).values(
+            insert_transitions(
+                conn,
+                [
                     transition_row(
                         step.step_uuid,
                         IN_PROGRESS,
                         to_state,
                         step.attempt - 1,
                         worker_id,
-                        now,
+                        db_time(conn.dialect, now),
                         f"{reason}; task cancelled" if cancelled else reason,
                     )
-                )
+                ],
             )
     return released
 

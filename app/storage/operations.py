@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, insert, select, update
+from sqlalchemy import Connection, Row, select, update
 
 from app.errors import InputError, TransitionError
-from app.models import tasks, workflow_step_transitions, workflow_steps
+from app.models import tasks, workflow_steps
 from app.states import (
     CANCELLABLE,
     CANCELLED,
@@ -33,10 +33,11 @@ from app.states import (
     TASK_CANCELLED,
     TASK_COMPLETE,
 )
+from app.storage.driver import db_time
 from app.storage.queries import parse_uuid
 from app.storage.readiness import enqueue_ready_dependents
 from app.storage.task_state import lock_tasks, update_task_states
-from app.storage.transitions import transition_row
+from app.storage.transitions import insert_transitions, transition_row
 
 __all__ = [
     "OperatorReport",
@@ -272,11 +273,11 @@ def _write_transitions(
     operator: str,
     now: datetime,
 ) -> None:
-    if moves:
-        conn.execute(
-            insert(workflow_step_transitions),
-            [
-                transition_row(step_uuid, from_state, to_state, attempt, operator, now, why)
-                for step_uuid, from_state, to_state, attempt, why in moves
-            ],
-        )
+    at = db_time(conn.dialect, now)
+    insert_transitions(
+        conn,
+        [
+            transition_row(step_uuid, from_state, to_state, attempt, operator, at, why)
+            for step_uuid, from_state, to_state, attempt, why in moves
+        ],
+    )

@@ -32,7 +32,6 @@ from app.messages import (
 from app.models import (
     domain_events,
     unindexed,
-    workflow_step_transitions,
     workflow_steps,
 )
 from app.retry import RetryPolicy
@@ -45,10 +44,11 @@ from app.states import (
     TASK_CANCELLED,
     WAITING_FOR_RETRY,
 )
+from app.storage.driver import BulkStatement, db_json, db_time
 from app.storage.events import events_of
 from app.storage.readiness import enqueue_ready_dependents
 from app.storage.task_state import lock_tasks, update_task_states
-from app.storage.transitions import transition_row
+from app.storage.transitions import TransitionRow, insert_transitions, transition_row
 
 ws = workflow_steps
 
@@ -81,13 +81,15 @@ def commit_outcomes(
     report = CommitReport()
     if not outcomes:
         return report
-    transitions: list[dict[str, Any]] = []
-    event_rows: list[dict[str, Any]] = []
+    dialect = conn.dialect
+    at = db_time(dialect, now)
+    transitions: list[TransitionRow] = []
+    event_rows: list[tuple[Any, ...]] = []
     completed: list[str] = []
     touched_tasks: set[str] = set()
     task_states = lock_tasks(conn, {outcome.step.task_uuid for outcome in outcomes})
     held = _claims_held(conn, [outcome.step.step_uuid for outcome in outcomes])
-    updates: list[dict[str, Any]] = []
+    updates: list[tuple[Any, ...]] = []
 
     for outcome in outcomes:
         step = outcome.step
@@ -101,11 +103,12 @@ def commit_outcomes(
         del held[step.step_uuid]
         task_cancelled = task_states.get(step.task_uuid) == TASK_CANCELLED
         reason = _reason(outcome)
-        if outcome.failure is None:
+        failure = outcome.failure
+        if failure is None:
             new_state, next_at = COMPLETE, None
         else:
             decision = policy.decide(
-                outcome.failure,
+                failure,
                 attempt=step.attempt,
                 max_attempts=step.max_attempts,
                 step_retryable=step.retryable,
@@ -117,28 +120,28 @@ def commit_outcomes(
                 new_state, next_at = CANCELLED, None
                 reason += "; retry cancelled (task cancelled)"
         updates.append(
-            {
-                "b_step_uuid": step.step_uuid,
-                "b_attempt": step.attempt,
-                "b_claimed_by": step.claimed_by,
-                "v_state": new_state,
-                "v_results": outcome.result,
-                "v_error": None if outcome.failure is None else outcome.failure.as_json(),
-                "v_next_attempt_at": next_at,
-                "v_started_at": outcome.started_at,
-                "v_completed_at": None if next_at is not None else now,
-                "v_updated_at": now,
-            }
+            (
+                new_state,
+                outcome.result_json or db_json(outcome.result),
+                db_json(None if failure is None else failure.as_json()),
+                db_time(dialect, next_at),
+                db_time(dialect, outcome.started_at),
+                None if next_at is not None else at,
+                at,
+                step.step_uuid,
+                step.attempt,
+                step.claimed_by,
+            )
         )
         report.applied.append(outcome)
         touched_tasks.add(step.task_uuid)
-        if new_state == COMPLETE and not task_cancelled:
+        if new_state == COMPLETE and not task_cancelled and step.has_children:
             completed.append(step.step_uuid)
         if next_at is not None and (report.next_retry_at is None or next_at < report.next_retry_at):
             report.next_retry_at = next_at
         transitions.append(
             transition_row(
-                step.step_uuid, IN_PROGRESS, new_state, step.attempt, step.claimed_by, now, reason
+                step.step_uuid, IN_PROGRESS, new_state, step.attempt, step.claimed_by, at, reason
             )
         )
         for name, payload in events_of(outcome, new_state, next_at):
@@ -147,34 +150,25 @@ def commit_outcomes(
             )
             report.events.append(event)
             event_rows.append(
-                {
-                    "event_id": event.event_id,
-                    "name": event.name,
-                    "task_uuid": event.task_uuid,
-                    "step_uuid": event.step_uuid,
-                    "payload": event.payload,
-                    "created_at": now,
-                }
+                (event.event_id, name, event.task_uuid, event.step_uuid, db_json(payload), at)
             )
 
     if updates:
-        result = conn.execute(_APPLY_OUTCOME, updates)
-        if conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(updates):
+        rowcount = _APPLY_OUTCOME.execute(conn, updates)
+        if dialect.supports_sane_multi_rowcount and rowcount != len(updates):
             # The rows were checked under lock above; a mismatch means another writer broke
             # the locking order. Roll the whole batch back; it is retried and re-checked.
             raise StorageError(
-                f"applied {result.rowcount} of {len(updates)} checked results; batch rolled back"
+                f"applied {rowcount} of {len(updates)} checked results; batch rolled back"
             )
     if completed:
         for step_uuid in enqueue_ready_dependents(conn, completed, now=now):
             transitions.append(
-                transition_row(step_uuid, PENDING, ENQUEUED, 0, None, now, "dependencies complete")
+                transition_row(step_uuid, PENDING, ENQUEUED, 0, None, at, "dependencies complete")
             )
             report.enqueued += 1
-    if transitions:
-        conn.execute(insert(workflow_step_transitions), transitions)
-    if event_rows:
-        conn.execute(insert(domain_events), event_rows)
+    insert_transitions(conn, transitions)
+    _INSERT_EVENTS.execute(conn, event_rows)
     if touched_tasks:
         update_task_states(conn, touched_tasks, now=now, locked_states=task_states)
     return report
@@ -182,7 +176,7 @@ def commit_outcomes(
 
 # One statement for every applied outcome of a batch (executemany). The guard is repeated in
 # SQL; ``state || ''`` keeps SQLite on the primary key instead of scanning the state index.
-_APPLY_OUTCOME = (
+_APPLY_OUTCOME = BulkStatement(
     update(ws)
     .where(
         ws.c.step_uuid == bindparam("b_step_uuid"),
@@ -198,7 +192,26 @@ _APPLY_OUTCOME = (
         started_at=bindparam("v_started_at", type_=ws.c.started_at.type),
         completed_at=bindparam("v_completed_at", type_=ws.c.completed_at.type),
         updated_at=bindparam("v_updated_at", type_=ws.c.updated_at.type),
-    )
+    ),
+    (
+        "v_state",
+        "v_results",
+        "v_error",
+        "v_next_attempt_at",
+        "v_started_at",
+        "v_completed_at",
+        "v_updated_at",
+        "b_step_uuid",
+        "b_attempt",
+        "b_claimed_by",
+    ),
+)
+_EVENT_COLUMNS = ("event_id", "name", "task_uuid", "step_uuid", "payload", "created_at")
+_INSERT_EVENTS = BulkStatement(
+    insert(domain_events).values(
+        {name: bindparam(name, type_=domain_events.c[name].type) for name in _EVENT_COLUMNS}
+    ),
+    _EVENT_COLUMNS,
 )
 
 

@@ -28,6 +28,7 @@ from app.states import (
     TASK_FINISHED,
     derive_task_state,
 )
+from app.storage.driver import BulkStatement, db_time
 
 ws = workflow_steps
 
@@ -73,20 +74,14 @@ def update_task_states(
     present: dict[str, dict[str, int]] = {task_uuid: {} for task_uuid in current}
     for task_uuid, state in conn.execute(_STATES_PRESENT, {"ids": list(current)}):
         present[task_uuid][state] = 1
+    at = db_time(conn.dialect, now)
     changes = []
     for task_uuid, state in current.items():
         new_state = derive_task_state(state, present[task_uuid])
         if new_state != state:
-            changes.append(
-                {
-                    "b_task_uuid": task_uuid,
-                    "v_state": new_state,
-                    "v_updated_at": now,
-                    "v_completed_at": now if new_state in TASK_FINISHED else None,
-                }
-            )
-    if changes:
-        conn.execute(_SET_TASK_STATE, changes)
+            finished_at = at if new_state in TASK_FINISHED else None
+            changes.append((new_state, at, finished_at, task_uuid))
+    _SET_TASK_STATE.execute(conn, changes)
 
 
 # Which states the steps of each task are in: for every (task, state) pair one probe of the
@@ -105,12 +100,13 @@ _STATES_PRESENT = (
         exists().where(ws.c.task_uuid == tasks.c.task_uuid, ws.c.state == _states.c.state),
     )
 )
-_SET_TASK_STATE = (
+_SET_TASK_STATE = BulkStatement(
     update(tasks)
     .where(tasks.c.task_uuid == bindparam("b_task_uuid"))
     .values(
         state=bindparam("v_state"),
         updated_at=bindparam("v_updated_at", type_=tasks.c.updated_at.type),
         completed_at=bindparam("v_completed_at", type_=tasks.c.completed_at.type),
-    )
+    ),
+    ("v_state", "v_updated_at", "v_completed_at", "b_task_uuid"),
 )

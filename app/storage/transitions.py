@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Sequence
 from typing import Any
 
-from app.models import (
-    workflow_steps,
-)
+from sqlalchemy import Connection, bindparam, insert
 
-ws = workflow_steps
+from app.models import workflow_step_transitions
+from app.storage.driver import BulkStatement
+
+wst = workflow_step_transitions
+
+TransitionRow = tuple[str, str | None, str, int, str | None, Any, str | None]
+
+_COLUMNS = ("step_uuid", "from_state", "to_state", "attempt", "worker_id", "created_at", "reason")
+_INSERT_TRANSITIONS = BulkStatement(
+    insert(wst).values({name: bindparam(name, type_=wst.c[name].type) for name in _COLUMNS}),
+    _COLUMNS,
+)
 
 
 def transition_row(
@@ -18,16 +27,13 @@ def transition_row(
     to_state: str,
     attempt: int,
     worker_id: str | None,
-    now: datetime,
+    at: Any,
     reason: str | None,
-) -> dict[str, Any]:
-    """Build one ``workflow_step_transitions`` row."""
-    return {
-        "step_uuid": step_uuid,
-        "from_state": from_state,
-        "to_state": to_state,
-        "attempt": attempt,
-        "worker_id": worker_id,
-        "reason": reason,
-        "created_at": now,
-    }
+) -> TransitionRow:
+    """Build one transition row; ``at`` is the time as ``db_time`` gives it."""
+    return (step_uuid, from_state, to_state, attempt, worker_id, at, reason)
+
+
+def insert_transitions(conn: Connection, rows: Sequence[TransitionRow]) -> None:
+    """Record state changes, one row each."""
+    _INSERT_TRANSITIONS.execute(conn, rows)

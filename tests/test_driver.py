@@ -1,0 +1,129 @@
+"""BulkStatement writes exactly what SQLAlchemy's own executemany writes, on every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select
+from sqlalchemy import text as sql
+
+from app.db import Database
+from app.models import JSONValue, UTCDateTime
+from app.settings import DatabaseSettings
+from app.storage.driver import BulkStatement, db_json, db_time
+from tests.conftest import postgres_schema_url, require_postgres
+
+metadata = MetaData()
+probe = Table(
+    "driver_probe",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("via", String(8), nullable=False),
+    Column("label", String(32)),
+    Column("at", UTCDateTime),
+    Column("doc", JSONValue),
+)
+PROBE_COLUMNS = ("id", "via", "label", "at", "doc")
+BULK_INSERT = BulkStatement(
+    insert(probe).values(
+        {name: bindparam(name, type_=probe.c[name].type) for name in PROBE_COLUMNS}
+    ),
+    PROBE_COLUMNS,
+)
+# A constant in the statement (the literal "bulk") next to row values.
+BULK_RELABEL = BulkStatement(
+    probe.update()
+    .where(probe.c.id == bindparam("b_id"), probe.c.via == "bulk")
+    .values(label=bindparam("v_label")),
+    ("v_label", "b_id"),
+)
+
+VALUES: list[tuple[str | None, datetime | None, Any]] = [
+    ("plain", datetime(2026, 12, 1, 10, 0, 0, tzinfo=UTC), {"a": 1, "b": [1, 2]}),
+    # No microseconds: SQLite compares timestamps as text, so the shape must not change.
+    ("whole second", datetime(2026, 12, 1, 10, 0, 1, tzinfo=UTC), {}),
+    ("other zone", datetime(2026, 12, 1, 12, 0, 0, 5, tzinfo=timezone(timedelta(hours=2))), []),
+    (None, None, None),
+    ("unicode ü", datetime(2026, 1, 1, tzinfo=UTC), {"text": "ü \u2603", "n": None}),
+]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    if request.param == "sqlite":
+        database = Database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'driver.db'}"))
+    else:
+        require_postgres()
+        schema = f"driver_{tmp_path.name[-20:].replace('-', '_')}".lower()
+        setup = Database(DatabaseSettings(url=postgres_schema_url("public")))
+        with setup.write() as conn:
+            conn.execute(sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            conn.execute(sql(f'CREATE SCHEMA "{schema}"'))
+        setup.dispose()
+        database = Database(DatabaseSettings(url=postgres_schema_url(schema)))
+    with database.write() as conn:
+        metadata.create_all(conn)
+    yield database
+    database.dispose()
+
+
+def _raw(conn: Any, via: str) -> list[tuple[Any, ...]]:
+    # Read the stored text itself, not what SQLAlchemy's result types make of it.
+    cast = "" if conn.dialect.name == "sqlite" else "::text"
+    rows = conn.exec_driver_sql(
+        f"SELECT label, at{cast}, doc{cast} FROM driver_probe WHERE via = '{via}' ORDER BY id"
+    )
+    return [tuple(row) for row in rows]
+
+
+def test_rows_written_at_the_driver_match_sqlalchemys(db: Database) -> None:
+    with db.write() as conn:
+        conn.execute(
+            insert(probe),
+            [
+                {"id": i, "via": "core", "label": label, "at": at, "doc": doc}
+                for i, (label, at, doc) in enumerate(VALUES)
+            ],
+        )
+        rows = [
+            (100 + i, "bulk", label, db_time(conn.dialect, at), db_json(doc))
+            for i, (label, at, doc) in enumerate(VALUES)
+        ]
+        assert BULK_INSERT.execute(conn, rows) == len(rows)
+    with db.read() as conn:
+        assert _raw(conn, "bulk") == _raw(conn, "core")
+        typed = conn.execute(select(probe.c.at, probe.c.doc).order_by(probe.c.id)).all()
+    core, bulk = typed[: len(VALUES)], typed[len(VALUES) :]
+    assert bulk == core
+    assert [doc for _, doc in bulk] == [doc for _, _, doc in VALUES]
+    assert [at for at, _ in bulk] == [at for _, at, _ in VALUES]
+
+
+def test_constants_of_the_statement_are_kept_and_rowcount_is_summed(db: Database) -> None:
+    with db.write() as conn:
+        for i, via in enumerate(("bulk", "bulk", "core")):
+            conn.execute(insert(probe).values(id=i, via=via, label="old"))
+        # Row 2 is not "bulk" and row 9 does not exist: neither matches.
+        matched = BULK_RELABEL.execute(conn, [("new", 0), ("new", 1), ("new", 2), ("new", 9)])
+    assert matched == 2
+    with db.read() as conn:
+        labels = conn.execute(select(probe.c.label).order_by(probe.c.id)).scalars().all()
+    assert labels == ["new", "new", "old"]
+
+
+def test_a_parameter_that_is_neither_a_column_nor_a_constant_is_refused(db: Database) -> None:
+    statement = BulkStatement(
+        probe.update().where(probe.c.id == bindparam("b_id")).values(label=bindparam("v")),
+        ("b_id",),
+    )
+    with db.write() as conn, pytest.raises(ValueError, match="'v' is neither"):
+        statement.execute(conn, [(1,)])
+
+
+def test_naive_datetimes_are_refused() -> None:
+    with pytest.raises(ValueError, match="naive"):
+        db_time(Database(DatabaseSettings(url="sqlite://")).engine.dialect, datetime(2026, 1, 1))
