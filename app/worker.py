@@ -52,6 +52,7 @@ from app.timer import Timer
 _ASK_TIMEOUT_S = 10.0
 # How often the watchdog looks at the actors, and the longest wait for an answer from one.
 _WATCH_TICK_S = 0.05
+_FAILURE_REPORT_GRACE_S = 1.0
 _STATS_TIMEOUT_S = 1.0
 
 
@@ -304,9 +305,7 @@ class Worker:
         dead = [ref.actor_class.__name__ for ref in self._refs if not ref.is_alive()]
         if dead and self.failure is None:
             # Died before the watchdog looked: the stop still reports it.
-            self.failure = self.supervisor.first_failure() or ActorFailure(
-                ", ".join(dead), "it stopped unexpectedly"
-            )
+            self.failure = self._failure_of(dead)
             logger.error("{}; stopping the worker in order", self.failure)
         deadline = time.monotonic() + self.settings.worker.shutdown_timeout_ms / 1000
         final: dict[str, Any] = {"uncommitted": 0}
@@ -457,14 +456,22 @@ class Worker:
                 next_stats = now + cfg.worker.heartbeat_interval_s
 
     def _crash(self, dead: list[str]) -> None:
-        self.failure = self.supervisor.first_failure() or ActorFailure(
-            ", ".join(dead), "it stopped unexpectedly"
-        )
+        self.failure = self._failure_of(dead)
         logger.error("{}; stopping the worker in order", self.failure)
         self.stop_requested.set()
         # The error is raised again to whoever calls serve() or stop().
         with contextlib.suppress(DuplexError):
             self.stop()
+
+    def _failure_of(self, dead: list[str]) -> ActorFailure:
+        """What killed the actors found dead, as their own report says when there is one."""
+        # pykka marks an actor stopped a moment before it runs ``on_failure``, which
+        # reports why: wait for that report rather than call the failure unexplained.
+        if dead and not self.supervisor.failed.is_set():
+            self.supervisor.failed.wait(_FAILURE_REPORT_GRACE_S)
+        return self.supervisor.first_failure() or ActorFailure(
+            ", ".join(dead), "it stopped unexpectedly"
+        )
 
     def _beat(self) -> None:
         """The heartbeat thread: it needs no actor, so a saturated worker still beats."""

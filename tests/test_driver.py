@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -58,17 +59,22 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
         database = Database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'driver.db'}"))
     else:
         require_postgres()
-        schema = f"driver_{tmp_path.name[-20:].replace('-', '_')}".lower()
-        setup = Database(DatabaseSettings(url=postgres_schema_url("public")))
-        with setup.write() as conn:
-            conn.execute(sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-            conn.execute(sql(f'CREATE SCHEMA "{schema}"'))
-        setup.dispose()
+        schema = f"driver_{uuid.uuid4().hex[:12]}"
+        _run_public(f'CREATE SCHEMA "{schema}"')
         database = Database(DatabaseSettings(url=postgres_schema_url(schema)))
     with database.write() as conn:
         metadata.create_all(conn)
     yield database
     database.dispose()
+    if request.param == "postgresql":
+        _run_public(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def _run_public(statement: str) -> None:
+    setup = Database(DatabaseSettings(url=postgres_schema_url("public")))
+    with setup.write() as conn:
+        conn.execute(sql(statement))
+    setup.dispose()
 
 
 def _raw(conn: Any, via: str) -> list[tuple[Any, ...]]:

@@ -25,6 +25,7 @@ from actors.event_publisher import DomainEventPublisher
 from actors.event_system import EventSystem
 from actors.handler_worker import HandlerWorker
 from actors.step_executor import StepExecutor
+from actors.supervised import SupervisedActor
 from app.db import Database
 from app.errors import StorageError
 from app.handlers import Cancellation, HandlerRegistry, StepContext
@@ -151,6 +152,28 @@ def test_a_failing_actor_stops_the_embedded_worker_in_order(
     finally:
         restarted.stop()
     assert {state for state, _ in states(sqlite_db)} == {"complete"}
+
+
+def test_the_crash_names_the_exception_even_when_the_report_comes_late(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pykka marks a failed actor stopped just before its on_failure reports why; widen that
+    # window so the watchdog always sees the dead actor first.
+    reporting = SupervisedActor.on_failure
+
+    def late_report(self: Any, *args: Any) -> None:
+        time.sleep(0.3)
+        reporting(self, *args)
+
+    monkeypatch.setattr(SupervisedActor, "on_failure", late_report)
+    worker = make_worker(sqlite_db, quick_registry([]))
+    with injected(monkeypatch, Dispatcher, "slot_freed", nth=2):
+        worker.start()
+        submit(sqlite_db, 5)
+        worker.nudge()
+        assert wait_until(lambda: worker.actors is None, timeout_s=20), "worker kept running"
+    with pytest.raises(WorkerCrashedError, match="actor Dispatcher failed: RuntimeError: injected"):
+        worker.stop()
 
 
 def test_a_dying_handler_worker_is_replaced_and_its_attempt_settled(

@@ -248,25 +248,35 @@ def _mark_tasks_started(conn: Connection, task_uuids: list[str], now: datetime) 
     A skipped task stays ``pending`` only until its first result is committed, which brings
     the task state up to date (``derive_task_state``).
     """
-    if conn.dialect.name == "postgresql":
-        task_uuids = [
-            row.task_uuid for row in conn.execute(_FREE_PENDING_TASKS, {"ids": task_uuids})
-        ]
-        if not task_uuids:
-            return
-    conn.execute(_START_TASKS, {"ids": task_uuids, "now": now})
+    query = _START_FREE_TASKS if conn.dialect.name == "postgresql" else _START_TASKS
+    conn.execute(query, {"ids": task_uuids, "now": now})
 
 
-_PENDING_TASKS = and_(
-    tasks.c.task_uuid.in_(bindparam("ids", expanding=True)), tasks.c.state == TASK_PENDING
-)
-_FREE_PENDING_TASKS = (
-    select(tasks.c.task_uuid).where(_PENDING_TASKS).with_for_update(skip_locked=True)
-)
+_STARTED = {
+    "state": TASK_IN_PROGRESS,
+    "updated_at": bindparam("now", type_=tasks.c.updated_at.type),
+}
 _START_TASKS = (
     update(tasks)
-    .where(_PENDING_TASKS)
-    .values(state=TASK_IN_PROGRESS, updated_at=bindparam("now", type_=tasks.c.updated_at.type))
+    .where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)), tasks.c.state == TASK_PENDING)
+    .values(_STARTED)
+)
+# One statement on PostgreSQL too: the subquery locks the rows, skipping those another writer
+# holds, and the update only touches (and waits for) the rows it returned.
+_free_task = tasks.alias("free_task")
+_START_FREE_TASKS = (
+    update(tasks)
+    .where(
+        tasks.c.task_uuid.in_(
+            select(_free_task.c.task_uuid)
+            .where(
+                _free_task.c.task_uuid.in_(bindparam("ids", expanding=True)),
+                _free_task.c.state == TASK_PENDING,
+            )
+            .with_for_update(skip_locked=True)
+        )
+    )
+    .values(_STARTED)
 )
 
 

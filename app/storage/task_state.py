@@ -11,7 +11,6 @@ from sqlalchemy import (
     Connection,
     String,
     bindparam,
-    exists,
     literal,
     select,
     true,
@@ -72,8 +71,9 @@ def update_task_states(
     if not current:
         return
     present: dict[str, dict[str, int]] = {task_uuid: {} for task_uuid in current}
-    for task_uuid, state in conn.execute(_STATES_PRESENT, {"ids": list(current)}):
-        present[task_uuid][state] = 1
+    for task_uuid, state, is_present in conn.execute(_STATES_PRESENT, {"ids": list(current)}):
+        if is_present:
+            present[task_uuid][state] = 1
     at = db_time(conn.dialect, now)
     changes = []
     for task_uuid, state in current.items():
@@ -88,17 +88,24 @@ def update_task_states(
 # (task_uuid, state) index, so the cost grows with the tasks in the batch, never with their
 # size (counting every step of a 5000-step task on each commit did), and one statement
 # serves the whole batch. The states are a derived table of UNION ALL (SQLite takes no
-# column list on VALUES).
+# column list on VALUES). The probe is a ``LIMIT 1`` subquery in the select list, which
+# both databases run per row: PostgreSQL turned an EXISTS in WHERE into a semi-join, and
+# one in the select list into a hashed subplan, each reading the whole steps table.
 _states = union_all(*[select(literal(s, String).label("state")) for s in STEP_STATES]).subquery(
     "step_states"
 )
 _STATES_PRESENT = (
-    select(tasks.c.task_uuid, _states.c.state)
-    .select_from(tasks.join(_states, true()))
-    .where(
-        tasks.c.task_uuid.in_(bindparam("ids", expanding=True)),
-        exists().where(ws.c.task_uuid == tasks.c.task_uuid, ws.c.state == _states.c.state),
+    select(
+        tasks.c.task_uuid,
+        _states.c.state,
+        select(literal(1))
+        .where(ws.c.task_uuid == tasks.c.task_uuid, ws.c.state == _states.c.state)
+        .limit(1)
+        .scalar_subquery()
+        .label("present"),
     )
+    .select_from(tasks.join(_states, true()))
+    .where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)))
 )
 _SET_TASK_STATE = BulkStatement(
     update(tasks)
