@@ -42,9 +42,12 @@ class Dispatcher(SupervisedActor):
         default_timeout_s: float,
         max_result_bytes: int,
         clock: Callable[[], datetime] = utcnow,
+        credit_batch: int = 1,
         supervisor: Supervisor | None = None,
     ) -> None:
         super().__init__(supervisor)
+        self._credit_batch = credit_batch
+        self._unreported_credits = 0
         self._completion = completion
         self._registry = registry
         self._timer = timer
@@ -105,8 +108,8 @@ class Dispatcher(SupervisedActor):
         handle = self._deadlines.pop(worker_id, None)
         if handle is not None:
             handle.cancel()
-        self._capacity_freed()
         self._assign()
+        self._capacity_freed(batched=True)
 
     def worker_failed(self, worker_id: int) -> None:
         """A HandlerWorker died outside any handler: settle its attempt, start a fresh one."""
@@ -241,9 +244,19 @@ class Dispatcher(SupervisedActor):
         )
         self._workers[worker_id] = ref.proxy()
 
-    def _capacity_freed(self) -> None:
+    def _capacity_freed(self, *, batched: bool = False) -> None:
+        """A slot's credit is free: give the intake back what is free so far.
+
+        ``batched`` credits go back in batches while claimed steps still wait for a slot: the
+        intake claims no fewer than ``credit_batch`` anyway, so a message per credit would
+        only wake it. With nothing waiting, every credit goes back at once.
+        """
+        self._unreported_credits += 1
+        if batched and self._unreported_credits < self._credit_batch and self._pool.waiting:
+            return
+        credits, self._unreported_credits = self._unreported_credits, 0
         if self._intake is not None:
-            tell(self._intake.capacity_freed, 1)
+            tell(self._intake.capacity_freed, credits)
 
 
 DispatcherProxy = pykka.ActorProxy[Dispatcher]

@@ -112,6 +112,10 @@ class EventSystem(SupervisedActor):
         else:
             self._claim(work_signalled=False)
 
+    def stats(self) -> dict[str, int]:
+        """Free credits of the capacity: all of it when idle, unless credits went missing."""
+        return {"capacity": self._credits.capacity, "free": self._credits.available}
+
     def stop_intake(self) -> None:
         """Claim nothing more (the worker is stopping)."""
         self._credits.stop()

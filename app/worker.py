@@ -145,6 +145,9 @@ class Worker:
             observer=self.observer,
             supervisor=supervisor,
         )
+        # Claims wait for up to half the prefetch to be free: while that many claimed steps
+        # wait for a slot, a bigger, later claim leaves no handler idle.
+        min_claim = max(1, cfg.prefetch // 2)
         dispatcher = Dispatcher.start(
             completion.proxy(),
             self.registry,
@@ -152,6 +155,7 @@ class Worker:
             size=cfg.max_concurrent_handlers,
             default_timeout_s=cfg.handler_timeout_ms / 1000,
             max_result_bytes=cfg.max_result_bytes,
+            credit_batch=min_claim,
             supervisor=supervisor,
         )
         executor = StepExecutor.start(
@@ -167,9 +171,7 @@ class Worker:
             commands.proxy(),
             self.timer,
             capacity=cfg.max_concurrent_handlers + cfg.prefetch,
-            # Up to half the prefetch: while that many claimed steps wait for a slot, a
-            # bigger, later claim leaves no handler idle.
-            min_claim=max(1, cfg.prefetch // 2),
+            min_claim=min_claim,
             polling_interval_s=self.settings.event_system.polling_interval_ms / 1000,
             polling=polling,
             listen=listen,
@@ -253,6 +255,7 @@ class Worker:
             "dispatcher": dispatcher_future.get(timeout=timeout_s),
             "completion": self.actors.completion.stats().get(timeout=timeout_s),
             "events": self.actors.publisher.stats().get(timeout=timeout_s),
+            "intake": self.actors.event_system.stats().get(timeout=timeout_s),
         }
 
     def request_stop(self) -> None:

@@ -334,6 +334,10 @@ def test_random_workloads_keep_every_guarantee(workload: tuple[int, list[dict[st
         stats = worker.status()
         return bool(stats["completion"]["rejected"] == stats["dispatcher"]["timeouts"])
 
+    def all_credits_free() -> bool:
+        intake = worker.status()["intake"]
+        return bool(intake["free"] == intake["capacity"])
+
     registry.register("prop.step", step)
     subscribers.add("*", subscriber)
     with fresh_database() as db:
@@ -347,6 +351,9 @@ def test_random_workloads_keep_every_guarantee(workload: tuple[int, list[dict[st
             ), "work stopped before it finished"
             # Late results of timed-out attempts come back once their handlers see the flag.
             assert wait_until(late_results_settled)
+            # Every credit comes back once the work is done, however the Dispatcher batched
+            # them (a claim on its way holds them for a moment).
+            assert wait_until(all_credits_free, timeout_s=5), worker.status()["intake"]
         with db.read() as conn:
             step_rows = {r.name: r for r in conn.execute(select(workflow_steps))}
             transitions = list(
