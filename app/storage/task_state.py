@@ -6,15 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     Connection,
-    String,
+    ScalarSelect,
     bindparam,
-    literal,
+    literal_column,
     select,
-    true,
-    union_all,
     update,
 )
 
@@ -71,9 +70,10 @@ def update_task_states(
     if not current:
         return
     present: dict[str, dict[str, int]] = {task_uuid: {} for task_uuid in current}
-    for task_uuid, state, is_present in conn.execute(_STATES_PRESENT, {"ids": list(current)}):
-        if is_present:
-            present[task_uuid][state] = 1
+    for task_uuid, *probes in conn.execute(_STATES_PRESENT, {"ids": list(current)}):
+        present[task_uuid] = {
+            state: 1 for state, hit in zip(STEP_STATES, probes, strict=True) if hit
+        }
     at = db_time(conn.dialect, now)
     changes = []
     for task_uuid, state in current.items():
@@ -84,29 +84,25 @@ def update_task_states(
     _SET_TASK_STATE.execute(conn, changes)
 
 
-# Which states the steps of each task are in: for every (task, state) pair one probe of the
-# (task_uuid, state) index, so the cost grows with the tasks in the batch, never with their
-# size (counting every step of a 5000-step task on each commit did), and one statement
-# serves the whole batch. The states are a derived table of UNION ALL (SQLite takes no
-# column list on VALUES). The probe is a ``LIMIT 1`` subquery in the select list, which
-# both databases run per row: PostgreSQL turned an EXISTS in WHERE into a semi-join, and
-# one in the select list into a hashed subplan, each reading the whole steps table.
-_states = union_all(*[select(literal(s, String).label("state")) for s in STEP_STATES]).subquery(
-    "step_states"
-)
-_STATES_PRESENT = (
-    select(
-        tasks.c.task_uuid,
-        _states.c.state,
-        select(literal(1))
-        .where(ws.c.task_uuid == tasks.c.task_uuid, ws.c.state == _states.c.state)
-        .limit(1)
+# Which states the steps of each task are in: a row per task with one probe of the
+# (task_uuid, state) index per state, so the cost grows with the tasks in the batch, never with
+# their size (counting every step of a 5000-step task on each commit did), and one statement
+# serves the whole batch. Each probe is a ``LIMIT 1`` subquery in the select list, which both
+# databases run per row: PostgreSQL turned an EXISTS in WHERE into a semi-join, and one in
+# the select list into a hashed subplan, each reading the whole steps table.
+# The states are Duplex's own constants, written into the SQL rather than bound 8 times.
+def _probe(state: str) -> ScalarSelect[Any]:
+    return (
+        select(literal_column("1"))
+        .where(ws.c.task_uuid == tasks.c.task_uuid, ws.c.state == literal_column(f"'{state}'"))
+        .limit(literal_column("1"))
         .scalar_subquery()
-        .label("present"),
     )
-    .select_from(tasks.join(_states, true()))
-    .where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)))
-)
+
+
+_STATES_PRESENT = select(
+    tasks.c.task_uuid, *[_probe(state).label(state) for state in STEP_STATES]
+).where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)))
 _SET_TASK_STATE = BulkStatement(
     update(tasks)
     .where(tasks.c.task_uuid == bindparam("b_task_uuid"))
