@@ -15,18 +15,23 @@ from collections.abc import Callable
 from loguru import logger
 
 MAX_DELAY_S = 30 * 86400.0
+COMPACT_AT = 1024
 
 
 class TimerHandle:
     """A scheduled callback; ``cancel()`` stops it from firing."""
 
-    __slots__ = ("cancelled",)
+    __slots__ = ("_timer", "cancelled")
 
-    def __init__(self) -> None:
+    def __init__(self, timer: Timer | None = None) -> None:
+        self._timer = timer
         self.cancelled = False
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            if self._timer is not None:
+                self._timer._count_cancelled()
 
 
 class Timer:
@@ -34,6 +39,7 @@ class Timer:
 
     def __init__(self, name: str = "duplex-timer") -> None:
         self._heap: list[tuple[float, int, TimerHandle, Callable[[], object]]] = []
+        self._cancelled = 0  # cancelled entries still in the heap (an estimate)
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._stopped = False
@@ -42,7 +48,7 @@ class Timer:
 
     def call_later(self, delay_s: float, callback: Callable[[], object]) -> TimerHandle:
         """Run ``callback`` on the timer thread after ``delay_s`` seconds."""
-        handle = TimerHandle()
+        handle = TimerHandle(self)
         # Clamp: Condition.wait overflows on huge timeouts, and nothing here needs > 30 days.
         delay_s = min(max(0.0, delay_s), MAX_DELAY_S)
         entry = (time.monotonic() + delay_s, next(self._seq), handle, callback)
@@ -52,7 +58,24 @@ class Timer:
             # deadlines) fire long after the head, and a wake-up per step costs the GIL.
             if self._heap[0] is entry:
                 self._cond.notify()
+            # A handler deadline is cancelled as soon as its step ends, but its entry would
+            # stay until its time came: at thousands of steps a second and a 30 s timeout,
+            # tens of thousands of dead entries. Drop them once they are most of the heap.
+            if self._cancelled > COMPACT_AT and self._cancelled * 2 > len(self._heap):
+                self._heap = [e for e in self._heap if not e[2].cancelled]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
         return handle
+
+    @property
+    def pending(self) -> int:
+        """Entries in the heap, cancelled ones not yet dropped included."""
+        with self._cond:
+            return len(self._heap)
+
+    def _count_cancelled(self) -> None:
+        with self._cond:
+            self._cancelled += 1
 
     def stop(self) -> None:
         """Stop the thread; pending callbacks never fire."""
@@ -68,6 +91,7 @@ class Timer:
                     # Drop cancelled entries eagerly so the heap stays as small as what is live.
                     while self._heap and self._heap[0][2].cancelled:
                         heapq.heappop(self._heap)
+                        self._cancelled = max(0, self._cancelled - 1)
                     if not self._heap:
                         self._cond.wait()
                         continue

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from app.timer import Timer
+from app.timer import COMPACT_AT, Timer
 
 WAIT_S = 10.0
 
@@ -161,3 +161,15 @@ def test_a_delay_beyond_what_the_clock_can_wait_does_not_kill_the_thread(timer: 
     timer.call_later(1e12, lambda: None)
     timer.call_later(0.01, done.set)
     assert done.wait(5)
+
+
+def test_cancelled_entries_do_not_pile_up(timer: Timer) -> None:
+    # Like handler deadlines: each is cancelled long before its time, thousands a second.
+    live = [timer.call_later(3600, lambda: None) for _ in range(100)]
+    for _ in range(20 * COMPACT_AT):
+        timer.call_later(3600, lambda: None).cancel()
+    assert 100 <= timer.pending <= 100 + 2 * COMPACT_AT + 1
+    assert not any(handle.cancelled for handle in live)
+    fired = threading.Event()
+    timer.call_later(0.01, fired.set)
+    assert fired.wait(2), "a live timer was dropped with the cancelled ones"
