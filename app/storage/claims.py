@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    CompoundSelect,
     Connection,
     Integer,
     Select,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
+    union_all,
     update,
 )
 
@@ -64,19 +66,15 @@ def claim_ready_steps(
     """Claim up to ``limit`` ready steps (due retries first, then oldest enqueued)."""
     if limit <= 0 or not namespaces:
         return []
-    candidates: dict[str, str] = {}
-    skip_locked = conn.dialect.name == "postgresql"
-    for state in (WAITING_FOR_RETRY, ENQUEUED):
-        wanted = limit - len(candidates)
-        if wanted <= 0:
-            break
-        rows = conn.execute(
-            _READY[state, skip_locked],
-            {"namespaces": list(namespaces), "now": now, "limit": wanted},
-        )
-        candidates.update({row.step_uuid: row.state for row in rows})
-    if not candidates:
+    ready = conn.execute(
+        _READY[conn.dialect.name == "postgresql"],
+        {"namespaces": list(namespaces), "now": now, "limit": limit},
+    )
+    # The queue's order: due retries first, then the oldest enqueued.
+    rows = sorted(ready, key=lambda row: (row.state != WAITING_FOR_RETRY, row.next_attempt_at))
+    if not rows:
         return []
+    candidates = {row.step_uuid: row.state for row in rows[:limit]}
 
     claimed = list(
         conn.execute(_CLAIM, {"ids": list(candidates), "worker_id": worker_id, "now": now})
@@ -162,7 +160,7 @@ def _ready_query(state: str, *, skip_locked: bool) -> Select[Any]:
     # next_attempt_at is "ready since" for enqueued steps and "due at" for retries, so one
     # index (state, namespace, next_attempt_at) serves both without sorting the backlog.
     query = (
-        select(ws.c.step_uuid, ws.c.state)
+        select(ws.c.step_uuid, ws.c.state, ws.c.next_attempt_at)
         .where(
             ws.c.state == state,
             ws.c.namespace.in_(bindparam("namespaces", expanding=True)),
@@ -174,12 +172,21 @@ def _ready_query(state: str, *, skip_locked: bool) -> Select[Any]:
     return query.with_for_update(skip_locked=True) if skip_locked else query
 
 
+def _ready_steps(*, skip_locked: bool) -> CompoundSelect[Any]:
+    # Both kinds of ready step in one statement, each read in index order up to the limit;
+    # the caller keeps the first ``limit`` of them in queue order. On PostgreSQL the rows a
+    # claim read but did not take stay locked until its transaction ends, which only makes
+    # other workers skip them for that moment.
+    return union_all(
+        *[
+            select(_ready_query(state, skip_locked=skip_locked).subquery(state))
+            for state in CLAIMABLE
+        ]
+    )
+
+
 # The claim path runs for every few steps: its statements are built once, not per call.
-_READY = {
-    (state, skip_locked): _ready_query(state, skip_locked=skip_locked)
-    for state in CLAIMABLE
-    for skip_locked in (False, True)
-}
+_READY = {skip_locked: _ready_steps(skip_locked=skip_locked) for skip_locked in (False, True)}
 _NOW = bindparam("now", type_=ws.c.updated_at.type)
 # Read in the claim's own RETURNING, saving a statement each. Spelled out in SQL because
 # SQLAlchemy renders columns in RETURNING without their table, which would turn the
