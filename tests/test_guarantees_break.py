@@ -318,14 +318,14 @@ def test_sql_guard_rejects_a_stale_result_the_python_check_let_through(
     assert live.name == "live"
     before = snapshot(db)
 
-    real_claims_held = commits._claims_held
+    real_read = commits._lock_tasks_and_read_claims
 
-    def claims_held_says_yes(conn: Any, step_uuids: Any) -> dict[str, tuple[int, str | None]]:
-        held = real_claims_held(conn, step_uuids)
+    def claims_held_says_yes(conn: Any, outcomes: Any) -> Any:
+        task_states, held = real_read(conn, outcomes)
         held[stale.step.step_uuid] = (stale.step.attempt, stale.step.claimed_by)
-        return held
+        return task_states, held
 
-    monkeypatch.setattr(commits, "_claims_held", claims_held_says_yes)
+    monkeypatch.setattr(commits, "_lock_tasks_and_read_claims", claims_held_says_yes)
     good = StepOutcome(live, now, now, result={"good": True})
     with pytest.raises(StorageError, match="rolled back"):
         commit(db, [good, stale], now)

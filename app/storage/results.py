@@ -6,7 +6,8 @@ transaction: the transition row, the domain events (outbox rows), dependents mad
 task states brought up to date. Events are returned to be published only after the commit.
 
 Every writer that changes what may run next in a task (this module, releases of claims, the
-operator commands) first locks the task rows, in task-uuid order (``lock_tasks``). On
+operator commands) first locks the task rows, in task-uuid order (``lock_tasks``, or for a commit
+batch the statement that also reads its claims). On
 PostgreSQL under READ COMMITTED this is what makes readiness correct: without it, two workers
 committing the last two parents of a step at once could each still see the other parent
 running, and the child would never be enqueued. It also orders results after ``duplex cancel``.
@@ -22,7 +23,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import (
+    CompoundSelect,
+    Connection,
+    bindparam,
+    cast,
+    insert,
+    null,
+    select,
+    union_all,
+    update,
+)
 
 from app.errors import StorageError
 from app.messages import (
@@ -31,6 +42,7 @@ from app.messages import (
 )
 from app.models import (
     domain_events,
+    tasks,
     unindexed,
     workflow_steps,
 )
@@ -47,7 +59,7 @@ from app.states import (
 from app.storage.driver import BulkStatement, db_json, db_time
 from app.storage.events import events_of
 from app.storage.readiness import enqueue_ready_dependents
-from app.storage.task_state import lock_tasks, update_task_states
+from app.storage.task_state import update_task_states
 from app.storage.transitions import TransitionRow, insert_transitions, transition_row
 
 ws = workflow_steps
@@ -87,8 +99,7 @@ def commit_outcomes(
     event_rows: list[tuple[Any, ...]] = []
     completed: list[str] = []
     touched_tasks: set[str] = set()
-    task_states = lock_tasks(conn, {outcome.step.task_uuid for outcome in outcomes})
-    held = _claims_held(conn, [outcome.step.step_uuid for outcome in outcomes])
+    task_states, held = _lock_tasks_and_read_claims(conn, outcomes)
     updates: list[tuple[Any, ...]] = []
 
     for outcome in outcomes:
@@ -215,17 +226,56 @@ _INSERT_EVENTS = BulkStatement(
 )
 
 
-def _claims_held(conn: Connection, step_uuids: Sequence[str]) -> dict[str, tuple[int, str | None]]:
-    """Return (attempt, claimant) of each given step that is still ``in_progress``."""
-    query = _CLAIMS_HELD_FOR_UPDATE if conn.dialect.name == "postgresql" else _CLAIMS_HELD
-    rows = conn.execute(query, {"ids": sorted(set(step_uuids))})
-    return {row.step_uuid: (row.attempts, row.claimed_by) for row in rows}
+def _lock_tasks_and_read_claims(
+    conn: Connection, outcomes: Sequence[StepOutcome]
+) -> tuple[dict[str, str], dict[str, tuple[int, str | None]]]:
+    """Lock the batch's task rows as ``lock_tasks`` does and return their states, with the
+    (attempt, claimant) of each of the batch's steps still ``in_progress``, in one statement.
+
+    The claims need no lock of their own: every writer that moves an in-progress step locks
+    its task first, and a claim never touches an in-progress step.
+    """
+    query = _LOCK_TASKS_WITH_CLAIMS if conn.dialect.name == "postgresql" else _TASKS_WITH_CLAIMS
+    params = {
+        "task_ids": sorted({outcome.step.task_uuid for outcome in outcomes}),
+        "step_ids": sorted({outcome.step.step_uuid for outcome in outcomes}),
+    }
+    task_states: dict[str, str] = {}
+    held: dict[str, tuple[int, str | None]] = {}
+    for task_uuid, task_state, step_uuid, attempts, claimed_by in conn.execute(query, params):
+        if step_uuid is None:
+            task_states[task_uuid] = task_state
+        else:
+            held[step_uuid] = (attempts, claimed_by)
+    return task_states, held
 
 
-_CLAIMS_HELD = select(ws.c.step_uuid, ws.c.attempts, ws.c.claimed_by).where(
-    ws.c.step_uuid.in_(bindparam("ids", expanding=True)), unindexed(ws.c.state) == IN_PROGRESS
-)
-_CLAIMS_HELD_FOR_UPDATE = _CLAIMS_HELD.with_for_update()
+def _tasks_with_claims(*, lock: bool) -> CompoundSelect[Any]:
+    # The task rows first, then the claims: both databases run UNION ALL in order, so on
+    # PostgreSQL the task rows are locked (in uuid order, as they are produced: the
+    # deadlock-free order of ``lock_tasks``) before the claims are read.
+    task_rows = (
+        select(
+            tasks.c.task_uuid,
+            tasks.c.state.label("task_state"),
+            cast(null(), ws.c.step_uuid.type).label("step_uuid"),
+            cast(null(), ws.c.attempts.type).label("attempts"),
+            cast(null(), ws.c.claimed_by.type).label("claimed_by"),
+        )
+        .where(tasks.c.task_uuid.in_(bindparam("task_ids", expanding=True)))
+        .order_by(tasks.c.task_uuid)
+    )
+    claims = select(null(), null(), ws.c.step_uuid, ws.c.attempts, ws.c.claimed_by).where(
+        ws.c.step_uuid.in_(bindparam("step_ids", expanding=True)),
+        unindexed(ws.c.state) == IN_PROGRESS,
+    )
+    if lock:
+        task_rows = task_rows.with_for_update()
+    return union_all(select(task_rows.subquery("locked_tasks")), claims)
+
+
+_TASKS_WITH_CLAIMS = _tasks_with_claims(lock=False)
+_LOCK_TASKS_WITH_CLAIMS = _tasks_with_claims(lock=True)
 
 
 def _reason(outcome: StepOutcome) -> str:

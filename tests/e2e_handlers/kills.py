@@ -162,19 +162,28 @@ class _AnyClaims(dict[str, Any]):
 
 
 def _break_guard() -> None:
-    from sqlalchemy import bindparam, update
+    from sqlalchemy import bindparam, or_, update
 
     import app.storage.results as commits
+    from app.storage.driver import BulkStatement
 
     ws = commits.ws
+    read = commits._lock_tasks_and_read_claims
 
-    def claims_held(conn: Any, step_uuids: Any) -> dict[str, Any]:
-        return _AnyClaims()
+    def claims_held(conn: Any, outcomes: Any) -> Any:
+        task_states, _ = read(conn, outcomes)
+        return task_states, _AnyClaims()
 
-    _patch(commits, "_claims_held", claims_held)
+    _patch(commits, "_lock_tasks_and_read_claims", claims_held)
+    guarded = commits._APPLY_OUTCOME
+    # The same parameters, none of them guarding anything.
     unguarded = (
         update(ws)
-        .where(ws.c.step_uuid == bindparam("b_step_uuid"))
+        .where(
+            ws.c.step_uuid == bindparam("b_step_uuid"),
+            or_(ws.c.attempts == bindparam("b_attempt"), ws.c.step_uuid.is_not(None)),
+            or_(ws.c.claimed_by == bindparam("b_claimed_by"), ws.c.step_uuid.is_not(None)),
+        )
         .values(
             state=bindparam("v_state"),
             results=bindparam("v_results", type_=ws.c.results.type),
@@ -185,7 +194,7 @@ def _break_guard() -> None:
             updated_at=bindparam("v_updated_at", type_=ws.c.updated_at.type),
         )
     )
-    _patch(commits, "_APPLY_OUTCOME", unguarded)
+    _patch(commits, "_APPLY_OUTCOME", BulkStatement(unguarded, guarded.columns))
 
 
 def _break_heartbeat() -> None:
