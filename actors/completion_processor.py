@@ -19,6 +19,7 @@ from app.db import Database
 from app.errors import StorageError
 from app.execution import RESULT_UNSTORABLE, unstorable
 from app.messages import ClaimedStep, StepOutcome
+from app.metrics import WorkerMetrics
 from app.models import utcnow
 from app.retry import RetryPolicy
 from app.storage.claims import release_claims
@@ -62,6 +63,7 @@ class CompletionProcessor(SupervisedActor):
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
         supervisor: Supervisor | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         super().__init__(supervisor)
         self._db = db
@@ -69,6 +71,9 @@ class CompletionProcessor(SupervisedActor):
         self._timer = timer
         self._policy = policy
         self._buffer = CommitBuffer(batch_size, linger_s)
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.buffer = self._buffer  # read in place at scrape time
         self._heartbeat_timeout = timedelta(seconds=claim_timeout_s)
         self._hostname = socket.gethostname()
         self._worker_id = worker_id
@@ -152,6 +157,8 @@ class CompletionProcessor(SupervisedActor):
         batch, releases = self._buffer.next_batch()
         if not batch and not releases:
             return True
+        if self._metrics is not None and self._buffer.failing:
+            self._metrics.steps.commit_retries += 1
         try:
             report, released = self._commit(batch, releases)
         except StorageError as exc:
@@ -235,7 +242,7 @@ class CompletionProcessor(SupervisedActor):
                 ", ".join(lost),
             )
             self.stats_counters["recovered"] += len(report.applied)
-            self._after_commit(report, work_ready=False)
+            self._after_commit(report, work_ready=False, recovery=True)
         return len(report.applied)
 
     def stats(self) -> dict[str, Any]:
@@ -245,8 +252,12 @@ class CompletionProcessor(SupervisedActor):
             "commit_failing": self._buffer.failing,
         }
 
-    def _after_commit(self, report: CommitReport, *, work_ready: bool) -> None:
+    def _after_commit(
+        self, report: CommitReport, *, work_ready: bool, recovery: bool = False
+    ) -> None:
         # Only now, with the transaction committed, may anyone hear about these results.
+        if self._metrics is not None:
+            self._metrics.steps.committed(report, self._clock(), recovery=recovery)
         self.stats_counters["committed"] += len(report.applied)
         self.stats_counters["rejected"] += len(report.rejected)
         for outcome in report.rejected:
@@ -277,6 +288,8 @@ class CompletionProcessor(SupervisedActor):
     def _commit_failed(self, exc: StorageError, size: int) -> None:
         delay = self._buffer.failed()
         self.stats_counters["commit_errors"] += 1
+        if self._metrics is not None:
+            self._metrics.steps.commit_failures += 1
         logger.warning(
             "commit of {} result(s) failed ({}); kept, retrying in {:.2f}s", size, exc, delay
         )

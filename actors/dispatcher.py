@@ -14,6 +14,7 @@ from actors.supervised import SupervisedActor, take_mailbox, tell
 from app.execution import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT, timeout_failure
 from app.handlers import HandlerRegistry
 from app.messages import ClaimedStep, StepFailure, StepOutcome
+from app.metrics import WorkerMetrics
 from app.models import utcnow
 from app.pool import HandlerPool, Running
 from app.supervision import Supervisor
@@ -43,12 +44,15 @@ class Dispatcher(SupervisedActor):
         max_result_bytes: int,
         clock: Callable[[], datetime] = utcnow,
         supervisor: Supervisor | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         super().__init__(supervisor)
         self._completion = completion
         self._registry = registry
         self._timer = timer
         self._pool = HandlerPool(size)
+        if metrics is not None:
+            metrics.pool = self._pool  # read in place at scrape time
         self._default_timeout_s = default_timeout_s
         self._max_result_bytes = max_result_bytes
         self._clock = clock

@@ -344,10 +344,14 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         )
     import_handler_modules(settings.worker.handler_modules)
     db = Database(settings.database)
-    upgrade_to_head(db)
     worker = Worker(settings, db)
     received = _install_signal_handlers(worker.request_stop)
     try:
+        # The health port opens first: a probe sees the worker starting while it migrates.
+        worker.serve_http()
+        upgrade_to_head(db)
+        if worker.stop_requested.is_set() or received:
+            return 0
         worker.start()
         worker.serve(until_idle=args.until_idle)
         if received:

@@ -33,7 +33,7 @@ def configure_logging(settings: LoggingSettings) -> None:
     logger.add(
         sys.stderr,
         level=settings.level,
-        serialize=settings.json_format,
+        serialize=settings.serialize,
         format=(
             "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
             "<cyan>{name}</cyan> {message}"

@@ -37,6 +37,10 @@ class ClaimedStep:
     task_context: JSONDict = field(default_factory=dict)
     dependency_results: dict[str, JSONDict] = field(default_factory=dict)
     declared_events: tuple[EventDeclaration, ...] = ()
+    # For metrics: the namespace label, and the times that latencies are measured from.
+    namespace: str = "default"
+    claimed_at: datetime | None = None
+    submitted_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

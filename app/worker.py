@@ -19,6 +19,7 @@ from typing import Any
 
 import pykka
 from loguru import logger
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from actors.command_processor import CommandProcessor, CommandProcessorProxy
 from actors.completion_processor import (
@@ -35,12 +36,16 @@ from app.db import Database
 from app.errors import DuplexError, StorageError
 from app.handlers import HandlerRegistry
 from app.handlers import registry as default_registry
+from app.health import HealthSnapshot, Phase
+from app.http_server import HttpServer, make_app
 from app.messages import JSONDict, Shutdown, Status
+from app.metrics import DuplexCollector, QueueFigures, QueueProbe, WorkerMetrics
 from app.models import utcnow
 from app.notifications import WorkListener
 from app.retry import RetryPolicy
 from app.settings import Settings
 from app.storage.claims import count_open_work
+from app.storage.queries import ready_queue
 from app.storage.submission import create_task
 from app.storage.workers import mark_worker_stopped, record_heartbeat, register_worker
 from app.subscriptions import SubscriberRegistry
@@ -120,10 +125,21 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._stats: dict[str, Any] = {}
         self._last_beat = time.monotonic()
+        self.metrics = WorkerMetrics(self.worker_id)
+        self.metrics.queue = QueueProbe(self._read_queue, settings.observability.queue_refresh_s)
+        self.metrics.draining = lambda: self.phase == "draining"
+        # The worker's own registry: two workers embedded in one process never collide.
+        self.registry_metrics = CollectorRegistry()
+        self.registry_metrics.register(DuplexCollector(self.metrics))
+        ProcessCollector(registry=self.registry_metrics)
+        PlatformCollector(registry=self.registry_metrics)
+        GCCollector(registry=self.registry_metrics)
+        self.http: HttpServer | None = None
 
     def start(self) -> Actors:
         """Register the worker and start the actors, downstream first, wiring proxies."""
         cfg = self.settings.worker
+        self.serve_http()
         self._register()
         self.timer = Timer()
         supervisor = self.supervisor
@@ -131,6 +147,7 @@ class Worker:
             self.subscribers,
             buffer_size=self.settings.domain_events.buffer_size,
             supervisor=supervisor,
+            metrics=self.metrics,
         )
         completion = CompletionProcessor.start(
             self.db,
@@ -143,6 +160,7 @@ class Worker:
             worker_id=self.worker_id,
             observer=self.observer,
             supervisor=supervisor,
+            metrics=self.metrics,
         )
         dispatcher = Dispatcher.start(
             completion.proxy(),
@@ -152,6 +170,7 @@ class Worker:
             default_timeout_s=cfg.handler_timeout_ms / 1000,
             max_result_bytes=cfg.max_result_bytes,
             supervisor=supervisor,
+            metrics=self.metrics,
         )
         executor = StepExecutor.start(
             self.db,
@@ -159,6 +178,7 @@ class Worker:
             worker_id=self.worker_id,
             namespaces=cfg.namespaces,
             supervisor=supervisor,
+            metrics=self.metrics,
         )
         commands = CommandProcessor.start(executor.proxy(), dispatcher.proxy(), supervisor)
         polling, listen = self._intake_signals()
@@ -205,6 +225,87 @@ class Worker:
             self.registry.names(),
         )
         return self.actors
+
+    def serve_http(self) -> None:
+        """Open the health and metrics port (``observability.http_port``), if configured.
+
+        ``duplex run`` calls it before migrating, so that a probe sees the worker starting;
+        ``start`` calls it otherwise. A port that cannot be bound is a ``ConfigurationError``.
+        """
+        cfg = self.settings.observability
+        if cfg.http_port is None or self.http is not None:
+            return
+        server = HttpServer(
+            cfg.http_host, cfg.http_port, make_app(self.health_snapshot, self.registry_metrics)
+        )
+        server.start()
+        self.http = server
+
+    def close_http(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+
+    @property
+    def phase(self) -> Phase:
+        if self._final is not None:
+            return "stopped"
+        if self._stop_flag or self._stopping or self.stop_requested.is_set():
+            return "draining"
+        if self.actors is None:
+            return "starting"
+        return "running"
+
+    def health_snapshot(self) -> HealthSnapshot:
+        """Gather what readiness is decided on; no actor is asked anything (called from the
+        HTTP threads, it must answer even when an actor is stuck)."""
+        phase = self.phase
+        failure = self.failure or self.supervisor.first_failure()
+        actors = {ref.actor_class.__name__: ref.is_alive() for ref in self._refs}
+        if phase == "stopped":
+            actors = {}
+        metrics = self.metrics
+        pool, buffer = metrics.pool, metrics.buffer
+        slots = None
+        if pool is not None:
+            slots = {
+                "total": pool.size,
+                "running": len(pool.running),
+                "free": len(pool.idle),
+                "waiting": len(pool.waiting),
+                "abandoned_threads": len(pool.abandoned),
+            }
+        commit = None
+        if buffer is not None:
+            commit = {"results_awaiting_commit": buffer.held, "failing": buffer.failing}
+        return HealthSnapshot(
+            worker_id=self.worker_id,
+            version=metrics.version,
+            phase=phase,
+            uptime_s=metrics.uptime_s(),
+            actors=actors,
+            failure=None if failure is None else str(failure),
+            database_error=self._probe_database(),
+            slots=slots,
+            commit=commit,
+            heartbeat_age_s=None if self.actors is None else time.monotonic() - self._last_beat,
+            heartbeat_interval_s=self.settings.worker.heartbeat_interval_s,
+        )
+
+    def _probe_database(self) -> str | None:
+        """Return why the database cannot be read, or None when it answers."""
+        try:
+            with self.db.read() as conn:
+                # A real table, so SQLite reads the file rather than answering from nothing.
+                conn.exec_driver_sql("SELECT count(*) FROM workers WHERE 1 = 0").scalar()
+        except StorageError as exc:
+            return str(exc).removeprefix("database error: ")
+        return None
+
+    def _read_queue(self) -> QueueFigures:
+        with self.db.read() as conn:
+            ready, oldest = ready_queue(conn, self.settings.worker.namespaces, now=utcnow())
+        return QueueFigures(ready, oldest)
 
     def _intake_signals(
         self,
@@ -281,7 +382,12 @@ class Worker:
         """
         with self._stop_lock:
             if self._final is None:
-                self._final = self._stop()
+                try:
+                    final = self._stop()
+                finally:
+                    # Last: a probe sees the worker draining until its very end.
+                    self.close_http()
+                self._final = final
         failure = self.failure or self.supervisor.first_failure()
         if failure is not None:
             raise WorkerCrashedError(f"{failure}; the worker stopped")
