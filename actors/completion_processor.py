@@ -18,6 +18,7 @@ from app.commit_buffer import CommitBuffer
 from app.db import Database
 from app.errors import StorageError
 from app.execution import RESULT_UNSTORABLE, unstorable
+from app.logs import step_log
 from app.messages import ClaimedStep, StepOutcome
 from app.metrics import WorkerMetrics
 from app.models import utcnow
@@ -192,7 +193,7 @@ class CompletionProcessor(SupervisedActor):
                 except StorageError as exc:
                     if exc.transient:
                         raise
-                    logger.error(
+                    step_log(outcome.step).error(
                         "the database refused the result of step {} ({}); recording it as {}",
                         outcome.step.step_uuid,
                         exc,
@@ -261,7 +262,7 @@ class CompletionProcessor(SupervisedActor):
         self.stats_counters["committed"] += len(report.applied)
         self.stats_counters["rejected"] += len(report.rejected)
         for outcome in report.rejected:
-            logger.info(
+            step_log(outcome.step).info(
                 "late result for step {} attempt {} rejected (already settled)",
                 outcome.step.step_uuid,
                 outcome.step.attempt,

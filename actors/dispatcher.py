@@ -13,6 +13,7 @@ from actors.handler_worker import HandlerWorker, HandlerWorkerProxy
 from actors.supervised import SupervisedActor, take_mailbox, tell
 from app.execution import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT, timeout_failure
 from app.handlers import HandlerRegistry
+from app.logs import step_log
 from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.metrics import WorkerMetrics
 from app.models import utcnow
@@ -142,7 +143,7 @@ class Dispatcher(SupervisedActor):
             return
         self._deadlines.pop(worker_id, None)
         self._abandon(run, timeout_failure(run.timeout_s))
-        logger.warning(
+        step_log(run.step).warning(
             "step {} ({}) timed out after {:g}s; worker replaced, {} abandoned thread(s)",
             run.step.name,
             step_uuid,

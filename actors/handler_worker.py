@@ -11,6 +11,7 @@ from loguru import logger
 from actors.supervised import tell
 from app.execution import HANDLER_ABORTED, run_attempt, storable_text
 from app.handlers import Cancellation, HandlerRegistry
+from app.logs import step_log
 from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.models import utcnow
 from app.supervision import Supervisor
@@ -59,7 +60,7 @@ class HandlerWorker(pykka.ThreadingActor):
         except BaseException as exc:
             # run_attempt turns every handler failure into a result; this is Duplex failing to
             # prepare the attempt. The slot and the claim must still come back.
-            logger.exception("could not run step {}", step.step_uuid)
+            step_log(step).exception("could not run step {}", step.step_uuid)
             now = utcnow()
             failure = StepFailure(
                 HANDLER_ABORTED,
@@ -72,7 +73,9 @@ class HandlerWorker(pykka.ThreadingActor):
         if not tell(self._completion.submit, outcome):
             # The CompletionProcessor died; the worker is stopping and this claim falls to
             # the liveness rule (recovered as worker_lost once this process has exited).
-            logger.error("result of step {} lost: the completion path is gone", step.step_uuid)
+            step_log(step).error(
+                "result of step {} lost: the completion path is gone", step.step_uuid
+            )
             self._supervisor.results_lost(1)
 
     def on_failure(

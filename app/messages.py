@@ -38,9 +38,10 @@ class ClaimedStep:
     dependency_results: dict[str, JSONDict] = field(default_factory=dict)
     declared_events: tuple[EventDeclaration, ...] = ()
     # For metrics: the namespace label, and the times that latencies are measured from.
-    namespace: str = "default"
-    claimed_at: datetime | None = None
-    submitted_at: datetime | None = None
+    # Delivery metadata, not the attempt's identity: left out of equality.
+    namespace: str = field(default="default", compare=False)
+    claimed_at: datetime | None = field(default=None, compare=False)
+    submitted_at: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
