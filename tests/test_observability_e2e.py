@@ -1,0 +1,353 @@
+"""Observability end to end: real HTTP against a real ``duplex run`` subprocess.
+
+Each worker binds ``observability.http_port = 0`` (a free port, named in its log), so tests
+running side by side never collide. Covered: the endpoints in each state (starting, ready,
+draining after SIGTERM, database unreachable, an actor dead), metric values after a run with
+known outcomes (parsed with ``prometheus_client.parser``), JSON logs of concurrent steps, and
+``duplex workers`` with a second worker and a killed one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, text
+
+from tests.conftest import POSTGRES_URL, require_postgres
+from tests.test_cli_e2e import Duplex, make_duplex, wait_for
+
+pytestmark = pytest.mark.e2e
+
+OPS_MODULE = "tests.e2e_handlers.ops"
+FAULTS_MODULE = "tests.e2e_handlers.faults"
+SERVING = re.compile(r"serving http://127\.0\.0\.1:(\d+)/")
+EXIT_TIMEOUT_S = 30.0
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def ops_dir(
+    directory: Path,
+    migrated: Path | None,
+    *,
+    worker: dict[str, Any] | None = None,
+    extra: str = "",
+    handler_modules: tuple[str, ...] = (OPS_MODULE,),
+) -> Duplex:
+    """A working directory whose settings open the observability port on a free port."""
+    duplex = make_duplex(directory, handler_modules=handler_modules, worker=worker)
+    settings = duplex.cwd / "settings.toml"
+    settings.write_text(
+        settings.read_text()
+        + "\n[observability]\nhttp_port = 0\nqueue_refresh_s = 0\n"
+        + "saturation_interval_s = 1\n"
+        + extra
+    )
+    if migrated is not None:
+        shutil.copyfile(migrated, duplex.db_path)
+    return duplex
+
+
+@pytest.fixture(scope="module")
+def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    duplex = ops_dir(tmp_path_factory.mktemp("migrated"), None)
+    duplex.ok("migrate")
+    conn = sqlite3.connect(duplex.db_path)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    return duplex.db_path
+
+
+def port_of(duplex: Duplex, process: subprocess.Popen[bytes]) -> int:
+    """Wait for the worker's log line naming its HTTP port."""
+    found: list[int] = []
+
+    def serving() -> bool:
+        assert process.poll() is None, f"worker exited early:\n{duplex.stderr_text()}"
+        match = SERVING.search(duplex.stderr_text())
+        if match:
+            found.append(int(match.group(1)))
+        return bool(found)
+
+    wait_for(serving, "the worker's HTTP port")
+    return found[0]
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def get_json(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    status, body = get(port, path)
+    return status, json.loads(body)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Return every sample of ``/metrics`` as (name, sorted labels) -> value."""
+    status, body = get(port, "/metrics")
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(samples: dict[Any, float], name: str, **labels: str) -> float:
+    """Sum of ``name`` over every sample whose labels include ``labels``."""
+    return sum(
+        v
+        for (n, sample_labels), v in samples.items()
+        if n == name and set(labels.items()) <= set(sample_labels)
+    )
+
+
+def stop(process: subprocess.Popen[bytes], duplex: Duplex) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=EXIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError(f"worker did not stop:\n{duplex.stderr_text()}") from None
+
+
+def write_template(path: Path, name: str, steps: list[dict[str, Any]]) -> Path:
+    parts = [f'name = "{name}"\nversion = "1.0.0"\n']
+    for step in steps:
+        parts.append("\n[[steps]]\n")
+        for key, val in step.items():
+            if key == "inputs":
+                inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in val.items())
+                parts.append(f"inputs = {{ {inner} }}\n")
+            else:
+                parts.append(f"{key} = {json.dumps(val)}\n")
+    path.write_text("".join(parts))
+    return path
+
+
+def task_state(duplex: Duplex, task_uuid: str) -> str:
+    rows = duplex.sql("SELECT state FROM tasks WHERE task_uuid = ?", [task_uuid])
+    return str(rows[0][0])
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Workers a test started; killed at teardown if still running."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# --- the endpoints in each state ----------------------------------------------------------------
+
+
+def test_endpoints_starting_ready_then_draining_after_sigterm(
+    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    duplex = ops_dir(tmp_path / "work", migrated)
+    settings = duplex.cwd / "settings.toml"
+    settings.write_text(
+        settings.read_text().replace("[database]\n", "[database]\nbusy_timeout_ms = 30000\n")
+    )
+    # Hold SQLite's write lock: the worker's start-up migration waits for it, so the worker
+    # is "starting" for as long as the test wants.
+    blocker = sqlite3.connect(duplex.db_path, timeout=10, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        process = duplex.start("run")
+        processes.append(process)
+        port = port_of(duplex, process)
+        assert get_json(port, "/health/live") == (200, {"status": "alive"})
+        status, ready = get_json(port, "/health/ready")
+        assert status == 503, ready
+        assert ready["reasons"] == ["worker is starting"]
+        status, details = get_json(port, "/health")
+        assert (status, details["phase"], details["actors"]) == (503, "starting", {})
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    wait_for(lambda: get(port, "/health/ready")[0] == 200, "ready after start-up")
+    status, details = get_json(port, "/health")
+    assert status == 200
+    assert details["status"] == "ready" and details["phase"] == "running"
+    assert set(details["actors"].values()) == {"alive"} and len(details["actors"]) == 6
+    assert details["database"] == {"reachable": True, "error": None}
+    assert details["slots"]["total"] == 8
+
+    template = write_template(
+        tmp_path / "slow.toml",
+        "slow",
+        [
+            {
+                "name": "slow",
+                "handler": "ops.outcome",
+                "inputs": {"outcome": "sleep", "seconds": 2.0},
+            }
+        ],
+    )
+    task = duplex.submit(template)
+    wait_for(lambda: get_json(port, "/health")[1]["slots"]["running"] == 1, "the step running")
+
+    process.send_signal(signal.SIGTERM)
+    # The step runs for 2 s more: the worker drains meanwhile, and says so.
+    wait_for(lambda: get(port, "/health/ready")[0] == 503, "not ready while draining", 5)
+    status, ready = get_json(port, "/health/ready")
+    assert "worker is draining" in ready["reasons"], ready
+    assert get(port, "/health/live")[0] == 200
+    assert value(scrape(port), "duplex_worker_draining") == 1.0
+    assert process.wait(timeout=EXIT_TIMEOUT_S) == 0, duplex.stderr_text()
+    assert task_state(duplex, task) == "complete"
+
+
+def test_ready_is_503_while_an_actor_is_dead(
+    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    duplex = ops_dir(tmp_path / "work", migrated, handler_modules=(OPS_MODULE, FAULTS_MODULE))
+    # The publisher dies on the first events it is given (after the quick step's commit);
+    # the worker then stops in order, waiting for the slow step, and is not ready meanwhile.
+    duplex.env["E2E_FAULT"] = "DomainEventPublisher.publish:1"
+    template = write_template(
+        tmp_path / "two.toml",
+        "two",
+        [
+            {"name": "quick", "handler": "ops.outcome", "inputs": {"outcome": "ok"}},
+            {
+                "name": "slow",
+                "handler": "ops.outcome",
+                "inputs": {"outcome": "sleep", "seconds": 2.0},
+            },
+        ],
+    )
+    process = duplex.start("run")
+    processes.append(process)
+    port = port_of(duplex, process)
+    wait_for(lambda: get(port, "/health/ready")[0] == 200, "ready")
+    duplex.submit(template)
+    wait_for(lambda: get(port, "/health/ready")[0] == 503, "not ready once the actor died", 10)
+    status, details = get_json(port, "/health")
+    assert status == 503
+    assert details["actors"]["DomainEventPublisher"] == "dead", details
+    assert any("DomainEventPublisher" in reason for reason in details["reasons"]), details
+    assert process.wait(timeout=EXIT_TIMEOUT_S) == 1, duplex.stderr_text()
+
+
+def _postgres_role() -> tuple[str, str]:
+    """Create a role and a schema it owns: the worker's connections can be cut off alone."""
+    name = f"duplex_ops_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE ROLE "{name}" LOGIN'))
+        conn.execute(text(f'CREATE SCHEMA "{name}" AUTHORIZATION "{name}"'))
+    engine.dispose()
+    return name, name
+
+
+def _postgres_admin(*statements: str) -> None:
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+    engine.dispose()
+
+
+def _cut_off(role: str) -> None:
+    _postgres_admin(
+        f'ALTER ROLE "{role}" NOLOGIN',
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'",
+    )
+
+
+@pytest.mark.postgres
+def test_ready_is_503_while_postgres_is_unreachable(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    require_postgres()
+    role, schema = _postgres_role()
+    try:
+        duplex = ops_dir(tmp_path / "work", None)
+        base = POSTGRES_URL.replace("postgres@", f"{role}@", 1)
+        url = f"{base}?options=-csearch_path%3D{schema}"
+        settings = duplex.cwd / "settings.toml"
+        settings.write_text(
+            re.sub(r'url = ".*"', f"url = {json.dumps(url)}", settings.read_text(), count=1)
+        )
+        process = duplex.start("run")
+        processes.append(process)
+        port = port_of(duplex, process)
+        wait_for(lambda: get(port, "/health/ready")[0] == 200, "ready")
+
+        _cut_off(role)  # every connection terminated, and no new one allowed
+        status, ready = get_json(port, "/health/ready")
+        assert status == 503, ready
+        assert any(reason.startswith("database unreachable") for reason in ready["reasons"])
+        status, details = get_json(port, "/health")
+        assert details["database"]["reachable"] is False and details["database"]["error"]
+        assert get(port, "/health/live")[0] == 200
+        assert get(port, "/metrics")[0] == 200  # scrapes still answer, from what is kept
+
+        _postgres_admin(f'ALTER ROLE "{role}" LOGIN')
+        wait_for(lambda: get(port, "/health/ready")[0] == 200, "ready once it answers again")
+        assert stop(process, duplex) == 0, duplex.stderr_text()
+    finally:
+        _postgres_admin(
+            f'ALTER ROLE "{role}" NOLOGIN',
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'",
+            f'DROP SCHEMA IF EXISTS "{schema}" CASCADE',
+            f'DROP ROLE IF EXISTS "{role}"',
+        )
+
+
+def test_a_port_in_use_is_one_line_naming_it(tmp_path: Path, migrated: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        duplex = ops_dir(tmp_path / "work", migrated)
+        for env, fragment in (
+            ({"DUPLEX_OBSERVABILITY__HTTP_PORT": str(port)}, f"127.0.0.1:{port}"),
+            (
+                {"DUPLEX_OBSERVABILITY__HTTP_HOST": "no-such-host.invalid"},
+                "no-such-host.invalid",
+            ),
+        ):
+            result = duplex.run("run", "--until-idle", env=env)
+            assert result.returncode == 1, result.stderr
+            assert "Traceback" not in result.stderr
+            errors = result.stderr.splitlines()
+            assert len(errors) == 1, result.stderr
+            assert "observability.http_host/http_port: cannot listen on" in errors[0]
+            assert fragment in errors[0], errors[0]
