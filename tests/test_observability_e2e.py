@@ -351,3 +351,180 @@ def test_a_port_in_use_is_one_line_naming_it(tmp_path: Path, migrated: Path) -> 
             assert len(errors) == 1, result.stderr
             assert "observability.http_host/http_port: cannot listen on" in errors[0]
             assert fragment in errors[0], errors[0]
+
+
+# --- metric values after a run with known outcomes ---------------------------------------------
+
+KNOWN_OUTCOMES = [
+    {"name": "ok1", "handler": "ops.outcome", "inputs": {"outcome": "ok"}},
+    {"name": "ok2", "handler": "ops.outcome", "inputs": {"outcome": "ok"}},
+    {"name": "ok3", "handler": "ops.outcome", "inputs": {"outcome": "ok"}},
+    {"name": "perm", "handler": "ops.outcome", "inputs": {"outcome": "permanent"}},
+    {"name": "err", "handler": "ops.outcome", "max_attempts": 1, "inputs": {"outcome": "error"}},
+    {
+        "name": "hang",
+        "handler": "ops.outcome",
+        "max_attempts": 1,
+        "timeout_ms": 300,
+        "inputs": {"outcome": "hang"},
+    },
+    {"name": "flaky", "handler": "ops.outcome", "max_attempts": 2, "inputs": {"outcome": "flaky"}},
+]
+
+
+def test_metrics_match_a_run_with_known_outcomes(
+    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    duplex = ops_dir(tmp_path / "work", migrated)
+    template = write_template(tmp_path / "known.toml", "known", KNOWN_OUTCOMES)
+    process = duplex.start("run")
+    processes.append(process)
+    port = port_of(duplex, process)
+    task = duplex.submit(template)
+
+    def settled() -> bool:
+        states = {state for state, _ in duplex.step_states(task).values()}
+        return states <= {"complete", "error"}
+
+    wait_for(settled, "every step settled")
+    # The hung handler returns once cancelled; its late result is rejected by the guard.
+    ns = {"namespace": "default"}
+    wait_for(
+        lambda: value(scrape(port), "duplex_late_results_rejected_total", **ns) == 1,
+        "the timed-out handler's late result rejected",
+    )
+    m = scrape(port)
+    h = {"namespace": "default", "handler": "ops.outcome"}
+    assert value(m, "duplex_steps_claimed_total", **ns) == 8  # 7 steps, flaky twice
+    assert value(m, "duplex_steps_succeeded_total", **h) == 4
+    failed = {
+        labels["error_type"]: v
+        for (name, key), v in m.items()
+        if name == "duplex_steps_failed_total"
+        for labels in [dict(key)]
+    }
+    assert failed == {
+        "permanent_error": 1,
+        "handler_error": 1,
+        "handler_timeout": 1,
+        "retryable_error": 1,
+    }
+    assert value(m, "duplex_step_retries_scheduled_total", **h) == 1
+    assert value(m, "duplex_handler_timeouts_total") == 1
+    # Every attempt a handler really ran (all but the timed-out one) is in the histograms.
+    assert value(m, "duplex_handler_duration_seconds_count", **h) == 7
+    for latency in (
+        "duplex_claim_to_start_seconds",
+        "duplex_submit_to_start_seconds",
+        "duplex_handler_end_to_commit_seconds",
+    ):
+        assert value(m, f"{latency}_count", **ns) == 7, latency
+        assert value(m, f"{latency}_bucket", le="+Inf", **ns) == 7, latency
+    assert value(m, "duplex_commit_batch_size_sum") == 9  # 8 results and the late one
+    assert value(m, "duplex_commit_failures_total") == 0
+    (events,) = duplex.sql("SELECT count(*) FROM domain_events WHERE task_uuid = ?", [task])
+    wait_for(
+        lambda: value(scrape(port), "duplex_domain_events_delivered_total") == events[0],
+        "every committed event delivered",
+    )
+    m = scrape(port)
+    assert events[0] == 8  # step.completed / step.failed per committed attempt
+    assert value(m, "duplex_domain_events_dropped_total") == 0
+    assert value(m, "duplex_subscriber_errors_total") == 0
+    assert value(m, "duplex_ready_steps", **ns) == 0
+    assert value(m, "duplex_handler_slots") == 8
+    assert value(m, "duplex_handlers_running") == 0
+    assert value(m, "duplex_handler_slots_free") == 8
+    assert value(m, "duplex_abandoned_threads") == 0
+    ((worker_id,),) = duplex.sql("SELECT worker_id FROM workers")
+    info = [key for (name, key) in m if name == "duplex_worker_info"]
+    assert len(info) == 1 and dict(info[0])["worker_id"] == worker_id
+    assert dict(info[0])["version"] == "0.1.0"
+    assert value(m, "duplex_worker_uptime_seconds") > 0
+    assert stop(process, duplex) == 0, duplex.stderr_text()
+
+
+def test_queue_metrics_count_ready_steps_per_namespace(
+    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    # One slot, busy for a while: the other steps stay ready, and the oldest ages.
+    duplex = ops_dir(
+        tmp_path / "work", migrated, worker={"max_concurrent_handlers": 1, "prefetch": 0}
+    )
+    steps = [
+        {"name": f"s{i}", "handler": "ops.outcome", "inputs": {"outcome": "sleep", "seconds": 1.5}}
+        for i in range(4)
+    ]
+    template = write_template(tmp_path / "queue.toml", "queue", steps)
+    process = duplex.start("run")
+    processes.append(process)
+    port = port_of(duplex, process)
+    duplex.submit(template)
+    wait_for(lambda: value(scrape(port), "duplex_handlers_running") == 1, "one step running")
+    time.sleep(0.3)  # let the oldest ready step age measurably
+    m = scrape(port)
+    assert value(m, "duplex_ready_steps", namespace="default") == 3
+    assert value(m, "duplex_oldest_ready_step_age_seconds", namespace="default") >= 0.3
+    assert value(m, "duplex_handler_slots_free") == 0
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=EXIT_TIMEOUT_S) == 0, duplex.stderr_text()
+
+
+# --- JSON logs -----------------------------------------------------------------------------------
+
+
+def test_json_logs_carry_the_step_fields_of_concurrent_steps(
+    tmp_path: Path, migrated: Path
+) -> None:
+    duplex = ops_dir(
+        tmp_path / "work",
+        migrated,
+        worker={"max_concurrent_handlers": 4},
+    )
+    settings = duplex.cwd / "settings.toml"
+    settings.write_text(
+        settings.read_text().replace('level = "INFO"', 'level = "INFO"\nserialize = true')
+    )
+    steps: list[dict[str, Any]] = [
+        {"name": f"log{i}", "handler": "ops.log", "inputs": {"lines": 8}} for i in range(4)
+    ]
+    steps.append(
+        {
+            "name": "hang",
+            "handler": "ops.outcome",
+            "max_attempts": 1,
+            "timeout_ms": 200,
+            "inputs": {"outcome": "hang"},
+        }
+    )
+    template = write_template(tmp_path / "logs.toml", "logs", steps)
+    task = duplex.submit(template)
+    result = duplex.run("run", "--until-idle")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line is JSON
+    uuids = {
+        name: u
+        for u, name in duplex.sql(
+            "SELECT step_uuid, name FROM workflow_steps WHERE task_uuid = ?", [task]
+        )
+    }
+    ((worker_id,),) = duplex.sql("SELECT worker_id FROM workers")
+    handler_lines = [r for r in records if r["message"].startswith("ops.log ")]
+    assert len(handler_lines) == 32
+    order = []
+    for record in handler_lines:
+        name = record["message"].split()[1]
+        order.append(name)
+        assert record["step_name"] == name, record
+        assert record["step_uuid"] == uuids[name], record
+        assert record["task_uuid"] == task, record
+        assert record["attempt"] == 1, record
+        assert record["worker_id"] == worker_id, record
+        assert record["level"] == "INFO" and record["time"].endswith("+00:00")
+    # The steps did run side by side: their lines interleave.
+    switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
+    assert switches >= 4, order
+    (timeout_line,) = [r for r in records if "timed out after" in r["message"]]
+    assert timeout_line["step_uuid"] == uuids["hang"]
+    assert timeout_line["step_name"] == "hang"
+    assert timeout_line["worker_id"] == worker_id and timeout_line["task_uuid"] == task
