@@ -347,6 +347,9 @@ class Worker:
         dispatcher_future = self.actors.command_processor.handle(Status()).get(timeout=timeout_s)
         return {
             "worker_id": self.worker_id,
+            # For ``duplex workers`` on any machine: what it runs, and its slots in total.
+            "version": self.metrics.version,
+            "slots": self.settings.worker.max_concurrent_handlers,
             "dispatcher": dispatcher_future.get(timeout=timeout_s),
             "completion": self.actors.completion.stats().get(timeout=timeout_s),
             "events": self.actors.publisher.stats().get(timeout=timeout_s),
@@ -461,7 +464,11 @@ class Worker:
 
     def _final_stats(self, actors: Actors) -> dict[str, Any]:
         """The counters of every actor still alive (a dead one's part is left out)."""
-        parts: dict[str, Any] = {"worker_id": self.worker_id}
+        parts: dict[str, Any] = {
+            "worker_id": self.worker_id,
+            "version": self.metrics.version,
+            "slots": self.settings.worker.max_concurrent_handlers,
+        }
         for key, ask in (
             ("dispatcher", actors.dispatcher.stats),
             ("completion", actors.completion.stats),

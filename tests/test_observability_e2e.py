@@ -528,3 +528,93 @@ def test_json_logs_carry_the_step_fields_of_concurrent_steps(
     assert timeout_line["step_uuid"] == uuids["hang"]
     assert timeout_line["step_name"] == "hang"
     assert timeout_line["worker_id"] == worker_id and timeout_line["task_uuid"] == task
+
+
+# --- duplex workers ------------------------------------------------------------------------------
+
+
+def test_workers_lists_a_second_worker_and_marks_a_killed_one_presumed_dead(
+    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    fast_beat = {"heartbeat_interval_s": 0.2}
+    first = ops_dir(tmp_path / "one", migrated, worker=fast_beat)
+    second = ops_dir(tmp_path / "two", None, worker=fast_beat)
+    # The second worker shares the first one's database.
+    settings = second.cwd / "settings.toml"
+    settings.write_text(settings.read_text().replace(str(second.db_path), str(first.db_path)))
+    one, two = first.start("run"), second.start("run")
+    processes += [one, two]
+    ports = {one.pid: port_of(first, one), two.pid: port_of(second, two)}
+
+    def listed() -> dict[int, dict[str, Any]]:
+        rows = json.loads(first.ok("workers", "--json").stdout)
+        return {row["pid"]: row for row in rows}
+
+    def beaten() -> bool:  # read straight from SQL: cheaper than a CLI run per poll
+        rows = first.sql("SELECT stats FROM workers WHERE stopped_at IS NULL")
+        return len(rows) == 2 and all("version" in json.loads(stats) for (stats,) in rows)
+
+    wait_for(beaten, "both workers' first heartbeat")
+    workers = listed()
+    assert {p: w["state"] for p, w in workers.items()} == {one.pid: "alive", two.pid: "alive"}
+    table = first.ok("workers").stdout
+    for pid, worker in workers.items():
+        (line,) = [line for line in table.splitlines() if worker["worker_id"] in line]
+        assert " alive " in line and "/8 " in line and "0.1.0" in line, line
+
+    template = write_template(
+        tmp_path / "hang.toml",
+        "hang",
+        [
+            {
+                "name": "hang",
+                "handler": "ops.outcome",
+                "max_attempts": 1,  # recovered as worker_lost for good: nothing runs after
+                "inputs": {"outcome": "sleep", "seconds": 60},
+            }
+        ],
+    )
+    task = first.submit(template)
+
+    def claimant() -> str | None:
+        rows = first.sql(
+            "SELECT claimed_by FROM workflow_steps WHERE task_uuid = ? AND state = 'in_progress'",
+            [task],
+        )
+        return rows[0][0] if rows else None
+
+    wait_for(lambda: claimant() is not None, "the step claimed")
+    victim_id = claimant()
+    victim, survivor = (one, two) if workers[one.pid]["worker_id"] == victim_id else (two, one)
+    victim.kill()
+    victim.wait()
+
+    workers = listed()
+    assert workers[victim.pid]["state"] == "presumed dead"
+    assert f"process {victim.pid} is gone" in workers[victim.pid]["why"]
+    assert workers[survivor.pid]["state"] == "alive"
+    table = first.ok("workers").stdout
+    (line,) = [line for line in table.splitlines() if victim_id in line]
+    assert "presumed dead" in line, table
+    # The survivor recovers the dead worker's running attempt at once (same host).
+    port = ports[survivor.pid]
+    wait_for(
+        lambda: (
+            value(scrape(port), "duplex_stale_claims_recovered_total", namespace="default") == 1
+        ),
+        "the lost attempt recovered",
+    )
+    assert (
+        value(
+            scrape(port),
+            "duplex_steps_failed_total",
+            namespace="default",
+            handler="ops.outcome",
+            error_type="worker_lost",
+        )
+        == 1
+    )
+    survivor.send_signal(signal.SIGINT)
+    assert survivor.wait(timeout=EXIT_TIMEOUT_S) == 0
+    workers = listed()
+    assert workers[survivor.pid]["state"] == "stopped"

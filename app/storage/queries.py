@@ -171,6 +171,14 @@ def active_workers(conn: Connection, *, heartbeat_since: datetime) -> list[dict[
     return [_jsonable(dict(row._mapping)) for row in rows]
 
 
+def all_workers(conn: Connection, *, limit: int = 100) -> list[dict[str, Any]]:
+    """Return the workers recorded in SQL, most recent heartbeat first, with their stats."""
+    rows = conn.execute(
+        select(workers).order_by(workers.c.heartbeat_at.desc(), workers.c.worker_id).limit(limit)
+    )
+    return [dict(row._mapping) for row in rows]
+
+
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
