@@ -43,6 +43,7 @@ from app.metrics import DuplexCollector, QueueFigures, QueueProbe, WorkerMetrics
 from app.models import utcnow
 from app.notifications import WorkListener
 from app.retry import RetryPolicy
+from app.saturation import Sample, SaturationMonitor
 from app.settings import Settings
 from app.storage.claims import count_open_work
 from app.storage.queries import ready_queue
@@ -135,6 +136,9 @@ class Worker:
         PlatformCollector(registry=self.registry_metrics)
         GCCollector(registry=self.registry_metrics)
         self.http: HttpServer | None = None
+        self._saturation = SaturationMonitor(
+            settings.observability.saturation_interval_s, start=time.monotonic()
+        )
 
     def start(self) -> Actors:
         """Register the worker and start the actors, downstream first, wiring proxies."""
@@ -556,6 +560,7 @@ class Worker:
             actors = self.actors
             if actors is None:  # stopped meanwhile
                 return
+            self._watch_saturation()
             now = time.monotonic()
             if now >= next_recovery:
                 tell(actors.completion.recover_lost_claims)
@@ -565,6 +570,32 @@ class Worker:
                 with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                     self._stats = self.status(timeout_s=_STATS_TIMEOUT_S)
                 next_stats = now + cfg.worker.heartbeat_interval_s
+
+    def _watch_saturation(self) -> None:
+        """Sample the load from the actors' plain state; log the interval's warnings."""
+        pool, buffer, counts = self.metrics.pool, self.metrics.buffer, self.metrics.event_counts
+        if pool is None or buffer is None:
+            return
+        now = time.monotonic()
+        self._saturation.observe(
+            Sample(
+                slots=pool.size,
+                running=len(pool.running),
+                waiting_for_slot=len(pool.waiting),
+                awaiting_commit=buffer.held,
+                commit_batch_size=buffer.batch_size,
+                commit_failing=buffer.failing,
+                events_dropped=counts()["dropped"] if counts is not None else 0,
+                heartbeat_age_s=now - self._last_beat,
+                heartbeat_interval_s=self.settings.worker.heartbeat_interval_s,
+            )
+        )
+        for line in self._saturation.report(now, self._ready_steps):
+            logger.warning(line)
+
+    def _ready_steps(self) -> int | None:
+        figures = self.metrics.queue.figures() if self.metrics.queue is not None else None
+        return None if figures is None else sum(figures.ready.values())
 
     def _crash(self, dead: list[str]) -> None:
         self.failure = self.supervisor.first_failure() or ActorFailure(

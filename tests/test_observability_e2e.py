@@ -9,8 +9,8 @@ known outcomes (parsed with ``prometheus_client.parser``), JSON logs of concurre
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
 import re
 import shutil
 import signal
@@ -201,8 +201,10 @@ def test_endpoints_starting_ready_then_draining_after_sigterm(
     wait_for(lambda: get(port, "/health/ready")[0] == 200, "ready after start-up")
     status, details = get_json(port, "/health")
     assert status == 200
-    assert details["status"] == "ready" and details["phase"] == "running"
-    assert set(details["actors"].values()) == {"alive"} and len(details["actors"]) == 6
+    assert details["status"] == "ready"
+    assert details["phase"] == "running"
+    assert set(details["actors"].values()) == {"alive"}
+    assert len(details["actors"]) == 6
     assert details["database"] == {"reachable": True, "error": None}
     assert details["slots"]["total"] == 8
 
@@ -313,7 +315,8 @@ def test_ready_is_503_while_postgres_is_unreachable(
         assert status == 503, ready
         assert any(reason.startswith("database unreachable") for reason in ready["reasons"])
         status, details = get_json(port, "/health")
-        assert details["database"]["reachable"] is False and details["database"]["error"]
+        assert details["database"]["reachable"] is False
+        assert details["database"]["error"]
         assert get(port, "/health/live")[0] == 200
         assert get(port, "/metrics")[0] == 200  # scrapes still answer, from what is kept
 
@@ -438,7 +441,8 @@ def test_metrics_match_a_run_with_known_outcomes(
     assert value(m, "duplex_abandoned_threads") == 0
     ((worker_id,),) = duplex.sql("SELECT worker_id FROM workers")
     info = [key for (name, key) in m if name == "duplex_worker_info"]
-    assert len(info) == 1 and dict(info[0])["worker_id"] == worker_id
+    assert len(info) == 1
+    assert dict(info[0])["worker_id"] == worker_id
     assert dict(info[0])["version"] == "0.1.0"
     assert value(m, "duplex_worker_uptime_seconds") > 0
     assert stop(process, duplex) == 0, duplex.stderr_text()
@@ -466,6 +470,13 @@ def test_queue_metrics_count_ready_steps_per_namespace(
     assert value(m, "duplex_ready_steps", namespace="default") == 3
     assert value(m, "duplex_oldest_ready_step_age_seconds", namespace="default") >= 0.3
     assert value(m, "duplex_handler_slots_free") == 0
+    # Saturated (one slot, busy all along, steps waiting in SQL): one line per interval (1 s),
+    # with the figures, however many polls and claims happened meanwhile.
+    started = time.monotonic()
+    wait_for(lambda: "saturated: all 1 handler slots busy" in duplex.stderr_text(), "a warning", 5)
+    lines = [line for line in duplex.stderr_text().splitlines() if "saturated:" in line]
+    assert "ready in SQL" in lines[0], lines
+    assert len(lines) <= 2 + (time.monotonic() - started), lines
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=EXIT_TIMEOUT_S) == 0, duplex.stderr_text()
 
@@ -520,14 +531,16 @@ def test_json_logs_carry_the_step_fields_of_concurrent_steps(
         assert record["task_uuid"] == task, record
         assert record["attempt"] == 1, record
         assert record["worker_id"] == worker_id, record
-        assert record["level"] == "INFO" and record["time"].endswith("+00:00")
+        assert record["level"] == "INFO"
+        assert record["time"].endswith("+00:00")
     # The steps did run side by side: their lines interleave.
-    switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
+    switches = sum(1 for a, b in itertools.pairwise(order) if a != b)
     assert switches >= 4, order
     (timeout_line,) = [r for r in records if "timed out after" in r["message"]]
     assert timeout_line["step_uuid"] == uuids["hang"]
     assert timeout_line["step_name"] == "hang"
-    assert timeout_line["worker_id"] == worker_id and timeout_line["task_uuid"] == task
+    assert timeout_line["worker_id"] == worker_id
+    assert timeout_line["task_uuid"] == task
 
 
 # --- duplex workers ------------------------------------------------------------------------------
@@ -558,9 +571,10 @@ def test_workers_lists_a_second_worker_and_marks_a_killed_one_presumed_dead(
     workers = listed()
     assert {p: w["state"] for p, w in workers.items()} == {one.pid: "alive", two.pid: "alive"}
     table = first.ok("workers").stdout
-    for pid, worker in workers.items():
+    for _pid, worker in workers.items():
         (line,) = [line for line in table.splitlines() if worker["worker_id"] in line]
-        assert " alive " in line and "/8 " in line and "0.1.0" in line, line
+        for fragment in (" alive ", "/8 ", "0.1.0"):
+            assert fragment in line, line
 
     template = write_template(
         tmp_path / "hang.toml",
