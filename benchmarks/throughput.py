@@ -15,10 +15,12 @@ import argparse
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +40,7 @@ from app.models import workflow_step_transitions, workflow_steps
 from app.settings import DatabaseSettings
 from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
+from app.worker import Worker
 from benchmarks import _common
 from benchmarks._common import (
     Result,
@@ -402,6 +405,86 @@ def _database(backend: str) -> Iterator[Database | None]:
         admin.dispose()
 
 
+# --- 9. observability: the HTTP port and scrapes on, against off, in the same run ----------
+
+
+class _Scraper:
+    """Scrape /metrics and /health/ready every ``every_s`` while a run drains."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, worker: Worker) -> None:
+        assert worker.http is not None
+        port = worker.http.port
+
+        def scrape() -> None:
+            while not self._stop.wait(self.every_s):
+                for path in ("/metrics", "/health/ready"):
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                        r.read()
+                self.scrapes += 1
+
+        self._thread = threading.Thread(target=scrape, name="bench-scraper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def bench_observability(quick: bool) -> list[Result]:
+    steps = 500 if quick else 5000
+    rounds = 1 if quick else 3
+    _header(
+        "observability",
+        f"{steps} independent no-op steps, c={CONCURRENCY}: HTTP port off, then on with "
+        f"/metrics and /health/ready scraped every second; {rounds} round(s), alternating",
+    )
+    registry = HandlerRegistry()
+    registry.register("bench.noop", _noop)
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(rounds):
+        for mode in ("off", "on"):
+            scraper = _Scraper(every_s=1.0)
+            with fresh_database() as db:
+                submit(db, independent_template_text(steps, "bench.noop"))
+                settings = bench_settings(db.url, concurrency=CONCURRENCY)
+                if mode == "on":
+                    settings = settings.model_copy(
+                        update={
+                            "observability": settings.observability.model_copy(
+                                update={"http_port": 0}
+                            )
+                        }
+                    )
+                try:
+                    run = run_until_drained(
+                        db,
+                        settings,
+                        registry,
+                        expected=steps,
+                        on_started=scraper.start if mode == "on" else None,
+                    )
+                finally:
+                    scraper.stop()
+            rates[mode].append(steps / run.drain_s)
+            extra = f", {scraper.scrapes} scrape(s)" if mode == "on" else ""
+            print(f"   {mode:>3}: {steps / run.drain_s:.0f} steps/s{extra}")
+    off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    change = (on - off) / off * 100
+    print(f"   median off {off:.0f} steps/s, on {on:.0f} steps/s: {change:+.1f}%")
+    print()
+    return [
+        Result("observability", "steps/s, port off", f"{off:.0f}"),
+        Result("observability", "steps/s, port on", f"{on:.0f}", "within 5% of off", change > -5),
+    ]
+
+
 SCENARIOS: dict[str, Callable[[bool], list[Result]]] = {
     "sleep": bench_sleep,
     "noop": bench_noop,
@@ -411,6 +494,7 @@ SCENARIOS: dict[str, Callable[[bool], list[Result]]] = {
     "tasks": bench_tasks,
     "bulk": bench_bulk,
     "postgres": bench_postgres,
+    "observability": bench_observability,
 }
 
 
