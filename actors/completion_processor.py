@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import time
@@ -28,6 +29,7 @@ from app.storage.recovery import dead_local_workers, recover_lost_claims
 from app.storage.results import CommitReport, commit_outcomes
 from app.supervision import Supervisor
 from app.timer import Timer
+from app.tracing import StepTracer
 
 if TYPE_CHECKING:
     from actors.event_publisher import DomainEventPublisherProxy
@@ -65,8 +67,10 @@ class CompletionProcessor(SupervisedActor):
         rng: random.Random | None = None,
         supervisor: Supervisor | None = None,
         metrics: WorkerMetrics | None = None,
+        tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
+        self._tracer = tracer
         self._db = db
         self._publisher = publisher
         self._timer = timer
@@ -178,7 +182,8 @@ class CompletionProcessor(SupervisedActor):
         self, outcomes: Sequence[StepOutcome], releases: Sequence[ClaimedStep] = ()
     ) -> tuple[CommitReport, int]:
         now = self._clock()
-        with self._db.write() as conn:
+        traced = self._tracer.commit(outcomes) if self._tracer else contextlib.nullcontext()
+        with traced, self._db.write() as conn:
             report = commit_outcomes(conn, outcomes, policy=self._policy, now=now, rng=self._rng)
             released = release_claims(
                 conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"

@@ -20,6 +20,7 @@ from app.models import utcnow
 from app.pool import HandlerPool, Running
 from app.supervision import Supervisor
 from app.timer import Timer, TimerHandle
+from app.tracing import StepTracer
 
 if TYPE_CHECKING:
     from actors.completion_processor import CompletionProcessorProxy
@@ -46,8 +47,10 @@ class Dispatcher(SupervisedActor):
         clock: Callable[[], datetime] = utcnow,
         supervisor: Supervisor | None = None,
         metrics: WorkerMetrics | None = None,
+        tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
+        self._tracer = tracer
         self._completion = completion
         self._registry = registry
         self._timer = timer
@@ -243,6 +246,7 @@ class Dispatcher(SupervisedActor):
             self._registry,
             max_result_bytes=self._max_result_bytes,
             supervisor=self.supervisor,
+            tracer=self._tracer,
         )
         self._workers[worker_id] = ref.proxy()
 

@@ -15,6 +15,7 @@ from app.logs import step_log
 from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.models import utcnow
 from app.supervision import Supervisor
+from app.tracing import StepTracer
 
 if TYPE_CHECKING:
     from actors.completion_processor import CompletionProcessorProxy
@@ -39,8 +40,10 @@ class HandlerWorker(pykka.ThreadingActor):
         *,
         max_result_bytes: int,
         supervisor: Supervisor | None = None,
+        tracer: StepTracer | None = None,
     ) -> None:
         super().__init__()
+        self._tracer = tracer
         self._supervisor = supervisor or Supervisor()
         self._worker_id = worker_id
         self._dispatcher = dispatcher
@@ -49,6 +52,25 @@ class HandlerWorker(pykka.ThreadingActor):
         self._max_result_bytes = max_result_bytes
 
     def run(self, step: ClaimedStep, cancellation: Cancellation, timeout_s: float) -> None:
+        if self._tracer is None:
+            outcome = self._attempt(step, cancellation, timeout_s)
+        else:
+            with self._tracer.attempt(step, cancellation) as record:
+                outcome = self._attempt(step, cancellation, timeout_s)
+                record(outcome)
+        # Slot first: a slow completion path must never stop new handlers from starting.
+        tell(self._dispatcher.slot_freed, self._worker_id, step.step_uuid, step.attempt)
+        if not tell(self._completion.submit, outcome):
+            # The CompletionProcessor died; the worker is stopping and this claim falls to
+            # the liveness rule (recovered as worker_lost once this process has exited).
+            step_log(step).error(
+                "result of step {} lost: the completion path is gone", step.step_uuid
+            )
+            self._supervisor.results_lost(1)
+
+    def _attempt(
+        self, step: ClaimedStep, cancellation: Cancellation, timeout_s: float
+    ) -> StepOutcome:
         try:
             outcome = run_attempt(
                 step,
@@ -68,15 +90,7 @@ class HandlerWorker(pykka.ThreadingActor):
                 retryable=False,
             )
             outcome = StepOutcome(step, now, now, failure=failure)
-        # Slot first: a slow completion path must never stop new handlers from starting.
-        tell(self._dispatcher.slot_freed, self._worker_id, step.step_uuid, step.attempt)
-        if not tell(self._completion.submit, outcome):
-            # The CompletionProcessor died; the worker is stopping and this claim falls to
-            # the liveness rule (recovered as worker_lost once this process has exited).
-            step_log(step).error(
-                "result of step {} lost: the completion path is gone", step.step_uuid
-            )
-            self._supervisor.results_lost(1)
+        return outcome
 
     def on_failure(
         self,

@@ -46,7 +46,7 @@ from app.retry import RetryPolicy
 from app.saturation import Sample, SaturationMonitor
 from app.settings import Settings
 from app.storage.claims import count_open_work
-from app.storage.queries import ready_queue
+from app.storage.queries import ready_queue, task_trace_context
 from app.storage.submission import create_task
 from app.storage.workers import mark_worker_stopped, record_heartbeat, register_worker
 from app.subscriptions import SubscriberRegistry
@@ -54,6 +54,7 @@ from app.subscriptions import subscribers as default_subscribers
 from app.supervision import ActorFailure, Supervisor
 from app.templates import TaskTemplate
 from app.timer import Timer
+from app.tracing import StepTracer, current_carrier
 
 _ASK_TIMEOUT_S = 10.0
 # How often the watchdog looks at the actors, and the longest wait for an answer from one.
@@ -104,6 +105,7 @@ class Worker:
         registry: HandlerRegistry = default_registry,
         subscribers: SubscriberRegistry = default_subscribers,
         observer: CommitObserver | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -136,6 +138,9 @@ class Worker:
         PlatformCollector(registry=self.registry_metrics)
         GCCollector(registry=self.registry_metrics)
         self.http: HttpServer | None = None
+        self.tracer: StepTracer | None = None
+        if settings.observability.tracing:
+            self.tracer = StepTracer(self._trace_context, tracer_provider=tracer_provider)
         self._saturation = SaturationMonitor(
             settings.observability.saturation_interval_s, start=time.monotonic()
         )
@@ -165,6 +170,7 @@ class Worker:
             observer=self.observer,
             supervisor=supervisor,
             metrics=self.metrics,
+            tracer=self.tracer,
         )
         dispatcher = Dispatcher.start(
             completion.proxy(),
@@ -175,6 +181,7 @@ class Worker:
             max_result_bytes=cfg.max_result_bytes,
             supervisor=supervisor,
             metrics=self.metrics,
+            tracer=self.tracer,
         )
         executor = StepExecutor.start(
             self.db,
@@ -306,6 +313,10 @@ class Worker:
             return str(exc).removeprefix("database error: ")
         return None
 
+    def _trace_context(self, task_uuid: str) -> dict[str, str] | None:
+        with self.db.read() as conn:
+            return task_trace_context(conn, task_uuid)
+
     def _read_queue(self) -> QueueFigures:
         with self.db.read() as conn:
             ready, oldest = ready_queue(conn, self.settings.worker.namespaces, now=utcnow())
@@ -334,9 +345,12 @@ class Worker:
         return mode == "hybrid", listen
 
     def submit(self, template: TaskTemplate, context: JSONDict | None = None) -> str:
-        """Create a task in this worker's database and wake the intake at once."""
+        """Create a task in this worker's database and wake the intake at once (its steps
+        continue the caller's current trace, if any)."""
         with self.db.write() as conn:
-            task_uuid = create_task(conn, template, context or {}, now=utcnow())
+            task_uuid = create_task(
+                conn, template, context or {}, now=utcnow(), trace_context=current_carrier()
+            )
         self.nudge()
         return task_uuid
 

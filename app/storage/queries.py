@@ -171,6 +171,14 @@ def active_workers(conn: Connection, *, heartbeat_since: datetime) -> list[dict[
     return [_jsonable(dict(row._mapping)) for row in rows]
 
 
+def task_trace_context(conn: Connection, task_uuid: str) -> dict[str, str] | None:
+    """Return the trace context stored with a task at submit, if any."""
+    value = conn.execute(
+        select(tasks.c.trace_context).where(tasks.c.task_uuid == task_uuid)
+    ).scalar_one_or_none()
+    return value if isinstance(value, dict) else None
+
+
 def all_workers(conn: Connection, *, limit: int = 100) -> list[dict[str, Any]]:
     """Return the workers recorded in SQL, most recent heartbeat first, with their stats."""
     rows = conn.execute(
