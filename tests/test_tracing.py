@@ -62,7 +62,8 @@ def traced(tmp_path: Path) -> Iterator[tuple[Database, TracerProvider, InMemoryS
 def run_worker(db: Database, provider: TracerProvider, registry: HandlerRegistry) -> None:
     settings = make_settings(
         str(db.url),
-        worker={"max_concurrent_handlers": 2, "commit_linger_ms": 0},
+        # A linger long enough that b's and c's first attempts commit in one batch.
+        worker={"max_concurrent_handlers": 2, "commit_linger_ms": 500},
         retry={"backoff_base_ms": 10, "jitter": 0.0},
         event_system={"polling_interval_ms": 20},
         observability={"tracing": True},
@@ -154,6 +155,7 @@ def test_a_diamond_is_one_trace_with_a_span_per_attempt_and_commit(
         committed.update(link.context.span_id for link in commit.links)
         assert attr(commit, "duplex.batch_size") >= 1
     assert committed == {span.context.span_id for span in attempts}
+    assert any(commit.links for commit in named["commit"])  # a batch of two attempts
 
 
 def test_the_trace_context_given_at_submit_is_continued(
