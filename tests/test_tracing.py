@@ -59,11 +59,12 @@ def traced(tmp_path: Path) -> Iterator[tuple[Database, TracerProvider, InMemoryS
     db.dispose()
 
 
-def run_worker(db: Database, provider: TracerProvider, registry: HandlerRegistry) -> None:
+def run_worker(
+    db: Database, provider: TracerProvider, registry: HandlerRegistry, *, linger_ms: float = 0
+) -> None:
     settings = make_settings(
         str(db.url),
-        # A linger long enough that b's and c's first attempts commit in one batch.
-        worker={"max_concurrent_handlers": 2, "commit_linger_ms": 500},
+        worker={"max_concurrent_handlers": 2, "commit_linger_ms": linger_ms},
         retry={"backoff_base_ms": 10, "jitter": 0.0},
         event_system={"polling_interval_ms": 20},
         observability={"tracing": True},
@@ -115,7 +116,8 @@ def test_a_diamond_is_one_trace_with_a_span_per_attempt_and_commit(
     tracer = provider.get_tracer("test")
     with tracer.start_as_current_span("submit order") as root, Client(db) as client:
         client.submit(DIAMOND, {})
-    run_worker(db, provider, handlers(provider))
+    # A linger long enough that b's and c's first attempts commit in one batch.
+    run_worker(db, provider, handlers(provider), linger_ms=500)
 
     spans = exporter.get_finished_spans()
     trace_id = root.get_span_context().trace_id
