@@ -32,6 +32,7 @@ from app.liveness import judge
 from app.logs import configure_logging
 from app.migrate import ensure_schema_ready, upgrade_to_head
 from app.models import utcnow
+from app.progress import RunProgress
 from app.settings import Settings, load_settings
 from app.states import ENQUEUED, TASK_FINISHED
 from app.storage.operations import (
@@ -419,7 +420,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         if worker.stop_requested.is_set() or received:
             return 0
         worker.start()
-        worker.serve(until_idle=args.until_idle)
+        progress = RunProgress(worker.metrics, worker.open_work) if args.until_idle else None
+        try:
+            worker.serve(until_idle=args.until_idle, on_tick=progress.tick if progress else None)
+        finally:
+            if progress is not None:
+                progress.close()
         if received:
             logger.info(
                 "{} received: draining (send again to exit at once)",

@@ -630,6 +630,11 @@ class Worker:
             self._heartbeat()
             next_beat = max(next_beat + interval, time.monotonic())
 
+    def open_work(self) -> int:
+        """Count the steps of this worker's namespaces that could still run."""
+        with self.db.read() as conn:
+            return count_open_work(conn, self.settings.worker.namespaces)
+
     def _idle(self) -> bool:
         try:
             with self.db.read() as conn:
