@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
 import signal
@@ -358,7 +359,7 @@ def test_a_port_in_use_is_one_line_naming_it(tmp_path: Path, migrated: Path) -> 
 
 # --- metric values after a run with known outcomes ---------------------------------------------
 
-KNOWN_OUTCOMES = [
+KNOWN_OUTCOMES: list[dict[str, Any]] = [
     {"name": "ok1", "handler": "ops.outcome", "inputs": {"outcome": "ok"}},
     {"name": "ok2", "handler": "ops.outcome", "inputs": {"outcome": "ok"}},
     {"name": "ok3", "handler": "ops.outcome", "inputs": {"outcome": "ok"}},
@@ -512,6 +513,10 @@ def test_json_logs_carry_the_step_fields_of_concurrent_steps(
     task = duplex.submit(template)
     result = duplex.run("run", "--until-idle")
     assert result.returncode == 0, result.stderr
+    # Piped: plain progress lines, and the closing summary.
+    assert result.stdout.splitlines()[-1].startswith(
+        "done: 5 attempt(s) committed (4 succeeded, 1 failed)"
+    ), result.stdout
     records = [json.loads(line) for line in result.stderr.splitlines()]  # every line is JSON
     uuids = {
         name: u
@@ -599,6 +604,7 @@ def test_workers_lists_a_second_worker_and_marks_a_killed_one_presumed_dead(
 
     wait_for(lambda: claimant() is not None, "the step claimed")
     victim_id = claimant()
+    assert victim_id is not None
     victim, survivor = (one, two) if workers[one.pid]["worker_id"] == victim_id else (two, one)
     victim.kill()
     victim.wait()
@@ -632,3 +638,45 @@ def test_workers_lists_a_second_worker_and_marks_a_killed_one_presumed_dead(
     assert survivor.wait(timeout=EXIT_TIMEOUT_S) == 0
     workers = listed()
     assert workers[survivor.pid]["state"] == "stopped"
+
+
+def test_run_until_idle_on_a_terminal_draws_a_progress_bar(tmp_path: Path, migrated: Path) -> None:
+    import pty
+
+    duplex = ops_dir(tmp_path / "work", migrated)
+    template = write_template(
+        tmp_path / "bar.toml",
+        "bar",
+        [
+            {"name": f"s{i}", "handler": "ops.outcome", "inputs": {"outcome": "ok"}}
+            for i in range(3)
+        ],
+    )
+    duplex.submit(template)
+    primary, secondary = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            duplex.command(["run", "--until-idle"]),
+            cwd=duplex.cwd,
+            env={**duplex.env, "COLUMNS": "120", "TERM": "xterm"},
+            stdout=secondary,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(secondary)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the terminal closed: the process exited
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert process.wait(timeout=EXIT_TIMEOUT_S) == 0
+    finally:
+        os.close(primary)
+    screen = output.decode(errors="replace")
+    assert "run --until-idle" in screen
+    assert "━" in screen  # the bar
+    assert "3/3" in screen
+    assert "done: 3 attempt(s) committed (3 succeeded, 0 failed)" in screen
