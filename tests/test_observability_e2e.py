@@ -640,25 +640,21 @@ def test_workers_lists_a_second_worker_and_marks_a_killed_one_presumed_dead(
     assert workers[survivor.pid]["state"] == "stopped"
 
 
-def test_run_until_idle_on_a_terminal_draws_a_progress_bar(tmp_path: Path, migrated: Path) -> None:
+def on_terminal(duplex: Duplex, args: list[str], *, columns: int = 120) -> tuple[int, str]:
+    """Run a duplex command with stdout on a pseudo-terminal of ``columns``; return its exit
+    code and what it drew."""
+    import fcntl
     import pty
+    import struct
+    import termios
 
-    duplex = ops_dir(tmp_path / "work", migrated)
-    template = write_template(
-        tmp_path / "bar.toml",
-        "bar",
-        [
-            {"name": f"s{i}", "handler": "ops.outcome", "inputs": {"outcome": "ok"}}
-            for i in range(3)
-        ],
-    )
-    duplex.submit(template)
     primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     try:
         process = subprocess.Popen(
-            duplex.command(["run", "--until-idle"]),
+            duplex.command(args),
             cwd=duplex.cwd,
-            env={**duplex.env, "COLUMNS": "120", "TERM": "xterm"},
+            env={**duplex.env, "TERM": "xterm"},
             stdout=secondary,
             stderr=subprocess.DEVNULL,
         )
@@ -672,11 +668,56 @@ def test_run_until_idle_on_a_terminal_draws_a_progress_bar(tmp_path: Path, migra
             if not chunk:
                 break
             output += chunk
-        assert process.wait(timeout=EXIT_TIMEOUT_S) == 0
+        code = process.wait(timeout=EXIT_TIMEOUT_S)
     finally:
         os.close(primary)
-    screen = output.decode(errors="replace")
+    return code, output.decode(errors="replace")
+
+
+def test_run_until_idle_on_a_terminal_draws_a_progress_bar(tmp_path: Path, migrated: Path) -> None:
+    duplex = ops_dir(tmp_path / "work", migrated)
+    template = write_template(
+        tmp_path / "bar.toml",
+        "bar",
+        [{"name": f"s{i}", "handler": "ops.outcome"} for i in range(3)],
+    )
+    duplex.submit(template)
+    code, screen = on_terminal(duplex, ["run", "--until-idle"])
+    assert code == 0
     assert "run --until-idle" in screen
     assert "━" in screen  # the bar
     assert "3/3" in screen
     assert "done: 3 attempt(s) committed (3 succeeded, 0 failed)" in screen
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_status_fits_the_terminal_and_watch_draws_a_progress_bar(
+    tmp_path: Path, migrated: Path
+) -> None:
+    duplex = ops_dir(tmp_path / "work", migrated)
+    long_name = "a_step_with_a_rather_long_name_that_will_not_fit_" * 2
+    template = write_template(
+        tmp_path / "wide.toml",
+        "wide",
+        [
+            {"name": long_name, "handler": "ops.outcome"},
+            {"name": "second", "handler": "ops.outcome", "depends_on": [long_name]},
+        ],
+    )
+    task = duplex.submit(template)
+    piped = duplex.ok("status", task).stdout
+    assert max(len(line) for line in piped.splitlines()) > 100  # piped: never cut
+    assert long_name in piped
+    code, screen = on_terminal(duplex, ["status", task], columns=60)
+    assert code == 0
+    lines = [ANSI.sub("", line) for line in screen.splitlines()]
+    assert max(len(line.rstrip()) for line in lines) <= 60, lines
+    assert any("enqueued" in line for line in lines)
+
+    duplex.ok("run", "--until-idle")
+    code, screen = on_terminal(duplex, ["status", task, "--watch", "--interval", "0.1"])
+    assert code == 0  # the task is finished: one frame, then exit
+    assert "━" in screen
+    assert "2/2 complete, 0 running, 0 failed" in ANSI.sub("", screen)
