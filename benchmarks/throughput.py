@@ -446,7 +446,7 @@ class _Scraper:
 def bench_observability(quick: bool) -> list[Result]:
     # Long enough for several scrapes per run (a no-op step takes well under a millisecond).
     steps = 2000 if quick else 20000
-    rounds = 1 if quick else 4
+    rounds = 1 if quick else 6
     _header(
         "observability",
         f"{steps} independent no-op steps, c={CONCURRENCY}: HTTP port off and on (with "
@@ -455,6 +455,8 @@ def bench_observability(quick: bool) -> list[Result]:
     registry = HandlerRegistry()
     registry.register("bench.noop", _noop)
     rates: dict[str, list[float]] = {"off": [], "on": []}
+    # CPU per step of this process: what the port costs, less moved by other load than time.
+    cpu_ms: dict[str, list[float]] = {"off": [], "on": []}
     for round_ in range(rounds):
         # off-on, then on-off: a drift of the shared machine's load cancels out.
         for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
@@ -481,15 +483,28 @@ def bench_observability(quick: bool) -> list[Result]:
                 finally:
                     scraper.stop()
             rates[mode].append(steps / run.drain_s)
+            cpu_ms[mode].append(run.cpu_s / steps * 1000)
             extra = f", {scraper.scrapes} scrape(s)" if mode == "on" else ""
-            print(f"   {mode:>3}: {steps / run.drain_s:.0f} steps/s{extra}")
+            print(
+                f"   {mode:>3}: {steps / run.drain_s:.0f} steps/s, "
+                f"{cpu_ms[mode][-1]:.3f} ms CPU per step{extra}"
+            )
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    cpu_off, cpu_on = statistics.median(cpu_ms["off"]), statistics.median(cpu_ms["on"])
     change = (on - off) / off * 100
-    print(f"   median off {off:.0f} steps/s, on {on:.0f} steps/s: {change:+.1f}%")
+    cpu_change = (cpu_on - cpu_off) / cpu_off * 100
+    print(
+        f"   median off {off:.0f} steps/s ({cpu_off:.3f} ms CPU per step), "
+        f"on {on:.0f} steps/s ({cpu_on:.3f} ms): throughput {change:+.1f}%, CPU {cpu_change:+.1f}%"
+    )
     print()
     return [
         Result("observability", "steps/s, port off", f"{off:.0f}"),
         Result("observability", "steps/s, port on", f"{on:.0f}", "within 5% of off", change > -5),
+        Result("observability", "CPU per step, off", f"{cpu_off:.3f} ms"),
+        Result(
+            "observability", "CPU per step, on", f"{cpu_on:.3f} ms", "within 5%", cpu_change < 5
+        ),
     ]
 
 
