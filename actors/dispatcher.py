@@ -107,7 +107,9 @@ class Dispatcher(SupervisedActor):
         """A worker finished an attempt (its result is on its way to the CompletionProcessor)."""
         if not self._pool.finished(worker_id, step_uuid, attempt):
             # A worker abandoned after a timeout came back; its slot was replaced already.
-            logger.info("abandoned handler thread for step {} returned", step_uuid)
+            logger.bind(step_uuid=step_uuid, attempt=attempt).info(
+                "abandoned handler thread for step {} returned", step_uuid
+            )
             self._retire(worker_id)
             return
         handle = self._deadlines.pop(worker_id, None)

@@ -16,6 +16,7 @@ from loguru import logger
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.db import Database
 from app.errors import ConfigurationError
 from app.health import HealthSnapshot, details, readiness
 from app.http_server import HttpServer, make_app
@@ -31,7 +32,10 @@ from app.metrics import (
     WorkerMetrics,
 )
 from app.saturation import Sample, SaturationMonitor
+from app.storage.queries import ready_queue
 from app.storage.results import CommitReport
+from app.storage.submission import create_task
+from app.templates import parse_template
 
 T0 = datetime(2026, 12, 2, 6, 0, tzinfo=UTC)
 
@@ -354,3 +358,24 @@ def test_liveness_rule() -> None:
     assert rule(process_alive=lambda pid: False) == "presumed dead"
     # Another host's process cannot be looked at: only the heartbeat counts there.
     assert rule(hostname="there", process_alive=lambda pid: False) == "alive"
+
+
+# --- the queue query, on both backends --------------------------------------------------------
+
+
+def test_ready_queue_counts_ready_steps_and_the_oldest_age(db: Database) -> None:
+    template = parse_template(
+        'name = "q"\n[[steps]]\nname = "a"\nhandler = "h"\n'
+        '[[steps]]\nname = "b"\nhandler = "h"\n'
+        '[[steps]]\nname = "c"\nhandler = "h"\ndepends_on = ["a"]\n'
+    )
+    with db.write() as conn:
+        create_task(conn, template, {}, now=T0 - timedelta(seconds=10))
+        create_task(conn, template, {}, now=T0 - timedelta(seconds=4))
+    with db.read() as conn:
+        ready, oldest = ready_queue(conn, ["default", "other"], now=T0)
+        later, _ = ready_queue(conn, ["default"], now=T0 - timedelta(seconds=7))
+    assert ready == {"default": 4, "other": 0}  # the roots; c waits for a
+    assert oldest["default"] == pytest.approx(10.0)
+    assert oldest["other"] == 0.0
+    assert later == {"default": 2}  # only what was ready by then
