@@ -416,8 +416,25 @@ class _Scraper:
     def __init__(self, every_s: float) -> None:
         self.every_s = every_s
         self.scrapes = 0
+        self.client_cpu_s = 0.0
+        # CPU time of the worker's HTTP threads (cheroot's), per thread, from the kernel.
+        self._server_ns: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def server_cpu_s(self) -> float:
+        return sum(self._server_ns.values()) / 1e9
+
+    def _sample_server_threads(self) -> None:
+        for thread in threading.enumerate():
+            if not thread.name.startswith(("CP Server Thread", "duplex-http")):
+                continue
+            try:
+                stat = Path(f"/proc/self/task/{thread.native_id}/schedstat").read_text()
+            except OSError:
+                continue
+            self._server_ns[thread.native_id or 0] = int(stat.split()[0])
 
     def start(self, worker: Worker) -> None:
         assert worker.http is not None
@@ -425,6 +442,7 @@ class _Scraper:
 
         def scrape() -> None:
             while not self._stop.wait(self.every_s):
+                cpu0 = time.thread_time()
                 try:
                     for path in ("/metrics", "/health/ready"):
                         url = f"http://127.0.0.1:{port}{path}"
@@ -432,6 +450,8 @@ class _Scraper:
                             answer.read()
                 except OSError:  # the worker stopped (and closed its port) under the scrape
                     return
+                self.client_cpu_s += time.thread_time() - cpu0
+                self._sample_server_threads()
                 self.scrapes += 1
 
         self._thread = threading.Thread(target=scrape, name="bench-scraper", daemon=True)
@@ -457,6 +477,7 @@ def bench_observability(quick: bool) -> list[Result]:
     rates: dict[str, list[float]] = {"off": [], "on": []}
     # CPU per step of this process: what the port costs, less moved by other load than time.
     cpu_ms: dict[str, list[float]] = {"off": [], "on": []}
+    serving_share: list[float] = []
     for round_ in range(rounds):
         # off-on, then on-off: a drift of the shared machine's load cancels out.
         for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
@@ -484,7 +505,15 @@ def bench_observability(quick: bool) -> list[Result]:
                     scraper.stop()
             rates[mode].append(steps / run.drain_s)
             cpu_ms[mode].append(run.cpu_s / steps * 1000)
-            extra = f", {scraper.scrapes} scrape(s)" if mode == "on" else ""
+            extra = ""
+            if mode == "on":
+                serving = scraper.server_cpu_s + scraper.client_cpu_s
+                serving_share.append(serving / run.cpu_s * 100)
+                extra = (
+                    f", {scraper.scrapes} scrape(s): {scraper.server_cpu_s * 1000:.0f} ms CPU "
+                    f"serving + {scraper.client_cpu_s * 1000:.0f} ms scraping = "
+                    f"{serving_share[-1]:.2f}% of the process's CPU"
+                )
             print(
                 f"   {mode:>3}: {steps / run.drain_s:.0f} steps/s, "
                 f"{cpu_ms[mode][-1]:.3f} ms CPU per step{extra}"
@@ -497,8 +526,11 @@ def bench_observability(quick: bool) -> list[Result]:
         f"   median off {off:.0f} steps/s ({cpu_off:.3f} ms CPU per step), "
         f"on {on:.0f} steps/s ({cpu_on:.3f} ms): throughput {change:+.1f}%, CPU {cpu_change:+.1f}%"
     )
+    share = statistics.median(serving_share)
+    print(f"   the scrapes themselves (serving + client): {share:.2f}% of the CPU (median)")
     print()
     return [
+        Result("observability", "scrapes' share of CPU", f"{share:.2f}%"),
         Result("observability", "steps/s, port off", f"{off:.0f}"),
         Result("observability", "steps/s, port on", f"{on:.0f}", "within 5% of off", change > -5),
         Result("observability", "CPU per step, off", f"{cpu_off:.3f} ms"),
