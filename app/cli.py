@@ -22,13 +22,14 @@ from typing import Any, NoReturn
 
 from loguru import logger
 from rich.live import Live
+from sqlalchemy import Connection
 
 from app import console
 from app.client import Client
 from app.db import Database
 from app.errors import DuplexError, InputError
 from app.handlers import import_handler_modules
-from app.liveness import judge
+from app.liveness import Liveness, judge
 from app.logs import configure_logging
 from app.migrate import ensure_schema_ready, upgrade_to_head
 from app.models import utcnow
@@ -222,6 +223,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             # Workers presumed dead by the liveness rule are not listed.
             cutoff = utcnow() - timedelta(seconds=settings.event_system.claim_timeout_s)
             live = active_workers(conn, heartbeat_since=cutoff)
+            judged = [(row, lv) for row, lv in _judged_workers(conn, settings) if lv.alive]
     finally:
         db.dispose()
     if args.json:
@@ -232,27 +234,19 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             out.print(console.tasks_table(summaries))
         else:
             print("no tasks")
-        for worker in live:
-            dispatcher = (worker.get("stats") or {}).get("dispatcher") or {}
-            print(
-                f"worker {worker['worker_id']}: heartbeat {worker['heartbeat_at']}, "
-                f"running {dispatcher.get('running', '?')}, "
-                f"abandoned threads {dispatcher.get('abandoned_threads', 0)}"
-            )
+        if judged:
+            out.print()
+            out.print(console.workers_table(judged, utcnow()))
     return 0
 
 
-def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
-    db = Database(settings.database)
-    try:
-        ensure_schema_ready(db)
-        with db.read() as conn:
-            rows = all_workers(conn, limit=args.limit)
-    finally:
-        db.dispose()
+def _judged_workers(
+    conn: Connection, settings: Settings, *, limit: int = 100
+) -> list[tuple[dict[str, Any], Liveness]]:
+    """The workers recorded in SQL, each with what the liveness rule says about it."""
     now = utcnow()
     this_host = socket.gethostname()
-    judged = [
+    return [
         (
             row,
             judge(
@@ -265,8 +259,19 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
                 this_host=this_host,
             ),
         )
-        for row in rows
+        for row in all_workers(conn, limit=limit)
     ]
+
+
+def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
+    db = Database(settings.database)
+    try:
+        ensure_schema_ready(db)
+        with db.read() as conn:
+            judged = _judged_workers(conn, settings, limit=args.limit)
+    finally:
+        db.dispose()
+    now = utcnow()
     if args.json:
         _print_json(
             [
