@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import time
@@ -18,7 +19,9 @@ from app.commit_buffer import CommitBuffer
 from app.db import Database
 from app.errors import StorageError
 from app.execution import RESULT_UNSTORABLE, unstorable
+from app.logs import step_log
 from app.messages import ClaimedStep, StepOutcome
+from app.metrics import WorkerMetrics
 from app.models import utcnow
 from app.retry import RetryPolicy
 from app.storage.claims import release_claims
@@ -26,6 +29,7 @@ from app.storage.recovery import dead_local_workers, recover_lost_claims
 from app.storage.results import CommitReport, commit_outcomes
 from app.supervision import Supervisor
 from app.timer import Timer
+from app.tracing import StepTracer
 
 if TYPE_CHECKING:
     from actors.event_publisher import DomainEventPublisherProxy
@@ -62,13 +66,19 @@ class CompletionProcessor(SupervisedActor):
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
         supervisor: Supervisor | None = None,
+        metrics: WorkerMetrics | None = None,
+        tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
+        self._tracer = tracer
         self._db = db
         self._publisher = publisher
         self._timer = timer
         self._policy = policy
         self._buffer = CommitBuffer(batch_size, linger_s)
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.buffer = self._buffer  # read in place at scrape time
         self._heartbeat_timeout = timedelta(seconds=claim_timeout_s)
         self._hostname = socket.gethostname()
         self._worker_id = worker_id
@@ -152,6 +162,8 @@ class CompletionProcessor(SupervisedActor):
         batch, releases = self._buffer.next_batch()
         if not batch and not releases:
             return True
+        if self._metrics is not None and self._buffer.failing:
+            self._metrics.steps.commit_retries += 1
         try:
             report, released = self._commit(batch, releases)
         except StorageError as exc:
@@ -170,7 +182,8 @@ class CompletionProcessor(SupervisedActor):
         self, outcomes: Sequence[StepOutcome], releases: Sequence[ClaimedStep] = ()
     ) -> tuple[CommitReport, int]:
         now = self._clock()
-        with self._db.write() as conn:
+        traced = self._tracer.commit(outcomes) if self._tracer else contextlib.nullcontext()
+        with traced, self._db.write() as conn:
             report = commit_outcomes(conn, outcomes, policy=self._policy, now=now, rng=self._rng)
             released = release_claims(
                 conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"
@@ -185,7 +198,7 @@ class CompletionProcessor(SupervisedActor):
                 except StorageError as exc:
                     if exc.transient:
                         raise
-                    logger.error(
+                    step_log(outcome.step).error(
                         "the database refused the result of step {} ({}); recording it as {}",
                         outcome.step.step_uuid,
                         exc,
@@ -235,7 +248,7 @@ class CompletionProcessor(SupervisedActor):
                 ", ".join(lost),
             )
             self.stats_counters["recovered"] += len(report.applied)
-            self._after_commit(report, work_ready=False)
+            self._after_commit(report, work_ready=False, recovery=True)
         return len(report.applied)
 
     def stats(self) -> dict[str, Any]:
@@ -245,12 +258,16 @@ class CompletionProcessor(SupervisedActor):
             "commit_failing": self._buffer.failing,
         }
 
-    def _after_commit(self, report: CommitReport, *, work_ready: bool) -> None:
+    def _after_commit(
+        self, report: CommitReport, *, work_ready: bool, recovery: bool = False
+    ) -> None:
         # Only now, with the transaction committed, may anyone hear about these results.
+        if self._metrics is not None:
+            self._metrics.steps.committed(report, self._clock(), recovery=recovery)
         self.stats_counters["committed"] += len(report.applied)
         self.stats_counters["rejected"] += len(report.rejected)
         for outcome in report.rejected:
-            logger.info(
+            step_log(outcome.step).info(
                 "late result for step {} attempt {} rejected (already settled)",
                 outcome.step.step_uuid,
                 outcome.step.attempt,
@@ -277,6 +294,8 @@ class CompletionProcessor(SupervisedActor):
     def _commit_failed(self, exc: StorageError, size: int) -> None:
         delay = self._buffer.failed()
         self.stats_counters["commit_errors"] += 1
+        if self._metrics is not None:
+            self._metrics.steps.commit_failures += 1
         logger.warning(
             "commit of {} result(s) failed ({}); kept, retrying in {:.2f}s", size, exc, delay
         )

@@ -13,11 +13,14 @@ from actors.handler_worker import HandlerWorker, HandlerWorkerProxy
 from actors.supervised import SupervisedActor, take_mailbox, tell
 from app.execution import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT, timeout_failure
 from app.handlers import HandlerRegistry
+from app.logs import step_log
 from app.messages import ClaimedStep, StepFailure, StepOutcome
+from app.metrics import WorkerMetrics
 from app.models import utcnow
 from app.pool import HandlerPool, Running
 from app.supervision import Supervisor
 from app.timer import Timer, TimerHandle
+from app.tracing import StepTracer
 
 if TYPE_CHECKING:
     from actors.completion_processor import CompletionProcessorProxy
@@ -44,14 +47,19 @@ class Dispatcher(SupervisedActor):
         clock: Callable[[], datetime] = utcnow,
         credit_batch: int = 1,
         supervisor: Supervisor | None = None,
+        metrics: WorkerMetrics | None = None,
+        tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
         self._credit_batch = credit_batch
         self._unreported_credits = 0
+        self._tracer = tracer
         self._completion = completion
         self._registry = registry
         self._timer = timer
         self._pool = HandlerPool(size)
+        if metrics is not None:
+            metrics.pool = self._pool  # read in place at scrape time
         self._default_timeout_s = default_timeout_s
         self._max_result_bytes = max_result_bytes
         self._clock = clock
@@ -102,7 +110,9 @@ class Dispatcher(SupervisedActor):
         """A worker finished an attempt (its result is on its way to the CompletionProcessor)."""
         if not self._pool.finished(worker_id, step_uuid, attempt):
             # A worker abandoned after a timeout came back; its slot was replaced already.
-            logger.info("abandoned handler thread for step {} returned", step_uuid)
+            logger.bind(step_uuid=step_uuid, attempt=attempt).info(
+                "abandoned handler thread for step {} returned", step_uuid
+            )
             self._retire(worker_id)
             return
         handle = self._deadlines.pop(worker_id, None)
@@ -141,7 +151,7 @@ class Dispatcher(SupervisedActor):
             return
         self._deadlines.pop(worker_id, None)
         self._abandon(run, timeout_failure(run.timeout_s))
-        logger.warning(
+        step_log(run.step).warning(
             "step {} ({}) timed out after {:g}s; worker replaced, {} abandoned thread(s)",
             run.step.name,
             step_uuid,
@@ -241,6 +251,7 @@ class Dispatcher(SupervisedActor):
             self._registry,
             max_result_bytes=self._max_result_bytes,
             supervisor=self.supervisor,
+            tracer=self._tracer,
         )
         self._workers[worker_id] = ref.proxy()
 

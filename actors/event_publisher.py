@@ -12,6 +12,7 @@ from loguru import logger
 
 from actors.supervised import SupervisedActor
 from app.messages import DomainEvent
+from app.metrics import WorkerMetrics
 from app.subscriptions import SubscriberRegistry
 from app.supervision import Supervisor
 
@@ -32,6 +33,7 @@ class DomainEventPublisher(SupervisedActor):
         *,
         buffer_size: int,
         supervisor: Supervisor | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         super().__init__(supervisor)
         self._subscribers = subscribers
@@ -41,6 +43,8 @@ class DomainEventPublisher(SupervisedActor):
         )
         self._counts = {"published": 0, "delivered": 0, "dropped": 0, "subscriber_errors": 0}
         self._lock = threading.Lock()
+        if metrics is not None:
+            metrics.event_counts = self.stats  # thread-safe: it takes this actor's lock
 
     def on_start(self) -> None:
         self._thread.start()

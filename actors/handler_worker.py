@@ -11,9 +11,11 @@ from loguru import logger
 from actors.supervised import tell
 from app.execution import HANDLER_ABORTED, run_attempt, storable_text
 from app.handlers import Cancellation, HandlerRegistry
+from app.logs import step_log
 from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.models import utcnow
 from app.supervision import Supervisor
+from app.tracing import StepTracer
 
 if TYPE_CHECKING:
     from actors.completion_processor import CompletionProcessorProxy
@@ -38,8 +40,10 @@ class HandlerWorker(pykka.ThreadingActor):
         *,
         max_result_bytes: int,
         supervisor: Supervisor | None = None,
+        tracer: StepTracer | None = None,
     ) -> None:
         super().__init__()
+        self._tracer = tracer
         self._supervisor = supervisor or Supervisor()
         self._worker_id = worker_id
         self._dispatcher = dispatcher
@@ -48,6 +52,25 @@ class HandlerWorker(pykka.ThreadingActor):
         self._max_result_bytes = max_result_bytes
 
     def run(self, step: ClaimedStep, cancellation: Cancellation, timeout_s: float) -> None:
+        if self._tracer is None:
+            outcome = self._attempt(step, cancellation, timeout_s)
+        else:
+            with self._tracer.attempt(step, cancellation) as record:
+                outcome = self._attempt(step, cancellation, timeout_s)
+                record(outcome)
+        # Slot first: a slow completion path must never stop new handlers from starting.
+        tell(self._dispatcher.slot_freed, self._worker_id, step.step_uuid, step.attempt)
+        if not tell(self._completion.submit, outcome):
+            # The CompletionProcessor died; the worker is stopping and this claim falls to
+            # the liveness rule (recovered as worker_lost once this process has exited).
+            step_log(step).error(
+                "result of step {} lost: the completion path is gone", step.step_uuid
+            )
+            self._supervisor.results_lost(1)
+
+    def _attempt(
+        self, step: ClaimedStep, cancellation: Cancellation, timeout_s: float
+    ) -> StepOutcome:
         try:
             outcome = run_attempt(
                 step,
@@ -59,7 +82,7 @@ class HandlerWorker(pykka.ThreadingActor):
         except BaseException as exc:
             # run_attempt turns every handler failure into a result; this is Duplex failing to
             # prepare the attempt. The slot and the claim must still come back.
-            logger.exception("could not run step {}", step.step_uuid)
+            step_log(step).exception("could not run step {}", step.step_uuid)
             now = utcnow()
             failure = StepFailure(
                 HANDLER_ABORTED,
@@ -67,13 +90,7 @@ class HandlerWorker(pykka.ThreadingActor):
                 retryable=False,
             )
             outcome = StepOutcome(step, now, now, failure=failure)
-        # Slot first: a slow completion path must never stop new handlers from starting.
-        tell(self._dispatcher.slot_freed, self._worker_id, step.step_uuid, step.attempt)
-        if not tell(self._completion.submit, outcome):
-            # The CompletionProcessor died; the worker is stopping and this claim falls to
-            # the liveness rule (recovered as worker_lost once this process has exited).
-            logger.error("result of step {} lost: the completion path is gone", step.step_uuid)
-            self._supervisor.results_lost(1)
+        return outcome
 
     def on_failure(
         self,

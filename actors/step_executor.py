@@ -13,6 +13,7 @@ from actors.supervised import SupervisedActor, tell
 from app.db import Database
 from app.errors import StorageError
 from app.messages import ClaimedStep
+from app.metrics import WorkerMetrics
 from app.models import utcnow
 from app.storage.claims import claim_ready_steps, release_claims, release_unconfirmed_claim
 from app.supervision import Supervisor
@@ -38,8 +39,10 @@ class StepExecutor(SupervisedActor):
         namespaces: Sequence[str],
         clock: Callable[[], datetime] = utcnow,
         supervisor: Supervisor | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         super().__init__(supervisor)
+        self._metrics = metrics
         self._db = db
         self._dispatcher = dispatcher
         self._worker_id = worker_id
@@ -81,6 +84,9 @@ class StepExecutor(SupervisedActor):
         if steps:
             self._in_hand = steps
             self.claimed_total += len(steps)
+            if self._metrics is not None:
+                for step in steps:
+                    self._metrics.claimed.inc((step.namespace,))
             if not tell(self._dispatcher.dispatch, steps):
                 self._hand_back("the dispatcher is gone")
             self._in_hand = []

@@ -7,9 +7,11 @@ Any ``DuplexError`` becomes one line on stderr and a non-zero exit, never a trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -19,14 +21,19 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from loguru import logger
+from rich.live import Live
+from sqlalchemy import Connection
 
+from app import console
 from app.client import Client
 from app.db import Database
 from app.errors import DuplexError, InputError
 from app.handlers import import_handler_modules
+from app.liveness import Liveness, judge
 from app.logs import configure_logging
 from app.migrate import ensure_schema_ready, upgrade_to_head
 from app.models import utcnow
+from app.progress import RunProgress
 from app.settings import Settings, load_settings
 from app.states import ENQUEUED, TASK_FINISHED
 from app.storage.operations import (
@@ -37,9 +44,8 @@ from app.storage.operations import (
     retry_step,
 )
 from app.storage.queries import (
-    StepSummary,
-    TaskSummary,
     active_workers,
+    all_workers,
     get_task,
     list_tasks,
     task_steps,
@@ -130,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--reason", metavar="TEXT", help="why (kept in the transition rows)")
         command.set_defaults(func=func)
 
+    workers = sub.add_parser(
+        "workers", help="every worker recorded in SQL: alive or presumed dead, slots, counts"
+    )
+    workers.add_argument("--json", action="store_true", help="machine-readable output")
+    workers.add_argument(
+        "--limit", type=_positive_int, default=100, help="workers to list (default 100)"
+    )
+    workers.set_defaults(func=cmd_workers)
+
     migrate = sub.add_parser("migrate", help="bring the database schema to head")
     migrate.set_defaults(func=cmd_migrate)
     return parser
@@ -200,26 +215,81 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 if args.json:
                     _print_json({**task.as_json(), "steps": [s.as_json() for s in steps]})
                 else:
-                    print(_format_task(task))
-                    print(_format_steps(steps))
+                    out = console.make_console()
+                    out.print(console.task_header(task), highlight=False)
+                    out.print(console.steps_table(steps))
                 return 0
             summaries = list_tasks(conn, limit=args.limit)
             # Workers presumed dead by the liveness rule are not listed.
             cutoff = utcnow() - timedelta(seconds=settings.event_system.claim_timeout_s)
             live = active_workers(conn, heartbeat_since=cutoff)
+            judged = [(row, lv) for row, lv in _judged_workers(conn, settings) if lv.alive]
     finally:
         db.dispose()
     if args.json:
         _print_json({"tasks": [t.as_json() for t in summaries], "workers": live})
     else:
-        print(_format_tasks(summaries))
-        for worker in live:
-            dispatcher = (worker.get("stats") or {}).get("dispatcher") or {}
-            print(
-                f"worker {worker['worker_id']}: heartbeat {worker['heartbeat_at']}, "
-                f"running {dispatcher.get('running', '?')}, "
-                f"abandoned threads {dispatcher.get('abandoned_threads', 0)}"
-            )
+        out = console.make_console()
+        if summaries:
+            out.print(console.tasks_table(summaries))
+        else:
+            print("no tasks")
+        if judged:
+            out.print()
+            out.print(console.workers_table(judged, utcnow()))
+    return 0
+
+
+def _judged_workers(
+    conn: Connection, settings: Settings, *, limit: int = 100
+) -> list[tuple[dict[str, Any], Liveness]]:
+    """The workers recorded in SQL, each with what the liveness rule says about it."""
+    now = utcnow()
+    this_host = socket.gethostname()
+    return [
+        (
+            row,
+            judge(
+                hostname=row["hostname"],
+                pid=row["pid"],
+                heartbeat_at=row["heartbeat_at"],
+                stopped_at=row["stopped_at"],
+                now=now,
+                claim_timeout_s=settings.event_system.claim_timeout_s,
+                this_host=this_host,
+            ),
+        )
+        for row in all_workers(conn, limit=limit)
+    ]
+
+
+def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
+    db = Database(settings.database)
+    try:
+        ensure_schema_ready(db)
+        with db.read() as conn:
+            judged = _judged_workers(conn, settings, limit=args.limit)
+    finally:
+        db.dispose()
+    now = utcnow()
+    if args.json:
+        _print_json(
+            [
+                {
+                    **{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()},
+                    "alive": liveness.alive,
+                    "state": liveness.state,
+                    "why": liveness.why,
+                    "heartbeat_age_s": round((now - row["heartbeat_at"]).total_seconds(), 3),
+                }
+                for row, liveness in judged
+            ]
+        )
+        return 0
+    if not judged:
+        print("no workers recorded")
+        return 0
+    console.make_console().print(console.workers_table(judged, now))
     return 0
 
 
@@ -277,13 +347,16 @@ def _operate(
 def _watch(db: Database, task_uuid: str, *, interval_s: float, as_json: bool) -> int:
     """Show the task until it is finished (exit 0); Ctrl-C stops watching (exit 130).
 
-    On a terminal the view is redrawn in place every interval. Piped, a snapshot is printed
-    whenever a state changes (with ``--json``: one JSON object per line), so the output is a
-    readable log of the run.
+    On a terminal: a live view, redrawn in place every interval, with a progress bar (steps
+    complete of total, running, failed) above the step table. Piped: a snapshot whenever a
+    state changes (with ``--json``: one JSON object per line), so the output is a readable
+    log of the run.
     """
     interactive = sys.stdout.isatty() and not as_json
+    out = console.make_console()
+    live = Live(console=out, auto_refresh=False, transient=False) if interactive else None
     last: tuple[Any, ...] | None = None
-    with _interrupt_flag() as interrupted:
+    with _interrupt_flag() as interrupted, live or contextlib.nullcontext():
         while True:
             with db.read() as conn:
                 task = get_task(conn, task_uuid)
@@ -293,20 +366,19 @@ def _watch(db: Database, task_uuid: str, *, interval_s: float, as_json: bool) ->
                 task.execution_status,
                 tuple((s.state, s.attempts, s.error_type) for s in steps),
             )
-            if as_json:
-                text = json.dumps({**task.as_json(), "steps": [s.as_json() for s in steps]})
-            else:
-                text = f"{_format_task(task)}\n{_format_steps(steps)}"
-            if interactive:
-                # Home the cursor and clear the screen: a live view, refreshed in place.
+            if live is not None:
                 stamp = utcnow().strftime("%H:%M:%S UTC")
-                sys.stdout.write(
-                    f"\x1b[H\x1b[2J{text}\n\n"
-                    f"(as of {stamp}; refresh every {interval_s:g}s; Ctrl-C to stop)\n"
-                )
-                sys.stdout.flush()
+                footer = f"as of {stamp}; refresh every {interval_s:g}s; Ctrl-C to stop"
+                live.update(console.watch_view(task, steps, footer), refresh=True)
             elif key != last:
-                print(text if as_json or last is None else f"\n{text}", flush=True)
+                if as_json:
+                    print(json.dumps({**task.as_json(), "steps": [s.as_json() for s in steps]}))
+                else:
+                    if last is not None:
+                        print()
+                    print(console.task_header(task))
+                    out.print(console.steps_table(steps))
+                sys.stdout.flush()
             last = key
             if task.state in TASK_FINISHED:
                 return 0
@@ -344,12 +416,21 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         )
     import_handler_modules(settings.worker.handler_modules)
     db = Database(settings.database)
-    upgrade_to_head(db)
     worker = Worker(settings, db)
     received = _install_signal_handlers(worker.request_stop)
     try:
+        # The health port opens first: a probe sees the worker starting while it migrates.
+        worker.serve_http()
+        upgrade_to_head(db)
+        if worker.stop_requested.is_set() or received:
+            return 0
         worker.start()
-        worker.serve(until_idle=args.until_idle)
+        progress = RunProgress(worker.metrics, worker.open_work) if args.until_idle else None
+        try:
+            worker.serve(until_idle=args.until_idle, on_tick=progress.tick if progress else None)
+        finally:
+            if progress is not None:
+                progress.close()
         if received:
             logger.info(
                 "{} received: draining (send again to exit at once)",
@@ -405,64 +486,3 @@ def _positive_int(text: str) -> int:
 
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
-
-
-def _format_tasks(summaries: Sequence[TaskSummary]) -> str:
-    if not summaries:
-        return "no tasks"
-    rows = [("TASK", "NAME", "STATE", "EXECUTION STATUS", "STEPS", "CREATED")]
-    for t in summaries:
-        rows.append(
-            (
-                t.task_uuid,
-                t.name,
-                t.state,
-                t.execution_status,
-                f"{t.complete_steps}/{t.total_steps}",
-                t.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            )
-        )
-    return _table(rows)
-
-
-def _format_task(task: TaskSummary) -> str:
-    return (
-        f"task {task.task_uuid}  {task.name} {task.version} ({task.namespace})\n"
-        f"state {task.state}, execution status {task.execution_status}, "
-        f"{task.complete_steps}/{task.total_steps} steps complete"
-    )
-
-
-def _format_steps(steps: Sequence[StepSummary]) -> str:
-    rows = [("STEP", "STATE", "ATTEMPTS", "DURATION", "ERROR", "DEPENDS ON")]
-    for s in steps:
-        duration = _format_duration(s.duration_ms)
-        if s.state == "in_progress" and s.duration_ms is not None:
-            duration += " (running)"
-        rows.append(
-            (
-                s.name,
-                s.state,
-                f"{s.attempts}/{s.max_attempts}",
-                duration,
-                s.error_type or "-",
-                ", ".join(s.depends_on) or "-",
-            )
-        )
-    return _table(rows)
-
-
-def _format_duration(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    if ms < 1000:
-        return f"{ms} ms"
-    return f"{ms / 1000:.1f} s"
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )

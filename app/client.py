@@ -25,6 +25,7 @@ from app.models import utcnow
 from app.settings import DatabaseSettings, Settings
 from app.storage.submission import create_tasks, existing_tasks
 from app.templates import TaskTemplate, load_template
+from app.tracing import checked_carrier, current_carrier
 
 
 class Client:
@@ -53,10 +54,17 @@ class Client:
         context: JSONDict | None = None,
         *,
         idempotency_key: str | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> str:
-        """Create one task; return its UUID (an existing task's, for a key already used)."""
+        """Create one task; return its UUID (an existing task's, for a key already used).
+
+        ``trace_context`` is a W3C carrier (``{"traceparent": ...}``) that every step of the
+        task continues; without it, the caller's current OpenTelemetry context (if any).
+        """
         keys = None if idempotency_key is None else [idempotency_key]
-        (task_uuid,) = self.submit_many(template, [context or {}], idempotency_keys=keys)
+        (task_uuid,) = self.submit_many(
+            template, [context or {}], idempotency_keys=keys, trace_context=trace_context
+        )
         return task_uuid
 
     def submit_many(
@@ -65,8 +73,10 @@ class Client:
         contexts: Iterable[JSONDict],
         *,
         idempotency_keys: Sequence[str | None] | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> list[str]:
         """Create one task per context in one transaction; return their UUIDs in order."""
+        trace_context = checked_carrier(trace_context) or current_carrier()
         resolved = self._template(template)
         batch = list(contexts)
         for context in batch:
@@ -80,7 +90,12 @@ class Client:
             try:
                 with self.db.write() as conn:
                     return create_tasks(
-                        conn, resolved, batch, now=utcnow(), idempotency_keys=idempotency_keys
+                        conn,
+                        resolved,
+                        batch,
+                        now=utcnow(),
+                        idempotency_keys=idempotency_keys,
+                        trace_context=trace_context,
                     )
             except StorageError as exc:
                 # Another submitter used one of the keys between our check and our insert:

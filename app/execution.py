@@ -67,6 +67,7 @@ def run_attempt(
         deadline=started_at + timedelta(seconds=timeout_s),
         deadline_monotonic=time.monotonic() + timeout_s,
         cancelled=cancellation,
+        worker_id=step.claimed_by,
     )
     try:
         value = _call(handler, ctx, cancellation, is_async=registry.is_async(step.handler))

@@ -114,12 +114,19 @@ class StepContext:
     deadline_monotonic: float
     cancelled: Cancellation
     events: list[EmittedEvent] = field(default_factory=list)
+    worker_id: str = ""
 
     @cached_property
     def logger(self) -> Logger:
         """A logger that tags every line with the step (bound on first use: most handlers
         never log, and binding costs on every attempt)."""
-        return bind_logger(self.step_name, self.step_uuid, self.attempt)
+        return bind_logger(
+            task_uuid=self.task_uuid,
+            step_uuid=self.step_uuid,
+            step_name=self.step_name,
+            attempt=self.attempt,
+            worker_id=self.worker_id,
+        )
 
     def emit(self, name: str, payload: JSONDict | None = None) -> None:
         """Record a domain event; it is committed with this attempt's result."""
@@ -211,9 +218,17 @@ def import_handler_modules(modules: Iterable[str]) -> None:
             ) from None
 
 
-def bind_logger(step_name: str, step_uuid: str, attempt: int) -> Logger:
-    """Return a logger that tags every line with the step."""
-    return logger.bind(step=step_name, step_uuid=step_uuid, attempt=attempt)
+def bind_logger(
+    *, task_uuid: str, step_uuid: str, step_name: str, attempt: int, worker_id: str
+) -> Logger:
+    """Return a logger that tags every line with the step (``app.logs.STEP_FIELDS``)."""
+    return logger.bind(
+        task_uuid=task_uuid,
+        step_uuid=step_uuid,
+        step_name=step_name,
+        attempt=attempt,
+        worker_id=worker_id,
+    )
 
 
 def _qualname(func: Callable[..., Any]) -> str:

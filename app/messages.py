@@ -40,6 +40,11 @@ class ClaimedStep:
     # Whether a step depends on this one. Unknown (True) costs a readiness check at commit;
     # the claim knows, and saves it for the steps nothing depends on.
     has_children: bool = True
+    # For metrics: the namespace label, and the times that latencies are measured from.
+    # Delivery metadata, not the attempt's identity: left out of equality.
+    namespace: str = field(default="default", compare=False)
+    claimed_at: datetime | None = field(default=None, compare=False)
+    submitted_at: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,8 @@ tasks = Table(
     Column("completed_at", UTCDateTime),
     # Set by a submitter that may retry: unique per template name (see Client.submit).
     Column("idempotency_key", String(255)),
+    # The W3C trace context given at submit (a carrier dict), continued by every step.
+    Column("trace_context", JSONValue),
     Index(None, "namespace", "state"),
     Index("ux_tasks_name_idempotency_key", "name", "idempotency_key", unique=True),
 )

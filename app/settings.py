@@ -82,7 +82,23 @@ class LoggingSettings(_Section):
     """Log level and format."""
 
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    json_format: bool = False
+    # JSON lines (one object per line, step fields as top-level keys) for log shippers.
+    serialize: bool = False
+
+
+class ObservabilitySettings(_Section):
+    """The HTTP endpoints (health, metrics), saturation warnings and tracing."""
+
+    # Off by default; 0 picks a free port (the log line names the one bound).
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    # Loopback unless the operator says otherwise: /health and /metrics need no auth.
+    http_host: str = Field(default="127.0.0.1", min_length=1)
+    # Needs the optional extra ``duplex[tracing]`` (opentelemetry-api).
+    tracing: bool = False
+    # The queue figures (ready steps, oldest ready age) cost a query: at most one per this.
+    queue_refresh_s: float = Field(default=5.0, ge=0)
+    # Saturation warnings: at most one line per condition per interval.
+    saturation_interval_s: float = Field(default=60.0, gt=0)
 
 
 class TemplateSettings(_Section):
@@ -108,6 +124,7 @@ class Settings(BaseSettings):
     domain_events: DomainEventSettings = DomainEventSettings()
     logging: LoggingSettings = LoggingSettings()
     templates: TemplateSettings = TemplateSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
 
     @model_validator(mode="after")
     def _heartbeat_fits_the_liveness_timeout(self) -> Settings:

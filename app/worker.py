@@ -19,6 +19,7 @@ from typing import Any
 
 import pykka
 from loguru import logger
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from actors.command_processor import CommandProcessor, CommandProcessorProxy
 from actors.completion_processor import (
@@ -35,12 +36,17 @@ from app.db import Database
 from app.errors import DuplexError, StorageError
 from app.handlers import HandlerRegistry
 from app.handlers import registry as default_registry
+from app.health import HealthSnapshot, Phase
+from app.http_server import HttpServer, make_app
 from app.messages import JSONDict, Shutdown, Status
+from app.metrics import DuplexCollector, QueueFigures, QueueProbe, WorkerMetrics
 from app.models import utcnow
 from app.notifications import WorkListener
 from app.retry import RetryPolicy
+from app.saturation import Sample, SaturationMonitor
 from app.settings import Settings
 from app.storage.claims import count_open_work
+from app.storage.queries import ready_queue, task_trace_context
 from app.storage.submission import create_task
 from app.storage.workers import mark_worker_stopped, record_heartbeat, register_worker
 from app.subscriptions import SubscriberRegistry
@@ -48,6 +54,7 @@ from app.subscriptions import subscribers as default_subscribers
 from app.supervision import ActorFailure, Supervisor
 from app.templates import TaskTemplate
 from app.timer import Timer
+from app.tracing import StepTracer, current_carrier
 
 _ASK_TIMEOUT_S = 10.0
 # How often the watchdog looks at the actors, and the longest wait for an answer from one.
@@ -99,6 +106,7 @@ class Worker:
         registry: HandlerRegistry = default_registry,
         subscribers: SubscriberRegistry = default_subscribers,
         observer: CommitObserver | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -121,10 +129,27 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._stats: dict[str, Any] = {}
         self._last_beat = time.monotonic()
+        self.metrics = WorkerMetrics(self.worker_id)
+        self.metrics.queue = QueueProbe(self._read_queue, settings.observability.queue_refresh_s)
+        self.metrics.draining = lambda: self.phase == "draining"
+        # The worker's own registry: two workers embedded in one process never collide.
+        self.registry_metrics = CollectorRegistry()
+        self.registry_metrics.register(DuplexCollector(self.metrics))
+        ProcessCollector(registry=self.registry_metrics)
+        PlatformCollector(registry=self.registry_metrics)
+        GCCollector(registry=self.registry_metrics)
+        self.http: HttpServer | None = None
+        self.tracer: StepTracer | None = None
+        if settings.observability.tracing:
+            self.tracer = StepTracer(self._trace_context, tracer_provider=tracer_provider)
+        self._saturation = SaturationMonitor(
+            settings.observability.saturation_interval_s, start=time.monotonic()
+        )
 
     def start(self) -> Actors:
         """Register the worker and start the actors, downstream first, wiring proxies."""
         cfg = self.settings.worker
+        self.serve_http()
         self._register()
         self.timer = Timer()
         supervisor = self.supervisor
@@ -132,6 +157,7 @@ class Worker:
             self.subscribers,
             buffer_size=self.settings.domain_events.buffer_size,
             supervisor=supervisor,
+            metrics=self.metrics,
         )
         completion = CompletionProcessor.start(
             self.db,
@@ -144,6 +170,8 @@ class Worker:
             worker_id=self.worker_id,
             observer=self.observer,
             supervisor=supervisor,
+            metrics=self.metrics,
+            tracer=self.tracer,
         )
         # Claims wait for up to half the prefetch to be free: while that many claimed steps
         # wait for a slot, a bigger, later claim leaves no handler idle.
@@ -157,6 +185,8 @@ class Worker:
             max_result_bytes=cfg.max_result_bytes,
             credit_batch=min_claim,
             supervisor=supervisor,
+            metrics=self.metrics,
+            tracer=self.tracer,
         )
         executor = StepExecutor.start(
             self.db,
@@ -164,6 +194,7 @@ class Worker:
             worker_id=self.worker_id,
             namespaces=cfg.namespaces,
             supervisor=supervisor,
+            metrics=self.metrics,
         )
         commands = CommandProcessor.start(executor.proxy(), dispatcher.proxy(), supervisor)
         polling, listen = self._intake_signals()
@@ -212,6 +243,91 @@ class Worker:
         )
         return self.actors
 
+    def serve_http(self) -> None:
+        """Open the health and metrics port (``observability.http_port``), if configured.
+
+        ``duplex run`` calls it before migrating, so that a probe sees the worker starting;
+        ``start`` calls it otherwise. A port that cannot be bound is a ``ConfigurationError``.
+        """
+        cfg = self.settings.observability
+        if cfg.http_port is None or self.http is not None:
+            return
+        server = HttpServer(
+            cfg.http_host, cfg.http_port, make_app(self.health_snapshot, self.registry_metrics)
+        )
+        server.start()
+        self.http = server
+
+    def close_http(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+
+    @property
+    def phase(self) -> Phase:
+        if self._final is not None:
+            return "stopped"
+        if self._stop_flag or self._stopping or self.stop_requested.is_set():
+            return "draining"
+        if self.actors is None:
+            return "starting"
+        return "running"
+
+    def health_snapshot(self) -> HealthSnapshot:
+        """Gather what readiness is decided on; no actor is asked anything (called from the
+        HTTP threads, it must answer even when an actor is stuck)."""
+        phase = self.phase
+        failure = self.failure or self.supervisor.first_failure()
+        actors = {ref.actor_class.__name__: ref.is_alive() for ref in self._refs}
+        if phase == "stopped":
+            actors = {}
+        metrics = self.metrics
+        pool, buffer = metrics.pool, metrics.buffer
+        slots = None
+        if pool is not None:
+            slots = {
+                "total": pool.size,
+                "running": len(pool.running),
+                "free": len(pool.idle),
+                "waiting": len(pool.waiting),
+                "abandoned_threads": len(pool.abandoned),
+            }
+        commit = None
+        if buffer is not None:
+            commit = {"results_awaiting_commit": buffer.held, "failing": buffer.failing}
+        return HealthSnapshot(
+            worker_id=self.worker_id,
+            version=metrics.version,
+            phase=phase,
+            uptime_s=metrics.uptime_s(),
+            actors=actors,
+            failure=None if failure is None else str(failure),
+            database_error=self._probe_database(),
+            slots=slots,
+            commit=commit,
+            heartbeat_age_s=None if self.actors is None else time.monotonic() - self._last_beat,
+            heartbeat_interval_s=self.settings.worker.heartbeat_interval_s,
+        )
+
+    def _probe_database(self) -> str | None:
+        """Return why the database cannot be read, or None when it answers."""
+        try:
+            with self.db.read() as conn:
+                # A real table, so SQLite reads the file rather than answering from nothing.
+                conn.exec_driver_sql("SELECT count(*) FROM workers WHERE 1 = 0").scalar()
+        except StorageError as exc:
+            return str(exc).removeprefix("database error: ")
+        return None
+
+    def _trace_context(self, task_uuid: str) -> dict[str, str] | None:
+        with self.db.read() as conn:
+            return task_trace_context(conn, task_uuid)
+
+    def _read_queue(self) -> QueueFigures:
+        with self.db.read() as conn:
+            ready, oldest = ready_queue(conn, self.settings.worker.namespaces, now=utcnow())
+        return QueueFigures(ready, oldest)
+
     def _intake_signals(
         self,
     ) -> tuple[bool, Callable[[Callable[[], None]], WorkListener] | None]:
@@ -235,9 +351,12 @@ class Worker:
         return mode == "hybrid", listen
 
     def submit(self, template: TaskTemplate, context: JSONDict | None = None) -> str:
-        """Create a task in this worker's database and wake the intake at once."""
+        """Create a task in this worker's database and wake the intake at once (its steps
+        continue the caller's current trace, if any)."""
         with self.db.write() as conn:
-            task_uuid = create_task(conn, template, context or {}, now=utcnow())
+            task_uuid = create_task(
+                conn, template, context or {}, now=utcnow(), trace_context=current_carrier()
+            )
         self.nudge()
         return task_uuid
 
@@ -252,6 +371,9 @@ class Worker:
         dispatcher_future = self.actors.command_processor.handle(Status()).get(timeout=timeout_s)
         return {
             "worker_id": self.worker_id,
+            # For ``duplex workers`` on any machine: what it runs, and its slots in total.
+            "version": self.metrics.version,
+            "slots": self.settings.worker.max_concurrent_handlers,
             "dispatcher": dispatcher_future.get(timeout=timeout_s),
             "completion": self.actors.completion.stats().get(timeout=timeout_s),
             "events": self.actors.publisher.stats().get(timeout=timeout_s),
@@ -288,7 +410,12 @@ class Worker:
         """
         with self._stop_lock:
             if self._final is None:
-                self._final = self._stop()
+                try:
+                    final = self._stop()
+                finally:
+                    # Last: a probe sees the worker draining until its very end.
+                    self.close_http()
+                self._final = final
         failure = self.failure or self.supervisor.first_failure()
         if failure is not None:
             raise WorkerCrashedError(f"{failure}; the worker stopped")
@@ -360,7 +487,11 @@ class Worker:
 
     def _final_stats(self, actors: Actors) -> dict[str, Any]:
         """The counters of every actor still alive (a dead one's part is left out)."""
-        parts: dict[str, Any] = {"worker_id": self.worker_id}
+        parts: dict[str, Any] = {
+            "worker_id": self.worker_id,
+            "version": self.metrics.version,
+            "slots": self.settings.worker.max_concurrent_handlers,
+        }
         for key, ask in (
             ("dispatcher", actors.dispatcher.stats),
             ("completion", actors.completion.stats),
@@ -448,6 +579,7 @@ class Worker:
             actors = self.actors
             if actors is None:  # stopped meanwhile
                 return
+            self._watch_saturation()
             now = time.monotonic()
             if now >= next_recovery:
                 tell(actors.completion.recover_lost_claims)
@@ -457,6 +589,32 @@ class Worker:
                 with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                     self._stats = self.status(timeout_s=_STATS_TIMEOUT_S)
                 next_stats = now + cfg.worker.heartbeat_interval_s
+
+    def _watch_saturation(self) -> None:
+        """Sample the load from the actors' plain state; log the interval's warnings."""
+        pool, buffer, counts = self.metrics.pool, self.metrics.buffer, self.metrics.event_counts
+        if pool is None or buffer is None:
+            return
+        now = time.monotonic()
+        self._saturation.observe(
+            Sample(
+                slots=pool.size,
+                running=len(pool.running),
+                waiting_for_slot=len(pool.waiting),
+                awaiting_commit=buffer.held,
+                commit_batch_size=buffer.batch_size,
+                commit_failing=buffer.failing,
+                events_dropped=counts()["dropped"] if counts is not None else 0,
+                heartbeat_age_s=now - self._last_beat,
+                heartbeat_interval_s=self.settings.worker.heartbeat_interval_s,
+            )
+        )
+        for line in self._saturation.report(now, self._ready_steps):
+            logger.warning(line)
+
+    def _ready_steps(self) -> int | None:
+        figures = self.metrics.queue.figures() if self.metrics.queue is not None else None
+        return None if figures is None else sum(figures.ready.values())
 
     def _crash(self, dead: list[str]) -> None:
         self.failure = self._failure_of(dead)
@@ -484,6 +642,11 @@ class Worker:
         while not self._closing.wait(max(0.0, next_beat - time.monotonic())):
             self._heartbeat()
             next_beat = max(next_beat + interval, time.monotonic())
+
+    def open_work(self) -> int:
+        """Count the steps of this worker's namespaces that could still run."""
+        with self.db.read() as conn:
+            return count_open_work(conn, self.settings.worker.namespaces)
 
     def _idle(self) -> bool:
         try:

@@ -190,6 +190,7 @@ def run_until_drained(
     observer: Callable[[CommitReport], None] | None = None,
     also_done: Callable[[], bool] | None = None,
     timeout_s: float = 600.0,
+    on_started: Callable[[Worker], None] | None = None,
 ) -> Run:
     """Start a real Worker (serving in a thread, as ``duplex run`` does), time the drain, stop.
 
@@ -225,6 +226,8 @@ def run_until_drained(
     cpu0, t0 = time.process_time(), time.perf_counter()
     worker.start()
     start_s = time.perf_counter() - t0
+    if on_started is not None:
+        on_started(worker)
     server = threading.Thread(target=serve, name="bench-serve", daemon=True)
     server.start()
     timed_out = False

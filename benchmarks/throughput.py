@@ -2,11 +2,13 @@
 
     .venv/bin/python benchmarks/throughput.py [--only NAME ...] [--quick] [--strict-poll]
 
-Scenarios: sleep, noop, memory, fanout, submit, tasks, bulk, postgres (the last two need
-PostgreSQL on 127.0.0.1:5432, and skip without it). Each uses a fresh, migrated SQLite database in
-a temporary directory and a private handler registry; work is submitted with ``create_task``
-before the worker starts (submission is timed apart), then the clock runs from just before
-``Worker.start()`` until ``count_open_work`` reads 0. Figures only: nothing here asserts.
+Scenarios: sleep, noop, memory, fanout, submit, tasks, bulk, postgres (these two need
+PostgreSQL on 127.0.0.1:5432, and skip without it), observability (the no-op workload with
+the HTTP port off, then on and scraped every second, alternating). Each uses a fresh,
+migrated SQLite database in a temporary directory and a private handler registry; work is
+submitted with ``create_task`` before the worker starts (submission is timed apart), then the
+clock runs from just before ``Worker.start()`` until ``count_open_work`` reads 0. Figures
+only: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import argparse
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +42,7 @@ from app.models import workflow_step_transitions, workflow_steps
 from app.settings import DatabaseSettings
 from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
+from app.worker import Worker
 from benchmarks import _common
 from benchmarks._common import (
     Result,
@@ -402,6 +407,139 @@ def _database(backend: str) -> Iterator[Database | None]:
         admin.dispose()
 
 
+# --- 9. observability: the HTTP port and scrapes on, against off, in the same run ----------
+
+
+class _Scraper:
+    """Scrape /metrics and /health/ready every ``every_s`` while a run drains."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.scrapes = 0
+        self.client_cpu_s = 0.0
+        # CPU time of the worker's HTTP threads (cheroot's), per thread, from the kernel.
+        self._server_ns: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def server_cpu_s(self) -> float:
+        return sum(self._server_ns.values()) / 1e9
+
+    def _sample_server_threads(self) -> None:
+        for thread in threading.enumerate():
+            if not thread.name.startswith(("CP Server Thread", "duplex-http")):
+                continue
+            try:
+                stat = Path(f"/proc/self/task/{thread.native_id}/schedstat").read_text()
+            except OSError:
+                continue
+            self._server_ns[thread.native_id or 0] = int(stat.split()[0])
+
+    def start(self, worker: Worker) -> None:
+        assert worker.http is not None
+        port = worker.http.port
+
+        def scrape() -> None:
+            while not self._stop.wait(self.every_s):
+                cpu0 = time.thread_time()
+                try:
+                    for path in ("/metrics", "/health/ready"):
+                        url = f"http://127.0.0.1:{port}{path}"
+                        with urllib.request.urlopen(url, timeout=5) as answer:
+                            answer.read()
+                except OSError:  # the worker stopped (and closed its port) under the scrape
+                    return
+                self.client_cpu_s += time.thread_time() - cpu0
+                self._sample_server_threads()
+                self.scrapes += 1
+
+        self._thread = threading.Thread(target=scrape, name="bench-scraper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def bench_observability(quick: bool) -> list[Result]:
+    # Long enough for several scrapes per run (a no-op step takes well under a millisecond).
+    steps = 2000 if quick else 20000
+    rounds = 1 if quick else 6
+    _header(
+        "observability",
+        f"{steps} independent no-op steps, c={CONCURRENCY}: HTTP port off and on (with "
+        f"/metrics and /health/ready scraped every second); {rounds} round(s), ABBA order",
+    )
+    registry = HandlerRegistry()
+    registry.register("bench.noop", _noop)
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    # CPU per step of this process: what the port costs, less moved by other load than time.
+    cpu_ms: dict[str, list[float]] = {"off": [], "on": []}
+    serving_share: list[float] = []
+    for round_ in range(rounds):
+        # off-on, then on-off: a drift of the shared machine's load cancels out.
+        for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+            scraper = _Scraper(every_s=1.0)
+            with fresh_database() as db:
+                submit(db, independent_template_text(steps, "bench.noop"))
+                settings = bench_settings(db.url, concurrency=CONCURRENCY)
+                if mode == "on":
+                    settings = settings.model_copy(
+                        update={
+                            "observability": settings.observability.model_copy(
+                                update={"http_port": 0}
+                            )
+                        }
+                    )
+                try:
+                    run = run_until_drained(
+                        db,
+                        settings,
+                        registry,
+                        expected=steps,
+                        on_started=scraper.start if mode == "on" else None,
+                    )
+                finally:
+                    scraper.stop()
+            rates[mode].append(steps / run.drain_s)
+            cpu_ms[mode].append(run.cpu_s / steps * 1000)
+            extra = ""
+            if mode == "on":
+                serving = scraper.server_cpu_s + scraper.client_cpu_s
+                serving_share.append(serving / run.cpu_s * 100)
+                extra = (
+                    f", {scraper.scrapes} scrape(s): {scraper.server_cpu_s * 1000:.0f} ms CPU "
+                    f"serving + {scraper.client_cpu_s * 1000:.0f} ms scraping = "
+                    f"{serving_share[-1]:.2f}% of the process's CPU"
+                )
+            print(
+                f"   {mode:>3}: {steps / run.drain_s:.0f} steps/s, "
+                f"{cpu_ms[mode][-1]:.3f} ms CPU per step{extra}"
+            )
+    off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    cpu_off, cpu_on = statistics.median(cpu_ms["off"]), statistics.median(cpu_ms["on"])
+    change = (on - off) / off * 100
+    cpu_change = (cpu_on - cpu_off) / cpu_off * 100
+    print(
+        f"   median off {off:.0f} steps/s ({cpu_off:.3f} ms CPU per step), "
+        f"on {on:.0f} steps/s ({cpu_on:.3f} ms): throughput {change:+.1f}%, CPU {cpu_change:+.1f}%"
+    )
+    share = statistics.median(serving_share)
+    print(f"   the scrapes themselves (serving + client): {share:.2f}% of the CPU (median)")
+    print()
+    return [
+        Result("observability", "scrapes' share of CPU", f"{share:.2f}%"),
+        Result("observability", "steps/s, port off", f"{off:.0f}"),
+        Result("observability", "steps/s, port on", f"{on:.0f}", "within 5% of off", change > -5),
+        Result("observability", "CPU per step, off", f"{cpu_off:.3f} ms"),
+        Result(
+            "observability", "CPU per step, on", f"{cpu_on:.3f} ms", "within 5%", cpu_change < 5
+        ),
+    ]
+
+
 SCENARIOS: dict[str, Callable[[bool], list[Result]]] = {
     "sleep": bench_sleep,
     "noop": bench_noop,
@@ -411,6 +549,7 @@ SCENARIOS: dict[str, Callable[[bool], list[Result]]] = {
     "tasks": bench_tasks,
     "bulk": bench_bulk,
     "postgres": bench_postgres,
+    "observability": bench_observability,
 }
 
 

@@ -117,6 +117,7 @@ def claim_ready_steps(
             task_context=row.task_context or {},
             dependency_results=parents.get(row.step_uuid, {}),
             has_children=row.has_children,
+            claimed_at=now,
         )
         for row in claimed
     ]
@@ -133,6 +134,8 @@ STEP_COLUMNS = (
     ws.c.retryable,
     ws.c.timeout_ms,
     ws.c.declared_events,
+    ws.c.namespace,
+    ws.c.created_at,
 )
 
 
@@ -152,6 +155,8 @@ def claimed_step(row: Any, *, claimed_by: str, **context: Any) -> ClaimedStep:
         timeout_ms=row.timeout_ms,
         claimed_by=claimed_by,
         declared_events=declared_events(row.declared_events),
+        namespace=row.namespace,
+        submitted_at=row.created_at,
         **context,
     )
 

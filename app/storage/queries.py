@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, column, select, table
+from sqlalchemy import Connection, column, func, select, table
 
 from app.errors import InputError
 from app.models import tasks, utcnow, workers, workflow_step_edges, workflow_steps
-from app.states import IN_PROGRESS, WAITING_FOR_RETRY
+from app.states import ENQUEUED, IN_PROGRESS, WAITING_FOR_RETRY
 
 execution_status = table(
     "task_execution_status",
@@ -170,6 +171,22 @@ def active_workers(conn: Connection, *, heartbeat_since: datetime) -> list[dict[
     return [_jsonable(dict(row._mapping)) for row in rows]
 
 
+def task_trace_context(conn: Connection, task_uuid: str) -> dict[str, str] | None:
+    """Return the trace context stored with a task at submit, if any."""
+    value = conn.execute(
+        select(tasks.c.trace_context).where(tasks.c.task_uuid == task_uuid)
+    ).scalar_one_or_none()
+    return value if isinstance(value, dict) else None
+
+
+def all_workers(conn: Connection, *, limit: int = 100) -> list[dict[str, Any]]:
+    """Return the workers recorded in SQL, most recent heartbeat first, with their stats."""
+    rows = conn.execute(
+        select(workers).order_by(workers.c.heartbeat_at.desc(), workers.c.worker_id).limit(limit)
+    )
+    return [dict(row._mapping) for row in rows]
+
+
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
@@ -180,3 +197,39 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def ready_queue(
+    conn: Connection, namespaces: Sequence[str], *, now: datetime
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Return, per namespace, the steps ready to run and the age of the oldest (seconds).
+
+    Ready: enqueued, or waiting for a retry that is due. ``next_attempt_at`` is "ready since"
+    for both, and the claim index (state, namespace, next_attempt_at) serves the query.
+    """
+    ws = workflow_steps
+    ready = {namespace: 0 for namespace in namespaces}
+    oldest: dict[str, float] = {namespace: 0.0 for namespace in namespaces}
+    for state in (ENQUEUED, WAITING_FOR_RETRY):
+        rows = conn.execute(
+            select(ws.c.namespace, func.count(), func.min(ws.c.next_attempt_at))
+            .where(
+                ws.c.state == state,
+                ws.c.namespace.in_(list(namespaces)),
+                ws.c.next_attempt_at <= now,
+            )
+            .group_by(ws.c.namespace)
+        )
+        for namespace, count, since in rows:
+            ready[namespace] += int(count)
+            if since is not None:
+                since = _as_utc(since)
+                oldest[namespace] = max(oldest[namespace], (now - since).total_seconds())
+    return ready, oldest
+
+
+def _as_utc(value: datetime | str) -> datetime:
+    # An aggregate loses the column type on SQLite: the text comes back as stored (UTC).
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

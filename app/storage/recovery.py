@@ -125,7 +125,7 @@ def recover_lost_claims(
     )
     outcomes = []
     for row in conn.execute(query, {"dead": sorted(dead_workers)}):
-        step = claimed_step(row, claimed_by=row.claimed_by)
+        step = claimed_step(row, claimed_by=row.claimed_by, claimed_at=row.claimed_at)
         why = "exited" if row.claimed_by in dead_workers else "stopped heart-beating"
         failure = StepFailure(
             WORKER_LOST,

@@ -71,6 +71,8 @@ class CommitReport:
 
     applied: list[StepOutcome] = field(default_factory=list)
     rejected: list[StepOutcome] = field(default_factory=list)
+    # Applied failures whose step waits for another attempt (for the retry metric).
+    retrying: list[StepOutcome] = field(default_factory=list)
     events: list[DomainEvent] = field(default_factory=list)
     enqueued: int = 0
     next_retry_at: datetime | None = None
@@ -145,6 +147,8 @@ def commit_outcomes(
             )
         )
         report.applied.append(outcome)
+        if new_state == WAITING_FOR_RETRY:
+            report.retrying.append(outcome)
         touched_tasks.add(step.task_uuid)
         if new_state == COMPLETE and not task_cancelled and step.has_children:
             completed.append(step.step_uuid)

@@ -31,6 +31,7 @@ def create_task(
     now: datetime,
     task_uuid: str | None = None,
     idempotency_key: str | None = None,
+    trace_context: dict[str, str] | None = None,
 ) -> str:
     """Write one task; roots start ``enqueued``, the rest ``pending``. Return its UUID."""
     (task_id,) = create_tasks(
@@ -40,6 +41,7 @@ def create_task(
         now=now,
         idempotency_keys=[idempotency_key],
         task_uuids=[task_uuid or str(uuid.uuid4())],
+        trace_context=trace_context,
     )
     return task_id
 
@@ -52,6 +54,7 @@ def create_tasks(
     now: datetime,
     idempotency_keys: Sequence[str | None] | None = None,
     task_uuids: Sequence[str] | None = None,
+    trace_context: dict[str, str] | None = None,
 ) -> list[str]:
     """Write one task per context, in the caller's transaction; return their UUIDs in order.
 
@@ -81,6 +84,7 @@ def create_tasks(
                 "state": TASK_PENDING,
                 "context": context,
                 "idempotency_key": key,
+                "trace_context": trace_context,
                 "created_at": now,
                 "updated_at": now,
             }
