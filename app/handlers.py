@@ -40,25 +40,36 @@ class Cancellation:
     """
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._cancelled = False
+        # Made by the first ``wait``: most attempts are never waited on, and an Event (a
+        # Condition and its locks) per attempt showed in the cost of a no-op step.
+        self._event: threading.Event | None = None
         self._lock = threading.Lock()
         self._on_cancel: Callable[[], None] | None = None
         self._canceller: Callable[[], None] | None = None
 
     def is_set(self) -> bool:
-        return self._event.is_set()
+        return self._cancelled
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until cancelled or ``timeout`` seconds pass; return whether cancelled."""
-        return self._event.wait(timeout)
+        with self._lock:
+            if self._cancelled:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def __bool__(self) -> bool:
-        return self._event.is_set()
+        return self._cancelled
 
     def cancel(self) -> None:
         """Set the flag, cancel an async handler, and start the user's hook on its own thread."""
         with self._lock:
-            self._event.set()
+            self._cancelled = True
+            if self._event is not None:
+                self._event.set()
             hook, self._on_cancel = self._on_cancel, None
             canceller, self._canceller = self._canceller, None
         if canceller is not None:
@@ -74,7 +85,7 @@ class Cancellation:
     def on_cancel(self, hook: Callable[[], None] | None) -> None:
         """Register (or clear) a hook; it runs at once, on this thread, if already cancelled."""
         with self._lock:
-            if not self._event.is_set() or hook is None:
+            if not self._cancelled or hook is None:
                 self._on_cancel = hook
                 return
         hook()
@@ -85,7 +96,7 @@ class Cancellation:
         Kept apart from ``on_cancel`` so that a handler's own hook is never overwritten.
         """
         with self._lock:
-            if not self._event.is_set() or canceller is None:
+            if not self._cancelled or canceller is None:
                 self._canceller = canceller
                 return
         canceller()

@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -645,3 +646,22 @@ def test_an_emitted_payload_changed_afterwards_is_stored_as_emitted() -> None:
         max_result_bytes=1000,
     )
     assert outcome.events == (EmittedEvent("thing.happened", {"n": 1}),)
+
+
+def test_a_cancellation_wakes_every_waiter_and_stays_set() -> None:
+    cancellation = Cancellation()
+    assert not cancellation.wait(0.01)  # not cancelled: the timeout ends the wait
+    woke: list[bool] = []
+    waiters = [
+        threading.Thread(target=lambda: woke.append(cancellation.wait(10))) for _ in range(3)
+    ]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.05)
+    cancellation.cancel()
+    for waiter in waiters:
+        waiter.join(5)
+    assert woke == [True, True, True]
+    assert cancellation.is_set()
+    assert bool(cancellation)
+    assert cancellation.wait(0)  # already set: returns at once
