@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
@@ -542,6 +543,53 @@ def test_success_completes_the_step_and_enqueues_children_when_all_parents_are_d
     )
     with db.read() as conn:
         assert count_open_work(conn, ["default"]) == 0
+
+
+def test_a_result_that_waited_for_its_task_lock_sees_the_claim_it_lost(
+    postgres_db: Database,
+) -> None:
+    """Guarantee 3 on PostgreSQL: a commit that waits for a task lock held by a recovery of
+    the same attempt must see that recovery once it gets the lock. The late result is then
+    rejected cleanly, not checked against the claim as the statement's snapshot showed it
+    (which rolled the whole batch back as a broken locking order)."""
+    now = utcnow()
+    task = submit(postgres_db, single(), now)
+    (step,) = claim(postgres_db, now, worker="w1")
+    recovering = threading.Event()
+    release = threading.Event()
+
+    def recovery() -> None:
+        with postgres_db.write() as conn:
+            lost = StepFailure(WORKER_LOST, "presumed dead", True)
+            report = commit_outcomes(
+                conn,
+                [StepOutcome(step, now, now, failure=lost)],
+                policy=POLICY,
+                now=now,
+                rng=random.Random(0),
+            )
+            assert len(report.applied) == 1
+            recovering.set()  # holds the task lock until released
+            release.wait(10)
+
+    recoverer = threading.Thread(target=recovery)
+    recoverer.start()
+    assert recovering.wait(10)
+    late: list[CommitReport] = []
+    committer = threading.Thread(
+        target=lambda: late.append(commit(postgres_db, [ok(step, now)], now))
+    )
+    committer.start()
+    time.sleep(0.3)  # the late result's commit now waits for the task lock
+    assert committer.is_alive()
+    release.set()
+    recoverer.join(10)
+    committer.join(10)
+    assert len(late) == 1, "the late result's commit failed"
+    assert late[0].applied == []
+    assert [o.step.step_uuid for o in late[0].rejected] == [step.step_uuid]
+    row = steps_of(postgres_db, task)["only"]
+    assert (row.state, row.error["error_type"]) == ("waiting_for_retry", WORKER_LOST)
 
 
 def test_both_parents_in_one_batch_enqueue_the_child_once(db: Database) -> None:

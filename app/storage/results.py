@@ -235,9 +235,6 @@ def _lock_tasks_and_read_claims(
 ) -> tuple[dict[str, str], dict[str, tuple[int, str | None]]]:
     """Lock the batch's task rows as ``lock_tasks`` does and return their states, with the
     (attempt, claimant) of each of the batch's steps still ``in_progress``, in one statement.
-
-    The claims need no lock of their own: every writer that moves an in-progress step locks
-    its task first, and a claim never touches an in-progress step.
     """
     query = _LOCK_TASKS_WITH_CLAIMS if conn.dialect.name == "postgresql" else _TASKS_WITH_CLAIMS
     params = {
@@ -273,9 +270,16 @@ def _tasks_with_claims(*, lock: bool) -> CompoundSelect[Any]:
         ws.c.step_uuid.in_(bindparam("step_ids", expanding=True)),
         unindexed(ws.c.state) == IN_PROGRESS,
     )
-    if lock:
-        task_rows = task_rows.with_for_update()
-    return union_all(select(task_rows.subquery("locked_tasks")), claims)
+    if not lock:
+        return union_all(select(task_rows.subquery("task_rows")), claims)
+    # The claims are locked too, though no one else can move them once the tasks are ours:
+    # a statement reads with the snapshot it started with, and a claim moved by the writer
+    # whose task lock this one waited for would still look held. A locked row is read as
+    # committed, and its guard checked again.
+    return union_all(
+        select(task_rows.with_for_update().subquery("locked_tasks")),
+        select(claims.with_for_update().subquery("locked_claims")),
+    )
 
 
 _TASKS_WITH_CLAIMS = _tasks_with_claims(lock=False)
