@@ -46,6 +46,7 @@ from app.states import (
     WAITING_FOR_RETRY,
 )
 from app.storage.events import events_of
+from app.storage.outbox import next_sequences
 from app.storage.readiness import enqueue_ready_dependents
 from app.storage.task_state import lock_tasks, update_task_states
 from app.storage.transitions import transition_row
@@ -88,6 +89,7 @@ def commit_outcomes(
     task_states = lock_tasks(conn, {outcome.step.task_uuid for outcome in outcomes})
     held = _claims_held(conn, [outcome.step.step_uuid for outcome in outcomes])
     updates: list[dict[str, Any]] = []
+    sequences: dict[str, int] | None = None
 
     for outcome in outcomes:
         step = outcome.step
@@ -142,8 +144,12 @@ def commit_outcomes(
             )
         )
         for name, payload in events_of(outcome, new_state, next_at):
+            if sequences is None:
+                # Under the task locks taken above: numbers follow commit order (outbox.py).
+                sequences = next_sequences(conn, task_states)
+            sequences[step.task_uuid] = sequence = sequences.get(step.task_uuid, 0) + 1
             event = DomainEvent(
-                str(uuid.uuid4()), name, step.task_uuid, step.step_uuid, payload, now
+                str(uuid.uuid4()), name, step.task_uuid, step.step_uuid, payload, now, sequence
             )
             report.events.append(event)
             event_rows.append(
@@ -154,6 +160,7 @@ def commit_outcomes(
                     "step_uuid": event.step_uuid,
                     "payload": event.payload,
                     "created_at": now,
+                    "sequence": sequence,
                 }
             )
 
