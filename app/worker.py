@@ -29,15 +29,19 @@ from actors.completion_processor import (
 from actors.dispatcher import Dispatcher, DispatcherProxy
 from actors.event_publisher import DomainEventPublisher, DomainEventPublisherProxy
 from actors.event_system import EventSystem, EventSystemProxy
+from actors.relay import RelayActor, RelayActorProxy
 from actors.step_executor import StepExecutor, StepExecutorProxy
 from actors.supervised import tell
+from app.broker import AmqpPublisher
 from app.db import Database
 from app.errors import DuplexError, StorageError
+from app.event_notifications import EventListener, SequenceRange
 from app.handlers import HandlerRegistry
 from app.handlers import registry as default_registry
 from app.messages import JSONDict, Shutdown, Status
 from app.models import utcnow
 from app.notifications import WorkListener
+from app.relay import Relay
 from app.retry import RetryPolicy
 from app.settings import Settings
 from app.storage.claims import count_open_work
@@ -78,6 +82,7 @@ class Actors:
     dispatcher: DispatcherProxy
     completion: CompletionProcessorProxy
     publisher: DomainEventPublisherProxy
+    relay: RelayActorProxy | None = None
 
 
 class Worker:
@@ -127,10 +132,12 @@ class Worker:
         self._register()
         self.timer = Timer()
         supervisor = self.supervisor
+        relay = self._start_relay(self.timer)
         publisher = DomainEventPublisher.start(
             self.subscribers,
             buffer_size=self.settings.domain_events.buffer_size,
             supervisor=supervisor,
+            relay=relay.proxy() if relay is not None else None,
         )
         completion = CompletionProcessor.start(
             self.db,
@@ -172,6 +179,8 @@ class Worker:
             supervisor=supervisor,
         )
         self._refs = [intake, commands, executor, dispatcher, completion, publisher]
+        if relay is not None:
+            self._refs.append(relay)
         self.actors = Actors(
             intake.proxy(),
             commands.proxy(),
@@ -179,6 +188,7 @@ class Worker:
             dispatcher.proxy(),
             completion.proxy(),
             publisher.proxy(),
+            relay.proxy() if relay is not None else None,
         )
         # Back-edges of the flow: credits and nudges return to the intake.
         pykka.get_all(
@@ -205,6 +215,25 @@ class Worker:
             self.registry.names(),
         )
         return self.actors
+
+    def _start_relay(self, timer: Timer) -> pykka.ActorRef[RelayActor] | None:
+        """Start the outbox relay after the publisher, when ``[relay] enabled``."""
+        cfg = self.settings.relay
+        if not cfg.enabled:
+            return None
+
+        def connect() -> AmqpPublisher:
+            return AmqpPublisher(cfg.url, cfg.exchange, connect_timeout_s=cfg.connect_timeout_s)
+
+        listen = None
+        if self.db.dialect == "postgresql":
+            url = self.db.url
+
+            def listen(on_events: Callable[[list[SequenceRange]], None]) -> EventListener:
+                return EventListener(url, on_events)
+
+        relay = Relay(self.db, cfg, connect=connect)
+        return RelayActor.start(relay, timer, listen=listen, supervisor=self.supervisor)
 
     def _intake_signals(
         self,
@@ -249,6 +278,11 @@ class Worker:
             "dispatcher": dispatcher_future.get(timeout=timeout_s),
             "completion": self.actors.completion.stats().get(timeout=timeout_s),
             "events": self.actors.publisher.stats().get(timeout=timeout_s),
+            **(
+                {"relay": self.actors.relay.stats().get(timeout=timeout_s)}
+                if self.actors.relay is not None
+                else {}
+            ),
         }
 
     def request_stop(self) -> None:
@@ -319,6 +353,14 @@ class Worker:
                 "deliver committed events",
                 lambda: actors.publisher.close(timeout_s=5.0).get(timeout=10.0),
             )
+            if actors.relay is not None:
+                relay = actors.relay
+                # Best effort: what is left stays in the table for the next relay.
+                budget = min(5.0, max(0.5, deadline - time.monotonic()))
+                self._stage(
+                    "publish committed events to the broker",
+                    lambda: relay.drain(budget).get(timeout=budget + _ASK_TIMEOUT_S),
+                )
         except Exception:
             # A bug in a stage must not leave the actors' threads keeping the process alive.
             logger.exception("stop: unexpected error; stopping what is left")
@@ -360,6 +402,7 @@ class Worker:
             ("dispatcher", actors.dispatcher.stats),
             ("completion", actors.completion.stats),
             ("events", actors.publisher.stats),
+            *((("relay", actors.relay.stats),) if actors.relay is not None else ()),
         ):
             with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                 parts[key] = ask().get(timeout=_ASK_TIMEOUT_S)
