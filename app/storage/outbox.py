@@ -9,19 +9,24 @@ Sequence numbers, the relay's work list and its bookkeeping, the operator's ``re
    task rows (``lock_tasks``: ``FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so
    the previous writer of the task has committed and its events are visible to the statement
    (READ COMMITTED takes a new snapshot per statement). A task's events therefore become
-   visible in sequence order: whoever sees sequence n sees 1..n-1.
+   visible in sequence order: whoever sees sequence n sees 1..n-1. (Were the lock ever
+   bypassed, the unique index on (task_uuid, sequence) would fail the commit, not reorder.)
 2. An event leaves the work list (``published_at`` or ``skipped_at`` set) and never comes
    back; new events get higher numbers. So a task's *head*, its unpublished event with the
    lowest sequence, only ever moves forward.
-3. A relay publishes a task's events only while it holds the row lock on that task's head
+3. ``published_at`` is committed only after the broker confirmed the message, so when a
+   relay reads a head n, events 1..n-1 have reached the broker (or were skipped by hand).
+   It publishes its run n, n+1, ... in order on one channel and cuts the run at the first
+   failure. So whatever it gets to the broker comes after everything before it: first
+   arrivals are in sequence order, whichever relay publishes.
+4. A relay publishes a task's run only while it holds the row lock on the task's head
    (``pending_runs``: ``FOR UPDATE OF domain_events SKIP LOCKED``), inside the transaction
-   that also marks them published. A second relay either skips the locked head, or - if the
-   first committed between its two reads - finds on re-check (PostgreSQL re-evaluates the
-   WHERE clause on the newest row version) that the head is published and leaves it. Either
-   way it gets nothing of that task until the first relay's marks are committed, and then its
-   head is the first event still unpublished.
-4. The run after the head is read without locks: only the head's holder may publish it (3),
-   and within a run it publishes in sequence order, stopping at the first failure.
+   that also marks the run published. A second relay either skips the locked head, or - if
+   the first committed between its two reads - finds on re-check (PostgreSQL re-evaluates
+   the WHERE clause on the newest row version) that the head is published and leaves it.
+   So two relays never publish the same run at once: no duplicates in normal operation, and
+   one event's failures are counted once per attempt. The run after the head is read
+   without locks: only the head's holder may publish it.
 
 A relay that dies after the broker's confirm but before its commit leaves the rows
 unpublished; the next relay publishes them again (a duplicate, same ``message_id``) before
