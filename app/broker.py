@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,10 @@ import pika.exceptions
 from pika.spec import PERSISTENT_DELIVERY_MODE
 
 from app.errors import BrokerUnavailableError, PublishRejectedError
+
+# pika logs every failed connect at ERROR with a traceback, several lines per try; the relay
+# says what matters in one line of its own (and keeps retrying), so pika is kept quiet.
+logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 # Channel-level refusals caused by the message itself (406: e.g. larger than the broker's
 # max_message_size). Others (404: the exchange vanished; 403) are about the setup.
@@ -124,15 +129,24 @@ class AmqpPublisher:
 
 
 def describe(exc: BaseException) -> str:
-    """One line about a pika failure (its repr is often a tuple or empty)."""
-    if isinstance(exc, pika.exceptions.AMQPConnectionError) and exc.args:
-        inner = exc.args[0]
-        text = describe(inner) if isinstance(inner, BaseException) else str(inner)
-    elif isinstance(exc, (pika.exceptions.ConnectionClosed, pika.exceptions.ChannelClosed)):
-        text = f"{exc.reply_code} {exc.reply_text}"
+    """One line about a pika failure: the innermost cause (pika nests them deeply)."""
+    root = exc
+    for _ in range(10):
+        nested = getattr(root, "exceptions", None)  # AMQPConnectionWorkflowFailed
+        wrapped = getattr(root, "exception", None)  # AMQPConnectorPhaseErrorBase
+        if nested:
+            root = nested[-1]
+        elif isinstance(wrapped, BaseException):
+            root = wrapped
+        elif root.args and isinstance(root.args[0], BaseException):
+            root = root.args[0]
+        else:
+            break
+    if isinstance(root, (pika.exceptions.ConnectionClosed, pika.exceptions.ChannelClosed)):
+        text = f"{root.reply_code} {root.reply_text}"
     else:
-        text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        text = str(root).strip()
+    return f"{type(root).__name__}: {text}" if text else type(root).__name__
 
 
 def body_of(envelope: dict[str, Any]) -> bytes:

@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 
 from loguru import logger
 
+from app.cli_events import add_commands as add_event_commands
+from app.cli_events import lag_line
 from app.client import Client
 from app.db import Database
 from app.errors import DuplexError, InputError
@@ -36,6 +38,7 @@ from app.storage.operations import (
     resolve_step,
     retry_step,
 )
+from app.storage.outbox import event_lag
 from app.storage.queries import (
     StepSummary,
     TaskSummary,
@@ -130,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--reason", metavar="TEXT", help="why (kept in the transition rows)")
         command.set_defaults(func=func)
 
+    add_event_commands(sub)
+
     migrate = sub.add_parser("migrate", help="bring the database schema to head")
     migrate.set_defaults(func=cmd_migrate)
     return parser
@@ -207,12 +212,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             # Workers presumed dead by the liveness rule are not listed.
             cutoff = utcnow() - timedelta(seconds=settings.event_system.claim_timeout_s)
             live = active_workers(conn, heartbeat_since=cutoff)
+            now = utcnow()
+            lag = event_lag(conn, now=now).as_json(now)
     finally:
         db.dispose()
     if args.json:
-        _print_json({"tasks": [t.as_json() for t in summaries], "workers": live})
+        _print_json({"tasks": [t.as_json() for t in summaries], "workers": live, "events": lag})
     else:
         print(_format_tasks(summaries))
+        print(lag_line(lag))
         for worker in live:
             dispatcher = (worker.get("stats") or {}).get("dispatcher") or {}
             print(

@@ -61,13 +61,15 @@ class Received:
 class BrokerQueue:
     """A fresh durable topic exchange and a queue bound to it, read with ``basic_get``."""
 
-    def __init__(self, binding: str = "#", *, declare: bool = True) -> None:
+    def __init__(self, binding: str = "#", *, attach_to: BrokerQueue | None = None) -> None:
+        """Declare a new exchange and queue, or (``attach_to``) read another's queue."""
         suffix = uuid.uuid4().hex[:10]
-        self.exchange = f"duplex.test.{suffix}"
-        self.queue = f"duplex.test.q.{suffix}"
+        self.exchange: str = attach_to.exchange if attach_to else f"duplex.test.{suffix}"
+        self.queue: str = attach_to.queue if attach_to else f"duplex.test.q.{suffix}"
+        self._owner = attach_to is None
         self._connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
         self._channel = self._connection.channel()
-        if declare:
+        if self._owner:
             self._channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
             self._channel.queue_declare(self.queue, durable=True)
             self._channel.queue_bind(self.queue, self.exchange, routing_key=binding)
@@ -94,12 +96,16 @@ class BrokerQueue:
 
     def close(self) -> None:
         try:
-            if self._connection.is_open:
+            if not self._connection.is_open:
+                # Closed by the broker (a test dropping connections): delete with a new one.
+                self._connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+                self._channel = self._connection.channel()
+            if self._owner:
                 self._channel.queue_delete(self.queue)
                 self._channel.exchange_delete(self.exchange)
-                self._connection.close()
+            self._connection.close()
         except pika.exceptions.AMQPError:
-            pass
+            pass  # the broker cleans up nothing else of ours
 
 
 def first_arrivals(messages: list[Received]) -> dict[str, list[int]]:

@@ -555,7 +555,11 @@ def prune_batch(conn: Connection, *, cutoff: datetime, limit: int) -> PruneCount
         counts.steps = conn.execute(delete(ws).where(ws.c.task_uuid.in_(task_ids))).rowcount
         counts.tasks = conn.execute(delete(tasks).where(tasks.c.task_uuid.in_(task_ids))).rowcount
         return counts
-    loose = [row.event_id for row in conn.execute(_PRUNABLE_EVENTS, params)]
+    # Event rows are small: ten times as many per batch as tasks.
+    loose = [
+        row.event_id
+        for row in conn.execute(_PRUNABLE_EVENTS, {"cutoff": cutoff, "limit": limit * 10})
+    ]
     if loose:
         conn.execute(delete(domain_event_actions).where(domain_event_actions.c.event_id.in_(loose)))
         counts.events = conn.execute(delete(de).where(de.c.event_id.in_(loose))).rowcount
@@ -575,6 +579,7 @@ def count_prunable(conn: Connection, *, cutoff: datetime) -> PruneCounts:
     counts.events = conn.execute(
         select(func.count()).where(de.c.task_uuid.in_(ids)), params
     ).scalar_one()
-    loose = _PRUNABLE_EVENTS.limit(None).subquery()
+    # Published events of the tasks that stay (the tasks above take theirs with them).
+    loose = _PRUNABLE_EVENTS.where(de.c.task_uuid.not_in(ids)).limit(None).subquery()
     counts.events += conn.execute(select(func.count()).select_from(loose), params).scalar_one()
     return counts
