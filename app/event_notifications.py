@@ -1,9 +1,9 @@
 """PostgreSQL: the ``duplex_events`` channel, on which each commit announces its events.
 
-A trigger (migration 0005) sends, at the commit of every batch that wrote domain events,
-``NOTIFY duplex_events`` with a JSON array of ``{"task_uuid", "first", "last"}``: the new
-sequence range of each task. External consumers can LISTEN for it and read the rows;
-Duplex's relay and ``duplex events --follow`` use it to wake up at once.
+The commit path (``app.storage.outbox.notify_new_events``) sends, at the commit of every
+batch that wrote domain events, ``NOTIFY duplex_events`` with a JSON array of
+``{"task_uuid", "first", "last"}``: the new sequence range of each task. External
+consumers can LISTEN for it and read the rows; Duplex's relay and ``duplex events --follow`` use it to wake up at once.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import psycopg
 from loguru import logger
 
 from app.notifications import libpq_url
+from app.storage.outbox import CHANNEL
 
-CHANNEL = "duplex_events"
+__all__ = ["CHANNEL", "EventListener", "SequenceRange", "parse_payload"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ database file) lets one relay at a time publish, and the others wait as standbys
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -52,11 +53,12 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 
 from app.errors import InputError, TransitionError
-from app.messages import JSONDict
+from app.messages import DomainEvent, JSONDict
 from app.models import (
     UTCDateTime,
     domain_event_actions,
@@ -180,6 +182,43 @@ _LAST_SEQUENCES = select(
     .scalar_subquery()
     .label("last"),
 ).where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)))
+
+
+# The NOTIFY channel on PostgreSQL (documented in the README).
+CHANNEL = "duplex_events"
+# PostgreSQL refuses payloads of 8000 bytes or more.
+_PAYLOAD_LIMIT = 7000
+
+
+def notify_new_events(conn: Connection, events: Sequence[DomainEvent]) -> None:
+    """PostgreSQL: announce a commit's new sequence ranges on ``duplex_events``.
+
+    Inside the commit's transaction, so the notification is delivered at its commit and
+    never for a rollback. The payload is a JSON array of ``{"task_uuid", "first", "last"}``,
+    one item per task, split over several notifications past 7000 bytes.
+    """
+    if not events or conn.dialect.name != "postgresql":
+        return
+    ranges: dict[str, tuple[int, int]] = {}
+    for event in events:
+        low, high = ranges.get(event.task_uuid, (event.sequence, event.sequence))
+        ranges[event.task_uuid] = (min(low, event.sequence), max(high, event.sequence))
+    payloads: list[str] = []
+    chunk: list[str] = []
+    size = 2
+    for task_uuid, (first, last) in sorted(ranges.items()):
+        item = json.dumps({"task_uuid": task_uuid, "first": first, "last": last})
+        if chunk and size + len(item) + 1 > _PAYLOAD_LIMIT:
+            payloads.append("[" + ",".join(chunk) + "]")
+            chunk, size = [], 2
+        chunk.append(item)
+        size += len(item) + 1
+    payloads.append("[" + ",".join(chunk) + "]")
+    for payload in payloads:
+        conn.execute(_NOTIFY, {"channel": CHANNEL, "payload": payload})
+
+
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
 # --- the relay's work list ----------------------------------------------------------------

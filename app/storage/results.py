@@ -46,7 +46,7 @@ from app.states import (
     WAITING_FOR_RETRY,
 )
 from app.storage.events import events_of
-from app.storage.outbox import next_sequences
+from app.storage.outbox import next_sequences, notify_new_events
 from app.storage.readiness import enqueue_ready_dependents
 from app.storage.task_state import lock_tasks, update_task_states
 from app.storage.transitions import transition_row
@@ -182,6 +182,7 @@ def commit_outcomes(
         conn.execute(insert(workflow_step_transitions), transitions)
     if event_rows:
         conn.execute(insert(domain_events), event_rows)
+        notify_new_events(conn, report.events)
     if touched_tasks:
         update_task_states(conn, touched_tasks, now=now, locked_states=task_states)
     return report

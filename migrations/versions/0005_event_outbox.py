@@ -7,10 +7,8 @@
   ``retry_at``, ``dead_lettered_at``, ``skipped_at``: the relay's state of each event. Existing
   rows start unpublished, so a relay enabled later delivers the whole history, in order.
 * ``domain_event_actions``: what ``duplex events retry/skip`` did, who, why.
-* PostgreSQL: after each insert statement into ``domain_events`` a NOTIFY on
-  ``duplex_events`` carries the new sequence range of every task in it, as a JSON array of
-  ``{"task_uuid", "first", "last"}`` (split into several notifications past 7000 bytes, the
-  payload limit being 8000). Sent at commit, so only committed events are announced.
+(The NOTIFY on ``duplex_events`` is sent by the commit path itself, ``app.storage.outbox``:
+a row trigger would fire once per row of the commit's executemany, not once per commit.)
 
 Revision ID: 0005
 Revises: 0004
@@ -48,43 +46,6 @@ BACKFILL = {
         ) AS s WHERE d.ctid = s.r
     """,
 }
-
-NOTIFY_FUNCTION = """
-CREATE FUNCTION duplex_notify_events() RETURNS trigger AS $$
-DECLARE
-    item text;
-    chunk text := '';
-BEGIN
-    FOR item IN
-        SELECT json_build_object(
-                   'task_uuid', task_uuid, 'first', min(sequence), 'last', max(sequence)
-               )::text
-        FROM new_rows GROUP BY task_uuid ORDER BY task_uuid
-    LOOP
-        IF length(chunk) + length(item) > 7000 THEN
-            PERFORM pg_notify('duplex_events', '[' || chunk || ']');
-            chunk := '';
-        END IF;
-        IF chunk = '' THEN
-            chunk := item;
-        ELSE
-            chunk := chunk || ',' || item;
-        END IF;
-    END LOOP;
-    IF chunk <> '' THEN
-        PERFORM pg_notify('duplex_events', '[' || chunk || ']');
-    END IF;
-    RETURN NULL;
-END;
-$$ LANGUAGE plpgsql
-"""
-
-NOTIFY_TRIGGER = """
-CREATE TRIGGER domain_events_notify
-AFTER INSERT ON domain_events
-REFERENCING NEW TABLE AS new_rows
-FOR EACH STATEMENT EXECUTE FUNCTION duplex_notify_events()
-"""
 
 
 def upgrade() -> None:
@@ -129,15 +90,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_domain_event_actions"),
     )
     op.create_index("ix_domain_event_actions_event_id", "domain_event_actions", ["event_id"])
-    if dialect == "postgresql":
-        op.execute(NOTIFY_FUNCTION)
-        op.execute(NOTIFY_TRIGGER)
 
 
 def downgrade() -> None:
-    if op.get_context().dialect.name == "postgresql":
-        op.execute("DROP TRIGGER domain_events_notify ON domain_events")
-        op.execute("DROP FUNCTION duplex_notify_events()")
     op.drop_index("ix_domain_event_actions_event_id", table_name="domain_event_actions")
     op.drop_table("domain_event_actions")
     op.drop_index("ix_domain_events_published_at", table_name="domain_events")
