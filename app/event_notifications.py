@@ -3,7 +3,8 @@
 The commit path (``app.storage.outbox.notify_new_events``) sends, at the commit of every
 batch that wrote domain events, ``NOTIFY duplex_events`` with a JSON array of
 ``{"task_uuid", "first", "last"}``: the new sequence range of each task. External
-consumers can LISTEN for it and read the rows; Duplex's relay and ``duplex events --follow`` use it to wake up at once.
+consumers can LISTEN for it and read the rows; Duplex's relay and ``duplex events
+--follow`` use it to wake up at once.
 """
 
 from __future__ import annotations
