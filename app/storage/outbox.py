@@ -223,11 +223,14 @@ _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 # --- the relay's work list ----------------------------------------------------------------
 
+# Materialised: computed once per statement. As a plain subquery PostgreSQL's planner, with
+# the row estimates of a table that grows fast, re-ran the aggregate for every pending row.
 _heads = (
     select(de.c.task_uuid, func.min(de.c.sequence).label("sequence"))
     .where(_PENDING)
     .group_by(de.c.task_uuid)
-    .subquery("heads")
+    .cte("heads")
+    .prefix_with("MATERIALIZED", dialect="postgresql")
 )
 # Each task's head, if it may be tried now: not dead-lettered (then the task waits behind
 # it), not waiting for its retry time. Oldest first. The _PENDING terms are repeated on the
