@@ -95,17 +95,19 @@ class BrokerQueue:
             )
 
     def close(self) -> None:
-        try:
-            if not self._connection.is_open:
-                # Closed by the broker (a test dropping connections): delete with a new one.
-                self._connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-                self._channel = self._connection.channel()
-            if self._owner:
-                self._channel.queue_delete(self.queue)
-                self._channel.exchange_delete(self.exchange)
-            self._connection.close()
-        except pika.exceptions.AMQPError:
-            pass  # the broker cleans up nothing else of ours
+        """Delete the queue and exchange (with a new connection if the broker dropped ours)."""
+        for attempt in range(2):
+            try:
+                if attempt or not self._connection.is_open:
+                    self._connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+                    self._channel = self._connection.channel()
+                if self._owner:
+                    self._channel.queue_delete(self.queue)
+                    self._channel.exchange_delete(self.exchange)
+                self._connection.close()
+                return
+            except pika.exceptions.AMQPError:
+                continue  # the connection was dead without knowing it: once more
 
 
 def first_arrivals(messages: list[Received]) -> dict[str, list[int]]:

@@ -10,9 +10,11 @@ import json
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 from sqlalchemy import func, select, update
 
@@ -410,3 +412,86 @@ def test_migration_numbers_existing_events_in_commit_order(tmp_path: Path) -> No
             assert [tuple(r) for r in rows] == [("e-b", 1), ("e-a", 2), ("e-late", 3)]
     finally:
         db.dispose()
+
+
+# --- the example consumer -------------------------------------------------------------------
+
+
+def test_the_example_consumer_gets_the_order_events_once_each(tmp_path: Path) -> None:
+    require_rabbitmq()
+    from tests.test_cli_e2e import ORDER_CONTEXT, REPO_ROOT
+
+    exchange = f"duplex.test.example.{uuid.uuid4().hex[:10]}"
+    queue = f"{exchange}.orders"
+    duplex = with_env(
+        make_duplex(tmp_path, handler_modules=("examples.orders",)),
+        relay_env(None, DUPLEX_RELAY__ENABLED="true", DUPLEX_RELAY__EXCHANGE=exchange),
+    )
+    out = tmp_path / "consumer.out"
+    with open(out, "wb") as handle:
+        consumer = subprocess.Popen(
+            [
+                duplex.command([])[0],
+                str(REPO_ROOT / "examples" / "consumer.py"),
+                "--exchange",
+                exchange,
+                "--queue",
+                queue,
+                "--idle-timeout",
+                "2",
+            ],
+            cwd=duplex.cwd,
+            env=duplex.env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: "consumer: bound" in out.read_text(), "the consumer to bind its queue")
+        duplex.ok("migrate")
+        task = duplex.submit(REPO_ROOT / "examples" / "order_fulfillment.toml", ORDER_CONTEXT)
+        db = open_db(f"sqlite:///{duplex.db_path}")
+        try:
+            run = duplex.run(
+                "run", "--until-idle", env={"DUPLEX_RETRY__BACKOFF_BASE_MS": "50"}, timeout=120
+            )
+            assert run.returncode == 0, run.stderr[-2000:]
+            assert counts(db)[1] == 0
+            with db.read() as conn:
+                first = conn.execute(
+                    select(de.c.event_id).where(de.c.name == "stock.reserved")
+                ).scalar_one()
+        finally:
+            db.dispose()
+        # Replay one event as the relay would after a crash: same id, same body.
+        connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+        channel = connection.channel()
+        replay = json.dumps(
+            {
+                "event_id": first,
+                "task_uuid": task,
+                "sequence": 3,
+                "name": "stock.reserved",
+                "payload": {},
+            }
+        )
+        channel.basic_publish(
+            exchange, "stock.reserved", replay, pika.BasicProperties(message_id=first)
+        )
+        connection.close()
+        assert consumer.wait(30) == 0
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+        cleanup = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+        cleanup.channel().queue_delete(queue)
+        cleanup.channel().exchange_delete(exchange)
+        cleanup.close()
+    text = out.read_text()
+    names = [line.split()[0] for line in text.splitlines() if line.startswith(NAMES)]
+    assert sorted(names[:2]) == ["payment.charged", "stock.reserved"], text
+    assert names[2:] == ["order.shipped", "order.fulfilled"], text
+    assert f"duplicate dropped: {first}" in text
+    assert f"task {task}" in text
+
+
+NAMES = ("stock.", "payment.", "order.", "billing.")
