@@ -220,6 +220,29 @@ def test_duplex_relay_publishes_what_a_worker_without_relay_committed(
     assert json.loads(duplex.ok("status", "--json").stdout)["events"]["unpublished"] == 0
 
 
+@pytest.mark.postgres
+def test_duplex_relay_on_postgres_is_woken_by_notify(
+    tmp_path: Path, broker_queue: BrokerQueue, pg_url: str
+) -> None:
+    """Polling once an hour: the NOTIFY of another process's commit wakes ``duplex relay``."""
+    duplex = with_env(
+        make_duplex(tmp_path),
+        relay_env(
+            broker_queue, DUPLEX_DATABASE__URL=pg_url, DUPLEX_RELAY__POLL_INTERVAL_MS="3600000"
+        ),
+    )
+    duplex.ok("migrate")
+    relay = duplex.start("relay")
+    try:
+        wait_for(lambda: "relay connected" in duplex.stderr_text(), "the relay to connect")
+        task = duplex.submit(wide_template(tmp_path / "t.toml", 3))
+        duplex.ok("run", "--until-idle")
+        got = drain_until(broker_queue, 6, timeout_s=20)
+        assert first_arrivals(got) == {task: [1, 2, 3, 4, 5, 6]}
+    finally:
+        assert stop(relay) == 0
+
+
 def test_duplex_relay_says_in_one_line_that_it_cannot_reach_the_broker(tmp_path: Path) -> None:
     duplex = with_env(
         make_duplex(tmp_path),

@@ -98,7 +98,13 @@ def test_the_worker_relays_committed_events_with_envelope_and_headers(
         task = create_task(conn, parse_template(TEMPLATE), {}, now=utcnow())
     settings = make_settings(
         str(db.url),
-        relay={"enabled": True, "url": RABBITMQ_URL, "exchange": broker_queue.exchange},
+        # Polling once an hour: only the wake-up from the commit path can publish in time.
+        relay={
+            "enabled": True,
+            "url": RABBITMQ_URL,
+            "exchange": broker_queue.exchange,
+            "poll_interval_ms": 3_600_000,
+        },
         event_system={"polling_interval_ms": 50},
     )
     worker = Worker(settings, db, registry=registry, subscribers=SubscriberRegistry())
