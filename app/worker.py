@@ -2,7 +2,8 @@
 
 Flow (DESIGN.md section 1):
 EventSystem -> CommandProcessor -> StepExecutor -> Dispatcher (dispatch channel) ->
-HandlerWorker -> CompletionProcessor (completion channel) -> DomainEventPublisher.
+HandlerWorker -> CompletionProcessor (completion channel) -> DomainEventPublisher ->
+RelayActor (when ``[relay] enabled``).
 """
 
 from __future__ import annotations
