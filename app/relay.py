@@ -196,6 +196,7 @@ class Relay:
             settings.backoff_base_ms / 1000, settings.backoff_max_ms / 1000
         )
         self._down_since: float | None = None
+        self._next_connect = 0.0  # monotonic time before which no connect is tried
         self._standby_logged = False
         self.stats = RelayStats()
         self._rate: deque[tuple[float, int]] = deque()
@@ -222,7 +223,7 @@ class Relay:
             return self.poll_s
         publisher = self._ensure_connected()
         if publisher is None:
-            return self._broker_backoff.delay(self._broker_backoff.failures)
+            return max(0.001, self._next_connect - time.monotonic())
         deadline = time.monotonic() + budget_s
         retries: list[float] = []
         while True:
@@ -232,8 +233,7 @@ class Relay:
                 logger.warning("relay: database error ({}); retrying", exc)
                 return self._broker_backoff.delay(1)
             if outcome.broker_error is not None:
-                self._broker_lost(outcome.broker_error)
-                return self._broker_backoff.failed()
+                return self._broker_lost(outcome.broker_error)
             retries += [
                 self._event_backoff.delay(f.attempts)
                 for f in outcome.failures
@@ -247,8 +247,7 @@ class Relay:
             try:
                 publisher.keepalive()
             except BrokerUnavailableError as exc:
-                self._broker_lost(exc)
-                return self._broker_backoff.failed()
+                return self._broker_lost(exc)
         # An event that failed is due again after its backoff: look again then.
         return min([self.poll_s, *retries])
 
@@ -345,10 +344,12 @@ class Relay:
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
+        if time.monotonic() < self._next_connect:
+            return None  # backing off: wake-ups from commits must not hammer the broker
         try:
             self._publisher = self._connect()
         except BrokerUnavailableError as exc:
-            self._broker_backoff.failed()
+            self._next_connect = time.monotonic() + self._broker_backoff.failed()
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 logger.warning(
@@ -372,7 +373,8 @@ class Relay:
         self._broker_backoff.reset()
         return self._publisher
 
-    def _broker_lost(self, exc: BrokerUnavailableError) -> None:
+    def _broker_lost(self, exc: BrokerUnavailableError) -> float:
+        """Drop the connection; return the backoff before the next connect."""
         with self._stats_lock:
             self.stats.broker_errors += 1
         logger.warning("relay lost the broker ({}); reconnecting", exc)
@@ -381,6 +383,9 @@ class Relay:
             self._publisher = None
         if self._down_since is None:
             self._down_since = time.monotonic()
+        delay = self._broker_backoff.failed()
+        self._next_connect = time.monotonic() + delay
+        return delay
 
     def _where(self) -> str:
         try:

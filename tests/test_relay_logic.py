@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from app.broker import Message
 from app.db import Database
-from app.errors import InputError, TransitionError
+from app.errors import BrokerUnavailableError, InputError, TransitionError
 from app.messages import ClaimedStep, EmittedEvent, StepOutcome
 from app.models import domain_event_actions, domain_events, utcnow
 from app.relay import Backoff, Relay, RelayLock, envelope, message_of
@@ -487,3 +487,35 @@ def test_two_relays_on_postgres_keep_each_task_in_order(
     if fault_rate == 0:
         ids = [m.message_id for m in broker.delivered if m.headers["task_uuid"] in tasks]
         assert len(ids) == len(set(ids)), "two relays published the same event"
+
+
+def test_wake_ups_while_the_broker_is_down_do_not_reconnect_before_the_backoff(
+    sqlite_db: Database,
+) -> None:
+    submit(sqlite_db, 1)
+    (step,) = claim_all(sqlite_db)
+    commit(sqlite_db, [outcome(step, 1)])
+    attempts = []
+    broker = FakeBroker()
+    up = [False]
+
+    def connect() -> FakePublisher:
+        attempts.append(time.monotonic())
+        if not up[0]:
+            raise BrokerUnavailableError("connection refused")
+        return FakePublisher(broker)
+
+    relay = Relay(
+        sqlite_db, relay_settings(backoff_base_ms=200, backoff_max_ms=200), connect=connect
+    )
+    try:
+        delays = [relay.pump() for _ in range(20)]  # as if woken by 20 commits
+        assert len(attempts) == 1
+        assert all(0 < d <= 0.2 for d in delays)
+        up[0] = True
+        time.sleep(0.21)
+        relay.pump()
+        assert len(attempts) == 2
+        assert len(broker.delivered) == 2
+    finally:
+        relay.close()
