@@ -48,7 +48,8 @@ class RelayActor(SupervisedActor):
         if self._listen is not None:
             self._listener = self._listen(lambda _ranges: self._wake_from_outside())
             self._listener.start()
-        self.wake()
+        # The first pump waits for the worker's ``wake`` once everything is wired: a relay
+        # that failed at once would otherwise be dead before the worker held its proxy.
 
     def on_stop(self) -> None:
         self._shut()

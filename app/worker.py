@@ -134,11 +134,12 @@ class Worker:
         self.timer = Timer()
         supervisor = self.supervisor
         relay = self._start_relay(self.timer)
+        relay_proxy = relay.proxy() if relay is not None else None
         publisher = DomainEventPublisher.start(
             self.subscribers,
             buffer_size=self.settings.domain_events.buffer_size,
             supervisor=supervisor,
-            relay=relay.proxy() if relay is not None else None,
+            relay=relay_proxy,
         )
         completion = CompletionProcessor.start(
             self.db,
@@ -189,7 +190,7 @@ class Worker:
             dispatcher.proxy(),
             completion.proxy(),
             publisher.proxy(),
-            relay.proxy() if relay is not None else None,
+            relay_proxy,
         )
         # Back-edges of the flow: credits and nudges return to the intake.
         pykka.get_all(
@@ -202,6 +203,8 @@ class Worker:
         # A restart after a crash on this host resumes the dead worker's steps at once.
         self.actors.completion.recover_lost_claims().get(timeout=_ASK_TIMEOUT_S)
         self.actors.event_system.begin.defer()
+        if relay_proxy is not None:
+            tell(relay_proxy.wake)  # publish what earlier runs left unpublished
         self._threads = [
             threading.Thread(target=self._beat, name="duplex-heartbeat", daemon=True),
             threading.Thread(target=self._watch, name="duplex-watchdog", daemon=True),

@@ -519,3 +519,27 @@ def test_wake_ups_while_the_broker_is_down_do_not_reconnect_before_the_backoff(
         assert len(broker.delivered) == 2
     finally:
         relay.close()
+
+
+def test_a_failing_relay_actor_stops_the_worker_in_order(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the relay (here: in its connect) follows the shared failure policy."""
+    from app import worker as worker_module
+    from app.handlers import HandlerRegistry
+    from app.subscriptions import SubscriberRegistry
+    from app.worker import Worker, WorkerCrashedError
+    from tests.conftest import make_settings, wait_until
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("injected relay bug")
+
+    monkeypatch.setattr(worker_module, "AmqpPublisher", broken)
+    settings = make_settings(str(sqlite_db.url), relay={"enabled": True})
+    worker = Worker(
+        settings, sqlite_db, registry=HandlerRegistry(), subscribers=SubscriberRegistry()
+    )
+    worker.start()
+    assert wait_until(lambda: worker.actors is None, timeout_s=20), "worker kept running"
+    with pytest.raises(WorkerCrashedError, match="actor RelayActor failed"):
+        worker.stop()
