@@ -26,6 +26,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/relay.py
 
 # Recovery time after SIGKILL (needs PostgreSQL on 127.0.0.1:5432, and root for unshare).
 bench-recovery: $(STAMP)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykka
 from loguru import logger
 
-from actors.supervised import SupervisedActor
+from actors.supervised import SupervisedActor, tell
 from app.messages import DomainEvent
 from app.metrics import WorkerMetrics
 from app.subscriptions import SubscriberRegistry
 from app.supervision import Supervisor
+
+if TYPE_CHECKING:
+    from actors.relay import RelayActorProxy
 
 _STOP = object()
 
@@ -34,8 +37,10 @@ class DomainEventPublisher(SupervisedActor):
         buffer_size: int,
         supervisor: Supervisor | None = None,
         metrics: WorkerMetrics | None = None,
+        relay: RelayActorProxy | None = None,
     ) -> None:
         super().__init__(supervisor)
+        self._relay = relay
         self._subscribers = subscribers
         self._queue: queue.Queue[object] = queue.Queue(maxsize=buffer_size)
         self._thread = threading.Thread(
@@ -57,7 +62,12 @@ class DomainEventPublisher(SupervisedActor):
         self.close(timeout_s=5.0)
 
     def publish(self, events: Sequence[DomainEvent]) -> None:
-        """Queue committed events for delivery; drop (and count) what does not fit."""
+        """Queue committed events for delivery; drop (and count) what does not fit.
+
+        The relay (when there is one) is woken too: these events are committed.
+        """
+        if self._relay is not None and events:
+            tell(self._relay.wake)
         for event in events:
             try:
                 self._queue.put_nowait(event)

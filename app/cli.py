@@ -25,6 +25,8 @@ from rich.live import Live
 from sqlalchemy import Connection
 
 from app import console
+from app.cli_events import add_commands as add_event_commands
+from app.cli_events import lag_line
 from app.client import Client
 from app.db import Database
 from app.errors import DuplexError, InputError
@@ -43,6 +45,7 @@ from app.storage.operations import (
     resolve_step,
     retry_step,
 )
+from app.storage.outbox import event_lag
 from app.storage.queries import (
     active_workers,
     all_workers,
@@ -144,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_positive_int, default=100, help="workers to list (default 100)"
     )
     workers.set_defaults(func=cmd_workers)
+    add_event_commands(sub)
 
     migrate = sub.add_parser("migrate", help="bring the database schema to head")
     migrate.set_defaults(func=cmd_migrate)
@@ -224,16 +228,19 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             cutoff = utcnow() - timedelta(seconds=settings.event_system.claim_timeout_s)
             live = active_workers(conn, heartbeat_since=cutoff)
             judged = [(row, lv) for row, lv in _judged_workers(conn, settings) if lv.alive]
+            now = utcnow()
+            lag = event_lag(conn, now=now).as_json(now)
     finally:
         db.dispose()
     if args.json:
-        _print_json({"tasks": [t.as_json() for t in summaries], "workers": live})
+        _print_json({"tasks": [t.as_json() for t in summaries], "workers": live, "events": lag})
     else:
         out = console.make_console()
         if summaries:
             out.print(console.tasks_table(summaries))
         else:
             print("no tasks")
+        print(lag_line(lag))
         if judged:
             out.print()
             out.print(console.workers_table(judged, utcnow()))

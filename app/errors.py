@@ -7,6 +7,11 @@
     ├── TransitionError            an operator command asked for an impossible state change
     ├── StorageError               the database failed; wraps the driver's exception
     │   └── SchemaNotReadyError    the database schema is not at head (run `duplex migrate`)
+    ├── BrokerError                the relay's message broker failed; wraps pika's exception
+    │   ├── BrokerUnavailableError cannot connect, or the connection or channel was lost:
+    │   │                          back off and retry, nothing is counted against the event
+    │   └── PublishRejectedError   the broker refused this one message (nack, unroutable):
+    │                              counted against the event, dead-lettered after N
     └── StepError                  raised by handlers to say how their step failed
         ├── PermanentError         do not retry (error_type ``permanent_error``)
         └── RetryableError         retry, optionally after ``retry_after`` seconds
@@ -57,6 +62,18 @@ class StorageError(DuplexError):
 
 class SchemaNotReadyError(StorageError):
     """The database schema is missing or behind the code."""
+
+
+class BrokerError(DuplexError):
+    """The relay's message broker failed; pika's exception is the ``__cause__``."""
+
+
+class BrokerUnavailableError(BrokerError):
+    """The broker cannot be reached, or the connection or channel went away."""
+
+
+class PublishRejectedError(BrokerError):
+    """The broker refused one message (a nack, or an unroutable return)."""
 
 
 class StepError(DuplexError):

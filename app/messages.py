@@ -110,6 +110,8 @@ class DomainEvent:
     step_uuid: str | None
     payload: JSONDict
     created_at: datetime
+    # Commit order within the task (``domain_events.sequence``).
+    sequence: int = 0
 
 
 # Commands routed by the CommandProcessor.

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
@@ -159,8 +160,45 @@ domain_events = Table(
     Column("step_uuid", UUIDText),
     Column("payload", JSONValue, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # Commit order within the task, from 1: assigned under the task lock (outbox.py).
+    Column("sequence", Integer, nullable=False),
+    # Set by the relay only after the broker confirmed the message.
+    Column("published_at", UTCDateTime),
+    # Failed publications of this event (a nack, an unroutable return in "retry" mode), the
+    # last one's error, and when the next try may happen.
+    Column("publish_attempts", Integer, nullable=False, default=0, server_default="0"),
+    Column("publish_error", Text),
+    Column("retry_at", UTCDateTime),
+    # After relay.max_attempts failures: the task's later events wait behind it.
+    Column("dead_lettered_at", UTCDateTime),
+    # Settled by hand (``duplex events skip``): never published, no longer blocking.
+    Column("skipped_at", UTCDateTime),
     Index(None, "task_uuid"),
     Index(None, "created_at"),
+    Index("ux_domain_events_task_uuid_sequence", "task_uuid", "sequence", unique=True),
+    # The relay's work list: only the events still to publish, so its probes cost nothing
+    # for the history. Skipped and published rows leave it.
+    Index(
+        "ix_domain_events_unpublished",
+        "task_uuid",
+        "sequence",
+        sqlite_where=text("published_at IS NULL AND skipped_at IS NULL"),
+        postgresql_where=text("published_at IS NULL AND skipped_at IS NULL"),
+    ),
+    Index(None, "published_at"),
+)
+
+# What operators did to events (``duplex events retry/skip``): who, what, why.
+domain_event_actions = Table(
+    "domain_event_actions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", UUIDText, nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("operator", String(255), nullable=False),
+    Column("reason", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index(None, "event_id"),
 )
 
 workers = Table(

@@ -10,7 +10,14 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -78,6 +85,48 @@ class DomainEventSettings(_Section):
     buffer_size: int = Field(default=10_000, ge=1)
 
 
+class RelaySettings(_Section):
+    """The outbox relay: committed domain events to a RabbitMQ topic exchange."""
+
+    enabled: bool = False
+    url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    exchange: str = Field(default="duplex.events", min_length=1, max_length=255)
+    # Events per database transaction of the relay (and per round of confirms).
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+    # Failed publications of one event before it is dead-lettered.
+    max_attempts: int = Field(default=5, ge=1, le=1000)
+    # A message no queue is bound for: "published" (the broker took it; routing is the
+    # topology's business) or "retry" (counted as a failed attempt).
+    unroutable: Literal["published", "retry"] = "published"
+    # The fallback poll, for commits of other processes when no NOTIFY reaches the relay.
+    poll_interval_ms: int = Field(default=1000, gt=0, le=3_600_000)
+    # Backoff after a broker failure, and between failed attempts of one event.
+    backoff_base_ms: int = Field(default=200, gt=0)
+    backoff_max_ms: int = Field(default=10_000, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=300)
+
+    @field_validator("url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError(f"not an amqp:// or amqps:// URL: {value!r}")
+        try:
+            import pika
+
+            pika.URLParameters(value)
+        except Exception as exc:
+            raise ValueError(f"not a usable AMQP URL ({exc})") from None
+        return value
+
+    @field_validator("exchange")
+    @classmethod
+    def _exchange_name(cls, value: str) -> str:
+        # RabbitMQ reserves the amq. prefix; declaring such an exchange fails at run time.
+        if value.startswith("amq."):
+            raise ValueError(f"exchange names starting with 'amq.' are reserved: {value!r}")
+        return value
+
+
 class LoggingSettings(_Section):
     """Log level and format."""
 
@@ -122,6 +171,7 @@ class Settings(BaseSettings):
     event_system: EventSystemSettings = EventSystemSettings()
     retry: RetrySettings = RetrySettings()
     domain_events: DomainEventSettings = DomainEventSettings()
+    relay: RelaySettings = RelaySettings()
     logging: LoggingSettings = LoggingSettings()
     templates: TemplateSettings = TemplateSettings()
     observability: ObservabilitySettings = ObservabilitySettings()

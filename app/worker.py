@@ -2,7 +2,8 @@
 
 Flow (DESIGN.md section 1):
 EventSystem -> CommandProcessor -> StepExecutor -> Dispatcher (dispatch channel) ->
-HandlerWorker -> CompletionProcessor (completion channel) -> DomainEventPublisher.
+HandlerWorker -> CompletionProcessor (completion channel) -> DomainEventPublisher ->
+RelayActor (when ``[relay] enabled``).
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ from actors.completion_processor import (
 from actors.dispatcher import Dispatcher, DispatcherProxy
 from actors.event_publisher import DomainEventPublisher, DomainEventPublisherProxy
 from actors.event_system import EventSystem, EventSystemProxy
+from actors.relay import RelayActor, RelayActorProxy
 from actors.step_executor import StepExecutor, StepExecutorProxy
 from actors.supervised import tell
+from app.broker import AmqpPublisher
 from app.db import Database
 from app.errors import DuplexError, StorageError
+from app.event_notifications import EventListener, SequenceRange
 from app.handlers import HandlerRegistry
 from app.handlers import registry as default_registry
 from app.health import HealthSnapshot, Phase
@@ -42,6 +46,7 @@ from app.messages import JSONDict, Shutdown, Status
 from app.metrics import DuplexCollector, QueueFigures, QueueProbe, WorkerMetrics
 from app.models import utcnow
 from app.notifications import WorkListener
+from app.relay import Relay
 from app.retry import RetryPolicy
 from app.saturation import Sample, SaturationMonitor
 from app.settings import Settings
@@ -86,6 +91,7 @@ class Actors:
     dispatcher: DispatcherProxy
     completion: CompletionProcessorProxy
     publisher: DomainEventPublisherProxy
+    relay: RelayActorProxy | None = None
 
 
 class Worker:
@@ -153,11 +159,14 @@ class Worker:
         self._register()
         self.timer = Timer()
         supervisor = self.supervisor
+        relay = self._start_relay(self.timer)
+        relay_proxy = relay.proxy() if relay is not None else None
         publisher = DomainEventPublisher.start(
             self.subscribers,
             buffer_size=self.settings.domain_events.buffer_size,
             supervisor=supervisor,
             metrics=self.metrics,
+            relay=relay_proxy,
         )
         completion = CompletionProcessor.start(
             self.db,
@@ -209,6 +218,8 @@ class Worker:
             supervisor=supervisor,
         )
         self._refs = [intake, commands, executor, dispatcher, completion, publisher]
+        if relay is not None:
+            self._refs.append(relay)
         self.actors = Actors(
             intake.proxy(),
             commands.proxy(),
@@ -216,6 +227,7 @@ class Worker:
             dispatcher.proxy(),
             completion.proxy(),
             publisher.proxy(),
+            relay_proxy,
         )
         # Back-edges of the flow: credits and nudges return to the intake.
         pykka.get_all(
@@ -228,6 +240,8 @@ class Worker:
         # A restart after a crash on this host resumes the dead worker's steps at once.
         self.actors.completion.recover_lost_claims().get(timeout=_ASK_TIMEOUT_S)
         self.actors.event_system.begin.defer()
+        if relay_proxy is not None:
+            tell(relay_proxy.wake)  # publish what earlier runs left unpublished
         self._threads = [
             threading.Thread(target=self._beat, name="duplex-heartbeat", daemon=True),
             threading.Thread(target=self._watch, name="duplex-watchdog", daemon=True),
@@ -328,6 +342,25 @@ class Worker:
             ready, oldest = ready_queue(conn, self.settings.worker.namespaces, now=utcnow())
         return QueueFigures(ready, oldest)
 
+    def _start_relay(self, timer: Timer) -> pykka.ActorRef[RelayActor] | None:
+        """Start the outbox relay after the publisher, when ``[relay] enabled``."""
+        cfg = self.settings.relay
+        if not cfg.enabled:
+            return None
+
+        def connect() -> AmqpPublisher:
+            return AmqpPublisher(cfg.url, cfg.exchange, connect_timeout_s=cfg.connect_timeout_s)
+
+        listen = None
+        if self.db.dialect == "postgresql":
+            url = self.db.url
+
+            def listen(on_events: Callable[[list[SequenceRange]], None]) -> EventListener:
+                return EventListener(url, on_events)
+
+        relay = Relay(self.db, cfg, connect=connect)
+        return RelayActor.start(relay, timer, listen=listen, supervisor=self.supervisor)
+
     def _intake_signals(
         self,
     ) -> tuple[bool, Callable[[Callable[[], None]], WorkListener] | None]:
@@ -378,6 +411,11 @@ class Worker:
             "completion": self.actors.completion.stats().get(timeout=timeout_s),
             "events": self.actors.publisher.stats().get(timeout=timeout_s),
             "intake": self.actors.event_system.stats().get(timeout=timeout_s),
+            **(
+                {"relay": self.actors.relay.stats().get(timeout=timeout_s)}
+                if self.actors.relay is not None
+                else {}
+            ),
         }
 
     def request_stop(self) -> None:
@@ -451,6 +489,14 @@ class Worker:
                 "deliver committed events",
                 lambda: actors.publisher.close(timeout_s=5.0).get(timeout=10.0),
             )
+            if actors.relay is not None:
+                relay = actors.relay
+                # Best effort: what is left stays in the table for the next relay.
+                budget = min(5.0, max(0.5, deadline - time.monotonic()))
+                self._stage(
+                    "publish committed events to the broker",
+                    lambda: relay.drain(budget).get(timeout=budget + _ASK_TIMEOUT_S),
+                )
         except Exception:
             # A bug in a stage must not leave the actors' threads keeping the process alive.
             logger.exception("stop: unexpected error; stopping what is left")
@@ -496,6 +542,7 @@ class Worker:
             ("dispatcher", actors.dispatcher.stats),
             ("completion", actors.completion.stats),
             ("events", actors.publisher.stats),
+            *((("relay", actors.relay.stats),) if actors.relay is not None else ()),
         ):
             with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                 parts[key] = ask().get(timeout=_ASK_TIMEOUT_S)

@@ -362,6 +362,12 @@ def test_duplex_console_script_works(tmp_path: Path) -> None:
     assert json.loads(duplex.ok("status", "--json", script=True).stdout) == {
         "tasks": [],
         "workers": [],
+        "events": {
+            "unpublished": 0,
+            "dead_lettered": 0,
+            "oldest_unpublished_age_s": None,
+            "published_per_s": 0.0,
+        },
     }
 
 

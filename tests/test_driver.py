@@ -27,6 +27,8 @@ probe = Table(
     Column("label", String(32)),
     Column("at", UTCDateTime),
     Column("doc", JSONValue),
+    # Not among the rows' columns: an INSERT writes its default.
+    Column("n", Integer, nullable=False, default=7),
 )
 PROBE_COLUMNS = ("id", "via", "label", "at", "doc")
 BULK_INSERT = BulkStatement(
@@ -103,6 +105,8 @@ def test_rows_written_at_the_driver_match_sqlalchemys(db: Database) -> None:
     with db.read() as conn:
         assert _raw(conn, "bulk") == _raw(conn, "core")
         typed = conn.execute(select(probe.c.at, probe.c.doc).order_by(probe.c.id)).all()
+        defaults = conn.execute(select(probe.c.n).where(probe.c.via == "bulk")).scalars().all()
+    assert defaults == [7] * len(VALUES)
     core, bulk = typed[: len(VALUES)], typed[len(VALUES) :]
     assert bulk == core
     assert [doc for _, doc in bulk] == [doc for _, _, doc in VALUES]

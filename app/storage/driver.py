@@ -49,6 +49,8 @@ class BulkStatement:
                 continue
             value = compiled.params[name]
             if value is None:
+                value = self._column_default(name)
+            if value is None:
                 raise ValueError(f"bind parameter {name!r} is neither a column nor a constant")
             processor = compiled.binds[name].type.bind_processor(dialect)
             constants[name] = processor(value) if processor else value
@@ -70,6 +72,13 @@ class BulkStatement:
 
         self._compiled[dialect.name] = (compiled.string, arrange)
         return compiled.string, arrange
+
+    def _column_default(self, name: str) -> Any:
+        """An INSERT renders a column's scalar default as a parameter of its own."""
+        table = getattr(self.statement, "table", None)
+        column = table.c.get(name) if table is not None else None
+        default = column.default if column is not None else None
+        return default.arg if default is not None and default.is_scalar else None
 
 
 def db_time(dialect: Dialect, value: datetime | None) -> Any:

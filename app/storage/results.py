@@ -58,6 +58,7 @@ from app.states import (
 )
 from app.storage.driver import BulkStatement, db_json, db_time
 from app.storage.events import events_of
+from app.storage.outbox import next_sequences, notify_new_events
 from app.storage.readiness import enqueue_ready_dependents
 from app.storage.task_state import update_task_states
 from app.storage.transitions import TransitionRow, insert_transitions, transition_row
@@ -103,6 +104,7 @@ def commit_outcomes(
     touched_tasks: set[str] = set()
     task_states, held = _lock_tasks_and_read_claims(conn, outcomes)
     updates: list[tuple[Any, ...]] = []
+    sequences: dict[str, int] | None = None
 
     for outcome in outcomes:
         step = outcome.step
@@ -160,12 +162,24 @@ def commit_outcomes(
             )
         )
         for name, payload in events_of(outcome, new_state, next_at):
+            if sequences is None:
+                # Under the task locks taken above: numbers follow commit order (outbox.py).
+                sequences = next_sequences(conn, task_states)
+            sequences[step.task_uuid] = sequence = sequences.get(step.task_uuid, 0) + 1
             event = DomainEvent(
-                str(uuid.uuid4()), name, step.task_uuid, step.step_uuid, payload, now
+                str(uuid.uuid4()), name, step.task_uuid, step.step_uuid, payload, now, sequence
             )
             report.events.append(event)
             event_rows.append(
-                (event.event_id, name, event.task_uuid, event.step_uuid, db_json(payload), at)
+                (
+                    event.event_id,
+                    name,
+                    event.task_uuid,
+                    event.step_uuid,
+                    db_json(payload),
+                    at,
+                    sequence,
+                )
             )
 
     if updates:
@@ -183,7 +197,9 @@ def commit_outcomes(
             )
             report.enqueued += 1
     insert_transitions(conn, transitions)
-    _INSERT_EVENTS.execute(conn, event_rows)
+    if event_rows:
+        _INSERT_EVENTS.execute(conn, event_rows)
+        notify_new_events(conn, report.events)
     if touched_tasks:
         update_task_states(conn, touched_tasks, now=now, locked_states=task_states)
     return report
@@ -221,7 +237,15 @@ _APPLY_OUTCOME = BulkStatement(
         "b_claimed_by",
     ),
 )
-_EVENT_COLUMNS = ("event_id", "name", "task_uuid", "step_uuid", "payload", "created_at")
+_EVENT_COLUMNS = (
+    "event_id",
+    "name",
+    "task_uuid",
+    "step_uuid",
+    "payload",
+    "created_at",
+    "sequence",
+)
 _INSERT_EVENTS = BulkStatement(
     insert(domain_events).values(
         {name: bindparam(name, type_=domain_events.c[name].type) for name in _EVENT_COLUMNS}

@@ -4,7 +4,7 @@ Every step of the task continues that trace (``observability.tracing``), so a wo
 as one trace whichever workers run its steps.
 
 Revision ID: 0006
-Revises: 0004 (re-parent onto 0005 when the relay's migration lands first)
+Revises: 0005
 Create Date: 2026-12-02
 """
 
@@ -15,7 +15,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

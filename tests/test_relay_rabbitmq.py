@@ -1,0 +1,263 @@
+"""The relay against the real RabbitMQ (127.0.0.1:5672): messages, confirms, dropped
+connections, unroutable returns and poison events.
+
+Skips without a broker, fails when ``CI`` is set. Each test has its own exchange and queue.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.broker import AmqpPublisher
+from app.db import Database
+from app.errors import BrokerUnavailableError
+from app.handlers import HandlerRegistry, StepContext
+from app.models import utcnow
+from app.relay import Relay
+from app.storage.outbox import task_events
+from app.storage.submission import create_task
+from app.subscriptions import SubscriberRegistry
+from app.templates import parse_template
+from app.worker import Worker
+from tests.conftest import make_settings, sqlite_database
+from tests.relay_support import (
+    RABBITMQ_URL,
+    BrokerQueue,
+    Received,
+    first_arrivals,
+    require_rabbitmq,
+)
+from tests.test_relay_logic import claim_all, commit, outcome, pump_until_drained, submit
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@pytest.fixture
+def broker_queue() -> Iterator[BrokerQueue]:
+    require_rabbitmq()
+    queue = BrokerQueue()
+    yield queue
+    queue.close()
+
+
+def amqp_relay(db: Database, exchange: str, **overrides: object) -> Relay:
+    from tests.relay_support import relay_settings
+
+    cfg = relay_settings(exchange=exchange, **overrides)
+    return Relay(
+        db,
+        cfg,
+        connect=lambda: AmqpPublisher(cfg.url, cfg.exchange, connect_timeout_s=2),
+    )
+
+
+def wait_for_messages(queue: BrokerQueue, count: int, timeout_s: float = 20.0) -> list[Received]:
+    got: list[Received] = []
+    deadline = time.monotonic() + timeout_s
+    while len({m.message_id for m in got}) < count and time.monotonic() < deadline:
+        got += queue.drain()
+        time.sleep(0.02)
+    return got
+
+
+TEMPLATE = """
+name = "fan"
+[[steps]]
+name = "a"
+handler = "t.emit"
+[[steps]]
+name = "b"
+handler = "t.emit"
+depends_on = ["a"]
+[[steps]]
+name = "c"
+handler = "t.emit"
+depends_on = ["a"]
+"""
+
+
+def test_the_worker_relays_committed_events_with_envelope_and_headers(
+    tmp_path: Path, broker_queue: BrokerQueue
+) -> None:
+    db = sqlite_database(tmp_path / "r.db")
+    registry = HandlerRegistry()
+
+    def emit(ctx: StepContext) -> dict[str, object]:
+        ctx.emit("order.touched", {"step": ctx.step_name})
+        return {}
+
+    registry.register("t.emit", emit)
+    with db.write() as conn:
+        task = create_task(conn, parse_template(TEMPLATE), {}, now=utcnow())
+    settings = make_settings(
+        str(db.url),
+        # Polling once an hour: only the wake-up from the commit path can publish in time.
+        relay={
+            "enabled": True,
+            "url": RABBITMQ_URL,
+            "exchange": broker_queue.exchange,
+            "poll_interval_ms": 3_600_000,
+        },
+        event_system={"polling_interval_ms": 50},
+    )
+    worker = Worker(settings, db, registry=registry, subscribers=SubscriberRegistry())
+    worker.start()
+    try:
+        # 3 steps x (order.touched + step.completed); the relay is woken by each commit.
+        got = wait_for_messages(broker_queue, 6)
+        stats = worker.status()["relay"]
+    finally:
+        worker.stop()
+    assert first_arrivals(got) == {task: [1, 2, 3, 4, 5, 6]}
+    with db.read() as conn:
+        events = {e.event_id: e for e in task_events(conn, task)}
+    assert all(e.state == "published" for e in events.values())
+    message = got[0]
+    event = events[message.message_id]
+    assert message.routing_key == event.name
+    assert message.envelope == {
+        "event_id": event.event_id,
+        "name": event.name,
+        "task_uuid": task,
+        "step_uuid": event.step_uuid,
+        "namespace": "default",
+        "sequence": event.sequence,
+        "committed_at": event.created_at.isoformat(),
+        "payload": event.payload,
+    }
+    assert message.headers == {
+        "task_uuid": task,
+        "step_uuid": event.step_uuid,
+        "namespace": "default",
+        "sequence": event.sequence,
+    }
+    assert message.properties.delivery_mode == 2
+    assert message.properties.content_type == "application/json"
+    assert stats["connected"] is True
+    assert stats["lag"]["unpublished"] == 0
+
+
+def test_connections_closed_by_the_broker_mid_stream_lose_nothing(
+    sqlite_db: Database, broker_queue: BrokerQueue
+) -> None:
+    """``rabbitmqctl close_all_connections`` again and again while the relay publishes."""
+    tasks = [submit(sqlite_db, 40) for _ in range(3)]
+    steps = claim_all(sqlite_db)
+    for i in range(0, len(steps), 10):
+        commit(sqlite_db, [outcome(s, 4) for s in steps[i : i + 10]])
+    total = len(steps) * 5
+    relay = amqp_relay(sqlite_db, broker_queue.exchange, batch_size=20)
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            if relay.pump() > 0:
+                time.sleep(0.005)
+
+    closes = 0
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        # The test's own consumer connection is closed as well; it reads only at the end.
+        while closes < 4:
+            wait_until_published_more(sqlite_db, at_least=closes * total // 6 + 1)
+            subprocess.run(
+                ["rabbitmqctl", "close_all_connections", "duplex relay test"],
+                capture_output=True,
+                timeout=30,
+                check=True,
+            )
+            closes += 1
+        deadline = time.monotonic() + 30
+        while count_unpublished(sqlite_db) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(10)
+        relay.close()
+    assert relay.stats.broker_errors >= 1, "no connection was dropped mid-stream"
+    assert not count_unpublished(sqlite_db)
+    reader = BrokerQueue(attach_to=broker_queue)
+    try:
+        got = wait_for_messages(reader, total)
+    finally:
+        reader.close()
+    ids = Counter(m.message_id for m in got)
+    assert len(ids) == total, "an event was lost"
+    arrivals = first_arrivals(got)
+    assert sorted(arrivals) == sorted(tasks)
+    for task in tasks:
+        assert arrivals[task] == list(range(1, len(arrivals[task]) + 1))
+
+
+def count_unpublished(db: Database) -> int:
+    from tests.test_relay_logic import unpublished
+
+    return unpublished(db)
+
+
+def wait_until_published_more(db: Database, at_least: int) -> None:
+    from sqlalchemy import func, select
+
+    from app.models import domain_events
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with db.read() as conn:
+            n = conn.execute(
+                select(func.count()).where(domain_events.c.published_at.is_not(None))
+            ).scalar_one()
+        if n >= at_least:
+            return
+        time.sleep(0.01)
+
+
+def test_a_poison_event_on_the_real_broker_is_dead_lettered_then_retried(
+    sqlite_db: Database,
+) -> None:
+    """unroutable = "retry": an event nobody is bound for fails until a queue is bound."""
+    require_rabbitmq()
+    reader = BrokerQueue(binding="order.#")
+    task = submit(sqlite_db, 1)
+    (step,) = claim_all(sqlite_db)
+    commit(sqlite_db, [outcome(step, 1, "order.placed")])
+    relay = amqp_relay(
+        sqlite_db, reader.exchange, unroutable="retry", max_attempts=2, backoff_base_ms=1
+    )
+    try:
+        # order.placed arrives; step.completed (sequence 2) has no binding: dead-lettered.
+        deadline = time.monotonic() + 10
+        while True:
+            relay.pump()
+            with sqlite_db.read() as conn:
+                events = task_events(conn, task)
+            if events[1].state == "dead_lettered" or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert [e.state for e in events] == ["published", "dead_lettered"]
+        assert "unroutable" in (events[1].publish_error or "")
+        reader.bind("step.#")
+        from app.storage.outbox import retry_event
+
+        with sqlite_db.write() as conn:
+            retry_event(conn, events[1].event_id, operator="t", now=utcnow(), reason=None)
+        pump_until_drained(relay, sqlite_db)
+        got = wait_for_messages(reader, 2)
+        assert first_arrivals(got)[task] == [1, 2]
+    finally:
+        relay.close()
+        reader.close()
+
+
+def test_an_unreachable_broker_is_one_clear_error() -> None:
+    with pytest.raises(BrokerUnavailableError) as caught:
+        AmqpPublisher("amqp://guest:guest@127.0.0.1:1/%2F", "x", connect_timeout_s=1)
+    assert "\n" not in str(caught.value)
+    assert str(caught.value)
