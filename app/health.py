@@ -83,6 +83,6 @@ def details(snapshot: HealthSnapshot) -> dict[str, Any]:
             "interval_s": snapshot.heartbeat_interval_s,
             "late": heartbeat_late(snapshot),
         },
-        # The RabbitMQ relay reports its lag here once it exists in this worker.
+        # The relay's lag when this worker runs one (None otherwise).
         "relay": snapshot.extra.get("relay"),
     }

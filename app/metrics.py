@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from prometheus_client.core import (
@@ -200,6 +200,8 @@ class QueueFigures:
 
     ready: dict[str, int]
     oldest_age_s: dict[str, float]
+    # The relay's lag (``EventLag.as_json``), when this worker runs a relay.
+    relay: dict[str, Any] | None = None
 
 
 class QueueProbe:
@@ -442,6 +444,31 @@ class DuplexCollector(Collector):
             oldest.add_metric([namespace], figures.oldest_age_s.get(namespace, 0.0))
         yield ready
         yield oldest
+        if figures.relay is not None:
+            yield from _relay_metrics(figures.relay)
+
+
+def _relay_metrics(lag: dict[str, Any]) -> Iterator[Metric]:
+    yield _gauge(
+        "duplex_relay_unpublished_events",
+        "Committed events the relay has not published yet (dead-lettered ones included).",
+        lag["unpublished"],
+    )
+    yield _gauge(
+        "duplex_relay_dead_lettered_events",
+        "Events that failed too often and wait for an operator (events retry or skip).",
+        lag["dead_lettered"],
+    )
+    yield _gauge(
+        "duplex_relay_oldest_unpublished_age_seconds",
+        "How long the oldest unpublished event has waited (0 when none waits).",
+        lag["oldest_unpublished_age_s"] or 0.0,
+    )
+    yield _gauge(
+        "duplex_relay_published_per_second",
+        "Events the broker confirmed, per second over the last minute.",
+        lag["published_per_s"],
+    )
 
 
 def _float_label(bound: float) -> str:

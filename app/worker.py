@@ -51,6 +51,7 @@ from app.retry import RetryPolicy
 from app.saturation import Sample, SaturationMonitor
 from app.settings import Settings
 from app.storage.claims import count_open_work
+from app.storage.outbox import event_lag
 from app.storage.queries import ready_queue, task_trace_context
 from app.storage.submission import create_task
 from app.storage.workers import mark_worker_stopped, record_heartbeat, register_worker
@@ -321,7 +322,15 @@ class Worker:
             commit=commit,
             heartbeat_age_s=None if self.actors is None else time.monotonic() - self._last_beat,
             heartbeat_interval_s=self.settings.worker.heartbeat_interval_s,
+            extra={"relay": self._relay_lag()},
         )
+
+    def _relay_lag(self) -> dict[str, Any] | None:
+        """The relay's lag from the scrape figures' cache (one query per refresh interval)."""
+        if not self.settings.relay.enabled or self.metrics.queue is None:
+            return None
+        figures = self.metrics.queue.figures()
+        return None if figures is None else figures.relay
 
     def _probe_database(self) -> str | None:
         """Return why the database cannot be read, or None when it answers."""
@@ -338,9 +347,11 @@ class Worker:
             return task_trace_context(conn, task_uuid)
 
     def _read_queue(self) -> QueueFigures:
+        now = utcnow()
         with self.db.read() as conn:
-            ready, oldest = ready_queue(conn, self.settings.worker.namespaces, now=utcnow())
-        return QueueFigures(ready, oldest)
+            ready, oldest = ready_queue(conn, self.settings.worker.namespaces, now=now)
+            relay = event_lag(conn, now=now).as_json(now) if self.settings.relay.enabled else None
+        return QueueFigures(ready, oldest, relay)
 
     def _start_relay(self, timer: Timer) -> pykka.ActorRef[RelayActor] | None:
         """Start the outbox relay after the publisher, when ``[relay] enabled``."""

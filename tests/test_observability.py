@@ -379,3 +379,48 @@ def test_ready_queue_counts_ready_steps_and_the_oldest_age(db: Database) -> None
     assert oldest["default"] == pytest.approx(10.0)
     assert oldest["other"] == 0.0
     assert later == {"default": 2}  # only what was ready by then
+
+
+def test_the_relays_lag_is_on_health_and_metrics(sqlite_db: Database) -> None:
+    """A worker whose relay cannot reach its broker: the committed events wait, and both
+    ``/health`` and ``/metrics`` say how many and for how long."""
+    import json
+    import urllib.request
+
+    from app import Client
+    from app.handlers import HandlerRegistry
+    from app.subscriptions import SubscriberRegistry
+    from app.templates import parse_template
+    from app.worker import Worker
+    from tests.conftest import make_settings, open_work, wait_until
+
+    registry = HandlerRegistry()
+    registry.register("t.noop", lambda ctx: None)
+    template = parse_template('name = "lag"\n[[steps]]\nname = "only"\nhandler = "t.noop"\n')
+    Client(sqlite_db).submit_many(template, [{} for _ in range(3)])
+    settings = make_settings(
+        str(sqlite_db.url),
+        event_system={"polling_interval_ms": 20},
+        observability={"http_port": 0, "queue_refresh_s": 0},
+        # Nothing listens on port 1: every event stays unpublished.
+        relay={"enabled": True, "url": "amqp://guest:guest@127.0.0.1:1/%2F"},
+    )
+    worker = Worker(settings, sqlite_db, registry=registry, subscribers=SubscriberRegistry())
+    worker.start()
+    try:
+        assert wait_until(lambda: open_work(sqlite_db) == 0, timeout_s=20)
+        assert worker.http is not None
+        base = f"http://127.0.0.1:{worker.http.port}"
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as answer:
+            relay = json.loads(answer.read())["relay"]
+        # step.completed of each of the three steps, none confirmed by a broker
+        assert relay["unpublished"] == 3
+        assert relay["dead_lettered"] == 0
+        assert relay["oldest_unpublished_age_s"] >= 0
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+            families = {f.name: f for f in text_string_to_metric_families(answer.read().decode())}
+        (unpublished,) = families["duplex_relay_unpublished_events"].samples
+        assert unpublished.value == 3
+        assert "duplex_relay_oldest_unpublished_age_seconds" in families
+    finally:
+        worker.stop()
