@@ -6,16 +6,20 @@ Skips without a broker, fails when ``CI`` is set. Each test has its own exchange
 
 from __future__ import annotations
 
+import random
 import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from app.broker import AmqpPublisher
+from app.broker import AmqpPublisher, Message
 from app.db import Database
 from app.errors import BrokerUnavailableError
 from app.handlers import HandlerRegistry, StepContext
@@ -32,9 +36,17 @@ from tests.relay_support import (
     BrokerQueue,
     Received,
     first_arrivals,
+    relay_settings,
     require_rabbitmq,
 )
-from tests.test_relay_logic import claim_all, commit, outcome, pump_until_drained, submit
+from tests.test_relay_logic import (
+    claim_all,
+    commit,
+    outcome,
+    pump_until_drained,
+    submit,
+)
+from tests.test_relay_logic import committed_events as committed_events_of
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -48,8 +60,6 @@ def broker_queue() -> Iterator[BrokerQueue]:
 
 
 def amqp_relay(db: Database, exchange: str, **overrides: object) -> Relay:
-    from tests.relay_support import relay_settings
-
     cfg = relay_settings(exchange=exchange, **overrides)
     return Relay(
         db,
@@ -261,3 +271,103 @@ def test_an_unreachable_broker_is_one_clear_error() -> None:
         AmqpPublisher("amqp://guest:guest@127.0.0.1:1/%2F", "x", connect_timeout_s=1)
     assert "\n" not in str(caught.value)
     assert str(caught.value)
+
+
+class DroppingPublisher:
+    """A real publisher whose connection drops at random: before a message (it never left),
+    or after its confirm (it arrived, the relay never hears: a duplicate follows)."""
+
+    def __init__(self, inner: AmqpPublisher, rng: random.Random, rate: float) -> None:
+        self.inner = inner
+        self.rng = rng
+        self.rate = rate
+
+    @property
+    def usable(self) -> bool:
+        return self.inner.usable
+
+    @usable.setter
+    def usable(self, value: bool) -> None:
+        self.inner.usable = value
+
+    def publish(self, message: Message) -> None:
+        draw = self.rng.random()
+        if draw < self.rate / 2:
+            self.inner.close()
+        self.inner.publish(message)
+        if draw > 1 - self.rate / 2:
+            self.inner.close()
+            raise BrokerUnavailableError("the connection dropped after the confirm")
+
+    def keepalive(self) -> None:
+        self.inner.keepalive()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_every_committed_event_reaches_a_bound_queue_in_task_order(
+    broker_queue: BrokerQueue, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    """The property of ``test_relay_logic`` against the real broker: random workflows, commit
+    batches (some rolled back), relay batches and dropped connections. Every committed event
+    reaches the bound queue at least once, the first arrivals of each task follow its
+    sequence, nothing of a rolled-back commit arrives, and a duplicate is the same message."""
+    db = sqlite_database(tmp_path_factory.mktemp("relay-property") / "duplex.db")
+    rng = random.Random(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    rate = data.draw(st.sampled_from([0.0, 0.1, 0.3]), label="drop_rate")
+    cfg = relay_settings(
+        exchange=broker_queue.exchange,
+        batch_size=data.draw(st.integers(1, 8), label="relay_batch"),
+        max_attempts=1000,
+        backoff_base_ms=1,
+        backoff_max_ms=5,
+    )
+
+    def connect() -> DroppingPublisher:
+        return DroppingPublisher(
+            AmqpPublisher(cfg.url, cfg.exchange, connect_timeout_s=2), rng, rate
+        )
+
+    relay = Relay(db, cfg, connect=connect)
+    sizes = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4), label="tasks")
+    tasks = [submit(db, n) for n in sizes]
+    pending = claim_all(db)
+    rng.shuffle(pending)
+    rolled_back: set[str] = set()
+    try:
+        while pending:
+            k = data.draw(st.integers(1, len(pending)), label="commit_batch")
+            batch = [outcome(s, data.draw(st.integers(0, 3), label="events")) for s in pending[:k]]
+            rollback = len(rolled_back) < 6 and data.draw(st.booleans(), label="rollback")
+            ids = commit(db, batch, rollback=rollback)
+            if rollback:
+                rolled_back.update(ids)
+            else:
+                pending = pending[k:]
+            for _ in range(data.draw(st.integers(0, 2), label="pumps")):
+                relay.pump()
+        pump_until_drained(relay, db)
+    finally:
+        relay.close()
+        db.dispose()
+
+    committed = committed_events_of(db, tasks)
+    committed_ids = {event_id for events in committed.values() for _, event_id in events}
+    received = [m for m in broker_queue.drain() if m.envelope["task_uuid"] in tasks]
+    delivered = {m.message_id for m in received}
+    assert delivered >= committed_ids, "a committed event never arrived"
+    assert not (delivered - committed_ids), "an event of a rolled-back commit arrived"
+    assert not (rolled_back & delivered)
+    arrivals = first_arrivals(received)
+    for task in tasks:
+        assert arrivals.get(task, []) == [seq for seq, _ in committed[task]], "out of order"
+    bodies: dict[str, Any] = {}
+    for message in received:  # a duplicate is the same message: same id, same body
+        assert bodies.setdefault(message.message_id, message.envelope) == message.envelope
