@@ -10,14 +10,10 @@ consumers can LISTEN for it and read the rows; Duplex's relay and ``duplex event
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import psycopg
-from loguru import logger
-
-from app.notifications import libpq_url
+from app.notifications import ChannelListener
 from app.storage.outbox import CHANNEL
 
 __all__ = ["CHANNEL", "EventListener", "SequenceRange", "parse_payload"]
@@ -41,11 +37,11 @@ def parse_payload(payload: str) -> list[SequenceRange]:
         return []
 
 
-class EventListener:
-    """A thread that LISTENs on ``duplex_events`` and reconnects when the server goes away.
+class EventListener(ChannelListener):
+    """LISTENs on ``duplex_events``; ``on_events`` gets the ranges of each notification.
 
-    ``on_events`` gets the ranges of each notification; after every (re)connect it gets an
-    empty list, since what was committed meanwhile was not announced to this listener.
+    After every (re)connect it gets an empty list, since what was committed meanwhile was not
+    announced to this listener.
     """
 
     def __init__(
@@ -55,39 +51,11 @@ class EventListener:
         *,
         reconnect_max_s: float = 10.0,
     ) -> None:
-        self._conninfo = libpq_url(url)
-        self._on_events = on_events
-        self._reconnect_max_s = reconnect_max_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="duplex-events-listen", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _signal(self, ranges: list[SequenceRange]) -> None:
-        try:
-            self._on_events(ranges)
-        except Exception:  # the receiver is gone (stopping); nothing left to wake
-            self._stop.set()
-
-    def _run(self) -> None:
-        delay = 0.5
-        while not self._stop.is_set():
-            try:
-                with psycopg.connect(self._conninfo, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    delay = 0.5
-                    self._signal([])
-                    while not self._stop.is_set():
-                        for note in conn.notifies(timeout=0.5):
-                            self._signal(parse_payload(note.payload))
-            except psycopg.Error as exc:
-                if self._stop.is_set():
-                    return
-                logger.warning("LISTEN {} lost ({}); retrying in {:.1f}s", CHANNEL, exc, delay)
-                self._stop.wait(delay)
-                delay = min(self._reconnect_max_s, delay * 2)
+        super().__init__(
+            url,
+            CHANNEL,
+            on_connect=lambda: on_events([]),
+            on_notify=lambda payload: on_events(parse_payload(payload)),
+            name="duplex-events-listen",
+            reconnect_max_s=reconnect_max_s,
+        )

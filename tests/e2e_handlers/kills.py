@@ -237,19 +237,18 @@ def _break_announce() -> None:
 def _break_listen() -> None:
     from app import notifications
 
-    def run_once(self: notifications.WorkListener) -> None:
+    def run_once(self: notifications.ChannelListener) -> None:
         try:
             with psycopg.connect(self._conninfo, autocommit=True) as conn:
-                conn.execute(f"LISTEN {notifications.CHANNEL}")
-                self._signal()
+                conn.execute(f"LISTEN {self._channel}")
+                self._signal(self._on_connect)
                 while not self._stop.is_set():
                     for note in conn.notifies(timeout=0.5):
-                        if note.payload in self._namespaces:
-                            self._signal()
+                        self._signal(self._on_notify, note.payload)
         except psycopg.Error:
             return
 
-    _patch(notifications.WorkListener, "_run", run_once)
+    _patch(notifications.ChannelListener, "_run", run_once)
 
 
 _BREAKAGES = {
