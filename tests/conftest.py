@@ -116,6 +116,17 @@ def postgres_db() -> Iterator[Database]:
         drop_postgres_schema(schema)
 
 
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of an empty PostgreSQL schema of its own, dropped afterwards."""
+    require_postgres()
+    schema = create_postgres_schema()
+    try:
+        yield postgres_schema_url(schema)
+    finally:
+        drop_postgres_schema(schema)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     """Each storage test runs on both backends."""

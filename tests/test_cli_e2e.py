@@ -222,7 +222,11 @@ def make_duplex(
 @pytest.fixture(scope="module")
 def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A database file brought to head once by `duplex migrate`, copied by tests that need one."""
-    duplex = make_duplex(tmp_path_factory.mktemp("migrated"))
+    return migrated_file(make_duplex(tmp_path_factory.mktemp("migrated")))
+
+
+def migrated_file(duplex: Duplex) -> Path:
+    """Run `duplex migrate` and return the database file, whole: tests copy it."""
     duplex.ok("migrate")
     # Fold the WAL into the main file so that copying the one file copies everything.
     conn = sqlite3.connect(duplex.db_path)

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_cli_e2e import Duplex, make_duplex, wait_for
+from tests.test_cli_e2e import Duplex, make_duplex, migrated_file, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -133,14 +133,7 @@ def fault_dir(
 @pytest.fixture(scope="module")
 def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A database file brought to head once, copied by each test."""
-    duplex = fault_dir(tmp_path_factory.mktemp("migrated"), None)
-    duplex.ok("migrate")
-    conn = sqlite3.connect(duplex.db_path)
-    try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        conn.close()
-    return duplex.db_path
+    return migrated_file(fault_dir(tmp_path_factory.mktemp("migrated"), None))
 
 
 # --- workflows --------------------------------------------------------------------------------

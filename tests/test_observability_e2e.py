@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
 from tests.conftest import POSTGRES_URL, require_postgres
-from tests.test_cli_e2e import Duplex, make_duplex, wait_for
+from tests.test_cli_e2e import Duplex, make_duplex, migrated_file, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -67,14 +67,7 @@ def ops_dir(
 
 @pytest.fixture(scope="module")
 def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    duplex = ops_dir(tmp_path_factory.mktemp("migrated"), None)
-    duplex.ok("migrate")
-    conn = sqlite3.connect(duplex.db_path)
-    try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        conn.close()
-    return duplex.db_path
+    return migrated_file(ops_dir(tmp_path_factory.mktemp("migrated"), None))
 
 
 def port_of(duplex: Duplex, process: subprocess.Popen[bytes]) -> int:

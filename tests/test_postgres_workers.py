@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import func, select
@@ -20,11 +19,7 @@ from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
 from app.worker import Worker
 from tests.conftest import (
-    create_postgres_schema,
-    drop_postgres_schema,
     make_settings,
-    postgres_schema_url,
-    require_postgres,
     wait_until,
 )
 
@@ -34,16 +29,6 @@ pytestmark = pytest.mark.postgres
 def fan_template(n: int) -> str:
     steps = "".join(f'[[steps]]\nname = "s{i}"\nhandler = "t.count"\n' for i in range(n))
     return f'name = "fan"\n{steps}'
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    require_postgres()
-    schema = create_postgres_schema()
-    try:
-        yield postgres_schema_url(schema)
-    finally:
-        drop_postgres_schema(schema)
 
 
 def test_two_workers_share_the_queue_and_run_each_step_once(pg_url: str) -> None:

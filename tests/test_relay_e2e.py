@@ -21,12 +21,6 @@ from sqlalchemy import func, select, update
 from app.db import Database
 from app.models import domain_event_actions, domain_events, utcnow, workers
 from app.settings import DatabaseSettings
-from tests.conftest import (
-    create_postgres_schema,
-    drop_postgres_schema,
-    postgres_schema_url,
-    require_postgres,
-)
 from tests.relay_support import RABBITMQ_URL, BrokerQueue, first_arrivals, require_rabbitmq
 from tests.test_cli_e2e import Duplex, make_duplex, wait_for
 
@@ -146,16 +140,6 @@ def test_sigkill_of_a_worker_while_it_publishes_then_restart_delivers_everything
 
 
 # --- two workers with relays on PostgreSQL --------------------------------------------------
-
-
-@pytest.fixture
-def pg_url() -> Any:
-    require_postgres()
-    schema = create_postgres_schema()
-    try:
-        yield postgres_schema_url(schema)
-    finally:
-        drop_postgres_schema(schema)
 
 
 @pytest.mark.postgres
