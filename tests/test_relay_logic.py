@@ -182,6 +182,50 @@ def test_a_rolled_back_commit_leaves_no_event_and_no_gap(db: Database) -> None:
 # --- the property: everything committed arrives, in order, nothing else ---------------------
 
 
+def random_workload(
+    db: Database, relay: Relay, data: st.DataObject, rng: random.Random
+) -> tuple[list[str], set[str]]:
+    """Random tasks committed in random batches (up to 3 rolled back), the relay pumped in
+    between, then drained. Returns the tasks and the ids of the rolled-back events."""
+    sizes = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4), label="tasks")
+    tasks = [submit(db, n) for n in sizes]
+    pending = claim_all(db)
+    rng.shuffle(pending)
+    rolled_back: set[str] = set()
+    rollbacks_left = 3
+    while pending:
+        k = data.draw(st.integers(1, len(pending)), label="commit_batch")
+        batch = [outcome(s, data.draw(st.integers(0, 3), label="events")) for s in pending[:k]]
+        rollback = rollbacks_left > 0 and data.draw(st.booleans(), label="rollback")
+        ids = commit(db, batch, rollback=rollback)
+        if rollback:
+            rollbacks_left -= 1
+            rolled_back.update(ids)
+        else:
+            pending = pending[k:]
+        for _ in range(data.draw(st.integers(0, 2), label="pumps")):
+            relay.pump()
+    pump_until_drained(relay, db)
+    return tasks, rolled_back
+
+
+def check_deliveries(
+    db: Database,
+    tasks: list[str],
+    rolled_back: set[str],
+    delivered: set[str],
+    arrivals: dict[str, list[int]],
+) -> None:
+    """Every committed event arrived, none of a rolled-back commit, each task in order."""
+    committed = committed_events(db, tasks)
+    committed_ids = {event_id for events in committed.values() for _, event_id in events}
+    assert delivered >= committed_ids, "a committed event never arrived"
+    assert not (delivered - committed_ids), "an event of a rolled-back commit arrived"
+    assert not (rolled_back & delivered)
+    for task in tasks:
+        assert arrivals.get(task, []) == [seq for seq, _ in committed[task]], "out of order"
+
+
 @settings(
     max_examples=30,
     deadline=None,
@@ -212,38 +256,13 @@ def test_every_committed_event_arrives_in_task_order_despite_broker_failures(
         ),
         connect=lambda: FakePublisher(broker, fault),
     )
-    sizes = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4), label="tasks")
-    tasks = [submit(db, n) for n in sizes]
-    pending = claim_all(db)
-    rng.shuffle(pending)
-    rolled_back: set[str] = set()
-    rollbacks_left = 3
     try:
-        while pending:
-            k = data.draw(st.integers(1, max(1, len(pending))), label="commit_batch")
-            batch = [outcome(s, data.draw(st.integers(0, 3), label="events")) for s in pending[:k]]
-            rollback = rollbacks_left > 0 and data.draw(st.booleans(), label="rollback")
-            ids = commit(db, batch, rollback=rollback)
-            if rollback:
-                rollbacks_left -= 1
-                rolled_back.update(ids)
-            else:
-                pending = pending[k:]
-            for _ in range(data.draw(st.integers(0, 2), label="pumps")):
-                relay.pump()
-        pump_until_drained(relay, db)
+        tasks, rolled_back = random_workload(db, relay, data, rng)
     finally:
         relay.close()
 
-    committed = committed_events(db, tasks)
-    committed_ids = {event_id for events in committed.values() for _, event_id in events}
     delivered = {m.message_id for m in broker.delivered if m.headers["task_uuid"] in tasks}
-    assert delivered >= committed_ids, "a committed event never arrived"
-    assert not (delivered - committed_ids), "an event of a rolled-back commit arrived"
-    assert not (rolled_back & delivered)
-    arrivals = broker.first_arrivals()
-    for task in tasks:
-        assert arrivals.get(task, []) == [seq for seq, _ in committed[task]], "out of order"
+    check_deliveries(db, tasks, rolled_back, delivered, broker.first_arrivals())
     for message in broker.delivered:  # a duplicate is the same message: same id, same body
         assert f'"event_id":"{message.message_id}"' in message.body.decode()
 

@@ -40,13 +40,14 @@ from tests.relay_support import (
     require_rabbitmq,
 )
 from tests.test_relay_logic import (
+    check_deliveries,
     claim_all,
     commit,
     outcome,
     pump_until_drained,
+    random_workload,
     submit,
 )
-from tests.test_relay_logic import committed_events as committed_events_of
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -336,38 +337,14 @@ def test_every_committed_event_reaches_a_bound_queue_in_task_order(
         )
 
     relay = Relay(db, cfg, connect=connect)
-    sizes = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4), label="tasks")
-    tasks = [submit(db, n) for n in sizes]
-    pending = claim_all(db)
-    rng.shuffle(pending)
-    rolled_back: set[str] = set()
     try:
-        while pending:
-            k = data.draw(st.integers(1, len(pending)), label="commit_batch")
-            batch = [outcome(s, data.draw(st.integers(0, 3), label="events")) for s in pending[:k]]
-            rollback = len(rolled_back) < 6 and data.draw(st.booleans(), label="rollback")
-            ids = commit(db, batch, rollback=rollback)
-            if rollback:
-                rolled_back.update(ids)
-            else:
-                pending = pending[k:]
-            for _ in range(data.draw(st.integers(0, 2), label="pumps")):
-                relay.pump()
-        pump_until_drained(relay, db)
+        tasks, rolled_back = random_workload(db, relay, data, rng)
+        received = [m for m in broker_queue.drain() if m.envelope["task_uuid"] in tasks]
+        delivered = {m.message_id for m in received}
+        check_deliveries(db, tasks, rolled_back, delivered, first_arrivals(received))
     finally:
         relay.close()
         db.dispose()
-
-    committed = committed_events_of(db, tasks)
-    committed_ids = {event_id for events in committed.values() for _, event_id in events}
-    received = [m for m in broker_queue.drain() if m.envelope["task_uuid"] in tasks]
-    delivered = {m.message_id for m in received}
-    assert delivered >= committed_ids, "a committed event never arrived"
-    assert not (delivered - committed_ids), "an event of a rolled-back commit arrived"
-    assert not (rolled_back & delivered)
-    arrivals = first_arrivals(received)
-    for task in tasks:
-        assert arrivals.get(task, []) == [seq for seq, _ in committed[task]], "out of order"
     bodies: dict[str, Any] = {}
     for message in received:  # a duplicate is the same message: same id, same body
         assert bodies.setdefault(message.message_id, message.envelope) == message.envelope
