@@ -1,5 +1,5 @@
-"""The ``duplex`` command line: run, submit, status, migrate, and the operator commands
-cancel, retry and resolve.
+"""The ``duplex`` command line: run, submit, status, migrate, the operator commands
+cancel, retry and resolve, and the dashboard.
 
 Any ``DuplexError`` becomes one line on stderr and a non-zero exit, never a traceback.
 """
@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -25,19 +24,20 @@ from rich.live import Live
 from sqlalchemy import Connection
 
 from app import console
+from app.cli_dashboard import add_commands as add_dashboard_commands
 from app.cli_events import add_commands as add_event_commands
 from app.cli_events import lag_line
 from app.client import Client
 from app.db import Database
 from app.errors import DuplexError, InputError
 from app.handlers import import_handler_modules
-from app.liveness import Liveness, judge
+from app.liveness import Liveness, judged_workers
 from app.logs import configure_logging
 from app.migrate import ensure_schema_ready, upgrade_to_head
 from app.models import utcnow
 from app.progress import RunProgress
 from app.settings import Settings, load_settings
-from app.states import ENQUEUED, TASK_FINISHED
+from app.states import TASK_FINISHED
 from app.storage.operations import (
     OperatorReport,
     cancel_task,
@@ -48,7 +48,6 @@ from app.storage.operations import (
 from app.storage.outbox import event_lag
 from app.storage.queries import (
     active_workers,
-    all_workers,
     get_task,
     list_tasks,
     task_steps,
@@ -148,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     workers.set_defaults(func=cmd_workers)
     add_event_commands(sub)
+    add_dashboard_commands(sub)
 
     migrate = sub.add_parser("migrate", help="bring the database schema to head")
     migrate.set_defaults(func=cmd_migrate)
@@ -251,23 +251,9 @@ def _judged_workers(
     conn: Connection, settings: Settings, *, limit: int = 100
 ) -> list[tuple[dict[str, Any], Liveness]]:
     """The workers recorded in SQL, each with what the liveness rule says about it."""
-    now = utcnow()
-    this_host = socket.gethostname()
-    return [
-        (
-            row,
-            judge(
-                hostname=row["hostname"],
-                pid=row["pid"],
-                heartbeat_at=row["heartbeat_at"],
-                stopped_at=row["stopped_at"],
-                now=now,
-                claim_timeout_s=settings.event_system.claim_timeout_s,
-                this_host=this_host,
-            ),
-        )
-        for row in all_workers(conn, limit=limit)
-    ]
+    return judged_workers(
+        conn, claim_timeout_s=settings.event_system.claim_timeout_s, now=utcnow(), limit=limit
+    )
 
 
 def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
@@ -301,35 +287,17 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
-    report = _operate(settings, cancel_task, args.task_uuid, args.reason)
-    cancelled = len(report.changes)
-    line = f"cancelled task {report.task_uuid}: {cancelled} step(s) cancelled"
-    if report.still_running:
-        line += (
-            f"; {report.still_running} running step(s) will finish without resuming the workflow"
-        )
-    print(line)
+    print(_operate(settings, cancel_task, args.task_uuid, args.reason).summary)
     return 0
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
-    report = _operate(settings, retry_step, args.step_uuid, args.reason)
-    (change,) = report.changes
-    print(
-        f"step {change.name} ({change.step_uuid}) enqueued for one more attempt; "
-        f"task {report.task_uuid} is {report.task_state}"
-    )
+    print(_operate(settings, retry_step, args.step_uuid, args.reason).summary)
     return 0
 
 
 def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
-    report = _operate(settings, resolve_step, args.step_uuid, args.reason)
-    resolved, *unblocked = report.changes
-    line = f"step {resolved.name} ({resolved.step_uuid}) resolved manually"
-    ready = [change.name for change in unblocked if change.to_state == ENQUEUED]
-    if ready:
-        line += f"; enqueued {', '.join(ready)}"
-    print(f"{line}; task {report.task_uuid} is {report.task_state}")
+    print(_operate(settings, resolve_step, args.step_uuid, args.reason).summary)
     return 0
 
 

@@ -78,10 +78,21 @@ def _json(start_response: StartResponse, status: str, body: dict[str, Any]) -> l
 class HttpServer:
     """A WSGI app served on a background thread, until ``stop``."""
 
-    def __init__(self, host: str, port: int, app: WSGIApplication, *, threads: int = 4) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        app: WSGIApplication,
+        *,
+        threads: int = 4,
+        settings_name: str = "observability.http_host/http_port",
+        serves: str = "health, metrics",
+    ) -> None:
         self.host = host
         self._server = Server((host, port), app, numthreads=threads, server_name="duplex")
         self._thread: threading.Thread | None = None
+        self._settings_name = settings_name
+        self._serves = serves
 
     def start(self) -> None:
         """Bind (raising ``ConfigurationError`` naming the address) and serve in the background."""
@@ -91,11 +102,12 @@ class HttpServer:
             address = f"{self.host}:{self._server.bind_addr[1]}"
             reason = exc.strerror or str(exc) or type(exc).__name__
             raise ConfigurationError(
-                f"observability.http_host/http_port: cannot listen on {address}: {reason}"
+                f"{self._settings_name}: cannot listen on {address}: {reason}"
             ) from None
         self._thread = threading.Thread(target=self._server.serve, name="duplex-http", daemon=True)
         self._thread.start()
-        logger.info("observability: serving http://{}:{}/ (health, metrics)", self.host, self.port)
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        logger.info("serving http://{}:{}/ ({})", shown, self.port, self._serves)
 
     @property
     def port(self) -> int:

@@ -7,10 +7,15 @@ this host, when its process no longer exists.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import Connection
+
+from app.storage.queries import all_workers
 from app.storage.recovery import process_exists
 
 
@@ -45,3 +50,25 @@ def judge(
     if hostname == this_host and not process_alive(pid):
         return Liveness(False, "presumed dead", f"process {pid} is gone")
     return Liveness(True, "alive", "heart-beating")
+
+
+def judged_workers(
+    conn: Connection, *, claim_timeout_s: float, now: datetime, limit: int = 100
+) -> list[tuple[dict[str, Any], Liveness]]:
+    """The workers recorded in SQL, most recent heartbeat first, each with the rule's verdict."""
+    this_host = socket.gethostname()
+    return [
+        (
+            row,
+            judge(
+                hostname=row["hostname"],
+                pid=row["pid"],
+                heartbeat_at=row["heartbeat_at"],
+                stopped_at=row["stopped_at"],
+                now=now,
+                claim_timeout_s=claim_timeout_s,
+                this_host=this_host,
+            ),
+        )
+        for row in all_workers(conn, limit=limit)
+    ]

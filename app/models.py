@@ -94,6 +94,8 @@ tasks = Table(
     # The W3C trace context given at submit (a carrier dict), continued by every step.
     Column("trace_context", JSONValue),
     Index(None, "namespace", "state"),
+    # The dashboard's task list: newest first, keyset-paginated on (created_at, task_uuid).
+    Index(None, "created_at", "task_uuid"),
     Index("ux_tasks_name_idempotency_key", "name", "idempotency_key", unique=True),
 )
 

@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -150,6 +151,22 @@ class ObservabilitySettings(_Section):
     saturation_interval_s: float = Field(default=60.0, gt=0)
 
 
+class DashboardSettings(_Section):
+    """``duplex dashboard``: the web UI over the orchestration tables."""
+
+    # Loopback unless the operator says otherwise; any other address needs ``token``.
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8420, ge=0, le=65535)
+    # The shared secret of the login page (and of ``Authorization: Bearer``). When set, every
+    # page needs it, on loopback too.
+    token: SecretStr | None = Field(default=None, min_length=16)
+    # How often open pages refresh their live part.
+    refresh_ms: int = Field(default=1000, ge=200, le=60_000)
+    page_size: int = Field(default=50, ge=1, le=500)
+    # Hours a login lasts.
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+
+
 class TemplateSettings(_Section):
     """Where ``duplex submit NAME`` looks for templates."""
 
@@ -175,6 +192,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     templates: TemplateSettings = TemplateSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @model_validator(mode="after")
     def _heartbeat_fits_the_liveness_timeout(self) -> Settings:

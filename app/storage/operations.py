@@ -65,10 +65,35 @@ class StepChange:
 class OperatorReport:
     """What an operator command did."""
 
+    action: str  # "cancel", "retry" or "resolve"
     task_uuid: str
     task_state: str
     changes: tuple[StepChange, ...]
     still_running: int = 0
+
+    @property
+    def summary(self) -> str:
+        """One line saying what was done: what ``duplex cancel/retry/resolve`` prints, and
+        what the dashboard shows."""
+        if self.action == "cancel":
+            line = f"cancelled task {self.task_uuid}: {len(self.changes)} step(s) cancelled"
+            if self.still_running:
+                line += (
+                    f"; {self.still_running} running step(s) will finish "
+                    f"without resuming the workflow"
+                )
+            return line
+        first, *unblocked = self.changes
+        if self.action == "retry":
+            return (
+                f"step {first.name} ({first.step_uuid}) enqueued for one more attempt; "
+                f"task {self.task_uuid} is {self.task_state}"
+            )
+        line = f"step {first.name} ({first.step_uuid}) resolved manually"
+        ready = [change.name for change in unblocked if change.to_state == ENQUEUED]
+        if ready:
+            line += f"; enqueued {', '.join(ready)}"
+        return f"{line}; task {self.task_uuid} is {self.task_state}"
 
 
 def operator_identity() -> str:
@@ -127,6 +152,7 @@ def cancel_task(
         select(ws.c.step_uuid).where(ws.c.task_uuid == task_id, ws.c.state == IN_PROGRESS)
     ).all()
     return OperatorReport(
+        "cancel",
         task_id,
         TASK_CANCELLED,
         tuple(StepChange(s.step_uuid, s.name, s.state, CANCELLED) for s in steps),
@@ -173,6 +199,7 @@ def retry_step(
     _write_transitions(conn, [(step.step_uuid, ERROR, ENQUEUED, step.attempts, why)], operator, now)
     update_task_states(conn, [step.task_uuid], now=now)
     return OperatorReport(
+        "retry",
         step.task_uuid,
         _task_state(conn, step.task_uuid),
         (StepChange(step.step_uuid, step.name, ERROR, ENQUEUED),),
@@ -220,7 +247,9 @@ def resolve_step(
             changes.append(StepChange(child, names[child], PENDING, ENQUEUED))
     _write_transitions(conn, moves, operator, now)
     update_task_states(conn, [step.task_uuid], now=now)
-    return OperatorReport(step.task_uuid, _task_state(conn, step.task_uuid), tuple(changes))
+    return OperatorReport(
+        "resolve", step.task_uuid, _task_state(conn, step.task_uuid), tuple(changes)
+    )
 
 
 def _locked_step(conn: Connection, step_uuid: str) -> Row[Any]:

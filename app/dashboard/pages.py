@@ -1,0 +1,291 @@
+"""What each page shows, read from SQL: plain functions from a read connection to the values a
+template renders. Parsing of the query string lives here too, so that bad input is one
+``InputError`` naming the parameter, before any query runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from app.dashboard.graph import GraphStep, Layout, layout
+from app.dashboard.timeline import Attempt, Timeline, attempts, timeline
+from app.errors import InputError
+from app.liveness import judged_workers
+from app.states import (
+    ERROR,
+    RESOLVED_MANUALLY,
+    STEP_TRANSITIONS,
+    TASK_CANCELLED,
+    TASK_COMPLETE,
+    TASK_STATES,
+)
+from app.storage.dashboard import (
+    EXECUTION_STATUSES,
+    Cursor,
+    EventRow,
+    StepRow,
+    TaskDetail,
+    TaskFilter,
+    TaskPage,
+    events_of_task,
+    filter_choices,
+    status_counts,
+    step_detail,
+    steps_of_task,
+    task_detail,
+    task_page,
+    transitions_of_step,
+    transitions_of_task,
+)
+from app.storage.queries import parse_uuid
+
+# ------------------------------------------------------------------------------------------
+# The task list
+
+
+@dataclass(frozen=True)
+class TaskListQuery:
+    filter: TaskFilter
+    before: Cursor | None
+    after: Cursor | None
+
+
+def parse_task_list_query(params: Mapping[str, str]) -> TaskListQuery:
+    """Read the task list's query string; raise ``InputError`` naming a bad parameter."""
+    state = _choice(params, "state", TASK_STATES)
+    status = _choice(params, "status", EXECUTION_STATUSES)
+    since = _time(params, "since")
+    until = _time(params, "until")
+    if since is not None and until is not None and since >= until:
+        raise InputError("since: must be earlier than until")
+    flt = TaskFilter(
+        state=state,
+        execution_status=status,
+        name=_text(params, "name"),
+        namespace=_text(params, "namespace"),
+        since=since,
+        until=until,
+    )
+    before, after = _cursor(params, "before"), _cursor(params, "after")
+    if before is not None and after is not None:
+        raise InputError("before, after: give one of them, not both")
+    return TaskListQuery(flt, before, after)
+
+
+def filter_params(flt: TaskFilter) -> dict[str, str]:
+    """The query-string form of a filter (for the page links)."""
+    out = {
+        "state": flt.state,
+        "status": flt.execution_status,
+        "name": flt.name,
+        "namespace": flt.namespace,
+        "since": _minute(flt.since),
+        "until": _minute(flt.until),
+    }
+    return {key: value for key, value in out.items() if value}
+
+
+def cursor_text(cursor: Cursor) -> str:
+    return f"{cursor.created_at.isoformat()}~{cursor.task_uuid}"
+
+
+@dataclass(frozen=True)
+class TaskList:
+    query: TaskListQuery
+    page: TaskPage
+    counts: dict[str, int]
+    names: list[str]
+    namespaces: list[str]
+
+
+def task_list(conn: Connection, query: TaskListQuery, *, page_size: int) -> TaskList:
+    page = task_page(conn, query.filter, limit=page_size, before=query.before, after=query.after)
+    names, namespaces = filter_choices(conn)
+    return TaskList(query, page, status_counts(conn, query.filter), names, namespaces)
+
+
+# ------------------------------------------------------------------------------------------
+# One task
+
+
+@dataclass(frozen=True)
+class TaskView:
+    task: TaskDetail
+    steps: list[StepRow]
+    graph: Layout
+    timeline: Timeline
+    events: list[EventRow]
+    events_total: int
+    state_counts: dict[str, int]
+    cancellable: bool
+
+
+def task_view(conn: Connection, task_uuid: str, *, now: datetime) -> TaskView:
+    task = task_detail(conn, task_uuid)
+    steps = steps_of_task(conn, task.task_uuid)
+    graph = layout([GraphStep(s.step_uuid, s.name, s.state, tuple(s.parents)) for s in steps])
+    by_step = attempts(transitions_of_task(conn, task.task_uuid))
+    lanes = timeline([(s.step_uuid, s.name) for s in steps], by_step, now=now)
+    events, total = events_of_task(conn, task.task_uuid)
+    counts: dict[str, int] = {}
+    for step in steps:
+        counts[step.state] = counts.get(step.state, 0) + 1
+    return TaskView(
+        task,
+        steps,
+        graph,
+        lanes,
+        events,
+        total,
+        counts,
+        cancellable=task.state not in (TASK_CANCELLED, TASK_COMPLETE),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# One step
+
+
+@dataclass(frozen=True)
+class StepView:
+    step: StepRow
+    task: TaskDetail
+    parents: list[StepRow]
+    attempts: list[Attempt]
+    events: list[EventRow]
+    events_total: int
+    retryable: bool
+    resolvable: bool
+
+
+def step_view(conn: Connection, step_uuid: str) -> StepView:
+    step = step_detail(conn, step_uuid)
+    task = task_detail(conn, step.task_uuid)
+    siblings = {s.step_uuid: s for s in steps_of_task(conn, step.task_uuid)}
+    tried = attempts(transitions_of_step(conn, step.step_uuid)).get(step.step_uuid, [])
+    events, total = events_of_task(conn, step.task_uuid, step_uuid=step.step_uuid)
+    task_open = task.state != TASK_CANCELLED
+    return StepView(
+        step,
+        task,
+        [siblings[p] for p in step.parents if p in siblings],
+        tried,
+        events,
+        total,
+        retryable=task_open and step.state == ERROR,
+        resolvable=task_open and RESOLVED_MANUALLY in STEP_TRANSITIONS.get(step.state, ()),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Workers
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    worker_id: str
+    hostname: str
+    pid: int
+    state: str
+    alive: bool
+    why: str
+    heartbeat_age_s: float
+    started_at: datetime
+    running: int | None
+    slots: int | None
+    committed: Any
+    rejected: Any
+    recovered: Any
+    abandoned: int
+    version: str
+
+
+def workers_view(
+    conn: Connection, *, claim_timeout_s: float, now: datetime, limit: int = 200
+) -> list[WorkerRow]:
+    rows = []
+    for row, verdict in judged_workers(conn, claim_timeout_s=claim_timeout_s, now=now, limit=limit):
+        stats = row.get("stats") or {}
+        dispatcher = stats.get("dispatcher") or {}
+        completion = stats.get("completion") or {}
+        rows.append(
+            WorkerRow(
+                worker_id=row["worker_id"],
+                hostname=row["hostname"],
+                pid=row["pid"],
+                state=verdict.state,
+                alive=verdict.alive,
+                why=verdict.why,
+                heartbeat_age_s=max(0.0, (now - row["heartbeat_at"]).total_seconds()),
+                started_at=row["started_at"],
+                running=dispatcher.get("running") if verdict.alive else None,
+                slots=stats.get("slots"),
+                committed=completion.get("committed", "-"),
+                rejected=completion.get("rejected", "-"),
+                recovered=completion.get("recovered", "-"),
+                abandoned=int(dispatcher.get("abandoned_threads", 0) or 0),
+                version=str(stats.get("version", "?")),
+            )
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# Parsing helpers
+
+
+def pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _choice(params: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str | None:
+    value = params.get(key, "").strip()
+    if not value:
+        return None
+    if value not in allowed:
+        raise InputError(f"{key}: unknown value {value!r}; one of {', '.join(allowed)}")
+    return value
+
+
+def _text(params: Mapping[str, str], key: str) -> str | None:
+    value = params.get(key, "").strip()
+    if len(value) > 255:
+        raise InputError(f"{key}: longer than 255 characters")
+    return value or None
+
+
+def _time(params: Mapping[str, str], key: str) -> datetime | None:
+    value = params.get(key, "").strip()
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InputError(
+            f"{key}: not a date and time: {value!r} (e.g. 2026-12-02T10:30, read as UTC)"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _minute(moment: datetime | None) -> str | None:
+    return moment.strftime("%Y-%m-%dT%H:%M") if moment is not None else None
+
+
+def _cursor(params: Mapping[str, str], key: str) -> Cursor | None:
+    value = params.get(key, "").strip()
+    if not value:
+        return None
+    created, sep, task_uuid = value.rpartition("~")
+    try:
+        moment = datetime.fromisoformat(created) if sep else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise InputError(f"{key}: not a page position: {value!r}")
+    return Cursor(moment.astimezone(UTC), parse_uuid(task_uuid, "task"))

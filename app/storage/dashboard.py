@@ -1,0 +1,439 @@
+"""Read-side queries behind the dashboard: filtered task pages, one task's history, workers.
+
+Every query is bounded: task lists are keyset-paginated on ``(created_at, task_uuid)`` (the
+``tasks.created_at`` index), a task's steps, transitions and events are read by task through
+the per-task indexes, and the execution status is computed only for the tasks on the page.
+The status counts read the view only for tasks that are not complete: a complete task is
+``all_complete`` by definition, so a long history of finished work costs one index count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Select, and_, func, or_, select
+
+from app.errors import InputError
+from app.models import domain_events, tasks, workflow_step_edges, workflow_step_transitions
+from app.models import workflow_steps as ws
+from app.states import TASK_COMPLETE
+from app.storage.queries import execution_status, parse_uuid
+
+EXECUTION_STATUSES = (
+    "blocked_by_failures",
+    "has_ready_steps",
+    "processing",
+    "all_complete",
+    "waiting_for_dependencies",
+)
+ALL_COMPLETE = "all_complete"
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    """What the task list is narrowed to; ``None`` means any."""
+
+    state: str | None = None
+    execution_status: str | None = None
+    name: str | None = None
+    namespace: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """A position in the newest-first task order: the row ``(created_at, task_uuid)``."""
+
+    created_at: datetime
+    task_uuid: str
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    task_uuid: str
+    name: str
+    namespace: str
+    version: str
+    state: str
+    created_at: datetime
+    completed_at: datetime | None
+    execution_status: str
+    total_steps: int
+    complete_steps: int
+    error_steps: int
+    in_progress_steps: int
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    """One page of the task list, with cursors to the pages beside it."""
+
+    rows: list[TaskRow]
+    older: Cursor | None
+    newer: Cursor | None
+
+
+def _filtered(query: Select[Any], flt: TaskFilter, *, with_status: bool = True) -> Select[Any]:
+    t = tasks.c
+    if flt.state is not None:
+        query = query.where(t.state == flt.state)
+    if flt.name is not None:
+        query = query.where(t.name == flt.name)
+    if flt.namespace is not None:
+        query = query.where(t.namespace == flt.namespace)
+    if flt.since is not None:
+        query = query.where(t.created_at >= flt.since)
+    if flt.until is not None:
+        query = query.where(t.created_at < flt.until)
+    if with_status and flt.execution_status is not None:
+        query = query.where(_has_status(flt.execution_status))
+    return query
+
+
+def _has_status(status: str) -> Any:
+    in_view = _in_view_with(status)
+    if status == ALL_COMPLETE:
+        return or_(tasks.c.state == TASK_COMPLETE, and_(tasks.c.state != TASK_COMPLETE, in_view))
+    return and_(tasks.c.state != TASK_COMPLETE, in_view)
+
+
+def _in_view_with(status: str) -> Any:
+    """``tasks.task_uuid IN (tasks of the view with that status)``."""
+    return tasks.c.task_uuid.in_(
+        select(execution_status.c.task_uuid).where(execution_status.c.execution_status == status)
+    )
+
+
+def task_page(
+    conn: Connection,
+    flt: TaskFilter,
+    *,
+    limit: int,
+    before: Cursor | None = None,
+    after: Cursor | None = None,
+) -> TaskPage:
+    """Return up to ``limit`` tasks, newest first: the first page, or the page older than
+    ``before``, or the page newer than ``after``."""
+    t = tasks.c
+    query = _filtered(
+        select(
+            t.task_uuid,
+            t.name,
+            t.namespace,
+            t.version,
+            t.state,
+            t.created_at,
+            t.completed_at,
+        ),
+        flt,
+    )
+    if after is not None:
+        query = query.where(_newer_than(after))
+        query = query.order_by(t.created_at.asc(), t.task_uuid.asc())
+    else:
+        if before is not None:
+            query = query.where(_older_than(before))
+        query = query.order_by(t.created_at.desc(), t.task_uuid.desc())
+    found = list(conn.execute(query.limit(limit + 1)))
+    more = len(found) > limit
+    found = found[:limit]
+    if after is not None:
+        found.reverse()
+    statuses = _statuses(conn, [row.task_uuid for row in found])
+    rows = [TaskRow(**row._asdict(), **statuses[row.task_uuid]) for row in found]
+    if not rows:
+        return TaskPage(rows, None, None)
+    newest = Cursor(rows[0].created_at, rows[0].task_uuid)
+    oldest = Cursor(rows[-1].created_at, rows[-1].task_uuid)
+    if after is None:
+        has_older = more
+        has_newer = before is not None and _exists(conn, flt, _newer_than(newest))
+    else:
+        has_older = _exists(conn, flt, _older_than(oldest))
+        has_newer = more
+    return TaskPage(rows, older=oldest if has_older else None, newer=newest if has_newer else None)
+
+
+def _older_than(cursor: Cursor) -> Any:
+    t = tasks.c
+    return or_(
+        t.created_at < cursor.created_at,
+        and_(t.created_at == cursor.created_at, t.task_uuid < cursor.task_uuid),
+    )
+
+
+def _newer_than(cursor: Cursor) -> Any:
+    t = tasks.c
+    return or_(
+        t.created_at > cursor.created_at,
+        and_(t.created_at == cursor.created_at, t.task_uuid > cursor.task_uuid),
+    )
+
+
+def _exists(conn: Connection, flt: TaskFilter, condition: Any) -> bool:
+    query = _filtered(select(tasks.c.task_uuid), flt).where(condition).limit(1)
+    return conn.execute(query).first() is not None
+
+
+def _statuses(conn: Connection, task_uuids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The execution status and step counts of these tasks, from one grouped query."""
+    if not task_uuids:
+        return {}
+    v = execution_status.c
+    query = select(
+        v.task_uuid,
+        v.execution_status,
+        v.total_steps,
+        v.complete_steps,
+        v.error_steps,
+        v.in_progress_steps,
+    ).where(v.task_uuid.in_(list(task_uuids)))
+    return {
+        row.task_uuid: {
+            "execution_status": row.execution_status,
+            "total_steps": int(row.total_steps),
+            "complete_steps": int(row.complete_steps),
+            "error_steps": int(row.error_steps),
+            "in_progress_steps": int(row.in_progress_steps),
+        }
+        for row in conn.execute(query)
+    }
+
+
+def status_counts(conn: Connection, flt: TaskFilter) -> dict[str, int]:
+    """How many tasks of the filter (its status aside) have each execution status."""
+    counts = dict.fromkeys(EXECUTION_STATUSES, 0)
+    complete = conn.execute(
+        _filtered(select(func.count()).select_from(tasks), flt, with_status=False).where(
+            tasks.c.state == TASK_COMPLETE
+        )
+    ).scalar_one()
+    counts[ALL_COMPLETE] += int(complete)
+    v = execution_status.c
+    grouped = _filtered(
+        select(v.execution_status, func.count())
+        .select_from(tasks.join(execution_status, v.task_uuid == tasks.c.task_uuid))
+        .where(tasks.c.state != TASK_COMPLETE)
+        .group_by(v.execution_status),
+        flt,
+        with_status=False,
+    )
+    for status, count in conn.execute(grouped):
+        counts[str(status)] = counts.get(str(status), 0) + int(count)
+    return counts
+
+
+def filter_choices(conn: Connection) -> tuple[list[str], list[str]]:
+    """The template names and namespaces that tasks have, for the filter menus."""
+    names = conn.execute(select(tasks.c.name).distinct().order_by(tasks.c.name).limit(500))
+    spaces = conn.execute(
+        select(tasks.c.namespace).distinct().order_by(tasks.c.namespace).limit(500)
+    )
+    return [str(n) for (n,) in names], [str(n) for (n,) in spaces]
+
+
+@dataclass(frozen=True)
+class TaskDetail:
+    task_uuid: str
+    name: str
+    namespace: str
+    version: str
+    state: str
+    context: Any
+    created_at: datetime
+    completed_at: datetime | None
+    idempotency_key: str | None
+    execution_status: str
+
+
+@dataclass(frozen=True)
+class StepRow:
+    step_uuid: str
+    task_uuid: str
+    name: str
+    handler: str
+    position: int
+    state: str
+    attempts: int
+    max_attempts: int
+    retryable: bool
+    timeout_ms: int | None
+    inputs: Any
+    results: Any
+    error: Any
+    next_attempt_at: datetime | None
+    claimed_by: str | None
+    created_at: datetime
+    completed_at: datetime | None
+    parents: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TransitionRow:
+    step_uuid: str
+    from_state: str | None
+    to_state: str
+    attempt: int
+    worker_id: str | None
+    reason: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class EventRow:
+    event_id: str
+    name: str
+    step_uuid: str | None
+    sequence: int
+    payload: Any
+    created_at: datetime
+    published_at: datetime | None
+    dead_lettered_at: datetime | None
+    skipped_at: datetime | None
+
+
+def task_detail(conn: Connection, task_uuid: str) -> TaskDetail:
+    """Return one task, or raise ``InputError`` naming the unknown uuid."""
+    task_id = parse_uuid(task_uuid, "task")
+    t = tasks.c
+    row = conn.execute(
+        select(
+            t.task_uuid,
+            t.name,
+            t.namespace,
+            t.version,
+            t.state,
+            t.context,
+            t.created_at,
+            t.completed_at,
+            t.idempotency_key,
+        ).where(t.task_uuid == task_id)
+    ).first()
+    if row is None:
+        raise InputError(f"unknown task: {task_id}")
+    status = _statuses(conn, [task_id])[task_id]["execution_status"]
+    return TaskDetail(**row._asdict(), execution_status=status)
+
+
+_STEP_COLUMNS = (
+    ws.c.step_uuid,
+    ws.c.task_uuid,
+    ws.c.name,
+    ws.c.handler,
+    ws.c.position,
+    ws.c.state,
+    ws.c.attempts,
+    ws.c.max_attempts,
+    ws.c.retryable,
+    ws.c.timeout_ms,
+    ws.c.inputs,
+    ws.c.results,
+    ws.c.error,
+    ws.c.next_attempt_at,
+    ws.c.claimed_by,
+    ws.c.created_at,
+    ws.c.completed_at,
+)
+
+
+def steps_of_task(conn: Connection, task_uuid: str) -> list[StepRow]:
+    """A task's steps in template order, each with its parents' step uuids."""
+    parents: dict[str, list[str]] = {}
+    edges = select(workflow_step_edges.c.from_step_uuid, workflow_step_edges.c.to_step_uuid).join(
+        ws, ws.c.step_uuid == workflow_step_edges.c.to_step_uuid
+    )
+    for parent, child in conn.execute(edges.where(ws.c.task_uuid == task_uuid)):
+        parents.setdefault(child, []).append(parent)
+    rows = conn.execute(
+        select(*_STEP_COLUMNS).where(ws.c.task_uuid == task_uuid).order_by(ws.c.position)
+    )
+    return [StepRow(**row._asdict(), parents=parents.get(row.step_uuid, [])) for row in rows]
+
+
+def step_detail(conn: Connection, step_uuid: str) -> StepRow:
+    """Return one step, or raise ``InputError`` naming the unknown uuid."""
+    step_id = parse_uuid(step_uuid, "step")
+    row = conn.execute(select(*_STEP_COLUMNS).where(ws.c.step_uuid == step_id)).first()
+    if row is None:
+        raise InputError(f"unknown step: {step_id}")
+    parents = conn.execute(
+        select(workflow_step_edges.c.from_step_uuid).where(
+            workflow_step_edges.c.to_step_uuid == step_id
+        )
+    )
+    return StepRow(**row._asdict(), parents=[p for (p,) in parents])
+
+
+def transitions_of_task(conn: Connection, task_uuid: str) -> list[TransitionRow]:
+    """Every transition row of a task's steps, in the order they were written."""
+    tr = workflow_step_transitions.c
+    query = (
+        select(
+            tr.step_uuid,
+            tr.from_state,
+            tr.to_state,
+            tr.attempt,
+            tr.worker_id,
+            tr.reason,
+            tr.created_at,
+        )
+        .join(ws, ws.c.step_uuid == tr.step_uuid)
+        .where(ws.c.task_uuid == task_uuid)
+        .order_by(tr.id)
+    )
+    return [TransitionRow(**row._asdict()) for row in conn.execute(query)]
+
+
+def transitions_of_step(conn: Connection, step_uuid: str) -> list[TransitionRow]:
+    tr = workflow_step_transitions.c
+    query = (
+        select(
+            tr.step_uuid,
+            tr.from_state,
+            tr.to_state,
+            tr.attempt,
+            tr.worker_id,
+            tr.reason,
+            tr.created_at,
+        )
+        .where(tr.step_uuid == step_uuid)
+        .order_by(tr.id)
+    )
+    return [TransitionRow(**row._asdict()) for row in conn.execute(query)]
+
+
+def events_of_task(
+    conn: Connection, task_uuid: str, *, step_uuid: str | None = None, limit: int = 500
+) -> tuple[list[EventRow], int]:
+    """A task's (or one of its steps') domain events in sequence order, and how many exist."""
+    e = domain_events.c
+    where = [e.task_uuid == task_uuid]
+    if step_uuid is not None:
+        where.append(e.step_uuid == step_uuid)
+    rows = conn.execute(
+        select(
+            e.event_id,
+            e.name,
+            e.step_uuid,
+            e.sequence,
+            e.payload,
+            e.created_at,
+            e.published_at,
+            e.dead_lettered_at,
+            e.skipped_at,
+        )
+        .where(*where)
+        .order_by(e.sequence)
+        .limit(limit)
+    )
+    events = [EventRow(**row._asdict()) for row in rows]
+    total = len(events)
+    if total == limit:
+        total = int(
+            conn.execute(select(func.count()).select_from(domain_events).where(*where)).scalar_one()
+        )
+    return events, total
