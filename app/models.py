@@ -96,6 +96,8 @@ tasks = Table(
     Index(None, "namespace", "state"),
     # The dashboard's task list: newest first, keyset-paginated on (created_at, task_uuid).
     Index(None, "created_at", "task_uuid"),
+    # The dashboard's state filter, and its status counts of the tasks not yet complete.
+    Index(None, "state", "created_at"),
     Index("ux_tasks_name_idempotency_key", "name", "idempotency_key", unique=True),
 )
 

@@ -113,6 +113,9 @@ def task_list(conn: Connection, query: TaskListQuery, *, page_size: int) -> Task
 # ------------------------------------------------------------------------------------------
 # One task
 
+# The task page lists the first events; each step's page has its own.
+TASK_PAGE_EVENTS = 200
+
 
 @dataclass(frozen=True)
 class TaskView:
@@ -128,11 +131,11 @@ class TaskView:
 
 def task_view(conn: Connection, task_uuid: str, *, now: datetime) -> TaskView:
     task = task_detail(conn, task_uuid)
-    steps = steps_of_task(conn, task.task_uuid)
+    steps = steps_of_task(conn, task.task_uuid, data=False)
     graph = layout([GraphStep(s.step_uuid, s.name, s.state, tuple(s.parents)) for s in steps])
     by_step = attempts(transitions_of_task(conn, task.task_uuid))
     lanes = timeline([(s.step_uuid, s.name) for s in steps], by_step, now=now)
-    events, total = events_of_task(conn, task.task_uuid)
+    events, total = events_of_task(conn, task.task_uuid, limit=TASK_PAGE_EVENTS)
     counts: dict[str, int] = {}
     for step in steps:
         counts[step.state] = counts.get(step.state, 0) + 1
@@ -167,7 +170,7 @@ class StepView:
 def step_view(conn: Connection, step_uuid: str) -> StepView:
     step = step_detail(conn, step_uuid)
     task = task_detail(conn, step.task_uuid)
-    siblings = {s.step_uuid: s for s in steps_of_task(conn, step.task_uuid)}
+    siblings = {s.step_uuid: s for s in steps_of_task(conn, step.task_uuid, data=False)}
     tried = attempts(transitions_of_step(conn, step.step_uuid)).get(step.step_uuid, [])
     events, total = events_of_task(conn, step.task_uuid, step_uuid=step.step_uuid)
     task_open = task.state != TASK_CANCELLED
@@ -288,4 +291,11 @@ def _cursor(params: Mapping[str, str], key: str) -> Cursor | None:
         moment = None
     if moment is None or moment.tzinfo is None:
         raise InputError(f"{key}: not a page position: {value!r}")
-    return Cursor(moment.astimezone(UTC), parse_uuid(task_uuid, "task"))
+    try:
+        task_id = parse_uuid(task_uuid, "task")
+    except InputError:
+        # Bad input of this parameter (400), not an unknown task (404).
+        raise InputError(
+            f"{key}: not a page position: {value!r} ({task_uuid!r} is not a UUID)"
+        ) from None
+    return Cursor(moment.astimezone(UTC), task_id)

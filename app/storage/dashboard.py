@@ -3,8 +3,9 @@
 Every query is bounded: task lists are keyset-paginated on ``(created_at, task_uuid)`` (the
 ``tasks.created_at`` index), a task's steps, transitions and events are read by task through
 the per-task indexes, and the execution status is computed only for the tasks on the page.
-The status counts read the view only for tasks that are not complete: a complete task is
-``all_complete`` by definition, so a long history of finished work costs one index count.
+The status counts and the status filter derive the status only for tasks that are not
+complete: a complete task is ``all_complete`` by definition, so a long history of finished
+work costs one count.
 """
 
 from __future__ import annotations
@@ -14,12 +15,27 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, func, or_, select
+from sqlalchemy import Connection, Select, and_, case, func, literal_column, null, or_, select
 
 from app.errors import InputError
-from app.models import domain_events, tasks, workflow_step_edges, workflow_step_transitions
+from app.models import (
+    domain_events,
+    tasks,
+    utcnow,
+    workflow_step_edges,
+    workflow_step_transitions,
+)
 from app.models import workflow_steps as ws
-from app.states import TASK_COMPLETE
+from app.states import (
+    COMPLETE,
+    ENQUEUED,
+    ERROR,
+    IN_PROGRESS,
+    RESOLVED_MANUALLY,
+    TASK_COMPLETE,
+    TASK_STATES,
+    WAITING_FOR_RETRY,
+)
 from app.storage.queries import execution_status, parse_uuid
 
 EXECUTION_STATUSES = (
@@ -30,6 +46,8 @@ EXECUTION_STATUSES = (
     "waiting_for_dependencies",
 )
 ALL_COMPLETE = "all_complete"
+# An IN list rather than ``!= 'complete'``, so that the (state, created_at) index serves it.
+_NOT_COMPLETE = tuple(state for state in TASK_STATES if state != TASK_COMPLETE)
 
 
 @dataclass(frozen=True)
@@ -90,22 +108,50 @@ def _filtered(query: Select[Any], flt: TaskFilter, *, with_status: bool = True) 
     if flt.until is not None:
         query = query.where(t.created_at < flt.until)
     if with_status and flt.execution_status is not None:
-        query = query.where(_has_status(flt.execution_status))
+        query = query.where(_has_status(flt.execution_status, flt))
     return query
 
 
-def _has_status(status: str) -> Any:
-    in_view = _in_view_with(status)
-    if status == ALL_COMPLETE:
-        return or_(tasks.c.state == TASK_COMPLETE, and_(tasks.c.state != TASK_COMPLETE, in_view))
-    return and_(tasks.c.state != TASK_COMPLETE, in_view)
-
-
-def _in_view_with(status: str) -> Any:
-    """``tasks.task_uuid IN (tasks of the view with that status)``."""
-    return tasks.c.task_uuid.in_(
-        select(execution_status.c.task_uuid).where(execution_status.c.execution_status == status)
+def _has_status(status: str, flt: TaskFilter) -> Any:
+    in_status = tasks.c.task_uuid.in_(
+        select(_open_task_statuses(flt).subquery().c.task_uuid).where(
+            literal_column("execution_status") == status
+        )
     )
+    if status == ALL_COMPLETE:
+        return or_(tasks.c.state == TASK_COMPLETE, in_status)
+    return in_status
+
+
+def _open_task_statuses(flt: TaskFilter) -> Select[Any]:
+    """``(task_uuid, execution_status)`` of the filtered tasks that are not complete.
+
+    The same rule as the ``task_execution_status`` view (which ``test_dashboard_storage``
+    checks), with the filter applied before the grouping: the view itself is grouped over
+    every task before any join or WHERE can narrow it, so on 100k tasks it reads them all.
+    """
+    s = ws.c
+    now = utcnow()
+
+    def some(condition: Any) -> Any:
+        return func.sum(case((condition, 1), else_=0)) > 0
+
+    ready = or_(s.state == ENQUEUED, and_(s.state == WAITING_FOR_RETRY, s.next_attempt_at <= now))
+    done = func.sum(case((s.state.in_([COMPLETE, RESOLVED_MANUALLY]), 1), else_=0))
+    status = case(
+        (some(s.state == ERROR), "blocked_by_failures"),
+        (some(ready), "has_ready_steps"),
+        (some(s.state == IN_PROGRESS), "processing"),
+        (and_(func.count(s.step_uuid) > 0, done == func.count(s.step_uuid)), ALL_COMPLETE),
+        else_="waiting_for_dependencies",
+    )
+    query = (
+        select(tasks.c.task_uuid, status.label("execution_status"))
+        .select_from(tasks.outerjoin(ws, s.task_uuid == tasks.c.task_uuid))
+        .where(tasks.c.state.in_(_NOT_COMPLETE))
+        .group_by(tasks.c.task_uuid)
+    )
+    return _filtered(query, flt, with_status=False)
 
 
 def task_page(
@@ -213,14 +259,9 @@ def status_counts(conn: Connection, flt: TaskFilter) -> dict[str, int]:
         )
     ).scalar_one()
     counts[ALL_COMPLETE] += int(complete)
-    v = execution_status.c
-    grouped = _filtered(
-        select(v.execution_status, func.count())
-        .select_from(tasks.join(execution_status, v.task_uuid == tasks.c.task_uuid))
-        .where(tasks.c.state != TASK_COMPLETE)
-        .group_by(v.execution_status),
-        flt,
-        with_status=False,
+    statuses = _open_task_statuses(flt).subquery()
+    grouped = select(statuses.c.execution_status, func.count()).group_by(
+        statuses.c.execution_status
     )
     for status, count in conn.execute(grouped):
         counts[str(status)] = counts.get(str(status), 0) + int(count)
@@ -340,18 +381,28 @@ _STEP_COLUMNS = (
 )
 
 
-def steps_of_task(conn: Connection, task_uuid: str) -> list[StepRow]:
-    """A task's steps in template order, each with its parents' step uuids."""
+_WITHOUT_DATA = tuple(
+    null().label(column.name) if column.name in ("inputs", "results") else column
+    for column in _STEP_COLUMNS
+)
+
+
+def steps_of_task(conn: Connection, task_uuid: str, *, data: bool = True) -> list[StepRow]:
+    """A task's steps in template order, each with its parents' step uuids.
+
+    ``data=False`` leaves out inputs and results (``None``): a page of a 1000-step task shows
+    neither, and they are the bulk of the rows.
+    """
     parents: dict[str, list[str]] = {}
     edges = select(workflow_step_edges.c.from_step_uuid, workflow_step_edges.c.to_step_uuid).join(
         ws, ws.c.step_uuid == workflow_step_edges.c.to_step_uuid
     )
     for parent, child in conn.execute(edges.where(ws.c.task_uuid == task_uuid)):
         parents.setdefault(child, []).append(parent)
-    rows = conn.execute(
-        select(*_STEP_COLUMNS).where(ws.c.task_uuid == task_uuid).order_by(ws.c.position)
-    )
-    return [StepRow(**row._asdict(), parents=parents.get(row.step_uuid, [])) for row in rows]
+    columns = _STEP_COLUMNS if data else _WITHOUT_DATA
+    rows = conn.execute(select(*columns).where(ws.c.task_uuid == task_uuid).order_by(ws.c.position))
+    # Positional: the columns are in the dataclass's field order (``_asdict`` costs a dict).
+    return [StepRow(*row, parents.get(row[0], [])) for row in rows]
 
 
 def step_detail(conn: Connection, step_uuid: str) -> StepRow:
@@ -385,7 +436,7 @@ def transitions_of_task(conn: Connection, task_uuid: str) -> list[TransitionRow]
         .where(ws.c.task_uuid == task_uuid)
         .order_by(tr.id)
     )
-    return [TransitionRow(**row._asdict()) for row in conn.execute(query)]
+    return [TransitionRow(*row) for row in conn.execute(query)]
 
 
 def transitions_of_step(conn: Connection, step_uuid: str) -> list[TransitionRow]:
@@ -403,7 +454,7 @@ def transitions_of_step(conn: Connection, step_uuid: str) -> list[TransitionRow]
         .where(tr.step_uuid == step_uuid)
         .order_by(tr.id)
     )
-    return [TransitionRow(**row._asdict()) for row in conn.execute(query)]
+    return [TransitionRow(*row) for row in conn.execute(query)]
 
 
 def events_of_task(
@@ -430,7 +481,7 @@ def events_of_task(
         .order_by(e.sequence)
         .limit(limit)
     )
-    events = [EventRow(**row._asdict()) for row in rows]
+    events = [EventRow(*row) for row in rows]
     total = len(events)
     if total == limit:
         total = int(
