@@ -17,6 +17,7 @@ import argparse
 import statistics
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def bench_backend(backend: str, count: int, big_steps: int) -> list[Result]:
             print("   PostgreSQL not reachable, skipped\n")
             return []
         big, middle = build_history(db, count, big_steps)
-        settings = Settings(database={"url": db.url})  # type: ignore[arg-type]
+        settings = Settings(database={"url": db.url})
         server = HttpServer("127.0.0.1", 0, Dashboard(settings, db), threads=4)
         server.start()
         base = f"http://127.0.0.1:{server.port}"
@@ -150,7 +151,7 @@ def bench_backend(backend: str, count: int, big_steps: int) -> list[Result]:
                     .offset(count // 2)
                     .limit(1)
                 ).one()
-            cursor = urllib.request.quote(f"{deep.created_at.isoformat()}~{deep.task_uuid}")
+            cursor = urllib.parse.quote(f"{deep.created_at.isoformat()}~{deep.task_uuid}")
             pages = [
                 ("task list, first page", "/tasks", False),
                 ("task list, live part", "/tasks", True),

@@ -49,7 +49,8 @@ def dags(draw: Any) -> list[GraphStep]:
     for index in range(count):
         parents = draw(st.sets(st.integers(0, index - 1), max_size=3)) if index else set()
         steps.append(_step(f"s{index}", *(f"s{p}" for p in sorted(parents))))
-    return draw(st.permutations(steps))
+    shuffled: list[GraphStep] = draw(st.permutations(steps))
+    return shuffled
 
 
 @settings(max_examples=200, deadline=None)
@@ -81,7 +82,8 @@ def test_a_wide_fan_out_wraps_into_sub_columns() -> None:
     drawn = layout(steps)
     assert drawn.compact
     assert drawn.height < 1000  # 40 rows per sub-column, not 1000 rows
-    assert drawn.edges == [] and drawn.edges_hidden == 2000
+    assert drawn.edges == []
+    assert drawn.edges_hidden == 2000
 
 
 # --- attempts and timeline ---------------------------------------------------------------------
@@ -119,7 +121,8 @@ def test_attempts_come_from_claims_and_the_transition_after_each() -> None:
     assert first.duration_s(T0) == 1.0
     assert (second.number, second.worker_id, second.outcome) == (2, "w2", "complete")
     (running,) = found["b"]
-    assert running.outcome == RUNNING and running.ended_at is None
+    assert running.outcome == RUNNING
+    assert running.ended_at is None
     assert running.duration_s(T0 + timedelta(seconds=3.5)) == 2.0
 
 
@@ -149,7 +152,8 @@ def test_a_running_attempt_reaches_now_and_lanes_are_capped() -> None:
         now=T0 + timedelta(seconds=10),
         max_lanes=3,
     )
-    assert len(drawn.lanes) == 3 and drawn.lanes_hidden == 2
+    assert len(drawn.lanes) == 3
+    assert drawn.lanes_hidden == 2
     assert drawn.end == T0 + timedelta(seconds=10)
     assert drawn.lanes[0].bars[0].width == 100.0
 

@@ -157,7 +157,7 @@ def test_status_counts_agree_with_the_view(db: Database) -> None:
         done.run(step)
     done.run(done.claim("d")[0])
     failed = Flow(db, FAN_IN)
-    p, q = sorted(failed.claim("p", "q"), key=lambda s: s.name)
+    p, _q = sorted(failed.claim("p", "q"), key=lambda s: s.name)
     failed.run(p, "permanent")
     running = Flow(db, FAN_IN)
     running.claim("p", "q")
@@ -191,7 +191,8 @@ def test_status_counts_agree_with_the_view(db: Database) -> None:
             limit=5,
         ).rows
     assert only_done["all_complete"] == 1
-    assert filtered == [] and [r.task_uuid for r in blocked] == [failed.task]
+    assert filtered == []
+    assert [r.task_uuid for r in blocked] == [failed.task]
 
 
 def test_a_task_with_its_steps_transitions_and_events(db: Database) -> None:
@@ -208,10 +209,12 @@ def test_a_task_with_its_steps_transitions_and_events(db: Database) -> None:
         events, total = events_of_task(conn, flow.task)
         x_events, _ = events_of_task(conn, flow.task, step_uuid=steps["x"].step_uuid)
         b_step = step_detail(conn, steps["b"].step_uuid)
-    assert task.context == {"k": 1} and task.execution_status == "blocked_by_failures"
+    assert task.context == {"k": 1}
+    assert task.execution_status == "blocked_by_failures"
     assert steps["b"].parents == [steps["a"].step_uuid]
     assert steps["c"].parents == [steps["b"].step_uuid]
-    assert b_step.parents == [steps["a"].step_uuid] and b_step.state == "waiting_for_retry"
+    assert b_step.parents == [steps["a"].step_uuid]
+    assert b_step.state == "waiting_for_retry"
     assert steps["x"].error["error_type"] == "permanent_error"
     assert [e.sequence for e in events] == list(range(1, total + 1))
     assert {e.name for e in x_events} == {"step.failed"}

@@ -402,7 +402,7 @@ def steps_of_task(conn: Connection, task_uuid: str, *, data: bool = True) -> lis
     columns = _STEP_COLUMNS if data else _WITHOUT_DATA
     rows = conn.execute(select(*columns).where(ws.c.task_uuid == task_uuid).order_by(ws.c.position))
     # Positional: the columns are in the dataclass's field order (``_asdict`` costs a dict).
-    return [StepRow(*row, parents.get(row[0], [])) for row in rows]
+    return [StepRow(*[*row, parents.get(row[0], [])]) for row in rows]
 
 
 def step_detail(conn: Connection, step_uuid: str) -> StepRow:
