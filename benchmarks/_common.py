@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from sqlalchemy import create_engine  # noqa: E402
+from sqlalchemy import text as sql  # noqa: E402
+
 from app.db import Database  # noqa: E402
 from app.handlers import HandlerRegistry  # noqa: E402
 from app.logs import configure_logging  # noqa: E402
@@ -90,6 +93,36 @@ def fresh_database(prefix: str = "duplex-bench-") -> Iterator[Database]:
             yield db
         finally:
             db.dispose()
+
+
+@contextmanager
+def database(backend: str) -> Iterator[Database | None]:
+    """A fresh, migrated database of ``backend`` (``None`` when PostgreSQL is not reachable)."""
+    if backend == "sqlite":
+        with fresh_database() as db:
+            yield db
+        return
+    url = os.environ.get(
+        "DUPLEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    )
+    schema = f"duplex_bench_{os.getpid()}"
+    try:
+        admin = create_engine(url)
+        with admin.begin() as conn:
+            conn.execute(sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            conn.execute(sql(f'CREATE SCHEMA "{schema}"'))
+    except Exception:
+        yield None
+        return
+    db = Database(DatabaseSettings(url=f"{url}?options=-csearch_path%3D{schema}"))
+    try:
+        upgrade_to_head(db)
+        yield db
+    finally:
+        db.dispose()
+        with admin.begin() as conn:
+            conn.execute(sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def bench_settings(url: str, *, concurrency: int, **worker: Any) -> Settings:

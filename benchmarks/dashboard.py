@@ -37,6 +37,7 @@ from app.templates import parse_template
 from benchmarks._common import (
     Result,
     bench_settings,
+    database,
     fanout_template_text,
     independent_template_text,
     print_load,
@@ -45,7 +46,6 @@ from benchmarks._common import (
     quiet_logging,
     run_until_drained,
 )
-from benchmarks.throughput import _database
 
 WARM_UP, TIMED = 3, 15
 TARGET_MS = 500.0
@@ -134,7 +134,7 @@ def time_page(base: str, path: str, *, live: bool = False) -> tuple[float, float
 def bench_backend(backend: str, count: int, big_steps: int) -> list[Result]:
     print(f"== {backend}: {count} tasks, one of {big_steps} steps")
     results: list[Result] = []
-    with _database(backend) as db:
+    with database(backend) as db:
         if db is None:
             print("   PostgreSQL not reachable, skipped\n")
             return []

@@ -23,23 +23,19 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import create_engine, func, select
-from sqlalchemy import text as sql
+from sqlalchemy import func, select
 
 from app import Client
 from app.db import Database
 from app.handlers import HandlerRegistry, StepContext
 from app.messages import DomainEvent
-from app.migrate import upgrade_to_head
 from app.models import workflow_step_transitions, workflow_steps
-from app.settings import DatabaseSettings
 from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
 from app.worker import Worker
@@ -50,6 +46,7 @@ from benchmarks._common import (
     Spans,
     Submission,
     bench_settings,
+    database,
     fanout_template_text,
     fmt_s,
     fresh_database,
@@ -306,7 +303,7 @@ def bench_bulk(quick: bool) -> list[Result]:
     template = parse_template(independent_template_text(1, "bench.noop"))
     results = []
     for backend in ("sqlite", "postgres"):
-        with _database(backend) as db:
+        with database(backend) as db:
             if db is None:
                 print(f"   {backend}: not reachable, skipped")
                 continue
@@ -329,7 +326,7 @@ def bench_postgres(quick: bool) -> list[Result]:
     template = parse_template(independent_template_text(1, "bench.noop"))
     results = []
     for processes in (1, 2):
-        with _database("postgres") as db:
+        with database("postgres") as db:
             if db is None:
                 print("   PostgreSQL not reachable, skipped")
                 return []
@@ -376,35 +373,6 @@ def _run_processes(db: Database, processes: int, *, concurrency: int) -> float:
         ).scalar_one()
         last = conn.execute(select(func.max(workflow_steps.c.completed_at))).scalar_one()
     return float((last - first).total_seconds())
-
-
-@contextmanager
-def _database(backend: str) -> Iterator[Database | None]:
-    if backend == "sqlite":
-        with fresh_database() as db:
-            yield db
-        return
-    url = os.environ.get(
-        "DUPLEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    )
-    schema = f"duplex_bench_{os.getpid()}"
-    try:
-        admin = create_engine(url)
-        with admin.begin() as conn:
-            conn.execute(sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-            conn.execute(sql(f'CREATE SCHEMA "{schema}"'))
-    except Exception:
-        yield None
-        return
-    db = Database(DatabaseSettings(url=f"{url}?options=-csearch_path%3D{schema}"))
-    try:
-        upgrade_to_head(db)
-        yield db
-    finally:
-        db.dispose()
-        with admin.begin() as conn:
-            conn.execute(sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
 
 
 # --- 9. observability: the HTTP port and scrapes on, against off, in the same run ----------

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sqlalchemy import insert, select, update
 
 from app.db import Database
-from app.models import tasks, utcnow
+from app.models import tasks, utcnow, workflow_steps
 from app.storage.dashboard import (
     TaskFilter,
     events_of_task,
@@ -161,21 +161,54 @@ def test_status_counts_agree_with_the_view(db: Database) -> None:
     failed.run(p, "permanent")
     running = Flow(db, FAN_IN)
     running.claim("p", "q")
+    retry_due = Flow(db, FAN_IN)  # a retry due now (no backoff in POLICY) is ready
+    p, _q = sorted(retry_due.claim("p", "q"), key=lambda s: s.name)
+    retry_due.run(p, "retryable")
+    retry_due.run(_q)
+    waiting = Flow(db, FAN_IN)
+    for step in waiting.claim("p", "q"):
+        waiting.run(step, "permanent" if step.name == "p" else "success")
+    with db.write() as conn:  # p resolved later would unblock d; here only d is left waiting
+        resolve_step(conn, waiting.uuid_of("p"), operator="t", now=utcnow())
+        conn.execute(
+            update(workflow_steps)
+            .where(workflow_steps.c.step_uuid == waiting.uuid_of("d"))
+            .values(state="pending")
+        )
     counts: dict[str, int] = {}
+    flows = (done, failed, running, retry_due, waiting)
     with db.read() as conn:
-        for flow in (done, failed, running):
+        for flow in flows:
             status = conn.execute(
                 select(execution_status.c.execution_status).where(
                     execution_status.c.task_uuid == flow.task
                 )
             ).scalar_one()
             counts[status] = counts.get(status, 0) + 1
-        for flow in (done, failed, running):
+        for flow in flows:
             flt = TaskFilter(namespace=flow.namespace)
             mine = {k: v for k, v in status_counts(conn, flt).items() if v}
             assert sum(mine.values()) == 1
+            status = conn.execute(
+                select(execution_status.c.execution_status).where(
+                    execution_status.c.task_uuid == flow.task
+                )
+            ).scalar_one()
+            assert mine == {status: 1}
+            (listed,) = task_page(conn, TaskFilter(namespace=flow.namespace), limit=5).rows
+            assert listed.execution_status == status
+            (filtered_one,) = task_page(
+                conn, TaskFilter(namespace=flow.namespace, execution_status=status), limit=5
+            ).rows
+            assert filtered_one.task_uuid == flow.task
         found = task_page(conn, TaskFilter(namespace=failed.namespace), limit=5).rows
-    assert counts == {"all_complete": 1, "blocked_by_failures": 1, "processing": 1}
+    assert counts == {
+        "all_complete": 1,
+        "blocked_by_failures": 1,
+        "processing": 1,
+        "has_ready_steps": 1,
+        "waiting_for_dependencies": 1,
+    }
     assert found[0].execution_status == "blocked_by_failures"
     assert (found[0].total_steps, found[0].error_steps, found[0].in_progress_steps) == (3, 1, 1)
     with db.read() as conn:

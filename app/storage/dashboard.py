@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, case, func, literal_column, null, or_, select
+from sqlalchemy import Connection, Select, and_, case, func, null, or_, select
 
 from app.errors import InputError
 from app.models import (
@@ -113,10 +113,9 @@ def _filtered(query: Select[Any], flt: TaskFilter, *, with_status: bool = True) 
 
 
 def _has_status(status: str, flt: TaskFilter) -> Any:
+    statuses = _open_task_statuses(flt).subquery()
     in_status = tasks.c.task_uuid.in_(
-        select(_open_task_statuses(flt).subquery().c.task_uuid).where(
-            literal_column("execution_status") == status
-        )
+        select(statuses.c.task_uuid).where(statuses.c.execution_status == status)
     )
     if status == ALL_COMPLETE:
         return or_(tasks.c.state == TASK_COMPLETE, in_status)
@@ -419,41 +418,28 @@ def step_detail(conn: Connection, step_uuid: str) -> StepRow:
     return StepRow(**row._asdict(), parents=[p for (p,) in parents])
 
 
+_TRANSITIONS = select(
+    workflow_step_transitions.c.step_uuid,
+    workflow_step_transitions.c.from_state,
+    workflow_step_transitions.c.to_state,
+    workflow_step_transitions.c.attempt,
+    workflow_step_transitions.c.worker_id,
+    workflow_step_transitions.c.reason,
+    workflow_step_transitions.c.created_at,
+).order_by(workflow_step_transitions.c.id)
+
+
 def transitions_of_task(conn: Connection, task_uuid: str) -> list[TransitionRow]:
     """Every transition row of a task's steps, in the order they were written."""
-    tr = workflow_step_transitions.c
-    query = (
-        select(
-            tr.step_uuid,
-            tr.from_state,
-            tr.to_state,
-            tr.attempt,
-            tr.worker_id,
-            tr.reason,
-            tr.created_at,
-        )
-        .join(ws, ws.c.step_uuid == tr.step_uuid)
-        .where(ws.c.task_uuid == task_uuid)
-        .order_by(tr.id)
+    query = _TRANSITIONS.join(ws, ws.c.step_uuid == workflow_step_transitions.c.step_uuid).where(
+        ws.c.task_uuid == task_uuid
     )
     return [TransitionRow(*row) for row in conn.execute(query)]
 
 
 def transitions_of_step(conn: Connection, step_uuid: str) -> list[TransitionRow]:
-    tr = workflow_step_transitions.c
-    query = (
-        select(
-            tr.step_uuid,
-            tr.from_state,
-            tr.to_state,
-            tr.attempt,
-            tr.worker_id,
-            tr.reason,
-            tr.created_at,
-        )
-        .where(tr.step_uuid == step_uuid)
-        .order_by(tr.id)
-    )
+    """One step's transition rows, in the order they were written."""
+    query = _TRANSITIONS.where(workflow_step_transitions.c.step_uuid == step_uuid)
     return [TransitionRow(*row) for row in conn.execute(query)]
 
 
