@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.metrics import WorkerMetrics
 from app.models import utcnow
 from app.pool import HandlerPool, Running
+from app.prefetch import PrefetchWindow, claim_batch
 from app.supervision import Supervisor
 from app.timer import Timer, TimerHandle
 from app.tracing import StepTracer
@@ -45,14 +47,16 @@ class Dispatcher(SupervisedActor):
         default_timeout_s: float,
         max_result_bytes: int,
         clock: Callable[[], datetime] = utcnow,
-        credit_batch: int = 1,
+        prefetch: int = 0,
         supervisor: Supervisor | None = None,
         metrics: WorkerMetrics | None = None,
         tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
-        self._credit_batch = credit_batch
+        self._window = PrefetchWindow(size, prefetch)
         self._unreported_credits = 0
+        # When each busy worker was handed its attempt (monotonic), for the window's pace.
+        self._assigned_at: dict[int, float] = {}
         self._tracer = tracer
         self._completion = completion
         self._registry = registry
@@ -118,6 +122,9 @@ class Dispatcher(SupervisedActor):
         handle = self._deadlines.pop(worker_id, None)
         if handle is not None:
             handle.cancel()
+        assigned_at = self._assigned_at.pop(worker_id, None)
+        if assigned_at is not None:
+            self._window.observe(time.monotonic() - assigned_at)
         self._assign()
         self._capacity_freed(batched=True)
 
@@ -204,14 +211,17 @@ class Dispatcher(SupervisedActor):
             "abandoned_threads": len(self._pool.abandoned),
             "timeouts": self._pool.timeouts,
             "dispatched": self.dispatched,
+            "prefetch_window": self._window.size,
             "draining": self._draining,
         }
 
     def _assign(self) -> None:
         if self._draining:
             return
+        now = time.monotonic()
         for run in self._pool.assign(self._default_timeout_s):
             self.dispatched += 1
+            self._assigned_at[run.worker_id] = now
             tell(self._workers[run.worker_id].run, run.step, run.cancellation, run.timeout_s)
             self._deadlines[run.worker_id] = self._timer.call_later(
                 run.timeout_s, self._deadline_callback(run)
@@ -230,6 +240,9 @@ class Dispatcher(SupervisedActor):
         # The thread cannot be killed: send the failure now, then flag it (async handlers are
         # cancelled for real; the handler's own cancel hook runs on a thread of its own), and
         # let the commit guard reject whatever it returns later.
+        assigned_at = self._assigned_at.pop(run.worker_id, None)
+        if assigned_at is not None:  # a timeout says how slow these handlers can be
+            self._window.observe(time.monotonic() - assigned_at)
         now = self._clock()
         if not tell(self._completion.submit, StepOutcome(run.step, now, now, failure=failure)):
             self.supervisor.results_lost(1)
@@ -259,15 +272,16 @@ class Dispatcher(SupervisedActor):
         """A slot's credit is free: give the intake back what is free so far.
 
         ``batched`` credits go back in batches while claimed steps still wait for a slot: the
-        intake claims no fewer than ``credit_batch`` anyway, so a message per credit would
-        only wake it. With nothing waiting, every credit goes back at once.
+        intake claims no fewer than ``claim_batch`` of the window anyway, so a message per
+        credit would only wake it. With nothing waiting, every credit goes back at once.
         """
         self._unreported_credits += 1
-        if batched and self._unreported_credits < self._credit_batch and self._pool.waiting:
+        window = self._window.size
+        if batched and self._unreported_credits < claim_batch(window) and self._pool.waiting:
             return
         credits, self._unreported_credits = self._unreported_credits, 0
         if self._intake is not None:
-            tell(self._intake.capacity_freed, credits)
+            tell(self._intake.capacity_freed, credits, window)
 
 
 DispatcherProxy = pykka.ActorProxy[Dispatcher]

@@ -38,8 +38,8 @@ class EventSystem(SupervisedActor):
         commands: CommandProcessorProxy,
         timer: Timer,
         *,
-        capacity: int,
-        min_claim: int = 1,
+        slots: int,
+        max_prefetch: int = 0,
         polling_interval_s: float,
         polling: bool = True,
         listen: Callable[[Callable[[], None]], WorkListener] | None = None,
@@ -48,7 +48,7 @@ class EventSystem(SupervisedActor):
         super().__init__(supervisor)
         self._commands = commands
         self._timer = timer
-        self._credits = IntakeCredits(capacity, min_claim)
+        self._credits = IntakeCredits(slots, max_prefetch)
         self._interval = polling_interval_s
         self._polling = polling
         self._make_listener = listen
@@ -99,8 +99,10 @@ class EventSystem(SupervisedActor):
         if self._self is not None and not self._credits.stopped:
             self._timer.call_later(CLAIM_RETRY_S, partial(tell, self._self.nudge))
 
-    def capacity_freed(self, slots: int = 1) -> None:
-        """The Dispatcher has room again."""
+    def capacity_freed(self, slots: int = 1, prefetch: int | None = None) -> None:
+        """The Dispatcher has room again; ``prefetch`` is the size of its window now."""
+        if prefetch is not None:
+            self._credits.resize(prefetch)
         self._credits.freed(slots)
         self._claim(work_signalled=False)
 

@@ -1,22 +1,30 @@
 """Intake credits: how many steps the worker may claim now.
 
-The worker never holds more claimed steps than ``max_concurrent_handlers + prefetch``; the
-database is the buffer, so a backlog of 100k steps does not grow the worker's memory.
+The worker never holds more claimed steps than its slots plus the prefetch window
+(``app.prefetch``), which is never more than ``worker.prefetch``; the database is the
+buffer, so a backlog of 100k steps does not grow the worker's memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app.prefetch import claim_batch
+
 
 @dataclass
 class IntakeCredits:
-    """Free capacity, and whether a claim is already on its way."""
+    """Free capacity, and whether a claim is already on its way.
 
-    capacity: int
-    # A claim is a write transaction whatever its size: with claimed steps still waiting to
-    # run, waiting for this many free credits costs no handler time and saves transactions.
-    min_claim: int = 1
+    There is a credit per slot and per step of the largest window; the credits of the
+    window's unused part are held back, so a claim never takes more than the slots plus
+    the window of the moment.
+    """
+
+    slots: int
+    max_prefetch: int = 0
+    # The prefetch window now (see ``resize``); starts as the Dispatcher's window starts.
+    prefetch: int = -1
     available: int = -1
     claim_in_flight: bool = False
     # True when the last claim filled up (the queue probably holds more) or work was
@@ -30,15 +38,32 @@ class IntakeCredits:
     commits_lagging: bool = False
 
     def __post_init__(self) -> None:
-        if self.capacity < 1:
-            raise ValueError("capacity must be >= 1")
-        if not 1 <= self.min_claim <= self.capacity:
-            raise ValueError("min_claim must be between 1 and capacity")
+        if self.slots < 1:
+            raise ValueError("slots must be >= 1")
+        if self.max_prefetch < 0:
+            raise ValueError("max_prefetch must be >= 0")
+        if self.prefetch < 0:
+            self.prefetch = min(self.slots, self.max_prefetch)
+        self.resize(self.prefetch)
         if self.available < 0:
             self.available = self.capacity
 
+    @property
+    def capacity(self) -> int:
+        """Every credit there is: the slots and the largest window."""
+        return self.slots + self.max_prefetch
+
+    def resize(self, prefetch: int) -> None:
+        """The Dispatcher's prefetch window changed (it follows the handlers' pace)."""
+        self.prefetch = max(0, min(self.max_prefetch, prefetch))
+
     def next_claim(self, *, work_signalled: bool) -> int:
         """Return how many steps to claim now (0 for none) and reserve them.
+
+        A claim waits for ``claim_batch`` free credits: with that many claimed steps still
+        waiting for a slot, a bigger, later claim costs no handler time and saves
+        transactions. Whenever a slot is idle, at least that many are free (nothing waits
+        and every credit but the running ones is back), so waiting never starves the pool.
 
         A signal that cannot be served at once is remembered, never dropped: it is served
         when the claim on its way returns or when capacity frees.
@@ -48,17 +73,18 @@ class IntakeCredits:
                 self.signalled_during_claim = True
             else:
                 self.backlog_likely = True
+        free = self.available - (self.max_prefetch - self.prefetch)
         if (
             self.stopped
             or self.commits_lagging
             or self.claim_in_flight
-            or self.available < self.min_claim
+            or free < claim_batch(self.prefetch)
             or not self.backlog_likely
         ):
             return 0
         self.claim_in_flight = True
-        limit, self.available = self.available, 0
-        return limit
+        self.available -= free
+        return free
 
     def claimed(self, requested: int, got: int) -> None:
         """Account for a finished claim: unclaimed credits come back."""

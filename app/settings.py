@@ -51,7 +51,8 @@ class WorkerSettings(_Section):
     namespaces: tuple[str, ...] = ("default",)
     handler_modules: tuple[str, ...] = ()
     max_concurrent_handlers: int = Field(default=10, ge=1, le=1024)
-    prefetch: int = Field(default=10, ge=0, le=1024)
+    # The ceiling of the prefetch window, which follows the handlers' pace (app.prefetch).
+    prefetch: int = Field(default=200, ge=0, le=1024)
     handler_timeout_ms: int = Field(default=30_000, gt=0, le=604_800_000)
     shutdown_timeout_ms: int = Field(default=10_000, ge=0, le=86_400_000)
     max_result_bytes: int = Field(default=1_000_000, gt=0)

@@ -183,9 +183,6 @@ class Worker:
             metrics=self.metrics,
             tracer=self.tracer,
         )
-        # Claims wait for up to half the prefetch to be free: while that many claimed steps
-        # wait for a slot, a bigger, later claim leaves no handler idle.
-        min_claim = max(1, cfg.prefetch // 2)
         dispatcher = Dispatcher.start(
             completion.proxy(),
             self.registry,
@@ -193,7 +190,7 @@ class Worker:
             size=cfg.max_concurrent_handlers,
             default_timeout_s=cfg.handler_timeout_ms / 1000,
             max_result_bytes=cfg.max_result_bytes,
-            credit_batch=min_claim,
+            prefetch=cfg.prefetch,
             supervisor=supervisor,
             metrics=self.metrics,
             tracer=self.tracer,
@@ -211,8 +208,8 @@ class Worker:
         intake = EventSystem.start(
             commands.proxy(),
             self.timer,
-            capacity=cfg.max_concurrent_handlers + cfg.prefetch,
-            min_claim=min_claim,
+            slots=cfg.max_concurrent_handlers,
+            max_prefetch=cfg.prefetch,
             polling_interval_s=self.settings.event_system.polling_interval_ms / 1000,
             polling=polling,
             listen=listen,

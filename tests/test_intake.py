@@ -1,4 +1,4 @@
-"""IntakeCredits: the worker never claims more than it can run (plus prefetch)."""
+"""IntakeCredits: the worker never claims more than it can run (plus the prefetch window)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ from hypothesis.stateful import (
 )
 
 from app.intake import IntakeCredits
+from app.prefetch import claim_batch
 
 
-def test_capacity_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="capacity"):
+def test_slots_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="slots"):
         IntakeCredits(0)
+    with pytest.raises(ValueError, match="max_prefetch"):
+        IntakeCredits(1, -1)
 
 
 def test_first_claim_takes_the_whole_capacity_even_without_a_signal() -> None:
@@ -59,8 +62,15 @@ def test_full_claim_means_claim_again_as_soon_as_capacity_frees() -> None:
     assert credits.next_claim(work_signalled=False) == 1
 
 
-def test_a_claim_waits_for_min_claim_free_credits() -> None:
-    credits = IntakeCredits(10, min_claim=4)
+def test_the_window_starts_at_one_step_per_slot() -> None:
+    credits = IntakeCredits(4, 100)
+    assert credits.capacity == 104
+    assert credits.prefetch == 4
+    assert credits.next_claim(work_signalled=True) == 8
+
+
+def test_a_claim_waits_for_half_the_window_free() -> None:
+    credits = IntakeCredits(2, 8, prefetch=8)
     assert credits.next_claim(work_signalled=True) == 10
     credits.claimed(10, 10)
     credits.freed(3)
@@ -69,9 +79,16 @@ def test_a_claim_waits_for_min_claim_free_credits() -> None:
     assert credits.next_claim(work_signalled=False) == 4
 
 
-def test_min_claim_must_fit_the_capacity() -> None:
-    with pytest.raises(ValueError, match="min_claim"):
-        IntakeCredits(4, min_claim=5)
+def test_a_smaller_window_holds_its_unused_credits_back() -> None:
+    credits = IntakeCredits(2, 100, prefetch=100)
+    assert credits.next_claim(work_signalled=True) == 102
+    credits.claimed(102, 102)
+    credits.resize(4)  # the handlers turned slow
+    credits.freed(100)  # 2 steps still held: only slots + 4 may be claimed in all
+    assert credits.next_claim(work_signalled=True) == 4
+    credits.claimed(4, 4)
+    credits.resize(500)  # never past the ceiling
+    assert credits.prefetch == 100
 
 
 def test_freed_never_exceeds_capacity() -> None:
@@ -94,17 +111,21 @@ class IntakeMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.credits = IntakeCredits(1)
-        self.capacity = self.slots = self.min_claim = 1
+        self.capacity = self.slots = 1
         self.unfinished = 0  # claimed and not yet finished
         self.in_flight: int | None = None  # the limit of the claim on its way
 
     @initialize(slots=st.integers(min_value=1, max_value=12), prefetch=st.integers(0, 12))
     def start(self, slots: int, prefetch: int) -> None:
-        # As the worker sets it up: capacity is the slots plus the prefetch.
+        # As the worker sets it up: capacity is the slots plus the largest window.
         self.slots = slots
         self.capacity = slots + prefetch
-        self.min_claim = max(1, prefetch // 2)
-        self.credits = IntakeCredits(self.capacity, self.min_claim)
+        self.credits = IntakeCredits(slots, prefetch)
+
+    @rule(data=st.data())
+    def window_resized(self, data: st.DataObject) -> None:
+        # The Dispatcher's window follows the handlers' pace, anywhere up to the ceiling.
+        self.credits.resize(data.draw(st.integers(0, self.credits.max_prefetch)))
 
     @rule(work_signalled=st.booleans())
     def ask_for_a_claim(self, work_signalled: bool) -> None:
@@ -113,8 +134,9 @@ class IntakeMachine(RuleBasedStateMachine):
         if self.in_flight is not None or self.credits.stopped:
             assert limit == 0
         if limit:
-            assert self.unfinished + limit <= self.capacity
-            assert limit >= self.min_claim
+            # Never more claimed than the slots and the window of the moment.
+            assert self.unfinished + limit <= self.slots + self.credits.prefetch
+            assert limit >= claim_batch(self.credits.prefetch)
             self.in_flight = limit
         elif self.in_flight is None and self.credits.backlog_likely and not self.credits.stopped:
             # Declined for want of credits: only while every slot has a claimed step to run,
