@@ -24,6 +24,8 @@ ws = workflow_steps
 
 def declared_events(raw: Any) -> tuple[EventDeclaration, ...]:
     """Turn a step's stored ``declared_events`` JSON into declarations."""
+    if not raw:  # most steps declare none: no generator for them
+        return ()
     return tuple(EventDeclaration(e["name"], e.get("condition", "success")) for e in raw or ())
 
 
