@@ -1,4 +1,5 @@
-"""BulkStatement writes exactly what SQLAlchemy's own executemany writes, on every backend."""
+"""BulkStatement and ColumnInsert write exactly what SQLAlchemy's own executemany writes, on
+every backend."""
 
 from __future__ import annotations
 
@@ -9,13 +10,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, insert, select
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    bindparam,
+    insert,
+    select,
+)
 from sqlalchemy import text as sql
 
 from app.db import Database
+from app.errors import StorageError
 from app.models import JSONValue, UTCDateTime
 from app.settings import DatabaseSettings
-from app.storage.driver import BulkStatement, db_json, db_time
+from app.storage.driver import BulkStatement, ColumnInsert, db_json, db_time
 from tests.conftest import postgres_schema_url, require_postgres
 
 metadata = MetaData()
@@ -29,6 +42,19 @@ probe = Table(
     Column("doc", JSONValue),
     # Not among the rows' columns: an INSERT writes its default.
     Column("n", Integer, nullable=False, default=7),
+)
+# Every kind of column a submission writes, for ColumnInsert.
+wide = Table(
+    "driver_wide",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("via", String(8), nullable=False),
+    Column("label", String(32)),
+    Column("note", Text),
+    Column("flag", Boolean),
+    Column("count", Integer),
+    Column("at", UTCDateTime),
+    Column("doc", JSONValue),
 )
 PROBE_COLUMNS = ("id", "via", "label", "at", "doc")
 BULK_INSERT = BulkStatement(
@@ -137,3 +163,68 @@ def test_a_parameter_that_is_neither_a_column_nor_a_constant_is_refused(db: Data
 def test_naive_datetimes_are_refused() -> None:
     with pytest.raises(ValueError, match="naive"):
         db_time(Database(DatabaseSettings(url="sqlite://")).engine.dialect, datetime(2026, 1, 1))
+
+
+WIDE_VALUES: list[dict[str, Any]] = [
+    {"label": "plain", "note": "tab\there\nnewline \\ back", "flag": True, "count": 0},
+    {"label": None, "note": None, "flag": None, "count": None},
+    {"label": "ü \u2603", "note": "", "flag": False, "count": 2**31 - 1},
+]
+
+
+def _wide_rows(via: str, first_id: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": first_id + i,
+            "via": via,
+            **values,
+            "at": at,
+            "doc": doc,
+        }
+        for i, (values, (_, at, doc)) in enumerate(zip(WIDE_VALUES * 2, VALUES, strict=False))
+    ]
+
+
+def _wide_raw(conn: Any, via: str) -> list[tuple[Any, ...]]:
+    cast = "" if conn.dialect.name == "sqlite" else "::text"
+    rows = conn.exec_driver_sql(
+        f"SELECT label, note, flag, count, at{cast}, doc{cast} FROM driver_wide"
+        f" WHERE via = '{via}' ORDER BY id"
+    )
+    return [tuple(row) for row in rows]
+
+
+def test_column_insert_writes_what_sqlalchemy_writes(db: Database) -> None:
+    statement = ColumnInsert(wide)
+    with db.write() as conn:
+        conn.execute(insert(wide), _wide_rows("core", 0))
+        statement.execute(conn, _wide_rows("column", 100))
+        statement.execute(conn, [])  # nothing to write is not an error
+    with db.read() as conn:
+        assert _wide_raw(conn, "column") == _wide_raw(conn, "core")
+        assert len(_wide_raw(conn, "column")) == len(VALUES)
+        typed = conn.execute(select(wide).order_by(wide.c.id)).all()
+    core, column = typed[: len(VALUES)], typed[len(VALUES) :]
+    assert [row[2:] for row in column] == [row[2:] for row in core]
+
+
+def test_column_insert_refusals_are_storage_errors_and_roll_back(db: Database) -> None:
+    statement = ColumnInsert(wide)
+    rows = _wide_rows("column", 0)
+
+    def insert_twice() -> None:
+        with db.write() as conn:
+            statement.execute(conn, rows[:1])
+            statement.execute(conn, rows)  # id 0 again: a primary-key violation
+
+    with pytest.raises(StorageError) as refused:
+        insert_twice()
+    assert not refused.value.transient  # the same rows would be refused again
+    with db.read() as conn:
+        assert _wide_raw(conn, "column") == []
+
+
+def test_column_insert_refuses_naive_datetimes(db: Database) -> None:
+    row = {**_wide_rows("column", 0)[0], "at": datetime(2026, 1, 1)}
+    with pytest.raises((ValueError, StorageError), match="naive"), db.write() as conn:
+        ColumnInsert(wide).execute(conn, [row])

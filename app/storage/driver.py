@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, Dialect
+from sqlalchemy import JSON, Connection, Dialect, Table, insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.expression import UpdateBase
+from sqlalchemy.types import TypeDecorator
 
 
 class BulkStatement:
@@ -79,6 +82,68 @@ class BulkStatement:
         column = table.c.get(name) if table is not None else None
         default = column.default if column is not None else None
         return default.arg if default is not None and default.is_scalar else None
+
+
+class ColumnInsert:
+    """Many rows into one table, in one statement and one stream on PostgreSQL.
+
+    On PostgreSQL the rows go through ``COPY ... FROM STDIN``: no statement is compiled or
+    planned per row or per call, and the rows stream in one round trip, which is several
+    times faster than an executemany of INSERTs for thousands of rows. Values are converted
+    per column type (JSON encoded, timestamps checked for a zone) rather than per value
+    through SQLAlchemy's bind processors. On SQLite, an in-process driver with no round
+    trips to save, it is the driver's ``executemany`` of one prebuilt INSERT.
+    """
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self._sql: dict[tuple[str, ...], str] = {}
+
+    def execute(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert ``rows``, dicts that all name the same columns."""
+        if not rows:
+            return
+        dialect = conn.dialect
+        if dialect.name != "postgresql":
+            conn.execute(insert(self.table), rows)
+            return
+        names = tuple(rows[0])
+        sql = self._sql.get(names) or self._compile(dialect, names)
+        converters = [self._converter(dialect, name) for name in names]
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            with cursor.copy(sql) as copy:
+                for row in rows:
+                    copy.write_row(
+                        [
+                            value if convert is None else convert(value)
+                            for convert, value in zip(converters, row.values(), strict=True)
+                        ]
+                    )
+        except dialect.loaded_dbapi.Error as exc:
+            # What SQLAlchemy raises for a statement it runs, so callers see one kind of error.
+            raise DBAPIError.instance(
+                sql, None, exc, dialect.loaded_dbapi.Error, dialect=dialect
+            ) from exc
+        finally:
+            cursor.close()
+
+    def _converter(self, dialect: Dialect, name: str) -> Any:
+        column_type = self.table.c[name].type
+        if isinstance(column_type, JSON):
+            return db_json
+        if isinstance(column_type, TypeDecorator):  # UTCDateTime: checked for a zone
+            return partial(db_time, dialect)
+        return None
+
+    def _compile(self, dialect: Dialect, names: tuple[str, ...]) -> str:
+        quote = dialect.identifier_preparer.quote
+        sql = (
+            f"COPY {dialect.identifier_preparer.format_table(self.table)}"
+            f" ({', '.join(quote(name) for name in names)}) FROM STDIN"
+        )
+        self._sql[names] = sql
+        return sql
 
 
 def db_time(dialect: Dialect, value: datetime | None) -> Any:

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy import Connection, bindparam, select
 
 from app.messages import JSONDict
 from app.models import tasks, workflow_step_edges, workflow_step_transitions, workflow_steps
 from app.states import ENQUEUED, PENDING, TASK_PENDING
+from app.storage.driver import ColumnInsert
 from app.templates import TaskTemplate
 
 # SQLite allows 32766 bound parameters per statement; stay well below it.
@@ -90,17 +91,21 @@ def create_tasks(
             }
         )
     step_rows, edge_rows, transition_rows = _step_rows(template, task_rows, now)
-    for table, rows in (
-        (tasks, task_rows),
-        (workflow_steps, step_rows),
-        (workflow_step_edges, edge_rows),
-        (workflow_step_transitions, transition_rows),
+    for statement, rows in (
+        (_INSERT_TASKS, task_rows),
+        (_INSERT_STEPS, step_rows),
+        (_INSERT_EDGES, edge_rows),
+        (_INSERT_TRANSITIONS, transition_rows),
     ):
-        if rows:
-            # executemany of one prebuilt statement: the driver batches it (SQLite's C loop,
-            # psycopg's pipeline); compiling a multi-row VALUES per call costs far more.
-            conn.execute(insert(table), rows)
+        statement.execute(conn, rows)
     return ids
+
+
+# One statement per table for the whole submission on PostgreSQL (see ``ColumnInsert``).
+_INSERT_TASKS = ColumnInsert(tasks)
+_INSERT_STEPS = ColumnInsert(workflow_steps)
+_INSERT_EDGES = ColumnInsert(workflow_step_edges)
+_INSERT_TRANSITIONS = ColumnInsert(workflow_step_transitions)
 
 
 def existing_tasks(conn: Connection, name: str, keys: Sequence[str]) -> dict[str, str]:
