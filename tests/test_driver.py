@@ -228,3 +228,22 @@ def test_column_insert_refuses_naive_datetimes(db: Database) -> None:
     row = {**_wide_rows("column", 0)[0], "at": datetime(2026, 1, 1)}
     with pytest.raises((ValueError, StorageError), match="naive"), db.write() as conn:
         ColumnInsert(wide).execute(conn, [row])
+
+
+def test_column_insert_takes_the_rows_columns_in_any_order(db: Database) -> None:
+    rows = _wide_rows("column", 0)
+    reordered = [dict(reversed(list(row.items()))) for row in rows]
+    with db.write() as conn:
+        conn.execute(insert(wide), _wide_rows("core", 100))
+        ColumnInsert(wide).execute(conn, reordered)
+    with db.read() as conn:
+        assert _wide_raw(conn, "column") == _wide_raw(conn, "core")
+
+
+def test_column_insert_refuses_unknown_columns_and_unwritten_defaults(db: Database) -> None:
+    with db.write() as conn:
+        with pytest.raises(ValueError, match=r"not columns of driver_wide: \['colour'\]"):
+            ColumnInsert(wide).execute(conn, [{**_wide_rows("column", 0)[0], "colour": "red"}])
+        # ``n`` has a Python-side default that neither COPY nor the plain INSERT would write.
+        with pytest.raises(ValueError, match=r"Python-side default not given: \['n'\]"):
+            ColumnInsert(probe).execute(conn, [{"id": 1, "via": "column"}])

@@ -12,12 +12,12 @@ each is readable in its module like every other statement.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Dialect, Table, insert
+from sqlalchemy import JSON, Connection, Dialect, Table, bindparam, insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.expression import UpdateBase
 from sqlalchemy.types import TypeDecorator
@@ -85,41 +85,40 @@ class BulkStatement:
 
 
 class ColumnInsert:
-    """Many rows into one table, in one statement and one stream on PostgreSQL.
+    """Many rows into one table, values converted per column rather than per value.
 
     On PostgreSQL the rows go through ``COPY ... FROM STDIN``: no statement is compiled or
-    planned per row or per call, and the rows stream in one round trip, which is several
-    times faster than an executemany of INSERTs for thousands of rows. Values are converted
-    per column type (JSON encoded, timestamps checked for a zone) rather than per value
-    through SQLAlchemy's bind processors. On SQLite, an in-process driver with no round
-    trips to save, it is the driver's ``executemany`` of one prebuilt INSERT.
+    planned per row, and the rows stream in one round trip, several times faster than an
+    executemany of INSERTs for thousands of rows. On SQLite, an in-process driver with no
+    round trips to save, it is the driver's ``executemany`` of one prebuilt INSERT. Either
+    way values are converted once per column type (JSON encoded, timestamps checked for a
+    zone), not through SQLAlchemy's parameter dicts and bind processors.
+
+    A column with a Python-side default must be given in every row: neither COPY nor the
+    prebuilt INSERT would write the default, so leaving it out is refused.
     """
 
     def __init__(self, table: Table) -> None:
         self.table = table
-        self._sql: dict[tuple[str, ...], str] = {}
+        # (dialect, the rows' columns) -> the SQL and the order it takes the columns in
+        self._sql: dict[tuple[str, frozenset[str]], tuple[str, tuple[str, ...]]] = {}
 
     def execute(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         """Insert ``rows``, dicts that all name the same columns."""
         if not rows:
             return
         dialect = conn.dialect
+        key = (dialect.name, frozenset(rows[0]))
+        sql, names = self._sql.get(key) or self._compile(dialect, key[1])
+        values = self._values(dialect, names, rows)
         if dialect.name != "postgresql":
-            conn.execute(insert(self.table), rows)
+            conn.exec_driver_sql(sql, list(values))
             return
-        names = tuple(rows[0])
-        sql = self._sql.get(names) or self._compile(dialect, names)
-        converters = [self._converter(dialect, name) for name in names]
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             with cursor.copy(sql) as copy:
-                for row in rows:
-                    copy.write_row(
-                        [
-                            value if convert is None else convert(value)
-                            for convert, value in zip(converters, row.values(), strict=True)
-                        ]
-                    )
+                for row in values:
+                    copy.write_row(row)
         except dialect.loaded_dbapi.Error as exc:
             # What SQLAlchemy raises for a statement it runs, so callers see one kind of error.
             raise DBAPIError.instance(
@@ -128,22 +127,51 @@ class ColumnInsert:
         finally:
             cursor.close()
 
-    def _converter(self, dialect: Dialect, name: str) -> Any:
+    def _values(
+        self, dialect: Dialect, names: tuple[str, ...], rows: Sequence[dict[str, Any]]
+    ) -> Iterator[tuple[Any, ...]]:
+        converters = [self._converter(dialect, name) for name in names]
+        for row in rows:
+            yield tuple(
+                value if convert is None else convert(value)
+                for convert, value in zip(converters, [row[name] for name in names], strict=True)
+            )
+
+    def _converter(self, dialect: Dialect, name: str) -> Callable[[Any], Any] | None:
         column_type = self.table.c[name].type
         if isinstance(column_type, JSON):
             return db_json
         if isinstance(column_type, TypeDecorator):  # UTCDateTime: checked for a zone
-            return partial(db_time, dialect)
+            # The rows of one submission share their timestamps: convert each once.
+            return lru_cache(maxsize=8)(partial(db_time, dialect))
         return None
 
-    def _compile(self, dialect: Dialect, names: tuple[str, ...]) -> str:
-        quote = dialect.identifier_preparer.quote
-        sql = (
-            f"COPY {dialect.identifier_preparer.format_table(self.table)}"
-            f" ({', '.join(quote(name) for name in names)}) FROM STDIN"
-        )
-        self._sql[names] = sql
-        return sql
+    def _compile(self, dialect: Dialect, given: frozenset[str]) -> tuple[str, tuple[str, ...]]:
+        unknown = sorted(given - set(self.table.c.keys()))
+        if unknown:
+            raise ValueError(f"not columns of {self.table.name}: {unknown}")
+        defaulted = [
+            column.name
+            for column in self.table.c
+            if column.default is not None and column.name not in given
+        ]
+        if defaulted:
+            raise ValueError(f"columns with a Python-side default not given: {defaulted}")
+        names = tuple(column.name for column in self.table.c if column.name in given)
+        if dialect.name == "postgresql":
+            quote = dialect.identifier_preparer.quote
+            sql = (
+                f"COPY {dialect.identifier_preparer.format_table(self.table)}"
+                f" ({', '.join(quote(name) for name in names)}) FROM STDIN"
+            )
+        else:
+            statement = insert(self.table).values({name: bindparam(name) for name in names})
+            compiled = statement.compile(dialect=dialect)
+            if not compiled.positional or set(compiled.positiontup or ()) != given:
+                raise ValueError(f"{dialect.name}: an INSERT of {sorted(given)} is not positional")
+            sql, names = compiled.string, tuple(compiled.positiontup or ())
+        self._sql[(dialect.name, given)] = (sql, names)
+        return sql, names
 
 
 def db_time(dialect: Dialect, value: datetime | None) -> Any:
