@@ -309,6 +309,11 @@ class Spans:
         last = max(e for _, e in self.spans)
         return sum(e - s for s, e in self.spans) / (concurrency * (last - first))
 
+    def since_first_start(self, run: Run) -> float:
+        """Seconds from the first handler's start to the end of the drain: the clock the
+        peers' benchmark (``../shared/peers/bench.py``) uses, which leaves start-up out."""
+        return run.t0 + run.drain_s - min(s for s, _ in self.spans)
+
     def describe(self, run: Run, concurrency: int) -> str:
         """Say where the wall time went: ramp-up, slot occupancy, tail after the last handler."""
         if not self.spans:

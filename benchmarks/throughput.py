@@ -104,13 +104,18 @@ def bench_sleep(quick: bool) -> list[Result]:
         )
     rate = steps / run.drain_s
     efficiency = rate / ceiling
+    peers_clock = steps / spans.since_first_start(run) / ceiling
     _print_run(sub, run, steps)
     print(f"   {spans.describe(run, CONCURRENCY)}")
-    print(f"   {rate:.1f} steps/s vs ceiling {ceiling:.0f} steps/s: efficiency {efficiency:.3f}")
+    print(
+        f"   {rate:.1f} steps/s vs ceiling {ceiling:.0f} steps/s: efficiency {efficiency:.3f}"
+        f" ({peers_clock:.3f} from the first handler's start, as the peers are timed)"
+    )
     print()
     return [
         Result("sleep", "steps/s", f"{rate:.1f}", f"ceiling {ceiling:.0f}"),
         Result("sleep", "efficiency", f"{efficiency:.3f}", ">= 0.95", efficiency >= 0.95),
+        Result("sleep", "efficiency, peers' clock", f"{peers_clock:.3f}"),
         Result("sleep", "slot occupancy", f"{spans.occupancy(CONCURRENCY):.3f}"),
     ]
 
@@ -187,9 +192,13 @@ def bench_fanout(quick: bool) -> list[Result]:
         )
         timeline = _join_timeline(db)
     efficiency = ceiling_s / run.drain_s
+    peers_clock = ceiling_s / spans.since_first_start(run)
     _print_run(sub, run, steps)
     print(f"   {spans.describe(run, CONCURRENCY)}")
-    print(f"   ceiling {fmt_s(ceiling_s)}: efficiency {efficiency:.3f}")
+    print(
+        f"   ceiling {fmt_s(ceiling_s)}: efficiency {efficiency:.3f}"
+        f" ({peers_clock:.3f} from the first handler's start, as the peers are timed)"
+    )
     delay = timeline["join_enqueued"] - timeline["last_middle_complete"]
     same = timeline["join_enqueued"] == timeline["last_middle_complete"]
     claim = timeline["join_claimed"] - timeline["join_enqueued"]
@@ -201,6 +210,7 @@ def bench_fanout(quick: bool) -> list[Result]:
     print()
     return [
         Result("fanout", "efficiency", f"{efficiency:.3f}", ">= 0.95", efficiency >= 0.95),
+        Result("fanout", "efficiency, peers' clock", f"{peers_clock:.3f}"),
         Result("fanout", "slot occupancy", f"{spans.occupancy(CONCURRENCY):.3f}"),
         Result(
             "fanout",
