@@ -40,6 +40,7 @@ from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
 from app.worker import Worker
 from benchmarks import _common
+from benchmarks import peers as peer_figures
 from benchmarks._common import (
     Result,
     Run,
@@ -592,6 +593,16 @@ def main(argv: list[str] | None = None) -> int:
         results += bench(args.quick)
     print_load()
     print_table(results)
+    peers = peer_figures.load()
+    if args.quick:
+        pass  # the peers ran full sizes: no ratios against a smoke run
+    elif peers is None:
+        print(
+            f"\nno peers' figures in {peer_figures.RESULTS}: run ../shared/peers/run.sh for ratios"
+        )
+    else:
+        print(f"\nagainst the {peer_figures.describe(peers)}")
+        print_table(peer_figures.ratios(results, peers))
     return 0
 
 
