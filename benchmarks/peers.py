@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 from benchmarks._common import Result
 
 RESULTS = Path(os.environ.get("PEERS_OUT", "/tmp/duplex-peers")) / "results.jsonl"
+PEERS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "peers"
+PEERS_PYTHON = Path(os.environ.get("PEERS_VENV", "/tmp/duplex-peers-venv")) / "bin" / "python"
 # W1: 1000 tasks sleeping 100 ms at concurrency 10, so the ceiling is 100 tasks/s.
 W1_CEILING = 100.0
 
@@ -100,20 +103,24 @@ def ratios(results: list[Result], peers: PeerFigures) -> list[Result]:
     if "dramatiq" in peers.sleep_efficiency:
         efficiency = peers.sleep_efficiency["dramatiq"]
         out.append(Result("sleep", "Dramatiq's efficiency", f"{efficiency:.3f}"))
-    enqueue = peers.enqueue_s.get("procrastinate-exec10")
+    # Against procrastinate's batch_defer timed in this run (see time_procrastinate_enqueue);
+    # all in, against run.sh's enqueue figure when this run could not time it.
+    alone = found.get(("bulk/procrastinate", "batch_defer"))
+    all_in = found.get(("bulk/procrastinate", "new process, all in"))
+    references = {
+        "submit_many": seconds(alone) if alone else None,
+        "new process, all in": (
+            seconds(all_in) if all_in else peers.enqueue_s.get("procrastinate-exec10")
+        ),
+    }
     for backend in ("sqlite", "postgres"):
-        cold = found.get((f"bulk/{backend}", "new process, all in"))
-        if cold is not None and enqueue:
-            ratio = enqueue / seconds(cold)
-            out.append(
-                Result(
-                    f"bulk/{backend}",
-                    "x procrastinate's speed, all in",
-                    f"{ratio:.2f}",
-                    "> 1",
-                    ratio > 1,
-                )
-            )
+        for metric, reference in references.items():
+            value = found.get((f"bulk/{backend}", metric))
+            if value is None or not reference:
+                continue
+            ratio = reference / seconds(value)
+            label = "x procrastinate's speed" + ("" if metric == "submit_many" else ", all in")
+            out.append(Result(f"bulk/{backend}", label, f"{ratio:.2f}", "> 1", ratio > 1))
     return out
 
 
@@ -121,3 +128,45 @@ def describe(peers: PeerFigures) -> str:
     age_min = (time.time() - peers.taken_at) / 60
     figures = ", ".join(f"{peer} {tps:.0f}/s" for peer, tps in sorted(peers.noop_tps.items()))
     return f"peers' run of {age_min:.0f} min ago ({RESULTS}): 5000 no-op jobs {figures}"
+
+
+# run.sh's enqueue.py, with the clock read once more after the import and the connection: the
+# peer's batch_defer alone, to set beside Duplex's submit_many alone. The jobs are then removed
+# as run.sh's bench.py removes them before each of its runs.
+PROCRASTINATE_ENQUEUE = """
+import sys, time
+t0 = time.perf_counter()
+import tasks_procrastinate as m
+with m.app.open():
+    t1 = time.perf_counter()
+    n = int(sys.argv[1])
+    for start in range(0, n, 1000):
+        m.noop_task.batch_defer(*[{"i": i} for i in range(start, min(n, start + 1000))])
+    t2 = time.perf_counter()
+import psycopg
+from common import DSN
+with psycopg.connect(DSN, autocommit=True) as conn:
+    conn.execute(
+        "TRUNCATE procrastinate_events, procrastinate_periodic_defers, procrastinate_jobs"
+        " RESTART IDENTITY CASCADE"
+    )
+print(t2 - t0, t2 - t1)
+"""
+
+
+def time_procrastinate_enqueue(count: int) -> tuple[float, float] | None:
+    """(all in, batch_defer alone) in seconds for ``count`` jobs, or None without the peers'
+    environment (``run.sh`` makes it)."""
+    if not PEERS_PYTHON.exists() or not PEERS_DIR.is_dir():
+        return None
+    done = subprocess.run(
+        [str(PEERS_PYTHON), "-c", PROCRASTINATE_ENQUEUE, str(count)],
+        cwd=PEERS_DIR,
+        env={**os.environ, "PYTHONPATH": str(PEERS_DIR)},
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        return None
+    all_in, alone = (float(x) for x in done.stdout.split()[-2:])
+    return all_in, alone
