@@ -20,7 +20,8 @@ from typing import Any
 from sqlalchemy import JSON, Connection, Dialect, Table, bindparam, insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.expression import UpdateBase
-from sqlalchemy.types import TypeDecorator
+
+from app.models import UTCDateTime
 
 
 class BulkStatement:
@@ -141,10 +142,12 @@ class ColumnInsert:
         column_type = self.table.c[name].type
         if isinstance(column_type, JSON):
             return db_json
-        if isinstance(column_type, TypeDecorator):  # UTCDateTime: checked for a zone
+        if isinstance(column_type, UTCDateTime):  # checked for a zone, one shape on SQLite
             # The rows of one submission share their timestamps: convert each once.
             return lru_cache(maxsize=8)(partial(db_time, dialect))
-        return None
+        # Any other type converts as SQLAlchemy would (None for text, numbers, booleans).
+        processor: Callable[[Any], Any] | None = column_type.bind_processor(dialect)
+        return processor
 
     def _compile(self, dialect: Dialect, given: frozenset[str]) -> tuple[str, tuple[str, ...]]:
         unknown = sorted(given - set(self.table.c.keys()))
