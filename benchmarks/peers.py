@@ -74,7 +74,7 @@ def seconds(value: str) -> float:
 
 
 def ratios(results: list[Result], peers: PeerFigures) -> list[Result]:
-    """Issue 7's targets, each as a ratio against the peers' figures (or an absolute one)."""
+    """The throughput targets, each as a ratio against the peers' figures (or an absolute one)."""
     found = {(r.scenario, r.metric): r.value for r in results}
     dramatiq = peers.noop_tps.get("dramatiq")
     out: list[Result] = []
