@@ -63,6 +63,12 @@ BULK_INSERT = BulkStatement(
     ),
     PROBE_COLUMNS,
 )
+# Every column from the rows: on PostgreSQL this one streams through COPY.
+ALL_COLUMNS = (*PROBE_COLUMNS, "n")
+BULK_COPY = BulkStatement(
+    insert(probe).values({name: bindparam(name, type_=probe.c[name].type) for name in ALL_COLUMNS}),
+    ALL_COLUMNS,
+)
 # A constant in the statement (the literal "bulk") next to row values.
 BULK_RELABEL = BulkStatement(
     probe.update()
@@ -137,6 +143,40 @@ def test_rows_written_at_the_driver_match_sqlalchemys(db: Database) -> None:
     assert bulk == core
     assert [doc for _, doc in bulk] == [doc for _, _, doc in VALUES]
     assert [at for at, _ in bulk] == [at for _, at, _ in VALUES]
+
+
+def test_an_insert_of_every_column_writes_what_sqlalchemy_writes(db: Database) -> None:
+    with db.write() as conn:
+        conn.execute(
+            insert(probe),
+            [
+                {"id": i, "via": "core", "label": label, "at": at, "doc": doc, "n": i}
+                for i, (label, at, doc) in enumerate(VALUES)
+            ],
+        )
+        rows = [
+            (100 + i, "copy", label, db_time(conn.dialect, at), db_json(doc), i)
+            for i, (label, at, doc) in enumerate(VALUES)
+        ]
+        assert BULK_COPY.execute(conn, rows) == len(rows)
+    with db.read() as conn:
+        assert _raw(conn, "copy") == _raw(conn, "core")
+        typed = conn.execute(select(probe.c.at, probe.c.doc, probe.c.n).order_by(probe.c.id)).all()
+    assert typed[len(VALUES) :] == typed[: len(VALUES)]
+
+
+def test_an_insert_refused_by_the_database_is_a_storage_error(db: Database) -> None:
+    row = (1, "copy", None, None, db_json(None), 0)
+
+    def insert_twice() -> None:
+        with db.write() as conn:
+            BULK_COPY.execute(conn, [row])
+            BULK_COPY.execute(conn, [row])  # the same primary key again
+
+    with pytest.raises(StorageError):
+        insert_twice()
+    with db.read() as conn:
+        assert _raw(conn, "copy") == []
 
 
 def test_constants_of_the_statement_are_kept_and_rowcount_is_summed(db: Database) -> None:

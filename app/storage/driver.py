@@ -12,20 +12,27 @@ each is readable in its module like every other statement.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache, partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import JSON, Connection, Dialect, Table, bindparam, insert
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.expression import UpdateBase
+from sqlalchemy.sql.expression import Insert, UpdateBase
 
 from app.models import UTCDateTime
 
 
+class _Compiled(NamedTuple):
+    sql: str
+    arrange: Callable[[tuple[Any, ...]], Any] | None  # None: rows go as they are
+    streamed: bool  # COPY rather than executemany
+
+
 class BulkStatement:
-    """An INSERT or UPDATE run with the driver's ``executemany``.
+    """An INSERT or UPDATE run with the driver's ``executemany``; on PostgreSQL an INSERT
+    streams through ``COPY`` instead, so that a row costs the server no statement of its own.
 
     ``columns`` names the statement's bind parameters in the order a row gives them; every
     other parameter must be a constant of the statement itself (such as a literal state).
@@ -34,17 +41,20 @@ class BulkStatement:
     def __init__(self, statement: UpdateBase, columns: Sequence[str]) -> None:
         self.statement = statement
         self.columns = tuple(columns)
-        self._compiled: dict[str, tuple[str, Any]] = {}
+        self._compiled: dict[str, _Compiled] = {}
 
     def execute(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
         """Run the statement once per row; return the rows it matched, summed."""
         if not rows:
             return 0
-        sql, arrange = self._compiled.get(conn.dialect.name) or self._compile(conn.dialect)
-        cursor = conn.exec_driver_sql(sql, [arrange(row) for row in rows])
-        return int(cursor.rowcount)
+        compiled = self._compiled.get(conn.dialect.name) or self._compile(conn.dialect)
+        arranged = rows if compiled.arrange is None else [compiled.arrange(row) for row in rows]
+        if compiled.streamed:
+            copy_rows(conn, compiled.sql, arranged)
+            return len(rows)
+        return int(conn.exec_driver_sql(compiled.sql, arranged).rowcount)
 
-    def _compile(self, dialect: Dialect) -> tuple[str, Any]:
+    def _compile(self, dialect: Dialect) -> _Compiled:
         compiled = self.statement.compile(dialect=dialect)
         names = list(compiled.positiontup or ()) if compiled.positional else list(compiled.params)
         constants: dict[str, Any] = {}
@@ -61,21 +71,46 @@ class BulkStatement:
         missing = set(self.columns) - set(names)
         if missing:
             raise ValueError(f"columns not in the statement: {sorted(missing)}")
+        result = self._streamed(dialect, names, constants) or self._executemany(
+            compiled, names, constants
+        )
+        self._compiled[dialect.name] = result
+        return result
+
+    def _streamed(
+        self, dialect: Dialect, names: list[str], constants: dict[str, Any]
+    ) -> _Compiled | None:
+        """COPY for a plain INSERT on PostgreSQL: no RETURNING, every parameter a column's."""
+        statement, table = self.statement, getattr(self.statement, "table", None)
+        if (
+            dialect.name != "postgresql"
+            or not isinstance(statement, Insert)
+            or not isinstance(table, Table)
+            or statement.returning_column_descriptions
+            or not set(names) <= set(table.c.keys())
+        ):
+            return None
+        sql = copy_statement(dialect, table, (*self.columns, *constants))
+        if not constants:
+            return _Compiled(sql, None, streamed=True)
+        tail = tuple(constants.values())
+        return _Compiled(sql, lambda row: (*row, *tail), streamed=True)
+
+    def _executemany(self, compiled: Any, names: list[str], constants: dict[str, Any]) -> _Compiled:
         index = {name: i for i, name in enumerate(self.columns)}
         if compiled.positional:
             slots = [(index.get(name), constants.get(name)) for name in names]
 
-            def arrange(row: tuple[Any, ...]) -> tuple[Any, ...]:
+            def arrange(row: tuple[Any, ...]) -> Any:
                 return tuple(c if i is None else row[i] for i, c in slots)
 
         else:
             columns = self.columns
 
-            def arrange(row: tuple[Any, ...]) -> dict[str, Any]:  # type: ignore[misc]
+            def arrange(row: tuple[Any, ...]) -> Any:
                 return {**constants, **dict(zip(columns, row, strict=True))}
 
-        self._compiled[dialect.name] = (compiled.string, arrange)
-        return compiled.string, arrange
+        return _Compiled(compiled.string, arrange, streamed=False)
 
     def _column_default(self, name: str) -> Any:
         """An INSERT renders a column's scalar default as a parameter of its own."""
@@ -112,21 +147,10 @@ class ColumnInsert:
         key = (dialect.name, frozenset(rows[0]))
         sql, names = self._sql.get(key) or self._compile(dialect, key[1])
         values = self._values(dialect, names, rows)
-        if dialect.name != "postgresql":
+        if dialect.name == "postgresql":
+            copy_rows(conn, sql, values)
+        else:
             conn.exec_driver_sql(sql, list(values))
-            return
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            with cursor.copy(sql) as copy:
-                for row in values:
-                    copy.write_row(row)
-        except dialect.loaded_dbapi.Error as exc:
-            # What SQLAlchemy raises for a statement it runs, so callers see one kind of error.
-            raise DBAPIError.instance(
-                sql, None, exc, dialect.loaded_dbapi.Error, dialect=dialect
-            ) from exc
-        finally:
-            cursor.close()
 
     def _values(
         self, dialect: Dialect, names: tuple[str, ...], rows: Sequence[dict[str, Any]]
@@ -162,11 +186,7 @@ class ColumnInsert:
             raise ValueError(f"columns with a Python-side default not given: {defaulted}")
         names = tuple(column.name for column in self.table.c if column.name in given)
         if dialect.name == "postgresql":
-            quote = dialect.identifier_preparer.quote
-            sql = (
-                f"COPY {dialect.identifier_preparer.format_table(self.table)}"
-                f" ({', '.join(quote(name) for name in names)}) FROM STDIN"
-            )
+            sql = copy_statement(dialect, self.table, names)
         else:
             statement = insert(self.table).values({name: bindparam(name) for name in names})
             compiled = statement.compile(dialect=dialect)
@@ -175,6 +195,32 @@ class ColumnInsert:
             sql, names = compiled.string, tuple(compiled.positiontup or ())
         self._sql[(dialect.name, given)] = (sql, names)
         return sql, names
+
+
+def copy_statement(dialect: Dialect, table: Table, columns: Sequence[str]) -> str:
+    """``COPY table (columns) FROM STDIN`` for PostgreSQL."""
+    quote = dialect.identifier_preparer.quote
+    return (
+        f"COPY {dialect.identifier_preparer.format_table(table)}"
+        f" ({', '.join(quote(name) for name in columns)}) FROM STDIN"
+    )
+
+
+def copy_rows(conn: Connection, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    """Stream ``rows`` (values in the driver's form) through a ``COPY ... FROM STDIN``."""
+    dialect = conn.dialect
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cursor.copy(sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+    except dialect.loaded_dbapi.Error as exc:
+        # What SQLAlchemy raises for a statement it runs, so callers see one kind of error.
+        raise DBAPIError.instance(
+            sql, None, exc, dialect.loaded_dbapi.Error, dialect=dialect
+        ) from exc
+    finally:
+        cursor.close()
 
 
 def db_time(dialect: Dialect, value: datetime | None) -> Any:
