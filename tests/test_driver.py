@@ -191,6 +191,41 @@ def test_constants_of_the_statement_are_kept_and_rowcount_is_summed(db: Database
     assert labels == ["new", "new", "old"]
 
 
+BULK_REWRITE = BulkStatement(
+    probe.update()
+    .where(probe.c.id == bindparam("b_id"))
+    .values(
+        label=bindparam("v_label"),
+        at=bindparam("v_at", type_=probe.c.at.type),
+        doc=bindparam("v_doc", type_=probe.c.doc.type),
+    ),
+    ("v_label", "v_at", "v_doc", "b_id"),
+)
+
+
+def test_updated_rows_match_sqlalchemys_updates(db: Database) -> None:
+    # On PostgreSQL the update runs once, joined to one array per column.
+    with db.write() as conn:
+        for i, via in enumerate(["core"] * len(VALUES) + ["bulk"] * len(VALUES)):
+            conn.execute(insert(probe).values(id=i, via=via, label="old", doc={"old": True}))
+        conn.execute(
+            probe.update()
+            .where(probe.c.id == bindparam("b_id"))
+            .values(label=bindparam("v_label"), at=bindparam("v_at"), doc=bindparam("v_doc")),
+            [
+                {"b_id": i, "v_label": label, "v_at": at, "v_doc": doc}
+                for i, (label, at, doc) in enumerate(VALUES)
+            ],
+        )
+        rows = [
+            (label, db_time(conn.dialect, at), db_json(doc), len(VALUES) + i)
+            for i, (label, at, doc) in enumerate(VALUES)
+        ]
+        assert BULK_REWRITE.execute(conn, [*rows, ("x", None, "null", 99)]) == len(rows)
+    with db.read() as conn:
+        assert _raw(conn, "bulk") == _raw(conn, "core")
+
+
 def test_a_parameter_that_is_neither_a_column_nor_a_constant_is_refused(db: Database) -> None:
     statement = BulkStatement(
         probe.update().where(probe.c.id == bindparam("b_id")).values(label=bindparam("v")),

@@ -17,22 +17,32 @@ from datetime import UTC, datetime
 from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
-from sqlalchemy import JSON, Connection, Dialect, Table, bindparam, insert
+from sqlalchemy import JSON, Connection, Dialect, Table, bindparam, func, insert
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.expression import Insert, UpdateBase
+from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.expression import Insert, Update, UpdateBase
+from sqlalchemy.sql.visitors import replacement_traverse
+from sqlalchemy.types import ARRAY
 
 from app.models import UTCDateTime
 
 
 class _Compiled(NamedTuple):
     sql: str
-    arrange: Callable[[tuple[Any, ...]], Any] | None  # None: rows go as they are
-    streamed: bool  # COPY rather than executemany
+    # "executemany"; on PostgreSQL "copy" for an INSERT and "arrays" for an UPDATE
+    mode: str
+    arrange: Callable[[tuple[Any, ...]], Any] | None = None  # None: rows go as given
+    constants: dict[str, Any] | None = None  # "arrays": the statement's own parameters
 
 
 class BulkStatement:
-    """An INSERT or UPDATE run with the driver's ``executemany``; on PostgreSQL an INSERT
-    streams through ``COPY`` instead, so that a row costs the server no statement of its own.
+    """An INSERT or UPDATE of many rows in one call, without SQLAlchemy's per-row work.
+
+    On SQLite it is the driver's ``executemany``. On PostgreSQL, where each statement of an
+    executemany costs the server a parse, bind and execute of its own, an INSERT streams
+    through ``COPY`` and an UPDATE runs once for all rows, joined to the rows given as one
+    array per column (``UPDATE … FROM unnest(…)``); its row count is what the executemany's
+    would sum to, as long as no two rows update the same row.
 
     ``columns`` names the statement's bind parameters in the order a row gives them; every
     other parameter must be a constant of the statement itself (such as a literal state).
@@ -48,8 +58,12 @@ class BulkStatement:
         if not rows:
             return 0
         compiled = self._compiled.get(conn.dialect.name) or self._compile(conn.dialect)
+        if compiled.mode == "arrays":
+            arrays = {name: [row[i] for row in rows] for i, name in enumerate(self.columns)}
+            params = {**(compiled.constants or {}), **arrays}
+            return int(conn.exec_driver_sql(compiled.sql, params).rowcount)
         arranged = rows if compiled.arrange is None else [compiled.arrange(row) for row in rows]
-        if compiled.streamed:
+        if compiled.mode == "copy":
             copy_rows(conn, compiled.sql, arranged)
             return len(rows)
         return int(conn.exec_driver_sql(compiled.sql, arranged).rowcount)
@@ -57,6 +71,20 @@ class BulkStatement:
     def _compile(self, dialect: Dialect) -> _Compiled:
         compiled = self.statement.compile(dialect=dialect)
         names = list(compiled.positiontup or ()) if compiled.positional else list(compiled.params)
+        constants = self._constants(dialect, compiled, names)
+        missing = set(self.columns) - set(names)
+        if missing:
+            raise ValueError(f"columns not in the statement: {sorted(missing)}")
+        result = (
+            self._streamed(dialect, names, constants)
+            or self._joined_to_arrays(dialect, compiled)
+            or self._executemany(compiled, names, constants)
+        )
+        self._compiled[dialect.name] = result
+        return result
+
+    def _constants(self, dialect: Dialect, compiled: Any, names: list[str]) -> dict[str, Any]:
+        """The statement's own parameters, in the driver's form."""
         constants: dict[str, Any] = {}
         for name in names:
             if name in self.columns:
@@ -68,14 +96,27 @@ class BulkStatement:
                 raise ValueError(f"bind parameter {name!r} is neither a column nor a constant")
             processor = compiled.binds[name].type.bind_processor(dialect)
             constants[name] = processor(value) if processor else value
-        missing = set(self.columns) - set(names)
-        if missing:
-            raise ValueError(f"columns not in the statement: {sorted(missing)}")
-        result = self._streamed(dialect, names, constants) or self._executemany(
-            compiled, names, constants
-        )
-        self._compiled[dialect.name] = result
-        return result
+        return constants
+
+    def _joined_to_arrays(self, dialect: Dialect, compiled: Any) -> _Compiled | None:
+        """An UPDATE on PostgreSQL: every row parameter becomes a column of
+        ``unnest(array per column) AS bulk_rows(...)``, which the statement is joined to."""
+        if dialect.name != "postgresql" or not isinstance(self.statement, Update):
+            return None
+        arrays = [bindparam(name, type_=ARRAY(compiled.binds[name].type)) for name in self.columns]
+        given = func.unnest(*arrays).table_valued(*self.columns).render_derived().alias("bulk_rows")
+
+        def from_rows(element: Any) -> Any:
+            if isinstance(element, BindParameter) and element.key in self.columns:
+                return given.c[element.key]
+            return None
+
+        # An Update is traversible, though the stubs' overloads do not say so.
+        joined = replacement_traverse(self.statement, {}, from_rows)  # type: ignore[call-overload]
+        joined = joined.compile(dialect=dialect)
+        names = list(joined.params)
+        constants = self._constants(dialect, joined, names)
+        return _Compiled(joined.string, "arrays", constants=constants)
 
     def _streamed(
         self, dialect: Dialect, names: list[str], constants: dict[str, Any]
@@ -92,9 +133,9 @@ class BulkStatement:
             return None
         sql = copy_statement(dialect, table, (*self.columns, *constants))
         if not constants:
-            return _Compiled(sql, None, streamed=True)
+            return _Compiled(sql, "copy")
         tail = tuple(constants.values())
-        return _Compiled(sql, lambda row: (*row, *tail), streamed=True)
+        return _Compiled(sql, "copy", lambda row: (*row, *tail))
 
     def _executemany(self, compiled: Any, names: list[str], constants: dict[str, Any]) -> _Compiled:
         index = {name: i for i, name in enumerate(self.columns)}
@@ -110,7 +151,7 @@ class BulkStatement:
             def arrange(row: tuple[Any, ...]) -> Any:
                 return {**constants, **dict(zip(columns, row, strict=True))}
 
-        return _Compiled(compiled.string, arrange, streamed=False)
+        return _Compiled(compiled.string, "executemany", arrange)
 
     def _column_default(self, name: str) -> Any:
         """An INSERT renders a column's scalar default as a parameter of its own."""
