@@ -347,16 +347,15 @@ def bench_bulk(quick: bool) -> list[Result]:
 
 
 # Timed as the peers' enqueue.py times procrastinate's batch_defer: from a new process's first
-# line, so importing the client and connecting count too.
+# line, so importing the client and connecting count too (and nothing else: the template comes
+# as text, not through the benchmark's own modules, which import the whole worker).
 COLD_SUBMIT = """
 import sys, time
 t0 = time.time()
 from app import Client
 from app.templates import parse_template
-from benchmarks._common import independent_template_text
 with Client(sys.argv[1]) as client:
-    template = parse_template(independent_template_text(1, "bench.noop"))
-    client.submit_many(template, [{} for _ in range(int(sys.argv[2]))])
+    client.submit_many(parse_template(sys.argv[3]), [{} for _ in range(int(sys.argv[2]))])
 print(time.time() - t0)
 """
 
@@ -366,18 +365,21 @@ def _cold_submit_many(db: Database, count: int) -> float:
     # PYTHONDONTWRITEBYTECODE set, as on these machines, an editable checkout would compile
     # every module of app/ at each start. The first, untimed run writes the cache.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    figures = []
-    for rows in (1, count):
+    template = independent_template_text(1, "bench.noop")
+
+    def run(rows: int) -> float:
         done = subprocess.run(
-            [sys.executable, "-c", COLD_SUBMIT, db.url, str(rows)],
+            [sys.executable, "-c", COLD_SUBMIT, db.url, str(rows), template],
             cwd=ROOT,
             env=env,
             capture_output=True,
             text=True,
             check=True,
         )
-        figures.append(float(done.stdout.split()[-1]))
-    return figures[-1]
+        return float(done.stdout.split()[-1])
+
+    run(1)
+    return run(count)
 
 
 # --- 8. postgres: one and two worker processes ----------------------------------------------
@@ -629,17 +631,18 @@ def main(argv: list[str] | None = None) -> int:
         results += bench(args.quick)
     print_load()
     print_table(results)
-    peers = peer_figures.load()
-    if args.quick:
-        pass  # the peers ran full sizes: no ratios against a smoke run
-    elif peers is None:
-        print(
-            f"\nno peers' figures in {peer_figures.RESULTS}: run ../shared/peers/run.sh for ratios"
-        )
-    else:
-        print(f"\nagainst the {peer_figures.describe(peers)}")
-        print_table(peer_figures.ratios(results, peers))
+    if not args.quick:  # the peers ran full sizes: no ratios against a smoke run
+        _print_ratios(results)
     return 0
+
+
+def _print_ratios(results: list[Result]) -> None:
+    peers = peer_figures.load()
+    if peers is None:
+        print(f"\nno peers' figures in {peer_figures.RESULTS}: ../shared/peers/run.sh makes them")
+        return
+    print(f"\nagainst the {peer_figures.describe(peers)}")
+    print_table(peer_figures.ratios(results, peers))
 
 
 if __name__ == "__main__":

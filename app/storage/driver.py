@@ -162,36 +162,29 @@ class BulkStatement:
 
 
 class ColumnInsert:
-    """Many rows into one table, values converted per column rather than per value.
+    """Many rows into one table, given as dicts, with values converted per column.
 
-    On PostgreSQL the rows go through ``COPY ... FROM STDIN``: no statement is compiled or
-    planned per row, and the rows stream in one round trip, several times faster than an
-    executemany of INSERTs for thousands of rows. On SQLite, an in-process driver with no
-    round trips to save, it is the driver's ``executemany`` of one prebuilt INSERT. Either
-    way values are converted once per column type (JSON encoded, timestamps checked for a
-    zone), not through SQLAlchemy's parameter dicts and bind processors.
+    The rows go through a ``BulkStatement`` of the INSERT of their columns (``COPY`` on
+    PostgreSQL, the driver's ``executemany`` on SQLite); this converts their values once per
+    column type (JSON encoded, timestamps checked for a zone) on the way, rather than
+    through SQLAlchemy's parameter dicts and bind processors.
 
-    A column with a Python-side default must be given in every row: neither COPY nor the
-    prebuilt INSERT would write the default, so leaving it out is refused.
+    A column with a Python-side default must be given in every row, so that what is written
+    never depends on which columns a caller happened to name.
     """
 
     def __init__(self, table: Table) -> None:
         self.table = table
-        # (dialect, the rows' columns) -> the SQL and the order it takes the columns in
-        self._sql: dict[tuple[str, frozenset[str]], tuple[str, tuple[str, ...]]] = {}
+        # the rows' columns -> the statement and the order it takes them in
+        self._statements: dict[frozenset[str], tuple[BulkStatement, tuple[str, ...]]] = {}
 
     def execute(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         """Insert ``rows``, dicts that all name the same columns."""
         if not rows:
             return
-        dialect = conn.dialect
-        key = (dialect.name, frozenset(rows[0]))
-        sql, names = self._sql.get(key) or self._compile(dialect, key[1])
-        values = self._values(dialect, names, rows)
-        if dialect.name == "postgresql":
-            copy_rows(conn, sql, values)
-        else:
-            conn.exec_driver_sql(sql, list(values))
+        given = frozenset(rows[0])
+        statement, names = self._statements.get(given) or self._statement(given)
+        statement.execute(conn, list(self._values(conn.dialect, names, rows)))
 
     def _values(
         self, dialect: Dialect, names: tuple[str, ...], rows: Sequence[dict[str, Any]]
@@ -214,7 +207,7 @@ class ColumnInsert:
         processor: Callable[[Any], Any] | None = column_type.bind_processor(dialect)
         return processor
 
-    def _compile(self, dialect: Dialect, given: frozenset[str]) -> tuple[str, tuple[str, ...]]:
+    def _statement(self, given: frozenset[str]) -> tuple[BulkStatement, tuple[str, ...]]:
         unknown = sorted(given - set(self.table.c.keys()))
         if unknown:
             raise ValueError(f"not columns of {self.table.name}: {unknown}")
@@ -226,16 +219,10 @@ class ColumnInsert:
         if defaulted:
             raise ValueError(f"columns with a Python-side default not given: {defaulted}")
         names = tuple(column.name for column in self.table.c if column.name in given)
-        if dialect.name == "postgresql":
-            sql = copy_statement(dialect, self.table, names)
-        else:
-            statement = insert(self.table).values({name: bindparam(name) for name in names})
-            compiled = statement.compile(dialect=dialect)
-            if not compiled.positional or set(compiled.positiontup or ()) != given:
-                raise ValueError(f"{dialect.name}: an INSERT of {sorted(given)} is not positional")
-            sql, names = compiled.string, tuple(compiled.positiontup or ())
-        self._sql[(dialect.name, given)] = (sql, names)
-        return sql, names
+        values = {name: bindparam(name, type_=self.table.c[name].type) for name in names}
+        entry = (BulkStatement(insert(self.table).values(values), names), names)
+        self._statements[given] = entry
+        return entry
 
 
 def copy_statement(dialect: Dialect, table: Table, columns: Sequence[str]) -> str:
