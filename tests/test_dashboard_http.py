@@ -44,7 +44,7 @@ from app.handlers import HandlerRegistry, StepContext
 from app.http_server import HttpServer
 from app.messages import ClaimedStep, StepFailure, StepOutcome
 from app.migrate import upgrade_to_head
-from app.models import tasks, utcnow, workflow_step_transitions, workflow_steps
+from app.models import tasks, utcnow, workers, workflow_step_transitions, workflow_steps
 from app.retry import RetryPolicy
 from app.settings import DatabaseSettings, Settings
 from app.storage.claims import claim_ready_steps
@@ -346,6 +346,15 @@ def _step_uuids(db: Database) -> dict[tuple[str, str], str]:
         return {(t, n): s for t, n, s in rows}
 
 
+def _has_beaten(db: Database, worker_id: str) -> bool:
+    """The worker's first heartbeat wrote its stats (it registers with none)."""
+    with db.read() as conn:
+        stats = conn.execute(
+            select(workers.c.stats).where(workers.c.worker_id == worker_id)
+        ).scalar_one_or_none()
+    return bool(stats)
+
+
 def _state(db: Database, step_uuid: str) -> str:
     with db.read() as conn:
         return str(
@@ -390,6 +399,8 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[History]:
                 .where(workflow_step_transitions.c.to_state == "in_progress")
                 .limit(1)
             ).one()
+        # The work can drain before the first heartbeat (0.5 s) writes the slots /workers shows.
+        assert wait_until(lambda: _has_beaten(db, str(worker_id)), 10)
         with serving(settings, db) as port:
             yield History(port, db, str(worker_id), shop, broken, parked, markers, steps)
     finally:
