@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -35,6 +36,7 @@ from app import Client
 from app.db import Database
 from app.handlers import HandlerRegistry, StepContext
 from app.messages import DomainEvent
+from app.models import workers as wt
 from app.models import workflow_step_transitions, workflow_steps
 from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
@@ -60,6 +62,7 @@ from benchmarks._common import (
     submit,
     write_tasks,
 )
+from benchmarks.cpu import CpuSample, CpuUse
 
 CONCURRENCY = 10
 ROOT = Path(__file__).resolve().parent.parent
@@ -398,35 +401,70 @@ def bench_postgres(quick: bool) -> list[Result]:
         f"{count} single-step no-op tasks on PostgreSQL, `duplex run` processes, "
         f"{rounds} round(s) of 1 then 2",
     )
+    print(
+        "   the processes start on an empty queue; the tasks are submitted once every one has"
+        " beaten, and wake them through NOTIFY"
+    )
     template = parse_template(independent_template_text(1, "bench.noop"))
-    rates: dict[int, list[float]] = {1: [], 2: []}
+    runs: dict[int, list[ProcessRun]] = {1: [], 2: []}
     for _ in range(rounds):
         for processes in (1, 2):
             with database("postgres") as db:
                 if db is None:
                     print("   PostgreSQL not reachable, skipped")
                     return []
-                Client(db).submit_many(template, [{} for _ in range(count)])
-                elapsed = _run_processes(db, processes, concurrency=CONCURRENCY)
-            rates[processes].append(count / elapsed)
-            print(f"   {processes} process(es) x {CONCURRENCY} slots: {count / elapsed:.0f}/s")
+
+                def submit_all(db: Database = db) -> None:
+                    Client(db).submit_many(template, [{} for _ in range(count)])
+
+                run = _run_processes(db, processes, concurrency=CONCURRENCY, submit=submit_all)
+            runs[processes].append(run)
+            workers_ms, postgres_ms, other_ms = run.cpu.per_step_ms(count)
+            print(
+                f"   {processes} process(es) x {CONCURRENCY} slots: {count / run.elapsed_s:.0f}/s;"
+                f" CPU per step: workers {workers_ms:.3f} ms, PostgreSQL {postgres_ms:.3f} ms,"
+                f" other {other_ms:.3f} ms; cores busy {run.cpu.busy_share:.0%};"
+                f" first claims at +{', +'.join(f'{ms:.0f}' for ms in run.first_claims_ms)} ms"
+            )
+    rates = {p: statistics.median(count / r.elapsed_s for r in rs) for p, rs in runs.items()}
+    # What every core busy at two processes' CPU per step would give: the most that more
+    # processes can reach on this machine while the database server shares its cores.
+    ceiling = statistics.median(r.cpu.ceiling(count) for r in runs[2])
     results = []
-    for processes, figures in rates.items():
-        rate = statistics.median(figures)
+    for processes, rate in rates.items():
         print(f"   {processes} process(es): median {rate:.0f}/s")
         results.append(Result(f"postgres/{processes}p", "steps/s", f"{rate:.0f}"))
+    print(
+        f"   all {os.cpu_count()} cores busy at two processes' CPU per step: {ceiling:.0f}/s"
+        f" = {ceiling / rates[1]:.2f}x one process; two processes reach"
+        f" {rates[2] / ceiling:.2f} of it"
+    )
+    results.append(Result("postgres/2p", "all cores busy", f"{ceiling:.0f}"))
     print()
     return results
 
 
-def _run_processes(db: Database, processes: int, *, concurrency: int) -> float:
-    """Run ``duplex run`` processes on ``db`` until the queue is empty; return the seconds
-    from the first claim to the last commit."""
+@dataclass
+class ProcessRun:
+    elapsed_s: float  # from the first claim to the last commit, as recorded in SQL
+    cpu: CpuUse  # from the submission's end until the queue was empty
+    first_claims_ms: list[float]  # each process's first claim, after the first of all
+
+
+def _run_processes(
+    db: Database, processes: int, *, concurrency: int, submit: Callable[[], None]
+) -> ProcessRun:
+    """Start ``duplex run`` processes on ``db``, submit once all are up, run until the queue
+    is empty."""
     env = {
         **os.environ,
         "DUPLEX_DATABASE__URL": db.url,
         "DUPLEX_WORKER__HANDLER_MODULES": '["benchmarks.handlers"]',
         "DUPLEX_WORKER__MAX_CONCURRENT_HANDLERS": str(concurrency),
+        # Beat soon after start, which says the worker is up (two beats a second cost little).
+        "DUPLEX_WORKER__HEARTBEAT_INTERVAL_S": "0.5",
+        # Idle workers learn of the submission at once, as several workers on PostgreSQL would.
+        "DUPLEX_EVENT_SYSTEM__DEPLOYMENT_MODE": "hybrid",
         "DUPLEX_LOGGING__LEVEL": "WARNING",
         "DUPLEX_SETTINGS": str(ROOT / "benchmarks" / "empty_settings.toml"),
         "PYTHONPATH": str(ROOT),
@@ -435,24 +473,55 @@ def _run_processes(db: Database, processes: int, *, concurrency: int) -> float:
         subprocess.Popen([sys.executable, "-m", "app", "run"], env=env, cwd=ROOT)
         for _ in range(processes)
     ]
+    pids = [worker.pid for worker in workers]
     try:
+        # Start-up (about a second of imports) is not throughput, and two processes starting
+        # apart would leave one running alone for a while.
+        _wait_until_beating(db, workers)
+        submit()
+        before, t0 = CpuSample.take(pids), time.monotonic()
         while _common.open_work(db):
             time.sleep(0.05)
+        cpu = CpuUse.between(before, CpuSample.take(pids), time.monotonic() - t0)
     finally:
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
         for worker in workers:
             worker.wait(60)
-    # From the first claim to the last commit, as recorded in SQL: process start-up (about a
-    # second of imports) is not the worker's throughput.
+    t = workflow_step_transitions
     with db.read() as conn:
-        first = conn.execute(
-            select(func.min(workflow_step_transitions.c.created_at)).where(
-                workflow_step_transitions.c.to_state == "in_progress"
+        firsts = (
+            conn.execute(
+                select(func.min(t.c.created_at))
+                .where(t.c.to_state == "in_progress")
+                .group_by(t.c.worker_id)
             )
-        ).scalar_one()
+            .scalars()
+            .all()
+        )
         last = conn.execute(select(func.max(workflow_steps.c.completed_at))).scalar_one()
-    return float((last - first).total_seconds())
+    first = min(firsts)
+    return ProcessRun(
+        float((last - first).total_seconds()),
+        cpu,
+        sorted((f - first).total_seconds() * 1000 for f in firsts),
+    )
+
+
+def _wait_until_beating(db: Database, workers: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        if any(worker.poll() is not None for worker in workers):
+            raise RuntimeError("a worker process exited before it was up")
+        with db.read() as conn:
+            beating = conn.execute(
+                select(func.count()).where(wt.c.heartbeat_at > wt.c.started_at)
+            ).scalar_one()
+        if beating >= len(workers):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(workers) - beating} worker process(es) never beat")
+        time.sleep(0.05)
 
 
 # --- 9. observability: the HTTP port and scrapes on, against off, in the same run ----------
