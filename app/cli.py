@@ -33,9 +33,9 @@ from app.errors import DuplexError, InputError
 from app.handlers import import_handler_modules
 from app.liveness import Liveness, judged_workers
 from app.logs import configure_logging
-from app.migrate import ensure_schema_ready, upgrade_to_head
 from app.models import utcnow
 from app.progress import RunProgress
+from app.schema import ensure_schema_ready
 from app.settings import Settings, load_settings
 from app.states import TASK_FINISHED
 from app.storage.operations import (
@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    # Alembic is imported by the two commands that migrate, not by every command.
+    from app.migrate import upgrade_to_head
+
     db = Database(settings.database)
     try:
         upgrade_to_head(db)
@@ -396,6 +399,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         # The health port opens first: a probe sees the worker starting while it migrates.
         worker.serve_http()
+        from app.migrate import upgrade_to_head
+
         upgrade_to_head(db)
         if worker.stop_requested.is_set() or received:
             return 0

@@ -14,7 +14,7 @@ from app.dashboard.security import check_binding
 from app.db import Database
 from app.errors import SchemaNotReadyError, StorageError
 from app.http_server import HttpServer
-from app.migrate import ensure_schema_ready
+from app.schema import ensure_schema_ready
 from app.settings import Settings
 
 

@@ -25,9 +25,9 @@ from app.broker import AmqpPublisher
 from app.db import Database
 from app.errors import InputError
 from app.event_notifications import EventListener, SequenceRange
-from app.migrate import ensure_schema_ready
 from app.models import utcnow
 from app.relay import Relay
+from app.schema import ensure_schema_ready
 from app.settings import Settings
 from app.storage.operations import operator_identity
 from app.storage.outbox import (

@@ -22,6 +22,7 @@ from app.db import Database
 from app.errors import InputError, StorageError
 from app.messages import JSONDict
 from app.models import utcnow
+from app.schema import ensure_schema_ready
 from app.settings import DatabaseSettings, Settings
 from app.storage.submission import create_tasks, existing_tasks
 from app.templates import TaskTemplate, load_template
@@ -43,9 +44,6 @@ class Client:
             self._templates_dir = target.templates.directory
         else:
             self.db = Database(DatabaseSettings(url=target))
-        # Imported here: ``import app`` (what handler modules do) should not load Alembic.
-        from app.migrate import ensure_schema_ready
-
         ensure_schema_ready(self.db)
 
     def submit(

@@ -21,8 +21,6 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -36,6 +34,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from app.execution import HANDLER_TIMEOUT, HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT, WORKER_LOST
+from app.version import duplex_version
 
 if TYPE_CHECKING:
     from app.commit_buffer import CommitBuffer
@@ -68,13 +67,6 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 # Outcomes Duplex writes itself rather than a handler: their timestamps are not a handler's
 # run, so they stay out of the duration and latency histograms (they are still counted).
 _SYNTHETIC = frozenset({HANDLER_TIMEOUT, SHUTDOWN_TIMEOUT, WORKER_LOST, HANDLER_WORKER_FAILED})
-
-
-def duplex_version() -> str:
-    try:
-        return package_version("duplex")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
 
 
 class Counter:

@@ -1,4 +1,7 @@
-"""Schema migrations, run in code with a lock so workers starting together don't race."""
+"""Schema migrations, run in code with a lock so workers starting together don't race.
+
+The check that a database is at head, which every command makes, is ``app.schema``.
+"""
 
 from __future__ import annotations
 
@@ -37,11 +40,12 @@ def upgrade_to_head(db: Database) -> None:
         # SQLite: db.write() already holds the write lock (BEGIN IMMEDIATE).
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
-        _refuse_unknown_revision(MigrationContext.configure(conn).get_current_revision())
+        refuse_unknown_revision(MigrationContext.configure(conn).get_current_revision())
         command.upgrade(alembic_config(conn), "head")
 
 
-def _refuse_unknown_revision(current: str | None) -> None:
+def refuse_unknown_revision(current: str | None) -> None:
+    """Raise ``SchemaNotReadyError`` for a revision no migration script of this code has."""
     if current is None:
         return
     known = {
@@ -51,21 +55,4 @@ def _refuse_unknown_revision(current: str | None) -> None:
         raise SchemaNotReadyError(
             f"the database is at revision {current}, which this version of Duplex does not "
             "know (a newer Duplex migrated it): upgrade Duplex"
-        )
-
-
-def current_revision(db: Database) -> str | None:
-    """Return the revision the database is at, or None when it has never been migrated."""
-    with db.read() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
-
-
-def ensure_schema_ready(db: Database) -> None:
-    """Raise ``SchemaNotReadyError`` unless the database is at head."""
-    current, head = current_revision(db), head_revision()
-    _refuse_unknown_revision(current)
-    if current != head:
-        state = "has no Duplex schema" if current is None else f"is at revision {current}"
-        raise SchemaNotReadyError(
-            f"the database {state}, the code expects {head}: run `duplex migrate`"
         )

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from app.errors import ConfigurationError, InputError
-from app.metrics import duplex_version
+from app.version import duplex_version
 
 if TYPE_CHECKING:
     from app.handlers import Cancellation

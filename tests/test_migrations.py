@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,14 +15,9 @@ from sqlalchemy import inspect, text
 
 from app.db import Database
 from app.errors import SchemaNotReadyError, StorageError
-from app.migrate import (
-    alembic_config,
-    current_revision,
-    ensure_schema_ready,
-    head_revision,
-    upgrade_to_head,
-)
+from app.migrate import alembic_config, head_revision, upgrade_to_head
 from app.models import metadata, utcnow
+from app.schema import HEAD_REVISION, current_revision, ensure_schema_ready
 from app.settings import DatabaseSettings
 from app.storage.submission import create_task
 from app.templates import parse_template
@@ -171,3 +168,61 @@ def test_upgrade_an_empty_database(empty_db: Database) -> None:
     upgrade_to_head(empty_db)
     assert schema_differences(empty_db) == []
     ensure_schema_ready(empty_db)
+
+
+def test_the_head_revision_constant_names_the_newest_script() -> None:
+    # app.schema answers "is the database at head?" without Alembic, from this constant: a
+    # new migration script must move it too.
+    assert head_revision() == HEAD_REVISION
+
+
+def test_a_database_behind_the_code_is_told_to_migrate(db: Database) -> None:
+    with db.write() as conn:
+        command.downgrade(alembic_config(conn), "0006")
+    assert current_revision(db) == "0006"
+    with pytest.raises(SchemaNotReadyError) as info:
+        ensure_schema_ready(db)
+    assert str(info.value) == (
+        f"the database is at revision 0006, the code expects {HEAD_REVISION}: run `duplex migrate`"
+    )
+
+
+def test_a_database_ahead_of_the_code_is_told_to_upgrade_duplex(db: Database) -> None:
+    with db.write() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(SchemaNotReadyError, match="revision 9999, which this version of Duplex"):
+        ensure_schema_ready(db)
+
+
+def test_several_recorded_revisions_are_refused(db: Database) -> None:
+    with db.write() as conn:
+        conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('0006')"))
+    with pytest.raises(SchemaNotReadyError, match="several schema revisions"):
+        ensure_schema_ready(db)
+
+
+def test_submitting_work_does_not_load_alembic(tmp_path: Path) -> None:
+    # Importing Alembic costs a short-lived process (a web request's submit, `duplex submit`)
+    # about 0.1 s; only the commands that migrate need it.
+    url = f"sqlite:///{tmp_path / 'duplex.db'}"
+    migrated = Database(DatabaseSettings(url=url))
+    upgrade_to_head(migrated)
+    migrated.dispose()
+    script = (
+        "import sys\n"
+        "import app.cli\n"
+        "from app import Client\n"
+        "with Client(sys.argv[1]) as client:\n"
+        "    client.submit(app.templates.parse_template(sys.argv[2]))\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'alembic'))\n"
+    )
+    template = 'name = "t"\n[[steps]]\nname = "a"\nhandler = "h"\n'
+    done = subprocess.run(
+        [sys.executable, "-c", script, url, template],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -11,8 +11,9 @@ from sqlalchemy import func, select
 
 from app.db import Database
 from app.handlers import HandlerRegistry, StepContext
-from app.migrate import current_revision, head_revision, upgrade_to_head
+from app.migrate import head_revision, upgrade_to_head
 from app.models import utcnow, workflow_step_transitions, workflow_steps
+from app.schema import current_revision
 from app.settings import DatabaseSettings
 from app.storage.submission import create_task
 from app.subscriptions import SubscriberRegistry
