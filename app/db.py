@@ -99,6 +99,10 @@ def create_database_engine(settings: DatabaseSettings) -> Engine:
     else:
         kwargs["pool_size"] = settings.pool_size
         kwargs["pool_pre_ping"] = True
+    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+        # Without it libpq waits for a host that drops packets as long as the kernel keeps
+        # retrying: a claim, a command or a dashboard page would hang instead of failing.
+        kwargs["connect_args"] = {"connect_timeout": settings.connect_timeout_s}
     try:
         engine = create_engine(url, **kwargs)
     except (ArgumentError, ImportError) as exc:

@@ -42,6 +42,9 @@ class DatabaseSettings(_Section):
     url: str = "sqlite:///duplex.db"
     busy_timeout_ms: int = Field(default=5000, ge=0)
     pool_size: int = Field(default=5, ge=1)
+    # PostgreSQL: how long opening a connection may take (libpq counts whole seconds, at
+    # least 2). A ``connect_timeout`` in the URL wins.
+    connect_timeout_s: int = Field(default=10, ge=2, le=3600)
 
 
 class WorkerSettings(_Section):

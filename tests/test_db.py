@@ -1,0 +1,69 @@
+"""Connecting: a PostgreSQL host that never answers fails in bounded time, as a StorageError."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from app.db import Database
+from app.errors import StorageError
+from app.settings import DatabaseSettings
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that completes the TCP handshake (the kernel's backlog) and never says a word,
+    as a server behind a network that drops its replies looks to a client."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield server.getsockname()[1]
+
+
+def _time_to_fail(settings: DatabaseSettings) -> tuple[float, BaseException | None]:
+    """Open a read transaction in a thread; return how long it took and what it raised."""
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        db = Database(settings)
+        try:
+            with db.read():
+                pass
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            db.dispose()
+
+    started = time.monotonic()
+    thread = threading.Thread(target=connect, daemon=True)  # a hung one must not block exit
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "the connection attempt hung past 20 s"
+    return time.monotonic() - started, outcome[0]
+
+
+def test_a_postgresql_host_that_never_answers_fails_after_the_connect_timeout(
+    silent_port: int,
+) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{silent_port}/test"
+    elapsed, error = _time_to_fail(DatabaseSettings(url=url, connect_timeout_s=2))
+    assert isinstance(error, StorageError)
+    assert error.transient  # the host may answer again: the caller's retry policy applies
+    assert 1.5 <= elapsed < 10
+
+
+def test_a_connect_timeout_in_the_url_wins_over_the_setting(silent_port: int) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{silent_port}/test?connect_timeout=2"
+    elapsed, error = _time_to_fail(DatabaseSettings(url=url, connect_timeout_s=3600))
+    assert isinstance(error, StorageError)
+    assert 1.5 <= elapsed < 10
+
+
+def test_the_connect_timeout_is_at_least_libpqs_minimum() -> None:
+    with pytest.raises(ValueError, match="connect_timeout_s"):
+        DatabaseSettings(connect_timeout_s=1)
