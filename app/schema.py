@@ -24,7 +24,8 @@ def current_revision(db: Database) -> str | None:
         revisions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
     if len(revisions) > 1:  # Duplex's history has no branches: Alembic did not write this
         raise SchemaNotReadyError(
-            f"the database records several schema revisions ({', '.join(revisions)})"
+            f"the database records several schema revisions ({', '.join(revisions)}) in "
+            "alembic_version; Duplex's migrations have one line of history: keep one row"
         )
     return revisions[0] if revisions else None
 
