@@ -44,9 +44,9 @@ class CpuSample:
     @classmethod
     def take(cls, worker_pids: list[int]) -> CpuSample:
         # The first line of /proc/stat: user nice system idle iowait irq softirq steal ...
+        # Busy is what ran here: idle, iowait and steal (another guest's turn) are not.
         ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = ticks[3] + ticks[4]
-        busy = (sum(ticks[:8]) - idle) * _TICK_S
+        busy = (sum(ticks[:3]) + ticks[5] + ticks[6]) * _TICK_S
         workers = 0.0
         for pid in worker_pids:
             # A worker that already exited counts 0 here: take samples while they run.
