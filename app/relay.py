@@ -8,6 +8,11 @@ batch, and returns how long to wait before the next pump. The worker runs it in 
   connection, so it only sees committed rows.
 * **At-least-once.** A row is marked ``published_at`` only after the broker confirmed it;
   a crash between the two publishes it again, with the same ``message_id``.
+* **No copy for a database fault.** When the marking fails (the connection is terminated,
+  the database restarts, SQLite stays locked), the relay keeps the batch's outcome in memory
+  and records it first, on a new connection, before it selects or publishes anything else:
+  what the broker confirmed is not published again by this relay. So at most one batch is
+  ever confirmed and not yet marked, which bounds the copies any fault can cause.
 * **Per-task order.** Each batch is one run per task, from the task's head, published in
   sequence order and cut at the first failure; on PostgreSQL the head's row lock is held
   from selection to marking (``app.storage.outbox``), on SQLite a file lock lets one relay at
@@ -123,7 +128,9 @@ class RelayLock:
         if db.is_sqlite:
             database = make_url(db.url).database
             if database and database != ":memory:":
-                self._path = os.path.abspath(database) + ".relay-lock"
+                # The real path: relays that reach one file through different names (a
+                # symlink, a relative path from another directory) must meet at one lock.
+                self._path = os.path.realpath(database) + ".relay-lock"
         self._file: IO[bytes] | None = None
 
     @property
@@ -195,6 +202,11 @@ class Relay:
         self._event_backoff = Backoff(
             settings.backoff_base_ms / 1000, settings.backoff_max_ms / 1000
         )
+        self._database_backoff = Backoff(
+            settings.backoff_base_ms / 1000, settings.backoff_max_ms / 1000
+        )
+        # A batch the broker confirmed (in part) whose marking the database refused.
+        self._unrecorded: BatchOutcome | None = None
         self._down_since: float | None = None
         self._next_connect = 0.0  # monotonic time before which no connect is tried
         self._standby_logged = False
@@ -221,6 +233,8 @@ class Relay:
                 logger.info("another relay publishes from this SQLite database; standing by")
                 self._standby_logged = True
             return self.poll_s
+        if self._unrecorded is not None and not self._record_unrecorded():
+            return self._database_backoff.failed()
         publisher = self._ensure_connected()
         if publisher is None:
             return max(0.001, self._next_connect - time.monotonic())
@@ -230,8 +244,14 @@ class Relay:
             try:
                 outcome = self.run_batch(publisher)
             except StorageError as exc:
-                logger.warning("relay: database error ({}); retrying", exc)
-                return self._broker_backoff.delay(1)
+                unmarked = self._unrecorded.published if self._unrecorded else []
+                logger.warning(
+                    "relay: {}; retrying{}",
+                    exc,
+                    f", {len(unmarked)} confirmed event(s) to mark first" if unmarked else "",
+                )
+                return self._database_backoff.failed()
+            self._database_backoff.reset()
             if outcome.broker_error is not None:
                 return self._broker_lost(outcome.broker_error)
             retries += [
@@ -252,25 +272,64 @@ class Relay:
         return min([self.poll_s, *retries])
 
     def run_batch(self, publisher: Publisher) -> BatchOutcome:
-        """Select one batch, publish it, record the outcome (see ``app.storage.outbox``)."""
+        """Select one batch, publish it, record the outcome (see ``app.storage.outbox``).
+
+        A ``StorageError`` after the publishing leaves the outcome for ``pump`` to record
+        before anything else (``_record_unrecorded``).
+        """
+        assert self._unrecorded is None, "an unrecorded batch must be recorded first"
         limit = self.settings.batch_size
-        if self.db.is_sqlite:
-            # Held under RelayLock: no other relay publishes meanwhile, so the read and the
-            # marking need not share a transaction (which would hold SQLite's writer lock
-            # for the whole round trip to the broker).
-            with self.db.read() as conn:
-                runs = pending_runs(conn, limit=limit, now=self._clock(), lock=False)
-            outcome = self._publish(runs, publisher)
-            if outcome.published or outcome.failures:
-                with self.db.write() as conn:
-                    self._record(conn, outcome)
-        else:
-            with self.db.write() as conn:
-                runs = pending_runs(conn, limit=limit, now=self._clock(), lock=True)
+        outcome = BatchOutcome()
+        try:
+            if self.db.is_sqlite:
+                # Held under RelayLock: no other relay publishes meanwhile, so the read and
+                # the marking need not share a transaction (which would hold SQLite's writer
+                # lock for the whole round trip to the broker).
+                with self.db.read() as conn:
+                    runs = pending_runs(conn, limit=limit, now=self._clock(), lock=False)
                 outcome = self._publish(runs, publisher)
-                self._record(conn, outcome)
+                if outcome.published or outcome.failures:
+                    with self.db.write() as conn:
+                        self._record(conn, outcome)
+            else:
+                with self.db.write() as conn:
+                    runs = pending_runs(conn, limit=limit, now=self._clock(), lock=True)
+                    outcome = self._publish(runs, publisher)
+                    self._record(conn, outcome)
+        except StorageError:
+            if outcome.published or outcome.failures:
+                self._unrecorded = outcome
+            raise
         self._count(outcome)
         return outcome
+
+    def _record_unrecorded(self) -> bool:
+        """Record the batch a database error left unmarked; False while the database fails.
+
+        In a transaction of its own: on PostgreSQL the batch's row locks went with the failed
+        one, so another relay may meanwhile publish these events again (the one case of a
+        copy a database fault can still cause); recording is idempotent, whoever marks first.
+        """
+        outcome = self._unrecorded
+        assert outcome is not None
+        try:
+            with self.db.write() as conn:
+                self._record(conn, outcome)
+        except StorageError as exc:
+            logger.warning(
+                "relay: {}; {} confirmed event(s) still to mark, nothing is published "
+                "before they are",
+                exc,
+                len(outcome.published),
+            )
+            return False
+        self._unrecorded = None
+        self._database_backoff.reset()
+        self._count(outcome)
+        logger.info(
+            "relay: marked {} event(s) confirmed before the database error", len(outcome.published)
+        )
+        return True
 
     def _publish(self, runs: Sequence[Sequence[OutboxEvent]], publisher: Publisher) -> BatchOutcome:
         outcome = BatchOutcome(selected=sum(len(run) for run in runs))
@@ -417,6 +476,12 @@ class Relay:
             return None
 
     def close(self) -> None:
+        if self._unrecorded is not None and not self._record_unrecorded():
+            logger.warning(
+                "relay: stopping with {} confirmed event(s) unmarked; the next relay publishes "
+                "them again (same message ids)",
+                len(self._unrecorded.published),
+            )
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None

@@ -30,7 +30,11 @@ Sequence numbers, the relay's work list and its bookkeeping, the operator's ``re
 
 A relay that dies after the broker's confirm but before its commit leaves the rows
 unpublished; the next relay publishes them again (a duplicate, same ``message_id``) before
-anything later of the task: at-least-once, in order.
+anything later of the task: at-least-once, in order. A relay whose transaction fails at the
+marking (its connection terminated) lives on: it records the confirmed rows in a new
+transaction before it selects anything else (``Relay._record_unrecorded``). The failed
+transaction took the head's lock with it, though, so meanwhile another relay may publish
+those rows again: the same kind of duplicate, at most that one batch, and in order by 3.
 
 SQLite has no row locks: there ``app.relay.RelayLock`` (an exclusive ``flock`` next to the
 database file) lets one relay at a time publish, and the others wait as standbys.
