@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from loguru import logger
 from rich.live import Live
@@ -34,6 +34,7 @@ from app.handlers import import_handler_modules
 from app.liveness import Liveness, judged_workers
 from app.logs import configure_logging
 from app.models import utcnow
+from app.output import check_reader, exit_for_closed_output, reader_gone
 from app.progress import RunProgress
 from app.schema import ensure_schema_ready
 from app.settings import Settings, load_settings
@@ -55,6 +56,9 @@ from app.storage.queries import (
 from app.submission import parse_context
 from app.templates import load_template
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -63,6 +67,14 @@ EXIT_INTERRUPTED = 130
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"duplex: error: {message} (see `duplex --help`)\n")
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        # argparse swallows a failed write, which would hide a closed pipe on stdout
+        # (`duplex --help | head -1`) from main(); stderr keeps argparse's way.
+        if message and file is sys.stdout:
+            file.write(message)
+        else:
+            super()._print_message(message, file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,23 +167,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``duplex`` console script."""
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace, Settings], int] = args.func
+    """Entry point of the ``duplex`` console script.
+
+    Output to a pipe whose reader went away (``duplex events | head -1``) ends the process as
+    it ends ``cat`` or ``grep``: killed by SIGPIPE, quietly (``app.output``).
+    """
     try:
+        try:
+            return _main(argv)
+        finally:
+            # Whatever is still buffered is written here, where a closed pipe is handled,
+            # rather than by the interpreter on its way out ("Exception ignored ...").
+            sys.stdout.flush()
+    except BrokenPipeError as exc:
+        if reader_gone():
+            exit_for_closed_output()
+        return _internal_error(exc)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        func: Callable[[argparse.Namespace, Settings], int] = args.func
         settings = load_settings(args.settings)
         configure_logging(settings.logging)
         return func(args, settings)
     except DuplexError as exc:
-        print(f"duplex: error: {exc}", file=sys.stderr)
+        _say(f"duplex: error: {exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("duplex: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug in Duplex: still no traceback on the terminal
-        logger.opt(exception=exc).debug("unexpected error")
-        print(f"duplex: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        _say("duplex: interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise  # main() tells a closed stdout from a broken socket
+    except Exception as exc:
+        return _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> int:
+    # A bug in Duplex: still no traceback on the terminal.
+    logger.opt(exception=exc).debug("unexpected error")
+    _say(f"duplex: internal error: {type(exc).__name__}: {exc}")
+    return EXIT_ERROR
+
+
+def _say(line: str) -> None:
+    """One line on stderr; a stderr nobody reads any more is not a reason for a traceback."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr)
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -360,6 +403,8 @@ def _watch(db: Database, task_uuid: str, *, interval_s: float, as_json: bool) ->
             last = key
             if task.state in TASK_FINISHED:
                 return 0
+            if live is None:
+                check_reader()  # piped: stop once nobody reads, not at the next change
             if interrupted.wait(interval_s):
                 print(f"duplex: stopped watching (task is {task.state})", file=sys.stderr)
                 return EXIT_INTERRUPTED
