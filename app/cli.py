@@ -49,6 +49,7 @@ from app.storage.operations import (
 from app.storage.outbox import event_lag
 from app.storage.queries import (
     active_workers,
+    count_tasks,
     get_task,
     list_tasks,
     task_steps,
@@ -77,11 +78,12 @@ class _Parser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
+_SETTINGS_HELP = "settings file (default: $DUPLEX_SETTINGS or ./settings.toml)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="duplex", description="Duplex: a bounded-parallel step worker.")
-    parser.add_argument(
-        "--settings", help="settings file (default: $DUPLEX_SETTINGS or ./settings.toml)"
-    )
+    parser.add_argument("--settings", metavar="FILE", help=_SETTINGS_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run the long-lived worker")
@@ -163,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="bring the database schema to head")
     migrate.set_defaults(func=cmd_migrate)
+    for command in sub.choices.values():
+        # Also after the command (`duplex migrate --settings pg.toml`). SUPPRESS: when it is
+        # not given there, the value given before the command stands.
+        command.add_argument(
+            "--settings", metavar="FILE", default=argparse.SUPPRESS, help=_SETTINGS_HELP
+        )
     return parser
 
 
@@ -223,11 +231,20 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
     db = Database(settings.database)
     try:
-        upgrade_to_head(db)
+        before, after = upgrade_to_head(db)
     finally:
         db.dispose()
-    print("database schema is at head")
+    print(migration_summary(before, after))
     return 0
+
+
+def migration_summary(before: str | None, after: str | None) -> str:
+    """What ``duplex migrate`` did, in one line."""
+    if before == after:
+        return f"the database schema is already at {after} (head); nothing to do"
+    if before is None:
+        return f"created the database schema at {after} (head)"
+    return f"upgraded the database schema from {before} to {after} (head)"
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -270,6 +287,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                     out.print(console.steps_table(steps))
                 return 0
             summaries = list_tasks(conn, limit=args.limit)
+            # Counted only when the list may be cut short.
+            total = count_tasks(conn) if len(summaries) == args.limit else len(summaries)
             # Workers presumed dead by the liveness rule are not listed.
             cutoff = utcnow() - timedelta(seconds=settings.event_system.claim_timeout_s)
             live = active_workers(conn, heartbeat_since=cutoff)
@@ -279,13 +298,25 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         db.dispose()
     if args.json:
-        _print_json({"tasks": [t.as_json() for t in summaries], "workers": live, "events": lag})
+        _print_json(
+            {
+                "tasks": [t.as_json() for t in summaries],
+                "total_tasks": total,
+                "workers": live,
+                "events": lag,
+            }
+        )
     else:
         out = console.make_console()
         if summaries:
             out.print(console.tasks_table(summaries))
         else:
             print("no tasks")
+        if total > len(summaries):
+            print(
+                f"the newest {len(summaries)} of {total} tasks; "
+                f"`--limit {total}` lists them all, `status TASK_UUID` shows one"
+            )
         print(lag_line(lag))
         if judged:
             out.print()

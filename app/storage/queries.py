@@ -103,6 +103,11 @@ def list_tasks(conn: Connection, *, limit: int = 50) -> list[TaskSummary]:
     return [TaskSummary(**row._asdict()) for row in rows]
 
 
+def count_tasks(conn: Connection) -> int:
+    """Return how many tasks there are."""
+    return int(conn.execute(select(func.count()).select_from(tasks)).scalar_one())
+
+
 def get_task(conn: Connection, task_uuid: str) -> TaskSummary:
     """Return one task, or raise ``InputError`` naming the unknown uuid."""
     task_id = parse_uuid(task_uuid, "task")
