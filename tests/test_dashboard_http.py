@@ -438,6 +438,7 @@ def test_task_list_is_newest_first_with_counts_per_status(
         "processing": 0,
         "all_complete": 3,
         "waiting_for_dependencies": 0,
+        "cancelled": 0,
     }
     # The csrf cookie is set on the first visit, HttpOnly and SameSite=Strict.
     (line,) = [c for c in reply.headers.get_all("Set-Cookie") or [] if "duplex_csrf=" in c]
@@ -517,6 +518,7 @@ def test_status_counts_follow_the_other_filters(browser: Browser) -> None:
         "processing": 0,
         "all_complete": 3,
         "waiting_for_dependencies": 0,
+        "cancelled": 0,
     }
 
 

@@ -34,6 +34,7 @@ from app.errors import InputError, SchemaNotReadyError, StorageError, Transition
 from app.models import utcnow
 from app.settings import Settings
 from app.states import STEP_STATES
+from app.storage.dashboard import EXECUTION_STATUSES
 from app.storage.operations import OperatorReport, cancel_task, resolve_step, retry_step
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class Dashboard:
             state=_state_badge,
             refresh_ms=cfg.refresh_ms,
             step_states=STEP_STATES,
+            execution_statuses=EXECUTION_STATUSES,
             pretty_json=pages.pretty_json,
             when=_when,
             ago=_ago,
