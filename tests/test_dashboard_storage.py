@@ -25,10 +25,9 @@ from app.storage.dashboard import (
     steps_of_task,
     task_detail,
     task_page,
-    transitions_of_task,
 )
 from app.storage.operations import resolve_step, retry_step
-from app.storage.queries import execution_status
+from app.storage.queries import execution_status, transitions_of_task
 from tests.conftest import sqlite_database
 from tests.test_operations import FAN_IN, Flow
 

@@ -37,7 +37,12 @@ from app.states import (
     TASK_STATES,
     WAITING_FOR_RETRY,
 )
-from app.storage.queries import execution_status, parse_uuid
+from app.storage.queries import (
+    TRANSITIONS,
+    TransitionRow,
+    execution_status,
+    parse_uuid,
+)
 
 EXECUTION_STATUSES = (
     "blocked_by_failures",
@@ -321,17 +326,6 @@ class StepRow:
 
 
 @dataclass(frozen=True)
-class TransitionRow:
-    step_uuid: str
-    from_state: str | None
-    to_state: str
-    attempt: int
-    worker_id: str | None
-    reason: str | None
-    created_at: datetime
-
-
-@dataclass(frozen=True)
 class EventRow:
     event_id: str
     name: str
@@ -426,28 +420,9 @@ def step_detail(conn: Connection, step_uuid: str) -> StepRow:
     return StepRow(**row._asdict(), parents=[p for (p,) in parents])
 
 
-_TRANSITIONS = select(
-    workflow_step_transitions.c.step_uuid,
-    workflow_step_transitions.c.from_state,
-    workflow_step_transitions.c.to_state,
-    workflow_step_transitions.c.attempt,
-    workflow_step_transitions.c.worker_id,
-    workflow_step_transitions.c.reason,
-    workflow_step_transitions.c.created_at,
-).order_by(workflow_step_transitions.c.id)
-
-
-def transitions_of_task(conn: Connection, task_uuid: str) -> list[TransitionRow]:
-    """Every transition row of a task's steps, in the order they were written."""
-    query = _TRANSITIONS.join(ws, ws.c.step_uuid == workflow_step_transitions.c.step_uuid).where(
-        ws.c.task_uuid == task_uuid
-    )
-    return [TransitionRow(*row) for row in conn.execute(query)]
-
-
 def transitions_of_step(conn: Connection, step_uuid: str) -> list[TransitionRow]:
     """One step's transition rows, in the order they were written."""
-    query = _TRANSITIONS.where(workflow_step_transitions.c.step_uuid == step_uuid)
+    query = TRANSITIONS.where(workflow_step_transitions.c.step_uuid == step_uuid)
     return [TransitionRow(*row) for row in conn.execute(query)]
 
 
