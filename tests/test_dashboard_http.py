@@ -614,7 +614,7 @@ def test_step_page_of_a_failed_step_shows_the_error_and_its_traceback(
     assert "in boom" in trace
     assert f'action="/steps/{step}/retry"' in body
     assert f'action="/steps/{step}/resolve"' in body
-    assert "No result yet." in body
+    assert "No result: the step failed." in body
 
 
 def test_workers_page_shows_the_live_worker(browser: Browser, history: History) -> None:

@@ -113,6 +113,7 @@ class Dashboard:
             execution_statuses=EXECUTION_STATUSES,
             pretty_json=pages.pretty_json,
             when=_when,
+            when_utc=_when_utc,
             ago=_ago,
             seconds=_seconds,
             urlencode=urllib.parse.urlencode,
@@ -475,6 +476,11 @@ def _state_badge(value: str) -> Markup:
 
 def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if moment is not None else "—"
+
+
+def _when_utc(moment: datetime | None) -> str:
+    """A time standing alone (not under a "(UTC)" column header) names its zone."""
+    return f"{_when(moment)} UTC" if moment is not None else "—"
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:
