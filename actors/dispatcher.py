@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pykka
@@ -241,10 +241,14 @@ class Dispatcher(SupervisedActor):
         # cancelled for real; the handler's own cancel hook runs on a thread of its own), and
         # let the commit guard reject whatever it returns later.
         assigned_at = self._assigned_at.pop(run.worker_id, None)
+        ran_s = 0.0
         if assigned_at is not None:  # a timeout says how slow these handlers can be
-            self._window.observe(time.monotonic() - assigned_at)
+            ran_s = time.monotonic() - assigned_at
+            self._window.observe(ran_s)
         now = self._clock()
-        if not tell(self._completion.submit, StepOutcome(run.step, now, now, failure=failure)):
+        # The attempt started when its handler did, not now (``workflow_steps.started_at``).
+        started = now - timedelta(seconds=ran_s)
+        if not tell(self._completion.submit, StepOutcome(run.step, started, now, failure=failure)):
             self.supervisor.results_lost(1)
         run.cancellation.cancel()
         worker = self._workers.get(run.worker_id)

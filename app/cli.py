@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from loguru import logger
 from rich.live import Live
@@ -34,6 +34,7 @@ from app.handlers import import_handler_modules
 from app.liveness import Liveness, judged_workers
 from app.logs import configure_logging
 from app.models import utcnow
+from app.output import check_reader, exit_for_closed_output, reader_gone
 from app.progress import RunProgress
 from app.schema import ensure_schema_ready
 from app.settings import Settings, load_settings
@@ -48,12 +49,16 @@ from app.storage.operations import (
 from app.storage.outbox import event_lag
 from app.storage.queries import (
     active_workers,
+    count_tasks,
     get_task,
     list_tasks,
     task_steps,
 )
 from app.submission import parse_context
 from app.templates import load_template
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -64,12 +69,21 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"duplex: error: {message} (see `duplex --help`)\n")
 
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        # argparse swallows a failed write, which would hide a closed pipe on stdout
+        # (`duplex --help | head -1`) from main(); stderr keeps argparse's way.
+        if message and file is sys.stdout:
+            file.write(message)
+        else:
+            super()._print_message(message, file)
+
+
+_SETTINGS_HELP = "settings file (default: $DUPLEX_SETTINGS or ./settings.toml)"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="duplex", description="Duplex: a bounded-parallel step worker.")
-    parser.add_argument(
-        "--settings", help="settings file (default: $DUPLEX_SETTINGS or ./settings.toml)"
-    )
+    parser.add_argument("--settings", metavar="FILE", help=_SETTINGS_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run the long-lived worker")
@@ -151,27 +165,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="bring the database schema to head")
     migrate.set_defaults(func=cmd_migrate)
+    for command in sub.choices.values():
+        # Also after the command (`duplex migrate --settings pg.toml`). SUPPRESS: when it is
+        # not given there, the value given before the command stands.
+        command.add_argument(
+            "--settings", metavar="FILE", default=argparse.SUPPRESS, help=_SETTINGS_HELP
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``duplex`` console script."""
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace, Settings], int] = args.func
+    """Entry point of the ``duplex`` console script.
+
+    Output to a pipe whose reader went away (``duplex events | head -1``) ends the process as
+    it ends ``cat`` or ``grep``: killed by SIGPIPE, quietly (``app.output``).
+    """
     try:
+        try:
+            return _main(argv)
+        finally:
+            # Whatever is still buffered is written here, where a closed pipe is handled,
+            # rather than by the interpreter on its way out ("Exception ignored ...").
+            sys.stdout.flush()
+    except BrokenPipeError as exc:
+        if reader_gone():
+            exit_for_closed_output()
+        return _internal_error(exc)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        func: Callable[[argparse.Namespace, Settings], int] = args.func
         settings = load_settings(args.settings)
         configure_logging(settings.logging)
         return func(args, settings)
     except DuplexError as exc:
-        print(f"duplex: error: {exc}", file=sys.stderr)
+        _say(f"duplex: error: {exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("duplex: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug in Duplex: still no traceback on the terminal
-        logger.opt(exception=exc).debug("unexpected error")
-        print(f"duplex: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        _say("duplex: interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise  # main() tells a closed stdout from a broken socket
+    except Exception as exc:
+        return _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> int:
+    # A bug in Duplex: still no traceback on the terminal.
+    logger.opt(exception=exc).debug("unexpected error")
+    _say(f"duplex: internal error: {type(exc).__name__}: {exc}")
+    return EXIT_ERROR
+
+
+def _say(line: str) -> None:
+    """One line on stderr; a stderr nobody reads any more is not a reason for a traceback."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr)
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -180,11 +231,20 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
     db = Database(settings.database)
     try:
-        upgrade_to_head(db)
+        before, after = upgrade_to_head(db)
     finally:
         db.dispose()
-    print("database schema is at head")
+    print(migration_summary(before, after))
     return 0
+
+
+def migration_summary(before: str | None, after: str | None) -> str:
+    """What ``duplex migrate`` did, in one line."""
+    if before == after:
+        return f"the database schema is already at {after} (head); nothing to do"
+    if before is None:
+        return f"created the database schema at {after} (head)"
+    return f"upgraded the database schema from {before} to {after} (head)"
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -227,6 +287,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                     out.print(console.steps_table(steps))
                 return 0
             summaries = list_tasks(conn, limit=args.limit)
+            # Counted only when the list may be cut short.
+            total = count_tasks(conn) if len(summaries) == args.limit else len(summaries)
             # Workers presumed dead by the liveness rule are not listed.
             cutoff = utcnow() - timedelta(seconds=settings.event_system.claim_timeout_s)
             live = active_workers(conn, heartbeat_since=cutoff)
@@ -236,13 +298,25 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         db.dispose()
     if args.json:
-        _print_json({"tasks": [t.as_json() for t in summaries], "workers": live, "events": lag})
+        _print_json(
+            {
+                "tasks": [t.as_json() for t in summaries],
+                "total_tasks": total,
+                "workers": live,
+                "events": lag,
+            }
+        )
     else:
         out = console.make_console()
         if summaries:
             out.print(console.tasks_table(summaries))
         else:
             print("no tasks")
+        if total > len(summaries):
+            print(
+                f"the newest {len(summaries)} of {total} tasks; "
+                f"`--limit {total}` lists them all, `status TASK_UUID` shows one"
+            )
         print(lag_line(lag))
         if judged:
             out.print()
@@ -360,6 +434,8 @@ def _watch(db: Database, task_uuid: str, *, interval_s: float, as_json: bool) ->
             last = key
             if task.state in TASK_FINISHED:
                 return 0
+            if live is None:
+                check_reader()  # piped: stop once nobody reads, not at the next change
             if interrupted.wait(interval_s):
                 print(f"duplex: stopped watching (task is {task.state})", file=sys.stderr)
                 return EXIT_INTERRUPTED

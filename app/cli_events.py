@@ -26,6 +26,7 @@ from app.db import Database
 from app.errors import InputError
 from app.event_notifications import EventListener, SequenceRange
 from app.models import utcnow
+from app.output import check_reader
 from app.relay import Relay
 from app.schema import ensure_schema_ready
 from app.settings import Settings
@@ -240,6 +241,7 @@ def _print_events(db: Database, args: argparse.Namespace) -> int:
             while not interrupted.is_set():
                 wake.wait(0.25)
                 wake.clear()
+                check_reader()  # as `tail -f`: stop once nobody reads, not at the next event
                 with db.read() as conn:
                     if args.task:
                         new = task_events(conn, args.task, after_sequence=last_sequence)

@@ -7,6 +7,7 @@ so scripts can grep them.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -24,12 +25,19 @@ from app.storage.queries import StepSummary, TaskSummary
 _PIPE_WIDTH = 1000
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's own answer is to exit 1; ``app.cli.main`` ends the process as other Unix
+        # tools end when their reader goes away (``app.output``).
+        raise BrokenPipeError(errno.EPIPE, "the reader of standard output went away")
+
+
 def make_console(file: IO[str] | None = None) -> Console:
     """A console on stdout: the terminal's width on a terminal, unbounded lines otherwise."""
     stream = file or sys.stdout
     if stream.isatty():
-        return Console(file=stream)
-    return Console(file=stream, width=_PIPE_WIDTH, color_system=None, highlight=False)
+        return _Console(file=stream)
+    return _Console(file=stream, width=_PIPE_WIDTH, color_system=None, highlight=False)
 
 
 def duration(ms: int | None) -> str:

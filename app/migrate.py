@@ -34,14 +34,20 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def upgrade_to_head(db: Database) -> None:
-    """Bring the schema to head inside one locked write transaction."""
+def upgrade_to_head(db: Database) -> tuple[str | None, str | None]:
+    """Bring the schema to head inside one locked write transaction.
+
+    Return the revision before (None: no schema yet) and after.
+    """
     with db.write() as conn:
         # SQLite: db.write() already holds the write lock (BEGIN IMMEDIATE).
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
-        refuse_unknown_revision(MigrationContext.configure(conn).get_current_revision())
+        before = MigrationContext.configure(conn).get_current_revision()
+        refuse_unknown_revision(before)
         command.upgrade(alembic_config(conn), "head")
+        after = MigrationContext.configure(conn).get_current_revision()
+    return before, after
 
 
 def refuse_unknown_revision(current: str | None) -> None:

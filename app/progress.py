@@ -1,7 +1,8 @@
 """Progress of ``duplex run --until-idle``: a live bar on a terminal, plain lines otherwise.
 
-Read from the worker's own counters (``app.metrics``) on the main thread; the only query is
-the count of open work, at most once a second.
+Read from the worker's own counters (``app.metrics``) on the main thread. The only query is
+the count of steps still to run (enqueued, running or waiting for a retry: what
+``--until-idle`` waits for), at most once a second while running, and afresh for the summary.
 """
 
 from __future__ import annotations
@@ -63,14 +64,17 @@ class RunProgress:
             self._task = self._bar.add_task("run", total=None, detail="")
             self._bar.start()
 
-    def figures(self) -> tuple[int, int, int, int]:
-        """Committed attempts (succeeded, failed), running handlers, open work."""
+    def figures(self, *, fresh: bool = False) -> tuple[int, int, int, int]:
+        """Committed attempts (succeeded, failed), running handlers, steps still to run.
+
+        The last figure is re-read at most once a second, or now when ``fresh``.
+        """
         steps = self._metrics.steps
         succeeded, failed = int(steps.succeeded.total()), int(steps.failed.total())
         pool = self._metrics.pool
         running = len(pool.running) if pool is not None else 0
         now = self._clock()
-        if now - self._open_read >= OPEN_WORK_EVERY_S:
+        if fresh or now - self._open_read >= OPEN_WORK_EVERY_S:
             # A database hiccup keeps the last figure.
             with contextlib.suppress(Exception):
                 self._open = self._open_work()
@@ -80,7 +84,7 @@ class RunProgress:
     def tick(self) -> None:
         succeeded, failed, running, open_work = self.figures()
         done = succeeded + failed
-        detail = f"{succeeded} succeeded, {failed} failed, {running} running, {open_work} open"
+        detail = f"{succeeded} succeeded, {failed} failed, {running} running, {open_work} to run"
         if self._bar is not None and self._task is not None:
             # Open work includes what runs now; the total grows as dependents become ready.
             self._bar.update(self._task, completed=done, total=done + open_work, detail=detail)
@@ -92,13 +96,20 @@ class RunProgress:
             self._printed, self._last_line = now, line
 
     def close(self) -> None:
-        succeeded, failed, _, open_work = self.figures()
+        """Print the summary, with the steps still to run read now (a figure cached during
+        the run could be a second old and count a retry that has since failed for good)."""
+        succeeded, failed, _, open_work = self.figures(fresh=True)
         if self._bar is not None:
             self._bar.stop()
         elapsed = self._clock() - self._started
+        left = (
+            "nothing left to run"
+            if open_work == 0
+            else f"{open_work} step(s) still to run (enqueued, running or waiting for a retry)"
+        )
         print(
             f"done: {succeeded + failed} attempt(s) committed ({succeeded} succeeded, "
-            f"{failed} failed) in {elapsed:.1f}s; {open_work} open",
+            f"{failed} failed) in {elapsed:.1f}s; {left}",
             file=self._stream,
             flush=True,
         )

@@ -47,11 +47,24 @@ class Deduplicator:
         return True
 
 
+def order_facts(payload: dict[str, Any]) -> dict[str, Any]:
+    """The order fields of an event's payload.
+
+    Events a handler emits (``stock.reserved``, ``payment.charged``, ``order.shipped``) carry
+    them at the top; an event the template declares (``order.fulfilled``) carries the step's
+    result under ``result``, which the ``ship`` handler fills with the same fields.
+    """
+    result = payload.get("result")
+    return {**(result if isinstance(result, dict) else {}), **payload}
+
+
 def handle(event: dict[str, Any]) -> None:
     """What the downstream system does with an event (here: print it)."""
-    order = event["payload"].get("order_id", "?")
+    facts = order_facts(event["payload"])
+    tracking = f" tracking {facts['tracking']}" if "tracking" in facts else ""
     print(
-        f"{event['name']:<16} order {order:<8} task {event['task_uuid']} #{event['sequence']}",
+        f"{event['name']:<16} order {facts.get('order_id', '?'):<8} task {event['task_uuid']} "
+        f"#{event['sequence']}{tracking}",
         flush=True,
     )
 

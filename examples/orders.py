@@ -48,8 +48,11 @@ def charge(ctx: StepContext) -> dict[str, Any]:
 async def ship(ctx: StepContext) -> dict[str, Any]:
     order = ctx.task_context["order"]
     await asyncio.sleep(0.3)
-    ctx.emit("order.shipped", {"order_id": order["id"]})
-    return {"tracking": f"TRACK-{order['id']}"}
+    tracking = f"TRACK-{order['id']}"
+    ctx.emit("order.shipped", {"order_id": order["id"], "tracking": tracking})
+    # The template's declared event order.fulfilled carries this result: what its consumers
+    # need (which order, and how it travels) goes here.
+    return {"order_id": order["id"], "tracking": tracking}
 
 
 @subscribe("step.*")

@@ -365,6 +365,7 @@ def test_duplex_console_script_works(tmp_path: Path) -> None:
     assert "head" in duplex.ok("migrate", script=True).stdout
     assert json.loads(duplex.ok("status", "--json", script=True).stdout) == {
         "tasks": [],
+        "total_tasks": 0,
         "workers": [],
         "events": {
             "unpublished": 0,

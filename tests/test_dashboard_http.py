@@ -438,6 +438,7 @@ def test_task_list_is_newest_first_with_counts_per_status(
         "processing": 0,
         "all_complete": 3,
         "waiting_for_dependencies": 0,
+        "cancelled": 0,
     }
     # The csrf cookie is set on the first visit, HttpOnly and SameSite=Strict.
     (line,) = [c for c in reply.headers.get_all("Set-Cookie") or [] if "duplex_csrf=" in c]
@@ -517,6 +518,7 @@ def test_status_counts_follow_the_other_filters(browser: Browser) -> None:
         "processing": 0,
         "all_complete": 3,
         "waiting_for_dependencies": 0,
+        "cancelled": 0,
     }
 
 
@@ -612,7 +614,7 @@ def test_step_page_of_a_failed_step_shows_the_error_and_its_traceback(
     assert "in boom" in trace
     assert f'action="/steps/{step}/retry"' in body
     assert f'action="/steps/{step}/resolve"' in body
-    assert "No result yet." in body
+    assert "No result: the step failed." in body
 
 
 def test_workers_page_shows_the_live_worker(browser: Browser, history: History) -> None:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.attempts import RUNNING, attempts
 from app.dashboard.graph import GraphStep, depths, layout
 from app.dashboard.pages import cursor_text, filter_params, parse_task_list_query
 from app.dashboard.security import (
@@ -19,9 +20,9 @@ from app.dashboard.security import (
     operator_name,
     same_origin,
 )
-from app.dashboard.timeline import RUNNING, attempts, timeline
+from app.dashboard.timeline import timeline
 from app.errors import ConfigurationError, InputError
-from app.storage.dashboard import TransitionRow
+from app.storage.queries import TransitionRow
 
 T0 = datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC)
 

@@ -25,10 +25,9 @@ from app.storage.dashboard import (
     steps_of_task,
     task_detail,
     task_page,
-    transitions_of_task,
 )
 from app.storage.operations import resolve_step, retry_step
-from app.storage.queries import execution_status
+from app.storage.queries import execution_status, transitions_of_task
 from tests.conftest import sqlite_database
 from tests.test_operations import FAN_IN, Flow
 
@@ -277,3 +276,36 @@ def test_operator_changes_show_in_the_history(db: Database) -> None:
         ("resolved_manually", "operator:ada (dashboard)"),
     ]
     assert rows[-2].reason == "retried by operator: flaky"
+
+
+def test_a_cancelled_task_is_counted_and_filtered_as_cancelled(db: Database) -> None:
+    from app.storage.operations import cancel_task
+
+    flow = Flow(db, FAN_IN)
+    flow.claim("p", "q")  # both still running when the task is cancelled; d never runs
+    with db.write() as conn:
+        cancel_task(conn, flow.task, operator="t", now=utcnow())
+    flt = TaskFilter(namespace=flow.namespace)
+    with db.read() as conn:
+        view = conn.execute(
+            select(execution_status.c.execution_status).where(
+                execution_status.c.task_uuid == flow.task
+            )
+        ).scalar_one()
+        counts = {k: v for k, v in status_counts(conn, flt).items() if v}
+        (listed,) = task_page(conn, flt, limit=5).rows
+        (found,) = task_page(
+            conn, TaskFilter(namespace=flow.namespace, execution_status="cancelled"), limit=5
+        ).rows
+        waiting = task_page(
+            conn,
+            TaskFilter(namespace=flow.namespace, execution_status="waiting_for_dependencies"),
+            limit=5,
+        ).rows
+        detail = task_detail(conn, flow.task)
+    assert view == "cancelled"
+    assert counts == {"cancelled": 1}
+    assert listed.execution_status == "cancelled"
+    assert found.task_uuid == flow.task
+    assert waiting == []
+    assert detail.execution_status == "cancelled"

@@ -225,3 +225,31 @@ def test_task_state_is_stored_by_commits(sqlite_db: Database) -> None:
     assert states[blocked] == TASK_ERROR
     assert finished[done] is not None
     assert finished[blocked] is not None
+
+
+# --- a cancelled task ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        pytest.param(["cancelled", "cancelled"], id="all-cancelled"),
+        pytest.param(["complete", "cancelled"], id="complete+cancelled"),
+        pytest.param(["in_progress", "cancelled"], id="still-running"),
+        pytest.param(["error", "cancelled"], id="failed-before-the-cancel"),
+        pytest.param([RETRY_DUE, "complete"], id="ready-rows-do-not-matter"),
+    ],
+)
+def test_a_cancelled_task_reads_cancelled_whatever_its_steps(db: Database, spec: list[str]) -> None:
+    """Cancelled comes first: a cancelled task never runs again, so no other status fits."""
+    task_uuid = make_task(db, spec)
+    with db.write() as conn:
+        conn.execute(
+            update(tasks).where(tasks.c.task_uuid == task_uuid).values(state=TASK_CANCELLED)
+        )
+    assert view_row(db, task_uuid)["execution_status"] == "cancelled"
+    with db.read() as conn:
+        assert get_task(conn, task_uuid).execution_status == "cancelled"
+        assert {t.task_uuid: t.execution_status for t in list_tasks(conn)}[task_uuid] == (
+            "cancelled"
+        )

@@ -202,18 +202,22 @@ def test_invalid_value_in_the_file_names_the_key(tmp_path: Path, toml: str, key:
     assert "unknown setting" not in message
 
 
-def test_invalid_value_names_the_environment_variable_too(tmp_path: Path) -> None:
+def test_invalid_value_in_the_file_names_the_file_that_set_it(tmp_path: Path) -> None:
     write(tmp_path / "settings.toml", "[event_system]\ndeployment_mode = 'nope'\n")
     message = config_error()
-    assert "$DUPLEX_EVENT_SYSTEM__DEPLOYMENT_MODE" in message
-    assert "'polling'" in message
+    assert message == (
+        "invalid settings: event_system.deployment_mode: must be one of 'polling', "
+        "'event_driven' or 'hybrid', not 'nope' (set in settings.toml)"
+    )
 
 
 def test_invalid_value_in_env_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DUPLEX_WORKER__MAX_CONCURRENT_HANDLERS", "0")
     message = config_error()
-    assert "worker.max_concurrent_handlers" in message
-    assert "greater than or equal to 1" in message
+    assert message == (
+        "invalid settings: worker.max_concurrent_handlers: must be at least 1, not '0' "
+        "(set by $DUPLEX_WORKER__MAX_CONCURRENT_HANDLERS)"
+    )
 
 
 def test_invalid_env_value_beats_a_valid_file_value(
@@ -263,3 +267,80 @@ def test_missing_file_named_by_duplex_settings(
     message = config_error()
     assert "gone.toml" in message
     assert "DUPLEX_SETTINGS" in message
+
+
+# --- errors in plain words, naming the source that set the value ------------------------------
+
+
+def test_a_short_token_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "settings.toml", "[dashboard]\nport = 8421\n")
+    monkeypatch.setenv("DUPLEX_DASHBOARD__TOKEN", "abc")
+    message = config_error()
+    assert message == (
+        "invalid settings: dashboard.token: must be at least 16 characters long "
+        "(set by $DUPLEX_DASHBOARD__TOKEN)"
+    )  # the secret itself is never shown
+
+
+def test_the_environment_is_named_when_it_overrides_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "settings.toml", "[worker]\nprefetch = 5\n")
+    monkeypatch.setenv("duplex_worker__prefetch", "-1")  # named as it was written
+    message = config_error()
+    assert message.endswith(
+        "worker.prefetch: must be at least 0, not '-1' (set by $duplex_worker__prefetch)"
+    )
+    assert "settings.toml" not in message
+
+
+def test_a_whole_section_from_the_environment_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DUPLEX_WORKER", '{"max_concurrent_handlers": 2000}')
+    assert config_error() == (
+        "invalid settings: worker.max_concurrent_handlers: must be at most 1024, not 2000 "
+        "(set by $DUPLEX_WORKER)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[worker]\nmax_concurrent_handlers = 'lots'\n", "must be a whole number, not 'lots'"),
+        ("[worker]\nmax_concurrent_handlers = 1.5\n", "must be a whole number, not 1.5"),
+        ("[event_system]\npolling_interval_ms = 0\n", "must be greater than 0, not 0"),
+        ("[retry]\njitter = 2.0\n", "must be at most 1.0, not 2.0"),
+        ("[logging]\nserialize = 'maybe'\n", "must be true or false, not 'maybe'"),
+        ("[worker]\nnamespaces = ['a', 3]\n", "worker.namespaces[1]: must be a string, not 3"),
+        ("[relay]\nexchange = ''\n", "must be at least 1 character long, not ''"),
+        ("worker = 3\n", "worker: must be a table of settings, not 3"),
+    ],
+)
+def test_the_rule_is_said_in_plain_words(tmp_path: Path, toml: str, expected: str) -> None:
+    write(tmp_path / "settings.toml", toml)
+    message = config_error()
+    assert f"{expected} (set in settings.toml)" in message
+    assert "Input should" not in message
+    assert "after validation" not in message
+
+
+def test_a_rule_across_sections_names_where_each_value_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "settings.toml", "[worker]\nheartbeat_interval_s = 20\n")
+    monkeypatch.setenv("DUPLEX_EVENT_SYSTEM__CLAIM_TIMEOUT_S", "30")
+    assert config_error().endswith(
+        "(worker.heartbeat_interval_s: set in settings.toml; "
+        "event_system.claim_timeout_s: set by $DUPLEX_EVENT_SYSTEM__CLAIM_TIMEOUT_S)"
+    )
+
+
+def test_a_password_in_a_url_is_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUPLEX_RELAY__URL", "http://user:hunter2@broker/")
+    message = config_error()
+    assert "hunter2" not in message
+    assert "'http://user:***@broker/'" in message
+    assert "(set by $DUPLEX_RELAY__URL)" in message

@@ -13,8 +13,9 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from app.attempts import Attempt, attempts
 from app.dashboard.graph import GraphStep, Layout, layout
-from app.dashboard.timeline import Attempt, Timeline, attempts, timeline
+from app.dashboard.timeline import Timeline, timeline
 from app.errors import InputError
 from app.liveness import judged_workers
 from app.states import (
@@ -41,9 +42,8 @@ from app.storage.dashboard import (
     task_detail,
     task_page,
     transitions_of_step,
-    transitions_of_task,
 )
-from app.storage.queries import parse_uuid
+from app.storage.queries import parse_uuid, transitions_of_task
 
 # ------------------------------------------------------------------------------------------
 # The task list

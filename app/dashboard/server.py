@@ -34,6 +34,7 @@ from app.errors import InputError, SchemaNotReadyError, StorageError, Transition
 from app.models import utcnow
 from app.settings import Settings
 from app.states import STEP_STATES
+from app.storage.dashboard import EXECUTION_STATUSES
 from app.storage.operations import OperatorReport, cancel_task, resolve_step, retry_step
 
 if TYPE_CHECKING:
@@ -109,8 +110,10 @@ class Dashboard:
             state=_state_badge,
             refresh_ms=cfg.refresh_ms,
             step_states=STEP_STATES,
+            execution_statuses=EXECUTION_STATUSES,
             pretty_json=pages.pretty_json,
             when=_when,
+            when_utc=_when_utc,
             ago=_ago,
             seconds=_seconds,
             urlencode=urllib.parse.urlencode,
@@ -473,6 +476,11 @@ def _state_badge(value: str) -> Markup:
 
 def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if moment is not None else "—"
+
+
+def _when_utc(moment: datetime | None) -> str:
+    """A time standing alone (not under a "(UTC)" column header) names its zone."""
+    return f"{_when(moment)} UTC" if moment is not None else "—"
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:

@@ -1,78 +1,15 @@
-"""Attempts and the timeline, derived from the transition rows alone.
-
-An attempt starts with a transition to ``in_progress`` (its row names the worker) and ends
-with the step's next transition, whose target state is the attempt's outcome (``complete``,
-``waiting_for_retry``, ``error``, ``enqueued`` for a claim handed back, ``cancelled``). An
-attempt with no such row is still running. The timeline places every attempt of a task on
-one time axis, so steps running side by side and each retry are visible at a glance.
+"""The timeline: every attempt of a task on one time axis, so steps running side by side and
+each retry are visible at a glance. The attempts themselves come from the transition rows
+(``app.attempts``), as ``duplex status`` reads them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
 
-from app.states import IN_PROGRESS
-
-RUNNING = "running"
-
-
-class Transition(Protocol):
-    @property
-    def step_uuid(self) -> str: ...
-    @property
-    def to_state(self) -> str: ...
-    @property
-    def attempt(self) -> int: ...
-    @property
-    def worker_id(self) -> str | None: ...
-    @property
-    def reason(self) -> str | None: ...
-    @property
-    def created_at(self) -> datetime: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    step_uuid: str
-    number: int
-    worker_id: str | None
-    started_at: datetime
-    ended_at: datetime | None
-    outcome: str  # the state the attempt ended in, or "running"
-    reason: str | None  # the ending transition's reason (error type and message, lost worker)
-
-    def duration_s(self, now: datetime) -> float:
-        return max(0.0, ((self.ended_at or now) - self.started_at).total_seconds())
-
-
-def attempts(transitions: Iterable[Transition]) -> dict[str, list[Attempt]]:
-    """Each step's attempts, oldest first, from its transition rows in write order."""
-    out: dict[str, list[Attempt]] = {}
-    open_attempt: dict[str, Attempt] = {}
-    for tr in transitions:
-        current = open_attempt.pop(tr.step_uuid, None)
-        if current is not None:
-            out.setdefault(tr.step_uuid, []).append(
-                Attempt(
-                    current.step_uuid,
-                    current.number,
-                    current.worker_id,
-                    current.started_at,
-                    tr.created_at,
-                    tr.to_state,
-                    tr.reason,
-                )
-            )
-        if tr.to_state == IN_PROGRESS:
-            open_attempt[tr.step_uuid] = Attempt(
-                tr.step_uuid, tr.attempt, tr.worker_id, tr.created_at, None, RUNNING, None
-            )
-    for step_uuid, current in open_attempt.items():
-        out.setdefault(step_uuid, []).append(current)
-    return out
+from app.attempts import Attempt
 
 
 @dataclass(frozen=True, slots=True)

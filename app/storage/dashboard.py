@@ -3,9 +3,9 @@
 Every query is bounded: task lists are keyset-paginated on ``(created_at, task_uuid)`` (the
 ``tasks.created_at`` index), a task's steps, transitions and events are read by task through
 the per-task indexes, and the execution status is computed only for the tasks on the page.
-The status counts and the status filter derive the status only for tasks that are not
-complete: a complete task is ``all_complete`` by definition, so a long history of finished
-work costs one count.
+The status counts and the status filter derive the status only for tasks neither complete
+nor cancelled: a complete task is ``all_complete`` and a cancelled one ``cancelled`` by
+definition, so a long history of such work costs one count.
 """
 
 from __future__ import annotations
@@ -32,11 +32,17 @@ from app.states import (
     ERROR,
     IN_PROGRESS,
     RESOLVED_MANUALLY,
+    TASK_CANCELLED,
     TASK_COMPLETE,
     TASK_STATES,
     WAITING_FOR_RETRY,
 )
-from app.storage.queries import execution_status, parse_uuid
+from app.storage.queries import (
+    TRANSITIONS,
+    TransitionRow,
+    execution_status,
+    parse_uuid,
+)
 
 EXECUTION_STATUSES = (
     "blocked_by_failures",
@@ -44,10 +50,14 @@ EXECUTION_STATUSES = (
     "processing",
     "all_complete",
     "waiting_for_dependencies",
+    "cancelled",
 )
 ALL_COMPLETE = "all_complete"
-# An IN list rather than ``!= 'complete'``, so that the (state, created_at) index serves it.
-_NOT_COMPLETE = tuple(state for state in TASK_STATES if state != TASK_COMPLETE)
+CANCELLED = "cancelled"
+# The task states whose execution status needs their steps: a complete task is all_complete
+# and a cancelled one cancelled by definition. An IN list rather than ``NOT IN``, so that the
+# (state, created_at) index serves it.
+_STATUS_FROM_STEPS = tuple(s for s in TASK_STATES if s not in (TASK_COMPLETE, TASK_CANCELLED))
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,8 @@ def _filtered(query: Select[Any], flt: TaskFilter, *, with_status: bool = True) 
 
 
 def _has_status(status: str, flt: TaskFilter) -> Any:
+    if status == CANCELLED:
+        return tasks.c.state == TASK_CANCELLED
     statuses = _open_task_statuses(flt).subquery()
     in_status = tasks.c.task_uuid.in_(
         select(statuses.c.task_uuid).where(statuses.c.execution_status == status)
@@ -123,7 +135,7 @@ def _has_status(status: str, flt: TaskFilter) -> Any:
 
 
 def _open_task_statuses(flt: TaskFilter) -> Select[Any]:
-    """``(task_uuid, execution_status)`` of the filtered tasks that are not complete.
+    """``(task_uuid, execution_status)`` of the filtered tasks neither complete nor cancelled.
 
     The same rule as the ``task_execution_status`` view (which ``test_dashboard_storage``
     checks), with the filter applied before the grouping: the view itself is grouped over
@@ -147,7 +159,7 @@ def _open_task_statuses(flt: TaskFilter) -> Select[Any]:
     query = (
         select(tasks.c.task_uuid, status.label("execution_status"))
         .select_from(tasks.outerjoin(ws, s.task_uuid == tasks.c.task_uuid))
-        .where(tasks.c.state.in_(_NOT_COMPLETE))
+        .where(tasks.c.state.in_(_STATUS_FROM_STEPS))
         .group_by(tasks.c.task_uuid)
     )
     return _filtered(query, flt, with_status=False)
@@ -252,12 +264,13 @@ def _statuses(conn: Connection, task_uuids: Sequence[str]) -> dict[str, dict[str
 def status_counts(conn: Connection, flt: TaskFilter) -> dict[str, int]:
     """How many tasks of the filter (its status aside) have each execution status."""
     counts = dict.fromkeys(EXECUTION_STATUSES, 0)
-    complete = conn.execute(
-        _filtered(select(func.count()).select_from(tasks), flt, with_status=False).where(
-            tasks.c.state == TASK_COMPLETE
-        )
-    ).scalar_one()
-    counts[ALL_COMPLETE] += int(complete)
+    by_state = conn.execute(
+        _filtered(select(tasks.c.state, func.count()).select_from(tasks), flt, with_status=False)
+        .where(tasks.c.state.in_([TASK_COMPLETE, TASK_CANCELLED]))
+        .group_by(tasks.c.state)
+    )
+    for state, count in by_state:
+        counts[ALL_COMPLETE if state == TASK_COMPLETE else CANCELLED] += int(count)
     statuses = _open_task_statuses(flt).subquery()
     grouped = select(statuses.c.execution_status, func.count()).group_by(
         statuses.c.execution_status
@@ -310,17 +323,6 @@ class StepRow:
     created_at: datetime
     completed_at: datetime | None
     parents: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class TransitionRow:
-    step_uuid: str
-    from_state: str | None
-    to_state: str
-    attempt: int
-    worker_id: str | None
-    reason: str | None
-    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -418,28 +420,9 @@ def step_detail(conn: Connection, step_uuid: str) -> StepRow:
     return StepRow(**row._asdict(), parents=[p for (p,) in parents])
 
 
-_TRANSITIONS = select(
-    workflow_step_transitions.c.step_uuid,
-    workflow_step_transitions.c.from_state,
-    workflow_step_transitions.c.to_state,
-    workflow_step_transitions.c.attempt,
-    workflow_step_transitions.c.worker_id,
-    workflow_step_transitions.c.reason,
-    workflow_step_transitions.c.created_at,
-).order_by(workflow_step_transitions.c.id)
-
-
-def transitions_of_task(conn: Connection, task_uuid: str) -> list[TransitionRow]:
-    """Every transition row of a task's steps, in the order they were written."""
-    query = _TRANSITIONS.join(ws, ws.c.step_uuid == workflow_step_transitions.c.step_uuid).where(
-        ws.c.task_uuid == task_uuid
-    )
-    return [TransitionRow(*row) for row in conn.execute(query)]
-
-
 def transitions_of_step(conn: Connection, step_uuid: str) -> list[TransitionRow]:
     """One step's transition rows, in the order they were written."""
-    query = _TRANSITIONS.where(workflow_step_transitions.c.step_uuid == step_uuid)
+    query = TRANSITIONS.where(workflow_step_transitions.c.step_uuid == step_uuid)
     return [TransitionRow(*row) for row in conn.execute(query)]
 
 

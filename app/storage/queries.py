@@ -10,9 +10,17 @@ from typing import Any
 
 from sqlalchemy import Connection, column, func, select, table
 
+from app.attempts import attempts
 from app.errors import InputError
-from app.models import tasks, utcnow, workers, workflow_step_edges, workflow_steps
-from app.states import ENQUEUED, IN_PROGRESS, WAITING_FOR_RETRY
+from app.models import (
+    tasks,
+    utcnow,
+    workers,
+    workflow_step_edges,
+    workflow_step_transitions,
+    workflow_steps,
+)
+from app.states import ENQUEUED, WAITING_FOR_RETRY
 
 execution_status = table(
     "task_execution_status",
@@ -103,6 +111,11 @@ def list_tasks(conn: Connection, *, limit: int = 50) -> list[TaskSummary]:
     return [TaskSummary(**row._asdict()) for row in rows]
 
 
+def count_tasks(conn: Connection) -> int:
+    """Return how many tasks there are."""
+    return int(conn.execute(select(func.count()).select_from(tasks)).scalar_one())
+
+
 def get_task(conn: Connection, task_uuid: str) -> TaskSummary:
     """Return one task, or raise ``InputError`` naming the unknown uuid."""
     task_id = parse_uuid(task_uuid, "task")
@@ -117,8 +130,9 @@ def task_steps(
 ) -> list[StepSummary]:
     """Return a task's steps in dependency order (parents before children).
 
-    ``duration_ms`` is the last attempt's run time for a finished step, and the time since the
-    claim for a running one.
+    ``duration_ms`` is the last attempt's, from the transition rows as the dashboard reads them
+    (``app.attempts``): from its claim to its outcome's commit, or until ``now`` while it runs.
+    A step never attempted has none.
     """
     task_uuid = parse_uuid(task_uuid, "task")
     now = now or utcnow()
@@ -132,15 +146,12 @@ def task_steps(
         .order_by(parent.c.position)
     ):
         parents.setdefault(child, []).append(name)
+    tried = attempts(transitions_of_task(conn, task_uuid))
     rows = conn.execute(select(ws).where(ws.c.task_uuid == task_uuid).order_by(ws.c.position))
     steps = []
     for row in rows:
         error = row.error or {}
-        duration = None
-        if row.state == IN_PROGRESS and row.claimed_at is not None:
-            duration = max(0, int((now - row.claimed_at).total_seconds() * 1000))
-        elif row.started_at is not None and row.completed_at is not None:
-            duration = int((row.completed_at - row.started_at).total_seconds() * 1000)
+        last = tried.get(row.step_uuid)
         steps.append(
             StepSummary(
                 step_uuid=row.step_uuid,
@@ -152,13 +163,43 @@ def task_steps(
                 depends_on=tuple(parents.get(row.step_uuid, ())),
                 error_type=error.get("error_type"),
                 error_message=error.get("message"),
-                duration_ms=duration,
+                duration_ms=last[-1].duration_ms(now) if last else None,
                 next_attempt_at=row.next_attempt_at if row.state == WAITING_FOR_RETRY else None,
                 claimed_by=row.claimed_by,
                 results=row.results,
             )
         )
     return steps
+
+
+@dataclass(frozen=True)
+class TransitionRow:
+    step_uuid: str
+    from_state: str | None
+    to_state: str
+    attempt: int
+    worker_id: str | None
+    reason: str | None
+    created_at: datetime
+
+
+TRANSITIONS = select(
+    workflow_step_transitions.c.step_uuid,
+    workflow_step_transitions.c.from_state,
+    workflow_step_transitions.c.to_state,
+    workflow_step_transitions.c.attempt,
+    workflow_step_transitions.c.worker_id,
+    workflow_step_transitions.c.reason,
+    workflow_step_transitions.c.created_at,
+).order_by(workflow_step_transitions.c.id)
+
+
+def transitions_of_task(conn: Connection, task_uuid: str) -> list[TransitionRow]:
+    """Every transition row of a task's steps, in the order they were written."""
+    query = TRANSITIONS.join(
+        workflow_steps, workflow_steps.c.step_uuid == workflow_step_transitions.c.step_uuid
+    ).where(workflow_steps.c.task_uuid == task_uuid)
+    return [TransitionRow(*row) for row in conn.execute(query)]
 
 
 def active_workers(conn: Connection, *, heartbeat_since: datetime) -> list[dict[str, Any]]:

@@ -1,0 +1,101 @@
+"""The bundled example and the README's ``Client`` example, run as a user would run them.
+
+* The order-fulfilment example runs to completion in a real worker, and the example consumer
+  names the order of every event it handles, ``order.fulfilled`` (a template-declared event,
+  whose payload is the ``ship`` step's result) included.
+* The README's Python snippet for the ``Client`` runs unchanged from the checkout, with the
+  bundled ``settings.toml`` (only the database is pointed elsewhere), so the story it tells
+  about ``load_settings``, template names and paths holds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from app.db import Database
+from app.models import tasks
+from app.relay import envelope
+from app.settings import DatabaseSettings
+from app.storage.outbox import task_events
+from examples.consumer import handle
+from tests.test_cli_e2e import ORDER_CONTEXT, REPO_ROOT, make_duplex, migrated_file
+
+pytestmark = pytest.mark.e2e
+
+ORDER_EVENTS = ("stock.reserved", "payment.charged", "order.shipped", "order.fulfilled")
+
+
+def test_the_example_consumer_names_the_order_of_every_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    duplex = make_duplex(
+        tmp_path, handler_modules=["examples.orders"], templates_dir=REPO_ROOT / "examples"
+    )
+    migrated_file(duplex)
+    task = duplex.submit("order_fulfillment", ORDER_CONTEXT)
+    run = duplex.ok("run", "--until-idle")
+    assert "event order.fulfilled" in run.stdout  # the example's own subscriber saw it
+
+    db = Database(DatabaseSettings(url=f"sqlite:///{duplex.db_path}"))
+    try:
+        with db.read() as conn:
+            events = [e for e in task_events(conn, task) if e.name in ORDER_EVENTS]
+    finally:
+        db.dispose()
+    assert sorted(e.name for e in events) == sorted(ORDER_EVENTS)
+    capsys.readouterr()
+    for event in events:
+        handle(envelope(event))  # the message body the relay publishes
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(ORDER_EVENTS)
+    for line in lines:
+        assert re.match(rf"\S+ +order A-1001 +task {task} #\d+", line), line
+    (fulfilled,) = [line for line in lines if line.startswith("order.fulfilled")]
+    assert fulfilled.endswith("tracking TRACK-A-1001")
+
+
+def readme_client_example() -> str:
+    text = (REPO_ROOT / "README.md").read_text()
+    after = text.split("From other programs, without running a worker, use the `Client`", 1)[1]
+    match = re.search(r"```python\n(.*?)```", after, re.DOTALL)
+    assert match, "the README has no Client example"
+    return match.group(1)
+
+
+def test_the_readme_client_example_runs_with_the_bundled_settings(tmp_path: Path) -> None:
+    duplex = make_duplex(tmp_path / "db")
+    migrated_file(duplex)
+    snippet = readme_client_example()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUPLEX_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), DUPLEX_DATABASE__URL=f"sqlite:///{duplex.db_path}")
+    # From the checkout, as a user who cloned it: ./settings.toml is the bundled one.
+    assert (REPO_ROOT / "settings.toml").is_file()
+    result = subprocess.run(
+        [sys.executable, "-c", snippet + "\nprint(task_uuid, len(uuids))\n"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    task_uuid, count = result.stdout.split()
+    db = Database(DatabaseSettings(url=f"sqlite:///{duplex.db_path}"))
+    try:
+        with db.read() as conn:
+            names = conn.execute(select(tasks.c.name, func.count()).group_by(tasks.c.name)).all()
+            first = conn.execute(
+                select(tasks.c.context).where(tasks.c.task_uuid == task_uuid)
+            ).scalar_one()
+    finally:
+        db.dispose()
+    assert names == [("order_fulfillment", 1 + int(count))]
+    assert first["order"]["id"] == "A-2001"
