@@ -7,6 +7,8 @@
     ├── TransitionError            an operator command asked for an impossible state change
     ├── StorageError               the database failed; wraps the driver's exception
     │   └── SchemaNotReadyError    the database schema is not at head (run `duplex migrate`)
+    ├── StartupError               start-up gave up: the database kept failing for
+    │                              ``worker.startup_timeout_s``
     ├── BrokerError                the relay's message broker failed; wraps pika's exception
     │   ├── BrokerUnavailableError cannot connect, or the connection or channel was lost:
     │   │                          back off and retry, nothing is counted against the event
@@ -66,6 +68,10 @@ class SchemaNotReadyError(StorageError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, transient=False)
+
+
+class StartupError(DuplexError):
+    """Start-up gave up: the database kept failing for ``worker.startup_timeout_s``."""
 
 
 class BrokerError(DuplexError):
