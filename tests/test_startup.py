@@ -3,8 +3,8 @@ bound, the stop signals, and telling ``duplex run`` from the other commands."""
 
 from __future__ import annotations
 
-import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -182,6 +182,12 @@ def test_runs_the_worker(argv: list[str], run: bool) -> None:
 # --- the signal handler, with real signals sent to this process -------------------------
 
 
+def send(signum: int) -> None:
+    """Signal this thread (the main one): its handler runs before this call returns to the
+    test, and a wait it is in is interrupted."""
+    signal.pthread_kill(threading.main_thread().ident or 0, signum)
+
+
 @pytest.fixture
 def signals() -> Iterator[StopSignals]:
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -199,7 +205,9 @@ def test_a_signal_inside_an_interruptible_block_ends_a_blocking_wait(
 ) -> None:
     def wait_long() -> None:
         with signals.interruptible():
-            os.kill(os.getpid(), signal.SIGTERM)
+            # From another thread, to the main one, while it sleeps (or, on a slow machine,
+            # just before: it raises either way).
+            threading.Timer(0.1, send, [signal.SIGTERM]).start()
             time.sleep(10)  # the handler raises here, at once
 
     started = time.monotonic()
@@ -214,8 +222,7 @@ def test_a_signal_outside_is_recorded_and_honoured_at_the_next_step(
     signals: StopSignals,
 ) -> None:
     asked: list[str] = []
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.01)  # nothing raised: only recorded
+    send(signal.SIGINT)
     assert signals.received == [signal.SIGINT]
     signals.on_stop(lambda: asked.append("stop"))
     assert asked == ["stop"]  # told at once: the signal came before anyone asked
@@ -236,7 +243,6 @@ def test_the_first_signal_calls_the_stop_callback(signals: StopSignals) -> None:
     asked: list[str] = []
     signals.on_stop(lambda: asked.append("stop"))
     assert asked == []
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.01)
+    send(signal.SIGTERM)
     assert asked == ["stop"]
     assert signals.name == "SIGTERM"
