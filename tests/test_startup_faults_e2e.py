@@ -7,9 +7,11 @@ ends it promptly with exit 0 and a line saying the worker stopped before serving
 
 Every moment is made, never waited for: the test holds the migration's advisory lock (or
 locks the ``workers`` table) from its own connection, so the workers are provably inside
-start-up, blocked, when their backends are terminated or a signal is sent; a handler module
-whose import blocks on a FIFO the test controls holds a worker in its earliest phase. Every
-process is killed in the teardown of the fixture that started it.
+start-up, blocked, when their backends are terminated or a signal is sent; an import that
+blocks on a FIFO the test controls (a handler module's, or the CLI's own through a
+``sitecustomize`` hook) holds a worker in its earliest phases. A port bound but not listening
+refuses every connection. Every process is killed in the teardown of the fixture that
+started it.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ def terminate(cluster: Cluster, pids: set[int]) -> None:
     assert [ok for (ok,) in rows] == [True] * len(pids)
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("migrated", [True, False], ids=["queued-work", "fresh-schema"])
 def test_three_workers_survive_connections_terminated_during_start_up(
     make_cluster: Callable[..., Cluster], migrated: bool
@@ -244,6 +247,7 @@ def assert_stopped_before_serving(stderr: str) -> None:
     assert " started: " not in stderr, stderr
 
 
+@pytest.mark.postgres
 def test_sigterm_while_waiting_for_the_migration_lock_stops_before_serving(
     make_cluster: Callable[..., Cluster],
 ) -> None:
@@ -476,6 +480,7 @@ def test_start_up_gives_up_after_the_startup_timeout_with_one_line(
     print(f"\n[startup] gave up {took:.2f}s after spawn, after {len(retries)} retries")
 
 
+@pytest.mark.postgres
 def test_a_database_that_does_not_exist_fails_at_once(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
