@@ -25,7 +25,7 @@ from app.metrics import WorkerMetrics
 from app.models import utcnow
 from app.retry import RetryPolicy
 from app.storage.claims import release_claims
-from app.storage.recovery import dead_local_workers, recover_lost_claims
+from app.storage.recovery import dead_local_workers, has_lost_claims, recover_lost_claims
 from app.storage.results import CommitReport, commit_outcomes
 from app.supervision import Supervisor
 from app.timer import Timer
@@ -221,13 +221,27 @@ class CompletionProcessor(SupervisedActor):
         """Fail the running attempts of dead workers (``worker_lost``), so their steps run again."""
         now = self._clock()
         try:
-            with self._db.write() as conn:
+            # Read first: this runs every second, and on SQLite a write transaction with
+            # nothing to write would still make every commit of every worker wait for it.
+            with self._db.read() as conn:
                 dead = dead_local_workers(
                     conn,
                     hostname=self._hostname,
                     me=self._worker_id,
                     heartbeat_cutoff=now - self._heartbeat_timeout,
                 )
+                found = has_lost_claims(
+                    conn,
+                    me=self._worker_id,
+                    heartbeat_timeout=self._heartbeat_timeout,
+                    now=now,
+                    dead_workers=dead,
+                )
+            if not found:
+                return 0
+            # The write reads again under its lock; the commit guard settles each attempt
+            # once even when another worker recovers the same ones meanwhile.
+            with self._db.write() as conn:
                 report = recover_lost_claims(
                     conn,
                     me=self._worker_id,

@@ -9,14 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from loguru import logger
@@ -38,6 +36,7 @@ from app.output import check_reader, exit_for_closed_output, reader_gone
 from app.progress import RunProgress
 from app.schema import ensure_schema_ready
 from app.settings import Settings, load_settings
+from app.startup import StartupStopped, StopSignals, retry_transient, stop_signals
 from app.states import TASK_FINISHED
 from app.storage.operations import (
     OperatorReport,
@@ -59,6 +58,8 @@ from app.templates import load_template
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
+
+    from app.worker import Worker
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -457,8 +458,8 @@ def _interrupt_flag() -> Iterator[threading.Event]:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from app.worker import Worker
-
+    # Installed by app.__main__ before the CLI's imports; here when called some other way.
+    signals = stop_signals()
     worker_cfg: dict[str, Any] = {}
     if args.concurrency:
         worker_cfg["max_concurrent_handlers"] = args.concurrency
@@ -468,56 +469,61 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.model_copy(
             update={"worker": settings.worker.model_copy(update=worker_cfg)}
         )
-    import_handler_modules(settings.worker.handler_modules)
-    db = Database(settings.database)
-    worker = Worker(settings, db)
-    received = _install_signal_handlers(worker.request_stop)
+    db: Database | None = None
+    worker: Worker | None = None
+    progress: RunProgress | None = None
     try:
+        with signals.interruptible():
+            # Imports that take a while (the user's may block), then the worker itself.
+            import_handler_modules(settings.worker.handler_modules)
+            from app.worker import Worker
+
+        db = Database(settings.database)
+        worker = Worker(settings, db)
+        signals.on_stop(worker.request_stop)
         # The health port opens first: a probe sees the worker starting while it migrates.
         worker.serve_http()
-        from app.migrate import upgrade_to_head
-
-        upgrade_to_head(db)
-        if worker.stop_requested.is_set() or received:
-            return 0
+        with signals.interruptible():
+            _prepare_database(db, worker.register, settings, signals)
         worker.start()
+        signals.raise_if_received()  # one that came while the actors started
         progress = RunProgress(worker.metrics, worker.open_work) if args.until_idle else None
+        worker.serve(until_idle=args.until_idle, on_tick=progress.tick if progress else None)
+        if signals.received:
+            logger.info("{} received: draining (send again to exit at once)", signals.name)
+    except StartupStopped:
+        logger.info("{} received during start-up: stopped before serving", signals.name)
+    finally:
         try:
-            worker.serve(until_idle=args.until_idle, on_tick=progress.tick if progress else None)
+            # Raises WorkerCrashedError or UncommittedResultsError: one line, a non-zero exit.
+            if worker is not None:
+                worker.stop()
         finally:
+            # The summary reads what is left after the stop's last commit.
             if progress is not None:
                 progress.close()
-        if received:
-            logger.info(
-                "{} received: draining (send again to exit at once)",
-                signal.Signals(received[0]).name,
-            )
-    finally:
-        # Raises WorkerCrashedError or UncommittedResultsError: one line, a non-zero exit.
-        worker.stop()
-        db.dispose()
+            if db is not None:
+                db.dispose()
     return 0
 
 
-def _install_signal_handlers(request_stop: Callable[[], None]) -> list[int]:
-    """Make SIGINT/SIGTERM request a drain; a second one exits at once.
+def _prepare_database(
+    db: Database, register: Callable[[], None], settings: Settings, signals: StopSignals
+) -> None:
+    """Migrate under the migration lock, then register the worker; retry what can pass."""
+    from app.migrate import upgrade_to_head  # Alembic: only for the commands that migrate
 
-    The handler only sets a flag: it may interrupt the main thread anywhere, even inside the
-    logger, so everything else (the log line, the drain) happens on the main thread.
-    """
-    received: list[int] = []
+    def retry(action: Callable[[], object], what: str) -> None:
+        retry_transient(
+            action,
+            what=what,
+            timeout_s=settings.worker.startup_timeout_s,
+            stopped=lambda: bool(signals.received),
+            log=logger.warning,
+        )
 
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        if received:
-            # Second signal: leave now; in-flight claims are recovered by the liveness rule.
-            os.write(2, b"duplex: second signal: exiting at once\n")
-            os._exit(128 + signum)
-        received.append(signum)
-        request_stop()
-
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGTERM, handle)
-    return received
+    retry(lambda: upgrade_to_head(db), "bring the database schema to head")
+    retry(register, "register the worker")
 
 
 def _positive_float(text: str) -> float:

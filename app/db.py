@@ -2,11 +2,14 @@
 
 SQLite runs in WAL mode with a busy timeout, and write transactions open with
 ``BEGIN IMMEDIATE``: a deferred transaction that reads and then writes fails at once with
-"database is locked" under WAL instead of waiting. Driver errors become ``StorageError``.
+"database is locked" under WAL instead of waiting. Driver errors become ``StorageError``,
+marked transient only when the same statement can succeed later (``is_transient``).
 """
 
 from __future__ import annotations
 
+import re
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,12 +19,12 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
-    DataError,
     DBAPIError,
-    IntegrityError,
-    ProgrammingError,
+    DisconnectionError,
+    OperationalError,
     SQLAlchemyError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from app.errors import ConfigurationError, StorageError
 from app.settings import DatabaseSettings
@@ -69,17 +72,64 @@ class Database:
                 with conn.begin():
                     yield conn
         except SQLAlchemyError as exc:
-            # The database refused the data itself, or the statement could not even be built
-            # from it: retrying the same data cannot help.
-            refused = isinstance(exc, (DataError, IntegrityError, ProgrammingError)) or not (
-                isinstance(exc, DBAPIError)
-            )
             raise StorageError(
-                f"database error: {_first_line(exc)}", transient=not refused
+                f"database error: {_first_line(exc)}", transient=is_transient(exc)
             ) from exc
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+# SQLite's primary result codes (the low byte of an extended code) of conditions that pass:
+# another writer holds the lock (BUSY, LOCKED), or the system ran short for a moment (NOMEM,
+# IOERR, FULL, PROTOCOL). SQLITE_ERROR (a syntax error, a missing table), READONLY, CORRUPT,
+# CANTOPEN and the rest fail the same way every time.
+_SQLITE_TRANSIENT_CODES = frozenset({5, 6, 7, 10, 13, 15})
+_SQLITE_LOCKED = re.compile(r"database (?:table )?is locked|database is busy")
+# PostgreSQL SQLSTATE classes and codes of conditions that pass: connection exceptions,
+# insufficient resources, serialization failures and deadlocks, a lock or statement timeout,
+# the server shutting down, crashing or starting up, a session closed for idling.
+_PG_TRANSIENT_CLASSES = frozenset({"08", "53"})
+_PG_TRANSIENT_CODES = frozenset(
+    {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "57P05", "25P03"}
+)
+# A connection refused by the server itself (libpq reports these without a SQLSTATE): the
+# settings are wrong, and trying again cannot help.
+_PG_REFUSALS = re.compile(
+    r"does not exist|authentication failed|no pg_hba\.conf entry|permission denied"
+    r"|SSL (?:is )?(?:required|not supported)|unsupported frontend protocol",
+    re.IGNORECASE,
+)
+
+
+def is_transient(exc: SQLAlchemyError) -> bool:
+    """Return whether the failure can pass, so that the same work may be tried again.
+
+    Transient: a lost or refused connection, a full pool, a lock held elsewhere, a deadlock
+    or serialization failure, a server short of resources or restarting. Everything else (a
+    syntax error, a missing table, refused data, a misconfigured connection) fails the same
+    way on every try, and a caller retrying it would retry forever.
+    """
+    if isinstance(exc, (PoolTimeoutError, DisconnectionError)):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False  # the statement could not even be built: a bug or bad data
+    if exc.connection_invalidated:
+        return True  # SQLAlchemy recognised a lost connection
+    orig = exc.orig
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        if code is None:  # not from the library itself: only its message tells
+            return _SQLITE_LOCKED.search(str(orig)) is not None
+        return code & 0xFF in _SQLITE_TRANSIENT_CODES
+    if type(orig).__module__.startswith("psycopg"):
+        sqlstate: str | None = getattr(orig, "sqlstate", None)
+        if sqlstate is None:
+            # No answer from the server: the connection failed or was lost, unless the server
+            # turned the connection down for a reason that stays.
+            return isinstance(exc, OperationalError) and not _PG_REFUSALS.search(str(orig))
+        return sqlstate[:2] in _PG_TRANSIENT_CLASSES or sqlstate in _PG_TRANSIENT_CODES
+    return False
 
 
 def create_database_engine(settings: DatabaseSettings) -> Engine:

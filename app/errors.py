@@ -7,6 +7,8 @@
     ├── TransitionError            an operator command asked for an impossible state change
     ├── StorageError               the database failed; wraps the driver's exception
     │   └── SchemaNotReadyError    the database schema is not at head (run `duplex migrate`)
+    ├── StartupError               start-up gave up: the database kept failing for
+    │                              ``worker.startup_timeout_s``
     ├── BrokerError                the relay's message broker failed; wraps pika's exception
     │   ├── BrokerUnavailableError cannot connect, or the connection or channel was lost:
     │   │                          back off and retry, nothing is counted against the event
@@ -51,8 +53,9 @@ class TransitionError(DuplexError):
 class StorageError(DuplexError):
     """The database failed; the driver's exception is the ``__cause__``.
 
-    ``transient`` is True for failures worth retrying as they are (lost connection, lock
-    timeout) and False when the database refused the data itself (it would fail again).
+    ``transient`` is True for failures that can pass (a lost connection, a lock held
+    elsewhere, a deadlock) and False for those that fail the same way every time (refused data,
+    a syntax error, a missing table, a misconfigured connection): retrying them cannot help.
     """
 
     def __init__(self, message: str, *, transient: bool = True) -> None:
@@ -61,7 +64,14 @@ class StorageError(DuplexError):
 
 
 class SchemaNotReadyError(StorageError):
-    """The database schema is missing or behind the code."""
+    """The database schema is missing or behind the code (waiting does not change that)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
+class StartupError(DuplexError):
+    """Start-up gave up: the database kept failing for ``worker.startup_timeout_s``."""
 
 
 class BrokerError(DuplexError):

@@ -65,6 +65,9 @@ class WorkerSettings(_Section):
     commit_linger_ms: float = Field(default=5.0, ge=0, le=1000)
     # At most a third of event_system.claim_timeout_s (checked in ``Settings``).
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    # How long ``duplex run`` keeps retrying a database that fails transiently during
+    # start-up (migration, registration) before it gives up with one line.
+    startup_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
 
 
 class EventSystemSettings(_Section):

@@ -145,6 +145,7 @@ class Worker:
         ProcessCollector(registry=self.registry_metrics)
         PlatformCollector(registry=self.registry_metrics)
         GCCollector(registry=self.registry_metrics)
+        self._registered = False
         self.http: HttpServer | None = None
         self.tracer: StepTracer | None = None
         if settings.observability.tracing:
@@ -154,13 +155,30 @@ class Worker:
         )
 
     def start(self) -> Actors:
-        """Register the worker and start the actors, downstream first, wiring proxies."""
-        cfg = self.settings.worker
+        """Register the worker (unless ``register`` did) and start the actors, downstream
+        first, wiring proxies.
+
+        A start that fails half-way stops the actors it started and records the worker as
+        stopped before it raises: nothing of it is left running. A stop requested while it
+        starts (``request_stop``) keeps the intake from ever beginning.
+        """
         self.serve_http()
-        self._register()
+        if not self._registered:
+            self.register()
+        started: list[pykka.ActorRef[Any]] = []
+        try:
+            return self._start_actors(started)
+        except BaseException:
+            self._abandon_start(started)
+            raise
+
+    def _start_actors(self, started: list[pykka.ActorRef[Any]]) -> Actors:
+        cfg = self.settings.worker
         self.timer = Timer()
         supervisor = self.supervisor
         relay = self._start_relay(self.timer)
+        if relay is not None:
+            started.append(relay)
         relay_proxy = relay.proxy() if relay is not None else None
         publisher = DomainEventPublisher.start(
             self.subscribers,
@@ -169,6 +187,7 @@ class Worker:
             metrics=self.metrics,
             relay=relay_proxy,
         )
+        started.append(publisher)
         completion = CompletionProcessor.start(
             self.db,
             publisher.proxy(),
@@ -183,6 +202,7 @@ class Worker:
             metrics=self.metrics,
             tracer=self.tracer,
         )
+        started.append(completion)
         dispatcher = Dispatcher.start(
             completion.proxy(),
             self.registry,
@@ -195,6 +215,7 @@ class Worker:
             metrics=self.metrics,
             tracer=self.tracer,
         )
+        started.append(dispatcher)
         executor = StepExecutor.start(
             self.db,
             dispatcher.proxy(),
@@ -203,7 +224,9 @@ class Worker:
             supervisor=supervisor,
             metrics=self.metrics,
         )
+        started.append(executor)
         commands = CommandProcessor.start(executor.proxy(), dispatcher.proxy(), supervisor)
+        started.append(commands)
         polling, listen = self._intake_signals()
         intake = EventSystem.start(
             commands.proxy(),
@@ -215,6 +238,7 @@ class Worker:
             listen=listen,
             supervisor=supervisor,
         )
+        started.append(intake)
         self._refs = [intake, commands, executor, dispatcher, completion, publisher]
         if relay is not None:
             self._refs.append(relay)
@@ -236,8 +260,13 @@ class Worker:
             ]
         )
         # A restart after a crash on this host resumes the dead worker's steps at once.
-        self.actors.completion.recover_lost_claims().get(timeout=_ASK_TIMEOUT_S)
-        self.actors.event_system.begin.defer()
+        try:
+            self.actors.completion.recover_lost_claims().get(timeout=_ASK_TIMEOUT_S)
+        except pykka.Timeout:
+            # The database is slow to answer: the watchdog's next round tries again.
+            logger.warning("the first recovery of lost workers' claims did not finish in time")
+        if not self._stop_flag:  # a stop asked for during start-up: never begin the intake
+            self.actors.event_system.begin.defer()
         if relay_proxy is not None:
             tell(relay_proxy.wake)  # publish what earlier runs left unpublished
         self._threads = [
@@ -254,6 +283,33 @@ class Worker:
             self.registry.names(),
         )
         return self.actors
+
+    def _abandon_start(self, started: list[pykka.ActorRef[Any]]) -> None:
+        """Undo a start that failed half-way: stop what started, upstream first."""
+        for ref in reversed(started):
+            try:
+                ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+            except pykka.Timeout:
+                logger.error("{} did not stop in time", ref.actor_class.__name__)
+        if self.timer is not None:
+            self.timer.stop()
+        self._closing.set()
+        for thread in self._threads:
+            thread.join(timeout=_ASK_TIMEOUT_S)
+        self.actors = None
+        self._refs = []
+        self._mark_stopped({})
+
+    def register(self) -> None:
+        """Record this worker in the ``workers`` table; safe to retry.
+
+        ``duplex run`` calls it with retries before ``start``; ``start`` calls it otherwise.
+        """
+        with self.db.write() as conn:
+            register_worker(
+                conn, self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), now=utcnow()
+            )
+        self._registered = True
 
     def serve_http(self) -> None:
         """Open the health and metrics port (``observability.http_port``), if configured.
@@ -476,6 +532,8 @@ class Worker:
     def _stop(self) -> dict[str, Any]:
         actors = self.actors
         if actors is None:
+            # Never started (stopped during start-up), or its failed start cleaned up.
+            self._mark_stopped({})
             return {}
         self._stopping = True
         dead = [ref.actor_class.__name__ for ref in self._refs if not ref.is_alive()]
@@ -715,12 +773,6 @@ class Worker:
         except (StorageError, pykka.ActorDeadError, pykka.Timeout):
             return False
 
-    def _register(self) -> None:
-        with self.db.write() as conn:
-            register_worker(
-                conn, self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), now=utcnow()
-            )
-
     def _heartbeat(self) -> None:
         silent_s = time.monotonic() - self._last_beat
         timeout_s = self.settings.event_system.claim_timeout_s
@@ -747,6 +799,8 @@ class Worker:
         self._last_beat = time.monotonic()
 
     def _mark_stopped(self, stats: dict[str, Any]) -> None:
+        if not self._registered:
+            return
         try:
             with self.db.write() as conn:
                 mark_worker_stopped(conn, self.worker_id, now=utcnow(), stats=stats)

@@ -5,6 +5,9 @@ when it recorded its stop, or when it has no ``workers`` row at all. On the same
 a faster sign: its process no longer exists, so a restart after a crash resumes at once.
 A worker never recovers its own claims.
 
+Recovery runs every second on every worker, so it reads first (``has_lost_claims``) and opens
+a write transaction only when there is something to recover.
+
 Each lost attempt is committed like any result (``worker_lost``, retryable) through
 ``commit_outcomes``, which locks the tasks and guards every update: when two workers recover
 at once, or a late result races the recovery, the attempt is settled exactly once.
@@ -17,8 +20,9 @@ import random
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, exists, not_, or_, select
+from sqlalchemy import Connection, Select, bindparam, exists, not_, or_, select
 
 from app.execution import WORKER_LOST
 from app.messages import StepFailure, StepOutcome
@@ -88,6 +92,46 @@ def dead_local_workers(
     return sorted(dead)
 
 
+def _lost_claims(
+    *columns: Any, me: str, heartbeat_timeout: timedelta, now: datetime
+) -> Select[Any]:
+    """Select ``columns`` of the running attempts of dead workers (not ``me``'s).
+
+    The statement takes the ``dead`` parameter: workers known dead besides the SQL rule.
+    """
+    cutoff = now - heartbeat_timeout
+    alive = exists().where(
+        workers.c.worker_id == ws.c.claimed_by,
+        workers.c.heartbeat_at >= cutoff,
+        workers.c.stopped_at.is_(None),
+    )
+    return select(*columns).where(
+        ws.c.state == IN_PROGRESS,
+        ws.c.claimed_by != me,
+        or_(
+            ws.c.claimed_by.in_(bindparam("dead", expanding=True)),
+            not_(alive),
+        ),
+    )
+
+
+def has_lost_claims(
+    conn: Connection,
+    *,
+    me: str,
+    heartbeat_timeout: timedelta,
+    now: datetime,
+    dead_workers: Collection[str] = (),
+) -> bool:
+    """Return whether dead workers hold running attempts: a read, so that a recovery with
+    nothing to do opens no write transaction (on SQLite, one that every commit would wait
+    for)."""
+    query = _lost_claims(ws.c.step_uuid, me=me, heartbeat_timeout=heartbeat_timeout, now=now).limit(
+        1
+    )
+    return conn.execute(query, {"dead": sorted(dead_workers)}).first() is not None
+
+
 def recover_lost_claims(
     conn: Connection,
     *,
@@ -104,21 +148,14 @@ def recover_lost_claims(
     Run inside the caller's write transaction. ``dead_workers`` are known dead besides the
     SQL rule (see ``dead_local_workers``). ``me``'s own claims are never touched.
     """
-    cutoff = now - heartbeat_timeout
-    alive = exists().where(
-        workers.c.worker_id == ws.c.claimed_by,
-        workers.c.heartbeat_at >= cutoff,
-        workers.c.stopped_at.is_(None),
-    )
     query = (
-        select(*STEP_COLUMNS, ws.c.claimed_by, ws.c.claimed_at)
-        .where(
-            ws.c.state == IN_PROGRESS,
-            ws.c.claimed_by != me,
-            or_(
-                ws.c.claimed_by.in_(bindparam("dead", expanding=True)),
-                not_(alive),
-            ),
+        _lost_claims(
+            *STEP_COLUMNS,
+            ws.c.claimed_by,
+            ws.c.claimed_at,
+            me=me,
+            heartbeat_timeout=heartbeat_timeout,
+            now=now,
         )
         .order_by(ws.c.claimed_at)
         .limit(limit)

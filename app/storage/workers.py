@@ -13,17 +13,19 @@ from app.models import workers
 def register_worker(
     conn: Connection, worker_id: str, *, hostname: str, pid: int, now: datetime
 ) -> None:
-    """Record a starting worker (its host and pid are what same-host recovery checks)."""
-    conn.execute(
-        insert(workers).values(
-            worker_id=worker_id,
-            hostname=hostname,
-            pid=pid,
-            started_at=now,
-            heartbeat_at=now,
-            stats={},
-        )
+    """Record a starting worker (its host and pid are what same-host recovery checks).
+
+    Safe to retry: when an earlier try's COMMIT went through unheard, its row is refreshed
+    rather than inserted twice (a worker id is this process's alone).
+    """
+    values = {"hostname": hostname, "pid": pid, "started_at": now, "heartbeat_at": now}
+    refreshed = conn.execute(
+        update(workers)
+        .where(workers.c.worker_id == worker_id)
+        .values(**values, stopped_at=None, stats={})
     )
+    if refreshed.rowcount == 0:
+        conn.execute(insert(workers).values(worker_id=worker_id, **values, stats={}))
 
 
 def record_heartbeat(

@@ -209,12 +209,16 @@ def _break_recover_own_claims() -> None:
     """Recovery counts the worker's own running attempts as lost."""
     import actors.completion_processor as completion_processor
 
-    original = getattr(completion_processor, "recover_lost_claims")  # noqa: B009
+    # Both the read that decides whether to recover and the recovery itself.
+    for name in ("has_lost_claims", "recover_lost_claims"):
+        original = getattr(completion_processor, name)
 
-    def recover(conn: Any, *, me: str, dead_workers: Any = (), **kwargs: Any) -> Any:
-        return original(conn, me="", dead_workers=[*dead_workers, me], **kwargs)
+        def recover(
+            conn: Any, *, me: str, dead_workers: Any = (), _original: Any = original, **kwargs: Any
+        ) -> Any:
+            return _original(conn, me="", dead_workers=[*dead_workers, me], **kwargs)
 
-    setattr(completion_processor, "recover_lost_claims", recover)  # noqa: B010
+        setattr(completion_processor, name, recover)
 
 
 def _break_no_pid_recovery() -> None:

@@ -123,12 +123,16 @@ def _patch(owner: object, name: str, value: object) -> None:
 def _break_own_claims() -> None:
     import actors.completion_processor as cp
 
-    original = vars(cp)["recover_lost_claims"]
+    # Both the read that decides whether to recover and the recovery itself.
+    for name in ("has_lost_claims", "recover_lost_claims"):
+        original = vars(cp)[name]
 
-    def recover_including_mine(conn: Any, *, me: str, dead_workers: Any = (), **kw: Any) -> Any:
-        return original(conn, me="(nobody)", dead_workers=[*dead_workers, me], **kw)
+        def including_mine(
+            conn: Any, *, me: str, dead_workers: Any = (), _original: Any = original, **kw: Any
+        ) -> Any:
+            return _original(conn, me="(nobody)", dead_workers=[*dead_workers, me], **kw)
 
-    _patch(cp, "recover_lost_claims", recover_including_mine)
+        _patch(cp, name, including_mine)
 
 
 def _break_pid_rule() -> None:

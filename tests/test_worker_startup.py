@@ -1,0 +1,81 @@
+"""The embedded Worker's start: safe to retry, and never left half-started.
+
+``duplex run`` retries the registration (its COMMIT may have gone through unheard), so it
+must be idempotent; a start that fails half-way must stop what it started; a stop asked for
+while the worker starts must keep the intake from ever claiming.
+"""
+
+from __future__ import annotations
+
+import pykka
+import pytest
+from sqlalchemy import select
+
+from actors.event_system import EventSystem
+from app.db import Database
+from app.handlers import HandlerRegistry
+from app.models import utcnow, workers, workflow_steps
+from app.storage.submission import create_task
+from app.templates import parse_template
+from app.worker import Worker
+from tests.conftest import make_settings
+
+
+def make_worker(db: Database) -> Worker:
+    return Worker(
+        make_settings(str(db.url), event_system={"polling_interval_ms": 20}),
+        db,
+        registry=HandlerRegistry(),
+    )
+
+
+def worker_rows(db: Database) -> list[tuple[str, bool]]:
+    with db.read() as conn:
+        rows = conn.execute(select(workers.c.worker_id, workers.c.stopped_at.is_not(None)))
+        return [(worker_id, bool(stopped)) for worker_id, stopped in rows]
+
+
+def test_registering_again_keeps_one_row(db: Database) -> None:
+    worker = make_worker(db)
+    worker.register()
+    worker.register()  # a retry after a COMMIT that went through unheard
+    assert worker_rows(db) == [(worker.worker_id, False)]
+    worker.stop()
+    assert worker_rows(db) == [(worker.worker_id, True)]
+
+
+def test_a_start_that_fails_half_way_leaves_nothing_running(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert pykka.ActorRegistry.get_all() == []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot start the intake")
+
+    # The last actor to start fails: every other one is running by then.
+    monkeypatch.setattr(EventSystem, "start", refuse)
+    worker = make_worker(sqlite_db)
+    with pytest.raises(RuntimeError, match="cannot start the intake"):
+        worker.start()
+    assert pykka.ActorRegistry.get_all() == []
+    assert worker.actors is None
+    assert worker_rows(sqlite_db) == [(worker.worker_id, True)]
+    assert worker.stop() == {}
+
+
+def test_a_stop_asked_for_while_starting_never_begins_the_intake(sqlite_db: Database) -> None:
+    template = parse_template('name = "t"\n[[steps]]\nname = "a"\nhandler = "h"\n')
+    with sqlite_db.write() as conn:
+        create_task(conn, template, {}, now=utcnow())
+    worker = make_worker(sqlite_db)
+    worker.request_stop()  # the signal came while the worker started
+    actors = worker.start()
+    try:
+        # Barriers: had the intake begun, its claim would be queued ahead of these answers.
+        actors.event_system.stats().get(timeout=10)
+        assert actors.step_executor.claimed_total.get(timeout=10) == 0
+    finally:
+        worker.stop()
+    with sqlite_db.read() as conn:
+        rows = conn.execute(select(workflow_steps.c.state, workflow_steps.c.attempts)).all()
+    assert [tuple(row) for row in rows] == [("enqueued", 0)]
