@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from tests import processes
+
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -114,14 +116,12 @@ class Duplex:
         script: bool = False,
         timeout: float = COMMAND_TIMEOUT_S,
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        return processes.run(
             self.command(args, script=script),
             cwd=self.cwd,
             env={**self.env, **(env or {})},
-            capture_output=True,
             text=True,
             timeout=timeout,
-            check=False,
         )
 
     def ok(self, *args: str, script: bool = False) -> subprocess.CompletedProcess[str]:
@@ -140,13 +140,21 @@ class Duplex:
         assert str(uuid.UUID(last)) == last, f"last stdout line is not a UUID alone: {last!r}"
         return last
 
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        """Start a long-lived command with its output going to files (no pipe to fill up)."""
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start a long-lived command with its output going to files (no pipe to fill up).
+
+        The running test owns it (``tests/processes.py``): it is stopped at the test's
+        teardown if still running, whether the test passed or failed.
+        """
         self.stdout_path.unlink(missing_ok=True)
         self.stderr_path.unlink(missing_ok=True)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            return subprocess.Popen(
-                self.command(args), cwd=self.cwd, env=self.env, stdout=out, stderr=err
+            return processes.current().popen(
+                self.command(args),
+                cwd=self.cwd,
+                env={**self.env, **(env or {})},
+                stdout=out,
+                stderr=err,
             )
 
     @property

@@ -21,7 +21,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
+from tests import processes
 from tests.conftest import POSTGRES_URL, require_postgres
 from tests.test_cli_e2e import Duplex, make_duplex, migrated_file, wait_for
 
@@ -152,22 +152,11 @@ def task_state(duplex: Duplex, task_uuid: str) -> str:
     return str(rows[0][0])
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Workers a test started; killed at teardown if still running."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 # --- the endpoints in each state ----------------------------------------------------------------
 
 
 def test_endpoints_starting_ready_then_draining_after_sigterm(
-    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, migrated: Path
 ) -> None:
     duplex = ops_dir(tmp_path / "work", migrated)
     settings = duplex.cwd / "settings.toml"
@@ -180,7 +169,6 @@ def test_endpoints_starting_ready_then_draining_after_sigterm(
     blocker.execute("BEGIN IMMEDIATE")
     try:
         process = duplex.start("run")
-        processes.append(process)
         port = port_of(duplex, process)
         assert get_json(port, "/health/live") == (200, {"status": "alive"})
         status, ready = get_json(port, "/health/ready")
@@ -227,9 +215,7 @@ def test_endpoints_starting_ready_then_draining_after_sigterm(
     assert task_state(duplex, task) == "complete"
 
 
-def test_ready_is_503_while_an_actor_is_dead(
-    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
+def test_ready_is_503_while_an_actor_is_dead(tmp_path: Path, migrated: Path) -> None:
     duplex = ops_dir(tmp_path / "work", migrated, handler_modules=(OPS_MODULE, FAULTS_MODULE))
     # The publisher dies on the first events it is given (after the quick step's commit);
     # the worker then stops in order, waiting for the slow step, and is not ready meanwhile.
@@ -247,7 +233,6 @@ def test_ready_is_503_while_an_actor_is_dead(
         ],
     )
     process = duplex.start("run")
-    processes.append(process)
     port = port_of(duplex, process)
     wait_for(lambda: get(port, "/health/ready")[0] == 200, "ready")
     duplex.submit(template)
@@ -286,9 +271,7 @@ def _cut_off(role: str) -> None:
 
 
 @pytest.mark.postgres
-def test_ready_is_503_while_postgres_is_unreachable(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
+def test_ready_is_503_while_postgres_is_unreachable(tmp_path: Path) -> None:
     require_postgres()
     role, schema = _postgres_role()
     try:
@@ -300,7 +283,6 @@ def test_ready_is_503_while_postgres_is_unreachable(
             re.sub(r'url = ".*"', f"url = {json.dumps(url)}", settings.read_text(), count=1)
         )
         process = duplex.start("run")
-        processes.append(process)
         port = port_of(duplex, process)
         wait_for(lambda: get(port, "/health/ready")[0] == 200, "ready")
 
@@ -369,13 +351,10 @@ KNOWN_OUTCOMES: list[dict[str, Any]] = [
 ]
 
 
-def test_metrics_match_a_run_with_known_outcomes(
-    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
+def test_metrics_match_a_run_with_known_outcomes(tmp_path: Path, migrated: Path) -> None:
     duplex = ops_dir(tmp_path / "work", migrated)
     template = write_template(tmp_path / "known.toml", "known", KNOWN_OUTCOMES)
     process = duplex.start("run")
-    processes.append(process)
     port = port_of(duplex, process)
     task = duplex.submit(template)
 
@@ -442,9 +421,7 @@ def test_metrics_match_a_run_with_known_outcomes(
     assert stop(process, duplex) == 0, duplex.stderr_text()
 
 
-def test_queue_metrics_count_ready_steps_per_namespace(
-    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
+def test_queue_metrics_count_ready_steps_per_namespace(tmp_path: Path, migrated: Path) -> None:
     # One slot, busy for a while: the other steps stay ready, and the oldest ages.
     duplex = ops_dir(
         tmp_path / "work", migrated, worker={"max_concurrent_handlers": 1, "prefetch": 0}
@@ -455,7 +432,6 @@ def test_queue_metrics_count_ready_steps_per_namespace(
     ]
     template = write_template(tmp_path / "queue.toml", "queue", steps)
     process = duplex.start("run")
-    processes.append(process)
     port = port_of(duplex, process)
     duplex.submit(template)
     wait_for(lambda: value(scrape(port), "duplex_handlers_running") == 1, "one step running")
@@ -545,7 +521,7 @@ def test_json_logs_carry_the_step_fields_of_concurrent_steps(
 
 
 def test_workers_lists_a_second_worker_and_marks_a_killed_one_presumed_dead(
-    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, migrated: Path
 ) -> None:
     fast_beat = {"heartbeat_interval_s": 0.2}
     first = ops_dir(tmp_path / "one", migrated, worker=fast_beat)
@@ -554,7 +530,6 @@ def test_workers_lists_a_second_worker_and_marks_a_killed_one_presumed_dead(
     settings = second.cwd / "settings.toml"
     settings.write_text(settings.read_text().replace(str(second.db_path), str(first.db_path)))
     one, two = first.start("run"), second.start("run")
-    processes += [one, two]
     ports = {one.pid: port_of(first, one), two.pid: port_of(second, two)}
 
     def listed() -> dict[int, dict[str, Any]]:
@@ -644,7 +619,7 @@ def on_terminal(duplex: Duplex, args: list[str], *, columns: int = 120) -> tuple
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     try:
-        process = subprocess.Popen(
+        process = processes.current().popen(
             duplex.command(args),
             cwd=duplex.cwd,
             env={**duplex.env, "TERM": "xterm"},

@@ -39,6 +39,7 @@ from app.notifications import libpq_url
 from app.settings import DatabaseSettings
 from app.storage.submission import create_task
 from app.templates import parse_template
+from tests import processes
 from tests.conftest import (
     create_postgres_schema,
     drop_postgres_schema,
@@ -152,7 +153,7 @@ class Cluster:
     def start_worker(self, name: str) -> WorkerProcess:
         stderr_path = self.directory / f"{name}.stderr"
         with open(self.directory / f"{name}.stdout", "wb") as out, open(stderr_path, "wb") as err:
-            popen = subprocess.Popen(
+            popen = processes.current().popen(
                 [sys.executable, "-m", "app", "run"],
                 cwd=self.directory,
                 env=self.env,

@@ -7,7 +7,6 @@ Skips without a broker, fails when ``CI`` is set. Each test has its own exchange
 from __future__ import annotations
 
 import random
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from app.storage.submission import create_task
 from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
 from app.worker import Worker
+from tests import processes
 from tests.conftest import make_settings, sqlite_database
 from tests.relay_support import (
     RABBITMQ_URL,
@@ -179,7 +179,7 @@ def test_connections_closed_by_the_broker_mid_stream_lose_nothing(
         # The test's own consumer connection is closed as well; it reads only at the end.
         while closes < 4:
             wait_until_published_more(sqlite_db, at_least=closes * total // 6 + 1)
-            subprocess.run(
+            processes.run(
                 ["rabbitmqctl", "close_all_connections", "duplex relay test"],
                 capture_output=True,
                 timeout=30,
