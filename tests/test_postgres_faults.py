@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,6 +179,13 @@ class Cluster:
     def sql(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self.sql_conn.execute(query, params).fetchall()
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Every ``sql`` read inside sees the database as of one moment."""
+        with self.sql_conn.transaction():
+            self.sql_conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield
+
     def submit(self, name: str, steps: Sequence[Step], namespace: str = "default") -> str:
         template = parse_template(template_toml(name, steps, namespace))
         with self.db.write() as conn:
@@ -317,8 +325,10 @@ def assert_each_attempt_settled_once(cluster: Cluster, *, finished: bool = True)
 
     Before the work is ``finished``, attempts still running have none yet: at most one.
     """
-    claimed, settled = claims(cluster), settlements(cluster)
-    rows = cluster.sql("SELECT step_uuid, state, attempts FROM workflow_steps")
+    # One snapshot: workers still running may claim between two reads of their own.
+    with cluster.snapshot():
+        claimed, settled = claims(cluster), settlements(cluster)
+        rows = cluster.sql("SELECT step_uuid, state, attempts FROM workflow_steps")
     for step_uuid, state, attempts in rows:
         for attempt in range(1, attempts + 1):
             key = (step_uuid, attempt)
