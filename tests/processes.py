@@ -9,7 +9,9 @@ started go with it.
 Three owners are always in place (fixtures in ``tests/conftest.py``): one per test, one per
 module and one per session; ``current()`` is the innermost one. ``Duplex.start`` and the
 other helpers that start processes register with it, so a test never has to remember to
-stop what it started: a test that fails half-way leaves nothing running after pytest.
+stop what it started: a test that fails half-way leaves nothing running after pytest. A
+SIGTERM to pytest interrupts it like Ctrl-C, so the owners stop their processes then too
+(only SIGKILL of pytest itself leaves them behind).
 """
 
 from __future__ import annotations
@@ -123,8 +125,12 @@ def run(
     ) as p:
         try:
             stdout, stderr = p.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            _stop([_Owned(p, True)], grace_s=0)
+            exc.stdout, exc.stderr = p.communicate()  # what it wrote, as subprocess.run does
+            raise
         except BaseException:
-            # A timeout, or the test interrupted: nothing of it may outlive this call.
+            # The test was interrupted: nothing of it may outlive this call.
             _stop([_Owned(p, True)], grace_s=0)
             raise
     result = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
@@ -160,10 +166,24 @@ def owning(name: str) -> Iterator[ProcessOwner]:
             print(f"\n[{name}] stopped process(es) left running: {stopped}")
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"pytest got {signal.Signals(signum).name}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_processes() -> Iterator[ProcessOwner]:
-    with owning("session") as owner:
-        yield owner
+    """The session's owner. Also: SIGTERM interrupts pytest as Ctrl-C does, so that a
+    terminated test run (a CI job's timeout) still tears its fixtures down and stops what
+    its tests started, where the default action would end pytest on the spot."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        with owning("session") as owner:
+            yield owner
+    finally:
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -20,6 +20,7 @@ import pytest
 
 from tests import processes
 from tests.processes import ProcessOwner
+from tests.test_cli_e2e import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PIDS_ENV = "PROCESS_TEST_PIDS"
@@ -137,13 +138,16 @@ def test_run_kills_the_whole_group_on_timeout(tmp_path: Path) -> None:
     pid_file = tmp_path / "child.pid"
     script = (
         "import subprocess, sys, time; "
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(600)"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); print('started', flush=True); "
+        "time.sleep(600)"
     )
     began = time.monotonic()
-    with pytest.raises(subprocess.TimeoutExpired):
-        processes.run([sys.executable, "-c", script], timeout=2)
+    with pytest.raises(subprocess.TimeoutExpired) as timed_out:
+        processes.run([sys.executable, "-c", script], timeout=2, text=True)
     assert time.monotonic() - began < 20
+    assert str(timed_out.value.stdout) == "started\n"  # its output so far, as subprocess.run
     child = int(pid_file.read_text())
     child_started = start_time(child)
     try:
@@ -155,6 +159,8 @@ def test_run_kills_the_whole_group_on_timeout(tmp_path: Path) -> None:
 
 
 # --- the end-to-end proof: failing tests leave no worker behind ------------------------------
+
+INNER_PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 
 INNER_CONFTEST = """
 from tests.processes import module_processes, owned_processes, session_processes
@@ -201,6 +207,12 @@ def test_fails_while_its_worker_is_frozen(tmp_path):
 
 def test_fails_with_a_worker_of_a_module_fixture(module_worker):
     raise AssertionError("failing on purpose, the module's worker still running")
+
+
+def test_waits_with_its_worker_running(tmp_path):
+    started_worker(tmp_path)
+    Path(os.environ["PROCESS_TEST_PIDS"] + ".waiting").touch()
+    signal.pause()  # until pytest is terminated
 """
 
 
@@ -216,7 +228,7 @@ def test_workers_of_failing_tests_are_gone_once_pytest_exits(tmp_path: Path) -> 
     recorded: list[tuple[int, str]] = []
     try:
         result = processes.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(inner)],
+            [*INNER_PYTEST, "-k", "fails", str(inner)],
             cwd=inner,
             env=env,
             text=True,
@@ -230,5 +242,43 @@ def test_workers_of_failing_tests_are_gone_once_pytest_exits(tmp_path: Path) -> 
         assert len(recorded) == 3, recorded
         survivors = [pid for pid, started in recorded if not gone_soon(pid, started, 2.0)]
         assert not survivors, f"worker(s) still running after pytest exited: {survivors}"
+    finally:
+        kill_survivors(recorded)
+
+
+@pytest.mark.e2e
+def test_workers_are_gone_when_pytest_is_terminated(tmp_path: Path) -> None:
+    """SIGTERM to pytest (a CI job's timeout) while a test waits with a worker running."""
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "conftest.py").write_text(INNER_CONFTEST)
+    (inner / "test_inner.py").write_text(textwrap.dedent(INNER_TESTS))
+    pids = tmp_path / "pids"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUPLEX_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), **{PIDS_ENV: str(pids)})
+    recorded: list[tuple[int, str]] = []
+    with open(tmp_path / "inner.out", "wb") as out:
+        pytest_process = processes.current().popen(
+            [*INNER_PYTEST, "-k", "waits", str(inner)],
+            cwd=inner,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        waiting = Path(f"{pids}.waiting")
+        wait_for(
+            lambda: waiting.exists() or pytest_process.poll() is not None, "the inner test to wait"
+        )
+        recorded = [
+            (int(p), t) for p, t in (line.split() for line in pids.read_text().splitlines())
+        ]
+        assert len(recorded) == 1, recorded
+        assert alive(*recorded[0]), "the worker is not running"
+        pytest_process.send_signal(signal.SIGTERM)
+        pytest_process.wait(timeout=60)
+        assert not [pid for pid, started in recorded if not gone_soon(pid, started, 2.0)], (
+            "the worker is still running after pytest was terminated"
+        )
     finally:
         kill_survivors(recorded)
