@@ -109,6 +109,7 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
 HELD_AT = 20
 KILL_BATCH_SIZE = 5
 KILL_STEPS = 40
+KILL_GATED = 4
 
 
 @pytest.fixture
@@ -152,19 +153,34 @@ def test_sigkill_of_a_worker_while_it_publishes_then_restart_delivers_everything
         ),
     )
     duplex.ok("migrate")
-    template = wide_template(
-        tmp_path / "t.toml", KILL_STEPS, handler="e2e.sleep", inputs="inputs = { seconds = 0.02 }\n"
+    # Most steps are quick; KILL_GATED wait at a gate that opens only after the kill, so the
+    # kill always leaves attempts running, to be recovered (and their events published) by
+    # the restart.
+    gate = tmp_path / "gate"
+    quick = "".join(
+        f'\n[[steps]]\nname = "s{i:03d}"\nhandler = "e2e.sleep"\ninputs = {{ seconds = 0.02 }}\n'
+        for i in range(KILL_STEPS - KILL_GATED)
     )
-    task = duplex.submit(template)
+    gated = "".join(
+        f'\n[[steps]]\nname = "g{i}"\nhandler = "e2e.gate"\n'
+        f"inputs = {{ gate = {json.dumps(str(gate))} }}\n"
+        for i in range(KILL_GATED)
+    )
+    (tmp_path / "t.toml").write_text(f'name = "e2e_kill_while_publishing"\n{quick}{gated}')
+    task = duplex.submit(tmp_path / "t.toml")
     db = open_db(f"sqlite:///{duplex.db_path}")
     try:
         broker_proxy.hold_at_publish(HELD_AT)
-        worker = duplex.start("run", "--concurrency", "4")
-        wait_for(
-            lambda: broker_proxy.held.is_set() or worker.poll() is not None,
-            f"the relay to send its message #{HELD_AT}",
-        )
-        assert worker.poll() is None, duplex.stderr_text()
+        worker = duplex.start("run", "--concurrency", "8")
+
+        def held_with_gated_steps_running() -> bool:
+            assert worker.poll() is None, duplex.stderr_text()
+            running = duplex.sql(
+                "SELECT COUNT(*) FROM workflow_steps WHERE name LIKE 'g%' AND state = 'in_progress'"
+            )
+            return broker_proxy.held.is_set() and running == [(KILL_GATED,)]
+
+        wait_for(held_with_gated_steps_running, f"the relay to send its message #{HELD_AT}")
         # Exactly the relay's first HELD_AT messages reach the queue: it waits for the
         # confirm of the last one, which the proxy holds.
         before_kill = drain_until(broker_queue, HELD_AT)
@@ -172,6 +188,7 @@ def test_sigkill_of_a_worker_while_it_publishes_then_restart_delivers_everything
         assert len(in_queue) == HELD_AT, sorted(in_queue)
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
+        gate.touch()
         total_at_kill, left_at_kill = counts(db)
         marked = published_ids(db)
         # Batches before the held one were confirmed and marked; the held batch was not.
@@ -191,17 +208,22 @@ def test_sigkill_of_a_worker_while_it_publishes_then_restart_delivers_everything
         assert stop(restarted) == 0, duplex.stderr_text()[-3000:]
         total, left = counts(db)
         assert left == 0, f"{left} event(s) left unpublished after the restart"
-        assert total == KILL_STEPS  # a step.completed per step
+        with db.read() as conn:
+            completed = conn.execute(
+                select(func.count()).where(de.c.name == "step.completed")
+            ).scalar_one()
+            lost = conn.execute(select(func.count()).where(de.c.name == "step.failed")).scalar_one()
+        # A step.completed per step; a step.failed per attempt the kill left running (the
+        # gated ones at least), recovered as worker_lost.
+        assert completed == KILL_STEPS
+        assert lost >= KILL_GATED
+        assert total == completed + lost
         after_restart = drain_until(broker_queue, total - len(marked))
         got = before_kill + after_restart
         with db.read() as conn:
             assert {m.message_id for m in got} == set(conn.execute(select(de.c.event_id)).scalars())
         # In order per task (duplicates set aside), from before the kill to after the restart.
-        assert (
-            first_arrivals(got)[task]
-            == sequences_by_task(db)[task]
-            == list(range(1, KILL_STEPS + 1))
-        )
+        assert first_arrivals(got)[task] == sequences_by_task(db)[task] == list(range(1, total + 1))
         # At least once: what the broker had without a confirm came again, same id, same body.
         bodies = {m.message_id: m.envelope for m in before_kill}
         again = {m.message_id: m.envelope for m in after_restart if m.message_id in unconfirmed}
