@@ -1,4 +1,5 @@
-"""Shared fixtures: migrated databases (SQLite always, PostgreSQL when reachable).
+"""Shared fixtures: migrated databases (SQLite always, PostgreSQL when reachable), and the
+owners of the processes tests start (``tests/processes.py``: nothing outlives its test).
 
 PostgreSQL tests skip on a laptop without a server, but fail when ``CI`` is set.
 """
@@ -19,6 +20,9 @@ from app.db import Database
 from app.migrate import upgrade_to_head
 from app.settings import DatabaseSettings, Settings
 from app.storage.claims import count_open_work
+from tests.processes import module_processes, owned_processes, session_processes
+
+__all__ = ["module_processes", "owned_processes", "session_processes"]
 
 POSTGRES_URL = os.environ.get(
     "DUPLEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from tests import processes
+
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -114,14 +116,12 @@ class Duplex:
         script: bool = False,
         timeout: float = COMMAND_TIMEOUT_S,
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        return processes.run(
             self.command(args, script=script),
             cwd=self.cwd,
             env={**self.env, **(env or {})},
-            capture_output=True,
             text=True,
             timeout=timeout,
-            check=False,
         )
 
     def ok(self, *args: str, script: bool = False) -> subprocess.CompletedProcess[str]:
@@ -140,13 +140,21 @@ class Duplex:
         assert str(uuid.UUID(last)) == last, f"last stdout line is not a UUID alone: {last!r}"
         return last
 
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        """Start a long-lived command with its output going to files (no pipe to fill up)."""
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start a long-lived command with its output going to files (no pipe to fill up).
+
+        The running test owns it (``tests/processes.py``): it is stopped at the test's
+        teardown if still running, whether the test passed or failed.
+        """
         self.stdout_path.unlink(missing_ok=True)
         self.stderr_path.unlink(missing_ok=True)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            return subprocess.Popen(
-                self.command(args), cwd=self.cwd, env=self.env, stdout=out, stderr=err
+            return processes.current().popen(
+                self.command(args),
+                cwd=self.cwd,
+                env={**self.env, **(env or {})},
+                stdout=out,
+                stderr=err,
             )
 
     @property
@@ -245,13 +253,13 @@ def duplex(tmp_path: Path, migrated_db: Path) -> Duplex:
     return env
 
 
-def _sleepy_template(path: Path, count: int, seconds: float) -> Path:
+def _gated_template(path: Path, count: int, gate: Path) -> Path:
     steps = "".join(
-        f'\n[[steps]]\nname = "s{i:02d}"\nhandler = "e2e.sleep"\n'
-        f"inputs = {{ seconds = {seconds} }}\n"
+        f'\n[[steps]]\nname = "s{i:02d}"\nhandler = "e2e.gate"\n'
+        f"inputs = {{ gate = {json.dumps(str(gate))} }}\n"
         for i in range(count)
     )
-    path.write_text(f'name = "e2e_sleepy"\n{steps}')
+    path.write_text(f'name = "e2e_gated"\n{steps}')
     return path
 
 
@@ -489,27 +497,31 @@ def test_namespace_flag_limits_what_runs(duplex: Duplex) -> None:
 
 
 def test_sigterm_drains_without_losing_work(duplex: Duplex) -> None:
+    """SIGTERM while handlers run: intake stops, the running handlers finish and their
+    results are committed, unstarted claims are handed back, and the exit is 0.
+
+    The steps wait at a gate the test opens only once the worker has stopped its intake, so
+    the signal always lands while four handlers run and most steps were never claimed,
+    however fast or slow the machine is.
+    """
     steps = 30
-    task = duplex.submit(_sleepy_template(duplex.cwd / "sleepy.toml", steps, 0.3))
+    gate = duplex.cwd / "gate"
+    task = duplex.submit(_gated_template(duplex.cwd / "gated.toml", steps, gate))
     worker = duplex.start("run", "--concurrency", "4")
     try:
 
-        def some_complete() -> bool:
+        def four_running() -> bool:
             assert worker.poll() is None, duplex.stderr_text()
-            rows = duplex.sql(
-                "SELECT COUNT(*) FROM workflow_steps WHERE task_uuid = ? AND state = 'complete'",
-                [task],
-            )
-            return int(rows[0][0]) >= 4
+            return len(duplex.runs()) >= 4
 
-        wait_for(some_complete, "the first steps to complete")
+        wait_for(four_running, "four handlers to start")
         worker.send_signal(signal.SIGTERM)
+        wait_for(lambda: "intake stopped" in duplex.stderr_text(), "the worker to stop intake")
+        gate.touch()
         # Within shutdown_timeout_ms (10 s), plus slack for interpreter exit on a busy machine.
         returncode = worker.wait(timeout=10 + 10)
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(timeout=10)
+        gate.touch()
     stderr = duplex.stderr_text()
     assert returncode == 0, stderr
     assert "Traceback" not in stderr, stderr
@@ -519,8 +531,9 @@ def test_sigterm_drains_without_losing_work(duplex: Duplex) -> None:
     by_state = Counter(state for state, _ in states.values())
     assert by_state["in_progress"] == 0, states
     assert set(by_state) <= {"complete", "enqueued"}, states
-    # Intake stopped: with 4 slots of 0.3 s steps, the drain cannot have run all 30.
-    assert by_state["enqueued"] > 0, states
+    # Intake stopped with 4 handlers running and 4 claims waiting for a slot at most.
+    assert by_state["complete"] >= 4, states
+    assert by_state["enqueued"] >= steps - 8, states
 
     uuids = dict(
         duplex.sql("SELECT name, step_uuid FROM workflow_steps WHERE task_uuid = ?", [task])

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from app.storage.operations import OperatorReport, StepChange
+from tests import processes
 from tests.test_cli_e2e import (
     HANDLER_MODULE,
     REPO_ROOT,
@@ -119,7 +120,7 @@ def start(duplex: Duplex, name: str, *args: str) -> Process:
     """Start a long-lived ``duplex`` command, its output in files of its own."""
     log = duplex.cwd / f"{name}.log"
     with open(log, "wb") as out:
-        popen = subprocess.Popen(
+        popen = processes.current().popen(
             duplex.command(args),
             cwd=duplex.cwd,
             env=duplex.env,

@@ -47,6 +47,8 @@ FAULT_ENV = "E2E_FAULT"
 BREAK_ENV = "E2E_BREAK"
 DONE_LOG_ENV = "E2E_DONE_LOG"
 FAULT_LOG_ENV = "E2E_FAULT_LOG"
+HOLD_AT_ENV = "E2E_HOLD_AT"
+HOLD_GATE_ENV = "E2E_HOLD_GATE"
 
 # A worker whose actor failed must have exited this long after the fault at the latest.
 EXIT_BOUND_S = 30.0
@@ -178,14 +180,18 @@ def random_workflow(
     return specs
 
 
-def write_template(path: Path, name: str, specs: Iterable[StepSpec]) -> Path:
+def write_template(
+    path: Path, name: str, specs: Iterable[StepSpec], *, gate: Path | None = None
+) -> Path:
+    """A template of ``faults.work`` steps; with ``gate``, each waits at that gate file."""
+    at_gate = f", gate = {json.dumps(str(gate))}" if gate is not None else ""
     parts = [f'name = "{name}"\nversion = "1.0.0"\n']
     for spec in specs:
         parts.append(
             f'\n[[steps]]\nname = "{spec.name}"\nhandler = "faults.work"\n'
             f"depends_on = {json.dumps(list(spec.depends_on))}\n"
             f"max_attempts = {spec.max_attempts}\n"
-            f"inputs = {{ seconds = {spec.seconds} }}\n"
+            f"inputs = {{ seconds = {spec.seconds}{at_gate} }}\n"
         )
     path.write_text("".join(parts))
     return path
@@ -421,9 +427,38 @@ def kill_and_reap(process: subprocess.Popen[bytes]) -> None:
 
 # --- 1. an exception in each actor ------------------------------------------------------------
 
-FAULT_WORKFLOW = random_workflow(
-    random.Random(2024), 30, shape="dag", seconds=(0.02, 0.05), max_attempts=[3, 4]
+
+def with_a_chain(specs: list[StepSpec], length: int) -> list[StepSpec]:
+    """``specs`` and a chain of ``length`` steps after the last one."""
+    chain = [
+        StepSpec(f"chain{i}", (f"chain{i - 1}" if i else specs[-1].name,), 0.03, 3)
+        for i in range(length)
+    ]
+    return [*specs, *chain]
+
+
+def critical_path(specs: Sequence[StepSpec]) -> int:
+    """The most steps on one path of the DAG (parents come first in ``specs``)."""
+    depth: dict[str, int] = {}
+    for spec in specs:
+        depth[spec.name] = 1 + max((depth[p] for p in spec.depends_on), default=0)
+    return max(depth.values())
+
+
+# Every step of a path is claimed after its parent's result committed: a workflow whose
+# longest path has 12 steps takes 12 rounds of claim, handler and commit. Each fault below
+# strikes by the 8th of something (claims, commands, dispatches, freed slots, results,
+# commits), so it always lands before the end however fast or slow the worker runs: a fault
+# in the claim or commit path stops the rounds at once; one in the DomainEventPublisher lets
+# them go on only until the watchdog stops intake, far from the 7 rounds still needed. The
+# chain makes that path.
+FAULT_WORKFLOW = with_a_chain(
+    random_workflow(
+        random.Random(2024), 30, shape="dag", seconds=(0.02, 0.05), max_attempts=[3, 4]
+    ),
+    8,
 )
+assert critical_path(FAULT_WORKFLOW) >= 12
 
 FRAMEWORK_FAULTS = [
     "EventSystem.claimed:6",
@@ -473,7 +508,7 @@ def test_actor_failure_stops_the_worker_and_a_restart_finishes(
 
     rows = step_rows(duplex, task)
     states = Counter(row["state"] for row in rows.values())
-    # The fault hit in the middle of the run: some steps done, some not.
+    # The fault hit in the middle of the run (see FAULT_WORKFLOW): some steps done, some not.
     assert 0 < states["complete"] < len(FAULT_WORKFLOW), states
     history = assert_history(duplex, task)
     assert_runs(duplex, task, history)
@@ -546,21 +581,38 @@ def blocked_by_error(specs: Sequence[StepSpec], states: dict[str, str]) -> set[s
     return blocked
 
 
-def run_then_sigkill(duplex: Duplex, delay_s: float) -> None:
-    """Start ``duplex run``; SIGKILL it ``delay_s`` after it started its first handler."""
+def open_steps(duplex: Duplex, task: str) -> int:
+    """Steps of ``task`` that could still run: enqueued, in progress or waiting for retry."""
+    rows = duplex.sql(
+        "SELECT COUNT(*) FROM workflow_steps WHERE task_uuid = ? "
+        "AND state IN ('enqueued', 'in_progress', 'waiting_for_retry')",
+        [task],
+    )
+    return int(rows[0][0])
+
+
+def run_then_sigkill(duplex: Duplex, task: str, delay_s: float, hold_at: int) -> None:
+    """Start ``duplex run``; SIGKILL it ``delay_s`` after its first handler started, and not
+    before its ``hold_at``-th handler started: that handler waits at a gate that never opens
+    (``E2E_HOLD_AT``), so its attempt is surely running at the kill, however fast or slow the
+    machine is. With no step left that could run, the kill comes at once."""
     before = len(started(duplex))
-    worker = duplex.start("run")
-    try:
-        wait_for(
-            lambda: len(started(duplex)) > before or worker.poll() is not None,
-            "a handler to start",
-        )
+    hold = {HOLD_AT_ENV: str(hold_at), HOLD_GATE_ENV: str(duplex.cwd / "never-opened")}
+    worker = duplex.start("run", env=hold)
+
+    def starts() -> int:
         assert worker.poll() is None, duplex.stderr_text()
-        time.sleep(delay_s)  # the random moment
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(timeout=30)
-    finally:
-        kill_and_reap(worker)
+        return len(started(duplex)) - before
+
+    wait_for(lambda: starts() > 0 or not open_steps(duplex, task), "a handler to start")
+    first_start = time.monotonic()
+    wait_for(
+        lambda: starts() >= hold_at or not open_steps(duplex, task),
+        f"handler start #{hold_at}",
+    )
+    time.sleep(max(0.0, first_start + delay_s - time.monotonic()))  # the random moment
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
 
 
 @pytest.mark.parametrize("seed", [3, 17, 29, 58])
@@ -575,16 +627,20 @@ def test_sigkill_at_a_random_moment_then_restart(tmp_path: Path, migrated: Path,
     specs = random_workflow(
         rng, rng.randint(24, 40), shape=shape, seconds=(0.05, 0.25), max_attempts=[1, 2, 3]
     )
-    # Scale the sleeps to 3-4.5 s of work, so that every kill lands while handlers run and
-    # after the watchdog's first recovery pass (1 s in), which must leave the worker's own
-    # claims alone.
+    # Scale the sleeps to 3-4.5 s of work: the kills, 1.2-2 s after the first handler start,
+    # land among running handlers, and after the watchdog's first recovery pass (1 s in),
+    # which must leave the worker's own claims alone.
     work_s = sum(s.seconds for s in specs) / concurrency
     scale = rng.uniform(3.0, 4.5) / work_s
     specs = [dataclasses.replace(s, seconds=round(s.seconds * scale, 3)) for s in specs]
     kill_delays = [rng.uniform(1.2, 2.0) for _ in range(rng.choice([1, 2]))]
+    # The first kill holds a handler start from the first half of the workflow, so it always
+    # lands mid-run; a later one holds the first start, if any step is left to start.
+    hold_at = [rng.randint(1, len(specs) // 2), *[1] * (len(kill_delays) - 1)]
     print(
         f"seed {seed}: {len(specs)} steps, {shape}, concurrency {concurrency}, "
-        f"kills {[round(d, 2) for d in kill_delays]}s after the first handler start"
+        f"kills {[round(d, 2) for d in kill_delays]}s after the first handler start, "
+        f"not before handler start {hold_at}"
     )
 
     duplex = fault_dir(tmp_path / "work", migrated, worker={"max_concurrent_handlers": concurrency})
@@ -593,15 +649,15 @@ def test_sigkill_at_a_random_moment_then_restart(tmp_path: Path, migrated: Path,
     pending_recovery: set[tuple[str, int]] = set()
     for round_no, delay in enumerate(kill_delays):
         since = datetime.now(UTC)
-        run_then_sigkill(duplex, delay)
+        run_then_sigkill(duplex, task, delay, hold_at[round_no])
         if pending_recovery:
             recovered_in = first_worker_lost_after(duplex, task, since)
             assert recovered_in is not None, "the previous kill's attempts were not recovered"
             print(f"round {round_no}: recovered {recovered_in:.2f}s after the restart")
             assert recovered_in < RECOVERY_BOUND_S
         in_flight = claimed_attempts(duplex, task)
-        # The first kill always lands mid-run; a later one may find the work done, or
-        # blocked behind a step whose only attempt was lost.
+        # The first kill always lands mid-run (on the held attempt at least); a later one
+        # may find the work done, or blocked behind a step whose only attempt was lost.
         assert in_flight or round_no > 0, "killed while no attempt was running"
         lost |= in_flight
         pending_recovery = in_flight
@@ -643,11 +699,7 @@ def test_sigkill_at_a_random_moment_then_restart(tmp_path: Path, migrated: Path,
         else:
             assert row["state"] == "complete", row
         assert per_step[uuid_of[spec.name]] <= spec.max_attempts
-    assert duplex.sql(
-        "SELECT COUNT(*) FROM workflow_steps WHERE task_uuid = ? "
-        "AND state IN ('enqueued', 'in_progress', 'waiting_for_retry')",
-        [task],
-    ) == [(0,)]
+    assert open_steps(duplex, task) == 0
 
 
 # --- 3. SIGTERM while every commit fails ------------------------------------------------------
@@ -668,8 +720,11 @@ def test_sigterm_while_commits_fail_reports_and_recovers(tmp_path: Path, migrate
         },
         database={"busy_timeout_ms": 200},
     )
-    specs = [StepSpec(f"s{i:02d}", (), 0.4, 3) for i in range(12)]
-    task = duplex.submit(write_template(tmp_path / "locked.toml", "e2e_locked", specs))
+    specs = [StepSpec(f"s{i:02d}", (), 0.0, 3) for i in range(12)]
+    # The handlers wait at this gate: four are running, and none can end, until the test
+    # holds the database's lock. (No timing: the held results are exactly those four.)
+    gate = tmp_path / "gate"
+    task = duplex.submit(write_template(tmp_path / "locked.toml", "e2e_locked", specs, gate=gate))
     done_log = Path(duplex.env[DONE_LOG_ENV])
 
     worker = duplex.start("run")
@@ -688,8 +743,10 @@ def test_sigterm_while_commits_fail_reports_and_recovers(tmp_path: Path, migrate
                 "SELECT step_uuid, attempts FROM workflow_steps WHERE state = 'in_progress'"
             )
         }
-        assert 0 < len(held) <= 4, held
+        assert held == set(started(duplex)), held
+        assert len(held) == 4, held
         # Let the running handlers finish: their results are now held, uncommittable.
+        gate.touch()
         wait_for(
             lambda: held <= set(read_log(done_log)) or worker.poll() is not None,
             "the running handlers to finish",
@@ -708,6 +765,7 @@ def test_sigterm_while_commits_fail_reports_and_recovers(tmp_path: Path, migrate
         )
         assert still == held
     finally:
+        gate.touch()
         kill_and_reap(worker)
         if lock.in_transaction:
             lock.execute("ROLLBACK")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from app.schema import HEAD_REVISION, current_revision, ensure_schema_ready
 from app.settings import DatabaseSettings
 from app.storage.submission import create_task
 from app.templates import parse_template
+from tests import processes
 from tests.conftest import (
     create_postgres_schema,
     drop_postgres_schema,
@@ -217,12 +217,13 @@ def test_submitting_work_does_not_load_alembic(tmp_path: Path) -> None:
         "print(sorted(name for name in sys.modules if name.split('.')[0] == 'alembic'))\n"
     )
     template = 'name = "t"\n[[steps]]\nname = "a"\nhandler = "h"\n'
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, "-c", script, url, template],
         capture_output=True,
         text=True,
         check=False,
         cwd=Path(__file__).resolve().parent.parent,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

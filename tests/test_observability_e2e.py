@@ -9,7 +9,6 @@ known outcomes (parsed with ``prometheus_client.parser``), JSON logs of concurre
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -21,7 +20,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
+from tests import processes
 from tests.conftest import POSTGRES_URL, require_postgres
 from tests.test_cli_e2e import Duplex, make_duplex, migrated_file, wait_for
 
@@ -152,22 +151,11 @@ def task_state(duplex: Duplex, task_uuid: str) -> str:
     return str(rows[0][0])
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Workers a test started; killed at teardown if still running."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 # --- the endpoints in each state ----------------------------------------------------------------
 
 
 def test_endpoints_starting_ready_then_draining_after_sigterm(
-    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, migrated: Path
 ) -> None:
     duplex = ops_dir(tmp_path / "work", migrated)
     settings = duplex.cwd / "settings.toml"
@@ -180,7 +168,6 @@ def test_endpoints_starting_ready_then_draining_after_sigterm(
     blocker.execute("BEGIN IMMEDIATE")
     try:
         process = duplex.start("run")
-        processes.append(process)
         port = port_of(duplex, process)
         assert get_json(port, "/health/live") == (200, {"status": "alive"})
         status, ready = get_json(port, "/health/ready")
@@ -202,6 +189,9 @@ def test_endpoints_starting_ready_then_draining_after_sigterm(
     assert details["database"] == {"reachable": True, "error": None}
     assert details["slots"]["total"] == 8
 
+    # The step runs until the test opens its gate: the worker drains for as long as the
+    # test looks at it.
+    gate = tmp_path / "gate"
     template = write_template(
         tmp_path / "slow.toml",
         "slow",
@@ -209,7 +199,7 @@ def test_endpoints_starting_ready_then_draining_after_sigterm(
             {
                 "name": "slow",
                 "handler": "ops.outcome",
-                "inputs": {"outcome": "sleep", "seconds": 2.0},
+                "inputs": {"outcome": "gate", "gate": str(gate)},
             }
         ],
     )
@@ -217,45 +207,50 @@ def test_endpoints_starting_ready_then_draining_after_sigterm(
     wait_for(lambda: get_json(port, "/health")[1]["slots"]["running"] == 1, "the step running")
 
     process.send_signal(signal.SIGTERM)
-    # The step runs for 2 s more: the worker drains meanwhile, and says so.
-    wait_for(lambda: get(port, "/health/ready")[0] == 503, "not ready while draining", 5)
+    wait_for(lambda: get(port, "/health/ready")[0] == 503, "not ready while draining")
     status, ready = get_json(port, "/health/ready")
     assert "worker is draining" in ready["reasons"], ready
     assert get(port, "/health/live")[0] == 200
     assert value(scrape(port), "duplex_worker_draining") == 1.0
+    gate.touch()
     assert process.wait(timeout=EXIT_TIMEOUT_S) == 0, duplex.stderr_text()
     assert task_state(duplex, task) == "complete"
 
 
-def test_ready_is_503_while_an_actor_is_dead(
-    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
-    duplex = ops_dir(tmp_path / "work", migrated, handler_modules=(OPS_MODULE, FAULTS_MODULE))
+def test_ready_is_503_while_an_actor_is_dead(tmp_path: Path, migrated: Path) -> None:
+    duplex = ops_dir(
+        tmp_path / "work",
+        migrated,
+        handler_modules=(OPS_MODULE, FAULTS_MODULE),
+        worker={"shutdown_timeout_ms": 120_000},
+    )
     # The publisher dies on the first events it is given (after the quick step's commit);
-    # the worker then stops in order, waiting for the slow step, and is not ready meanwhile.
+    # the worker then stops in order, waiting for the gated step, and is not ready meanwhile:
+    # until the test opens the gate.
     duplex.env["E2E_FAULT"] = "DomainEventPublisher.publish:1"
+    gate = tmp_path / "gate"
     template = write_template(
         tmp_path / "two.toml",
         "two",
         [
             {"name": "quick", "handler": "ops.outcome", "inputs": {"outcome": "ok"}},
             {
-                "name": "slow",
+                "name": "held",
                 "handler": "ops.outcome",
-                "inputs": {"outcome": "sleep", "seconds": 2.0},
+                "inputs": {"outcome": "gate", "gate": str(gate)},
             },
         ],
     )
     process = duplex.start("run")
-    processes.append(process)
     port = port_of(duplex, process)
     wait_for(lambda: get(port, "/health/ready")[0] == 200, "ready")
     duplex.submit(template)
-    wait_for(lambda: get(port, "/health/ready")[0] == 503, "not ready once the actor died", 10)
+    wait_for(lambda: get(port, "/health/ready")[0] == 503, "not ready once the actor died")
     status, details = get_json(port, "/health")
     assert status == 503
     assert details["actors"]["DomainEventPublisher"] == "dead", details
     assert any("DomainEventPublisher" in reason for reason in details["reasons"]), details
+    gate.touch()
     assert process.wait(timeout=EXIT_TIMEOUT_S) == 1, duplex.stderr_text()
 
 
@@ -286,9 +281,7 @@ def _cut_off(role: str) -> None:
 
 
 @pytest.mark.postgres
-def test_ready_is_503_while_postgres_is_unreachable(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
+def test_ready_is_503_while_postgres_is_unreachable(tmp_path: Path) -> None:
     require_postgres()
     role, schema = _postgres_role()
     try:
@@ -300,7 +293,6 @@ def test_ready_is_503_while_postgres_is_unreachable(
             re.sub(r'url = ".*"', f"url = {json.dumps(url)}", settings.read_text(), count=1)
         )
         process = duplex.start("run")
-        processes.append(process)
         port = port_of(duplex, process)
         wait_for(lambda: get(port, "/health/ready")[0] == 200, "ready")
 
@@ -369,13 +361,10 @@ KNOWN_OUTCOMES: list[dict[str, Any]] = [
 ]
 
 
-def test_metrics_match_a_run_with_known_outcomes(
-    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
+def test_metrics_match_a_run_with_known_outcomes(tmp_path: Path, migrated: Path) -> None:
     duplex = ops_dir(tmp_path / "work", migrated)
     template = write_template(tmp_path / "known.toml", "known", KNOWN_OUTCOMES)
     process = duplex.start("run")
-    processes.append(process)
     port = port_of(duplex, process)
     task = duplex.submit(template)
 
@@ -442,20 +431,23 @@ def test_metrics_match_a_run_with_known_outcomes(
     assert stop(process, duplex) == 0, duplex.stderr_text()
 
 
-def test_queue_metrics_count_ready_steps_per_namespace(
-    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
-    # One slot, busy for a while: the other steps stay ready, and the oldest ages.
+def test_queue_metrics_count_ready_steps_per_namespace(tmp_path: Path, migrated: Path) -> None:
+    # One slot, busy until the test opens the gate: the other steps stay ready, the oldest
+    # ages, and the pool stays saturated.
     duplex = ops_dir(
         tmp_path / "work", migrated, worker={"max_concurrent_handlers": 1, "prefetch": 0}
     )
+    gate = tmp_path / "gate"
     steps = [
-        {"name": f"s{i}", "handler": "ops.outcome", "inputs": {"outcome": "sleep", "seconds": 1.5}}
+        {
+            "name": f"s{i}",
+            "handler": "ops.outcome",
+            "inputs": {"outcome": "gate", "gate": str(gate)},
+        }
         for i in range(4)
     ]
     template = write_template(tmp_path / "queue.toml", "queue", steps)
     process = duplex.start("run")
-    processes.append(process)
     port = port_of(duplex, process)
     duplex.submit(template)
     wait_for(lambda: value(scrape(port), "duplex_handlers_running") == 1, "one step running")
@@ -467,10 +459,11 @@ def test_queue_metrics_count_ready_steps_per_namespace(
     # Saturated (one slot, busy all along, steps waiting in SQL): one line per interval (1 s),
     # with the figures, however many polls and claims happened meanwhile.
     started = time.monotonic()
-    wait_for(lambda: "saturated: all 1 handler slots busy" in duplex.stderr_text(), "a warning", 5)
+    wait_for(lambda: "saturated: all 1 handler slots busy" in duplex.stderr_text(), "a warning")
     lines = [line for line in duplex.stderr_text().splitlines() if "saturated:" in line]
     assert "ready in SQL" in lines[0], lines
     assert len(lines) <= 2 + (time.monotonic() - started), lines
+    gate.touch()
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=EXIT_TIMEOUT_S) == 0, duplex.stderr_text()
 
@@ -484,14 +477,15 @@ def test_json_logs_carry_the_step_fields_of_concurrent_steps(
     duplex = ops_dir(
         tmp_path / "work",
         migrated,
-        worker={"max_concurrent_handlers": 4},
+        worker={"max_concurrent_handlers": 5},
     )
     settings = duplex.cwd / "settings.toml"
     settings.write_text(
         settings.read_text().replace('level = "INFO"', 'level = "INFO"\nserialize = true')
     )
     steps: list[dict[str, Any]] = [
-        {"name": f"log{i}", "handler": "ops.log", "inputs": {"lines": 8}} for i in range(4)
+        {"name": f"log{i}", "handler": "ops.log", "inputs": {"lines": 8, "lockstep": 4}}
+        for i in range(4)
     ]
     steps.append(
         {
@@ -531,9 +525,11 @@ def test_json_logs_carry_the_step_fields_of_concurrent_steps(
         assert record["worker_id"] == worker_id, record
         assert record["level"] == "INFO"
         assert record["time"].endswith("+00:00")
-    # The steps did run side by side: their lines interleave.
-    switches = sum(1 for a, b in itertools.pairwise(order) if a != b)
-    assert switches >= 4, order
+    # The steps ran side by side, writing in rounds (lockstep): each round of four lines
+    # has one line of each step.
+    assert all(
+        sorted(order[i : i + 4]) == ["log0", "log1", "log2", "log3"] for i in range(0, 32, 4)
+    ), order
     (timeout_line,) = [r for r in records if "timed out after" in r["message"]]
     assert timeout_line["step_uuid"] == uuids["hang"]
     assert timeout_line["step_name"] == "hang"
@@ -545,7 +541,7 @@ def test_json_logs_carry_the_step_fields_of_concurrent_steps(
 
 
 def test_workers_lists_a_second_worker_and_marks_a_killed_one_presumed_dead(
-    tmp_path: Path, migrated: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, migrated: Path
 ) -> None:
     fast_beat = {"heartbeat_interval_s": 0.2}
     first = ops_dir(tmp_path / "one", migrated, worker=fast_beat)
@@ -554,7 +550,6 @@ def test_workers_lists_a_second_worker_and_marks_a_killed_one_presumed_dead(
     settings = second.cwd / "settings.toml"
     settings.write_text(settings.read_text().replace(str(second.db_path), str(first.db_path)))
     one, two = first.start("run"), second.start("run")
-    processes += [one, two]
     ports = {one.pid: port_of(first, one), two.pid: port_of(second, two)}
 
     def listed() -> dict[int, dict[str, Any]]:
@@ -644,7 +639,7 @@ def on_terminal(duplex: Duplex, args: list[str], *, columns: int = 120) -> tuple
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     try:
-        process = subprocess.Popen(
+        process = processes.current().popen(
             duplex.command(args),
             cwd=duplex.cwd,
             env={**duplex.env, "TERM": "xterm"},

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import processes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.e2e
 def test_wheel_install_runs_migrate_and_status(tmp_path: Path) -> None:
     wheels, target, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
     work.mkdir()
-    subprocess.run(
+    processes.run(
         [
             sys.executable,
             "-m",
@@ -36,7 +37,7 @@ def test_wheel_install_runs_migrate_and_status(tmp_path: Path) -> None:
         capture_output=True,
     )
     (wheel,) = wheels.glob("duplex-*.whl")
-    subprocess.run(
+    processes.run(
         [*PIP_INSTALL, "--target", str(target), str(wheel)],
         check=True,
         timeout=300,
@@ -45,7 +46,7 @@ def test_wheel_install_runs_migrate_and_status(tmp_path: Path) -> None:
     # The installed copy must win over the repository (no cwd or editable path to fall back on).
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUPLEX_")}
     env["PYTHONPATH"] = str(target)
-    probe = subprocess.run(
+    probe = processes.run(
         [sys.executable, "-c", "import app, migrations; print(app.__file__, migrations.__file__)"],
         cwd=work,
         env=env,
@@ -56,7 +57,7 @@ def test_wheel_install_runs_migrate_and_status(tmp_path: Path) -> None:
     )
     assert all(path.startswith(str(target)) for path in probe.stdout.split())
 
-    migrate = subprocess.run(
+    migrate = processes.run(
         [sys.executable, "-m", "app", "migrate"],
         cwd=work,
         env=env,
@@ -67,7 +68,7 @@ def test_wheel_install_runs_migrate_and_status(tmp_path: Path) -> None:
     assert migrate.returncode == 0, migrate.stderr
     assert (work / "duplex.db").exists()
     script = target / "bin" / "duplex"
-    status = subprocess.run(
+    status = processes.run(
         [sys.executable, str(script), "status", "--json"],
         cwd=work,
         env=env,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 
 import pytest
@@ -38,9 +37,12 @@ def test_two_workers_share_the_queue_and_run_each_step_once(pg_url: str) -> None
     runs: Counter[str] = Counter()
     lock = threading.Lock()
     registry = HandlerRegistry()
+    # The handlers wait until both workers hold claims: the first one to start cannot run
+    # the whole queue before the second has claimed anything, however fast it is.
+    both_claimed = threading.Event()
 
     def count(ctx: StepContext) -> None:
-        time.sleep(0.002)
+        assert both_claimed.wait(30), "the second worker never claimed anything"
         with lock:
             runs[ctx.step_uuid] += 1
 
@@ -54,9 +56,23 @@ def test_two_workers_share_the_queue_and_run_each_step_once(pg_url: str) -> None
     ]
     for worker in workers:
         worker.start()
+
+    def claimants_now() -> int:
+        with db.read() as conn:
+            return int(
+                conn.execute(
+                    select(func.count(func.distinct(workflow_steps.c.claimed_by))).where(
+                        workflow_steps.c.state == "in_progress"
+                    )
+                ).scalar_one()
+            )
+
     try:
+        assert wait_until(lambda: claimants_now() == 2, 30), "both workers should claim work"
+        both_claimed.set()
         assert wait_until(lambda: sum(runs.values()) >= 200, 60)
     finally:
+        both_claimed.set()
         for worker in workers:
             worker.stop()
     assert len(runs) == 200

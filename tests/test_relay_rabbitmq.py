@@ -7,7 +7,6 @@ Skips without a broker, fails when ``CI`` is set. Each test has its own exchange
 from __future__ import annotations
 
 import random
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -30,6 +29,8 @@ from app.storage.submission import create_task
 from app.subscriptions import SubscriberRegistry
 from app.templates import parse_template
 from app.worker import Worker
+from tests import processes
+from tests.broker_proxy import BrokerProxy
 from tests.conftest import make_settings, sqlite_database
 from tests.relay_support import (
     RABBITMQ_URL,
@@ -39,6 +40,7 @@ from tests.relay_support import (
     relay_settings,
     require_rabbitmq,
 )
+from tests.test_cli_e2e import wait_for
 from tests.test_relay_logic import (
     check_deliveries,
     claim_all,
@@ -158,13 +160,21 @@ def test_the_worker_relays_committed_events_with_envelope_and_headers(
 def test_connections_closed_by_the_broker_mid_stream_lose_nothing(
     sqlite_db: Database, broker_queue: BrokerQueue
 ) -> None:
-    """``rabbitmqctl close_all_connections`` again and again while the relay publishes."""
+    """The broker closes the relay's connection (``rabbitmqctl close_connection``) again
+    and again while the relay publishes.
+
+    The relay publishes through a proxy that holds the broker's replies at a chosen publish
+    (``tests/broker_proxy.py``), so each close finds it mid-stream, waiting for a confirm,
+    however fast it would otherwise have published everything. Only the relay's connections
+    are closed: other tests may be using the broker.
+    """
     tasks = [submit(sqlite_db, 40) for _ in range(3)]
     steps = claim_all(sqlite_db)
     for i in range(0, len(steps), 10):
         commit(sqlite_db, [outcome(s, 4) for s in steps[i : i + 10]])
     total = len(steps) * 5
-    relay = amqp_relay(sqlite_db, broker_queue.exchange, batch_size=20)
+    proxy = BrokerProxy()
+    relay = amqp_relay(sqlite_db, broker_queue.exchange, batch_size=20, url=proxy.url)
     stop = threading.Event()
 
     def run() -> None:
@@ -174,26 +184,28 @@ def test_connections_closed_by_the_broker_mid_stream_lose_nothing(
 
     closes = 0
     thread = threading.Thread(target=run)
-    thread.start()
     try:
-        # The test's own consumer connection is closed as well; it reads only at the end.
+        # Four times: the relay publishes a sixth of the events, then waits for a confirm
+        # the proxy holds while the broker closes the relay's connection.
         while closes < 4:
-            wait_until_published_more(sqlite_db, at_least=closes * total // 6 + 1)
-            subprocess.run(
-                ["rabbitmqctl", "close_all_connections", "duplex relay test"],
-                capture_output=True,
-                timeout=30,
-                check=True,
-            )
+            proxy.hold_at_publish(total // 6)
+            if closes == 0:
+                thread.start()
+            wait_for(proxy.held.is_set, "the relay to be waiting for a confirm")
+            assert close_from_the_broker(proxy.broker_side_names()), "no connection to close"
             closes += 1
+            proxy.release()
         deadline = time.monotonic() + 30
         while count_unpublished(sqlite_db) and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
+        proxy.release()
         stop.set()
-        thread.join(10)
+        if thread.is_alive():
+            thread.join(10)
         relay.close()
-    assert relay.stats.broker_errors >= 1, "no connection was dropped mid-stream"
+        proxy.close()
+    assert relay.stats.broker_errors >= closes, "a close did not drop the relay's connection"
     assert not count_unpublished(sqlite_db)
     reader = BrokerQueue(attach_to=broker_queue)
     try:
@@ -206,6 +218,26 @@ def test_connections_closed_by_the_broker_mid_stream_lose_nothing(
     assert sorted(arrivals) == sorted(tasks)
     for task in tasks:
         assert arrivals[task] == list(range(1, len(arrivals[task]) + 1))
+
+
+def close_from_the_broker(names: list[str]) -> int:
+    """``rabbitmqctl close_connection`` each connection named; return how many were closed."""
+    listed = processes.run(
+        ["rabbitmqctl", "list_connections", "pid", "name", "--quiet", "--no-table-headers"],
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    pids = [
+        pid
+        for pid, name in (line.split("\t", 1) for line in listed.splitlines() if "\t" in line)
+        if name in names
+    ]
+    for pid in pids:
+        processes.run(
+            ["rabbitmqctl", "close_connection", pid, "duplex relay test"], timeout=30, check=True
+        )
+    return len(pids)
 
 
 def count_unpublished(db: Database) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -53,6 +52,7 @@ from app.storage.recovery import (
 from app.storage.results import CommitReport, commit_outcomes
 from app.storage.submission import create_task
 from app.templates import parse_template
+from tests import processes
 
 POLICY = RetryPolicy(base_ms=1000, multiplier=2.0, max_ms=60_000, jitter=0.0)
 WAIT_S = 30.0
@@ -1003,7 +1003,7 @@ def test_a_dead_worker_with_this_processs_pid_is_one_from_an_earlier_process(
 
 def test_process_exists() -> None:
     assert process_exists(os.getpid())
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child = processes.current().popen([sys.executable, "-c", "pass"])
     child.wait()
     assert not process_exists(child.pid)
     assert not process_exists(0)

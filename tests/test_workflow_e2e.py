@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests import processes
 from tests.conftest import sqlite_database
 
 pytestmark = pytest.mark.e2e
@@ -158,14 +159,8 @@ class Cli:
         return [sys.executable, "-m", "app", *args]
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.command(*args),
-            cwd=self.cwd,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_S,
-            check=False,
+        return processes.run(
+            self.command(*args), cwd=self.cwd, env=self.env, text=True, timeout=COMMAND_TIMEOUT_S
         )
 
     def ok(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -175,7 +170,8 @@ class Cli:
         return result
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
+        """Start a command, owned by the running test (stopped at its teardown)."""
+        return processes.current().popen(
             self.command(*args),
             cwd=self.cwd,
             env=self.env,

@@ -6,6 +6,10 @@ import time, inside the ``duplex run`` subprocess, and is driven by environment 
 ``E2E_RUN_LOG`` / ``E2E_DONE_LOG``
     The handler ``faults.work`` appends ``<step_uuid> <attempt>`` to the first as it starts
     and to the second as it returns, so a test can count how often each attempt really ran.
+    With ``inputs.gate`` it waits, after its start, until that file exists (``gates.py``).
+``E2E_HOLD_AT = "N"`` / ``E2E_HOLD_GATE``
+    The Nth ``faults.work`` started in this process waits, after its start, until the file
+    ``E2E_HOLD_GATE`` exists: that attempt is sure to be running until the test says.
 ``E2E_FAULT = "Class.method:N"``
     The Nth call of that actor method raises ``RuntimeError("injected fault")`` before the
     method does anything. The methods are reached by fire-and-forget messages, so the
@@ -31,12 +35,15 @@ from collections.abc import Callable
 from typing import Any
 
 from app import StepContext, step_handler
+from tests.e2e_handlers.gates import wait_at_gate
 
 RUN_LOG_ENV = "E2E_RUN_LOG"
 DONE_LOG_ENV = "E2E_DONE_LOG"
 FAULT_ENV = "E2E_FAULT"
 FAULT_LOG_ENV = "E2E_FAULT_LOG"
 BREAK_ENV = "E2E_BREAK"
+HOLD_AT_ENV = "E2E_HOLD_AT"
+HOLD_GATE_ENV = "E2E_HOLD_GATE"
 
 _log_lock = threading.Lock()
 
@@ -50,10 +57,22 @@ def _append(env: str, line: str) -> None:
         log.flush()
 
 
+_starts = 0
+
+
 @step_handler("faults.work")
 def work(ctx: StepContext) -> dict[str, Any]:
-    """Log the start, sleep ``inputs.seconds`` (default 0.03), log the end."""
+    """Log the start, sleep ``inputs.seconds`` (default 0.03), log the end; wait at a gate
+    first when told to (``inputs.gate``, or ``E2E_HOLD_AT``)."""
+    global _starts
     _append(RUN_LOG_ENV, f"{ctx.step_uuid} {ctx.attempt}")
+    with _log_lock:
+        _starts += 1
+        held = str(_starts) == os.environ.get(HOLD_AT_ENV)
+    if held:
+        wait_at_gate(ctx, os.environ[HOLD_GATE_ENV])
+    if "gate" in ctx.inputs:
+        wait_at_gate(ctx, str(ctx.inputs["gate"]))
     seconds = float(ctx.inputs.get("seconds", 0.03))
     ctx.cancelled.wait(seconds)
     _append(DONE_LOG_ENV, f"{ctx.step_uuid} {ctx.attempt}")

@@ -2,6 +2,7 @@
 
 Each handler appends ``<step_uuid> <attempt>`` to the file named by ``$E2E_RUN_LOG`` (when
 set) as it starts, so a test can count how often every step's handler really ran.
+``e2e.gate`` holds its step until the file ``inputs.gate`` exists (``gates.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from typing import Any
 
 from app import StepContext, step_handler
+from tests.e2e_handlers.gates import wait_at_gate
 
 RUN_LOG_ENV = "E2E_RUN_LOG"
 
@@ -44,6 +46,14 @@ def sleep(ctx: StepContext) -> dict[str, Any]:
     seconds = float(ctx.inputs.get("seconds", 0.3))
     ctx.cancelled.wait(seconds)
     return {"step": ctx.step_name, "slept": seconds}
+
+
+@step_handler("e2e.gate")
+def gate(ctx: StepContext) -> dict[str, Any]:
+    """Wait until the file ``inputs.gate`` exists, then succeed."""
+    _record_start(ctx)
+    wait_at_gate(ctx, str(ctx.inputs["gate"]))
+    return {"step": ctx.step_name}
 
 
 @step_handler("e2e.gather")

@@ -4,6 +4,11 @@ They run inside ``duplex run`` subprocesses. Each handler appends ``<step_uuid> 
 <pid>`` to the file named by ``$KILLS_RUN_LOG`` as it starts, so a test can tell which
 process ran which attempt, and how often.
 
+While the file ``$KILLS_HOLD`` exists and holds a number K, every ``kills.sleep`` that starts
+once the run log has K lines or more (the Kth start of any worker, and every later one)
+appends its line to ``$KILLS_HELD_LOG`` too and waits until the file is gone: the test makes
+running attempts that cannot end, at a point of the run it chose, for as long as it needs.
+
 The subscriber checks, on a connection of its own (``$KILLS_EVENTS_DB``, a libpq URL), that
 each delivered event's ``domain_events`` row is committed; it appends every checked event id
 to ``$KILLS_EVENTS_CHECKED`` and every event whose row it could not see to
@@ -37,6 +42,10 @@ EVENTS_DB_ENV = "KILLS_EVENTS_DB"
 EVENTS_CHECKED_ENV = "KILLS_EVENTS_CHECKED"
 EVENTS_MISSING_ENV = "KILLS_EVENTS_MISSING"
 BREAK_ENV = "KILLS_BREAK"
+HOLD_ENV = "KILLS_HOLD"
+HELD_LOG_ENV = "KILLS_HELD_LOG"
+# A hold never lasts longer than this, so a test that forgot one cannot hang.
+HOLD_LIMIT_S = 60.0
 
 
 def _append(path: str, line: str) -> None:
@@ -54,10 +63,27 @@ def _record_start(ctx: StepContext) -> None:
         _append(path, f"{ctx.step_uuid} {ctx.attempt} {os.getpid()}")
 
 
+def _hold(ctx: StepContext) -> None:
+    hold, held_log = os.environ.get(HOLD_ENV), os.environ.get(HELD_LOG_ENV)
+    run_log = os.environ.get(RUN_LOG_ENV)
+    if not hold or not held_log or not run_log or not os.path.exists(hold):
+        return
+    with open(hold) as armed, open(run_log) as log:
+        from_start = int(armed.read().strip() or 1)
+        if sum(1 for _ in log) < from_start:
+            return
+    _append(held_log, f"{ctx.step_uuid} {ctx.attempt} {os.getpid()}")
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while os.path.exists(hold) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 @step_handler("kills.sleep")
 def sleep(ctx: StepContext) -> dict[str, Any]:
-    """Sleep ``inputs.ms`` milliseconds (not cancellable: a stopped process wakes up late)."""
+    """Sleep ``inputs.ms`` milliseconds (not cancellable: a stopped process wakes up late);
+    first wait while ``$KILLS_HOLD`` exists."""
     _record_start(ctx)
+    _hold(ctx)
     ms = int(ctx.inputs.get("ms", 200))
     time.sleep(ms / 1000)
     return {"slept_ms": ms, "pid": os.getpid()}
