@@ -4,6 +4,8 @@ bound, the stop signals, and telling ``duplex run`` from the other commands."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -246,3 +248,29 @@ def test_the_first_signal_calls_the_stop_callback(signals: StopSignals) -> None:
     send(signal.SIGTERM)
     assert asked == ["stop"]
     assert signals.name == "SIGTERM"
+
+
+def test_the_stop_signals_install_before_any_heavy_import() -> None:
+    # `duplex run` installs its handlers after `import app.startup`: if that pulled in
+    # SQLAlchemy (through the package's exports), a SIGTERM in the first half second would
+    # still kill the worker by the default action.
+    probe = (
+        "import sys, app.startup\n"
+        "heavy = sorted(m for m in ('sqlalchemy', 'alembic', 'pykka', 'loguru', 'app.client')"
+        " if m in sys.modules)\n"
+        "print(','.join(heavy))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == ""
+
+
+def test_the_package_exports_load_on_first_use() -> None:
+    import app
+
+    assert sorted(app.__all__) == sorted(app._EXPORTS)
+    for name in app.__all__:
+        assert getattr(app, name).__name__ == name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        app.no_such_name  # noqa: B018
