@@ -38,6 +38,7 @@ import pytest
 
 from app.cli import build_parser
 from app.client import Client
+from tests import processes as owned_processes
 from tests.relay_support import RABBITMQ_URL, require_rabbitmq
 from tests.test_cli_e2e import Duplex, make_duplex, migrated_file, wait_for
 
@@ -60,7 +61,7 @@ class Processes:
     def start(
         self, duplex: Duplex, args: Sequence[str], *, stdout: int, stderr: IO[bytes]
     ) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
+        proc = owned_processes.current().popen(
             duplex.command(args), cwd=duplex.cwd, env=duplex.env, stdout=stdout, stderr=stderr
         )
         self._started.append(proc)

@@ -33,6 +33,7 @@ from sqlalchemy.engine import Engine
 
 from app.models import domain_events
 from app.notifications import libpq_url
+from tests import processes as owned_processes
 from tests.relay_support import (
     RABBITMQ_URL,
     BrokerQueue,
@@ -65,7 +66,7 @@ class Processes:
             open(self.directory / f"{name}.stdout", "wb") as out,
             open(self.directory / f"{name}.stderr", "wb") as err,
         ):
-            self.started[name] = subprocess.Popen(
+            self.started[name] = owned_processes.current().popen(
                 duplex.command(args),
                 cwd=duplex.cwd,
                 env={**duplex.env, **env},

@@ -35,6 +35,7 @@ from app.migrate import upgrade_to_head
 from app.notifications import libpq_url
 from app.schema import HEAD_REVISION
 from app.settings import DatabaseSettings
+from tests import processes
 from tests.conftest import (
     POSTGRES_URL,
     create_postgres_schema,
@@ -282,19 +283,6 @@ def test_sigterm_while_waiting_for_the_migration_lock_stops_before_serving(
     assert cluster.sql("SELECT to_regclass('alembic_version')") == [(None,)]
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test starts; killed and reaped afterwards, also when the test failed."""
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
-
-
 BLOCKING_MODULE = """\
 import os
 from pathlib import Path
@@ -312,7 +300,7 @@ def main_thread_waits_for_the_fifo(pid: int) -> bool:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_while_handler_modules_import_stops_before_serving(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]], signum: signal.Signals
+    tmp_path: Path, signum: signal.Signals
 ) -> None:
     duplex = make_duplex(tmp_path, handler_modules=("blocking_handlers",))
     (tmp_path / "blocking_handlers.py").write_text(BLOCKING_MODULE)
@@ -320,7 +308,6 @@ def test_a_signal_while_handler_modules_import_stops_before_serving(
     os.mkfifo(fifo)
     duplex.env.update(STARTUP_FIFO=str(fifo), STARTUP_IMPORTING=str(importing))
     worker = duplex.start("run")
-    processes.append(worker)
 
     def blocked() -> bool:
         assert worker.poll() is None, duplex.stderr_text()
@@ -366,7 +353,7 @@ sys.meta_path.insert(0, BlockTheCli())
 
 @pytest.mark.parametrize("how", ["module", "script"])
 def test_a_signal_while_the_cli_itself_imports_is_honoured_once_it_has(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]], how: str
+    tmp_path: Path, how: str
 ) -> None:
     duplex = make_duplex(tmp_path)
     preload = tmp_path / "preload"
@@ -381,14 +368,13 @@ def test_a_signal_while_the_cli_itself_imports_is_honoured_once_it_has(
         "STARTUP_IMPORTING": str(importing),
     }
     with open(duplex.stderr_path, "wb") as err:
-        worker = subprocess.Popen(
+        worker = processes.current().popen(
             duplex.command(["run"], script=how == "script"),
             cwd=duplex.cwd,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
-    processes.append(worker)
 
     def blocked() -> bool:
         assert worker.poll() is None, duplex.stderr_text()
@@ -425,7 +411,7 @@ def retry_lines(stderr: str) -> list[str]:
 
 
 def test_sigterm_while_start_up_retries_ends_the_retry_promptly(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]], closed_port: int
+    tmp_path: Path, closed_port: int
 ) -> None:
     duplex = make_duplex(tmp_path)
     duplex.env.update(
@@ -433,7 +419,6 @@ def test_sigterm_while_start_up_retries_ends_the_retry_promptly(
         DUPLEX_WORKER__STARTUP_TIMEOUT_S="600",
     )
     worker = duplex.start("run")
-    processes.append(worker)
 
     def retrying() -> bool:
         assert worker.poll() is None, duplex.stderr_text()
@@ -452,7 +437,7 @@ def test_sigterm_while_start_up_retries_ends_the_retry_promptly(
 
 
 def test_start_up_gives_up_after_the_startup_timeout_with_one_line(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]], closed_port: int
+    tmp_path: Path, closed_port: int
 ) -> None:
     timeout_s = 2.0
     duplex = make_duplex(tmp_path)
@@ -462,7 +447,6 @@ def test_start_up_gives_up_after_the_startup_timeout_with_one_line(
     )
     started = time.monotonic()
     worker = duplex.start("run")
-    processes.append(worker)
     returncode = worker.wait(timeout=timeout_s + 30)
     took = time.monotonic() - started
     stderr = duplex.stderr_text()
@@ -481,15 +465,12 @@ def test_start_up_gives_up_after_the_startup_timeout_with_one_line(
 
 
 @pytest.mark.postgres
-def test_a_database_that_does_not_exist_fails_at_once(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
+def test_a_database_that_does_not_exist_fails_at_once(tmp_path: Path) -> None:
     require_postgres()
     url = POSTGRES_URL.rsplit("/", 1)[0] + f"/duplex_missing_{uuid.uuid4().hex[:8]}"
     duplex = make_duplex(tmp_path)
     duplex.env.update(DUPLEX_DATABASE__URL=url, DUPLEX_WORKER__STARTUP_TIMEOUT_S="600")
     worker = duplex.start("run")
-    processes.append(worker)
     returncode = worker.wait(timeout=60)
     stderr = duplex.stderr_text()
     assert returncode == 1, stderr
