@@ -146,6 +146,11 @@ class Worker:
         PlatformCollector(registry=self.registry_metrics)
         GCCollector(registry=self.registry_metrics)
         self._registered = False
+        # Set when a start failed half-way: the row says stopped, so this worker never serves.
+        self._start_failed = False
+        # Set before the first registration's write: whether the row may exist, so that a
+        # stop (or a signal) that lands between its COMMIT and ``_registered`` still marks it.
+        self._row_may_exist = False
         self.http: HttpServer | None = None
         self.tracer: StepTracer | None = None
         if settings.observability.tracing:
@@ -158,10 +163,15 @@ class Worker:
         """Register the worker (unless ``register`` did) and start the actors, downstream
         first, wiring proxies.
 
-        A start that fails half-way stops the actors it started and records the worker as
-        stopped before it raises: nothing of it is left running. A stop requested while it
-        starts (``request_stop``) keeps the intake from ever beginning.
+        A start that fails half-way stops the actors and threads it started and records the
+        worker as stopped before it raises (only the health port stays open until ``stop``).
+        Such a worker is done: its row says stopped, so other workers would recover anything
+        it claimed; a second ``start`` is refused, and a new ``Worker`` is what starts again.
+        A stop requested while it starts (``request_stop``) keeps the intake from ever
+        beginning.
         """
+        if self._start_failed:
+            raise RuntimeError("this Worker's start failed; create a new Worker to start again")
         self.serve_http()
         if not self._registered:
             self.register()
@@ -298,6 +308,7 @@ class Worker:
             thread.join(timeout=_ASK_TIMEOUT_S)
         self.actors = None
         self._refs = []
+        self._start_failed = True
         self._mark_stopped({})
 
     def register(self) -> None:
@@ -305,6 +316,7 @@ class Worker:
 
         ``duplex run`` calls it with retries before ``start``; ``start`` calls it otherwise.
         """
+        self._row_may_exist = True
         with self.db.write() as conn:
             register_worker(
                 conn, self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), now=utcnow()
@@ -799,7 +811,7 @@ class Worker:
         self._last_beat = time.monotonic()
 
     def _mark_stopped(self, stats: dict[str, Any]) -> None:
-        if not self._registered:
+        if not self._row_may_exist:  # marking a row that was never written changes nothing
             return
         try:
             with self.db.write() as conn:

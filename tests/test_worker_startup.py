@@ -1,15 +1,20 @@
-"""The embedded Worker's start: safe to retry, and never left half-started.
+"""The embedded Worker's start: its registration is safe to retry, and it is never left
+half-started.
 
 ``duplex run`` retries the registration (its COMMIT may have gone through unheard), so it
-must be idempotent; a start that fails half-way must stop what it started; a stop asked for
-while the worker starts must keep the intake from ever claiming.
+must be idempotent; a start that fails half-way must stop what it started and leave a worker
+that cannot serve (its row says stopped); a stop asked for while the worker starts must keep
+the intake from ever claiming.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pykka
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from actors.event_system import EventSystem
 from app.db import Database
@@ -60,7 +65,34 @@ def test_a_start_that_fails_half_way_leaves_nothing_running(
     assert pykka.ActorRegistry.get_all() == []
     assert worker.actors is None
     assert worker_rows(sqlite_db) == [(worker.worker_id, True)]
+    # Its row says stopped, so others would recover its claims: it must never serve again.
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="create a new Worker"):
+        worker.start()
+    assert pykka.ActorRegistry.get_all() == []
+    assert worker_rows(sqlite_db) == [(worker.worker_id, True)]
     assert worker.stop() == {}
+
+
+def test_a_registration_interrupted_after_its_commit_is_still_marked_stopped(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = Database.write
+
+    @contextmanager
+    def write_then_interrupt(self: Database) -> Iterator[Connection]:
+        with real_write(self) as conn:
+            yield conn
+        raise KeyboardInterrupt  # a stop signal right after the COMMIT
+
+    worker = make_worker(sqlite_db)
+    monkeypatch.setattr(Database, "write", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        worker.register()
+    monkeypatch.undo()
+    assert worker_rows(sqlite_db) == [(worker.worker_id, False)]
+    worker.stop()
+    assert worker_rows(sqlite_db) == [(worker.worker_id, True)]
 
 
 def test_a_stop_asked_for_while_starting_never_begins_the_intake(sqlite_db: Database) -> None:
