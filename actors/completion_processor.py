@@ -167,7 +167,9 @@ class CompletionProcessor(SupervisedActor):
         try:
             report, released = self._commit(batch, releases)
         except StorageError as exc:
-            if exc.transient or not batch:
+            # Only data the database refused is singled out; any other failure, passing or
+            # not (a read-only database after a failover), keeps the batch and retries it.
+            if not exc.refused or not batch:
                 self._commit_failed(exc, len(batch) + len(releases))
                 return False
             # The database refused something in this batch and would refuse it again: find
@@ -196,7 +198,7 @@ class CompletionProcessor(SupervisedActor):
                 try:
                     report, _ = self._commit([outcome])
                 except StorageError as exc:
-                    if exc.transient:
+                    if not exc.refused:
                         raise
                     step_log(outcome.step).error(
                         "the database refused the result of step {} ({}); recording it as {}",

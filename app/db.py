@@ -19,9 +19,12 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
+    DataError,
     DBAPIError,
     DisconnectionError,
+    IntegrityError,
     OperationalError,
+    ProgrammingError,
     SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -73,7 +76,9 @@ class Database:
                     yield conn
         except SQLAlchemyError as exc:
             raise StorageError(
-                f"database error: {_first_line(exc)}", transient=is_transient(exc)
+                f"database error: {_first_line(exc)}",
+                transient=is_transient(exc),
+                refused=refuses_data(exc),
             ) from exc
 
     def dispose(self) -> None:
@@ -90,6 +95,7 @@ _SQLITE_LOCKED = re.compile(r"database (?:table )?is locked|database is busy")
 # insufficient resources, serialization failures and deadlocks, a lock or statement timeout,
 # the server shutting down, crashing or starting up, a session closed for idling.
 _PG_TRANSIENT_CLASSES = frozenset({"08", "53"})
+_PG_REFUSED_DATA_CLASSES = frozenset({"22", "23", "54"})
 _PG_TRANSIENT_CODES = frozenset(
     {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "57P05", "25P03"}
 )
@@ -130,6 +136,22 @@ def is_transient(exc: SQLAlchemyError) -> bool:
             return isinstance(exc, OperationalError) and not _PG_REFUSALS.search(str(orig))
         return sqlstate[:2] in _PG_TRANSIENT_CLASSES or sqlstate in _PG_TRANSIENT_CODES
     return False
+
+
+def refuses_data(exc: SQLAlchemyError) -> bool:
+    """Return whether the database refused the data itself (see ``StorageError.refused``).
+
+    The driver's data and integrity errors, PostgreSQL's SQLSTATE classes 22 (data), 23
+    (integrity) and 54 (a value over a limit, such as an index row too large), a statement
+    that could not be built from its values, and (as before this distinction) the driver's
+    programming errors.
+    """
+    if isinstance(exc, (DataError, IntegrityError, ProgrammingError)):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return not isinstance(exc, (PoolTimeoutError, DisconnectionError))
+    sqlstate: str | None = getattr(exc.orig, "sqlstate", None)
+    return sqlstate is not None and sqlstate[:2] in _PG_REFUSED_DATA_CLASSES
 
 
 def create_database_engine(settings: DatabaseSettings) -> Engine:

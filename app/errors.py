@@ -56,11 +56,17 @@ class StorageError(DuplexError):
     ``transient`` is True for failures that can pass (a lost connection, a lock held
     elsewhere, a deadlock) and False for those that fail the same way every time (refused data,
     a syntax error, a missing table, a misconfigured connection): retrying them cannot help.
+
+    ``refused`` is True when the database refused the data itself (a constraint, a value it
+    cannot store): the same statement with other data would pass. Only then may the commit
+    path single out one outcome as unstorable; any other failure (a database read-only after
+    a failover, a missing table) is kept and retried, never blamed on a result.
     """
 
-    def __init__(self, message: str, *, transient: bool = True) -> None:
+    def __init__(self, message: str, *, transient: bool = True, refused: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        self.refused = refused
 
 
 class SchemaNotReadyError(StorageError):

@@ -91,8 +91,15 @@ class CommitFaults:
     the driver would raise it, so SQLAlchemy and ``Database`` handle it as a real failure.
     """
 
-    def __init__(self, db: Database, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self,
+        db: Database,
+        where: str,
+        monkeypatch: pytest.MonkeyPatch,
+        error: str = "database is locked",
+    ) -> None:
         self.active = True
+        self._error = error
         self.failed_at: list[float] = []
         self._where = where
         self._writing_events: set[int] = set()
@@ -120,19 +127,23 @@ class CommitFaults:
 
     def _fail(self) -> None:
         self.failed_at.append(time.monotonic())
-        raise sqlite3.OperationalError("database is locked (injected fault)")
+        raise sqlite3.OperationalError(f"{self._error} (injected fault)")
 
 
+# A lock passes; a database that turned read-only (a failover, a remount) does not pass by
+# itself, but it refused no result: the batch is kept and retried, never recorded as
+# result_unstorable.
+@pytest.mark.parametrize("error", ["database is locked", "attempt to write a readonly database"])
 @pytest.mark.parametrize("where", ["insert", "commit"])
 def test_failed_commits_announce_nothing_then_commit_and_deliver_exactly_once(
-    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch, where: str
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch, where: str, error: str
 ) -> None:
     ran: list[str] = []
     delivered: list[DomainEvent] = []
     reports: list[CommitReport] = []
     subscribers = SubscriberRegistry()
     subscribers.add("*", delivered.append)
-    faults = CommitFaults(sqlite_db, where, monkeypatch)
+    faults = CommitFaults(sqlite_db, where, monkeypatch, error)
 
     def observer(report: CommitReport) -> None:
         reports.append(report)
