@@ -513,13 +513,17 @@ def _prepare_database(
     """Migrate under the migration lock, then register the worker; retry what can pass."""
     from app.migrate import upgrade_to_head  # Alembic: only for the commands that migrate
 
+    def log(line: str) -> None:
+        with signals.deferred():
+            logger.warning(line)
+
     def retry(action: Callable[[], object], what: str) -> None:
         retry_transient(
             action,
             what=what,
             timeout_s=settings.worker.startup_timeout_s,
             stopped=lambda: bool(signals.received),
-            log=logger.warning,
+            log=log,
         )
 
     retry(lambda: upgrade_to_head(db), "bring the database schema to head")

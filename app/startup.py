@@ -114,6 +114,20 @@ class StopSignals:
         finally:
             self._interruptible = False
 
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Inside an ``interruptible()`` block, a part where a signal must not raise (the
+        logger holds its lock while it writes): a signal is recorded, and raises when the
+        part ends."""
+        was = self._interruptible
+        self._interruptible = False
+        try:
+            yield
+        finally:
+            self._interruptible = was
+        if was:
+            self.raise_if_received()
+
 
 _installed: StopSignals | None = None
 

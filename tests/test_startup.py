@@ -241,6 +241,24 @@ def test_a_signal_outside_is_recorded_and_honoured_at_the_next_step(
         signals.raise_if_received()
 
 
+def test_a_signal_in_a_deferred_part_raises_only_when_the_part_ends(
+    signals: StopSignals,
+) -> None:
+    finished: list[str] = []
+
+    def start_up() -> None:
+        with signals.interruptible():
+            with signals.deferred():
+                send(signal.SIGTERM)  # the logger writing its line, say: it must finish
+                finished.append("line written")
+            finished.append("after the part")
+
+    with pytest.raises(StartupStopped):
+        start_up()
+    assert finished == ["line written"]
+    assert signals.received == [signal.SIGTERM]
+
+
 def test_the_first_signal_calls_the_stop_callback(signals: StopSignals) -> None:
     asked: list[str] = []
     signals.on_stop(lambda: asked.append("stop"))
