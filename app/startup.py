@@ -177,21 +177,21 @@ def retry_transient(
     """Run ``action``; while it fails with a transient ``StorageError``, try again.
 
     Each failure logs one line and pauses (``backoff_delays``). When the failures have gone
-    on for ``timeout_s`` (counted from the start of the first failed try), raise
+    on for ``timeout_s`` (counted from the first failure: a try that waited long, for the
+    migration's lock say, and then failed has not used up the time), raise
     ``StartupError`` naming ``what`` and the last error. A non-transient error is raised at
     once. When ``stopped()`` turns true during a pause, raise ``StartupStopped``.
     """
     pauses = delays if delays is not None else backoff_delays()
     failing_since: float | None = None
     while True:
-        started = clock()
         try:
             return action()
         except StorageError as exc:
             if not exc.transient:
                 raise
             if failing_since is None:
-                failing_since = started
+                failing_since = clock()
             left = failing_since + timeout_s - clock()
             if left <= 0:
                 raise StartupError(
