@@ -295,7 +295,13 @@ with open(os.environ["STARTUP_FIFO"]) as fifo:  # blocks until the test opens it
 
 def main_thread_waits_for_the_fifo(pid: int) -> bool:
     # The kernel's wait channel of a process blocked in open() on a FIFO without a writer.
-    return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
+    # A kernel that hides it ("0", or no file) leaves only the marker: a signal that lands
+    # just before the open() still falls inside the import, which is what is tested.
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return True
+    return wchan in ("wait_for_partner", "0", "")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
