@@ -19,7 +19,8 @@ from sqlalchemy import Connection, select
 from actors.event_system import EventSystem
 from app.db import Database
 from app.handlers import HandlerRegistry
-from app.models import utcnow, workers, workflow_steps
+from app.messages import Status
+from app.models import utcnow, workers, workflow_step_transitions, workflow_steps
 from app.storage.submission import create_task
 from app.templates import parse_template
 from app.worker import Worker
@@ -103,11 +104,19 @@ def test_a_stop_asked_for_while_starting_never_begins_the_intake(sqlite_db: Data
     worker.request_stop()  # the signal came while the worker started
     actors = worker.start()
     try:
-        # Barriers: had the intake begun, its claim would be queued ahead of these answers.
+        # Barriers down the flow: had the intake begun, its command would be queued ahead of
+        # each of these answers, and its claim ahead of the executor's count.
         actors.event_system.stats().get(timeout=10)
+        actors.command_processor.handle(Status()).get(timeout=10)
         assert actors.step_executor.claimed_total.get(timeout=10) == 0
     finally:
         worker.stop()
     with sqlite_db.read() as conn:
         rows = conn.execute(select(workflow_steps.c.state, workflow_steps.c.attempts)).all()
     assert [tuple(row) for row in rows] == [("enqueued", 0)]
+    with sqlite_db.read() as conn:
+        # Not claimed and handed back either: no state change since its submission.
+        changes = conn.execute(
+            select(workflow_step_transitions.c.from_state, workflow_step_transitions.c.to_state)
+        ).all()
+    assert [tuple(change) for change in changes] == [(None, "enqueued")]
