@@ -6,30 +6,40 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint bench bench-recovery clean
 
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
-run: $(STAMP)
+# The install is a strict editable one: build/__editable__.*/duplex/ links to the files in app/,
+# actors/ and migrations/, so Python and mypy see them as the ``duplex`` package. A module added
+# or removed changes its folder's time, and the links are made again (a few seconds).
+PACKAGE_DIRS := $(shell find app actors migrations -type d -not -name __pycache__)
+LINKS := $(VENV)/.linked
+
+$(LINKS): $(STAMP) $(PACKAGE_DIRS)
+	$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=strict
+	touch $(LINKS)
+
+run: $(LINKS)
 	$(VENV)/bin/duplex migrate
 	$(VENV)/bin/duplex submit examples/order_fulfillment.toml --context '{"order": {"id": "A-1001", "items": [{"sku": "BOOK-1", "qty": 2}], "total": 42.5}}'
 	$(VENV)/bin/duplex run
 
-lint: $(STAMP)
+lint: $(LINKS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy .
+	$(VENV)/bin/mypy
 
 test: lint
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP)
+bench: $(LINKS)
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/relay.py
 
 # Recovery time after SIGKILL (needs PostgreSQL on 127.0.0.1:5432, and root for unshare).
-bench-recovery: $(STAMP)
+bench-recovery: $(LINKS)
 	$(PY) benchmarks/recovery.py
 
 clean:

@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from actors.supervised import SupervisedActor, tell
-from app.messages import Command, ExecuteReadySteps, Shutdown, Status
-from app.supervision import Supervisor
+from duplex.actors.supervised import SupervisedActor, tell
+from duplex.messages import Command, ExecuteReadySteps, Shutdown, Status
+from duplex.worker.supervision import Supervisor
 
 if TYPE_CHECKING:
-    from actors.dispatcher import DispatcherProxy
-    from actors.step_executor import StepExecutorProxy
+    from duplex.actors.dispatcher import DispatcherProxy
+    from duplex.actors.step_executor import StepExecutorProxy
 
 
 class CommandProcessor(SupervisedActor):

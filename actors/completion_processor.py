@@ -14,26 +14,25 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pykka
 from loguru import logger
 
-from actors.supervised import SupervisedActor, take_mailbox, tell
-from app.commit_buffer import CommitBuffer
-from app.db import Database
-from app.errors import StorageError
-from app.execution import RESULT_UNSTORABLE, unstorable
-from app.logs import step_log
-from app.messages import ClaimedStep, StepOutcome
-from app.metrics import WorkerMetrics
-from app.models import utcnow
-from app.retry import RetryPolicy
-from app.storage.claims import release_claims
-from app.storage.recovery import dead_local_workers, has_lost_claims, recover_lost_claims
-from app.storage.results import CommitReport, commit_outcomes
-from app.supervision import Supervisor
-from app.timer import Timer
-from app.tracing import StepTracer
+from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
+from duplex.clock import Timer, utcnow
+from duplex.commit.buffer import CommitBuffer
+from duplex.commit.retry import RetryPolicy
+from duplex.dispatch.attempt import RESULT_UNSTORABLE, unstorable
+from duplex.errors import StorageError
+from duplex.messages import ClaimedStep, StepOutcome
+from duplex.observability.logs import step_log
+from duplex.observability.metrics import WorkerMetrics
+from duplex.observability.tracing import StepTracer
+from duplex.storage.claims import release_claims
+from duplex.storage.db import Database
+from duplex.storage.recovery import dead_local_workers, has_lost_claims, recover_lost_claims
+from duplex.storage.results import CommitReport, commit_outcomes
+from duplex.worker.supervision import Supervisor
 
 if TYPE_CHECKING:
-    from actors.event_publisher import DomainEventPublisherProxy
-    from actors.event_system import EventSystemProxy
+    from duplex.actors.event_publisher import DomainEventPublisherProxy
+    from duplex.actors.event_system import EventSystemProxy
 
 
 class CommitObserver(Protocol):

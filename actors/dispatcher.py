@@ -10,23 +10,22 @@ from typing import TYPE_CHECKING, Any
 import pykka
 from loguru import logger
 
-from actors.handler_worker import HandlerWorker, HandlerWorkerProxy
-from actors.supervised import SupervisedActor, take_mailbox, tell
-from app.execution import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT, timeout_failure
-from app.handlers import HandlerRegistry
-from app.logs import step_log
-from app.messages import ClaimedStep, StepFailure, StepOutcome
-from app.metrics import WorkerMetrics
-from app.models import utcnow
-from app.pool import HandlerPool, Running
-from app.prefetch import PrefetchWindow, claim_batch
-from app.supervision import Supervisor
-from app.timer import Timer, TimerHandle
-from app.tracing import StepTracer
+from duplex.actors.handler_worker import HandlerWorker, HandlerWorkerProxy
+from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
+from duplex.clock import Timer, TimerHandle, utcnow
+from duplex.dispatch.attempt import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT, timeout_failure
+from duplex.dispatch.pool import HandlerPool, Running
+from duplex.handlers import HandlerRegistry
+from duplex.intake.prefetch import PrefetchWindow, claim_batch
+from duplex.messages import ClaimedStep, StepFailure, StepOutcome
+from duplex.observability.logs import step_log
+from duplex.observability.metrics import WorkerMetrics
+from duplex.observability.tracing import StepTracer
+from duplex.worker.supervision import Supervisor
 
 if TYPE_CHECKING:
-    from actors.completion_processor import CompletionProcessorProxy
-    from actors.event_system import EventSystemProxy
+    from duplex.actors.completion_processor import CompletionProcessorProxy
+    from duplex.actors.event_system import EventSystemProxy
 
 
 class Dispatcher(SupervisedActor):

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 import pykka
 from loguru import logger
 
-from actors.supervised import SupervisedActor, tell
-from app.messages import DomainEvent
-from app.metrics import WorkerMetrics
-from app.subscriptions import SubscriberRegistry
-from app.supervision import Supervisor
+from duplex.actors.supervised import SupervisedActor, tell
+from duplex.messages import DomainEvent
+from duplex.observability.metrics import WorkerMetrics
+from duplex.subscriptions import SubscriberRegistry
+from duplex.worker.supervision import Supervisor
 
 if TYPE_CHECKING:
-    from actors.relay import RelayActorProxy
+    from duplex.actors.relay import RelayActorProxy
 
 _STOP = object()
 

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 import pykka
 from loguru import logger
 
-from actors.supervised import SupervisedActor, tell
-from app.intake import IntakeCredits
-from app.messages import ExecuteReadySteps
-from app.notifications import WorkListener
-from app.supervision import Supervisor
-from app.timer import Timer, TimerHandle
+from duplex.actors.supervised import SupervisedActor, tell
+from duplex.clock import Timer, TimerHandle
+from duplex.intake.credits import IntakeCredits
+from duplex.messages import ExecuteReadySteps
+from duplex.storage.listen import WorkListener
+from duplex.worker.supervision import Supervisor
 
 if TYPE_CHECKING:
-    from actors.command_processor import CommandProcessorProxy
+    from duplex.actors.command_processor import CommandProcessorProxy
 
 
 # How often event-driven intake looks anyway, and how soon a failed claim is retried.

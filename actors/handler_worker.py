@@ -8,18 +8,18 @@ from typing import TYPE_CHECKING
 import pykka
 from loguru import logger
 
-from actors.supervised import tell
-from app.execution import HANDLER_ABORTED, run_attempt, storable_text
-from app.handlers import Cancellation, HandlerRegistry
-from app.logs import step_log
-from app.messages import ClaimedStep, StepFailure, StepOutcome
-from app.models import utcnow
-from app.supervision import Supervisor
-from app.tracing import StepTracer
+from duplex.actors.supervised import tell
+from duplex.clock import utcnow
+from duplex.dispatch.attempt import HANDLER_ABORTED, run_attempt, storable_text
+from duplex.handlers import Cancellation, HandlerRegistry
+from duplex.messages import ClaimedStep, StepFailure, StepOutcome
+from duplex.observability.logs import step_log
+from duplex.observability.tracing import StepTracer
+from duplex.worker.supervision import Supervisor
 
 if TYPE_CHECKING:
-    from actors.completion_processor import CompletionProcessorProxy
-    from actors.dispatcher import DispatcherProxy
+    from duplex.actors.completion_processor import CompletionProcessorProxy
+    from duplex.actors.dispatcher import DispatcherProxy
 
 
 class HandlerWorker(pykka.ThreadingActor):

@@ -1,4 +1,4 @@
-"""[7] RelayActor: runs the outbox relay (``app.relay.Relay``) on a thread of its own.
+"""[7] RelayActor: runs the outbox relay (``duplex.events.relay.Relay``) on a thread of its own.
 
 Downstream of the DomainEventPublisher: the publisher ``wake``s it after every commit that
 wrote events; on PostgreSQL a LISTEN on ``duplex_events`` wakes it for other processes'
@@ -16,11 +16,11 @@ from typing import Any
 import pykka
 from loguru import logger
 
-from actors.supervised import SupervisedActor, tell
-from app.event_notifications import EventListener, SequenceRange
-from app.relay import Relay
-from app.supervision import Supervisor
-from app.timer import Timer, TimerHandle
+from duplex.actors.supervised import SupervisedActor, tell
+from duplex.clock import Timer, TimerHandle
+from duplex.events.relay import Relay
+from duplex.storage.listen_events import EventListener, SequenceRange
+from duplex.worker.supervision import Supervisor
 
 
 class RelayActor(SupervisedActor):

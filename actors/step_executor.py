@@ -9,18 +9,18 @@ from typing import TYPE_CHECKING
 import pykka
 from loguru import logger
 
-from actors.supervised import SupervisedActor, tell
-from app.db import Database
-from app.errors import StorageError
-from app.messages import ClaimedStep
-from app.metrics import WorkerMetrics
-from app.models import utcnow
-from app.storage.claims import claim_ready_steps, release_claims, release_unconfirmed_claim
-from app.supervision import Supervisor
+from duplex.actors.supervised import SupervisedActor, tell
+from duplex.clock import utcnow
+from duplex.errors import StorageError
+from duplex.messages import ClaimedStep
+from duplex.observability.metrics import WorkerMetrics
+from duplex.storage.claims import claim_ready_steps, release_claims, release_unconfirmed_claim
+from duplex.storage.db import Database
+from duplex.worker.supervision import Supervisor
 
 if TYPE_CHECKING:
-    from actors.dispatcher import DispatcherProxy
-    from actors.event_system import EventSystemProxy
+    from duplex.actors.dispatcher import DispatcherProxy
+    from duplex.actors.event_system import EventSystemProxy
 
 
 class StepExecutor(SupervisedActor):

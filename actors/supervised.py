@@ -19,7 +19,7 @@ import pykka
 from loguru import logger
 from pykka.messages import ProxyCall
 
-from app.supervision import Supervisor
+from duplex.worker.supervision import Supervisor
 
 
 def tell(method: Any, *args: Any) -> bool:

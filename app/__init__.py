@@ -2,15 +2,15 @@
 
 The public API for handler authors::
 
-    from app import step_handler, StepContext, PermanentError, RetryableError, subscribe
+    from duplex import step_handler, StepContext, PermanentError, RetryableError, subscribe
 
 and for programs that submit work without running a worker::
 
-    from app import Client
+    from duplex import Client
 
-The names are loaded on first use (PEP 562): ``import app.<module>`` does not pull in
+The names are loaded on first use (PEP 562): ``import duplex.<module>`` does not pull in
 SQLAlchemy, so ``duplex run`` installs its stop signals within milliseconds of starting
-(``app.__main__``), before any heavy import.
+(``duplex.__main__``), before any heavy import.
 """
 
 from __future__ import annotations
@@ -19,22 +19,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.client import Client
-    from app.errors import DuplexError, PermanentError, RetryableError
-    from app.handlers import StepContext, step_handler
-    from app.messages import DomainEvent
-    from app.subscriptions import subscribe
+    from duplex.client import Client
+    from duplex.errors import DuplexError, PermanentError, RetryableError
+    from duplex.handlers import StepContext, step_handler
+    from duplex.messages import DomainEvent
+    from duplex.subscriptions import subscribe
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "Client": "app.client",
-    "DomainEvent": "app.messages",
-    "DuplexError": "app.errors",
-    "PermanentError": "app.errors",
-    "RetryableError": "app.errors",
-    "StepContext": "app.handlers",
-    "step_handler": "app.handlers",
-    "subscribe": "app.subscriptions",
+    "Client": "duplex.client",
+    "DomainEvent": "duplex.messages",
+    "DuplexError": "duplex.errors",
+    "PermanentError": "duplex.errors",
+    "RetryableError": "duplex.errors",
+    "StepContext": "duplex.handlers",
+    "step_handler": "duplex.handlers",
+    "subscribe": "duplex.subscriptions",
 }
 
 __all__ = [
@@ -52,7 +52,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'app' has no attribute {name!r}")
+        raise AttributeError(f"module 'duplex' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value

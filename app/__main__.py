@@ -1,4 +1,4 @@
-"""``python -m app`` and the ``duplex`` console script.
+"""``python -m duplex`` and the ``duplex`` console script.
 
 For ``duplex run`` the stop signals are installed first, before the CLI's imports
 (SQLAlchemy, Alembic, the actors): a SIGTERM during start-up is then honoured (the worker
@@ -9,11 +9,11 @@ import sys
 
 
 def main() -> int:
-    from app.startup import runs_the_worker, stop_signals
+    from duplex.worker.startup import runs_the_worker, stop_signals
 
     if runs_the_worker(sys.argv[1:]):
         stop_signals()
-    from app.cli import main as cli_main
+    from duplex.cli.main import main as cli_main
 
     return cli_main()
 

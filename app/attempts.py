@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from app.states import IN_PROGRESS
+from duplex.states import IN_PROGRESS
 
 RUNNING = "running"
 

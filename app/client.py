@@ -1,6 +1,6 @@
 """Submitting work from other programs, without running a worker.
 
-    from app import Client
+    from duplex import Client
 
     with Client("postgresql+psycopg://app@db/duplex") as client:
         task_uuid = client.submit("order_fulfillment", {"order": order}, idempotency_key=order_id)
@@ -18,15 +18,15 @@ from types import TracebackType
 
 from sqlalchemy.exc import IntegrityError
 
-from app.db import Database
-from app.errors import InputError, StorageError
-from app.messages import JSONDict
-from app.models import utcnow
-from app.schema import ensure_schema_ready
-from app.settings import DatabaseSettings, Settings
-from app.storage.submission import create_tasks, existing_tasks
-from app.templates import TaskTemplate, load_template
-from app.tracing import checked_carrier, current_carrier
+from duplex.clock import utcnow
+from duplex.errors import InputError, StorageError
+from duplex.messages import JSONDict
+from duplex.observability.tracing import checked_carrier, current_carrier
+from duplex.settings import DatabaseSettings, Settings
+from duplex.storage.db import Database
+from duplex.storage.schema import ensure_schema_ready
+from duplex.storage.submission import create_tasks, existing_tasks
+from duplex.templates import TaskTemplate, load_template
 
 
 class Client:

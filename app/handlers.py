@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from loguru import logger
 
-from app.errors import ConfigurationError
-from app.messages import EmittedEvent, JSONDict
+from duplex.errors import ConfigurationError
+from duplex.messages import EmittedEvent, JSONDict
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -232,7 +232,7 @@ def import_handler_modules(modules: Iterable[str]) -> None:
 def bind_logger(
     *, task_uuid: str, step_uuid: str, step_name: str, attempt: int, worker_id: str
 ) -> Logger:
-    """Return a logger that tags every line with the step (``app.logs.STEP_FIELDS``)."""
+    """Return a logger that tags every line with the step (``observability.logs.STEP_FIELDS``)."""
     return logger.bind(
         task_uuid=task_uuid,
         step_uuid=step_uuid,

@@ -28,7 +28,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from app.errors import ConfigurationError
+from duplex.errors import ConfigurationError
 
 SETTINGS_FILE_ENV = "DUPLEX_SETTINGS"
 DEFAULT_SETTINGS_FILE = "settings.toml"
@@ -56,7 +56,7 @@ class WorkerSettings(_Section):
     namespaces: tuple[str, ...] = ("default",)
     handler_modules: tuple[str, ...] = ()
     max_concurrent_handlers: int = Field(default=10, ge=1, le=1024)
-    # The ceiling of the prefetch window, which follows the handlers' pace (app.prefetch).
+    # The ceiling of the prefetch window, which follows the handlers' pace (duplex.intake.prefetch).
     prefetch: int = Field(default=200, ge=0, le=1024)
     handler_timeout_ms: int = Field(default=30_000, gt=0, le=604_800_000)
     shutdown_timeout_ms: int = Field(default=10_000, ge=0, le=86_400_000)

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from app.messages import DomainEvent
+from duplex.messages import DomainEvent
 
 Subscriber = Callable[[DomainEvent], object]
 S = TypeVar("S", bound=Subscriber)

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from app.errors import TemplateError
+from duplex.errors import TemplateError
 
 __all__ = [
     "EventDeclaration",

@@ -25,18 +25,18 @@ if str(ROOT) not in sys.path:
 from sqlalchemy import create_engine  # noqa: E402
 from sqlalchemy import text as sql  # noqa: E402
 
-from app.db import Database  # noqa: E402
-from app.handlers import HandlerRegistry  # noqa: E402
-from app.logs import configure_logging  # noqa: E402
-from app.migrate import upgrade_to_head  # noqa: E402
-from app.models import utcnow  # noqa: E402
-from app.settings import DatabaseSettings, LoggingSettings, Settings  # noqa: E402
-from app.storage.claims import count_open_work  # noqa: E402
-from app.storage.results import CommitReport  # noqa: E402
-from app.storage.submission import create_task  # noqa: E402
-from app.subscriptions import SubscriberRegistry  # noqa: E402
-from app.templates import TaskTemplate, parse_template  # noqa: E402
-from app.worker import Worker  # noqa: E402
+from duplex.clock import utcnow  # noqa: E402
+from duplex.handlers import HandlerRegistry  # noqa: E402
+from duplex.observability.logs import configure_logging  # noqa: E402
+from duplex.settings import DatabaseSettings, LoggingSettings, Settings  # noqa: E402
+from duplex.storage.claims import count_open_work  # noqa: E402
+from duplex.storage.db import Database  # noqa: E402
+from duplex.storage.migrate import upgrade_to_head  # noqa: E402
+from duplex.storage.results import CommitReport  # noqa: E402
+from duplex.storage.submission import create_task  # noqa: E402
+from duplex.subscriptions import SubscriberRegistry  # noqa: E402
+from duplex.templates import TaskTemplate, parse_template  # noqa: E402
+from duplex.worker.wiring import Worker  # noqa: E402
 
 POLL_S = 0.010
 

@@ -26,14 +26,6 @@ if __package__ in (None, ""):
 
 from sqlalchemy import select, update
 
-from app import Client
-from app.dashboard import Dashboard
-from app.db import Database
-from app.handlers import HandlerRegistry, StepContext
-from app.http_server import HttpServer
-from app.models import tasks, utcnow, workflow_steps
-from app.settings import Settings
-from app.templates import parse_template
 from benchmarks._common import (
     Result,
     bench_settings,
@@ -46,6 +38,15 @@ from benchmarks._common import (
     quiet_logging,
     run_until_drained,
 )
+from duplex import Client
+from duplex.clock import utcnow
+from duplex.dashboard import Dashboard
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.observability.http import HttpServer
+from duplex.settings import Settings
+from duplex.storage.db import Database
+from duplex.storage.models import tasks, workflow_steps
+from duplex.templates import parse_template
 
 WARM_UP, TIMED = 3, 15
 TARGET_MS = 500.0

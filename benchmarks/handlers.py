@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app import StepContext, step_handler
+from duplex import StepContext, step_handler
 
 
 @step_handler("bench.noop")

@@ -23,13 +23,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.db import Database
-from app.handlers import HandlerRegistry, StepContext
-from app.settings import DatabaseSettings, WorkerSettings
-from app.storage.results import CommitReport
-from app.subscriptions import SubscriberRegistry
-from app.templates import parse_template
-from app.worker import Worker
 from benchmarks._common import (
     Result,
     bench_settings,
@@ -43,6 +36,13 @@ from benchmarks._common import (
     quiet_logging,
     write_tasks,
 )
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.settings import DatabaseSettings, WorkerSettings
+from duplex.storage.db import Database
+from duplex.storage.results import CommitReport
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import parse_template
+from duplex.worker.wiring import Worker
 
 STEPS_PER_TASK = 100
 TASKS_PER_TRANSACTION = 100

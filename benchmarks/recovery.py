@@ -76,7 +76,7 @@ class Case:
         )
 
     def duplex(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "app", *args]
+        return [sys.executable, "-m", "duplex", *args]
 
     def submit(self) -> None:
         subprocess.run(

@@ -30,22 +30,6 @@ if __package__ in (None, ""):
 import pika
 from sqlalchemy import create_engine, text
 
-from app import Client
-from app.broker import AmqpPublisher
-from app.db import Database
-from app.handlers import HandlerRegistry, StepContext
-from app.messages import EmittedEvent, StepOutcome
-from app.migrate import upgrade_to_head
-from app.models import utcnow
-from app.relay import Relay
-from app.retry import RetryPolicy
-from app.settings import DatabaseSettings, RelaySettings, Settings
-from app.storage.claims import claim_ready_steps
-from app.storage.outbox import event_lag
-from app.storage.results import commit_outcomes
-from app.subscriptions import SubscriberRegistry
-from app.templates import parse_template
-from app.worker import Worker
 from benchmarks._common import (
     fresh_database,
     independent_template_text,
@@ -54,6 +38,22 @@ from benchmarks._common import (
     quiet_logging,
     run_until_drained,
 )
+from duplex import Client
+from duplex.clock import utcnow
+from duplex.commit.retry import RetryPolicy
+from duplex.events.broker import AmqpPublisher
+from duplex.events.relay import Relay
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.messages import EmittedEvent, StepOutcome
+from duplex.settings import DatabaseSettings, RelaySettings, Settings
+from duplex.storage.claims import claim_ready_steps
+from duplex.storage.db import Database
+from duplex.storage.migrate import upgrade_to_head
+from duplex.storage.outbox import event_lag
+from duplex.storage.results import commit_outcomes
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import parse_template
+from duplex.worker.wiring import Worker
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

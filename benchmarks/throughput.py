@@ -32,15 +32,6 @@ if __package__ in (None, ""):
 
 from sqlalchemy import func, select
 
-from app import Client
-from app.db import Database
-from app.handlers import HandlerRegistry, StepContext
-from app.messages import DomainEvent
-from app.models import workers as wt
-from app.models import workflow_step_transitions, workflow_steps
-from app.subscriptions import SubscriberRegistry
-from app.templates import parse_template
-from app.worker import Worker
 from benchmarks import _common
 from benchmarks import peers as peer_figures
 from benchmarks._common import (
@@ -63,6 +54,15 @@ from benchmarks._common import (
     write_tasks,
 )
 from benchmarks.cpu import CpuSample, CpuUse
+from duplex import Client
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.messages import DomainEvent
+from duplex.storage.db import Database
+from duplex.storage.models import workers as wt
+from duplex.storage.models import workflow_step_transitions, workflow_steps
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import parse_template
+from duplex.worker.wiring import Worker
 
 CONCURRENCY = 10
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,8 +355,8 @@ def bench_bulk(quick: bool) -> list[Result]:
 COLD_SUBMIT = """
 import sys, time
 t0 = time.time()
-from app import Client
-from app.templates import parse_template
+from duplex import Client
+from duplex.templates import parse_template
 with Client(sys.argv[1]) as client:
     client.submit_many(parse_template(sys.argv[3]), [{} for _ in range(int(sys.argv[2]))])
 print(time.time() - t0)
@@ -470,7 +470,7 @@ def _run_processes(
         "PYTHONPATH": str(ROOT),
     }
     workers = [
-        subprocess.Popen([sys.executable, "-m", "app", "run"], env=env, cwd=ROOT)
+        subprocess.Popen([sys.executable, "-m", "duplex", "run"], env=env, cwd=ROOT)
         for _ in range(processes)
     ]
     pids = [worker.pid for worker in workers]

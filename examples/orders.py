@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import Any
 
-from app import DomainEvent, PermanentError, RetryableError, StepContext, step_handler, subscribe
+from duplex import DomainEvent, PermanentError, RetryableError, StepContext, step_handler, subscribe
 
 
 @step_handler("orders.validate")

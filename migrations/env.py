@@ -1,4 +1,4 @@
-"""Alembic environment, configured in code by ``app.migrate``.
+"""Alembic environment, configured in code by ``duplex.storage.migrate``.
 
 The stock env.py calls ``logging.config.fileConfig``, which disables every existing logger
 (pykka's crash reports among them); this one leaves logging alone.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from app.models import metadata
+from duplex.storage.models import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from app.db import Database
-from app.migrate import upgrade_to_head
-from app.settings import DatabaseSettings, Settings
-from app.storage.claims import count_open_work
+from duplex.settings import DatabaseSettings, Settings
+from duplex.storage.claims import count_open_work
+from duplex.storage.db import Database
+from duplex.storage.migrate import upgrade_to_head
 from tests.processes import module_processes, owned_processes, session_processes
 
 __all__ = ["module_processes", "owned_processes", "session_processes"]

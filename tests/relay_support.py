@@ -21,8 +21,8 @@ import pika
 import pika.exceptions
 import pytest
 
-from app.broker import Message, PublishRejected
-from app.errors import BrokerUnavailableError
+from duplex.errors import BrokerUnavailableError
+from duplex.events.broker import Message, PublishRejected
 
 RABBITMQ_URL = os.environ.get("DUPLEX_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
@@ -197,7 +197,7 @@ class FakePublisher:
 
 
 def relay_settings(**overrides: Any) -> Any:
-    from app.settings import RelaySettings
+    from duplex.settings import RelaySettings
 
     values: dict[str, Any] = {
         "enabled": True,

@@ -22,18 +22,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from actors.completion_processor import CommitObserver
-from app.db import Database
-from app.errors import PermanentError, RetryableError
-from app.handlers import Cancellation, HandlerRegistry, StepContext
-from app.messages import DomainEvent
-from app.models import domain_events, utcnow, workflow_step_transitions, workflow_steps
-from app.states import STEP_TRANSITIONS
-from app.storage.results import CommitReport
-from app.storage.submission import create_task
-from app.subscriptions import SubscriberRegistry
-from app.templates import TaskTemplate
-from app.worker import Worker
+from duplex.actors.completion_processor import CommitObserver
+from duplex.clock import utcnow
+from duplex.errors import PermanentError, RetryableError
+from duplex.handlers import Cancellation, HandlerRegistry, StepContext
+from duplex.messages import DomainEvent
+from duplex.states import STEP_TRANSITIONS
+from duplex.storage.db import Database
+from duplex.storage.models import domain_events, workflow_step_transitions, workflow_steps
+from duplex.storage.results import CommitReport
+from duplex.storage.submission import create_task
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import TaskTemplate
+from duplex.worker.wiring import Worker
 from tests.conftest import make_settings, open_work, sqlite_database, wait_until
 
 EXAMPLES = settings(

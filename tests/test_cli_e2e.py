@@ -106,7 +106,7 @@ class Duplex:
     env: dict[str, str]
 
     def command(self, args: Sequence[str], *, script: bool = False) -> list[str]:
-        prefix = [str(duplex_script())] if script else [sys.executable, "-m", "app"]
+        prefix = [str(duplex_script())] if script else [sys.executable, "-m", "duplex"]
         return [*prefix, *args]
 
     def run(
@@ -368,7 +368,7 @@ def test_migrate_submit_run_status(tmp_path: Path) -> None:
 
 
 def test_duplex_console_script_works(tmp_path: Path) -> None:
-    """The installed `duplex` script is the same CLI (every other test uses `python -m app`)."""
+    """The installed `duplex` script is the same CLI (every other test uses `python -m duplex`)."""
     duplex = make_duplex(tmp_path)
     assert "head" in duplex.ok("migrate", script=True).stdout
     assert json.loads(duplex.ok("status", "--json", script=True).stdout) == {

@@ -36,8 +36,8 @@ from typing import IO, Any
 import pika
 import pytest
 
-from app.cli import build_parser
-from app.client import Client
+from duplex.cli.main import build_parser
+from duplex.client import Client
 from tests import processes as owned_processes
 from tests.relay_support import RABBITMQ_URL, require_rabbitmq
 from tests.test_cli_e2e import Duplex, make_duplex, migrated_file, wait_for
@@ -337,7 +337,7 @@ def test_in_a_shell_pipeline_head_gets_one_line_and_the_status_is_141(duplex: Du
     shell = shutil.which("bash")
     assert shell is not None
     script = (
-        f"set -o pipefail; {sys.executable} -m app events | head -1; "
+        f"set -o pipefail; {sys.executable} -m duplex events | head -1; "
         'echo "statuses ${PIPESTATUS[0]} ${PIPESTATUS[1]}"'
     )
     result = subprocess.run(

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from alembic import command
 
-from app.client import Client
-from app.db import Database
-from app.migrate import alembic_config
-from app.schema import HEAD_REVISION
-from app.settings import DatabaseSettings
+from duplex.client import Client
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
+from duplex.storage.migrate import alembic_config
+from duplex.storage.schema import HEAD_REVISION
 from tests.test_cli_e2e import TEMPLATES, Duplex, assert_one_line_error, make_duplex
 
 pytestmark = pytest.mark.e2e

@@ -14,12 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from app import Client
-from app.db import Database
-from app.errors import InputError, SchemaNotReadyError
-from app.models import tasks, workflow_step_edges, workflow_steps
-from app.settings import DatabaseSettings
-from app.templates import TaskTemplate
+from duplex import Client
+from duplex.errors import InputError, SchemaNotReadyError
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
+from duplex.storage.models import tasks, workflow_step_edges, workflow_steps
+from duplex.templates import TaskTemplate
 
 TEMPLATE = TaskTemplate.model_validate(
     {

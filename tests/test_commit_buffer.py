@@ -7,9 +7,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from app.commit_buffer import RETRY_MAX_S, CommitBuffer
-from app.messages import ClaimedStep, StepOutcome
-from app.models import utcnow
+from duplex.clock import utcnow
+from duplex.commit.buffer import RETRY_MAX_S, CommitBuffer
+from duplex.messages import ClaimedStep, StepOutcome
 
 
 def outcome(i: int) -> StepOutcome:

@@ -20,16 +20,17 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
-from actors.completion_processor import CommitObserver
-from app.db import Database
-from app.handlers import HandlerRegistry, StepContext
-from app.messages import DomainEvent
-from app.models import domain_events, utcnow, workflow_step_transitions, workflow_steps
-from app.storage.results import CommitReport
-from app.storage.submission import create_task
-from app.subscriptions import SubscriberRegistry
-from app.templates import TaskTemplate
-from app.worker import Worker
+from duplex.actors.completion_processor import CommitObserver
+from duplex.clock import utcnow
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.messages import DomainEvent
+from duplex.storage.db import Database
+from duplex.storage.models import domain_events, workflow_step_transitions, workflow_steps
+from duplex.storage.results import CommitReport
+from duplex.storage.submission import create_task
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import TaskTemplate
+from duplex.worker.wiring import Worker
 from tests.conftest import make_settings, open_work, sqlite_database, wait_until
 
 STEPS = 6

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from app.storage.operations import OperatorReport, StepChange
+from duplex.storage.operations import OperatorReport, StepChange
 from tests import processes
 from tests.test_cli_e2e import (
     HANDLER_MODULE,

@@ -36,23 +36,24 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from app import Client
-from app.dashboard import Dashboard
-from app.db import Database
-from app.errors import StepError, TransitionError
-from app.handlers import HandlerRegistry, StepContext
-from app.http_server import HttpServer
-from app.messages import ClaimedStep, StepFailure, StepOutcome
-from app.migrate import upgrade_to_head
-from app.models import tasks, utcnow, workers, workflow_step_transitions, workflow_steps
-from app.retry import RetryPolicy
-from app.settings import DatabaseSettings, Settings
-from app.storage.claims import claim_ready_steps
-from app.storage.operations import OperatorReport, cancel_task, resolve_step, retry_step
-from app.storage.results import commit_outcomes
-from app.subscriptions import SubscriberRegistry
-from app.templates import parse_template
-from app.worker import Worker
+from duplex import Client
+from duplex.clock import utcnow
+from duplex.commit.retry import RetryPolicy
+from duplex.dashboard import Dashboard
+from duplex.errors import StepError, TransitionError
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.messages import ClaimedStep, StepFailure, StepOutcome
+from duplex.observability.http import HttpServer
+from duplex.settings import DatabaseSettings, Settings
+from duplex.storage.claims import claim_ready_steps
+from duplex.storage.db import Database
+from duplex.storage.migrate import upgrade_to_head
+from duplex.storage.models import tasks, workers, workflow_step_transitions, workflow_steps
+from duplex.storage.operations import OperatorReport, cancel_task, resolve_step, retry_step
+from duplex.storage.results import commit_outcomes
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import parse_template
+from duplex.worker.wiring import Worker
 from tests.conftest import make_settings, open_work, sqlite_database, wait_until
 from tests.test_cli_e2e import Duplex, assert_one_line_error, make_duplex
 

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from app.db import Database
-from app.messages import StepFailure, StepOutcome
-from app.models import utcnow
-from app.retry import RetryPolicy
-from app.storage.claims import claim_ready_steps
-from app.storage.operations import cancel_task, resolve_step
-from app.storage.results import commit_outcomes
-from app.storage.submission import create_task
-from app.templates import parse_template
+from duplex.clock import utcnow
+from duplex.commit.retry import RetryPolicy
+from duplex.messages import StepFailure, StepOutcome
+from duplex.storage.claims import claim_ready_steps
+from duplex.storage.db import Database
+from duplex.storage.operations import cancel_task, resolve_step
+from duplex.storage.results import commit_outcomes
+from duplex.storage.submission import create_task
+from duplex.templates import parse_template
 from tests.conftest import make_settings, sqlite_database
 from tests.test_dashboard_http import Browser, serving
 

@@ -10,19 +10,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.attempts import RUNNING, attempts
-from app.dashboard.graph import GraphStep, depths, layout
-from app.dashboard.pages import cursor_text, filter_params, parse_task_list_query
-from app.dashboard.security import (
+from duplex.attempts import RUNNING, attempts
+from duplex.dashboard.graph import GraphStep, depths, layout
+from duplex.dashboard.pages import cursor_text, filter_params, parse_task_list_query
+from duplex.dashboard.security import (
     Guard,
     check_binding,
     is_loopback,
     operator_name,
     same_origin,
 )
-from app.dashboard.timeline import timeline
-from app.errors import ConfigurationError, InputError
-from app.storage.queries import TransitionRow
+from duplex.dashboard.timeline import timeline
+from duplex.errors import ConfigurationError, InputError
+from duplex.storage.queries import TransitionRow
 
 T0 = datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC)
 

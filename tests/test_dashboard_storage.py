@@ -1,4 +1,4 @@
-"""The dashboard's queries (``app.storage.dashboard``) on SQLite and PostgreSQL.
+"""The dashboard's queries (``duplex.storage.dashboard``) on SQLite and PostgreSQL.
 
 The pagination property walks every page of a random history, with created_at ties, and
 checks that each task is shown exactly once, in order, and that "newer" walks back to the
@@ -15,9 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import insert, select, update
 
-from app.db import Database
-from app.models import tasks, utcnow, workflow_steps
-from app.storage.dashboard import (
+from duplex.clock import utcnow
+from duplex.storage.dashboard import (
     TaskFilter,
     events_of_task,
     status_counts,
@@ -26,8 +25,10 @@ from app.storage.dashboard import (
     task_detail,
     task_page,
 )
-from app.storage.operations import resolve_step, retry_step
-from app.storage.queries import execution_status, transitions_of_task
+from duplex.storage.db import Database
+from duplex.storage.models import tasks, workflow_steps
+from duplex.storage.operations import resolve_step, retry_step
+from duplex.storage.queries import execution_status, transitions_of_task
 from tests.conftest import sqlite_database
 from tests.test_operations import FAN_IN, Flow
 
@@ -279,7 +280,7 @@ def test_operator_changes_show_in_the_history(db: Database) -> None:
 
 
 def test_a_cancelled_task_is_counted_and_filtered_as_cancelled(db: Database) -> None:
-    from app.storage.operations import cancel_task
+    from duplex.storage.operations import cancel_task
 
     flow = Flow(db, FAN_IN)
     flow.claim("p", "q")  # both still running when the task is cancelled; d never runs

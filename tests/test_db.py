@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.db import Database
-from app.errors import StorageError
-from app.settings import DatabaseSettings
+from duplex.errors import StorageError
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
 
 
 @pytest.fixture

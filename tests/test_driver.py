@@ -24,11 +24,11 @@ from sqlalchemy import (
 )
 from sqlalchemy import text as sql
 
-from app.db import Database
-from app.errors import StorageError
-from app.models import JSONValue, UTCDateTime
-from app.settings import DatabaseSettings
-from app.storage.driver import BulkStatement, ColumnInsert, db_json, db_time
+from duplex.errors import StorageError
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
+from duplex.storage.driver import BulkStatement, ColumnInsert, db_json, db_time
+from duplex.storage.models import JSONValue, UTCDateTime
 from tests.conftest import postgres_schema_url, require_postgres
 
 metadata = MetaData()

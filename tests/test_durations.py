@@ -1,5 +1,5 @@
 """How long an attempt took, as ``duplex status`` (text and ``--json``) and the dashboard
-show it: both read it from the transition rows through ``app.attempts``, so they agree, and
+show it: both read it from the transition rows through ``duplex.attempts``, so they agree, and
 neither a timeout nor an operator's later move changes what the attempt itself took.
 """
 
@@ -11,19 +11,19 @@ import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from app.console import duration, make_console, steps_table
-from app.dashboard.pages import step_view, task_view
-from app.db import Database
-from app.handlers import HandlerRegistry, StepContext
-from app.messages import ClaimedStep, StepFailure, StepOutcome
-from app.models import utcnow
-from app.retry import RetryPolicy
-from app.storage.claims import claim_ready_steps
-from app.storage.operations import resolve_step
-from app.storage.queries import task_steps
-from app.storage.results import commit_outcomes
-from app.storage.submission import create_task
-from app.templates import parse_template
+from duplex.cli.console import duration, make_console, steps_table
+from duplex.clock import utcnow
+from duplex.commit.retry import RetryPolicy
+from duplex.dashboard.pages import step_view, task_view
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.messages import ClaimedStep, StepFailure, StepOutcome
+from duplex.storage.claims import claim_ready_steps
+from duplex.storage.db import Database
+from duplex.storage.operations import resolve_step
+from duplex.storage.queries import task_steps
+from duplex.storage.results import commit_outcomes
+from duplex.storage.submission import create_task
+from duplex.templates import parse_template
 from tests.test_timeouts import running_worker, step_row, submit
 
 T0 = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from app.db import Database
-from app.models import tasks
-from app.relay import envelope
-from app.settings import DatabaseSettings
-from app.storage.outbox import task_events
+from duplex.events.relay import envelope
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
+from duplex.storage.models import tasks
+from duplex.storage.outbox import task_events
 from examples.consumer import handle
 from tests.test_cli_e2e import ORDER_CONTEXT, REPO_ROOT, make_duplex, migrated_file
 

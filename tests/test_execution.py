@@ -16,8 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from app.errors import PermanentError, RetryableError
-from app.execution import (
+from duplex.dispatch.attempt import (
     HANDLER_ABORTED,
     HANDLER_ERROR,
     HANDLER_NOT_FOUND,
@@ -27,8 +26,9 @@ from app.execution import (
     normalise_result,
     run_attempt,
 )
-from app.handlers import Cancellation, HandlerRegistry, StepContext
-from app.messages import ClaimedStep, EmittedEvent, StepFailure, StepOutcome
+from duplex.errors import PermanentError, RetryableError
+from duplex.handlers import Cancellation, HandlerRegistry, StepContext
+from duplex.messages import ClaimedStep, EmittedEvent, StepFailure, StepOutcome
 
 WAIT_S = 10.0
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -2,8 +2,8 @@
 parallel execution creates.
 
 Steps are put straight into the states under test with SQL, so each case is exactly the mix it
-names; the view is then read through ``app.queries`` as ``duplex status`` reads it. Every case
-runs on SQLite and PostgreSQL (the view computes "now" differently on each).
+names; the view is then read through ``duplex.storage.queries`` as ``duplex status`` reads it.
+Every case runs on SQLite and PostgreSQL (the view computes "now" differently on each).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, insert, select, update
 
-from app.db import Database
-from app.models import tasks, utcnow, workflow_steps
-from app.states import (
+from duplex.clock import utcnow
+from duplex.states import (
     COMPLETE,
     ERROR,
     STEP_STATES,
@@ -31,10 +30,12 @@ from app.states import (
     TASK_PENDING,
     derive_task_state,
 )
-from app.storage.queries import execution_status, get_task, list_tasks
-from app.storage.submission import create_task
-from app.storage.task_state import update_task_states
-from app.templates import parse_template
+from duplex.storage.db import Database
+from duplex.storage.models import tasks, workflow_steps
+from duplex.storage.queries import execution_status, get_task, list_tasks
+from duplex.storage.submission import create_task
+from duplex.storage.task_state import update_task_states
+from duplex.templates import parse_template
 
 # A step "state" of a case: a real step state, or a retry that is due / not yet due.
 RETRY_DUE = "retry_due"
@@ -182,7 +183,7 @@ def test_execution_status_matches_the_design_for_any_mix(
     assert (row["execution_status"], row["ready_steps"]) == reference_status(spec)
 
 
-# --- task state (app.states.derive_task_state) --------------------------------------------
+# --- task state (duplex.states.derive_task_state) --------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Faults end to end: failing actors, SIGKILL, SIGTERM while commits fail, bad settings.
 
-Every test drives real ``python -m app`` (or ``duplex``) subprocesses against a SQLite file,
+Every test drives real ``python -m duplex`` (or ``duplex``) subprocesses against a SQLite file,
 with real signals and no mock of the worker. Faults are injected from inside the worker by
 ``tests/e2e_handlers/faults.py``, which the worker imports as a handler module and which
 reads ``E2E_FAULT`` (see there). Guarantees covered (DESIGN.md section 2):

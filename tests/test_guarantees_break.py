@@ -17,16 +17,17 @@ from typing import Any
 import pytest
 from sqlalchemy import Row, func, select, text
 
-import app.storage.results as commits
-from app.db import Database
-from app.errors import StorageError
-from app.execution import HANDLER_TIMEOUT
-from app.handlers import HandlerRegistry, StepContext
-from app.messages import ClaimedStep, DomainEvent, Status, StepFailure, StepOutcome
-from app.models import domain_events, utcnow, workflow_step_transitions, workflow_steps
-from app.retry import RetryPolicy
-from app.storage.claims import claim_ready_steps, release_claims
-from app.subscriptions import SubscriberRegistry
+import duplex.storage.results as commits
+from duplex.clock import utcnow
+from duplex.commit.retry import RetryPolicy
+from duplex.dispatch.attempt import HANDLER_TIMEOUT
+from duplex.errors import StorageError
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.messages import ClaimedStep, DomainEvent, Status, StepFailure, StepOutcome
+from duplex.storage.claims import claim_ready_steps, release_claims
+from duplex.storage.db import Database
+from duplex.storage.models import domain_events, workflow_step_transitions, workflow_steps
+from duplex.subscriptions import SubscriberRegistry
 from tests.conftest import open_work, wait_until
 from tests.test_actor_properties import fresh_database, running_worker, submit
 

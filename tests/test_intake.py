@@ -13,8 +13,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from app.intake import IntakeCredits
-from app.prefetch import claim_batch
+from duplex.intake.credits import IntakeCredits
+from duplex.intake.prefetch import claim_batch
 
 
 def test_slots_must_be_positive() -> None:

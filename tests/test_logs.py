@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from loguru import logger
 from sqlalchemy import create_engine, text
 
-from app.logs import InterceptHandler, add_sink
-from app.notifications import ChannelListener
-from app.settings import LoggingSettings
+from duplex.observability.logs import InterceptHandler, add_sink
+from duplex.settings import LoggingSettings
+from duplex.storage.listen import ChannelListener
 from tests.conftest import POSTGRES_URL, require_postgres, wait_until
 
 DRIVER_TEXT = (

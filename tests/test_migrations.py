@@ -1,4 +1,4 @@
-"""The Alembic migrations produce exactly the schema of app.models, on both backends."""
+"""The Alembic migrations produce exactly the schema of duplex.storage.models, on both backends."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from app.db import Database
-from app.errors import SchemaNotReadyError, StorageError
-from app.migrate import alembic_config, head_revision, upgrade_to_head
-from app.models import metadata, utcnow
-from app.schema import HEAD_REVISION, current_revision, ensure_schema_ready
-from app.settings import DatabaseSettings
-from app.storage.submission import create_task
-from app.templates import parse_template
+from duplex.clock import utcnow
+from duplex.errors import SchemaNotReadyError, StorageError
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
+from duplex.storage.migrate import alembic_config, head_revision, upgrade_to_head
+from duplex.storage.models import metadata
+from duplex.storage.schema import HEAD_REVISION, current_revision, ensure_schema_ready
+from duplex.storage.submission import create_task
+from duplex.templates import parse_template
 from tests import processes
 from tests.conftest import (
     create_postgres_schema,
@@ -171,8 +172,8 @@ def test_upgrade_an_empty_database(empty_db: Database) -> None:
 
 
 def test_the_head_revision_constant_names_the_newest_script() -> None:
-    # app.schema answers "is the database at head?" without Alembic, from this constant: a
-    # new migration script must move it too.
+    # duplex.storage.schema answers "is the database at head?" without Alembic, from this
+    # constant: a new migration script must move it too.
     assert head_revision() == HEAD_REVISION
 
 
@@ -210,10 +211,10 @@ def test_submitting_work_does_not_load_alembic(tmp_path: Path) -> None:
     migrated.dispose()
     script = (
         "import sys\n"
-        "import app.cli\n"
-        "from app import Client\n"
+        "import duplex.cli.main\n"
+        "from duplex import Client\n"
         "with Client(sys.argv[1]) as client:\n"
-        "    client.submit(app.templates.parse_template(sys.argv[2]))\n"
+        "    client.submit(duplex.templates.parse_template(sys.argv[2]))\n"
         "print(sorted(name for name in sys.modules if name.split('.')[0] == 'alembic'))\n"
     )
     template = 'name = "t"\n[[steps]]\nname = "a"\nhandler = "h"\n'

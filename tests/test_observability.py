@@ -16,14 +16,11 @@ from loguru import logger
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.db import Database
-from app.errors import ConfigurationError
-from app.health import HealthSnapshot, details, readiness
-from app.http_server import HttpServer, make_app
-from app.liveness import judge
-from app.logs import _json_format, step_log
-from app.messages import ClaimedStep, StepFailure, StepOutcome
-from app.metrics import (
+from duplex.errors import ConfigurationError
+from duplex.messages import ClaimedStep, StepFailure, StepOutcome
+from duplex.observability.http import HttpServer, make_app
+from duplex.observability.logs import _json_format, step_log
+from duplex.observability.metrics import (
     DuplexCollector,
     Histogram,
     QueueFigures,
@@ -31,11 +28,14 @@ from app.metrics import (
     StepMetrics,
     WorkerMetrics,
 )
-from app.saturation import Sample, SaturationMonitor
-from app.storage.queries import ready_queue
-from app.storage.results import CommitReport
-from app.storage.submission import create_task
-from app.templates import parse_template
+from duplex.observability.saturation import Sample, SaturationMonitor
+from duplex.storage.db import Database
+from duplex.storage.liveness import judge
+from duplex.storage.queries import ready_queue
+from duplex.storage.results import CommitReport
+from duplex.storage.submission import create_task
+from duplex.templates import parse_template
+from duplex.worker.health import HealthSnapshot, details, readiness
 
 T0 = datetime(2026, 12, 2, 6, 0, tzinfo=UTC)
 
@@ -387,11 +387,11 @@ def test_the_relays_lag_is_on_health_and_metrics(sqlite_db: Database) -> None:
     import json
     import urllib.request
 
-    from app import Client
-    from app.handlers import HandlerRegistry
-    from app.subscriptions import SubscriberRegistry
-    from app.templates import parse_template
-    from app.worker import Worker
+    from duplex import Client
+    from duplex.handlers import HandlerRegistry
+    from duplex.subscriptions import SubscriberRegistry
+    from duplex.templates import parse_template
+    from duplex.worker.wiring import Worker
     from tests.conftest import make_settings, open_work, wait_until
 
     registry = HandlerRegistry()

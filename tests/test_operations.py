@@ -1,4 +1,4 @@
-"""Operator commands (``app.operations``) on SQLite and PostgreSQL, without any actor.
+"""Operator commands (``duplex.storage.operations``) on SQLite and PostgreSQL, without any actor.
 
 The workflow is driven by hand through the same functions the actors call (claim, commit,
 release), so each test sets up exactly the moment it is about.
@@ -14,29 +14,29 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from app.db import Database
-from app.errors import InputError, TransitionError
-from app.messages import ClaimedStep, StepFailure, StepOutcome
-from app.models import (
+from duplex.clock import utcnow
+from duplex.commit.retry import RetryPolicy
+from duplex.errors import InputError, TransitionError
+from duplex.messages import ClaimedStep, StepFailure, StepOutcome
+from duplex.storage.claims import claim_ready_steps, release_claims
+from duplex.storage.db import Database
+from duplex.storage.models import (
     domain_events,
     tasks,
-    utcnow,
     workflow_step_edges,
     workflow_step_transitions,
     workflow_steps,
 )
-from app.retry import RetryPolicy
-from app.storage.claims import claim_ready_steps, release_claims
-from app.storage.operations import (
+from duplex.storage.operations import (
     OperatorReport,
     cancel_task,
     operator_identity,
     resolve_step,
     retry_step,
 )
-from app.storage.results import CommitReport, commit_outcomes
-from app.storage.submission import create_task
-from app.templates import parse_template
+from duplex.storage.results import CommitReport, commit_outcomes
+from duplex.storage.submission import create_task
+from duplex.templates import parse_template
 
 OPERATOR = "operator:tester"
 POLICY = RetryPolicy(base_ms=0, multiplier=1.0, max_ms=0, jitter=0.0)

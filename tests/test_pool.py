@@ -14,8 +14,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from app.messages import ClaimedStep
-from app.pool import HandlerPool
+from duplex.dispatch.pool import HandlerPool
+from duplex.messages import ClaimedStep
 
 _counter = itertools.count()
 

@@ -33,13 +33,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from app.db import Database
-from app.migrate import upgrade_to_head
-from app.models import utcnow
-from app.notifications import libpq_url
-from app.settings import DatabaseSettings
-from app.storage.submission import create_task
-from app.templates import parse_template
+from duplex.clock import utcnow
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
+from duplex.storage.listen import libpq_url
+from duplex.storage.migrate import upgrade_to_head
+from duplex.storage.submission import create_task
+from duplex.templates import parse_template
 from tests import processes
 from tests.conftest import (
     create_postgres_schema,
@@ -155,7 +155,7 @@ class Cluster:
         stderr_path = self.directory / f"{name}.stderr"
         with open(self.directory / f"{name}.stdout", "wb") as out, open(stderr_path, "wb") as err:
             popen = processes.current().popen(
-                [sys.executable, "-m", "app", "run"],
+                [sys.executable, "-m", "duplex", "run"],
                 cwd=self.directory,
                 env={**self.env, **(env or {})},
                 stdout=out,

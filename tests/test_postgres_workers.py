@@ -8,16 +8,17 @@ from collections import Counter
 import pytest
 from sqlalchemy import func, select
 
-from app.db import Database
-from app.handlers import HandlerRegistry, StepContext
-from app.migrate import head_revision, upgrade_to_head
-from app.models import utcnow, workflow_step_transitions, workflow_steps
-from app.schema import current_revision
-from app.settings import DatabaseSettings
-from app.storage.submission import create_task
-from app.subscriptions import SubscriberRegistry
-from app.templates import parse_template
-from app.worker import Worker
+from duplex.clock import utcnow
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
+from duplex.storage.migrate import head_revision, upgrade_to_head
+from duplex.storage.models import workflow_step_transitions, workflow_steps
+from duplex.storage.schema import current_revision
+from duplex.storage.submission import create_task
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import parse_template
+from duplex.worker.wiring import Worker
 from tests.conftest import (
     make_settings,
     wait_until,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.prefetch import HORIZON_S, PrefetchWindow, claim_batch
+from duplex.intake.prefetch import HORIZON_S, PrefetchWindow, claim_batch
 
 durations = st.floats(min_value=0.0, max_value=3600.0, allow_nan=False)
 

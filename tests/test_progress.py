@@ -1,11 +1,11 @@
-"""``duplex run --until-idle``'s progress lines and summary (``app.progress``), piped."""
+"""``duplex run --until-idle``'s progress lines and summary (``duplex.cli.progress``), piped."""
 
 from __future__ import annotations
 
 import io
 
-from app.metrics import WorkerMetrics
-from app.progress import RunProgress
+from duplex.cli.progress import RunProgress
+from duplex.observability.metrics import WorkerMetrics
 
 
 class Clock:

@@ -19,19 +19,19 @@ import pykka
 import pytest
 from sqlalchemy import Connection, insert, select, update
 
-from actors.completion_processor import CompletionProcessor, CompletionProcessorProxy
-from actors.event_publisher import DomainEventPublisher
-from app.db import Database
-from app.execution import WORKER_LOST
-from app.messages import ClaimedStep
-from app.models import utcnow, workers, workflow_step_transitions, workflow_steps
-from app.retry import RetryPolicy
-from app.settings import DatabaseSettings
-from app.storage.claims import claim_ready_steps
-from app.storage.submission import create_task
-from app.subscriptions import SubscriberRegistry
-from app.templates import parse_template
-from app.timer import Timer
+from duplex.actors.completion_processor import CompletionProcessor, CompletionProcessorProxy
+from duplex.actors.event_publisher import DomainEventPublisher
+from duplex.clock import Timer, utcnow
+from duplex.commit.retry import RetryPolicy
+from duplex.dispatch.attempt import WORKER_LOST
+from duplex.messages import ClaimedStep
+from duplex.settings import DatabaseSettings
+from duplex.storage.claims import claim_ready_steps
+from duplex.storage.db import Database
+from duplex.storage.models import workers, workflow_step_transitions, workflow_steps
+from duplex.storage.submission import create_task
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import parse_template
 
 ME = "recoverer"
 TICKS = 5

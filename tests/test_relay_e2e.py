@@ -19,9 +19,10 @@ import pika
 import pytest
 from sqlalchemy import func, select, update
 
-from app.db import Database
-from app.models import domain_event_actions, domain_events, utcnow, workers
-from app.settings import DatabaseSettings
+from duplex.clock import utcnow
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
+from duplex.storage.models import domain_event_actions, domain_events, workers
 from tests import processes
 from tests.broker_proxy import BrokerProxy
 from tests.conftest import open_work
@@ -490,7 +491,7 @@ def test_migration_numbers_existing_events_in_commit_order(tmp_path: Path) -> No
     """Rows written before 0005 get sequences by created_at, then insertion order."""
     from alembic import command
 
-    from app.migrate import alembic_config
+    from duplex.storage.migrate import alembic_config
 
     db = open_db(f"sqlite:///{tmp_path / 'old.db'}")
     try:

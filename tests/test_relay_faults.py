@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from app.db import Database
-from app.migrate import upgrade_to_head
-from app.relay import Relay, RelayLock
-from app.settings import DatabaseSettings
+from duplex.events.relay import Relay, RelayLock
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
+from duplex.storage.migrate import upgrade_to_head
 from tests.relay_support import FakeBroker, FakePublisher, relay_settings
 from tests.test_relay_logic import claim_all, commit, outcome, pump_until_drained, submit
 

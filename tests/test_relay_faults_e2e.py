@@ -31,8 +31,8 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import Engine
 
-from app.models import domain_events
-from app.notifications import libpq_url
+from duplex.storage.listen import libpq_url
+from duplex.storage.models import domain_events
 from tests import processes as owned_processes
 from tests.relay_support import (
     RABBITMQ_URL,

@@ -18,15 +18,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from app.broker import Message
-from app.db import Database
-from app.errors import BrokerUnavailableError, InputError, TransitionError
-from app.messages import ClaimedStep, EmittedEvent, StepOutcome
-from app.models import domain_event_actions, domain_events, utcnow
-from app.relay import Backoff, Relay, RelayLock, envelope, message_of
-from app.retry import RetryPolicy
-from app.storage.claims import claim_ready_steps
-from app.storage.outbox import (
+from duplex.clock import utcnow
+from duplex.commit.retry import RetryPolicy
+from duplex.errors import BrokerUnavailableError, InputError, TransitionError
+from duplex.events.broker import Message
+from duplex.events.relay import Backoff, Relay, RelayLock, envelope, message_of
+from duplex.messages import ClaimedStep, EmittedEvent, StepOutcome
+from duplex.storage.claims import claim_ready_steps
+from duplex.storage.db import Database
+from duplex.storage.models import domain_event_actions, domain_events
+from duplex.storage.outbox import (
     event_actions,
     event_lag,
     get_event,
@@ -35,9 +36,9 @@ from app.storage.outbox import (
     skip_event,
     task_events,
 )
-from app.storage.results import commit_outcomes
-from app.storage.submission import create_task
-from app.templates import parse_template
+from duplex.storage.results import commit_outcomes
+from duplex.storage.submission import create_task
+from duplex.templates import parse_template
 from tests.relay_support import FakeBroker, FakePublisher, relay_settings
 
 POLICY = RetryPolicy(base_ms=1000, multiplier=2.0, max_ms=60_000, jitter=0.0)
@@ -544,10 +545,10 @@ def test_a_failing_relay_actor_stops_the_worker_in_order(
     sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug in the relay (here: in its connect) follows the shared failure policy."""
-    from app import worker as worker_module
-    from app.handlers import HandlerRegistry
-    from app.subscriptions import SubscriberRegistry
-    from app.worker import Worker, WorkerCrashedError
+    from duplex.handlers import HandlerRegistry
+    from duplex.subscriptions import SubscriberRegistry
+    from duplex.worker import wiring as worker_module
+    from duplex.worker.wiring import Worker, WorkerCrashedError
     from tests.conftest import make_settings, wait_until
 
     def broken(*_args: object, **_kwargs: object) -> None:

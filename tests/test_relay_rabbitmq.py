@@ -18,17 +18,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.broker import AmqpPublisher, Message
-from app.db import Database
-from app.errors import BrokerUnavailableError
-from app.handlers import HandlerRegistry, StepContext
-from app.models import utcnow
-from app.relay import Relay
-from app.storage.outbox import task_events
-from app.storage.submission import create_task
-from app.subscriptions import SubscriberRegistry
-from app.templates import parse_template
-from app.worker import Worker
+from duplex.clock import utcnow
+from duplex.errors import BrokerUnavailableError
+from duplex.events.broker import AmqpPublisher, Message
+from duplex.events.relay import Relay
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.storage.db import Database
+from duplex.storage.outbox import task_events
+from duplex.storage.submission import create_task
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import parse_template
+from duplex.worker.wiring import Worker
 from tests import processes
 from tests.broker_proxy import BrokerProxy
 from tests.conftest import make_settings, sqlite_database
@@ -249,7 +249,7 @@ def count_unpublished(db: Database) -> int:
 def wait_until_published_more(db: Database, at_least: int) -> None:
     from sqlalchemy import func, select
 
-    from app.models import domain_events
+    from duplex.storage.models import domain_events
 
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -287,7 +287,7 @@ def test_a_poison_event_on_the_real_broker_is_dead_lettered_then_retried(
         assert [e.state for e in events] == ["published", "dead_lettered"]
         assert "unroutable" in (events[1].publish_error or "")
         reader.bind("step.#")
-        from app.storage.outbox import retry_event
+        from duplex.storage.outbox import retry_event
 
         with sqlite_db.write() as conn:
             retry_event(conn, events[1].event_id, operator="t", now=utcnow(), reason=None)

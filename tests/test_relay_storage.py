@@ -9,17 +9,12 @@ import psycopg
 import pytest
 from sqlalchemy import func, select, update
 
-from app.db import Database
-from app.event_notifications import CHANNEL, parse_payload
-from app.models import (
-    domain_events,
-    tasks,
-    utcnow,
-    workflow_step_transitions,
-    workflow_steps,
-)
-from app.notifications import libpq_url
-from app.storage.outbox import count_prunable, event_lag, prune_batch
+from duplex.clock import utcnow
+from duplex.storage.db import Database
+from duplex.storage.listen import libpq_url
+from duplex.storage.listen_events import CHANNEL, parse_payload
+from duplex.storage.models import domain_events, tasks, workflow_step_transitions, workflow_steps
+from duplex.storage.outbox import count_prunable, event_lag, prune_batch
 from tests.test_relay_logic import claim_all, commit, outcome, submit
 
 de = domain_events

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.messages import StepFailure
-from app.retry import RetryPolicy
-from app.settings import RetrySettings
-from app.states import ERROR, WAITING_FOR_RETRY
+from duplex.commit.retry import RetryPolicy
+from duplex.messages import StepFailure
+from duplex.settings import RetrySettings
+from duplex.states import ERROR, WAITING_FOR_RETRY
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 # timedelta keeps microseconds; allow for rounding to them.

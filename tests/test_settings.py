@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.errors import ConfigurationError
-from app.settings import Settings, load_settings
+from duplex.errors import ConfigurationError
+from duplex.settings import Settings, load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from app.handlers import HandlerRegistry, StepContext
-from app.messages import DomainEvent
-from app.models import utcnow, workflow_steps
-from app.storage.submission import create_task
-from app.subscriptions import SubscriberRegistry
-from app.templates import parse_template
-from app.worker import Worker
+from duplex.clock import utcnow
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.messages import DomainEvent
+from duplex.storage.models import workflow_steps
+from duplex.storage.submission import create_task
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import parse_template
+from duplex.worker.wiring import Worker
 from tests.conftest import make_settings, sqlite_database
 
 TEMPLATE = """

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from app.errors import ConfigurationError, StartupError, StorageError
-from app.startup import (
+from duplex.errors import ConfigurationError, StartupError, StorageError
+from duplex.worker.startup import (
     FIRST_DELAY_S,
     JITTER,
     MAX_DELAY_S,
@@ -270,12 +270,12 @@ def test_the_first_signal_calls_the_stop_callback(signals: StopSignals) -> None:
 
 
 def test_the_stop_signals_install_before_any_heavy_import() -> None:
-    # `duplex run` installs its handlers after `import app.startup`: if that pulled in
+    # `duplex run` installs its handlers after `import duplex.worker.startup`: if that pulled in
     # SQLAlchemy (through the package's exports), a SIGTERM in the first half second would
     # still kill the worker by the default action.
     probe = (
-        "import sys, app.startup\n"
-        "heavy = sorted(m for m in ('sqlalchemy', 'alembic', 'pykka', 'loguru', 'app.client')"
+        "import sys, duplex.worker.startup\n"
+        "heavy = sorted(m for m in ('sqlalchemy', 'alembic', 'pykka', 'loguru', 'duplex.client')"
         " if m in sys.modules)\n"
         "print(','.join(heavy))"
     )
@@ -286,10 +286,10 @@ def test_the_stop_signals_install_before_any_heavy_import() -> None:
 
 
 def test_the_package_exports_load_on_first_use() -> None:
-    import app
+    import duplex
 
-    assert sorted(app.__all__) == sorted(app._EXPORTS)
-    for name in app.__all__:
-        assert getattr(app, name).__name__ == name
+    assert sorted(duplex.__all__) == sorted(duplex._EXPORTS)
+    for name in duplex.__all__:
+        assert getattr(duplex, name).__name__ == name
     with pytest.raises(AttributeError, match="no_such_name"):
-        app.no_such_name  # noqa: B018
+        duplex.no_such_name  # noqa: B018

@@ -30,11 +30,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from app.db import Database
-from app.migrate import upgrade_to_head
-from app.notifications import libpq_url
-from app.schema import HEAD_REVISION
-from app.settings import DatabaseSettings
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
+from duplex.storage.listen import libpq_url
+from duplex.storage.migrate import upgrade_to_head
+from duplex.storage.schema import HEAD_REVISION
 from tests import processes
 from tests.conftest import (
     POSTGRES_URL,
@@ -336,7 +336,7 @@ def test_a_signal_while_handler_modules_import_stops_before_serving(
 
 
 # Loaded by the interpreter at start (``sitecustomize``), before any of Duplex: the import
-# of ``app.cli`` (SQLAlchemy, the CLI's commands) then blocks on the test's FIFO.
+# of ``duplex.cli.main`` (SQLAlchemy, the CLI's commands) then blocks on the test's FIFO.
 BLOCK_CLI_IMPORT = """\
 import os
 import sys
@@ -345,7 +345,7 @@ from pathlib import Path
 
 class BlockTheCli:
     def find_spec(self, name, path=None, target=None):
-        if name == "app.cli":
+        if name == "duplex.cli.main":
             sys.meta_path.remove(self)
             Path(os.environ["STARTUP_IMPORTING"]).touch()
             with open(os.environ["STARTUP_FIFO"]) as fifo:

@@ -8,7 +8,7 @@ outcomes (for live claims and for claims already settled, which the guard must r
 fake clock that the test moves, so retries come due when hypothesis decides.
 
 Invariants, checked after every rule:
-- every transition row is a legal move of ``app.states.STEP_TRANSITIONS`` (creation rows go
+- every transition row is a legal move of ``duplex.states.STEP_TRANSITIONS`` (creation rows go
   from NULL to pending or enqueued), each row starts where the previous one ended, and the
   step's state equals its last row's ``to_state``;
 - no step runs ahead of its parents: a step past ``pending`` has every parent complete or
@@ -37,11 +37,10 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import func, select
 
-from app.errors import TransitionError
-from app.messages import ClaimedStep, StepFailure, StepOutcome
-from app.models import tasks, workflow_step_edges, workflow_step_transitions, workflow_steps
-from app.retry import RetryPolicy
-from app.states import (
+from duplex.commit.retry import RetryPolicy
+from duplex.errors import TransitionError
+from duplex.messages import ClaimedStep, StepFailure, StepOutcome
+from duplex.states import (
     CANCELLED,
     DONE,
     PENDING,
@@ -49,12 +48,18 @@ from app.states import (
     derive_task_state,
     is_legal_step_transition,
 )
-from app.storage.claims import claim_ready_steps, release_claims
-from app.storage.operations import cancel_task, resolve_step, retry_step
-from app.storage.recovery import recover_lost_claims
-from app.storage.results import commit_outcomes
-from app.storage.submission import create_task
-from app.templates import TaskTemplate
+from duplex.storage.claims import claim_ready_steps, release_claims
+from duplex.storage.models import (
+    tasks,
+    workflow_step_edges,
+    workflow_step_transitions,
+    workflow_steps,
+)
+from duplex.storage.operations import cancel_task, resolve_step, retry_step
+from duplex.storage.recovery import recover_lost_claims
+from duplex.storage.results import commit_outcomes
+from duplex.storage.submission import create_task
+from duplex.templates import TaskTemplate
 from tests.conftest import sqlite_database
 
 NAMESPACE = "default"

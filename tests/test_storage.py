@@ -18,40 +18,40 @@ from typing import Any
 
 from sqlalchemy import Row, insert, select, text
 
-from app.db import Database
-from app.execution import HANDLER_TIMEOUT, WORKER_LOST
-from app.messages import (
+from duplex.clock import utcnow
+from duplex.commit.retry import RetryPolicy
+from duplex.dispatch.attempt import HANDLER_TIMEOUT, WORKER_LOST
+from duplex.messages import (
     ClaimedStep,
     EmittedEvent,
     EventDeclaration,
     StepFailure,
     StepOutcome,
 )
-from app.models import (
-    domain_events,
-    tasks,
-    utcnow,
-    workers,
-    workflow_step_edges,
-    workflow_step_transitions,
-    workflow_steps,
-)
-from app.retry import RetryPolicy
-from app.storage.claims import (
+from duplex.storage.claims import (
     claim_ready_steps,
     count_open_work,
     release_claims,
     release_unconfirmed_claim,
 )
-from app.storage.recovery import (
+from duplex.storage.db import Database
+from duplex.storage.models import (
+    domain_events,
+    tasks,
+    workers,
+    workflow_step_edges,
+    workflow_step_transitions,
+    workflow_steps,
+)
+from duplex.storage.recovery import (
     PROCESS_STARTED_AT,
     dead_local_workers,
     process_exists,
     recover_lost_claims,
 )
-from app.storage.results import CommitReport, commit_outcomes
-from app.storage.submission import create_task
-from app.templates import parse_template
+from duplex.storage.results import CommitReport, commit_outcomes
+from duplex.storage.submission import create_task
+from duplex.templates import parse_template
 from tests import processes
 
 POLICY = RetryPolicy(base_ms=1000, multiplier=2.0, max_ms=60_000, jitter=0.0)

@@ -19,24 +19,24 @@ import pykka
 import pytest
 from sqlalchemy import select
 
-from actors.completion_processor import CompletionProcessor
-from actors.dispatcher import Dispatcher
-from actors.event_publisher import DomainEventPublisher
-from actors.event_system import EventSystem
-from actors.handler_worker import HandlerWorker
-from actors.step_executor import StepExecutor
-from actors.supervised import SupervisedActor
-from app.db import Database
-from app.errors import StorageError
-from app.handlers import Cancellation, HandlerRegistry, StepContext
-from app.messages import DomainEvent
-from app.models import utcnow, workflow_step_transitions, workflow_steps
-from app.storage.submission import create_task
-from app.subscriptions import SubscriberRegistry
-from app.supervision import Supervisor
-from app.templates import TaskTemplate
-from app.timer import Timer
-from app.worker import Worker, WorkerCrashedError
+from duplex.actors.completion_processor import CompletionProcessor
+from duplex.actors.dispatcher import Dispatcher
+from duplex.actors.event_publisher import DomainEventPublisher
+from duplex.actors.event_system import EventSystem
+from duplex.actors.handler_worker import HandlerWorker
+from duplex.actors.step_executor import StepExecutor
+from duplex.actors.supervised import SupervisedActor
+from duplex.clock import Timer, utcnow
+from duplex.errors import StorageError
+from duplex.handlers import Cancellation, HandlerRegistry, StepContext
+from duplex.messages import DomainEvent
+from duplex.storage.db import Database
+from duplex.storage.models import workflow_step_transitions, workflow_steps
+from duplex.storage.submission import create_task
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import TaskTemplate
+from duplex.worker.supervision import Supervisor
+from duplex.worker.wiring import Worker, WorkerCrashedError
 from tests.conftest import make_settings, open_work, wait_until
 
 

@@ -12,8 +12,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from app.errors import TemplateError
-from app.templates import (
+from duplex.errors import TemplateError
+from duplex.templates import (
     EventDeclaration,
     StepTemplate,
     TaskTemplate,

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from app.timer import COMPACT_AT, Timer
+from duplex.clock import COMPACT_AT, Timer
 
 WAIT_S = 10.0
 

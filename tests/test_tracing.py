@@ -16,13 +16,13 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from app import Client
-from app.db import Database
-from app.errors import RetryableError
-from app.handlers import HandlerRegistry, StepContext
-from app.subscriptions import SubscriberRegistry
-from app.templates import parse_template
-from app.worker import Worker
+from duplex import Client
+from duplex.errors import RetryableError
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.storage.db import Database
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import parse_template
+from duplex.worker.wiring import Worker
 from tests.conftest import make_settings, open_work, sqlite_database, wait_until
 
 DIAMOND = parse_template(
@@ -197,10 +197,10 @@ def test_a_task_submitted_without_a_context_is_still_one_trace(
 def test_tracing_without_opentelemetry_is_one_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.tracing
-    from app.errors import ConfigurationError
+    import duplex.observability.tracing
+    from duplex.errors import ConfigurationError
 
-    monkeypatch.setattr(app.tracing, "_otel", lambda: None)
+    monkeypatch.setattr(duplex.observability.tracing, "_otel", lambda: None)
     db = sqlite_database(tmp_path / "t.db")
     try:
         settings = make_settings(str(db.url), observability={"tracing": True})

@@ -19,11 +19,11 @@ import psycopg
 import pytest
 from sqlalchemy import Connection
 
-from app.db import Database
-from app.errors import SchemaNotReadyError, StorageError
-from app.notifications import libpq_url
-from app.schema import ensure_schema_ready
-from app.settings import DatabaseSettings
+from duplex.errors import SchemaNotReadyError, StorageError
+from duplex.settings import DatabaseSettings
+from duplex.storage.db import Database
+from duplex.storage.listen import libpq_url
+from duplex.storage.schema import ensure_schema_ready
 from tests.conftest import POSTGRES_URL, require_postgres
 
 

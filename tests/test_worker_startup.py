@@ -16,14 +16,15 @@ import pykka
 import pytest
 from sqlalchemy import Connection, select
 
-from actors.event_system import EventSystem
-from app.db import Database
-from app.handlers import HandlerRegistry
-from app.messages import Status
-from app.models import utcnow, workers, workflow_step_transitions, workflow_steps
-from app.storage.submission import create_task
-from app.templates import parse_template
-from app.worker import Worker
+from duplex.actors.event_system import EventSystem
+from duplex.clock import utcnow
+from duplex.handlers import HandlerRegistry
+from duplex.messages import Status
+from duplex.storage.db import Database
+from duplex.storage.models import workers, workflow_step_transitions, workflow_steps
+from duplex.storage.submission import create_task
+from duplex.templates import parse_template
+from duplex.worker.wiring import Worker
 from tests.conftest import make_settings
 
 

@@ -1,4 +1,4 @@
-"""Workflows end to end through the CLI: every command is a ``python -m app`` subprocess.
+"""Workflows end to end through the CLI: every command is a ``python -m duplex`` subprocess.
 
 Each test works in its own ``tmp_path``: ``settings.toml`` there points at a SQLite file
 there and at ``tests/workflow_handlers``, which the subprocess imports through
@@ -138,7 +138,7 @@ depends_on = ["retry_root"]
 
 
 class Cli:
-    """Runs ``python -m app`` in a working directory of its own."""
+    """Runs ``python -m duplex`` in a working directory of its own."""
 
     def __init__(self, cwd: Path) -> None:
         self.cwd = cwd
@@ -156,7 +156,7 @@ class Cli:
                 del self.env[key]
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "app", *args]
+        return [sys.executable, "-m", "duplex", *args]
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return processes.run(

@@ -39,21 +39,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Connection, select, text
 
-from app.db import Database
-from app.errors import PermanentError, RetryableError
-from app.handlers import HandlerRegistry, StepContext
-from app.messages import ClaimedStep, StepFailure, StepOutcome
-from app.models import tasks, utcnow, workflow_step_transitions, workflow_steps
-from app.retry import RetryPolicy
-from app.states import TASK_FINISHED, is_legal_step_transition
-from app.storage.claims import claim_ready_steps
-from app.storage.operations import cancel_task
-from app.storage.queries import get_task
-from app.storage.results import CommitReport, commit_outcomes
-from app.storage.submission import create_task
-from app.subscriptions import SubscriberRegistry
-from app.templates import TaskTemplate
-from app.worker import Worker
+from duplex.clock import utcnow
+from duplex.commit.retry import RetryPolicy
+from duplex.errors import PermanentError, RetryableError
+from duplex.handlers import HandlerRegistry, StepContext
+from duplex.messages import ClaimedStep, StepFailure, StepOutcome
+from duplex.states import TASK_FINISHED, is_legal_step_transition
+from duplex.storage.claims import claim_ready_steps
+from duplex.storage.db import Database
+from duplex.storage.models import tasks, workflow_step_transitions, workflow_steps
+from duplex.storage.operations import cancel_task
+from duplex.storage.queries import get_task
+from duplex.storage.results import CommitReport, commit_outcomes
+from duplex.storage.submission import create_task
+from duplex.subscriptions import SubscriberRegistry
+from duplex.templates import TaskTemplate
+from duplex.worker.wiring import Worker
 from tests.conftest import make_settings, sqlite_database
 
 # "ok" first: hypothesis shrinks towards it, so a failing example shrinks to few failures.

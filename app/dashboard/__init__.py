@@ -1,6 +1,6 @@
 """``duplex dashboard``: tasks, their DAGs, attempts and workers in a browser, read from SQL.
 
-pages.py     what each page shows (queries in ``app.storage.dashboard``)
+pages.py     what each page shows (queries in ``duplex.storage.dashboard``)
 graph.py     the DAG's layered layout
 timeline.py  attempts and the timeline, from the transition rows
 security.py  binding rule, login sessions, CSRF tokens
@@ -8,6 +8,6 @@ server.py    the WSGI app: routes, guards, rendering, error pages
 templates/   Jinja2 pages;  static/  the one script and style sheet (nothing from the web)
 """
 
-from app.dashboard.server import Dashboard
+from duplex.dashboard.server import Dashboard
 
 __all__ = ["Dashboard"]

@@ -13,12 +13,11 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from app.attempts import Attempt, attempts
-from app.dashboard.graph import GraphStep, Layout, layout
-from app.dashboard.timeline import Timeline, timeline
-from app.errors import InputError
-from app.liveness import judged_workers
-from app.states import (
+from duplex.attempts import Attempt, attempts
+from duplex.dashboard.graph import GraphStep, Layout, layout
+from duplex.dashboard.timeline import Timeline, timeline
+from duplex.errors import InputError
+from duplex.states import (
     ERROR,
     RESOLVED_MANUALLY,
     STEP_TRANSITIONS,
@@ -26,7 +25,7 @@ from app.states import (
     TASK_COMPLETE,
     TASK_STATES,
 )
-from app.storage.dashboard import (
+from duplex.storage.dashboard import (
     EXECUTION_STATUSES,
     Cursor,
     EventRow,
@@ -43,7 +42,8 @@ from app.storage.dashboard import (
     task_page,
     transitions_of_step,
 )
-from app.storage.queries import parse_uuid, transitions_of_task
+from duplex.storage.liveness import judged_workers
+from duplex.storage.queries import parse_uuid, transitions_of_task
 
 # ------------------------------------------------------------------------------------------
 # The task list

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from app.errors import ConfigurationError
+from duplex.errors import ConfigurationError
 
 SESSION_COOKIE = "duplex_session"
 CSRF_COOKIE = "duplex_csrf"

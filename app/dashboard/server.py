@@ -1,9 +1,9 @@
 """The dashboard's WSGI app: routing, login, CSRF checks, and error pages.
 
-Pages are rendered on the server (Jinja2, autoescaped) from ``app.dashboard.pages``; the one
+Pages are rendered on the server (Jinja2, autoescaped) from ``duplex.dashboard.pages``; the one
 script, ``static/dashboard.js``, refreshes each page's live part by asking for the same URL
 with ``X-Duplex-Live: 1``, which answers only that part. Operator actions are POSTs that run
-the CLI's own functions (``app.storage.operations``) in one write transaction, then redirect
+the CLI's own functions (``duplex.storage.operations``) in one write transaction, then redirect
 back with the CLI's own one-line summary.
 
 Nothing a page shows is logged: a failed request logs its route and the exception's type,
@@ -27,15 +27,15 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from loguru import logger
 from markupsafe import Markup
 
-from app.dashboard import pages
-from app.dashboard.security import CSRF_COOKIE, SESSION_COOKIE, Guard, operator_name, same_origin
-from app.db import Database
-from app.errors import InputError, SchemaNotReadyError, StorageError, TransitionError
-from app.models import utcnow
-from app.settings import Settings
-from app.states import STEP_STATES
-from app.storage.dashboard import EXECUTION_STATUSES
-from app.storage.operations import OperatorReport, cancel_task, resolve_step, retry_step
+from duplex.clock import utcnow
+from duplex.dashboard import pages
+from duplex.dashboard.security import CSRF_COOKIE, SESSION_COOKIE, Guard, operator_name, same_origin
+from duplex.errors import InputError, SchemaNotReadyError, StorageError, TransitionError
+from duplex.settings import Settings
+from duplex.states import STEP_STATES
+from duplex.storage.dashboard import EXECUTION_STATUSES
+from duplex.storage.db import Database
+from duplex.storage.operations import OperatorReport, cancel_task, resolve_step, retry_step
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -101,7 +101,7 @@ class Dashboard:
         self.db = db
         self.guard = Guard.create(token, session_hours=cfg.session_hours)
         self.env = Environment(
-            loader=PackageLoader("app.dashboard", "templates"),
+            loader=PackageLoader("duplex.dashboard", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
             trim_blocks=True,
             lstrip_blocks=True,
@@ -340,7 +340,7 @@ class Dashboard:
         name = args["name"]
         if name not in _STATIC:
             raise HttpError("404 Not Found", f"no such file: {name}")
-        data = resources.files("app.dashboard").joinpath("static", name).read_bytes()
+        data = resources.files("duplex.dashboard").joinpath("static", name).read_bytes()
         kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
         if kind.startswith("text/") or kind.endswith("javascript"):
             kind += "; charset=utf-8"

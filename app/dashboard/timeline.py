@@ -1,6 +1,6 @@
 """The timeline: every attempt of a task on one time axis, so steps running side by side and
 each retry are visible at a glance. The attempts themselves come from the transition rows
-(``app.attempts``), as ``duplex status`` reads them.
+(``duplex.attempts``), as ``duplex status`` reads them.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from app.attempts import Attempt
+from duplex.attempts import Attempt
 
 
 @dataclass(frozen=True, slots=True)

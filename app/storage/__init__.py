@@ -12,5 +12,5 @@
 * ``queries``      what ``duplex status`` reads
 * ``workers``      the ``workers`` table: registration, heartbeats, stop
 
-Schema and migrations live in ``app.models`` and ``migrations/``.
+Schema and migrations live in ``duplex.storage.models`` and ``migrations/``.
 """

@@ -5,7 +5,7 @@ A claim is atomic: the candidate rows are read and updated in one write transact
 guarded by state, so two workers can never claim the same attempt.
 
 A claim never waits for a task row: the other writers lock the task before its steps (see
-``app.commits``), so a claim that held step locks while waiting for a task could deadlock
+``duplex.storage.results``), so a claim that held step locks while waiting for a task could deadlock
 with ``duplex cancel``.
 """
 
@@ -30,14 +30,8 @@ from sqlalchemy import (
     update,
 )
 
-from app.messages import ClaimedStep
-from app.models import (
-    tasks,
-    unindexed,
-    workflow_step_edges,
-    workflow_steps,
-)
-from app.states import (
+from duplex.messages import ClaimedStep
+from duplex.states import (
     CANCELLED,
     CLAIMABLE,
     ENQUEUED,
@@ -47,10 +41,16 @@ from app.states import (
     TASK_PENDING,
     WAITING_FOR_RETRY,
 )
-from app.storage.driver import db_time
-from app.storage.events import declared_events
-from app.storage.task_state import lock_tasks
-from app.storage.transitions import insert_transitions, transition_row
+from duplex.storage.driver import db_time
+from duplex.storage.events import declared_events
+from duplex.storage.models import (
+    tasks,
+    unindexed,
+    workflow_step_edges,
+    workflow_steps,
+)
+from duplex.storage.task_state import lock_tasks
+from duplex.storage.transitions import insert_transitions, transition_row
 
 ws = workflow_steps
 

@@ -17,16 +17,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Select, and_, case, func, null, or_, select
 
-from app.errors import InputError
-from app.models import (
-    domain_events,
-    tasks,
-    utcnow,
-    workflow_step_edges,
-    workflow_step_transitions,
-)
-from app.models import workflow_steps as ws
-from app.states import (
+from duplex.clock import utcnow
+from duplex.errors import InputError
+from duplex.states import (
     COMPLETE,
     ENQUEUED,
     ERROR,
@@ -37,7 +30,14 @@ from app.states import (
     TASK_STATES,
     WAITING_FOR_RETRY,
 )
-from app.storage.queries import (
+from duplex.storage.models import (
+    domain_events,
+    tasks,
+    workflow_step_edges,
+    workflow_step_transitions,
+)
+from duplex.storage.models import workflow_steps as ws
+from duplex.storage.queries import (
     TRANSITIONS,
     TransitionRow,
     execution_status,

@@ -24,7 +24,7 @@ from sqlalchemy.sql.expression import Insert, Update, UpdateBase
 from sqlalchemy.sql.visitors import replacement_traverse
 from sqlalchemy.types import ARRAY
 
-from app.models import UTCDateTime
+from duplex.storage.models import UTCDateTime
 
 
 class _Compiled(NamedTuple):
@@ -252,7 +252,7 @@ def copy_rows(conn: Connection, sql: str, rows: Iterable[Sequence[Any]]) -> None
 
 
 def db_time(dialect: Dialect, value: datetime | None) -> Any:
-    """A UTC timestamp as the driver stores it (see ``app.models.UTCDateTime``).
+    """A UTC timestamp as the driver stores it (see ``duplex.storage.models.UTCDateTime``).
 
     SQLite compares timestamps as text, so the text has one shape, always with microseconds,
     the shape SQLAlchemy's SQLite DATETIME writes and reads.

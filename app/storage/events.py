@@ -7,16 +7,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from app.messages import (
+from duplex.messages import (
     EventDeclaration,
     JSONDict,
     StepOutcome,
 )
-from app.models import (
-    workflow_steps,
-)
-from app.states import (
+from duplex.states import (
     WAITING_FOR_RETRY,
+)
+from duplex.storage.models import (
+    workflow_steps,
 )
 
 ws = workflow_steps

@@ -1,7 +1,8 @@
 """Operator commands: cancel a task, retry a failed step, resolve a step by hand.
 
 Plain functions on a write ``Connection``. Each one locks the task row first (the order every
-writer follows, see ``app.commits``), checks that the change is possible, and only then writes:
+writer follows, see ``duplex.storage.results``), checks that the change is possible, and only
+then writes:
 the step rows, one transition row per step change (``worker_id`` = the operator, ``reason`` =
 what was done and why), dependents made ready, and the task state. An impossible change raises
 ``TransitionError`` and an unknown uuid ``InputError`` before anything is written, each with a
@@ -19,9 +20,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, select, update
 
-from app.errors import InputError, TransitionError
-from app.models import tasks, workflow_steps
-from app.states import (
+from duplex.errors import InputError, TransitionError
+from duplex.states import (
     CANCELLABLE,
     CANCELLED,
     ENQUEUED,
@@ -33,11 +33,12 @@ from app.states import (
     TASK_CANCELLED,
     TASK_COMPLETE,
 )
-from app.storage.driver import db_time
-from app.storage.queries import parse_uuid
-from app.storage.readiness import enqueue_ready_dependents
-from app.storage.task_state import lock_tasks, update_task_states
-from app.storage.transitions import insert_transitions, transition_row
+from duplex.storage.driver import db_time
+from duplex.storage.models import tasks, workflow_steps
+from duplex.storage.queries import parse_uuid
+from duplex.storage.readiness import enqueue_ready_dependents
+from duplex.storage.task_state import lock_tasks, update_task_states
+from duplex.storage.transitions import insert_transitions, transition_row
 
 __all__ = [
     "OperatorReport",

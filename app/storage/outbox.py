@@ -36,7 +36,7 @@ transaction before it selects anything else (``Relay._record_unrecorded``). The 
 transaction took the head's lock with it, though, so meanwhile another relay may publish
 those rows again: the same kind of duplicate, at most that one batch, and in order by 3.
 
-SQLite has no row locks: there ``app.relay.RelayLock`` (an exclusive ``flock`` next to the
+SQLite has no row locks: there ``duplex.events.relay.RelayLock`` (an exclusive ``flock`` next to the
 database file) lets one relay at a time publish, and the others wait as standbys.
 """
 
@@ -61,9 +61,10 @@ from sqlalchemy import (
     update,
 )
 
-from app.errors import InputError, TransitionError
-from app.messages import DomainEvent, JSONDict
-from app.models import (
+from duplex.errors import InputError, TransitionError
+from duplex.messages import DomainEvent, JSONDict
+from duplex.states import TASK_FINISHED
+from duplex.storage.models import (
     UTCDateTime,
     domain_event_actions,
     domain_events,
@@ -72,7 +73,6 @@ from app.models import (
     workflow_step_transitions,
     workflow_steps,
 )
-from app.states import TASK_FINISHED
 
 de = domain_events
 _TS = UTCDateTime()

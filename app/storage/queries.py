@@ -10,17 +10,17 @@ from typing import Any
 
 from sqlalchemy import Connection, column, func, select, table
 
-from app.attempts import attempts
-from app.errors import InputError
-from app.models import (
+from duplex.attempts import attempts
+from duplex.clock import utcnow
+from duplex.errors import InputError
+from duplex.states import ENQUEUED, WAITING_FOR_RETRY
+from duplex.storage.models import (
     tasks,
-    utcnow,
     workers,
     workflow_step_edges,
     workflow_step_transitions,
     workflow_steps,
 )
-from app.states import ENQUEUED, WAITING_FOR_RETRY
 
 execution_status = table(
     "task_execution_status",
@@ -131,7 +131,7 @@ def task_steps(
     """Return a task's steps in dependency order (parents before children).
 
     ``duration_ms`` is the last attempt's, from the transition rows as the dashboard reads them
-    (``app.attempts``): from its claim to its outcome's commit, or until ``now`` while it runs.
+    (``duplex.attempts``): from its claim to its outcome's commit, or until ``now`` while it runs.
     A step never attempted has none.
     """
     task_uuid = parse_uuid(task_uuid, "task")

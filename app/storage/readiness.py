@@ -9,15 +9,15 @@ from datetime import datetime
 
 from sqlalchemy import Connection, bindparam, exists, not_, select, update
 
-from app.models import (
-    unindexed,
-    workflow_step_edges,
-    workflow_steps,
-)
-from app.states import (
+from duplex.states import (
     DONE,
     ENQUEUED,
     PENDING,
+)
+from duplex.storage.models import (
+    unindexed,
+    workflow_step_edges,
+    workflow_steps,
 )
 
 ws = workflow_steps

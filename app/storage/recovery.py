@@ -24,13 +24,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Select, bindparam, exists, not_, or_, select
 
-from app.execution import WORKER_LOST
-from app.messages import StepFailure, StepOutcome
-from app.models import workers, workflow_steps
-from app.retry import RetryPolicy
-from app.states import IN_PROGRESS
-from app.storage.claims import STEP_COLUMNS, claimed_step
-from app.storage.results import CommitReport, commit_outcomes
+from duplex.commit.retry import RetryPolicy
+from duplex.dispatch.attempt import WORKER_LOST
+from duplex.messages import StepFailure, StepOutcome
+from duplex.states import IN_PROGRESS
+from duplex.storage.claims import STEP_COLUMNS, claimed_step
+from duplex.storage.models import workers, workflow_steps
+from duplex.storage.results import CommitReport, commit_outcomes
 
 ws = workflow_steps
 

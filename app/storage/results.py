@@ -35,19 +35,13 @@ from sqlalchemy import (
     update,
 )
 
-from app.errors import StorageError
-from app.messages import (
+from duplex.commit.retry import RetryPolicy
+from duplex.errors import StorageError
+from duplex.messages import (
     DomainEvent,
     StepOutcome,
 )
-from app.models import (
-    domain_events,
-    tasks,
-    unindexed,
-    workflow_steps,
-)
-from app.retry import RetryPolicy
-from app.states import (
+from duplex.states import (
     CANCELLED,
     COMPLETE,
     ENQUEUED,
@@ -56,12 +50,18 @@ from app.states import (
     TASK_CANCELLED,
     WAITING_FOR_RETRY,
 )
-from app.storage.driver import BulkStatement, db_json, db_time
-from app.storage.events import events_of
-from app.storage.outbox import next_sequences, notify_new_events
-from app.storage.readiness import enqueue_ready_dependents
-from app.storage.task_state import update_task_states
-from app.storage.transitions import TransitionRow, insert_transitions, transition_row
+from duplex.storage.driver import BulkStatement, db_json, db_time
+from duplex.storage.events import events_of
+from duplex.storage.models import (
+    domain_events,
+    tasks,
+    unindexed,
+    workflow_steps,
+)
+from duplex.storage.outbox import next_sequences, notify_new_events
+from duplex.storage.readiness import enqueue_ready_dependents
+from duplex.storage.task_state import update_task_states
+from duplex.storage.transitions import TransitionRow, insert_transitions, transition_row
 
 ws = workflow_steps
 

@@ -14,11 +14,16 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
 
-from app.messages import JSONDict
-from app.models import tasks, workflow_step_edges, workflow_step_transitions, workflow_steps
-from app.states import ENQUEUED, PENDING, TASK_PENDING
-from app.storage.driver import ColumnInsert
-from app.templates import TaskTemplate
+from duplex.messages import JSONDict
+from duplex.states import ENQUEUED, PENDING, TASK_PENDING
+from duplex.storage.driver import ColumnInsert
+from duplex.storage.models import (
+    tasks,
+    workflow_step_edges,
+    workflow_step_transitions,
+    workflow_steps,
+)
+from duplex.templates import TaskTemplate
 
 # SQLite allows 32766 bound parameters per statement; stay well below it.
 _MAX_PARAMETERS = 30_000

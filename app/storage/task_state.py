@@ -1,5 +1,5 @@
 """Task state: locking task rows before touching their steps, and bringing each task's state
-in line with its steps (``app.states.derive_task_state``).
+in line with its steps (``duplex.states.derive_task_state``).
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from sqlalchemy import (
     update,
 )
 
-from app.models import (
-    tasks,
-    workflow_steps,
-)
-from app.states import (
+from duplex.states import (
     STEP_STATES,
     TASK_FINISHED,
     derive_task_state,
 )
-from app.storage.driver import BulkStatement, db_time
+from duplex.storage.driver import BulkStatement, db_time
+from duplex.storage.models import (
+    tasks,
+    workflow_steps,
+)
 
 ws = workflow_steps
 

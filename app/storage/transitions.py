@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert
 
-from app.models import workflow_step_transitions
-from app.storage.driver import BulkStatement
+from duplex.storage.driver import BulkStatement
+from duplex.storage.models import workflow_step_transitions
 
 wst = workflow_step_transitions
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, update
 
-from app.models import workers
+from duplex.storage.models import workers
 
 
 def register_worker(

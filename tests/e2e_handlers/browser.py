@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app import PermanentError, StepContext, step_handler
+from duplex import PermanentError, StepContext, step_handler
 
 GATES_ENV = "BROWSER_GATES"
 # A gate never holds a step for longer than this, so a test that forgot one cannot hang.

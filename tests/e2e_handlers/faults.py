@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app import StepContext, step_handler
+from duplex import StepContext, step_handler
 from tests.e2e_handlers.gates import wait_at_gate
 
 RUN_LOG_ENV = "E2E_RUN_LOG"
@@ -102,13 +102,13 @@ class _Countdown:
 
 
 def _actor_classes() -> dict[str, type[Any]]:
-    from actors.command_processor import CommandProcessor
-    from actors.completion_processor import CompletionProcessor
-    from actors.dispatcher import Dispatcher
-    from actors.event_publisher import DomainEventPublisher
-    from actors.event_system import EventSystem
-    from actors.handler_worker import HandlerWorker
-    from actors.step_executor import StepExecutor
+    from duplex.actors.command_processor import CommandProcessor
+    from duplex.actors.completion_processor import CompletionProcessor
+    from duplex.actors.dispatcher import Dispatcher
+    from duplex.actors.event_publisher import DomainEventPublisher
+    from duplex.actors.event_system import EventSystem
+    from duplex.actors.handler_worker import HandlerWorker
+    from duplex.actors.step_executor import StepExecutor
 
     classes: list[type[Any]] = [
         EventSystem,
@@ -130,7 +130,7 @@ def _wrap_method(cls: type[Any], method: str, countdown: _Countdown) -> None:
     @functools.wraps(original)
     def faulty(self: Any, *args: Any, **kwargs: Any) -> Any:
         if method == "handle":
-            from app.messages import ExecuteReadySteps
+            from duplex.messages import ExecuteReadySteps
 
             counted = bool(args) and isinstance(args[0], ExecuteReadySteps)
         else:
@@ -149,7 +149,7 @@ def _wrap_method(cls: type[Any], method: str, countdown: _Countdown) -> None:
 
 
 def _fault_at_hand_off(countdown: _Countdown) -> None:
-    import actors.step_executor as step_executor
+    import duplex.actors.step_executor as step_executor
 
     original_tell = getattr(step_executor, "tell")  # noqa: B009
 
@@ -181,14 +181,14 @@ def install_fault(spec: str) -> None:
 
 def _break_crash_ignored() -> None:
     """The watchdog notices the failed actor but does nothing: the worker stays half alive."""
-    from app.worker import Worker
+    from duplex.worker.wiring import Worker
 
     Worker._crash = lambda self, dead: None  # type: ignore[method-assign]
 
 
 def _break_crash_exit_zero() -> None:
     """The worker stops in order after an actor failed, but reports success (exit 0)."""
-    from app.worker import Worker, WorkerCrashedError
+    from duplex.worker.wiring import Worker, WorkerCrashedError
 
     original = Worker.stop
 
@@ -203,7 +203,7 @@ def _break_crash_exit_zero() -> None:
 
 def _break_crash_thread_traceback() -> None:
     """The watchdog stops the worker, then dies of an exception (a traceback on stderr)."""
-    from app.worker import Worker
+    from duplex.worker.wiring import Worker
 
     original = Worker._crash
 
@@ -216,7 +216,7 @@ def _break_crash_thread_traceback() -> None:
 
 def _break_handler_worker_stops_worker() -> None:
     """A failed HandlerWorker is not restarted: it fails the whole worker like any actor."""
-    from actors.handler_worker import HandlerWorker
+    from duplex.actors.handler_worker import HandlerWorker
 
     def on_failure(self: Any, exc_type: Any, exc: Any, tb: Any) -> None:
         self._supervisor.actor_failed(f"HandlerWorker {self._worker_id}", exc)
@@ -226,7 +226,7 @@ def _break_handler_worker_stops_worker() -> None:
 
 def _break_recover_own_claims() -> None:
     """Recovery counts the worker's own running attempts as lost."""
-    import actors.completion_processor as completion_processor
+    import duplex.actors.completion_processor as completion_processor
 
     # Both the read that decides whether to recover and the recovery itself.
     for name in ("has_lost_claims", "recover_lost_claims"):
@@ -242,14 +242,14 @@ def _break_recover_own_claims() -> None:
 
 def _break_no_pid_recovery() -> None:
     """A worker whose process is gone on this host is only noticed by its stale heartbeat."""
-    import actors.completion_processor as completion_processor
+    import duplex.actors.completion_processor as completion_processor
 
     setattr(completion_processor, "dead_local_workers", lambda conn, **kwargs: [])  # noqa: B010
 
 
 def _break_drain_drops() -> None:
     """On stop, the CompletionProcessor forgets what it holds instead of committing it."""
-    from actors.completion_processor import CompletionProcessor
+    from duplex.actors.completion_processor import CompletionProcessor
 
     def drain(self: Any, timeout_s: float) -> int:
         self._outcomes.clear()
@@ -261,14 +261,14 @@ def _break_drain_drops() -> None:
 
 def _break_drain_skipped() -> None:
     """On stop, the CompletionProcessor claims it committed everything without trying."""
-    from actors.completion_processor import CompletionProcessor
+    from duplex.actors.completion_processor import CompletionProcessor
 
     CompletionProcessor.drain = lambda self, timeout_s: 0  # type: ignore[method-assign]
 
 
 def _break_double_dispatch() -> None:
     """The Dispatcher runs every claimed attempt twice."""
-    from actors.dispatcher import Dispatcher
+    from duplex.actors.dispatcher import Dispatcher
 
     original = Dispatcher.dispatch
 
@@ -285,10 +285,11 @@ def _break_late_results_recorded() -> None:
     """
     from sqlalchemy import insert
 
-    import actors.completion_processor as completion_processor
-    import actors.handler_worker as handler_worker
-    from app.models import utcnow, workflow_step_transitions
-    from app.storage.transitions import transition_row
+    import duplex.actors.completion_processor as completion_processor
+    import duplex.actors.handler_worker as handler_worker
+    from duplex.clock import utcnow
+    from duplex.storage.models import workflow_step_transitions
+    from duplex.storage.transitions import transition_row
 
     original_tell = getattr(handler_worker, "tell")  # noqa: B009
 
@@ -324,7 +325,7 @@ def _break_late_results_recorded() -> None:
 
 def _break_settings_check_off() -> None:
     """The check that the heartbeat fits the liveness timeout is gone."""
-    from app.settings import Settings
+    from duplex.settings import Settings
 
     Settings.__pydantic_decorators__.model_validators.pop(
         "_heartbeat_fits_the_liveness_timeout", None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from app import PermanentError, StepContext
+from duplex import PermanentError, StepContext
 
 # A gate never holds a step for longer than this, so a test that forgot one cannot hang.
 GATE_LIMIT_S = 60.0

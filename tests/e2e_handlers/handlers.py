@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from app import StepContext, step_handler
+from duplex import StepContext, step_handler
 from tests.e2e_handlers.gates import wait_at_gate
 
 RUN_LOG_ENV = "E2E_RUN_LOG"

@@ -35,7 +35,7 @@ from typing import Any
 
 import psycopg
 
-from app import DomainEvent, StepContext, step_handler, subscribe
+from duplex import DomainEvent, StepContext, step_handler, subscribe
 
 RUN_LOG_ENV = "KILLS_RUN_LOG"
 EVENTS_DB_ENV = "KILLS_EVENTS_DB"
@@ -147,7 +147,7 @@ def _patch(owner: object, name: str, value: object) -> None:
 
 
 def _break_own_claims() -> None:
-    import actors.completion_processor as cp
+    import duplex.actors.completion_processor as cp
 
     # Both the read that decides whether to recover and the recovery itself.
     for name in ("has_lost_claims", "recover_lost_claims"):
@@ -162,7 +162,7 @@ def _break_own_claims() -> None:
 
 
 def _break_pid_rule() -> None:
-    import actors.completion_processor as cp
+    import duplex.actors.completion_processor as cp
 
     def nobody_is_gone(conn: Any, **kw: Any) -> list[str]:
         return []
@@ -194,8 +194,8 @@ class _AnyClaims(dict[str, Any]):
 def _break_guard() -> None:
     from sqlalchemy import bindparam, or_, update
 
-    import app.storage.results as commits
-    from app.storage.driver import BulkStatement
+    import duplex.storage.results as commits
+    from duplex.storage.driver import BulkStatement
 
     ws = commits.ws
     read = commits._lock_tasks_and_read_claims
@@ -228,7 +228,7 @@ def _break_guard() -> None:
 
 
 def _break_heartbeat() -> None:
-    from app.worker import Worker
+    from duplex.worker.wiring import Worker
 
     original = Worker._heartbeat
 
@@ -244,9 +244,9 @@ def _break_heartbeat() -> None:
 
 
 def _break_announce() -> None:
-    from actors.completion_processor import CompletionProcessor
-    from app.storage.claims import release_claims
-    from app.storage.results import commit_outcomes
+    from duplex.actors.completion_processor import CompletionProcessor
+    from duplex.storage.claims import release_claims
+    from duplex.storage.results import commit_outcomes
 
     def commit_announcing_early(
         self: CompletionProcessor, outcomes: Any, releases: Any = ()
@@ -265,7 +265,7 @@ def _break_announce() -> None:
 
 
 def _break_listen() -> None:
-    from app import notifications
+    from duplex.storage import listen as notifications
 
     def run_once(self: notifications.ChannelListener) -> None:
         try:

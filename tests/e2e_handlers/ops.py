@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from app import PermanentError, RetryableError, StepContext, step_handler
+from duplex import PermanentError, RetryableError, StepContext, step_handler
 from tests.e2e_handlers.gates import GATE_LIMIT_S, wait_at_gate
 
 

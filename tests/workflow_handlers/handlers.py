@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app import PermanentError, RetryableError, StepContext, step_handler
+from duplex import PermanentError, RetryableError, StepContext, step_handler
 
 RUN_LOG_ENV = "WF_RUN_LOG"
 

@@ -1,0 +1,172 @@
+"""What the CLI shows a person: rich tables and progress, built from the read-side queries.
+
+Plain functions returning rich renderables; the CLI decides where they go. On a terminal the
+tables fit its width (long cells fold, the UUID columns never do); piped, lines are never cut,
+so scripts can grep them.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import IO, Any
+
+from rich.console import Console, Group
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+from rich.text import Text
+
+from duplex.storage.liveness import Liveness
+from duplex.storage.queries import StepSummary, TaskSummary
+
+# Piped output: wide enough never to fold a line (tables take only the width they need).
+_PIPE_WIDTH = 1000
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's own answer is to exit 1; ``duplex.cli.main.main`` ends the process as other Unix
+        # tools end when their reader goes away (``duplex.cli.output``).
+        raise BrokenPipeError(errno.EPIPE, "the reader of standard output went away")
+
+
+def make_console(file: IO[str] | None = None) -> Console:
+    """A console on stdout: the terminal's width on a terminal, unbounded lines otherwise."""
+    stream = file or sys.stdout
+    if stream.isatty():
+        return _Console(file=stream)
+    return _Console(file=stream, width=_PIPE_WIDTH, color_system=None, highlight=False)
+
+
+def duration(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return f"{ms} ms"
+    return f"{ms / 1000:.1f} s"
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def tasks_table(summaries: Sequence[TaskSummary]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("TASK", no_wrap=True)
+    table.add_column("NAME", overflow="fold")
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("EXECUTION STATUS", no_wrap=True)
+    table.add_column("STEPS", justify="right", no_wrap=True)
+    table.add_column("CREATED", no_wrap=True)
+    for t in summaries:
+        table.add_row(
+            t.task_uuid,
+            t.name,
+            t.state,
+            t.execution_status,
+            f"{t.complete_steps}/{t.total_steps}",
+            t.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    return table
+
+
+def task_header(task: TaskSummary) -> str:
+    return (
+        f"task {task.task_uuid}  {task.name} {task.version} ({task.namespace})\n"
+        f"state {task.state}, execution status {task.execution_status}, "
+        f"{task.complete_steps}/{task.total_steps} steps complete"
+    )
+
+
+def steps_table(steps: Sequence[StepSummary]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("STEP", overflow="fold")
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("ATTEMPTS", justify="right", no_wrap=True)
+    table.add_column("DURATION", no_wrap=True)
+    table.add_column("ERROR", overflow="fold")
+    table.add_column("DEPENDS ON", overflow="fold")
+    for s in steps:
+        took = duration(s.duration_ms)
+        if s.state == "in_progress" and s.duration_ms is not None:
+            took += " (running)"
+        table.add_row(
+            s.name,
+            s.state,
+            f"{s.attempts}/{s.max_attempts}",
+            took,
+            s.error_type or "-",
+            ", ".join(s.depends_on) or "-",
+        )
+    return table
+
+
+def task_progress(task: TaskSummary, steps: Sequence[StepSummary]) -> Progress:
+    """A bar: steps complete of total, with how many run and how many failed."""
+    running = sum(1 for s in steps if s.state == "in_progress")
+    failed = sum(1 for s in steps if s.state == "error")
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} complete, {task.fields[detail]}"),
+        auto_refresh=False,
+    )
+    progress.add_task(
+        task.name,
+        total=max(task.total_steps, 1),
+        completed=task.complete_steps,
+        detail=f"{running} running, {failed} failed",
+    )
+    return progress
+
+
+def watch_view(task: TaskSummary, steps: Sequence[StepSummary], footer: str) -> Group:
+    return Group(
+        task_progress(task, steps),
+        Text(task_header(task)),
+        steps_table(steps),
+        Text(footer, style="dim"),
+    )
+
+
+def workers_table(rows: Sequence[tuple[dict[str, Any], Liveness]], now: datetime) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("WORKER", no_wrap=True)
+    table.add_column("STATE", overflow="fold")
+    table.add_column("HEARTBEAT", justify="right", no_wrap=True)
+    table.add_column("SLOTS", justify="right", no_wrap=True)
+    table.add_column("COMMITTED", justify="right", no_wrap=True)
+    table.add_column("REJECTED", justify="right", no_wrap=True)
+    table.add_column("RECOVERED", justify="right", no_wrap=True)
+    table.add_column("ABANDONED", justify="right", no_wrap=True)
+    table.add_column("VERSION", no_wrap=True)
+    for row, liveness in rows:
+        stats = row.get("stats") or {}
+        dispatcher = stats.get("dispatcher") or {}
+        completion = stats.get("completion") or {}
+        slots = stats.get("slots")
+        running = dispatcher.get("running")
+        in_use = "-" if running is None or not liveness.alive else str(running)
+        state = liveness.state if liveness.alive else f"{liveness.state} ({liveness.why})"
+        style = "green" if liveness.alive else ("dim" if liveness.state == "stopped" else "red")
+        table.add_row(
+            row["worker_id"],
+            Text(state, style=style),
+            age((now - row["heartbeat_at"]).total_seconds()) + " ago",
+            f"{in_use}/{slots if slots is not None else '?'}",
+            str(completion.get("committed", "-")),
+            str(completion.get("rejected", "-")),
+            str(completion.get("recovered", "-")),
+            str(dispatcher.get("abandoned_threads", 0)),
+            str(stats.get("version", "?")),
+        )
+    return table

@@ -1,0 +1,1 @@
+"""Stage 5: buffering results, the retry policy, committing."""

@@ -1,0 +1,1 @@
+"""Stage 4: the handler pool and running one attempt of a step."""

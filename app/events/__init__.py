@@ -1,0 +1,1 @@
+"""Stages 6-7: the outbox relay and the broker."""

@@ -1,0 +1,1 @@
+"""Stage 1: how much work the worker may claim."""

@@ -1,0 +1,215 @@
+"""The orchestration tables, as SQLAlchemy Core.
+
+Migrations in ``migrations/`` create this schema; ``tests/test_migrations.py`` proves the two
+agree. UUIDs are canonical text on every backend; timestamps are stored in UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    ColumnElement,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as UTC and always read back timezone-aware."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        # SQLite compares timestamps as text, so every value must have one shape.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def unindexed(column: ColumnElement[str]) -> ColumnElement[str]:
+    """Return ``column || ''``: the same value, but not something an index can serve.
+
+    For guards on rows already found by primary key: without statistics SQLite would rather
+    scan the (state, ...) index than look the keys up.
+    """
+    return column.concat("")
+
+
+JSONValue = JSON().with_variant(JSONB(), "postgresql")
+UUIDText = String(36)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("task_uuid", UUIDText, primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("namespace", String(255), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("context", JSONValue, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("completed_at", UTCDateTime),
+    # Set by a submitter that may retry: unique per template name (see Client.submit).
+    Column("idempotency_key", String(255)),
+    # The W3C trace context given at submit (a carrier dict), continued by every step.
+    Column("trace_context", JSONValue),
+    Index(None, "namespace", "state"),
+    # The dashboard's task list: newest first, keyset-paginated on (created_at, task_uuid).
+    Index(None, "created_at", "task_uuid"),
+    # The dashboard's state filter, and its status counts of the tasks not yet complete.
+    Index(None, "state", "created_at"),
+    Index("ux_tasks_name_idempotency_key", "name", "idempotency_key", unique=True),
+)
+
+workflow_steps = Table(
+    "workflow_steps",
+    metadata,
+    Column("step_uuid", UUIDText, primary_key=True),
+    Column("task_uuid", UUIDText, ForeignKey("tasks.task_uuid"), nullable=False),
+    Column("namespace", String(255), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("handler", String(255), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("retryable", Boolean, nullable=False),
+    Column("timeout_ms", Integer),
+    Column("inputs", JSONValue, nullable=False),
+    Column("declared_events", JSONValue, nullable=False),
+    Column("results", JSONValue),
+    Column("error", JSONValue),
+    Column("next_attempt_at", UTCDateTime),
+    Column("claimed_by", String(255)),
+    Column("claimed_at", UTCDateTime),
+    Column("started_at", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("completed_at", UTCDateTime),
+    UniqueConstraint("task_uuid", "name"),
+    # The claim query: ready steps of some namespaces, oldest first.
+    Index(None, "state", "namespace", "next_attempt_at"),
+    # Task state probes (which states does a task have?) and per-task listings.
+    Index(None, "task_uuid", "state"),
+)
+
+workflow_step_edges = Table(
+    "workflow_step_edges",
+    metadata,
+    Column("from_step_uuid", UUIDText, ForeignKey("workflow_steps.step_uuid"), primary_key=True),
+    Column("to_step_uuid", UUIDText, ForeignKey("workflow_steps.step_uuid"), primary_key=True),
+    Index(None, "to_step_uuid"),
+)
+
+workflow_step_transitions = Table(
+    "workflow_step_transitions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("step_uuid", UUIDText, ForeignKey("workflow_steps.step_uuid"), nullable=False),
+    Column("from_state", String(32)),
+    Column("to_state", String(32), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("worker_id", String(255)),
+    Column("reason", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index(None, "step_uuid"),
+)
+
+domain_events = Table(
+    "domain_events",
+    metadata,
+    Column("event_id", UUIDText, primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("task_uuid", UUIDText, nullable=False),
+    Column("step_uuid", UUIDText),
+    Column("payload", JSONValue, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    # Commit order within the task, from 1: assigned under the task lock (outbox.py).
+    Column("sequence", Integer, nullable=False),
+    # Set by the relay only after the broker confirmed the message.
+    Column("published_at", UTCDateTime),
+    # Failed publications of this event (a nack, an unroutable return in "retry" mode), the
+    # last one's error, and when the next try may happen.
+    Column("publish_attempts", Integer, nullable=False, default=0, server_default="0"),
+    Column("publish_error", Text),
+    Column("retry_at", UTCDateTime),
+    # After relay.max_attempts failures: the task's later events wait behind it.
+    Column("dead_lettered_at", UTCDateTime),
+    # Settled by hand (``duplex events skip``): never published, no longer blocking.
+    Column("skipped_at", UTCDateTime),
+    Index(None, "task_uuid"),
+    Index(None, "created_at"),
+    Index("ux_domain_events_task_uuid_sequence", "task_uuid", "sequence", unique=True),
+    # The relay's work list: only the events still to publish, so its probes cost nothing
+    # for the history. Skipped and published rows leave it.
+    Index(
+        "ix_domain_events_unpublished",
+        "task_uuid",
+        "sequence",
+        sqlite_where=text("published_at IS NULL AND skipped_at IS NULL"),
+        postgresql_where=text("published_at IS NULL AND skipped_at IS NULL"),
+    ),
+    Index(None, "published_at"),
+)
+
+# What operators did to events (``duplex events retry/skip``): who, what, why.
+domain_event_actions = Table(
+    "domain_event_actions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", UUIDText, nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("operator", String(255), nullable=False),
+    Column("reason", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index(None, "event_id"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("worker_id", String(255), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+    Column("stopped_at", UTCDateTime),
+    Column("stats", JSONValue, nullable=False),
+)
+
+Row = dict[str, Any]
