@@ -136,7 +136,7 @@ def test_a_project_with_its_own_app_package_submits_and_runs_a_task(
             timeout=120,
         )
         assert done.returncode == 0, done.stderr
-        return done.stdout
+        return str(done.stdout)
 
     run(duplex, "migrate")
     task_uuid, app_file, duplex_file = run(python, "submit.py").split()
