@@ -1,4 +1,4 @@
-"""Step and task states, and the legal moves between step states (DESIGN.md section 4)."""
+"""Step and task states, and the legal moves between step states (docs/architecture.md, States)."""
 
 from __future__ import annotations
 

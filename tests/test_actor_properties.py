@@ -1,4 +1,4 @@
-"""DESIGN.md section 2, guarantees 1-4, checked with hypothesis against the real actors.
+"""docs/architecture.md, Guarantees 1-4, checked with hypothesis against the real actors.
 
 Each example runs a real ``Worker`` (all six actors) on a fresh SQLite database with its own
 handler and subscriber registries, drives the work to the end, stops the worker and then

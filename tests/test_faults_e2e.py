@@ -3,7 +3,7 @@
 Every test drives real ``python -m duplex`` (or ``duplex``) subprocesses against a SQLite file,
 with real signals and no mock of the worker. Faults are injected from inside the worker by
 ``tests/e2e_handlers/faults.py``, which the worker imports as a handler module and which
-reads ``E2E_FAULT`` (see there). Guarantees covered (DESIGN.md section 2):
+reads ``E2E_FAULT`` (see there). Guarantees covered (docs/architecture.md, Guarantees):
 
 * 3 -- every claim ends in exactly one result: checked on the ``workflow_step_transitions``
   history after every scenario (``assert_history``) and on the handlers' own run log;

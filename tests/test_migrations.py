@@ -37,7 +37,7 @@ TABLES = {
     "domain_events",
     "workers",
 }
-# DESIGN.md section 5: the columns users may query.
+# docs/architecture.md, The SQL users query: the columns users may query.
 VIEW_COLUMNS = {
     "task_uuid",
     "total_steps",

@@ -7,7 +7,7 @@ but blocks the ``UPDATE`` that marks it published. Once the relay's backend wait
 (``pg_stat_activity``), every message of the batch has been confirmed; the test terminates
 that backend (``pg_terminate_backend``) and only then lets go of the lock.
 
-What must hold (README, "Relay"): every event reaches the queue, first arrivals are in
+What must hold (docs/relay.md, "Duplicates"): every event reaches the queue, first arrivals are in
 sequence order per task, a copy carries the same ``message_id`` and body as the original, and
 the number of copies is within the documented bound: none while the relay that confirmed them
 lives (it marks them on a new connection before it publishes anything else), at most one batch

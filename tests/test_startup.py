@@ -1,4 +1,4 @@
-"""Start-up's plain logic (``app/startup.py``): retrying transient database failures within a
+"""Start-up's plain logic (``app/worker/startup.py``): retrying transient database failures within a
 bound, the stop signals, and telling ``duplex run`` from the other commands."""
 
 from __future__ import annotations

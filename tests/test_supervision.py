@@ -1,4 +1,4 @@
-"""DESIGN.md guarantee 8: failures are contained. Real actors on SQLite, in-process.
+"""docs/architecture.md, Guarantee 8: failures are contained. Real actors on SQLite, in-process.
 
 An exception escaping any framework actor's message stops the embedded worker in order (the
 watchdog runs the stop by itself) and ``stop()`` raises ``WorkerCrashedError`` naming the

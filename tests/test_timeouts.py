@@ -1,4 +1,4 @@
-"""DESIGN.md section 3 and guarantee 6: stuck, cancelled and thread-killing handlers.
+"""docs/architecture.md, Threads cannot be killed, and Guarantee 6: stuck, cancelled and thread-killing handlers.
 
 Real actors on SQLite. A stuck sync handler gets its ``handler_timeout`` result committed on
 time, its slot is replaced, the abandoned thread is counted until it returns, and its late

@@ -22,7 +22,7 @@ JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 TS = sa.DateTime(timezone=True)
 UUID = sa.String(36)
 
-# Precedence matters (DESIGN.md section 4): with parallel execution a task can have a failed
+# Precedence matters (docs/architecture.md, Task execution status): with parallel execution a task can have a failed
 # step and ready steps at once; it is blocked, not ready.
 VIEW_SQL = """
 CREATE VIEW task_execution_status AS
