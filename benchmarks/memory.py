@@ -4,9 +4,10 @@
     (also run by ``benchmarks/throughput.py --only memory``)
 
 The backlog is written by this (parent) process; the worker runs in a child process so the
-RSS sampled from ``/proc/<pid>/status`` every 100 ms is the worker's own. docs/architecture.md (Guarantee 5) promises
-that memory is bounded by what is claimed and awaiting commit, not by the backlog, so the
-figures after 10k, 50k and all steps should stay flat. Figures only: nothing here asserts.
+RSS sampled from ``/proc/<pid>/status`` every 100 ms is the worker's own.
+docs/architecture.md (Guarantee 5) promises that memory is bounded by what is claimed and
+awaiting commit, not by the backlog, so the figures after 10k, 50k and all steps should stay
+flat. Figures only: nothing here asserts.
 """
 
 from __future__ import annotations

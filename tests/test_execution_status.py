@@ -95,7 +95,10 @@ def view_row(db: Database, task_uuid: str) -> dict[str, Any]:
 
 
 def reference_status(spec: list[str]) -> tuple[str, int]:
-    """docs/architecture.md, Task execution status, written out plainly: (execution_status, ready_steps)."""
+    """docs/architecture.md, Task execution status, written out plainly.
+
+    Returns (execution_status, ready_steps).
+    """
     ready = sum(1 for s in spec if s in ("enqueued", RETRY_DUE))
     if "error" in spec:
         return "blocked_by_failures", ready

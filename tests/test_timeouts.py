@@ -1,4 +1,4 @@
-"""docs/architecture.md, Threads cannot be killed, and Guarantee 6: stuck, cancelled and thread-killing handlers.
+"""Stuck, cancelled and thread-killing handlers (docs/architecture.md: Guarantee 6, Threads).
 
 Real actors on SQLite. A stuck sync handler gets its ``handler_timeout`` result committed on
 time, its slot is replaced, the abandoned thread is counted until it returns, and its late

@@ -22,8 +22,8 @@ JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 TS = sa.DateTime(timezone=True)
 UUID = sa.String(36)
 
-# Precedence matters (docs/architecture.md, Task execution status): with parallel execution a task can have a failed
-# step and ready steps at once; it is blocked, not ready.
+# Precedence matters (docs/architecture.md, Task execution status): with parallel execution a
+# task can have a failed step and ready steps at once; it is blocked, not ready.
 VIEW_SQL = """
 CREATE VIEW task_execution_status AS
 SELECT
