@@ -144,17 +144,13 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             now = utcnow()
             lag = event_lag(conn, now=now).as_json(now)
     if args.json:
+        # In the order they started, as ``status --json`` has always listed them.
+        rows = sorted((row for row, _ in alive), key=lambda r: (r["started_at"], r["worker_id"]))
         print_json(
             {
                 "tasks": [t.as_json() for t in summaries],
                 "total_tasks": total,
-                # In the order they started, as ``status --json`` has always listed them.
-                "workers": [
-                    _worker_json(row)
-                    for row, _ in sorted(
-                        alive, key=lambda w: (w[0]["started_at"], w[0]["worker_id"])
-                    )
-                ],
+                "workers": [_worker_json(row) for row in rows],
                 "events": lag,
             }
         )
