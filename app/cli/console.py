@@ -27,8 +27,8 @@ _PIPE_WIDTH = 1000
 
 class _Console(Console):
     def on_broken_pipe(self) -> None:
-        # rich's own answer is to exit 1; ``duplex.cli.main.main`` ends the process as other Unix
-        # tools end when their reader goes away (``duplex.cli.output``).
+        # rich's own answer is to exit 1; ``duplex.cli.common.run_command`` ends the process
+        # as other Unix tools end when their reader goes away (``duplex.cli.output``).
         raise BrokenPipeError(errno.EPIPE, "the reader of standard output went away")
 
 
@@ -170,3 +170,14 @@ def workers_table(rows: Sequence[tuple[dict[str, Any], Liveness]], now: datetime
             str(stats.get("version", "?")),
         )
     return table
+
+
+def lag_line(lag: dict[str, Any]) -> str:
+    """The relay's lag in one line, for ``duplex status``."""
+    age = lag["oldest_unpublished_age_s"]
+    oldest = f", oldest {age:.1f}s" if age is not None else ""
+    return (
+        f"events: {lag['unpublished']} unpublished{oldest}, "
+        f"{lag['dead_lettered']} dead-lettered, {lag['published_per_s']:g} published/s "
+        "(last minute)"
+    )

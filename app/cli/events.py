@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import threading
 import time
 from datetime import datetime, timedelta
@@ -21,6 +20,7 @@ from typing import Any
 
 from loguru import logger
 
+from duplex.cli.common import EXIT_INTERRUPTED, open_database, stop_signals_received
 from duplex.cli.output import check_reader
 from duplex.clock import utcnow
 from duplex.errors import InputError
@@ -42,7 +42,6 @@ from duplex.storage.outbox import (
     task_events,
     task_exists,
 )
-from duplex.storage.schema import ensure_schema_ready
 
 # ``--follow`` without ``--task`` re-reads this much history on every poll, because a commit
 # batch's timestamp is taken before its commit: an event may become visible a little after
@@ -118,48 +117,38 @@ def parse_duration(text: str) -> timedelta:
 
 def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     cfg = settings.relay
-    db = Database(settings.database)
-    ensure_schema_ready(db)
-    relay = Relay(
-        db,
-        cfg,
-        connect=lambda: AmqpPublisher(
-            cfg.url, cfg.exchange, connect_timeout_s=cfg.connect_timeout_s
-        ),
-    )
-    wake = threading.Event()
-    stop: list[int] = []
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop.append(signum)
-        wake.set()  # Event.set takes no lock a signal could interrupt midway
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    listener = None
-    if db.dialect == "postgresql":
-        listener = EventListener(db.url, lambda _ranges: wake.set())
-        listener.start()
-    logger.info(
-        "relay started: {} to exchange {!r}, batches of {}",
-        db.dialect,
-        cfg.exchange,
-        cfg.batch_size,
-    )
-    try:
-        while not stop:
-            delay = relay.pump()
-            if args.until_idle and delay > 0 and relay.connected and not _due(db):
-                logger.info("nothing left to publish; stopping (--until-idle)")
-                break
-            if delay > 0:
-                wake.wait(delay)
-                wake.clear()
-    finally:
-        if listener is not None:
-            listener.stop()
-        relay.close()
-        db.dispose()
+    with open_database(settings) as db, stop_signals_received() as stop:
+        relay = Relay(
+            db,
+            cfg,
+            connect=lambda: AmqpPublisher(
+                cfg.url, cfg.exchange, connect_timeout_s=cfg.connect_timeout_s
+            ),
+        )
+        wake = threading.Event()
+        listener = None
+        if db.dialect == "postgresql":
+            listener = EventListener(db.url, lambda _ranges: wake.set())
+            listener.start()
+        logger.info(
+            "relay started: {} to exchange {!r}, batches of {}",
+            db.dialect,
+            cfg.exchange,
+            cfg.batch_size,
+        )
+        try:
+            while not stop.requested:
+                delay = relay.pump()
+                if args.until_idle and delay > 0 and relay.connected and not _due(db):
+                    logger.info("nothing left to publish; stopping (--until-idle)")
+                    break
+                if delay > 0:
+                    stop.wait(delay, wake)
+                    wake.clear()
+        finally:
+            if listener is not None:
+                listener.stop()
+            relay.close()
     logger.info("relay stopped: {} event(s) published", relay.stats.published)
     return 0
 
@@ -175,9 +164,7 @@ def _due(db: Database) -> bool:
 
 
 def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
-    db = Database(settings.database)
-    try:
-        ensure_schema_ready(db)
+    with open_database(settings) as db:
         if args.action:
             return _settle(db, args.action, args.reason)
         if args.limit < 1:
@@ -187,8 +174,6 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
                 if not task_exists(conn, args.task):
                     raise InputError(f"no task with uuid {args.task}")
         return _print_events(db, args)
-    finally:
-        db.dispose()
 
 
 def _settle(db: Database, action: list[str], reason: str | None) -> int:
@@ -210,8 +195,6 @@ def _settle(db: Database, action: list[str], reason: str | None) -> int:
 
 
 def _print_events(db: Database, args: argparse.Namespace) -> int:
-    from duplex.cli.main import EXIT_INTERRUPTED, _interrupt_flag
-
     last_sequence = 0
     seen: dict[str, datetime] = {}
     with db.read() as conn:
@@ -237,9 +220,8 @@ def _print_events(db: Database, args: argparse.Namespace) -> int:
         listener = EventListener(db.url, on_events)
         listener.start()
     try:
-        with _interrupt_flag() as interrupted:
-            while not interrupted.is_set():
-                wake.wait(0.25)
+        with stop_signals_received() as stop:
+            while not stop.wait(0.25, wake):
                 wake.clear()
                 check_reader()  # as `tail -f`: stop once nobody reads, not at the next event
                 with db.read() as conn:
@@ -295,9 +277,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     cutoff = utcnow() - args.older_than
-    db = Database(settings.database)
-    try:
-        ensure_schema_ready(db)
+    with open_database(settings) as db:
         if args.dry_run:
             with db.read() as conn:
                 counts = count_prunable(conn, cutoff=cutoff)
@@ -313,22 +293,9 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
                 break
             total.add(counts)
             time.sleep(0)  # let other writers of this process in between batches
-    finally:
-        db.dispose()
     print(f"deleted {_describe(total)}")
     return 0
 
 
 def _describe(counts: PruneCounts) -> str:
     return f"{counts.tasks} task(s) with {counts.steps} step(s), {counts.events} event(s)"
-
-
-def lag_line(lag: dict[str, Any]) -> str:
-    """The relay's lag in one line, for ``duplex status``."""
-    age = lag["oldest_unpublished_age_s"]
-    oldest = f", oldest {age:.1f}s" if age is not None else ""
-    return (
-        f"events: {lag['unpublished']} unpublished{oldest}, "
-        f"{lag['dead_lettered']} dead-lettered, {lag['published_per_s']:g} published/s "
-        "(last minute)"
-    )

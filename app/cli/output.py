@@ -4,8 +4,9 @@ A Unix tool whose reader is gone (``cat``, ``grep``, ``ls``) is killed by SIGPIP
 write: it stops at once and quietly, and a shell reports status 141. Python ignores SIGPIPE,
 so that a broken socket raises instead of killing the process; a closed pipe then becomes
 ``BrokenPipeError`` at the next write, and "Exception ignored" when the interpreter flushes
-stdout on its way out. The CLI catches that error in one place (``duplex.cli.main.main``) and ends
-the way those tools do: killed by SIGPIPE, nothing on stderr.
+stdout on its way out. The CLI catches that error in one place
+(``duplex.cli.common.run_command``) and ends the way those tools do: killed by SIGPIPE,
+nothing on stderr.
 
 SIGPIPE is not restored for the whole process: a broken connection to the database or the
 broker must stay an error, never a silent death.
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import select
 import signal
 import sys
-from typing import IO, NoReturn
+from typing import IO, Any, NoReturn
 
 
 def reader_gone(stream: IO[str] | None = None) -> bool:
@@ -61,3 +63,8 @@ def exit_for_closed_output() -> NoReturn:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGPIPE)
     os._exit(128 + signal.SIGPIPE)  # not reached: the signal ends the process first
+
+
+def print_json(data: Any) -> None:
+    """``data`` as indented JSON on stdout (what is not JSON by nature as its ``str``)."""
+    print(json.dumps(data, indent=2, default=str))

@@ -1,0 +1,243 @@
+"""The ``duplex`` commands about tasks and the workers serving them: ``submit``, ``status``
+(``--watch`` in ``duplex.cli.watch``), the operator commands ``cancel``, ``retry`` and
+``resolve``, and ``workers``.
+
+Which workers are alive is the liveness rule's answer (``duplex.storage.liveness``), the same
+for ``status``, ``status --json`` and ``workers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Connection
+
+from duplex.cli import console
+from duplex.cli.arguments import positive_float, positive_int
+from duplex.cli.common import open_database
+from duplex.cli.context import parse_context
+from duplex.cli.output import print_json
+from duplex.cli.watch import watch
+from duplex.client import Client
+from duplex.clock import utcnow
+from duplex.errors import InputError
+from duplex.settings import Settings
+from duplex.storage.liveness import Liveness, judged_workers
+from duplex.storage.operations import (
+    OperatorReport,
+    cancel_task,
+    operator_identity,
+    resolve_step,
+    retry_step,
+)
+from duplex.storage.outbox import event_lag
+from duplex.storage.queries import count_tasks, get_task, list_tasks, task_steps
+from duplex.templates import load_template
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``submit``, ``status``, ``cancel``, ``retry``, ``resolve`` and ``workers``."""
+    submit = sub.add_parser("submit", help="create a task from a template; prints its UUID")
+    submit.add_argument("template", help="template file, or a template name in templates.directory")
+    submit.add_argument("--context", help="task context as a JSON object")
+    submit.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="submitting the same KEY for this template again returns the existing task",
+    )
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="tasks, or one task's steps, with their states")
+    status.add_argument("task_uuid", nargs="?", help="show this task's steps")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--limit", type=positive_int, default=50, help="tasks to list (default 50)")
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow TASK_UUID live until it is complete, error or cancelled (then exit 0)",
+    )
+    status.add_argument(
+        "--interval",
+        type=positive_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="refresh interval of --watch (default 1)",
+    )
+    status.set_defaults(func=cmd_status)
+
+    for name, what, help_text, func in (
+        (
+            "cancel",
+            "task_uuid",
+            "cancel a task: steps not yet running are cancelled, running ones finish",
+            cmd_cancel,
+        ),
+        ("retry", "step_uuid", "give a step in error one more attempt", cmd_retry),
+        (
+            "resolve",
+            "step_uuid",
+            "mark a step resolved_manually so that its dependents can run",
+            cmd_resolve,
+        ),
+    ):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument(what, metavar=what.upper())
+        command.add_argument("--reason", metavar="TEXT", help="why (kept in the transition rows)")
+        command.set_defaults(func=func)
+
+    workers = sub.add_parser(
+        "workers", help="every worker recorded in SQL: alive or presumed dead, slots, counts"
+    )
+    workers.add_argument("--json", action="store_true", help="machine-readable output")
+    workers.add_argument(
+        "--limit", type=positive_int, default=100, help="workers to list (default 100)"
+    )
+    workers.set_defaults(func=cmd_workers)
+
+
+# --- duplex submit -------------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    template = load_template(args.template, settings.templates.directory)
+    context = parse_context(args.context)
+    with open_database(settings) as db, Client(db) as client:
+        key = args.idempotency_key
+        existing = client.find(template.name, key) if key is not None else None
+        task_uuid = existing or client.submit(template, context, idempotency_key=key)
+    if existing:
+        print(f"task for idempotency key {key!r} exists already; nothing written", file=sys.stderr)
+    else:
+        print(f"submitted {template.name} ({len(template.steps)} steps)", file=sys.stderr)
+    print(task_uuid)
+    return 0
+
+
+# --- duplex status -------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    if args.watch and not args.task_uuid:
+        raise InputError("--watch follows one task: give its TASK_UUID")
+    with open_database(settings) as db:
+        if args.watch:
+            return watch(db, args.task_uuid, interval_s=args.interval, as_json=args.json)
+        with db.read() as conn:
+            if args.task_uuid:
+                task = get_task(conn, args.task_uuid)
+                steps = task_steps(conn, args.task_uuid)
+                if args.json:
+                    print_json({**task.as_json(), "steps": [s.as_json() for s in steps]})
+                else:
+                    out = console.make_console()
+                    out.print(console.task_header(task), highlight=False)
+                    out.print(console.steps_table(steps))
+                return 0
+            summaries = list_tasks(conn, limit=args.limit)
+            # Counted only when the list may be cut short.
+            total = count_tasks(conn) if len(summaries) == args.limit else len(summaries)
+            # Workers presumed dead by the liveness rule are not listed.
+            alive = [(row, lv) for row, lv in _judged_workers(conn, settings) if lv.alive]
+            now = utcnow()
+            lag = event_lag(conn, now=now).as_json(now)
+    if args.json:
+        # In the order they started, as ``status --json`` has always listed them.
+        rows = sorted((row for row, _ in alive), key=lambda r: (r["started_at"], r["worker_id"]))
+        print_json(
+            {
+                "tasks": [t.as_json() for t in summaries],
+                "total_tasks": total,
+                "workers": [_worker_json(row) for row in rows],
+                "events": lag,
+            }
+        )
+        return 0
+    out = console.make_console()
+    if summaries:
+        out.print(console.tasks_table(summaries))
+    else:
+        print("no tasks")
+    if total > len(summaries):
+        print(
+            f"the newest {len(summaries)} of {total} tasks; "
+            f"`--limit {total}` lists them all, `status TASK_UUID` shows one"
+        )
+    print(console.lag_line(lag))
+    if alive:
+        out.print()
+        out.print(console.workers_table(alive, utcnow()))
+    return 0
+
+
+# --- duplex workers ------------------------------------------------------------------------
+
+
+def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
+    with open_database(settings) as db, db.read() as conn:
+        judged = _judged_workers(conn, settings, limit=args.limit)
+    now = utcnow()
+    if args.json:
+        print_json(
+            [
+                {
+                    **_worker_json(row),
+                    "alive": liveness.alive,
+                    "state": liveness.state,
+                    "why": liveness.why,
+                    "heartbeat_age_s": round((now - row["heartbeat_at"]).total_seconds(), 3),
+                }
+                for row, liveness in judged
+            ]
+        )
+        return 0
+    if not judged:
+        print("no workers recorded")
+        return 0
+    console.make_console().print(console.workers_table(judged, now))
+    return 0
+
+
+def _judged_workers(
+    conn: Connection, settings: Settings, *, limit: int = 100
+) -> list[tuple[dict[str, Any], Liveness]]:
+    """The workers recorded in SQL, each with what the liveness rule says about it."""
+    return judged_workers(
+        conn, claim_timeout_s=settings.event_system.claim_timeout_s, now=utcnow(), limit=limit
+    )
+
+
+def _worker_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``workers`` row as JSON: its times in ISO 8601."""
+    return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()}
+
+
+# --- duplex cancel, retry, resolve ---------------------------------------------------------
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    print(_operate(settings, cancel_task, args.task_uuid, args.reason).summary)
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    print(_operate(settings, retry_step, args.step_uuid, args.reason).summary)
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
+    print(_operate(settings, resolve_step, args.step_uuid, args.reason).summary)
+    return 0
+
+
+def _operate(
+    settings: Settings,
+    operation: Callable[..., OperatorReport],
+    target: str,
+    reason: str | None,
+) -> OperatorReport:
+    """Run one operator command in one write transaction (nothing written if it fails)."""
+    with open_database(settings) as db, db.write() as conn:
+        return operation(conn, target, operator=operator_identity(), now=utcnow(), reason=reason)
