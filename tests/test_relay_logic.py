@@ -26,16 +26,15 @@ from duplex.events.relay import Backoff, Relay, RelayLock, envelope, message_of
 from duplex.messages import ClaimedStep, EmittedEvent, StepOutcome
 from duplex.storage.claims import claim_ready_steps
 from duplex.storage.db import Database
-from duplex.storage.models import domain_event_actions, domain_events
-from duplex.storage.outbox import (
+from duplex.storage.event_operations import (
     event_actions,
-    event_lag,
     get_event,
-    pending_runs,
     retry_event,
     skip_event,
     task_events,
 )
+from duplex.storage.models import domain_event_actions, domain_events
+from duplex.storage.outbox import event_lag, pending_runs
 from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task
 from duplex.templates import parse_template
