@@ -20,7 +20,7 @@ from sqlalchemy import Row, insert, select, text
 
 from duplex.clock import utcnow
 from duplex.commit.retry import RetryPolicy
-from duplex.dispatch.attempt import HANDLER_TIMEOUT, WORKER_LOST
+from duplex.errors import HANDLER_TIMEOUT, WORKER_LOST
 from duplex.messages import (
     ClaimedStep,
     EmittedEvent,
