@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from duplex.events.relay import envelope
+from duplex.events.publishing import envelope
 from duplex.settings import DatabaseSettings
 from duplex.storage.db import Database
 from duplex.storage.event_operations import task_events

@@ -22,7 +22,9 @@ from duplex.clock import utcnow
 from duplex.commit.retry import RetryPolicy
 from duplex.errors import BrokerUnavailableError, InputError, TransitionError
 from duplex.events.broker import Message
-from duplex.events.relay import Backoff, Relay, RelayLock, envelope, message_of
+from duplex.events.publishing import Backoff, envelope, message_of
+from duplex.events.relay import Relay
+from duplex.events.relay_lock import RelayLock
 from duplex.messages import ClaimedStep, EmittedEvent, StepOutcome
 from duplex.storage.claims import claim_ready_steps
 from duplex.storage.db import Database
