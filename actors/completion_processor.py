@@ -18,8 +18,8 @@ from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
 from duplex.clock import Timer, utcnow
 from duplex.commit.buffer import CommitBuffer
 from duplex.commit.retry import RetryPolicy
-from duplex.dispatch.attempt import RESULT_UNSTORABLE, unstorable
-from duplex.errors import StorageError
+from duplex.dispatch.attempt import unstorable
+from duplex.errors import RESULT_UNSTORABLE, StorageError
 from duplex.messages import ClaimedStep, StepOutcome
 from duplex.observability.logs import step_log
 from duplex.observability.metrics import WorkerMetrics

@@ -13,8 +13,9 @@ from loguru import logger
 from duplex.actors.handler_worker import HandlerWorker, HandlerWorkerProxy
 from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
 from duplex.clock import Timer, TimerHandle, utcnow
-from duplex.dispatch.attempt import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT, timeout_failure
+from duplex.dispatch.attempt import timeout_failure
 from duplex.dispatch.pool import HandlerPool, Running
+from duplex.errors import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT
 from duplex.handlers import HandlerRegistry
 from duplex.intake.prefetch import PrefetchWindow, claim_batch
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome

@@ -10,7 +10,8 @@ from loguru import logger
 
 from duplex.actors.supervised import tell
 from duplex.clock import utcnow
-from duplex.dispatch.attempt import HANDLER_ABORTED, run_attempt, storable_text
+from duplex.dispatch.attempt import run_attempt, storable_text
+from duplex.errors import HANDLER_ABORTED
 from duplex.handlers import Cancellation, HandlerRegistry
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.observability.logs import step_log

@@ -19,7 +19,7 @@ from loguru import logger
 from duplex.actors.supervised import SupervisedActor, tell
 from duplex.clock import Timer, TimerHandle
 from duplex.events.relay import Relay
-from duplex.storage.listen_events import EventListener, SequenceRange
+from duplex.storage.listen import EventListener, SequenceRange
 from duplex.worker.supervision import Supervisor
 
 

@@ -20,6 +20,9 @@
                                    (error_type ``retryable_error``)
 
 The CLI prints any ``DuplexError`` as one line on stderr and exits non-zero.
+
+Beside the tree: the stable ``error_type`` of every way an attempt can fail on Duplex's side
+(a handler's own ``StepError`` names its type itself).
 """
 
 from __future__ import annotations
@@ -28,6 +31,19 @@ import math
 
 # A retry can be put off by at most 30 days.
 MAX_RETRY_AFTER_S = 30 * 86400.0
+
+# Stable error types of failed attempts (DESIGN.md section 5): stored in the step's ``error``,
+# counted by the metrics, so never renamed.
+HANDLER_ERROR = "handler_error"
+HANDLER_TIMEOUT = "handler_timeout"
+HANDLER_NOT_FOUND = "handler_not_found"
+HANDLER_ABORTED = "handler_aborted"
+HANDLER_WORKER_FAILED = "handler_worker_failed"
+INVALID_RESULT = "invalid_result"
+RESULT_TOO_LARGE = "result_too_large"
+RESULT_UNSTORABLE = "result_unstorable"
+SHUTDOWN_TIMEOUT = "shutdown_timeout"
+WORKER_LOST = "worker_lost"
 
 
 class DuplexError(Exception):
@@ -95,7 +111,7 @@ class PublishRejectedError(BrokerError):
 class StepError(DuplexError):
     """Raised by a handler to say how its step failed."""
 
-    error_type = "handler_error"
+    error_type = HANDLER_ERROR
     retryable = True
 
 

@@ -13,8 +13,12 @@ JSONDict = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
-class EventDeclaration:
-    """A domain event a template declares for a step, with when to emit it."""
+class DeclaredEvent:
+    """A domain event a step's template declared, with when to emit it, as a claim carries it.
+
+    Read from the step's stored ``declared_events``; the template's own, validated form is
+    ``duplex.templates.EventDeclaration``.
+    """
 
     name: str
     condition: Literal["success", "failure", "always"] = "success"
@@ -36,7 +40,7 @@ class ClaimedStep:
     inputs: JSONDict = field(default_factory=dict)
     task_context: JSONDict = field(default_factory=dict)
     dependency_results: dict[str, JSONDict] = field(default_factory=dict)
-    declared_events: tuple[EventDeclaration, ...] = ()
+    declared_events: tuple[DeclaredEvent, ...] = ()
     # Whether a step depends on this one. Unknown (True) costs a readiness check at commit;
     # the claim knows, and saves it for the steps nothing depends on.
     has_children: bool = True

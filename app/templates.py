@@ -49,7 +49,10 @@ _TOML_WORDING = {
 
 
 class EventDeclaration(BaseModel):
-    """A domain event a step announces, and when it announces it."""
+    """A domain event a step announces, and when it announces it, as a template declares it.
+
+    Stored with the step; a claimed step carries it as ``duplex.messages.DeclaredEvent``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

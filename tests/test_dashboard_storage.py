@@ -1,4 +1,5 @@
-"""The dashboard's queries (``duplex.storage.dashboard``) on SQLite and PostgreSQL.
+"""The dashboard's queries (``duplex.storage.dashboard_list``, ``dashboard_detail``) on SQLite
+and PostgreSQL.
 
 The pagination property walks every page of a random history, with created_at ties, and
 checks that each task is shown exactly once, in order, and that "newer" walks back to the
@@ -16,15 +17,8 @@ from hypothesis import strategies as st
 from sqlalchemy import insert, select, update
 
 from duplex.clock import utcnow
-from duplex.storage.dashboard import (
-    TaskFilter,
-    events_of_task,
-    status_counts,
-    step_detail,
-    steps_of_task,
-    task_detail,
-    task_page,
-)
+from duplex.storage.dashboard_detail import events_of_task, step_detail, steps_of_task, task_detail
+from duplex.storage.dashboard_list import TaskFilter, status_counts, task_page
 from duplex.storage.db import Database
 from duplex.storage.models import tasks, workflow_steps
 from duplex.storage.operations import resolve_step, retry_step

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from duplex.events.relay import envelope
+from duplex.events.publishing import envelope
 from duplex.settings import DatabaseSettings
 from duplex.storage.db import Database
+from duplex.storage.event_operations import task_events
 from duplex.storage.models import tasks
-from duplex.storage.outbox import task_events
 from examples.consumer import handle
 from tests.test_cli_e2e import ORDER_CONTEXT, REPO_ROOT, make_duplex, migrated_file
 

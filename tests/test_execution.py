@@ -16,17 +16,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from duplex.dispatch.attempt import (
+from duplex.dispatch.attempt import normalise_result, run_attempt
+from duplex.errors import (
     HANDLER_ABORTED,
     HANDLER_ERROR,
     HANDLER_NOT_FOUND,
     HANDLER_TIMEOUT,
     INVALID_RESULT,
     RESULT_TOO_LARGE,
-    normalise_result,
-    run_attempt,
+    PermanentError,
+    RetryableError,
 )
-from duplex.errors import PermanentError, RetryableError
 from duplex.handlers import Cancellation, HandlerRegistry, StepContext
 from duplex.messages import ClaimedStep, EmittedEvent, StepFailure, StepOutcome
 

@@ -20,8 +20,7 @@ from sqlalchemy import Row, func, select, text
 import duplex.storage.results as commits
 from duplex.clock import utcnow
 from duplex.commit.retry import RetryPolicy
-from duplex.dispatch.attempt import HANDLER_TIMEOUT
-from duplex.errors import StorageError
+from duplex.errors import HANDLER_TIMEOUT, StorageError
 from duplex.handlers import HandlerRegistry, StepContext
 from duplex.messages import ClaimedStep, DomainEvent, Status, StepFailure, StepOutcome
 from duplex.storage.claims import claim_ready_steps, release_claims

@@ -23,7 +23,7 @@ from duplex.actors.completion_processor import CompletionProcessor, CompletionPr
 from duplex.actors.event_publisher import DomainEventPublisher
 from duplex.clock import Timer, utcnow
 from duplex.commit.retry import RetryPolicy
-from duplex.dispatch.attempt import WORKER_LOST
+from duplex.errors import WORKER_LOST
 from duplex.messages import ClaimedStep
 from duplex.settings import DatabaseSettings
 from duplex.storage.claims import claim_ready_steps

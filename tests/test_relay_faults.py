@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from duplex.events.relay import Relay, RelayLock
+from duplex.events.relay import Relay
+from duplex.events.relay_lock import RelayLock
 from duplex.settings import DatabaseSettings
 from duplex.storage.db import Database
 from duplex.storage.migrate import upgrade_to_head

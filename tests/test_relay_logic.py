@@ -22,20 +22,21 @@ from duplex.clock import utcnow
 from duplex.commit.retry import RetryPolicy
 from duplex.errors import BrokerUnavailableError, InputError, TransitionError
 from duplex.events.broker import Message
-from duplex.events.relay import Backoff, Relay, RelayLock, envelope, message_of
+from duplex.events.publishing import Backoff, envelope, message_of
+from duplex.events.relay import Relay
+from duplex.events.relay_lock import RelayLock
 from duplex.messages import ClaimedStep, EmittedEvent, StepOutcome
 from duplex.storage.claims import claim_ready_steps
 from duplex.storage.db import Database
-from duplex.storage.models import domain_event_actions, domain_events
-from duplex.storage.outbox import (
+from duplex.storage.event_operations import (
     event_actions,
-    event_lag,
     get_event,
-    pending_runs,
     retry_event,
     skip_event,
     task_events,
 )
+from duplex.storage.models import domain_event_actions, domain_events
+from duplex.storage.outbox import event_lag, pending_runs
 from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task
 from duplex.templates import parse_template

@@ -24,7 +24,7 @@ from duplex.events.broker import AmqpPublisher, Message
 from duplex.events.relay import Relay
 from duplex.handlers import HandlerRegistry, StepContext
 from duplex.storage.db import Database
-from duplex.storage.outbox import task_events
+from duplex.storage.event_operations import task_events
 from duplex.storage.submission import create_task
 from duplex.subscriptions import SubscriberRegistry
 from duplex.templates import parse_template
@@ -287,7 +287,7 @@ def test_a_poison_event_on_the_real_broker_is_dead_lettered_then_retried(
         assert [e.state for e in events] == ["published", "dead_lettered"]
         assert "unroutable" in (events[1].publish_error or "")
         reader.bind("step.#")
-        from duplex.storage.outbox import retry_event
+        from duplex.storage.event_operations import retry_event
 
         with sqlite_db.write() as conn:
             retry_event(conn, events[1].event_id, operator="t", now=utcnow(), reason=None)

@@ -11,10 +11,10 @@ from sqlalchemy import func, select, update
 
 from duplex.clock import utcnow
 from duplex.storage.db import Database
-from duplex.storage.listen import libpq_url
-from duplex.storage.listen_events import CHANNEL, parse_payload
+from duplex.storage.listen import EVENTS_CHANNEL, libpq_url, parse_payload
 from duplex.storage.models import domain_events, tasks, workflow_step_transitions, workflow_steps
-from duplex.storage.outbox import count_prunable, event_lag, prune_batch
+from duplex.storage.outbox import event_lag
+from duplex.storage.retention import count_prunable, prune_batch
 from tests.test_relay_logic import claim_all, commit, outcome, submit
 
 de = domain_events
@@ -133,7 +133,7 @@ def test_each_commit_notifies_the_new_sequence_ranges(postgres_db: Database) -> 
     first, second = submit(db, 2), submit(db, 1)
     steps = claim_all(db)
     with psycopg.connect(libpq_url(db.url), autocommit=True) as listener:
-        listener.execute(f"LISTEN {CHANNEL}")
+        listener.execute(f"LISTEN {EVENTS_CHANNEL}")
         commit(db, [outcome(s, 1) for s in steps if s.task_uuid == first])
         commit(db, [outcome(s, 2) for s in steps if s.task_uuid == second], rollback=True)
         commit(db, [outcome(s, 2) for s in steps if s.task_uuid == second])

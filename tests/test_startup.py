@@ -1,5 +1,5 @@
-"""Start-up's plain logic (``app/worker/startup.py``): retrying transient database failures within a
-bound, the stop signals, and telling ``duplex run`` from the other commands."""
+"""Start-up's plain logic (``duplex.worker.startup``): retrying transient database failures
+within a bound, the stop signals, and telling ``duplex run`` from the other commands."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HANDLER_MODULE = "tests.e2e_handlers.kills"
-# The key of the migration's advisory lock (app/storage/migrate.py).
+# The key of the migration's advisory lock (duplex.storage.migrate).
 MIGRATION_LOCK_KEY = 0x6475706C6578
 RETRY_LINE = "start-up: "
 STOPPED_LINE = "stopped before serving"

@@ -20,11 +20,11 @@ from sqlalchemy import Row, insert, select, text
 
 from duplex.clock import utcnow
 from duplex.commit.retry import RetryPolicy
-from duplex.dispatch.attempt import HANDLER_TIMEOUT, WORKER_LOST
+from duplex.errors import HANDLER_TIMEOUT, WORKER_LOST
 from duplex.messages import (
     ClaimedStep,
+    DeclaredEvent,
     EmittedEvent,
-    EventDeclaration,
     StepFailure,
     StepOutcome,
 )
@@ -399,9 +399,9 @@ def test_claim_gives_parents_results(db: Database) -> None:
     assert d.name == "d"
     assert d.dependency_results == {"b": {"from": "b"}, "c": {}}
     assert d.declared_events == (
-        EventDeclaration("order.done", "success"),
-        EventDeclaration("order.failed", "failure"),
-        EventDeclaration("order.audit", "always"),
+        DeclaredEvent("order.done", "success"),
+        DeclaredEvent("order.failed", "failure"),
+        DeclaredEvent("order.audit", "always"),
     )
     assert steps_of(db, task)["d"].attempts == 1
 

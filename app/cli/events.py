@@ -28,20 +28,17 @@ from duplex.events.broker import AmqpPublisher
 from duplex.events.relay import Relay
 from duplex.settings import Settings
 from duplex.storage.db import Database
-from duplex.storage.listen_events import EventListener, SequenceRange
-from duplex.storage.operations import operator_identity
-from duplex.storage.outbox import (
-    OutboxEvent,
-    PruneCounts,
-    count_prunable,
-    event_lag,
-    prune_batch,
+from duplex.storage.event_operations import (
     recent_events,
     retry_event,
     skip_event,
     task_events,
     task_exists,
 )
+from duplex.storage.listen import EventListener, SequenceRange
+from duplex.storage.operations import operator_identity
+from duplex.storage.outbox import OutboxEvent, event_lag
+from duplex.storage.retention import PruneCounts, count_prunable, prune_batch
 
 # ``--follow`` without ``--task`` re-reads this much history on every poll, because a commit
 # batch's timestamp is taken before its commit: an event may become visible a little after

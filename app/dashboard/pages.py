@@ -25,22 +25,24 @@ from duplex.states import (
     TASK_COMPLETE,
     TASK_STATES,
 )
-from duplex.storage.dashboard import (
-    EXECUTION_STATUSES,
-    Cursor,
+from duplex.storage.dashboard_detail import (
     EventRow,
     StepRow,
     TaskDetail,
-    TaskFilter,
-    TaskPage,
     events_of_task,
-    filter_choices,
-    status_counts,
     step_detail,
     steps_of_task,
     task_detail,
-    task_page,
     transitions_of_step,
+)
+from duplex.storage.dashboard_list import (
+    EXECUTION_STATUSES,
+    Cursor,
+    TaskFilter,
+    TaskPage,
+    filter_choices,
+    status_counts,
+    task_page,
 )
 from duplex.storage.liveness import judged_workers
 from duplex.storage.queries import parse_uuid, transitions_of_task

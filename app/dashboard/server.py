@@ -17,75 +17,40 @@ import mimetypes
 import re
 import urllib.parse
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import datetime
-from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from loguru import logger
-from markupsafe import Markup
 
 from duplex.clock import utcnow
-from duplex.dashboard import pages
+from duplex.dashboard import formatting, pages
 from duplex.dashboard.security import CSRF_COOKIE, SESSION_COOKIE, Guard, operator_name, same_origin
+from duplex.dashboard.web import (
+    SECURITY_HEADERS,
+    HttpError,
+    Request,
+    Response,
+    cookie_header,
+    full_path,
+    read_form,
+    read_request,
+    redirect,
+    route_of,
+    safe_next,
+)
 from duplex.errors import InputError, SchemaNotReadyError, StorageError, TransitionError
 from duplex.settings import Settings
 from duplex.states import STEP_STATES
-from duplex.storage.dashboard import EXECUTION_STATUSES
+from duplex.storage.dashboard_list import EXECUTION_STATUSES
 from duplex.storage.db import Database
 from duplex.storage.operations import OperatorReport, cancel_task, resolve_step, retry_step
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-_MAX_FORM_BYTES = 16 * 1024
 _UUID = r"(?P<uuid>[^/]+)"
-_SECURITY_HEADERS = [
-    (
-        "Content-Security-Policy",
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    ),
-    ("X-Content-Type-Options", "nosniff"),
-    ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "same-origin"),
-    ("Cache-Control", "no-store"),
-]
 _STATIC = {"dashboard.css", "dashboard.js", "favicon.svg"}
-
-
-class HttpError(Exception):
-    """An answer other than the page: a status and one line saying why."""
-
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    params: dict[str, str]
-    cookies: dict[str, str]
-    headers: dict[str, str]
-    environ: WSGIEnvironment
-    form: dict[str, str] = field(default_factory=dict)
-    operator: str | None = None  # the logged-in operator, when login is required
-
-    @property
-    def live(self) -> bool:
-        return self.headers.get("x-duplex-live") == "1"
-
-
-@dataclass
-class Response:
-    status: str
-    body: bytes
-    headers: list[tuple[str, str]] = field(default_factory=list)
 
 
 Handler = Callable[[Request, dict[str, str]], Response]
@@ -107,15 +72,15 @@ class Dashboard:
             lstrip_blocks=True,
         )
         self.env.globals.update(
-            state=_state_badge,
+            state=formatting.state_badge,
             refresh_ms=cfg.refresh_ms,
             step_states=STEP_STATES,
             execution_statuses=EXECUTION_STATUSES,
             pretty_json=pages.pretty_json,
-            when=_when,
-            when_utc=_when_utc,
-            ago=_ago,
-            seconds=_seconds,
+            when=formatting.when,
+            when_utc=formatting.when_utc,
+            ago=formatting.ago,
+            seconds=formatting.seconds,
             urlencode=urllib.parse.urlencode,
             cursor_text=pages.cursor_text,
             filter_params=pages.filter_params,
@@ -138,7 +103,7 @@ class Dashboard:
     # -- WSGI ------------------------------------------------------------------------------
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        request = _request(environ)
+        request = read_request(environ)
         csrf_cookie = request.cookies.get(CSRF_COOKIE)
         new_csrf = None
         if not csrf_cookie:
@@ -150,12 +115,12 @@ class Dashboard:
             response = self._error(request, exc.status, exc.message)
         except Exception as exc:  # a bug: an error page, never a traceback, and no data logged
             logger.error(
-                "dashboard: {} {} failed: {}", request.method, _route_of(request.path), type(exc)
+                "dashboard: {} {} failed: {}", request.method, route_of(request.path), type(exc)
             )
             response = self._error(request, "500 Internal Server Error", "internal error")
         headers = [*response.headers]
         if new_csrf is not None:
-            headers.append(("Set-Cookie", _cookie(CSRF_COOKIE, new_csrf)))
+            headers.append(("Set-Cookie", cookie_header(CSRF_COOKIE, new_csrf)))
         if request.method == "HEAD":
             response.body = b""
         start_response(response.status, [*headers, ("Content-Length", str(len(response.body)))])
@@ -182,11 +147,11 @@ class Dashboard:
                 request.headers.get("authorization")
             ):
                 if request.method == "GET" and not request.live:
-                    target = urllib.parse.quote(_full_path(request), safe="")
-                    return _redirect(f"/login?next={target}")
+                    target = urllib.parse.quote(full_path(request), safe="")
+                    return redirect(f"/login?next={target}")
                 raise HttpError("401 Unauthorized", "log in first: the dashboard needs its token")
         if request.method == "POST":
-            request.form = _read_form(request.environ)
+            request.form = read_form(request.environ)
             if not same_origin(
                 request.headers.get("origin"),
                 request.headers.get("referer"),
@@ -216,7 +181,7 @@ class Dashboard:
     # -- pages -----------------------------------------------------------------------------
 
     def _home(self, request: Request, args: dict[str, str]) -> Response:
-        return _redirect("/tasks")
+        return redirect("/tasks")
 
     def _tasks(self, request: Request, args: dict[str, str]) -> Response:
         query = pages.parse_task_list_query(request.params)
@@ -256,15 +221,15 @@ class Dashboard:
 
     def _login_form(self, request: Request, args: dict[str, str]) -> Response:
         if not self.guard.login_required:
-            return _redirect("/tasks")
+            return redirect("/tasks")
         return self._page(
-            request, "login.html", title="Log in", nav="", next=_safe_next(request.params)
+            request, "login.html", title="Log in", nav="", next=safe_next(request.params)
         )
 
     def _login(self, request: Request, args: dict[str, str]) -> Response:
         if not self.guard.login_required:
-            return _redirect("/tasks")
-        target = _safe_next(request.form)
+            return redirect("/tasks")
+        target = safe_next(request.form)
         try:
             name = operator_name(request.form.get("name"))
         except ValueError as exc:
@@ -287,11 +252,11 @@ class Dashboard:
                 next=target,
                 error="wrong token",
             )
-        cookie = _cookie(SESSION_COOKIE, self.guard.new_session(name))
-        return _redirect(target, [("Set-Cookie", cookie)])
+        session = cookie_header(SESSION_COOKIE, self.guard.new_session(name))
+        return redirect(target, [("Set-Cookie", session)])
 
     def _logout(self, request: Request, args: dict[str, str]) -> Response:
-        return _redirect("/login", [("Set-Cookie", _cookie(SESSION_COOKIE, "", max_age=0))])
+        return redirect("/login", [("Set-Cookie", cookie_header(SESSION_COOKIE, "", max_age=0))])
 
     # -- operator actions ------------------------------------------------------------------
 
@@ -332,7 +297,7 @@ class Dashboard:
             else f"/steps/{report.changes[0].step_uuid}"
         )
         flash = urllib.parse.quote(report.summary)
-        return _redirect(back, [("Set-Cookie", _cookie("duplex_flash", flash, max_age=60))])
+        return redirect(back, [("Set-Cookie", cookie_header("duplex_flash", flash, max_age=60))])
 
     # -- static files ----------------------------------------------------------------------
 
@@ -374,16 +339,16 @@ class Dashboard:
             body = "".join(block(page.new_context(context)))
         else:
             body = page.render(context)
-        headers = [("Content-Type", "text/html; charset=utf-8"), *_SECURITY_HEADERS]
+        headers = [("Content-Type", "text/html; charset=utf-8"), *SECURITY_HEADERS]
         if flash and not request.live:
-            headers.append(("Set-Cookie", _cookie("duplex_flash", "", max_age=0)))
+            headers.append(("Set-Cookie", cookie_header("duplex_flash", "", max_age=0)))
         return Response(status, body.encode(), headers)
 
     def _error(self, request: Request, status: str, message: str) -> Response:
         if request.live:
             # The live script keeps the page and shows this line in its status bar.
             body = f'<p class="live-error">{html.escape(status)}: {html.escape(message)}</p>'
-            headers = [("Content-Type", "text/html; charset=utf-8"), *_SECURITY_HEADERS]
+            headers = [("Content-Type", "text/html; charset=utf-8"), *SECURITY_HEADERS]
             return Response(status, body.encode(), headers)
         try:
             return self._page(
@@ -392,110 +357,3 @@ class Dashboard:
         except Exception:  # the error page itself failed: plain text, still no traceback
             text = f"{status}: {message}\n".encode()
             return Response(status, text, [("Content-Type", "text/plain; charset=utf-8")])
-
-
-# ------------------------------------------------------------------------------------------
-# Plain helpers
-
-
-def _request(environ: WSGIEnvironment) -> Request:
-    raw_path = environ.get("PATH_INFO", "") or "/"
-    query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-    headers = {
-        key[5:].replace("_", "-").lower(): str(value)
-        for key, value in environ.items()
-        if key.startswith("HTTP_")
-    }
-    cookies: dict[str, str] = {}
-    try:
-        jar = SimpleCookie(headers.get("cookie", ""))
-        cookies = {key: morsel.value for key, morsel in jar.items()}
-    except CookieError:
-        pass
-    return Request(
-        method=str(environ.get("REQUEST_METHOD", "GET")).upper(),
-        path=raw_path,
-        params={key: values[-1] for key, values in query.items()},
-        cookies=cookies,
-        headers=headers,
-        environ=environ,
-    )
-
-
-def _read_form(environ: WSGIEnvironment) -> dict[str, str]:
-    kind = str(environ.get("CONTENT_TYPE", "")).split(";")[0].strip().lower()
-    if kind != "application/x-www-form-urlencoded":
-        raise HttpError("415 Unsupported Media Type", "send the form as a web form")
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise HttpError("400 Bad Request", "bad Content-Length") from None
-    if length > _MAX_FORM_BYTES:
-        raise HttpError("413 Content Too Large", "the form is too large")
-    body = environ["wsgi.input"].read(length) if length > 0 else b""
-    try:
-        fields = urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True)
-    except UnicodeDecodeError:
-        raise HttpError("400 Bad Request", "the form is not UTF-8") from None
-    return {key: values[-1] for key, values in fields.items()}
-
-
-def _route_of(path: str) -> str:
-    # For the log: the page kind, never a uuid from the path.
-    return re.sub(r"/[0-9a-fA-F-]{8,}", "/…", path)[:80]
-
-
-def _full_path(request: Request) -> str:
-    query = request.environ.get("QUERY_STRING", "")
-    return request.path + (f"?{query}" if query else "")
-
-
-def _safe_next(values: dict[str, str]) -> str:
-    # Only a path of this dashboard: never an open redirect to another site.
-    target = values.get("next", "") or "/tasks"
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return "/tasks"
-    return target
-
-
-def _redirect(location: str, headers: list[tuple[str, str]] | None = None) -> Response:
-    return Response("303 See Other", b"", [("Location", location), *(headers or [])])
-
-
-def _cookie(name: str, value: str, *, max_age: int | None = None) -> str:
-    parts = [f"{name}={value}", "Path=/", "HttpOnly", "SameSite=Strict"]
-    if max_age is not None:
-        parts.append(f"Max-Age={max_age}")
-    return "; ".join(parts)
-
-
-def _state_badge(value: str) -> Markup:
-    # A plain function, not a template macro: a 1000-step page calls it thousands of times.
-    return Markup('<span class="state state-{}">{}</span>').format(value, value.replace("_", " "))
-
-
-def _when(moment: datetime | None) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if moment is not None else "—"
-
-
-def _when_utc(moment: datetime | None) -> str:
-    """A time standing alone (not under a "(UTC)" column header) names its zone."""
-    return f"{_when(moment)} UTC" if moment is not None else "—"
-
-
-def _ago(moment: datetime | None, now: datetime) -> str:
-    if moment is None:
-        return "—"
-    return _seconds(max(0.0, (now - moment).total_seconds())) + " ago"
-
-
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "—"
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    if value < 120:
-        return f"{value:.1f} s"
-    if value < 7200:
-        return f"{value / 60:.0f} min"
-    return f"{value / 3600:.1f} h"

@@ -18,21 +18,18 @@ from typing import Any
 from pydantic import BaseModel
 
 from duplex.clock import utcnow
-from duplex.errors import StepError
+from duplex.errors import (
+    HANDLER_ABORTED,
+    HANDLER_ERROR,
+    HANDLER_NOT_FOUND,
+    HANDLER_TIMEOUT,
+    INVALID_RESULT,
+    RESULT_TOO_LARGE,
+    RESULT_UNSTORABLE,
+    StepError,
+)
 from duplex.handlers import Cancellation, Handler, HandlerRegistry, StepContext
 from duplex.messages import ClaimedStep, JSONDict, StepFailure, StepOutcome
-
-# Stable error types (DESIGN.md section 5).
-HANDLER_ERROR = "handler_error"
-HANDLER_TIMEOUT = "handler_timeout"
-HANDLER_NOT_FOUND = "handler_not_found"
-HANDLER_ABORTED = "handler_aborted"
-HANDLER_WORKER_FAILED = "handler_worker_failed"
-INVALID_RESULT = "invalid_result"
-RESULT_TOO_LARGE = "result_too_large"
-RESULT_UNSTORABLE = "result_unstorable"
-SHUTDOWN_TIMEOUT = "shutdown_timeout"
-WORKER_LOST = "worker_lost"
 
 
 def run_attempt(

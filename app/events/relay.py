@@ -16,7 +16,8 @@ batch, and returns how long to wait before the next pump. The worker runs it in 
 * **Per-task order.** Each batch is one run per task, from the task's head, published in
   sequence order and cut at the first failure; on PostgreSQL the head's row lock is held
   from selection to marking (``duplex.storage.outbox``), on SQLite a file lock lets one relay at
-  a time publish (``RelayLock``).
+  a time publish (``duplex.events.relay_lock``). The plain logic of one batch (messages, runs
+  cut at a refusal, failures, backoff) is in ``duplex.events.publishing``.
 * **Faults.** A broker that is down or drops the connection costs nothing but time: the
   relay backs off (``backoff_base_ms`` doubling to ``backoff_max_ms``), reconnects and starts
   again from the rows. A refusal of one message (nack, or unroutable in ``unroutable =
@@ -26,22 +27,27 @@ batch, and returns how long to wait before the next pump. The worker runs it in 
 
 from __future__ import annotations
 
-import fcntl
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import IO, Any, Protocol
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from loguru import logger
-from sqlalchemy.engine import make_url
 
 from duplex.clock import utcnow
-from duplex.errors import BrokerUnavailableError, PublishRejectedError, StorageError
-from duplex.events.broker import Message, PublishRejected, body_of, safe_url
+from duplex.errors import BrokerUnavailableError, StorageError
+from duplex.events.broker import safe_url
+from duplex.events.publishing import (
+    Backoff,
+    BatchOutcome,
+    Publisher,
+    publish_failure,
+    publish_runs,
+)
+from duplex.events.relay_lock import RelayLock
 from duplex.settings import RelaySettings
 from duplex.storage.db import Database
 from duplex.storage.outbox import (
@@ -52,119 +58,6 @@ from duplex.storage.outbox import (
     pending_runs,
     record_failures,
 )
-
-
-class Publisher(Protocol):
-    """Publishes one message and returns once the broker confirmed it."""
-
-    usable: bool
-
-    def publish(self, message: Message) -> None: ...
-
-    def keepalive(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def envelope(event: OutboxEvent) -> dict[str, Any]:
-    """The JSON body of an event's message."""
-    return {
-        "event_id": event.event_id,
-        "name": event.name,
-        "task_uuid": event.task_uuid,
-        "step_uuid": event.step_uuid,
-        "namespace": event.namespace,
-        "sequence": event.sequence,
-        "committed_at": event.created_at.isoformat(),
-        "payload": event.payload,
-    }
-
-
-def message_of(event: OutboxEvent) -> Message:
-    """The AMQP message of an event: routing key = event name, message id = event id."""
-    return Message(
-        routing_key=event.name,
-        body=body_of(envelope(event)),
-        message_id=event.event_id,
-        type=event.name,
-        timestamp=int(event.created_at.timestamp()),
-        headers={
-            "task_uuid": event.task_uuid,
-            "step_uuid": event.step_uuid,
-            "namespace": event.namespace,
-            "sequence": event.sequence,
-        },
-    )
-
-
-class Backoff:
-    """Exponential delays: ``base``, doubling, capped at ``maximum``; reset on success."""
-
-    def __init__(self, base_s: float, maximum_s: float) -> None:
-        self.base_s = base_s
-        self.maximum_s = max(base_s, maximum_s)
-        self.failures = 0
-
-    def delay(self, failures: int) -> float:
-        return float(min(self.maximum_s, self.base_s * 2 ** max(0, failures - 1)))
-
-    def failed(self) -> float:
-        self.failures += 1
-        return self.delay(self.failures)
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
-class RelayLock:
-    """On SQLite, one relay at a time: an exclusive ``flock`` on ``<database>.relay-lock``.
-
-    The kernel releases it when the holder dies (even by SIGKILL), so a standby takes over at
-    its next try. Every other backend gets a lock that always succeeds (row locks serve).
-    """
-
-    def __init__(self, db: Database) -> None:
-        self._path: str | None = None
-        if db.is_sqlite:
-            database = make_url(db.url).database
-            if database and database != ":memory:":
-                # The real path: relays that reach one file through different names (a
-                # symlink, a relative path from another directory) must meet at one lock.
-                self._path = os.path.realpath(database) + ".relay-lock"
-        self._file: IO[bytes] | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._path is None or self._file is not None
-
-    def try_acquire(self) -> bool:
-        if self.held:
-            return True
-        assert self._path is not None
-        handle = open(self._path, "ab")  # noqa: SIM115 - held open for as long as the lock
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            return False
-        self._file = handle
-        return True
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the descriptor drops the flock
-            self._file = None
-
-
-@dataclass
-class BatchOutcome:
-    """What one batch did."""
-
-    selected: int = 0
-    published: list[str] = field(default_factory=list)
-    failures: list[PublishFailure] = field(default_factory=list)
-    unroutable: int = 0
-    broker_error: BrokerUnavailableError | None = None
 
 
 @dataclass
@@ -332,55 +225,21 @@ class Relay:
         return True
 
     def _publish(self, runs: Sequence[Sequence[OutboxEvent]], publisher: Publisher) -> BatchOutcome:
-        outcome = BatchOutcome(selected=sum(len(run) for run in runs))
-        treat_unroutable_as_published = self.settings.unroutable == "published"
-        for run in runs:
-            for event in run:
-                try:
-                    publisher.publish(message_of(event))
-                except PublishRejectedError as exc:
-                    unroutable = isinstance(exc, PublishRejected) and exc.unroutable
-                    if unroutable and treat_unroutable_as_published:
-                        outcome.published.append(event.event_id)
-                        outcome.unroutable += 1
-                        continue
-                    outcome.failures.append(self._failure(event, str(exc)))
-                    break  # the task's later events wait behind this one
-                except BrokerUnavailableError as exc:
-                    # What was confirmed so far is still recorded; the rest stays for later.
-                    outcome.broker_error = exc
-                    return outcome
-                outcome.published.append(event.event_id)
-        return outcome
+        return publish_runs(
+            runs,
+            publisher,
+            unroutable_as_published=self.settings.unroutable == "published",
+            failure=self._failure,
+        )
 
     def _failure(self, event: OutboxEvent, error: str) -> PublishFailure:
-        attempts = event.publish_attempts + 1
-        dead = attempts >= self.settings.max_attempts
-        retry_at = (
-            None if dead else self._clock() + timedelta(seconds=self._event_backoff.delay(attempts))
+        return publish_failure(
+            event,
+            error,
+            max_attempts=self.settings.max_attempts,
+            backoff=self._event_backoff,
+            clock=self._clock,
         )
-        if dead:
-            logger.error(
-                "event {} ({} of task {}, sequence {}) dead-lettered after {} attempt(s): {}; "
-                "the task's later events wait (duplex events retry|skip {})",
-                event.event_id,
-                event.name,
-                event.task_uuid,
-                event.sequence,
-                attempts,
-                error,
-                event.event_id,
-            )
-        else:
-            logger.warning(
-                "event {} ({}) not published (attempt {} of {}): {}",
-                event.event_id,
-                event.name,
-                attempts,
-                self.settings.max_attempts,
-                error,
-            )
-        return PublishFailure(event.event_id, attempts, error, retry_at, dead)
 
     def _record(self, conn: Any, outcome: BatchOutcome) -> None:
         now = self._clock()

@@ -33,7 +33,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from duplex.dispatch.attempt import (
+from duplex.errors import (
     HANDLER_TIMEOUT,
     HANDLER_WORKER_FAILED,
     SHUTDOWN_TIMEOUT,

@@ -1,16 +1,33 @@
 """Every SQL statement Duplex runs, by concept; scan these modules to see them all.
 
-* ``claims``       claiming ready steps, handing back claims that never started
-* ``results``      applying attempt outcomes under the guard (one transaction per batch)
-* ``readiness``    enqueueing children whose parents are all done
-* ``task_state``   locking task rows, deriving task states from their steps
-* ``events``       the domain events an applied outcome produces (outbox rows)
-* ``transitions``  one ``workflow_step_transitions`` row per state change
-* ``recovery``     the running attempts of dead workers (``worker_lost``)
-* ``submission``   writing tasks, steps and edges
-* ``operations``   operator commands: cancel, retry, resolve
-* ``queries``      what ``duplex status`` reads
-* ``workers``      the ``workers`` table: registration, heartbeats, stop
+The worker's path:
 
-Schema and migrations live in ``duplex.storage.models`` and ``migrations/``.
+* ``claims``            claiming ready steps, handing back claims that never started
+* ``results``           applying attempt outcomes under the guard (one transaction per batch)
+* ``readiness``         enqueueing children whose parents are all done
+* ``task_state``        locking task rows, deriving task states from their steps
+* ``events``            the domain events an applied outcome produces (outbox rows)
+* ``transitions``       one ``workflow_step_transitions`` row per state change
+* ``recovery``          the running attempts of dead workers (``worker_lost``)
+* ``workers``           the ``workers`` table: registration, heartbeats, stop
+* ``liveness``          the rule that says whether a recorded worker is alive
+* ``listen``            PostgreSQL LISTEN/NOTIFY: ``duplex_work`` and ``duplex_events``
+
+The outbox of domain events:
+
+* ``outbox``            sequence numbers, the relay's work list and bookkeeping, the lag
+* ``event_operations``  what ``duplex events`` lists, retries and skips
+* ``retention``         ``duplex prune``: finished tasks and old published events
+
+Operators and readers:
+
+* ``submission``        writing tasks, steps and edges
+* ``operations``        operator commands: cancel, retry, resolve
+* ``queries``           what ``duplex status`` reads
+* ``dashboard_list``    the dashboard's task list: filters, pages, status counts
+* ``dashboard_detail``  the dashboard's page of one task or step
+
+Underneath: ``db`` (engines and transactions), ``driver`` (many-row statements at the
+driver), ``models`` (the tables), ``schema`` (is the database at head?) and ``migrate``
+(migrations under a lock; the revisions are in ``migrations/``).
 """

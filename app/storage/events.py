@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from duplex.messages import (
-    EventDeclaration,
+    DeclaredEvent,
     JSONDict,
     StepOutcome,
 )
@@ -22,11 +22,11 @@ from duplex.storage.models import (
 ws = workflow_steps
 
 
-def declared_events(raw: Any) -> tuple[EventDeclaration, ...]:
+def declared_events(raw: Any) -> tuple[DeclaredEvent, ...]:
     """Turn a step's stored ``declared_events`` JSON into declarations."""
     if not raw:  # most steps declare none: no generator for them
         return ()
-    return tuple(EventDeclaration(e["name"], e.get("condition", "success")) for e in raw or ())
+    return tuple(DeclaredEvent(e["name"], e.get("condition", "success")) for e in raw or ())
 
 
 def events_of(

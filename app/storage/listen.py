@@ -1,20 +1,36 @@
-"""PostgreSQL LISTEN/NOTIFY: learn that work is available without waiting for the next poll.
+"""PostgreSQL LISTEN/NOTIFY: the two channels Duplex notifies on, and their listeners.
 
-A trigger (migration 0002) sends ``NOTIFY duplex_work, '<namespace>'`` whenever a step becomes
-claimable. ``WorkListener`` keeps one dedicated connection LISTENing on its own thread and
-calls ``on_work`` for notifications about the namespaces this worker serves.
+* ``duplex_work`` (``WORK_CHANNEL``): a trigger (migration 0002) sends
+  ``NOTIFY duplex_work, '<namespace>'`` whenever a step becomes claimable. ``WorkListener``
+  calls ``on_work`` for the namespaces a worker serves, so it need not wait for its next poll.
+* ``duplex_events`` (``EVENTS_CHANNEL``): the commit path (``notify_new_events``) sends, at the
+  commit of every batch that wrote domain events, a JSON array of
+  ``{"task_uuid", "first", "last"}``: the new sequence range of each task. External consumers
+  can LISTEN for it and read the rows; Duplex's relay and ``duplex events --follow`` use it
+  (``EventListener``) to wake up at once.
+
+Each listener keeps one dedicated connection LISTENing on its own thread.
 """
 
 from __future__ import annotations
 
+import json
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 import psycopg
 from loguru import logger
+from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 
-CHANNEL = "duplex_work"
+from duplex.messages import DomainEvent
+
+# Both channel names are documented in the README; the work channel's is also in migration 0002.
+WORK_CHANNEL = "duplex_work"
+EVENTS_CHANNEL = "duplex_events"
+# PostgreSQL refuses payloads of 8000 bytes or more.
+_PAYLOAD_LIMIT = 7000
 
 
 def libpq_url(sqlalchemy_url: str) -> str:
@@ -23,6 +39,59 @@ def libpq_url(sqlalchemy_url: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
+# --- the events channel: what a commit announces ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceRange:
+    """New events of one task: sequences ``first`` to ``last``, inclusive."""
+
+    task_uuid: str
+    first: int
+    last: int
+
+
+def notify_new_events(conn: Connection, events: Sequence[DomainEvent]) -> None:
+    """PostgreSQL: announce a commit's new sequence ranges on ``duplex_events``.
+
+    Inside the commit's transaction, so the notification is delivered at its commit and
+    never for a rollback. The payload is a JSON array of ``{"task_uuid", "first", "last"}``,
+    one item per task, split over several notifications past 7000 bytes.
+    """
+    if not events or conn.dialect.name != "postgresql":
+        return
+    ranges: dict[str, tuple[int, int]] = {}
+    for event in events:
+        low, high = ranges.get(event.task_uuid, (event.sequence, event.sequence))
+        ranges[event.task_uuid] = (min(low, event.sequence), max(high, event.sequence))
+    payloads: list[str] = []
+    chunk: list[str] = []
+    size = 2
+    for task_uuid, (first, last) in sorted(ranges.items()):
+        item = json.dumps({"task_uuid": task_uuid, "first": first, "last": last})
+        if chunk and size + len(item) + 1 > _PAYLOAD_LIMIT:
+            payloads.append("[" + ",".join(chunk) + "]")
+            chunk, size = [], 2
+        chunk.append(item)
+        size += len(item) + 1
+    payloads.append("[" + ",".join(chunk) + "]")
+    for payload in payloads:
+        conn.execute(_NOTIFY, {"channel": EVENTS_CHANNEL, "payload": payload})
+
+
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+
+
+def parse_payload(payload: str) -> list[SequenceRange]:
+    """Read one ``duplex_events`` notification's payload; an unreadable one yields nothing."""
+    try:
+        items = json.loads(payload)
+        return [SequenceRange(str(i["task_uuid"]), int(i["first"]), int(i["last"])) for i in items]
+    except (ValueError, TypeError, KeyError):
+        return []
+
+
+# --- listeners --------------------------------------------------------------------------------
 class ChannelListener:
     """A thread that LISTENs on one channel and reconnects when the server goes away.
 
@@ -106,9 +175,33 @@ class WorkListener(ChannelListener):
 
         super().__init__(
             url,
-            CHANNEL,
+            WORK_CHANNEL,
             on_connect=on_work,  # anything committed while (re)connecting was missed: look
             on_notify=on_notify,
             name="duplex-listen",
+            reconnect_max_s=reconnect_max_s,
+        )
+
+
+class EventListener(ChannelListener):
+    """LISTENs on ``duplex_events``; ``on_events`` gets the ranges of each notification.
+
+    After every (re)connect it gets an empty list, since what was committed meanwhile was not
+    announced to this listener.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        on_events: Callable[[list[SequenceRange]], None],
+        *,
+        reconnect_max_s: float = 10.0,
+    ) -> None:
+        super().__init__(
+            url,
+            EVENTS_CHANNEL,
+            on_connect=lambda: on_events([]),
+            on_notify=lambda payload: on_events(parse_payload(payload)),
+            name="duplex-events-listen",
             reconnect_max_s=reconnect_max_s,
         )

@@ -1,7 +1,8 @@
-"""The outbox: every statement about domain events after they are written.
+"""The outbox: sequence numbers, the relay's work list and its bookkeeping, the lag figures.
 
-Sequence numbers, the relay's work list and its bookkeeping, the operator's ``retry`` and
-``skip``, the lag figures, the readers of ``duplex events`` and retention (``duplex prune``).
+Operators' reads and commands on these rows (``duplex events``) are in
+``duplex.storage.event_operations``, retention (``duplex prune``) in ``duplex.storage.retention``,
+the ``duplex_events`` NOTIFY in ``duplex.storage.listen``.
 
 **Why a task's events leave in sequence order, with several relays on PostgreSQL.**
 
@@ -36,50 +37,28 @@ transaction before it selects anything else (``Relay._record_unrecorded``). The 
 transaction took the head's lock with it, though, so meanwhile another relay may publish
 those rows again: the same kind of duplicate, at most that one batch, and in order by 3.
 
-SQLite has no row locks: there ``duplex.events.relay.RelayLock`` (an exclusive ``flock`` next to the
-database file) lets one relay at a time publish, and the others wait as standbys.
+SQLite has no row locks: there ``duplex.events.relay_lock.RelayLock`` (an exclusive ``flock``
+next to the database file) lets one relay at a time publish, and the others wait as standbys.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    Connection,
-    and_,
-    bindparam,
-    delete,
-    func,
-    insert,
-    or_,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
 
-from duplex.errors import InputError, TransitionError
-from duplex.messages import DomainEvent, JSONDict
-from duplex.states import TASK_FINISHED
-from duplex.storage.models import (
-    UTCDateTime,
-    domain_event_actions,
-    domain_events,
-    tasks,
-    workflow_step_edges,
-    workflow_step_transitions,
-    workflow_steps,
-)
+from duplex.messages import JSONDict
+from duplex.storage.models import UTCDateTime, domain_events, tasks
 
 de = domain_events
 _TS = UTCDateTime()
 
-# The relay's work list; the same terms as the partial index ix_domain_events_unpublished,
-# so both backends can use it.
-_PENDING = and_(de.c.published_at.is_(None), de.c.skipped_at.is_(None))
+# The relay's work list (neither published nor skipped); the same terms as the partial index
+# ix_domain_events_unpublished, so both backends can use it.
+PENDING = and_(de.c.published_at.is_(None), de.c.skipped_at.is_(None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +106,8 @@ class OutboxEvent:
         }
 
 
-_EVENT_COLUMNS = (
+# What ``OutboxEvent`` is read from (joined with ``tasks`` for the namespace).
+EVENT_COLUMNS = (
     de.c.event_id,
     de.c.name,
     de.c.task_uuid,
@@ -144,7 +124,8 @@ _EVENT_COLUMNS = (
 )
 
 
-def _event(row: Any) -> OutboxEvent:
+def event_of_row(row: Any) -> OutboxEvent:
+    """The ``OutboxEvent`` of a row selected with ``EVENT_COLUMNS``."""
     return OutboxEvent(
         row.event_id,
         row.name,
@@ -188,56 +169,19 @@ _LAST_SEQUENCES = select(
 ).where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)))
 
 
-# The NOTIFY channel on PostgreSQL (documented in the README).
-CHANNEL = "duplex_events"
-# PostgreSQL refuses payloads of 8000 bytes or more.
-_PAYLOAD_LIMIT = 7000
-
-
-def notify_new_events(conn: Connection, events: Sequence[DomainEvent]) -> None:
-    """PostgreSQL: announce a commit's new sequence ranges on ``duplex_events``.
-
-    Inside the commit's transaction, so the notification is delivered at its commit and
-    never for a rollback. The payload is a JSON array of ``{"task_uuid", "first", "last"}``,
-    one item per task, split over several notifications past 7000 bytes.
-    """
-    if not events or conn.dialect.name != "postgresql":
-        return
-    ranges: dict[str, tuple[int, int]] = {}
-    for event in events:
-        low, high = ranges.get(event.task_uuid, (event.sequence, event.sequence))
-        ranges[event.task_uuid] = (min(low, event.sequence), max(high, event.sequence))
-    payloads: list[str] = []
-    chunk: list[str] = []
-    size = 2
-    for task_uuid, (first, last) in sorted(ranges.items()):
-        item = json.dumps({"task_uuid": task_uuid, "first": first, "last": last})
-        if chunk and size + len(item) + 1 > _PAYLOAD_LIMIT:
-            payloads.append("[" + ",".join(chunk) + "]")
-            chunk, size = [], 2
-        chunk.append(item)
-        size += len(item) + 1
-    payloads.append("[" + ",".join(chunk) + "]")
-    for payload in payloads:
-        conn.execute(_NOTIFY, {"channel": CHANNEL, "payload": payload})
-
-
-_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
-
-
 # --- the relay's work list ----------------------------------------------------------------
 
 # Materialised: computed once per statement. As a plain subquery PostgreSQL's planner, with
 # the row estimates of a table that grows fast, re-ran the aggregate for every pending row.
 _heads = (
     select(de.c.task_uuid, func.min(de.c.sequence).label("sequence"))
-    .where(_PENDING)
+    .where(PENDING)
     .group_by(de.c.task_uuid)
     .cte("heads")
     .prefix_with("MATERIALIZED", dialect="postgresql")
 )
 # Each task's head, if it may be tried now: not dead-lettered (then the task waits behind
-# it), not waiting for its retry time. Oldest first. The _PENDING terms are repeated on the
+# it), not waiting for its retry time. Oldest first. The PENDING terms are repeated on the
 # outer row so that PostgreSQL's re-check after a lock wait sees a head published meanwhile.
 _HEADS = (
     select(de.c.event_id, de.c.task_uuid, de.c.sequence)
@@ -247,7 +191,7 @@ _HEADS = (
         and_(de.c.task_uuid == _heads.c.task_uuid, de.c.sequence == _heads.c.sequence),
     )
     .where(
-        _PENDING,
+        PENDING,
         de.c.dead_lettered_at.is_(None),
         or_(de.c.retry_at.is_(None), de.c.retry_at <= bindparam("now", type_=_TS)),
     )
@@ -258,9 +202,9 @@ _HEADS_LOCKED = _HEADS.with_for_update(skip_locked=True, of=de)
 
 _rank = func.row_number().over(partition_by=de.c.task_uuid, order_by=de.c.sequence).label("rank")
 _run_rows = (
-    select(*_EVENT_COLUMNS, _rank)
+    select(*EVENT_COLUMNS, _rank)
     .join_from(de, tasks, tasks.c.task_uuid == de.c.task_uuid)
-    .where(de.c.task_uuid.in_(bindparam("tasks", expanding=True)), _PENDING)
+    .where(de.c.task_uuid.in_(bindparam("tasks", expanding=True)), PENDING)
     .subquery("runs")
 )
 _RUNS = (
@@ -289,7 +233,7 @@ def pending_runs(
     runs: dict[str, list[OutboxEvent]] = {task_uuid: [] for task_uuid in heads}
     ended: set[str] = set()
     for row in conn.execute(_RUNS, {"tasks": sorted(heads), "per_task": per_task}):
-        event = _event(row)
+        event = event_of_row(row)
         # A run ends before a dead-lettered event: the rest of the task waits behind it.
         if event.dead_lettered_at is not None:
             ended.add(event.task_uuid)
@@ -357,88 +301,6 @@ _RECORD_FAILURE = (
 )
 
 
-# --- operators -----------------------------------------------------------------------------
-
-
-def get_event(conn: Connection, event_id: str) -> OutboxEvent:
-    """Return one event; ``InputError`` naming it when there is none."""
-    row = conn.execute(
-        select(*_EVENT_COLUMNS)
-        .join_from(de, tasks, tasks.c.task_uuid == de.c.task_uuid)
-        .where(de.c.event_id == event_id)
-    ).first()
-    if row is None:
-        raise InputError(f"no domain event with id {event_id}")
-    return _event(row)
-
-
-def retry_event(
-    conn: Connection, event_id: str, *, operator: str, now: datetime, reason: str | None
-) -> OutboxEvent:
-    """Give a dead-lettered event a fresh set of attempts; it is the task's head again."""
-    event = _dead_lettered(conn, event_id, "retry")
-    conn.execute(
-        update(de)
-        .where(de.c.event_id == event_id)
-        .values(dead_lettered_at=None, publish_attempts=0, retry_at=None)
-    )
-    _record_action(conn, event_id, "retry", operator=operator, now=now, reason=reason)
-    return event
-
-
-def skip_event(
-    conn: Connection, event_id: str, *, operator: str, now: datetime, reason: str | None
-) -> OutboxEvent:
-    """Settle a dead-lettered event without publishing it; the task's later events go on."""
-    event = _dead_lettered(conn, event_id, "skip")
-    conn.execute(
-        update(de).where(de.c.event_id == event_id).values(skipped_at=bindparam("now", type_=_TS)),
-        {"now": now},
-    )
-    _record_action(conn, event_id, "skip", operator=operator, now=now, reason=reason)
-    return event
-
-
-def _dead_lettered(conn: Connection, event_id: str, action: str) -> OutboxEvent:
-    # Row-locked on PostgreSQL, so the check and the change see the same row.
-    query = select(de.c.event_id).where(de.c.event_id == event_id)
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update()
-    conn.execute(query)
-    event = get_event(conn, event_id)
-    if event.state != "dead_lettered":
-        raise TransitionError(
-            f"cannot {action} event {event_id}: it is {event.state}, not dead_lettered"
-        )
-    return event
-
-
-def _record_action(
-    conn: Connection,
-    event_id: str,
-    action: str,
-    *,
-    operator: str,
-    now: datetime,
-    reason: str | None,
-) -> None:
-    conn.execute(
-        insert(domain_event_actions).values(
-            event_id=event_id, action=action, operator=operator, reason=reason, created_at=now
-        )
-    )
-
-
-def event_actions(conn: Connection, event_id: str) -> list[dict[str, Any]]:
-    """What operators did to an event, oldest first."""
-    rows = conn.execute(
-        select(domain_event_actions)
-        .where(domain_event_actions.c.event_id == event_id)
-        .order_by(domain_event_actions.c.id)
-    )
-    return [dict(row._mapping) for row in rows]
-
-
 # --- lag ------------------------------------------------------------------------------------
 
 
@@ -470,162 +332,10 @@ def event_lag(conn: Connection, *, now: datetime) -> EventLag:
             func.count(),
             func.count(de.c.dead_lettered_at),
             func.min(de.c.created_at),
-        ).where(_PENDING)
+        ).where(PENDING)
     ).one()
     recent = conn.execute(
         select(func.count()).where(de.c.published_at >= bindparam("since", type_=_TS)),
         {"since": now - timedelta(minutes=1)},
     ).scalar_one()
     return EventLag(int(row[0]), int(row[1]), row[2], int(recent))
-
-
-# --- readers (duplex events) ---------------------------------------------------------------
-
-
-def task_events(
-    conn: Connection, task_uuid: str, *, after_sequence: int = 0, limit: int = 1000
-) -> list[OutboxEvent]:
-    """A task's events after ``after_sequence``, in sequence (commit) order."""
-    rows = conn.execute(
-        select(*_EVENT_COLUMNS)
-        .join_from(de, tasks, tasks.c.task_uuid == de.c.task_uuid)
-        .where(de.c.task_uuid == task_uuid, de.c.sequence > after_sequence)
-        .order_by(de.c.sequence)
-        .limit(limit)
-    )
-    return [_event(row) for row in rows]
-
-
-def recent_events(conn: Connection, *, since: datetime | None, limit: int) -> list[OutboxEvent]:
-    """Events committed at or after ``since`` (all when None): the newest ``limit``, in order.
-
-    Across tasks the order is ``created_at`` (the commit batch's time), then task, then
-    sequence: within a task that is commit order; across tasks no order is promised.
-    """
-    query = select(*_EVENT_COLUMNS).join_from(de, tasks, tasks.c.task_uuid == de.c.task_uuid)
-    if since is not None:
-        query = query.where(de.c.created_at >= bindparam("since", type_=_TS))
-    newest = query.order_by(
-        de.c.created_at.desc(), de.c.task_uuid.desc(), de.c.sequence.desc()
-    ).limit(limit)
-    rows = list(conn.execute(newest, {"since": since}))
-    rows.reverse()
-    return [_event(row) for row in rows]
-
-
-def task_exists(conn: Connection, task_uuid: str) -> bool:
-    return (
-        conn.execute(select(tasks.c.task_uuid).where(tasks.c.task_uuid == task_uuid)).first()
-        is not None
-    )
-
-
-# --- retention (duplex prune) --------------------------------------------------------------
-
-
-@dataclass
-class PruneCounts:
-    """What a prune deleted (or, dry, would delete)."""
-
-    tasks: int = 0
-    steps: int = 0
-    events: int = 0
-
-    def add(self, other: PruneCounts) -> None:
-        self.tasks += other.tasks
-        self.steps += other.steps
-        self.events += other.events
-
-    @property
-    def empty(self) -> bool:
-        return not (self.tasks or self.steps or self.events)
-
-
-ws = workflow_steps
-_unsettled = select(de.c.event_id).where(de.c.task_uuid == tasks.c.task_uuid, _PENDING).exists()
-# Finished before the cutoff, and every event published or skipped (a dead-lettered event is
-# unpublished): such a task can never change again, and no one still waits for its events.
-_PRUNABLE_TASKS = (
-    select(tasks.c.task_uuid)
-    .where(
-        tasks.c.state.in_(TASK_FINISHED),
-        tasks.c.completed_at < bindparam("cutoff", type_=_TS),
-        ~_unsettled,
-    )
-    .order_by(tasks.c.completed_at)
-    .limit(bindparam("limit"))
-)
-_later = de.alias("later")
-# Published (or skipped) events older than the cutoff, of tasks that stay. Each task keeps
-# its newest event, so that its next event is numbered after it (next_sequences reads max).
-_PRUNABLE_EVENTS = (
-    select(de.c.event_id)
-    .where(
-        or_(de.c.published_at.is_not(None), de.c.skipped_at.is_not(None)),
-        de.c.created_at < bindparam("cutoff", type_=_TS),
-        select(_later.c.event_id)
-        .where(_later.c.task_uuid == de.c.task_uuid, _later.c.sequence > de.c.sequence)
-        .exists(),
-    )
-    .limit(bindparam("limit"))
-)
-
-
-def prune_batch(conn: Connection, *, cutoff: datetime, limit: int) -> PruneCounts:
-    """Delete one batch: up to ``limit`` finished tasks, or else old published events.
-
-    Meant for a short write transaction of its own, so SQLite's writer lock is never held
-    for long; call it again until it deletes nothing.
-    """
-    params = {"cutoff": cutoff, "limit": limit}
-    task_ids = [row.task_uuid for row in conn.execute(_PRUNABLE_TASKS, params)]
-    counts = PruneCounts()
-    if task_ids:
-        step_ids = select(ws.c.step_uuid).where(ws.c.task_uuid.in_(task_ids))
-        event_ids = select(de.c.event_id).where(de.c.task_uuid.in_(task_ids))
-        edges = workflow_step_edges
-        conn.execute(
-            delete(domain_event_actions).where(domain_event_actions.c.event_id.in_(event_ids))
-        )
-        counts.events = conn.execute(delete(de).where(de.c.task_uuid.in_(task_ids))).rowcount
-        conn.execute(
-            delete(workflow_step_transitions).where(
-                workflow_step_transitions.c.step_uuid.in_(step_ids)
-            )
-        )
-        conn.execute(
-            delete(edges).where(
-                or_(edges.c.from_step_uuid.in_(step_ids), edges.c.to_step_uuid.in_(step_ids))
-            )
-        )
-        counts.steps = conn.execute(delete(ws).where(ws.c.task_uuid.in_(task_ids))).rowcount
-        counts.tasks = conn.execute(delete(tasks).where(tasks.c.task_uuid.in_(task_ids))).rowcount
-        return counts
-    # Event rows are small: ten times as many per batch as tasks.
-    loose = [
-        row.event_id
-        for row in conn.execute(_PRUNABLE_EVENTS, {"cutoff": cutoff, "limit": limit * 10})
-    ]
-    if loose:
-        conn.execute(delete(domain_event_actions).where(domain_event_actions.c.event_id.in_(loose)))
-        counts.events = conn.execute(delete(de).where(de.c.event_id.in_(loose))).rowcount
-    return counts
-
-
-def count_prunable(conn: Connection, *, cutoff: datetime) -> PruneCounts:
-    """Count everything a prune with ``cutoff`` would delete (for ``--dry-run``)."""
-    prunable = _PRUNABLE_TASKS.limit(None).subquery()
-    ids = select(prunable.c.task_uuid)
-    params = {"cutoff": cutoff}
-    counts = PruneCounts()
-    counts.tasks = conn.execute(select(func.count()).select_from(prunable), params).scalar_one()
-    counts.steps = conn.execute(
-        select(func.count()).where(ws.c.task_uuid.in_(ids)), params
-    ).scalar_one()
-    counts.events = conn.execute(
-        select(func.count()).where(de.c.task_uuid.in_(ids)), params
-    ).scalar_one()
-    # Published events of the tasks that stay (the tasks above take theirs with them).
-    loose = _PRUNABLE_EVENTS.where(de.c.task_uuid.not_in(ids)).limit(None).subquery()
-    counts.events += conn.execute(select(func.count()).select_from(loose), params).scalar_one()
-    return counts

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Connection, Select, bindparam, exists, not_, or_, select
 
 from duplex.commit.retry import RetryPolicy
-from duplex.dispatch.attempt import WORKER_LOST
+from duplex.errors import WORKER_LOST
 from duplex.messages import StepFailure, StepOutcome
 from duplex.states import IN_PROGRESS
 from duplex.storage.claims import STEP_COLUMNS, claimed_step

@@ -52,13 +52,14 @@ from duplex.states import (
 )
 from duplex.storage.driver import BulkStatement, db_json, db_time
 from duplex.storage.events import events_of
+from duplex.storage.listen import notify_new_events
 from duplex.storage.models import (
     domain_events,
     tasks,
     unindexed,
     workflow_steps,
 )
-from duplex.storage.outbox import next_sequences, notify_new_events
+from duplex.storage.outbox import next_sequences
 from duplex.storage.readiness import enqueue_ready_dependents
 from duplex.storage.task_state import update_task_states
 from duplex.storage.transitions import TransitionRow, insert_transitions, transition_row

@@ -49,8 +49,7 @@ from duplex.observability.tracing import StepTracer, current_carrier
 from duplex.settings import Settings
 from duplex.storage.claims import count_open_work
 from duplex.storage.db import Database
-from duplex.storage.listen import WorkListener
-from duplex.storage.listen_events import EventListener, SequenceRange
+from duplex.storage.listen import EventListener, SequenceRange, WorkListener
 from duplex.storage.outbox import event_lag
 from duplex.storage.queries import ready_queue, task_trace_context
 from duplex.storage.submission import create_task

@@ -7,8 +7,9 @@
   ``retry_at``, ``dead_lettered_at``, ``skipped_at``: the relay's state of each event. Existing
   rows start unpublished, so a relay enabled later delivers the whole history, in order.
 * ``domain_event_actions``: what ``duplex events retry/skip`` did, who, why.
-(The NOTIFY on ``duplex_events`` is sent by the commit path itself, ``duplex.storage.outbox``:
-a row trigger would fire once per row of the commit's executemany, not once per commit.)
+(The NOTIFY on ``duplex_events`` is sent by the commit path itself,
+``duplex.storage.listen.notify_new_events``: a row trigger would fire once per row of the
+commit's executemany, not once per commit.)
 
 Revision ID: 0005
 Revises: 0004

@@ -265,9 +265,9 @@ def _break_announce() -> None:
 
 
 def _break_listen() -> None:
-    from duplex.storage import listen as notifications
+    from duplex.storage import listen
 
-    def run_once(self: notifications.ChannelListener) -> None:
+    def run_once(self: listen.ChannelListener) -> None:
         try:
             with psycopg.connect(self._conninfo, autocommit=True) as conn:
                 conn.execute(f"LISTEN {self._channel}")
@@ -278,7 +278,7 @@ def _break_listen() -> None:
         except psycopg.Error:
             return
 
-    _patch(notifications.ChannelListener, "_run", run_once)
+    _patch(listen.ChannelListener, "_run", run_once)
 
 
 _BREAKAGES = {

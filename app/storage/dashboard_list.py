@@ -1,8 +1,8 @@
-"""Read-side queries behind the dashboard: filtered task pages, one task's history, workers.
+"""The dashboard's task list: filtered, keyset-paginated task pages and the status counts.
 
 Every query is bounded: task lists are keyset-paginated on ``(created_at, task_uuid)`` (the
-``tasks.created_at`` index), a task's steps, transitions and events are read by task through
-the per-task indexes, and the execution status is computed only for the tasks on the page.
+``tasks.created_at`` index), and the execution status is computed only for the tasks on the
+page. One task's page reads from ``duplex.storage.dashboard_detail``.
 The status counts and the status filter derive the status only for tasks neither complete
 nor cancelled: a complete task is ``all_complete`` and a cancelled one ``cancelled`` by
 definition, so a long history of such work costs one count.
@@ -11,14 +11,13 @@ definition, so a long history of such work costs one count.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, case, func, null, or_, select
+from sqlalchemy import Connection, Select, and_, case, func, or_, select
 
 from duplex.clock import utcnow
-from duplex.errors import InputError
 from duplex.states import (
     COMPLETE,
     ENQUEUED,
@@ -30,19 +29,9 @@ from duplex.states import (
     TASK_STATES,
     WAITING_FOR_RETRY,
 )
-from duplex.storage.models import (
-    domain_events,
-    tasks,
-    workflow_step_edges,
-    workflow_step_transitions,
-)
+from duplex.storage.models import tasks
 from duplex.storage.models import workflow_steps as ws
-from duplex.storage.queries import (
-    TRANSITIONS,
-    TransitionRow,
-    execution_status,
-    parse_uuid,
-)
+from duplex.storage.queries import execution_status
 
 EXECUTION_STATUSES = (
     "blocked_by_failures",
@@ -200,7 +189,7 @@ def task_page(
     found = found[:limit]
     if after is not None:
         found.reverse()
-    statuses = _statuses(conn, [row.task_uuid for row in found])
+    statuses = step_summaries(conn, [row.task_uuid for row in found])
     rows = [TaskRow(**row._asdict(), **statuses[row.task_uuid]) for row in found]
     if not rows:
         return TaskPage(rows, None, None)
@@ -236,8 +225,12 @@ def _exists(conn: Connection, flt: TaskFilter, condition: Any) -> bool:
     return conn.execute(query).first() is not None
 
 
-def _statuses(conn: Connection, task_uuids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The execution status and step counts of these tasks, from one grouped query."""
+def step_summaries(conn: Connection, task_uuids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The execution status and step counts of these tasks, from one grouped query.
+
+    Keyed by task uuid; each value has ``execution_status``, ``total_steps``,
+    ``complete_steps``, ``error_steps`` and ``in_progress_steps``.
+    """
     if not task_uuids:
         return {}
     v = execution_status.c
@@ -287,173 +280,3 @@ def filter_choices(conn: Connection) -> tuple[list[str], list[str]]:
         select(tasks.c.namespace).distinct().order_by(tasks.c.namespace).limit(500)
     )
     return [str(n) for (n,) in names], [str(n) for (n,) in spaces]
-
-
-@dataclass(frozen=True)
-class TaskDetail:
-    task_uuid: str
-    name: str
-    namespace: str
-    version: str
-    state: str
-    context: Any
-    created_at: datetime
-    completed_at: datetime | None
-    idempotency_key: str | None
-    execution_status: str
-
-
-@dataclass(frozen=True)
-class StepRow:
-    step_uuid: str
-    task_uuid: str
-    name: str
-    handler: str
-    position: int
-    state: str
-    attempts: int
-    max_attempts: int
-    retryable: bool
-    timeout_ms: int | None
-    inputs: Any
-    results: Any
-    error: Any
-    next_attempt_at: datetime | None
-    claimed_by: str | None
-    created_at: datetime
-    completed_at: datetime | None
-    parents: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class EventRow:
-    event_id: str
-    name: str
-    step_uuid: str | None
-    sequence: int
-    payload: Any
-    created_at: datetime
-    published_at: datetime | None
-    dead_lettered_at: datetime | None
-    skipped_at: datetime | None
-
-
-def task_detail(conn: Connection, task_uuid: str) -> TaskDetail:
-    """Return one task, or raise ``InputError`` naming the unknown uuid."""
-    task_id = parse_uuid(task_uuid, "task")
-    t = tasks.c
-    row = conn.execute(
-        select(
-            t.task_uuid,
-            t.name,
-            t.namespace,
-            t.version,
-            t.state,
-            t.context,
-            t.created_at,
-            t.completed_at,
-            t.idempotency_key,
-        ).where(t.task_uuid == task_id)
-    ).first()
-    if row is None:
-        raise InputError(f"unknown task: {task_id}")
-    status = _statuses(conn, [task_id])[task_id]["execution_status"]
-    return TaskDetail(**row._asdict(), execution_status=status)
-
-
-_STEP_COLUMNS = (
-    ws.c.step_uuid,
-    ws.c.task_uuid,
-    ws.c.name,
-    ws.c.handler,
-    ws.c.position,
-    ws.c.state,
-    ws.c.attempts,
-    ws.c.max_attempts,
-    ws.c.retryable,
-    ws.c.timeout_ms,
-    ws.c.inputs,
-    ws.c.results,
-    ws.c.error,
-    ws.c.next_attempt_at,
-    ws.c.claimed_by,
-    ws.c.created_at,
-    ws.c.completed_at,
-)
-
-
-_WITHOUT_DATA = tuple(
-    null().label(column.name) if column.name in ("inputs", "results") else column
-    for column in _STEP_COLUMNS
-)
-
-
-def steps_of_task(conn: Connection, task_uuid: str, *, data: bool = True) -> list[StepRow]:
-    """A task's steps in template order, each with its parents' step uuids.
-
-    ``data=False`` leaves out inputs and results (``None``): a page of a 1000-step task shows
-    neither, and they are the bulk of the rows.
-    """
-    parents: dict[str, list[str]] = {}
-    edges = select(workflow_step_edges.c.from_step_uuid, workflow_step_edges.c.to_step_uuid).join(
-        ws, ws.c.step_uuid == workflow_step_edges.c.to_step_uuid
-    )
-    for parent, child in conn.execute(edges.where(ws.c.task_uuid == task_uuid)):
-        parents.setdefault(child, []).append(parent)
-    columns = _STEP_COLUMNS if data else _WITHOUT_DATA
-    rows = conn.execute(select(*columns).where(ws.c.task_uuid == task_uuid).order_by(ws.c.position))
-    # Positional: the columns are in the dataclass's field order (``_asdict`` costs a dict).
-    return [StepRow(*[*row, parents.get(row[0], [])]) for row in rows]
-
-
-def step_detail(conn: Connection, step_uuid: str) -> StepRow:
-    """Return one step, or raise ``InputError`` naming the unknown uuid."""
-    step_id = parse_uuid(step_uuid, "step")
-    row = conn.execute(select(*_STEP_COLUMNS).where(ws.c.step_uuid == step_id)).first()
-    if row is None:
-        raise InputError(f"unknown step: {step_id}")
-    parents = conn.execute(
-        select(workflow_step_edges.c.from_step_uuid).where(
-            workflow_step_edges.c.to_step_uuid == step_id
-        )
-    )
-    return StepRow(**row._asdict(), parents=[p for (p,) in parents])
-
-
-def transitions_of_step(conn: Connection, step_uuid: str) -> list[TransitionRow]:
-    """One step's transition rows, in the order they were written."""
-    query = TRANSITIONS.where(workflow_step_transitions.c.step_uuid == step_uuid)
-    return [TransitionRow(*row) for row in conn.execute(query)]
-
-
-def events_of_task(
-    conn: Connection, task_uuid: str, *, step_uuid: str | None = None, limit: int = 500
-) -> tuple[list[EventRow], int]:
-    """A task's (or one of its steps') domain events in sequence order, and how many exist."""
-    e = domain_events.c
-    where = [e.task_uuid == task_uuid]
-    if step_uuid is not None:
-        where.append(e.step_uuid == step_uuid)
-    rows = conn.execute(
-        select(
-            e.event_id,
-            e.name,
-            e.step_uuid,
-            e.sequence,
-            e.payload,
-            e.created_at,
-            e.published_at,
-            e.dead_lettered_at,
-            e.skipped_at,
-        )
-        .where(*where)
-        .order_by(e.sequence)
-        .limit(limit)
-    )
-    events = [EventRow(*row) for row in rows]
-    total = len(events)
-    if total == limit:
-        total = int(
-            conn.execute(select(func.count()).select_from(domain_events).where(*where)).scalar_one()
-        )
-    return events, total

@@ -1,0 +1,194 @@
+"""The dashboard's page of one task or step: the task, its steps, transitions and events.
+
+Every query is bounded by the task: steps, transitions and events are read through the
+per-task indexes, a task's events at most ``limit`` at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, null, select
+
+from duplex.errors import InputError
+from duplex.storage.dashboard_list import step_summaries
+from duplex.storage.models import (
+    domain_events,
+    tasks,
+    workflow_step_edges,
+    workflow_step_transitions,
+)
+from duplex.storage.models import workflow_steps as ws
+from duplex.storage.queries import TRANSITIONS, TransitionRow, parse_uuid
+
+
+@dataclass(frozen=True)
+class TaskDetail:
+    task_uuid: str
+    name: str
+    namespace: str
+    version: str
+    state: str
+    context: Any
+    created_at: datetime
+    completed_at: datetime | None
+    idempotency_key: str | None
+    execution_status: str
+
+
+@dataclass(frozen=True)
+class StepRow:
+    step_uuid: str
+    task_uuid: str
+    name: str
+    handler: str
+    position: int
+    state: str
+    attempts: int
+    max_attempts: int
+    retryable: bool
+    timeout_ms: int | None
+    inputs: Any
+    results: Any
+    error: Any
+    next_attempt_at: datetime | None
+    claimed_by: str | None
+    created_at: datetime
+    completed_at: datetime | None
+    parents: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EventRow:
+    event_id: str
+    name: str
+    step_uuid: str | None
+    sequence: int
+    payload: Any
+    created_at: datetime
+    published_at: datetime | None
+    dead_lettered_at: datetime | None
+    skipped_at: datetime | None
+
+
+def task_detail(conn: Connection, task_uuid: str) -> TaskDetail:
+    """Return one task, or raise ``InputError`` naming the unknown uuid."""
+    task_id = parse_uuid(task_uuid, "task")
+    t = tasks.c
+    row = conn.execute(
+        select(
+            t.task_uuid,
+            t.name,
+            t.namespace,
+            t.version,
+            t.state,
+            t.context,
+            t.created_at,
+            t.completed_at,
+            t.idempotency_key,
+        ).where(t.task_uuid == task_id)
+    ).first()
+    if row is None:
+        raise InputError(f"unknown task: {task_id}")
+    status = step_summaries(conn, [task_id])[task_id]["execution_status"]
+    return TaskDetail(**row._asdict(), execution_status=status)
+
+
+_STEP_COLUMNS = (
+    ws.c.step_uuid,
+    ws.c.task_uuid,
+    ws.c.name,
+    ws.c.handler,
+    ws.c.position,
+    ws.c.state,
+    ws.c.attempts,
+    ws.c.max_attempts,
+    ws.c.retryable,
+    ws.c.timeout_ms,
+    ws.c.inputs,
+    ws.c.results,
+    ws.c.error,
+    ws.c.next_attempt_at,
+    ws.c.claimed_by,
+    ws.c.created_at,
+    ws.c.completed_at,
+)
+
+
+_WITHOUT_DATA = tuple(
+    null().label(column.name) if column.name in ("inputs", "results") else column
+    for column in _STEP_COLUMNS
+)
+
+
+def steps_of_task(conn: Connection, task_uuid: str, *, data: bool = True) -> list[StepRow]:
+    """A task's steps in template order, each with its parents' step uuids.
+
+    ``data=False`` leaves out inputs and results (``None``): a page of a 1000-step task shows
+    neither, and they are the bulk of the rows.
+    """
+    parents: dict[str, list[str]] = {}
+    edges = select(workflow_step_edges.c.from_step_uuid, workflow_step_edges.c.to_step_uuid).join(
+        ws, ws.c.step_uuid == workflow_step_edges.c.to_step_uuid
+    )
+    for parent, child in conn.execute(edges.where(ws.c.task_uuid == task_uuid)):
+        parents.setdefault(child, []).append(parent)
+    columns = _STEP_COLUMNS if data else _WITHOUT_DATA
+    rows = conn.execute(select(*columns).where(ws.c.task_uuid == task_uuid).order_by(ws.c.position))
+    # Positional: the columns are in the dataclass's field order (``_asdict`` costs a dict).
+    return [StepRow(*[*row, parents.get(row[0], [])]) for row in rows]
+
+
+def step_detail(conn: Connection, step_uuid: str) -> StepRow:
+    """Return one step, or raise ``InputError`` naming the unknown uuid."""
+    step_id = parse_uuid(step_uuid, "step")
+    row = conn.execute(select(*_STEP_COLUMNS).where(ws.c.step_uuid == step_id)).first()
+    if row is None:
+        raise InputError(f"unknown step: {step_id}")
+    parents = conn.execute(
+        select(workflow_step_edges.c.from_step_uuid).where(
+            workflow_step_edges.c.to_step_uuid == step_id
+        )
+    )
+    return StepRow(**row._asdict(), parents=[p for (p,) in parents])
+
+
+def transitions_of_step(conn: Connection, step_uuid: str) -> list[TransitionRow]:
+    """One step's transition rows, in the order they were written."""
+    query = TRANSITIONS.where(workflow_step_transitions.c.step_uuid == step_uuid)
+    return [TransitionRow(*row) for row in conn.execute(query)]
+
+
+def events_of_task(
+    conn: Connection, task_uuid: str, *, step_uuid: str | None = None, limit: int = 500
+) -> tuple[list[EventRow], int]:
+    """A task's (or one of its steps') domain events in sequence order, and how many exist."""
+    e = domain_events.c
+    where = [e.task_uuid == task_uuid]
+    if step_uuid is not None:
+        where.append(e.step_uuid == step_uuid)
+    rows = conn.execute(
+        select(
+            e.event_id,
+            e.name,
+            e.step_uuid,
+            e.sequence,
+            e.payload,
+            e.created_at,
+            e.published_at,
+            e.dead_lettered_at,
+            e.skipped_at,
+        )
+        .where(*where)
+        .order_by(e.sequence)
+        .limit(limit)
+    )
+    events = [EventRow(*row) for row in rows]
+    total = len(events)
+    if total == limit:
+        total = int(
+            conn.execute(select(func.count()).select_from(domain_events).where(*where)).scalar_one()
+        )
+    return events, total
