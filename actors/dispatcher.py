@@ -5,12 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pykka
 from loguru import logger
+from pykka.typing import proxy_field
 
+from duplex.actors.completion_processor import CompletionProcessorProxy
 from duplex.actors.handler_worker import HandlerWorker, HandlerWorkerProxy
+from duplex.actors.ports import CapacityReports
+from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
 from duplex.clock import Timer, TimerHandle, utcnow
 from duplex.dispatch.attempt import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT, timeout_failure
@@ -22,10 +26,6 @@ from duplex.observability.logs import step_log
 from duplex.observability.metrics import WorkerMetrics
 from duplex.observability.tracing import StepTracer
 from duplex.worker.supervision import Supervisor
-
-if TYPE_CHECKING:
-    from duplex.actors.completion_processor import CompletionProcessorProxy
-    from duplex.actors.event_system import EventSystemProxy
 
 
 class Dispatcher(SupervisedActor):
@@ -68,13 +68,13 @@ class Dispatcher(SupervisedActor):
         self._clock = clock
         self._workers: dict[int, HandlerWorkerProxy] = {}
         self._deadlines: dict[int, TimerHandle] = {}
-        self._intake: EventSystemProxy | None = None
+        self._intake: CapacityReports | None = None
         self._self: DispatcherProxy | None = None
         self._draining = False
         self.dispatched = 0
 
     def on_start(self) -> None:
-        self._self = self.actor_ref.proxy()
+        self._self = DispatcherProxy.of(self.actor_ref)
         for _ in range(self._pool.size):
             self._start_worker()
 
@@ -85,7 +85,7 @@ class Dispatcher(SupervisedActor):
             if worker_id not in self._pool.abandoned:
                 worker.actor_ref.stop(block=False)
 
-    def connect(self, intake: EventSystemProxy) -> None:
+    def connect(self, intake: CapacityReports) -> None:
         """Learn where to report freed capacity (the EventSystem is started after this actor)."""
         self._intake = intake
 
@@ -95,9 +95,9 @@ class Dispatcher(SupervisedActor):
         for handle in self._deadlines.values():
             handle.cancel()
         waiting = self._pool.take_waiting()
-        for message in take_mailbox(self):  # claims that were on their way here
-            if message.attr_path == ("dispatch",):
-                waiting.extend(message.args[0])
+        for call in take_mailbox(self):  # claims that were on their way here
+            if call.attr_path == ("dispatch",):
+                waiting.extend(call.args[0])
         self._release(waiting)
         self.supervisor.adopt(self.live_workers())
 
@@ -227,11 +227,16 @@ class Dispatcher(SupervisedActor):
             )
 
     def _deadline_callback(self, run: Running) -> Callable[[], None]:
-        me, key = self._self, (run.worker_id, run.step.step_uuid, run.step.attempt)
+        me, worker_id, step_uuid, attempt = (
+            self._self,
+            run.worker_id,
+            run.step.step_uuid,
+            run.step.attempt,
+        )
         assert me is not None
 
         def fire() -> None:
-            tell(me.deadline_passed, *key)
+            tell(me.deadline_passed, worker_id, step_uuid, attempt)
 
         return fire
 
@@ -269,7 +274,7 @@ class Dispatcher(SupervisedActor):
             supervisor=self.supervisor,
             tracer=self._tracer,
         )
-        self._workers[worker_id] = ref.proxy()
+        self._workers[worker_id] = HandlerWorkerProxy.of(ref)
 
     def _capacity_freed(self, *, batched: bool = False) -> None:
         """A slot's credit is free: give the intake back what is free so far.
@@ -287,4 +292,16 @@ class Dispatcher(SupervisedActor):
             tell(self._intake.capacity_freed, credits, window)
 
 
-DispatcherProxy = pykka.ActorProxy[Dispatcher]
+class DispatcherProxy(TypedProxy[Dispatcher]):
+    """The Dispatcher's messages."""
+
+    connect = message(Dispatcher.connect)
+    dispatch = message(Dispatcher.dispatch)
+    slot_freed = message(Dispatcher.slot_freed)
+    worker_failed = message(Dispatcher.worker_failed)
+    deadline_passed = message(Dispatcher.deadline_passed)
+    drain = message(Dispatcher.drain)
+    abandon_running = message(Dispatcher.abandon_running)
+    live_workers = message(Dispatcher.live_workers)
+    stats = message(Dispatcher.stats)
+    dispatched = proxy_field(0)

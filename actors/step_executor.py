@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
 
-import pykka
 from loguru import logger
+from pykka.typing import proxy_field
 
+from duplex.actors.dispatcher import DispatcherProxy
+from duplex.actors.ports import ClaimReports
+from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import SupervisedActor, tell
 from duplex.clock import utcnow
 from duplex.errors import StorageError
@@ -17,10 +19,6 @@ from duplex.observability.metrics import WorkerMetrics
 from duplex.storage.claims import claim_ready_steps, release_claims, release_unconfirmed_claim
 from duplex.storage.db import Database
 from duplex.worker.supervision import Supervisor
-
-if TYPE_CHECKING:
-    from duplex.actors.dispatcher import DispatcherProxy
-    from duplex.actors.event_system import EventSystemProxy
 
 
 class StepExecutor(SupervisedActor):
@@ -48,13 +46,13 @@ class StepExecutor(SupervisedActor):
         self._worker_id = worker_id
         self._namespaces = tuple(namespaces)
         self._clock = clock
-        self._intake: EventSystemProxy | None = None
+        self._intake: ClaimReports | None = None
         self._in_hand: list[ClaimedStep] = []
         # ``claimed_at`` stamps of claims that failed: they may have committed unheard.
         self._unconfirmed: list[datetime] = []
         self.claimed_total = 0
 
-    def connect(self, intake: EventSystemProxy) -> None:
+    def connect(self, intake: ClaimReports) -> None:
         """Learn where to report claims (the EventSystem is started after this actor)."""
         self._intake = intake
 
@@ -125,4 +123,9 @@ class StepExecutor(SupervisedActor):
             self.supervisor.results_lost(len(steps))
 
 
-StepExecutorProxy = pykka.ActorProxy[StepExecutor]
+class StepExecutorProxy(TypedProxy[StepExecutor]):
+    """The StepExecutor's messages."""
+
+    connect = message(StepExecutor.connect)
+    execute = message(StepExecutor.execute)
+    claimed_total = proxy_field(0)
