@@ -40,6 +40,9 @@ class CompletionProcessor(SupervisedActor):
     batch, so batches grow with load; ``linger_s`` (``worker.commit_linger_ms``) lets a batch
     gather for a few milliseconds more before it commits. If a commit fails, the batch is
     kept and retried with backoff, and none of its events are delivered.
+
+    What to commit and how is ``Committer``'s (``duplex.commit.committer``); this actor owns
+    the mailbox, the timers and the announcing that follows each commit.
     """
 
     def __init__(

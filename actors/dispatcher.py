@@ -18,9 +18,9 @@ from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
 from duplex.clock import Timer, TimerHandle, utcnow
 from duplex.dispatch.attempt import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT, timeout_failure
+from duplex.dispatch.credits import SlotCredits
 from duplex.dispatch.pool import HandlerPool, Running
 from duplex.handlers import HandlerRegistry
-from duplex.intake.prefetch import PrefetchWindow, claim_batch
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.observability.logs import step_log
 from duplex.observability.metrics import WorkerMetrics
@@ -52,10 +52,7 @@ class Dispatcher(SupervisedActor):
         tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
-        self._window = PrefetchWindow(size, prefetch)
-        self._unreported_credits = 0
-        # When each busy worker was handed its attempt (monotonic), for the window's pace.
-        self._assigned_at: dict[int, float] = {}
+        self._credits = SlotCredits.for_pool(size, prefetch)
         self._tracer = tracer
         self._completion = completion
         self._registry = registry
@@ -121,9 +118,7 @@ class Dispatcher(SupervisedActor):
         handle = self._deadlines.pop(worker_id, None)
         if handle is not None:
             handle.cancel()
-        assigned_at = self._assigned_at.pop(worker_id, None)
-        if assigned_at is not None:
-            self._window.observe(time.monotonic() - assigned_at)
+        self._credits.ended(worker_id, time.monotonic())
         self._assign()
         self._capacity_freed(batched=True)
 
@@ -210,7 +205,7 @@ class Dispatcher(SupervisedActor):
             "abandoned_threads": len(self._pool.abandoned),
             "timeouts": self._pool.timeouts,
             "dispatched": self.dispatched,
-            "prefetch_window": self._window.size,
+            "prefetch_window": self._credits.window.size,
             "draining": self._draining,
         }
 
@@ -220,7 +215,7 @@ class Dispatcher(SupervisedActor):
         now = time.monotonic()
         for run in self._pool.assign(self._default_timeout_s):
             self.dispatched += 1
-            self._assigned_at[run.worker_id] = now
+            self._credits.assigned(run.worker_id, now)
             tell(self._workers[run.worker_id].run, run.step, run.cancellation, run.timeout_s)
             self._deadlines[run.worker_id] = self._timer.call_later(
                 run.timeout_s, self._deadline_callback(run)
@@ -244,11 +239,8 @@ class Dispatcher(SupervisedActor):
         # The thread cannot be killed: send the failure now, then flag it (async handlers are
         # cancelled for real; the handler's own cancel hook runs on a thread of its own), and
         # let the commit guard reject whatever it returns later.
-        assigned_at = self._assigned_at.pop(run.worker_id, None)
-        ran_s = 0.0
-        if assigned_at is not None:  # a timeout says how slow these handlers can be
-            ran_s = time.monotonic() - assigned_at
-            self._window.observe(ran_s)
+        # A timeout says how slow these handlers can be.
+        ran_s = self._credits.ended(run.worker_id, time.monotonic())
         now = self._clock()
         # The attempt started when its handler did, not now (``workflow_steps.started_at``).
         started = now - timedelta(seconds=ran_s)
@@ -277,19 +269,10 @@ class Dispatcher(SupervisedActor):
         self._workers[worker_id] = HandlerWorkerProxy.of(ref)
 
     def _capacity_freed(self, *, batched: bool = False) -> None:
-        """A slot's credit is free: give the intake back what is free so far.
-
-        ``batched`` credits go back in batches while claimed steps still wait for a slot: the
-        intake claims no fewer than ``claim_batch`` of the window anyway, so a message per
-        credit would only wake it. With nothing waiting, every credit goes back at once.
-        """
-        self._unreported_credits += 1
-        window = self._window.size
-        if batched and self._unreported_credits < claim_batch(window) and self._pool.waiting:
-            return
-        credits, self._unreported_credits = self._unreported_credits, 0
-        if self._intake is not None:
-            tell(self._intake.capacity_freed, credits, window)
+        """A slot's credit is free: give the intake back what is free so far (``SlotCredits``)."""
+        credits = self._credits.freed(batched=batched, waiting=bool(self._pool.waiting))
+        if credits and self._intake is not None:
+            tell(self._intake.capacity_freed, credits, self._credits.window.size)
 
 
 class DispatcherProxy(TypedProxy[Dispatcher]):

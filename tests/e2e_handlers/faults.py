@@ -252,8 +252,8 @@ def _break_drain_drops() -> None:
     from duplex.actors.completion_processor import CompletionProcessor
 
     def drain(self: Any, timeout_s: float) -> int:
-        self._outcomes.clear()
-        self._releases.clear()
+        self._buffer.outcomes.clear()
+        self._buffer.releases.clear()
         return 0
 
     CompletionProcessor.drain = drain  # type: ignore[method-assign]
