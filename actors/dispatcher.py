@@ -222,16 +222,11 @@ class Dispatcher(SupervisedActor):
             )
 
     def _deadline_callback(self, run: Running) -> Callable[[], None]:
-        me, worker_id, step_uuid, attempt = (
-            self._self,
-            run.worker_id,
-            run.step.step_uuid,
-            run.step.attempt,
-        )
+        me, worker_id, step = self._self, run.worker_id, run.step
         assert me is not None
 
         def fire() -> None:
-            tell(me.deadline_passed, worker_id, step_uuid, attempt)
+            tell(me.deadline_passed, worker_id, step.step_uuid, step.attempt)
 
         return fire
 
