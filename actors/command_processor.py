@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import pykka
-
+from duplex.actors.dispatcher import DispatcherProxy
+from duplex.actors.proxy import TypedProxy, message
+from duplex.actors.step_executor import StepExecutorProxy
 from duplex.actors.supervised import SupervisedActor, tell
 from duplex.messages import Command, ExecuteReadySteps, Shutdown, Status
 from duplex.worker.supervision import Supervisor
-
-if TYPE_CHECKING:
-    from duplex.actors.dispatcher import DispatcherProxy
-    from duplex.actors.step_executor import StepExecutorProxy
 
 
 class CommandProcessor(SupervisedActor):
@@ -42,4 +39,7 @@ class CommandProcessor(SupervisedActor):
         raise TypeError(f"unknown command: {command!r}")
 
 
-CommandProcessorProxy = pykka.ActorProxy[CommandProcessor]
+class CommandProcessorProxy(TypedProxy[CommandProcessor]):
+    """The CommandProcessor's one message."""
+
+    handle = message(CommandProcessor.handle)

@@ -2,37 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
-import socket
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-import pykka
 from loguru import logger
 
+from duplex.actors.event_publisher import DomainEventPublisherProxy
+from duplex.actors.ports import CommitSignals
+from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
 from duplex.clock import Timer, utcnow
 from duplex.commit.buffer import CommitBuffer
+from duplex.commit.committer import Announcement, Committer
 from duplex.commit.retry import RetryPolicy
-from duplex.dispatch.attempt import unstorable
-from duplex.errors import RESULT_UNSTORABLE, StorageError
 from duplex.messages import ClaimedStep, StepOutcome
-from duplex.observability.logs import step_log
 from duplex.observability.metrics import WorkerMetrics
 from duplex.observability.tracing import StepTracer
-from duplex.storage.claims import release_claims
 from duplex.storage.db import Database
-from duplex.storage.recovery import dead_local_workers, has_lost_claims, recover_lost_claims
-from duplex.storage.results import CommitReport, commit_outcomes
+from duplex.storage.results import CommitReport
 from duplex.worker.supervision import Supervisor
-
-if TYPE_CHECKING:
-    from duplex.actors.event_publisher import DomainEventPublisherProxy
-    from duplex.actors.event_system import EventSystemProxy
 
 
 class CommitObserver(Protocol):
@@ -48,6 +40,9 @@ class CompletionProcessor(SupervisedActor):
     batch, so batches grow with load; ``linger_s`` (``worker.commit_linger_ms``) lets a batch
     gather for a few milliseconds more before it commits. If a commit fails, the batch is
     kept and retried with backoff, and none of its events are delivered.
+
+    What to commit and how is ``Committer``'s (``duplex.commit.committer``); this actor owns
+    the mailbox, the timers and the announcing that follows each commit.
     """
 
     def __init__(
@@ -69,8 +64,6 @@ class CompletionProcessor(SupervisedActor):
         tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
-        self._tracer = tracer
-        self._db = db
         self._publisher = publisher
         self._timer = timer
         self._policy = policy
@@ -79,25 +72,25 @@ class CompletionProcessor(SupervisedActor):
         if metrics is not None:
             metrics.buffer = self._buffer  # read in place at scrape time
         self._heartbeat_timeout = timedelta(seconds=claim_timeout_s)
-        self._hostname = socket.gethostname()
-        self._worker_id = worker_id
+        self._committer = Committer(
+            db,
+            self._buffer,
+            policy=self._policy,
+            worker_id=worker_id,
+            heartbeat_timeout=self._heartbeat_timeout,
+            clock=clock,
+            rng=rng,
+            tracer=tracer,
+        )
         self._observer = observer
         self._clock = clock
-        self._rng = rng or random.Random()
-        self._intake: EventSystemProxy | None = None
+        self._intake: CommitSignals | None = None
         self._self: CompletionProcessorProxy | None = None
-        self.stats_counters = {
-            "committed": 0,
-            "rejected": 0,
-            "released": 0,
-            "commit_errors": 0,
-            "recovered": 0,
-        }
 
     def on_start(self) -> None:
-        self._self = self.actor_ref.proxy()
+        self._self = CompletionProcessorProxy.of(self.actor_ref)
 
-    def connect(self, intake: EventSystemProxy) -> None:
+    def connect(self, intake: CommitSignals) -> None:
         """Learn whom to nudge when commits make work ready."""
         self._intake = intake
 
@@ -139,11 +132,11 @@ class CompletionProcessor(SupervisedActor):
     def salvage(self) -> None:
         # This actor failed: take in the results still in its mailbox, try each batch once,
         # and count what could not be saved (those claims fall to the liveness rule).
-        for message in take_mailbox(self):
-            if message.attr_path == ("submit",):
-                self._buffer.add(message.args[0])
-            elif message.attr_path == ("release",):
-                self._buffer.add_releases(message.args[0])
+        for call in take_mailbox(self):
+            if call.attr_path == ("submit",):
+                self._buffer.add(call.args[0])
+            elif call.attr_path == ("release",):
+                self._buffer.add_releases(call.args[0])
         while self._buffer and self._flush_batch():
             pass
         left = self._buffer.held
@@ -158,135 +151,38 @@ class CompletionProcessor(SupervisedActor):
 
     def _flush_batch(self) -> bool:
         """Commit one batch; return False when the database failed (the batch is kept)."""
-        batch, releases = self._buffer.next_batch()
-        if not batch and not releases:
-            return True
-        if self._metrics is not None and self._buffer.failing:
-            self._metrics.steps.commit_retries += 1
-        try:
-            report, released = self._commit(batch, releases)
-        except StorageError as exc:
-            # Only data the database refused is singled out; any other failure, passing or
-            # not (a read-only database after a failover), keeps the batch and retries it.
-            if not exc.refused or not batch:
-                self._commit_failed(exc, len(batch) + len(releases))
-                return False
-            # The database refused something in this batch and would refuse it again: find
-            # it by committing one outcome at a time, so it cannot hold up the others.
-            return self._commit_one_by_one(batch)
-        self._committed(len(batch), releases=True)
-        self.stats_counters["released"] += released
-        self._after_commit(report, work_ready=released > 0)
-        return True
-
-    def _commit(
-        self, outcomes: Sequence[StepOutcome], releases: Sequence[ClaimedStep] = ()
-    ) -> tuple[CommitReport, int]:
-        now = self._clock()
-        traced = self._tracer.commit(outcomes) if self._tracer else contextlib.nullcontext()
-        with traced, self._db.write() as conn:
-            report = commit_outcomes(conn, outcomes, policy=self._policy, now=now, rng=self._rng)
-            released = release_claims(
-                conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"
-            )
-        return report, released
-
-    def _commit_one_by_one(self, batch: Sequence[StepOutcome]) -> bool:
-        for outcome in batch:
-            try:
-                try:
-                    report, _ = self._commit([outcome])
-                except StorageError as exc:
-                    if not exc.refused:
-                        raise
-                    step_log(outcome.step).error(
-                        "the database refused the result of step {} ({}); recording it as {}",
-                        outcome.step.step_uuid,
-                        exc,
-                        RESULT_UNSTORABLE,
-                    )
-                    report, _ = self._commit([unstorable(outcome, exc)])
-            except StorageError as exc:
-                self._commit_failed(exc, self._buffer.held)
-                return False
-            self._committed(1)
-            self._after_commit(report, work_ready=False)
-        return True
-
-    def _committed(self, count: int, *, releases: bool = False) -> None:
-        """Drop ``count`` committed outcomes from the buffer; resume intake if it paused."""
-        if self._buffer.committed(count, releases=releases) and self._intake is not None:
-            tell(self._intake.commits_lagging, False)
+        flush = self._committer.flush_batch()
+        if self._metrics is not None:
+            if flush.retried:
+                self._metrics.steps.commit_retries += 1
+            if flush.failed:
+                self._metrics.steps.commit_failures += 1
+        for announcement in flush.announcements:
+            self._announce(announcement)
+        return flush.ok
 
     def recover_lost_claims(self) -> int:
         """Fail the running attempts of dead workers (``worker_lost``), so their steps run again."""
-        now = self._clock()
-        try:
-            # Read first: this runs every second, and on SQLite a write transaction with
-            # nothing to write would still make every commit of every worker wait for it.
-            with self._db.read() as conn:
-                dead = dead_local_workers(
-                    conn,
-                    hostname=self._hostname,
-                    me=self._worker_id,
-                    heartbeat_cutoff=now - self._heartbeat_timeout,
-                )
-                found = has_lost_claims(
-                    conn,
-                    me=self._worker_id,
-                    heartbeat_timeout=self._heartbeat_timeout,
-                    now=now,
-                    dead_workers=dead,
-                )
-            if not found:
-                return 0
-            # The write reads again under its lock; the commit guard settles each attempt
-            # once even when another worker recovers the same ones meanwhile.
-            with self._db.write() as conn:
-                report = recover_lost_claims(
-                    conn,
-                    me=self._worker_id,
-                    heartbeat_timeout=self._heartbeat_timeout,
-                    now=now,
-                    policy=self._policy,
-                    rng=self._rng,
-                    dead_workers=dead,
-                )
-        except StorageError as exc:
-            logger.warning("recovery of lost workers' claims failed: {}", exc)
+        announcement = self._committer.recover_lost_claims()
+        if announcement is None:
             return 0
-        if report.applied:
-            lost = sorted({o.step.claimed_by or "?" for o in report.applied})
-            logger.warning(
-                "recovered {} running attempt(s) of lost worker(s) {}",
-                len(report.applied),
-                ", ".join(lost),
-            )
-            self.stats_counters["recovered"] += len(report.applied)
-            self._after_commit(report, work_ready=False, recovery=True)
-        return len(report.applied)
+        self._announce(announcement)
+        return len(announcement.report.applied)
 
     def stats(self) -> dict[str, Any]:
         return {
-            **self.stats_counters,
+            **self._committer.counts,
             "buffered": self._buffer.held,
             "commit_failing": self._buffer.failing,
         }
 
-    def _after_commit(
-        self, report: CommitReport, *, work_ready: bool, recovery: bool = False
-    ) -> None:
+    def _announce(self, announcement: Announcement) -> None:
         # Only now, with the transaction committed, may anyone hear about these results.
+        report = announcement.report
+        if announcement.caught_up and self._intake is not None:
+            tell(self._intake.commits_lagging, False)
         if self._metrics is not None:
-            self._metrics.steps.committed(report, self._clock(), recovery=recovery)
-        self.stats_counters["committed"] += len(report.applied)
-        self.stats_counters["rejected"] += len(report.rejected)
-        for outcome in report.rejected:
-            step_log(outcome.step).info(
-                "late result for step {} attempt {} rejected (already settled)",
-                outcome.step.step_uuid,
-                outcome.step.attempt,
-            )
+            self._metrics.steps.committed(report, self._clock(), recovery=announcement.recovery)
         if self._observer is not None:
             try:
                 self._observer(report)
@@ -300,20 +196,12 @@ class CompletionProcessor(SupervisedActor):
                 len(report.events),
             )
         if self._intake is not None:
-            if report.enqueued or work_ready:
+            if announcement.wake_intake:
                 tell(self._intake.nudge)
-            if report.next_retry_at is not None:
-                delay = (report.next_retry_at - self._clock()).total_seconds()
-                self._timer.call_later(delay, partial(tell, self._intake.nudge))
-
-    def _commit_failed(self, exc: StorageError, size: int) -> None:
-        delay = self._buffer.failed()
-        self.stats_counters["commit_errors"] += 1
-        if self._metrics is not None:
-            self._metrics.steps.commit_failures += 1
-        logger.warning(
-            "commit of {} result(s) failed ({}); kept, retrying in {:.2f}s", size, exc, delay
-        )
+            if announcement.retry_due_in_s is not None:
+                self._timer.call_later(
+                    announcement.retry_due_in_s, partial(tell, self._intake.nudge)
+                )
 
     def _schedule_flush(self) -> None:
         if self._self is None:
@@ -327,4 +215,13 @@ class CompletionProcessor(SupervisedActor):
             tell(self._self.flush)
 
 
-CompletionProcessorProxy = pykka.ActorProxy[CompletionProcessor]
+class CompletionProcessorProxy(TypedProxy[CompletionProcessor]):
+    """The CompletionProcessor's messages."""
+
+    connect = message(CompletionProcessor.connect)
+    submit = message(CompletionProcessor.submit)
+    release = message(CompletionProcessor.release)
+    flush = message(CompletionProcessor.flush)
+    drain = message(CompletionProcessor.drain)
+    recover_lost_claims = message(CompletionProcessor.recover_lost_claims)
+    stats = message(CompletionProcessor.stats)

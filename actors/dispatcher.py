@@ -5,28 +5,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pykka
 from loguru import logger
+from pykka.typing import proxy_field
 
+from duplex.actors.completion_processor import CompletionProcessorProxy
 from duplex.actors.handler_worker import HandlerWorker, HandlerWorkerProxy
+from duplex.actors.ports import CapacityReports
+from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
 from duplex.clock import Timer, TimerHandle, utcnow
 from duplex.dispatch.attempt import timeout_failure
+from duplex.dispatch.credits import SlotCredits
 from duplex.dispatch.pool import HandlerPool, Running
 from duplex.errors import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT
 from duplex.handlers import HandlerRegistry
-from duplex.intake.prefetch import PrefetchWindow, claim_batch
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.observability.logs import step_log
 from duplex.observability.metrics import WorkerMetrics
 from duplex.observability.tracing import StepTracer
 from duplex.worker.supervision import Supervisor
-
-if TYPE_CHECKING:
-    from duplex.actors.completion_processor import CompletionProcessorProxy
-    from duplex.actors.event_system import EventSystemProxy
 
 
 class Dispatcher(SupervisedActor):
@@ -53,10 +53,7 @@ class Dispatcher(SupervisedActor):
         tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
-        self._window = PrefetchWindow(size, prefetch)
-        self._unreported_credits = 0
-        # When each busy worker was handed its attempt (monotonic), for the window's pace.
-        self._assigned_at: dict[int, float] = {}
+        self._credits = SlotCredits.for_pool(size, prefetch)
         self._tracer = tracer
         self._completion = completion
         self._registry = registry
@@ -69,13 +66,13 @@ class Dispatcher(SupervisedActor):
         self._clock = clock
         self._workers: dict[int, HandlerWorkerProxy] = {}
         self._deadlines: dict[int, TimerHandle] = {}
-        self._intake: EventSystemProxy | None = None
+        self._intake: CapacityReports | None = None
         self._self: DispatcherProxy | None = None
         self._draining = False
         self.dispatched = 0
 
     def on_start(self) -> None:
-        self._self = self.actor_ref.proxy()
+        self._self = DispatcherProxy.of(self.actor_ref)
         for _ in range(self._pool.size):
             self._start_worker()
 
@@ -86,7 +83,7 @@ class Dispatcher(SupervisedActor):
             if worker_id not in self._pool.abandoned:
                 worker.actor_ref.stop(block=False)
 
-    def connect(self, intake: EventSystemProxy) -> None:
+    def connect(self, intake: CapacityReports) -> None:
         """Learn where to report freed capacity (the EventSystem is started after this actor)."""
         self._intake = intake
 
@@ -96,9 +93,9 @@ class Dispatcher(SupervisedActor):
         for handle in self._deadlines.values():
             handle.cancel()
         waiting = self._pool.take_waiting()
-        for message in take_mailbox(self):  # claims that were on their way here
-            if message.attr_path == ("dispatch",):
-                waiting.extend(message.args[0])
+        for call in take_mailbox(self):  # claims that were on their way here
+            if call.attr_path == ("dispatch",):
+                waiting.extend(call.args[0])
         self._release(waiting)
         self.supervisor.adopt(self.live_workers())
 
@@ -122,9 +119,7 @@ class Dispatcher(SupervisedActor):
         handle = self._deadlines.pop(worker_id, None)
         if handle is not None:
             handle.cancel()
-        assigned_at = self._assigned_at.pop(worker_id, None)
-        if assigned_at is not None:
-            self._window.observe(time.monotonic() - assigned_at)
+        self._credits.ended(worker_id, time.monotonic())
         self._assign()
         self._capacity_freed(batched=True)
 
@@ -211,7 +206,7 @@ class Dispatcher(SupervisedActor):
             "abandoned_threads": len(self._pool.abandoned),
             "timeouts": self._pool.timeouts,
             "dispatched": self.dispatched,
-            "prefetch_window": self._window.size,
+            "prefetch_window": self._credits.window.size,
             "draining": self._draining,
         }
 
@@ -221,18 +216,18 @@ class Dispatcher(SupervisedActor):
         now = time.monotonic()
         for run in self._pool.assign(self._default_timeout_s):
             self.dispatched += 1
-            self._assigned_at[run.worker_id] = now
+            self._credits.assigned(run.worker_id, now)
             tell(self._workers[run.worker_id].run, run.step, run.cancellation, run.timeout_s)
             self._deadlines[run.worker_id] = self._timer.call_later(
                 run.timeout_s, self._deadline_callback(run)
             )
 
     def _deadline_callback(self, run: Running) -> Callable[[], None]:
-        me, key = self._self, (run.worker_id, run.step.step_uuid, run.step.attempt)
+        me, worker_id, step = self._self, run.worker_id, run.step
         assert me is not None
 
         def fire() -> None:
-            tell(me.deadline_passed, *key)
+            tell(me.deadline_passed, worker_id, step.step_uuid, step.attempt)
 
         return fire
 
@@ -240,11 +235,8 @@ class Dispatcher(SupervisedActor):
         # The thread cannot be killed: send the failure now, then flag it (async handlers are
         # cancelled for real; the handler's own cancel hook runs on a thread of its own), and
         # let the commit guard reject whatever it returns later.
-        assigned_at = self._assigned_at.pop(run.worker_id, None)
-        ran_s = 0.0
-        if assigned_at is not None:  # a timeout says how slow these handlers can be
-            ran_s = time.monotonic() - assigned_at
-            self._window.observe(ran_s)
+        # A timeout says how slow these handlers can be.
+        ran_s = self._credits.ended(run.worker_id, time.monotonic())
         now = self._clock()
         # The attempt started when its handler did, not now (``workflow_steps.started_at``).
         started = now - timedelta(seconds=ran_s)
@@ -270,22 +262,25 @@ class Dispatcher(SupervisedActor):
             supervisor=self.supervisor,
             tracer=self._tracer,
         )
-        self._workers[worker_id] = ref.proxy()
+        self._workers[worker_id] = HandlerWorkerProxy.of(ref)
 
     def _capacity_freed(self, *, batched: bool = False) -> None:
-        """A slot's credit is free: give the intake back what is free so far.
-
-        ``batched`` credits go back in batches while claimed steps still wait for a slot: the
-        intake claims no fewer than ``claim_batch`` of the window anyway, so a message per
-        credit would only wake it. With nothing waiting, every credit goes back at once.
-        """
-        self._unreported_credits += 1
-        window = self._window.size
-        if batched and self._unreported_credits < claim_batch(window) and self._pool.waiting:
-            return
-        credits, self._unreported_credits = self._unreported_credits, 0
-        if self._intake is not None:
-            tell(self._intake.capacity_freed, credits, window)
+        """A slot's credit is free: give the intake back what is free so far (``SlotCredits``)."""
+        credits = self._credits.freed(batched=batched, waiting=bool(self._pool.waiting))
+        if credits and self._intake is not None:
+            tell(self._intake.capacity_freed, credits, self._credits.window.size)
 
 
-DispatcherProxy = pykka.ActorProxy[Dispatcher]
+class DispatcherProxy(TypedProxy[Dispatcher]):
+    """The Dispatcher's messages."""
+
+    connect = message(Dispatcher.connect)
+    dispatch = message(Dispatcher.dispatch)
+    slot_freed = message(Dispatcher.slot_freed)
+    worker_failed = message(Dispatcher.worker_failed)
+    deadline_passed = message(Dispatcher.deadline_passed)
+    drain = message(Dispatcher.drain)
+    abandon_running = message(Dispatcher.abandon_running)
+    live_workers = message(Dispatcher.live_workers)
+    stats = message(Dispatcher.stats)
+    dispatched = proxy_field(0)

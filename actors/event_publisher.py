@@ -5,19 +5,17 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import pykka
 from loguru import logger
 
+from duplex.actors.proxy import TypedProxy, message
+from duplex.actors.relay import RelayActorProxy
 from duplex.actors.supervised import SupervisedActor, tell
 from duplex.messages import DomainEvent
 from duplex.observability.metrics import WorkerMetrics
 from duplex.subscriptions import SubscriberRegistry
 from duplex.worker.supervision import Supervisor
-
-if TYPE_CHECKING:
-    from duplex.actors.relay import RelayActorProxy
 
 _STOP = object()
 
@@ -111,4 +109,9 @@ class DomainEventPublisher(SupervisedActor):
             self._counts[key] += 1
 
 
-DomainEventPublisherProxy = pykka.ActorProxy[DomainEventPublisher]
+class DomainEventPublisherProxy(TypedProxy[DomainEventPublisher]):
+    """The DomainEventPublisher's messages."""
+
+    publish = message(DomainEventPublisher.publish)
+    close = message(DomainEventPublisher.close)
+    stats = message(DomainEventPublisher.stats)

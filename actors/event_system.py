@@ -9,21 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
 
-import pykka
 from loguru import logger
 
+from duplex.actors.command_processor import CommandProcessorProxy
+from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import SupervisedActor, tell
 from duplex.clock import Timer, TimerHandle
 from duplex.intake.credits import IntakeCredits
 from duplex.messages import ExecuteReadySteps
 from duplex.storage.listen import WorkListener
 from duplex.worker.supervision import Supervisor
-
-if TYPE_CHECKING:
-    from duplex.actors.command_processor import CommandProcessorProxy
-
 
 # How often event-driven intake looks anyway, and how soon a failed claim is retried.
 SAFETY_POLL_S = 30.0
@@ -57,7 +53,7 @@ class EventSystem(SupervisedActor):
         self._self: EventSystemProxy | None = None
 
     def on_start(self) -> None:
-        self._self = self.actor_ref.proxy()
+        self._self = EventSystemProxy.of(self.actor_ref)
         if self._make_listener is not None:
             self._listener = self._make_listener(self._self.nudge.defer)
 
@@ -136,4 +132,15 @@ class EventSystem(SupervisedActor):
             tell(self._commands.handle, ExecuteReadySteps(limit))
 
 
-EventSystemProxy = pykka.ActorProxy[EventSystem]
+class EventSystemProxy(TypedProxy[EventSystem]):
+    """The EventSystem's messages; it is the intake the other actors report back to."""
+
+    begin = message(EventSystem.begin)
+    poll = message(EventSystem.poll)
+    nudge = message(EventSystem.nudge)
+    claimed = message(EventSystem.claimed)
+    claim_failed = message(EventSystem.claim_failed)
+    capacity_freed = message(EventSystem.capacity_freed)
+    commits_lagging = message(EventSystem.commits_lagging)
+    stats = message(EventSystem.stats)
+    stop_intake = message(EventSystem.stop_intake)

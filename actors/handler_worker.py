@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 import pykka
 from loguru import logger
 
+from duplex.actors.completion_processor import CompletionProcessorProxy
+from duplex.actors.ports import SlotReports
+from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import tell
 from duplex.clock import utcnow
 from duplex.dispatch.attempt import run_attempt, storable_text
@@ -17,10 +19,6 @@ from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
 from duplex.worker.supervision import Supervisor
-
-if TYPE_CHECKING:
-    from duplex.actors.completion_processor import CompletionProcessorProxy
-    from duplex.actors.dispatcher import DispatcherProxy
 
 
 class HandlerWorker(pykka.ThreadingActor):
@@ -35,7 +33,7 @@ class HandlerWorker(pykka.ThreadingActor):
     def __init__(
         self,
         worker_id: int,
-        dispatcher: DispatcherProxy,
+        dispatcher: SlotReports,
         completion: CompletionProcessorProxy,
         registry: HandlerRegistry,
         *,
@@ -109,4 +107,7 @@ class HandlerWorker(pykka.ThreadingActor):
             self._supervisor.actor_failed(f"HandlerWorker {self._worker_id}", exception_value)
 
 
-HandlerWorkerProxy = pykka.ActorProxy[HandlerWorker]
+class HandlerWorkerProxy(TypedProxy[HandlerWorker]):
+    """A HandlerWorker's messages."""
+
+    run = message(HandlerWorker.run)

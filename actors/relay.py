@@ -13,9 +13,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import pykka
 from loguru import logger
 
+from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import SupervisedActor, tell
 from duplex.clock import Timer, TimerHandle
 from duplex.events.relay import Relay
@@ -44,7 +44,7 @@ class RelayActor(SupervisedActor):
         self._handle: TimerHandle | None = None
 
     def on_start(self) -> None:
-        self._self = self.actor_ref.proxy()
+        self._self = RelayActorProxy.of(self.actor_ref)
         if self._listen is not None:
             self._listener = self._listen(lambda _ranges: self._wake_from_outside())
             self._listener.start()
@@ -105,4 +105,10 @@ class RelayActor(SupervisedActor):
             logger.exception("relay: closing the broker connection failed")
 
 
-RelayActorProxy = pykka.ActorProxy[RelayActor]
+class RelayActorProxy(TypedProxy[RelayActor]):
+    """The RelayActor's messages."""
+
+    wake = message(RelayActor.wake)
+    pump = message(RelayActor.pump)
+    drain = message(RelayActor.drain)
+    stats = message(RelayActor.stats)

@@ -13,19 +13,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec
 
 import pykka
 from loguru import logger
 from pykka.messages import ProxyCall
 
+from duplex.actors.proxy import Message
 from duplex.worker.supervision import Supervisor
 
+P = ParamSpec("P")
 
-def tell(method: Any, *args: Any) -> bool:
+
+def tell(method: Message[P, Any], *args: P.args, **kwargs: P.kwargs) -> bool:
     """Send ``method(*args)`` to its actor without waiting; False when that actor is gone."""
     try:
-        method.defer(*args)
+        method.defer(*args, **kwargs)
     except pykka.ActorDeadError:
         return False
     return True

@@ -107,7 +107,7 @@ FLOW = (
     "event_publisher",  # DomainEventPublisher
     "relay",  # RelayActor
 )
-SHARED_ACTOR_MODULES = frozenset({"supervised", "ports"})
+SHARED_ACTOR_MODULES = frozenset({"supervised", "ports", "proxy"})
 
 MAX_TOP_LEVEL_MODULES = 16
 MAX_LINES = 400

@@ -77,7 +77,7 @@ def recovery(counting: CountingDatabase) -> Iterator[CompletionProcessorProxy]:
         worker_id=ME,
     )
     try:
-        yield completion.proxy()
+        yield CompletionProcessorProxy.of(completion)
     finally:
         completion.stop()
         publisher.stop()
@@ -201,7 +201,7 @@ def test_a_tick_with_nothing_to_recover_does_not_wait_for_the_sqlite_write_lock(
     try:
         committer.execute("BEGIN IMMEDIATE")
         started = time.monotonic()
-        assert tick(completion.proxy()) == 0
+        assert tick(CompletionProcessorProxy.of(completion)) == 0
         elapsed = time.monotonic() - started
         committer.execute("ROLLBACK")
     finally:

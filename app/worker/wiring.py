@@ -187,7 +187,7 @@ class Worker:
         relay = self._start_relay(self.timer)
         if relay is not None:
             started.append(relay)
-        relay_proxy = relay.proxy() if relay is not None else None
+        relay_proxy = RelayActorProxy.of(relay) if relay is not None else None
         publisher = DomainEventPublisher.start(
             self.subscribers,
             buffer_size=self.settings.domain_events.buffer_size,
@@ -251,12 +251,12 @@ class Worker:
         if relay is not None:
             self._refs.append(relay)
         self.actors = Actors(
-            intake.proxy(),
-            commands.proxy(),
-            executor.proxy(),
-            dispatcher.proxy(),
-            completion.proxy(),
-            publisher.proxy(),
+            EventSystemProxy.of(intake),
+            CommandProcessorProxy.of(commands),
+            StepExecutorProxy.of(executor),
+            DispatcherProxy.of(dispatcher),
+            CompletionProcessorProxy.of(completion),
+            DomainEventPublisherProxy.of(publisher),
             relay_proxy,
         )
         # Back-edges of the flow: credits and nudges return to the intake.

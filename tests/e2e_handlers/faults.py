@@ -226,25 +226,25 @@ def _break_handler_worker_stops_worker() -> None:
 
 def _break_recover_own_claims() -> None:
     """Recovery counts the worker's own running attempts as lost."""
-    import duplex.actors.completion_processor as completion_processor
+    import duplex.commit.committer as committer
 
     # Both the read that decides whether to recover and the recovery itself.
     for name in ("has_lost_claims", "recover_lost_claims"):
-        original = getattr(completion_processor, name)
+        original = getattr(committer, name)
 
         def recover(
             conn: Any, *, me: str, dead_workers: Any = (), _original: Any = original, **kwargs: Any
         ) -> Any:
             return _original(conn, me="", dead_workers=[*dead_workers, me], **kwargs)
 
-        setattr(completion_processor, name, recover)
+        setattr(committer, name, recover)
 
 
 def _break_no_pid_recovery() -> None:
     """A worker whose process is gone on this host is only noticed by its stale heartbeat."""
-    import duplex.actors.completion_processor as completion_processor
+    import duplex.commit.committer as committer
 
-    setattr(completion_processor, "dead_local_workers", lambda conn, **kwargs: [])  # noqa: B010
+    setattr(committer, "dead_local_workers", lambda conn, **kwargs: [])  # noqa: B010
 
 
 def _break_drain_drops() -> None:
@@ -252,8 +252,8 @@ def _break_drain_drops() -> None:
     from duplex.actors.completion_processor import CompletionProcessor
 
     def drain(self: Any, timeout_s: float) -> int:
-        self._outcomes.clear()
-        self._releases.clear()
+        self._buffer.outcomes.clear()
+        self._buffer.releases.clear()
         return 0
 
     CompletionProcessor.drain = drain  # type: ignore[method-assign]
@@ -285,8 +285,8 @@ def _break_late_results_recorded() -> None:
     """
     from sqlalchemy import insert
 
-    import duplex.actors.completion_processor as completion_processor
     import duplex.actors.handler_worker as handler_worker
+    import duplex.commit.committer as committer
     from duplex.clock import utcnow
     from duplex.storage.models import workflow_step_transitions
     from duplex.storage.transitions import transition_row
@@ -299,7 +299,7 @@ def _break_late_results_recorded() -> None:
         return bool(original_tell(method, *args))
 
     setattr(handler_worker, "tell", tell)  # noqa: B010
-    original_commit = getattr(completion_processor, "commit_outcomes")  # noqa: B009
+    original_commit = getattr(committer, "commit_outcomes")  # noqa: B009
 
     def commit_outcomes(conn: Any, outcomes: Any, **kwargs: Any) -> Any:
         report = original_commit(conn, outcomes, **kwargs)
@@ -320,7 +320,7 @@ def _break_late_results_recorded() -> None:
             )
         return report
 
-    setattr(completion_processor, "commit_outcomes", commit_outcomes)  # noqa: B010
+    setattr(committer, "commit_outcomes", commit_outcomes)  # noqa: B010
 
 
 def _break_settings_check_off() -> None:

@@ -147,7 +147,7 @@ def _patch(owner: object, name: str, value: object) -> None:
 
 
 def _break_own_claims() -> None:
-    import duplex.actors.completion_processor as cp
+    import duplex.commit.committer as cp
 
     # Both the read that decides whether to recover and the recovery itself.
     for name in ("has_lost_claims", "recover_lost_claims"):
@@ -162,7 +162,7 @@ def _break_own_claims() -> None:
 
 
 def _break_pid_rule() -> None:
-    import duplex.actors.completion_processor as cp
+    import duplex.commit.committer as cp
 
     def nobody_is_gone(conn: Any, **kw: Any) -> list[str]:
         return []
@@ -245,23 +245,29 @@ def _break_heartbeat() -> None:
 
 def _break_announce() -> None:
     from duplex.actors.completion_processor import CompletionProcessor
+    from duplex.commit.committer import Committer
     from duplex.storage.claims import release_claims
     from duplex.storage.results import commit_outcomes
 
-    def commit_announcing_early(
-        self: CompletionProcessor, outcomes: Any, releases: Any = ()
-    ) -> Any:
+    original_init = CompletionProcessor.__init__
+
+    def init_handing_the_publisher_down(self: CompletionProcessor, *a: Any, **kw: Any) -> None:
+        original_init(self, *a, **kw)
+        self._committer.publisher = self._publisher  # type: ignore[attr-defined]
+
+    def commit_announcing_early(self: Committer, outcomes: Any, releases: Any = ()) -> Any:
         now = self._clock()
         with self._db.write() as conn:
             report = commit_outcomes(conn, outcomes, policy=self._policy, now=now, rng=self._rng)
             if report.events:
-                self._publisher.publish(report.events).get(timeout=10)
+                self.publisher.publish(report.events).get(timeout=10)  # type: ignore[attr-defined]
             released = release_claims(
                 conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"
             )
         return report, released
 
-    _patch(CompletionProcessor, "_commit", commit_announcing_early)
+    _patch(CompletionProcessor, "__init__", init_handing_the_publisher_down)
+    _patch(Committer, "_commit", commit_announcing_early)
 
 
 def _break_listen() -> None:

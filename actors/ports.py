@@ -1,0 +1,65 @@
+"""The calls that run back up the flow, as the actors that make them see them.
+
+Messages flow down: EventSystem → CommandProcessor → StepExecutor → Dispatcher →
+HandlerWorker, and Dispatcher/HandlerWorker → CompletionProcessor → DomainEventPublisher →
+RelayActor; an actor module imports only modules further down. A few reports go back up
+(claims made, slots freed, nudges): each is a small protocol here, satisfied by the upstream
+actor's proxy, so the sender names what it calls without importing the actor it calls.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from duplex.actors.proxy import Message
+
+
+class ClaimReports(Protocol):
+    """What the StepExecutor tells the EventSystem about its claims."""
+
+    @property
+    def claimed(self) -> Message[[int, int], None]:
+        """``claimed(requested, got)``: a claim finished."""
+        ...
+
+    @property
+    def claim_failed(self) -> Message[[int], None]:
+        """``claim_failed(requested)``: the database failed the claim."""
+        ...
+
+
+class CapacityReports(Protocol):
+    """What the Dispatcher tells the EventSystem when slots free up."""
+
+    @property
+    def capacity_freed(self) -> Message[[int, int | None], None]:
+        """``capacity_freed(slots, prefetch)``: ``slots`` credits are free; the window size."""
+        ...
+
+
+class CommitSignals(Protocol):
+    """What the CompletionProcessor tells the EventSystem after and around commits."""
+
+    @property
+    def nudge(self) -> Message[[], None]:
+        """Commits made work ready (or a retry fell due): look for it now."""
+        ...
+
+    @property
+    def commits_lagging(self) -> Message[[bool], None]:
+        """Uncommitted results piled up (True) or caught up again (False)."""
+        ...
+
+
+class SlotReports(Protocol):
+    """What a HandlerWorker tells the Dispatcher that owns its slot."""
+
+    @property
+    def slot_freed(self) -> Message[[int, str, int], None]:
+        """``slot_freed(worker_id, step_uuid, attempt)``: the attempt finished."""
+        ...
+
+    @property
+    def worker_failed(self) -> Message[[int], None]:
+        """``worker_failed(worker_id)``: the worker actor died outside any handler."""
+        ...

@@ -1,0 +1,248 @@
+"""The commit path's logic: commit what the buffer holds, and say what to announce after.
+
+Plain code, no threads (like ``CommitBuffer``): the CompletionProcessor actor owns one
+``Committer`` and turns what it returns into messages and timers.
+
+* A batch of results (and every pending release) commits in one transaction.
+* A batch the database refuses (``StorageError.refused``: it would refuse it again) is
+  committed one result at a time, so the refused one cannot hold up the others; a result
+  refused on its own is recorded as ``result_unstorable`` instead.
+* Any other failure keeps the batch in the buffer for a retry with backoff.
+* Running attempts of dead workers are failed as ``worker_lost`` (``recover_lost_claims``).
+* Nothing is announced before its transaction committed: each commit yields an
+  ``Announcement`` for the caller to deliver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from loguru import logger
+
+from duplex.commit.buffer import CommitBuffer
+from duplex.commit.retry import RetryPolicy
+from duplex.dispatch.attempt import unstorable
+from duplex.errors import RESULT_UNSTORABLE, StorageError
+from duplex.messages import ClaimedStep, StepOutcome
+from duplex.observability.logs import step_log
+from duplex.observability.tracing import StepTracer
+from duplex.storage.claims import release_claims
+from duplex.storage.db import Database
+from duplex.storage.recovery import dead_local_workers, has_lost_claims, recover_lost_claims
+from duplex.storage.results import CommitReport, commit_outcomes
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What the rest of the worker hears about one committed transaction."""
+
+    report: CommitReport
+    # Steps became ready (dependents enqueued, claims released): the intake should look now.
+    wake_intake: bool
+    # A retry falls due in this many seconds: the intake should look then.
+    retry_due_in_s: float | None
+    # The buffer drained below its high-water mark with this commit: intake may resume.
+    caught_up: bool = False
+    # The commit failed attempts of lost workers, not results of this one.
+    recovery: bool = False
+
+
+@dataclass
+class Flush:
+    """The result of committing one batch."""
+
+    announcements: list[Announcement] = field(default_factory=list)
+    # The batch was a retry after failed commits.
+    retried: bool = False
+    # The database failed: what was not committed stays in the buffer.
+    failed: bool = False
+    # How long to wait before the next try (when ``failed``).
+    retry_in_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+class Committer:
+    """Commit the buffer's batches and recover lost claims; count what happened."""
+
+    def __init__(
+        self,
+        db: Database,
+        buffer: CommitBuffer,
+        *,
+        policy: RetryPolicy,
+        worker_id: str,
+        heartbeat_timeout: timedelta,
+        clock: Callable[[], datetime],
+        rng: random.Random | None = None,
+        tracer: StepTracer | None = None,
+        hostname: str | None = None,
+    ) -> None:
+        self._db = db
+        self._buffer = buffer
+        self._policy = policy
+        self._worker_id = worker_id
+        self._heartbeat_timeout = heartbeat_timeout
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._tracer = tracer
+        self._hostname = hostname or socket.gethostname()
+        self.counts = {
+            "committed": 0,
+            "rejected": 0,
+            "released": 0,
+            "commit_errors": 0,
+            "recovered": 0,
+        }
+
+    def flush_batch(self) -> Flush:
+        """Commit the buffer's next batch (a no-op when it is empty)."""
+        batch, releases = self._buffer.next_batch()
+        if not batch and not releases:
+            return Flush()
+        flush = Flush(retried=self._buffer.failing)
+        try:
+            report, released = self._commit(batch, releases)
+        except StorageError as exc:
+            # Only data the database refused is singled out; any other failure, passing or
+            # not (a read-only database after a failover), keeps the batch and retries it.
+            if not exc.refused or not batch:
+                self._failed(flush, exc, len(batch) + len(releases))
+                return flush
+            # The database refused something in this batch and would refuse it again: find
+            # it by committing one outcome at a time, so it cannot hold up the others.
+            self._commit_one_by_one(batch, flush)
+            return flush
+        caught_up = self._buffer.committed(len(batch), releases=True)
+        self.counts["released"] += released
+        flush.announcements.append(self._announcement(report, released > 0, caught_up))
+        return flush
+
+    def recover_lost_claims(self) -> Announcement | None:
+        """Fail the running attempts of dead workers (``worker_lost``), so their steps run again.
+
+        Returns what to announce, or None when nothing was recovered (or the database failed).
+        """
+        now = self._clock()
+        try:
+            # Read first: this runs every second, and on SQLite a write transaction with
+            # nothing to write would still make every commit of every worker wait for it.
+            with self._db.read() as conn:
+                dead = dead_local_workers(
+                    conn,
+                    hostname=self._hostname,
+                    me=self._worker_id,
+                    heartbeat_cutoff=now - self._heartbeat_timeout,
+                )
+                found = has_lost_claims(
+                    conn,
+                    me=self._worker_id,
+                    heartbeat_timeout=self._heartbeat_timeout,
+                    now=now,
+                    dead_workers=dead,
+                )
+            if not found:
+                return None
+            # The write reads again under its lock; the commit guard settles each attempt
+            # once even when another worker recovers the same ones meanwhile.
+            with self._db.write() as conn:
+                report = recover_lost_claims(
+                    conn,
+                    me=self._worker_id,
+                    heartbeat_timeout=self._heartbeat_timeout,
+                    now=now,
+                    policy=self._policy,
+                    rng=self._rng,
+                    dead_workers=dead,
+                )
+        except StorageError as exc:
+            logger.warning("recovery of lost workers' claims failed: {}", exc)
+            return None
+        if not report.applied:
+            return None
+        lost = sorted({o.step.claimed_by or "?" for o in report.applied})
+        logger.warning(
+            "recovered {} running attempt(s) of lost worker(s) {}",
+            len(report.applied),
+            ", ".join(lost),
+        )
+        self.counts["recovered"] += len(report.applied)
+        return self._announcement(report, False, False, recovery=True)
+
+    def _commit(
+        self, outcomes: Sequence[StepOutcome], releases: Sequence[ClaimedStep] = ()
+    ) -> tuple[CommitReport, int]:
+        now = self._clock()
+        traced = self._tracer.commit(outcomes) if self._tracer else contextlib.nullcontext()
+        with traced, self._db.write() as conn:
+            report = commit_outcomes(conn, outcomes, policy=self._policy, now=now, rng=self._rng)
+            released = release_claims(
+                conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"
+            )
+        return report, released
+
+    def _commit_one_by_one(self, batch: Sequence[StepOutcome], flush: Flush) -> None:
+        for outcome in batch:
+            try:
+                report = self._commit_alone(outcome)
+            except StorageError as exc:
+                self._failed(flush, exc, self._buffer.held)
+                return
+            caught_up = self._buffer.committed(1, releases=False)
+            flush.announcements.append(self._announcement(report, False, caught_up))
+
+    def _commit_alone(self, outcome: StepOutcome) -> CommitReport:
+        """Commit one outcome; one the database refuses is recorded as unstorable instead."""
+        try:
+            report, _ = self._commit([outcome])
+        except StorageError as exc:
+            if not exc.refused:
+                raise
+            step_log(outcome.step).error(
+                "the database refused the result of step {} ({}); recording it as {}",
+                outcome.step.step_uuid,
+                exc,
+                RESULT_UNSTORABLE,
+            )
+            report, _ = self._commit([unstorable(outcome, exc)])
+        return report
+
+    def _failed(self, flush: Flush, exc: StorageError, size: int) -> None:
+        flush.failed = True
+        flush.retry_in_s = self._buffer.failed()
+        self.counts["commit_errors"] += 1
+        logger.warning(
+            "commit of {} result(s) failed ({}); kept, retrying in {:.2f}s",
+            size,
+            exc,
+            flush.retry_in_s,
+        )
+
+    def _announcement(
+        self, report: CommitReport, work_ready: bool, caught_up: bool, *, recovery: bool = False
+    ) -> Announcement:
+        self.counts["committed"] += len(report.applied)
+        self.counts["rejected"] += len(report.rejected)
+        for outcome in report.rejected:
+            step_log(outcome.step).info(
+                "late result for step {} attempt {} rejected (already settled)",
+                outcome.step.step_uuid,
+                outcome.step.attempt,
+            )
+        retry_due_in_s = None
+        if report.next_retry_at is not None:
+            retry_due_in_s = (report.next_retry_at - self._clock()).total_seconds()
+        return Announcement(
+            report,
+            wake_intake=bool(report.enqueued) or work_ready,
+            retry_due_in_s=retry_due_in_s,
+            caught_up=caught_up,
+            recovery=recovery,
+        )
