@@ -26,8 +26,9 @@ from duplex.observability.metrics import WorkerMetrics
 from duplex.observability.tracing import StepTracer
 from duplex.storage.claims import release_claims
 from duplex.storage.db import Database
-from duplex.storage.recovery import dead_local_workers, has_lost_claims, recover_lost_claims
+from duplex.storage.recovery import has_lost_claims, recover_lost_claims
 from duplex.storage.results import CommitReport, commit_outcomes
+from duplex.storage.workers import dead_local_workers
 from duplex.worker.supervision import Supervisor
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class CompletionProcessor(SupervisedActor):
         rng: random.Random | None = None,
         supervisor: Supervisor | None = None,
         metrics: WorkerMetrics | None = None,
+        buffer: CommitBuffer | None = None,
         tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
@@ -74,10 +76,9 @@ class CompletionProcessor(SupervisedActor):
         self._publisher = publisher
         self._timer = timer
         self._policy = policy
-        self._buffer = CommitBuffer(batch_size, linger_s)
+        # Given by the worker, which reads it in place for its figures (no message).
+        self._buffer = buffer if buffer is not None else CommitBuffer(batch_size, linger_s)
         self._metrics = metrics
-        if metrics is not None:
-            metrics.buffer = self._buffer  # read in place at scrape time
         self._heartbeat_timeout = timedelta(seconds=claim_timeout_s)
         self._hostname = socket.gethostname()
         self._worker_id = worker_id

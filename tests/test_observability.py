@@ -18,22 +18,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from duplex.errors import ConfigurationError
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
+from duplex.observability.counters import Histogram, StepMetrics
 from duplex.observability.http import HttpServer, make_app
 from duplex.observability.logs import _json_format, step_log
-from duplex.observability.metrics import (
-    DuplexCollector,
-    Histogram,
-    QueueFigures,
-    QueueProbe,
-    StepMetrics,
-    WorkerMetrics,
-)
+from duplex.observability.metrics import DuplexCollector, WorkerMetrics
+from duplex.observability.queue import QueueFigures, QueueProbe
 from duplex.observability.saturation import Sample, SaturationMonitor
 from duplex.storage.db import Database
-from duplex.storage.liveness import judge
 from duplex.storage.queries import ready_queue
 from duplex.storage.results import CommitReport
 from duplex.storage.submission import create_task
+from duplex.storage.workers import judge
 from duplex.templates import parse_template
 from duplex.worker.health import HealthSnapshot, details, readiness
 
@@ -119,10 +114,10 @@ def test_recovered_attempts_are_counted_as_recovered_not_as_a_batch() -> None:
 
 
 def test_collector_output_parses_with_prefix_and_labels() -> None:
-    metrics = WorkerMetrics("w1", hostname="host-a")
+    queue = QueueProbe(lambda: QueueFigures({"ns": 4}, {"ns": 2.5}), refresh_s=0)
+    metrics = WorkerMetrics("w1", hostname="host-a", queue=queue)
     metrics.claimed.inc(("ns",), 3)
     metrics.steps.committed(CommitReport(applied=[outcome(step("a"))]), T0 + timedelta(seconds=1))
-    metrics.queue = QueueProbe(lambda: QueueFigures({"ns": 4}, {"ns": 2.5}), refresh_s=0)
     registry = CollectorRegistry()
     registry.register(DuplexCollector(metrics))
     from prometheus_client import generate_latest

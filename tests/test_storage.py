@@ -43,14 +43,10 @@ from duplex.storage.models import (
     workflow_step_transitions,
     workflow_steps,
 )
-from duplex.storage.recovery import (
-    PROCESS_STARTED_AT,
-    dead_local_workers,
-    process_exists,
-    recover_lost_claims,
-)
+from duplex.storage.recovery import recover_lost_claims
 from duplex.storage.results import CommitReport, commit_outcomes
 from duplex.storage.submission import create_task
+from duplex.storage.workers import PROCESS_STARTED_AT, dead_local_workers, process_exists
 from duplex.templates import parse_template
 from tests import processes
 

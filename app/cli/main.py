@@ -36,7 +36,6 @@ from duplex.observability.logs import configure_logging
 from duplex.settings import Settings, load_settings
 from duplex.states import TASK_FINISHED
 from duplex.storage.db import Database
-from duplex.storage.liveness import Liveness, judged_workers
 from duplex.storage.operations import (
     OperatorReport,
     cancel_task,
@@ -53,6 +52,7 @@ from duplex.storage.queries import (
     task_steps,
 )
 from duplex.storage.schema import ensure_schema_ready
+from duplex.storage.workers import Liveness, judged_workers
 from duplex.templates import load_template
 from duplex.worker.startup import StartupStopped, StopSignals, retry_transient, stop_signals
 

@@ -42,8 +42,8 @@ from duplex.storage.dashboard import (
     task_page,
     transitions_of_step,
 )
-from duplex.storage.liveness import judged_workers
 from duplex.storage.queries import parse_uuid, transitions_of_task
+from duplex.storage.workers import judged_workers
 
 # ------------------------------------------------------------------------------------------
 # The task list
