@@ -1,15 +1,18 @@
-"""The worker's two background threads: the heartbeat and the watchdog.
+"""The worker's row and its two background threads: the heartbeat and the watchdog.
 
-The heartbeat writes the worker's row at a fixed rate and needs no actor, so a saturated
-worker still beats. The watchdog notices a failed actor (and has the worker stop in order),
-samples the load for the saturation warnings, has lost workers' claims recovered, and
-collects the actors' stats that the heartbeat writes. Both are plain objects driven by a
-``run`` loop; each round is a method of its own, so tests can drive them without threads.
+``Heartbeat`` keeps the worker's ``workers`` row: registered at start, beaten at a fixed rate,
+marked stopped at the end. It needs no actor, so a saturated worker still beats. The
+``Watchdog`` notices a failed actor (and has the worker stop in order), samples the load for
+the saturation warnings, has lost workers' claims recovered, and collects the actors' stats
+that the heartbeat writes. Both are plain objects driven by a ``run`` loop; each round is a
+method of its own, so tests can drive them without threads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +26,7 @@ from duplex.errors import StorageError
 from duplex.observability.metrics import WorkerMetrics
 from duplex.observability.saturation import SaturationMonitor, sample_of
 from duplex.storage.db import Database
-from duplex.storage.workers import record_heartbeat
+from duplex.storage.workers import mark_worker_stopped, record_heartbeat, register_worker
 from duplex.worker.supervision import ActorFailure, Supervisor
 
 # How often the watchdog looks at the actors.
@@ -38,6 +41,10 @@ class Heartbeat:
     ``stats`` is what the watchdog last collected from the actors; when they do not answer,
     the beats go on with the last stats.
     """
+
+    # Set before the first registration's write: whether the row may exist, so that a stop
+    # (or a signal) that lands between its COMMIT and the end of ``register`` still marks it.
+    row_may_exist = False
 
     def __init__(
         self,
@@ -57,6 +64,24 @@ class Heartbeat:
         self.stats: dict[str, Any] = {}
         self._clock = clock
         self._last = clock()
+
+    def register(self) -> None:
+        """Record this worker as starting (its host and pid: for same-host recovery)."""
+        self.row_may_exist = True
+        with self.db.write() as conn:
+            register_worker(
+                conn, self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), now=utcnow()
+            )
+
+    def mark_stopped(self, stats: dict[str, Any]) -> None:
+        """Record the stop, with the final stats; a failure is logged, not raised."""
+        if not self.row_may_exist:  # marking a row that was never written changes nothing
+            return
+        try:
+            with self.db.write() as conn:
+                mark_worker_stopped(conn, self.worker_id, now=utcnow(), stats=stats)
+        except StorageError as exc:
+            logger.warning("could not mark worker stopped: {}", exc)
 
     def age_s(self) -> float:
         """Seconds since the last successful beat (or since this heartbeat was made)."""

@@ -41,26 +41,22 @@ from duplex.handlers import HandlerRegistry
 from duplex.handlers import registry as default_registry
 from duplex.messages import JSONDict
 from duplex.observability.counters import EventCounts
-from duplex.observability.http import HttpServer, make_app
-from duplex.observability.metrics import WorkerMetrics, worker_registry
-from duplex.observability.queue import QueueProbe
-from duplex.observability.saturation import SaturationMonitor
-from duplex.observability.tracing import StepTracer, current_carrier
+from duplex.observability.http import HttpServer
+from duplex.observability.tracing import current_carrier
 from duplex.settings import Settings
 from duplex.storage.claims import count_open_work
 from duplex.storage.db import Database
-from duplex.storage.queries import task_trace_context
 from duplex.storage.submission import create_task
-from duplex.storage.workers import mark_worker_stopped, register_worker
 from duplex.subscriptions import SubscriberRegistry
 from duplex.subscriptions import subscribers as default_subscribers
 from duplex.templates import TaskTemplate
-from duplex.worker import flow, health
+from duplex.worker import flow
 from duplex.worker.flow import ASK_TIMEOUT_S, Actors, run_stage
 from duplex.worker.health import HealthSnapshot, Phase
 from duplex.worker.listening import intake_signals
+from duplex.worker.observers import Observers
 from duplex.worker.supervision import ActorFailure, Supervisor
-from duplex.worker.watchdog import Heartbeat, Watchdog, dead_actors, failure_of
+from duplex.worker.watchdog import Watchdog, dead_actors, failure_of
 
 _STATS_TIMEOUT_S = 1.0
 
@@ -117,37 +113,20 @@ class Worker:
         self._final: dict[str, Any] | None = None
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
-        observability = settings.observability
-        relay = settings.relay.enabled
-        self.metrics = WorkerMetrics(
-            self.worker_id,
-            queue=QueueProbe(
-                lambda: health.read_queue(db, settings.worker.namespaces, relay=relay),
-                observability.queue_refresh_s,
-            ),
-            draining=lambda: self.phase == "draining",
-        )
-        self.registry_metrics = worker_registry(self.metrics)
-        self.heartbeat = Heartbeat(
-            db,
-            self.worker_id,
-            self.metrics,
-            interval_s=settings.worker.heartbeat_interval_s,
-            claim_timeout_s=settings.event_system.claim_timeout_s,
-        )
         self._registered = False
         # Set when a start failed half-way: the row says stopped, so this worker never serves.
         self._start_failed = False
-        # Set before the first registration's write: whether the row may exist, so that a
-        # stop (or a signal) that lands between its COMMIT and ``_registered`` still marks it.
-        self._row_may_exist = False
-        self.http: HttpServer | None = None
-        self.tracer: StepTracer | None = None
-        if observability.tracing:
-            self.tracer = StepTracer(self._trace_context, tracer_provider=tracer_provider)
-        self._saturation = SaturationMonitor(
-            observability.saturation_interval_s, start=time.monotonic()
+        self.observers = Observers(
+            settings,
+            db,
+            self.worker_id,
+            draining=lambda: self.phase == "draining",
+            tracer_provider=tracer_provider,
         )
+        # The one view of the figures (``duplex run`` shows its progress from it).
+        self.metrics = self.observers.metrics
+        self.heartbeat = self.observers.heartbeat
+        self.tracer = self.observers.tracer
 
     def start(self) -> Actors:
         """Register the worker (unless ``register`` did) and start the actors, downstream
@@ -284,7 +263,7 @@ class Worker:
         watchdog = Watchdog(
             supervisor,
             self.heartbeat,
-            self._saturation,
+            self.observers.saturation,
             refs=lambda: self._refs,
             running=lambda: self.actors is not None,
             stopping=lambda: self._stopping,
@@ -317,18 +296,14 @@ class Worker:
         self.actors = None
         self._refs = []
         self._start_failed = True
-        self._mark_stopped({})
+        self.heartbeat.mark_stopped({})
 
     def register(self) -> None:
         """Record this worker in the ``workers`` table; safe to retry.
 
         ``duplex run`` calls it with retries before ``start``; ``start`` calls it otherwise.
         """
-        self._row_may_exist = True
-        with self.db.write() as conn:
-            register_worker(
-                conn, self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), now=utcnow()
-            )
+        self.heartbeat.register()
         self._registered = True
 
     def serve_http(self) -> None:
@@ -337,19 +312,15 @@ class Worker:
         ``duplex run`` calls it before migrating, so that a probe sees the worker starting;
         ``start`` calls it otherwise. A port that cannot be bound is a ``ConfigurationError``.
         """
-        cfg = self.settings.observability
-        if cfg.http_port is None or self.http is not None:
-            return
-        server = HttpServer(
-            cfg.http_host, cfg.http_port, make_app(self.health_snapshot, self.registry_metrics)
-        )
-        server.start()
-        self.http = server
+        self.observers.serve_http(self.health_snapshot)
 
     def close_http(self) -> None:
-        if self.http is not None:
-            self.http.stop()
-            self.http = None
+        self.observers.close_http()
+
+    @property
+    def http(self) -> HttpServer | None:
+        """The health and metrics port, while it is open."""
+        return self.observers.http
 
     @property
     def phase(self) -> Phase:
@@ -365,20 +336,12 @@ class Worker:
         """Gather what readiness is decided on; no actor is asked anything (called from the
         HTTP threads, it must answer even when an actor is stuck)."""
         failure = self.failure or self.supervisor.first_failure()
-        return health.gather(
-            self.metrics,
+        return self.observers.health(
             phase=self.phase,
             failure=None if failure is None else str(failure),
             actors={ref.actor_class.__name__: ref.is_alive() for ref in self._refs},
-            database_error=health.database_error(self.db),
-            heartbeat_age_s=None if self.actors is None else self.heartbeat.age_s(),
-            heartbeat_interval_s=self.heartbeat.interval_s,
-            relay=self.settings.relay.enabled,
+            running=self.actors is not None,
         )
-
-    def _trace_context(self, task_uuid: str) -> dict[str, str] | None:
-        with self.db.read() as conn:
-            return task_trace_context(conn, task_uuid)
 
     def submit(self, template: TaskTemplate, context: JSONDict | None = None) -> str:
         """Create a task in this worker's database and wake the intake at once (its steps
@@ -459,7 +422,7 @@ class Worker:
         actors = self.actors
         if actors is None:
             # Never started (stopped during start-up), or its failed start cleaned up.
-            self._mark_stopped({})
+            self.heartbeat.mark_stopped({})
             return {}
         self._stopping = True
         dead = dead_actors(self._refs)
@@ -494,7 +457,7 @@ class Worker:
                 "or at once by the next worker started on this host)",
                 final["uncommitted"] if uncommitted >= 0 else "some",
             )
-        self._mark_stopped(final)
+        self.heartbeat.mark_stopped(final)
         self.actors = None
         logger.info("worker {} stopped", self.worker_id)
         return final
@@ -539,12 +502,3 @@ class Worker:
             )
         except (StorageError, pykka.ActorDeadError, pykka.Timeout):
             return False
-
-    def _mark_stopped(self, stats: dict[str, Any]) -> None:
-        if not self._row_may_exist:  # marking a row that was never written changes nothing
-            return
-        try:
-            with self.db.write() as conn:
-                mark_worker_stopped(conn, self.worker_id, now=utcnow(), stats=stats)
-        except StorageError as exc:
-            logger.warning("could not mark worker stopped: {}", exc)
