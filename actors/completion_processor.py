@@ -61,16 +61,16 @@ class CompletionProcessor(SupervisedActor):
         rng: random.Random | None = None,
         supervisor: Supervisor | None = None,
         metrics: WorkerMetrics | None = None,
+        buffer: CommitBuffer | None = None,
         tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
         self._publisher = publisher
         self._timer = timer
         self._policy = policy
-        self._buffer = CommitBuffer(batch_size, linger_s)
+        # Given by the worker, which reads it in place for its figures (no message).
+        self._buffer = buffer if buffer is not None else CommitBuffer(batch_size, linger_s)
         self._metrics = metrics
-        if metrics is not None:
-            metrics.buffer = self._buffer  # read in place at scrape time
         self._heartbeat_timeout = timedelta(seconds=claim_timeout_s)
         self._committer = Committer(
             db,

@@ -24,7 +24,6 @@ from duplex.errors import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT
 from duplex.handlers import HandlerRegistry
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.observability.logs import step_log
-from duplex.observability.metrics import WorkerMetrics
 from duplex.observability.tracing import StepTracer
 from duplex.worker.supervision import Supervisor
 
@@ -49,7 +48,7 @@ class Dispatcher(SupervisedActor):
         clock: Callable[[], datetime] = utcnow,
         prefetch: int = 0,
         supervisor: Supervisor | None = None,
-        metrics: WorkerMetrics | None = None,
+        pool: HandlerPool | None = None,
         tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
@@ -58,9 +57,8 @@ class Dispatcher(SupervisedActor):
         self._completion = completion
         self._registry = registry
         self._timer = timer
-        self._pool = HandlerPool(size)
-        if metrics is not None:
-            metrics.pool = self._pool  # read in place at scrape time
+        # Given by the worker, which reads it in place for its figures (no message).
+        self._pool = pool if pool is not None else HandlerPool(size)
         self._default_timeout_s = default_timeout_s
         self._max_result_bytes = max_result_bytes
         self._clock = clock

@@ -13,7 +13,7 @@ from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.relay import RelayActorProxy
 from duplex.actors.supervised import SupervisedActor, tell
 from duplex.messages import DomainEvent
-from duplex.observability.metrics import WorkerMetrics
+from duplex.observability.counters import EventCounts
 from duplex.subscriptions import SubscriberRegistry
 from duplex.worker.supervision import Supervisor
 
@@ -34,7 +34,7 @@ class DomainEventPublisher(SupervisedActor):
         *,
         buffer_size: int,
         supervisor: Supervisor | None = None,
-        metrics: WorkerMetrics | None = None,
+        counts: EventCounts | None = None,
         relay: RelayActorProxy | None = None,
     ) -> None:
         super().__init__(supervisor)
@@ -44,10 +44,9 @@ class DomainEventPublisher(SupervisedActor):
         self._thread = threading.Thread(
             target=self._deliver_forever, name="duplex-event-delivery", daemon=True
         )
-        self._counts = {"published": 0, "delivered": 0, "dropped": 0, "subscriber_errors": 0}
-        self._lock = threading.Lock()
-        if metrics is not None:
-            metrics.event_counts = self.stats  # thread-safe: it takes this actor's lock
+        # Given by the worker, which reads it for its figures (no message); thread-safe.
+        self._counts = counts if counts is not None else EventCounts()
+        self._counts.watch_queue(self._queue.qsize)
 
     def on_start(self) -> None:
         self._thread.start()
@@ -87,8 +86,7 @@ class DomainEventPublisher(SupervisedActor):
         return not self._thread.is_alive()
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return {**self._counts, "queued": self._queue.qsize()}
+        return dict(self._counts.snapshot())
 
     def _deliver_forever(self) -> None:
         while True:
@@ -105,8 +103,7 @@ class DomainEventPublisher(SupervisedActor):
             self._count("delivered")
 
     def _count(self, key: str) -> None:
-        with self._lock:
-            self._counts[key] += 1
+        self._counts.add(key)
 
 
 class DomainEventPublisherProxy(TypedProxy[DomainEventPublisher]):

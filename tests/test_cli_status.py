@@ -1,5 +1,5 @@
 """``duplex status`` judges which workers are alive by the liveness rule, the same for its
-table and its ``--json`` (``duplex.cli.tasks``, ``duplex.storage.liveness``)."""
+table and its ``--json`` (``duplex.cli.tasks``, ``duplex.storage.workers``)."""
 
 from __future__ import annotations
 

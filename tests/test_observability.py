@@ -16,26 +16,29 @@ from loguru import logger
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from duplex.commit.buffer import CommitBuffer
+from duplex.dispatch.pool import HandlerPool
 from duplex.errors import ConfigurationError
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
+from duplex.observability.counters import EventCounts, Histogram, StepMetrics
 from duplex.observability.http import HttpServer, make_app
 from duplex.observability.logs import _json_format, step_log
-from duplex.observability.metrics import (
-    DuplexCollector,
-    Histogram,
-    QueueFigures,
-    QueueProbe,
-    StepMetrics,
-    WorkerMetrics,
-)
-from duplex.observability.saturation import Sample, SaturationMonitor
+from duplex.observability.metrics import CommitFigures, DuplexCollector, WorkerMetrics
+from duplex.observability.queue import QueueFigures, QueueProbe
+from duplex.observability.saturation import Sample, SaturationMonitor, sample_of
 from duplex.storage.db import Database
-from duplex.storage.liveness import judge
 from duplex.storage.queries import ready_queue
 from duplex.storage.results import CommitReport
 from duplex.storage.submission import create_task
+from duplex.storage.workers import judge
 from duplex.templates import parse_template
-from duplex.worker.health import HealthSnapshot, details, readiness
+from duplex.worker.health import (
+    HealthSnapshot,
+    database_error,
+    details,
+    gather,
+    readiness,
+)
 
 T0 = datetime(2026, 12, 2, 6, 0, tzinfo=UTC)
 
@@ -119,10 +122,10 @@ def test_recovered_attempts_are_counted_as_recovered_not_as_a_batch() -> None:
 
 
 def test_collector_output_parses_with_prefix_and_labels() -> None:
-    metrics = WorkerMetrics("w1", hostname="host-a")
+    queue = QueueProbe(lambda: QueueFigures({"ns": 4}, {"ns": 2.5}), refresh_s=0)
+    metrics = WorkerMetrics("w1", hostname="host-a", queue=queue)
     metrics.claimed.inc(("ns",), 3)
     metrics.steps.committed(CommitReport(applied=[outcome(step("a"))]), T0 + timedelta(seconds=1))
-    metrics.queue = QueueProbe(lambda: QueueFigures({"ns": 4}, {"ns": 2.5}), refresh_s=0)
     registry = CollectorRegistry()
     registry.register(DuplexCollector(metrics))
     from prometheus_client import generate_latest
@@ -164,7 +167,144 @@ def test_queue_probe_reads_at_most_once_per_interval_and_survives_errors() -> No
     assert len(reads) == 2
 
 
+def attached_metrics(*, queue: QueueProbe | None = None) -> WorkerMetrics:
+    """A view with a pool of 3 (one running, one abandoned thread, one claim waiting), a
+    buffer holding one result, and events counted."""
+    metrics = WorkerMetrics("w1", hostname="host-a", queue=queue)
+    pool = HandlerPool(3)
+    for _ in range(3):
+        pool.new_worker_id()
+    pool.enqueue([step("a"), step("b")])
+    (run,) = pool.assign(30.0)[:1]
+    pool.time_out(run.worker_id, run.step.step_uuid, run.step.attempt)
+    pool.enqueue([step("c")])
+    buffer = CommitBuffer(10)
+    buffer.add(outcome(step("d")))
+    events = EventCounts()
+    events.add("published")
+    events.add("dropped")
+    events.watch_queue(lambda: 4)
+    metrics.attach(pool=pool, buffer=buffer, events=events)
+    return metrics
+
+
+def test_the_view_reads_the_attached_state_and_nothing_before() -> None:
+    metrics = WorkerMetrics("w1")
+    assert (metrics.slots(), metrics.commit(), metrics.event_counts()) == (None, None, None)
+    assert metrics.queue_figures() is None
+    assert metrics.ready_steps() is None
+    assert not metrics.draining()
+    metrics = attached_metrics(
+        queue=QueueProbe(lambda: QueueFigures({"a": 2, "b": 3}, {}), refresh_s=0)
+    )
+    slots = metrics.slots()
+    assert slots is not None
+    assert (slots.total, slots.running, slots.waiting, slots.abandoned_threads) == (3, 1, 1, 1)
+    assert slots.timeouts == 1
+    assert metrics.commit() == CommitFigures(awaiting=1, batch_size=10, failing=False)
+    assert metrics.event_counts() == {
+        "published": 1,
+        "delivered": 0,
+        "dropped": 1,
+        "subscriber_errors": 0,
+        "queued": 4,
+    }
+    assert metrics.ready_steps() == 5
+
+
+def test_the_scrape_shows_the_attached_state() -> None:
+    from prometheus_client import generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(DuplexCollector(attached_metrics()))
+    families = {
+        f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())
+    }
+
+    def value(name: str) -> float:
+        return float(families[name].samples[0].value)
+
+    assert value("duplex_handler_slots") == 3
+    assert value("duplex_handlers_running") == 1
+    assert value("duplex_abandoned_threads") == 1
+    assert value("duplex_results_awaiting_commit") == 1
+    assert value("duplex_domain_events_dropped") == 1
+    assert value("duplex_domain_events_queued") == 4
+
+
+def test_the_saturation_sample_comes_from_the_view() -> None:
+    assert sample_of(WorkerMetrics("w"), heartbeat_age_s=0.0, heartbeat_interval_s=5.0) is None
+    sample = sample_of(attached_metrics(), heartbeat_age_s=1.5, heartbeat_interval_s=5.0)
+    assert sample == Sample(
+        slots=3,
+        running=1,
+        waiting_for_slot=1,
+        awaiting_commit=1,
+        commit_batch_size=10,
+        commit_failing=False,
+        events_dropped=1,
+        heartbeat_age_s=1.5,
+        heartbeat_interval_s=5.0,
+    )
+
+
 # --- health ----------------------------------------------------------------------------------
+
+
+def test_health_is_gathered_from_the_view() -> None:
+    relay_lag = {"unpublished": 2}
+    metrics = attached_metrics(
+        queue=QueueProbe(lambda: QueueFigures({}, {}, relay_lag), refresh_s=0)
+    )
+
+    def gathered(**changes: Any) -> HealthSnapshot:
+        args: dict[str, Any] = {
+            "phase": "running",
+            "failure": None,
+            "actors": {"Dispatcher": True},
+            "database_error": None,
+            "heartbeat_age_s": 0.5,
+            "heartbeat_interval_s": 5.0,
+            "relay": True,
+        }
+        return gather(metrics, **{**args, **changes})
+
+    snapshot = gathered()
+    assert readiness(snapshot) == []
+    assert snapshot.slots == {
+        "total": 3,
+        "running": 1,
+        "free": 1,
+        "waiting": 1,
+        "abandoned_threads": 1,
+    }
+    assert snapshot.commit == {"results_awaiting_commit": 1, "failing": False}
+    assert details(snapshot)["relay"] == relay_lag
+    assert gathered(relay=False).extra["relay"] is None
+    # A stopped worker lists no actors.
+    assert gathered(phase="stopped").actors == {}
+    before_start = gather(
+        WorkerMetrics("w1"),
+        phase="starting",
+        failure=None,
+        actors={},
+        database_error="unreachable",
+        heartbeat_age_s=None,
+        heartbeat_interval_s=5.0,
+        relay=False,
+    )
+    assert (before_start.slots, before_start.commit) == (None, None)
+    assert readiness(before_start) == ["worker is starting", "database unreachable: unreachable"]
+
+
+def test_the_database_probe_says_why_it_failed(sqlite_db: Database, tmp_path: Any) -> None:
+    from duplex.settings import DatabaseSettings
+
+    assert database_error(sqlite_db) is None
+    missing = Database(DatabaseSettings(url=f"sqlite:///{tmp_path}/nothing-here/x.db"))
+    error = database_error(missing)
+    assert error is not None
+    assert not error.startswith("database error: ")
 
 
 def snapshot(**changes: Any) -> HealthSnapshot:

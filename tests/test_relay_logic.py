@@ -546,16 +546,16 @@ def test_a_failing_relay_actor_stops_the_worker_in_order(
     sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug in the relay (here: in its connect) follows the shared failure policy."""
+    from duplex.events import wiring as relay_wiring
     from duplex.handlers import HandlerRegistry
     from duplex.subscriptions import SubscriberRegistry
-    from duplex.worker import wiring as worker_module
     from duplex.worker.wiring import Worker, WorkerCrashedError
     from tests.conftest import make_settings, wait_until
 
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("injected relay bug")
 
-    monkeypatch.setattr(worker_module, "AmqpPublisher", broken)
+    monkeypatch.setattr(relay_wiring, "AmqpPublisher", broken)
     settings = make_settings(str(sqlite_db.url), relay={"enabled": True})
     worker = Worker(
         settings, sqlite_db, registry=HandlerRegistry(), subscribers=SubscriberRegistry()

@@ -43,14 +43,19 @@ from duplex.storage.models import (
     workflow_step_transitions,
     workflow_steps,
 )
-from duplex.storage.recovery import (
-    PROCESS_STARTED_AT,
-    dead_local_workers,
-    process_exists,
-    recover_lost_claims,
-)
+from duplex.storage.queries import active_workers
+from duplex.storage.recovery import recover_lost_claims
 from duplex.storage.results import CommitReport, commit_outcomes
 from duplex.storage.submission import create_task
+from duplex.storage.workers import (
+    PROCESS_STARTED_AT,
+    dead_local_workers,
+    heartbeat_cutoff,
+    judge,
+    judged_workers,
+    process_exists,
+    process_gone,
+)
 from duplex.templates import parse_template
 from tests import processes
 
@@ -1094,3 +1099,44 @@ def test_count_open_work(db: Database) -> None:
         commit(db, [failed(step, now, "permanent_error", retryable=False)], now)
     assert open_work("default") == 0  # errors and blocked pending steps are not open work
     assert open_work("other") == 2
+
+
+def test_the_liveness_rule_agrees_between_sql_and_the_verdict(db: Database) -> None:
+    """``duplex status`` (SQL) and ``duplex workers`` (verdict per row) apply one rule."""
+    now = utcnow()
+    fresh, stale = now - timedelta(seconds=1), now - timedelta(seconds=31)
+    add_worker(db, "beating", heartbeat_at=fresh)
+    add_worker(db, "silent", heartbeat_at=stale)
+    add_worker(db, "done", heartbeat_at=fresh, stopped_at=fresh)
+    with db.read() as conn:
+        listed = {
+            row["worker_id"]
+            for row in active_workers(conn, heartbeat_since=heartbeat_cutoff(now, 30))
+        }
+        verdicts = {
+            row["worker_id"]: verdict.state
+            for row, verdict in judged_workers(conn, claim_timeout_s=30, now=now)
+        }
+    assert listed == {"beating"}
+    assert verdicts == {"beating": "alive", "silent": "presumed dead", "done": "stopped"}
+
+
+def test_a_process_is_gone_by_one_same_host_rule() -> None:
+    earlier = PROCESS_STARTED_AT - timedelta(seconds=5)
+    assert not process_gone(None, earlier)
+    assert process_gone(4242, earlier, alive=lambda pid: False)
+    assert not process_gone(4242, earlier, alive=lambda pid: True)
+    # This process's pid: gone only for a row of an earlier process with the same pid.
+    assert process_gone(os.getpid(), earlier)
+    assert not process_gone(os.getpid(), PROCESS_STARTED_AT + timedelta(seconds=1))
+    verdict = judge(
+        hostname="here",
+        pid=os.getpid(),
+        heartbeat_at=utcnow(),
+        stopped_at=None,
+        now=utcnow(),
+        claim_timeout_s=30,
+        this_host="here",
+        started_at=earlier,
+    )
+    assert (verdict.state, verdict.why) == ("presumed dead", f"process {os.getpid()} is gone")

@@ -18,8 +18,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from duplex.storage.liveness import Liveness
 from duplex.storage.queries import StepSummary, TaskSummary
+from duplex.storage.workers import Liveness
 
 # Piped output: wide enough never to fold a line (tables take only the width they need).
 _PIPE_WIDTH = 1000

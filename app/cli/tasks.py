@@ -2,7 +2,7 @@
 (``--watch`` in ``duplex.cli.watch``), the operator commands ``cancel``, ``retry`` and
 ``resolve``, and ``workers``.
 
-Which workers are alive is the liveness rule's answer (``duplex.storage.liveness``), the same
+Which workers are alive is the liveness rule's answer (``duplex.storage.workers``), the same
 for ``status``, ``status --json`` and ``workers``.
 """
 
@@ -25,7 +25,6 @@ from duplex.client import Client
 from duplex.clock import utcnow
 from duplex.errors import InputError
 from duplex.settings import Settings
-from duplex.storage.liveness import Liveness, judged_workers
 from duplex.storage.operations import (
     OperatorReport,
     cancel_task,
@@ -35,6 +34,7 @@ from duplex.storage.operations import (
 )
 from duplex.storage.outbox import event_lag
 from duplex.storage.queries import count_tasks, get_task, list_tasks, task_steps
+from duplex.storage.workers import Liveness, judged_workers
 from duplex.templates import load_template
 
 

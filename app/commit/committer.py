@@ -33,8 +33,9 @@ from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
 from duplex.storage.claims import release_claims
 from duplex.storage.db import Database
-from duplex.storage.recovery import dead_local_workers, has_lost_claims, recover_lost_claims
+from duplex.storage.recovery import has_lost_claims, recover_lost_claims
 from duplex.storage.results import CommitReport, commit_outcomes
+from duplex.storage.workers import dead_local_workers
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ from duplex.storage.dashboard_list import (
     status_counts,
     task_page,
 )
-from duplex.storage.liveness import judged_workers
 from duplex.storage.queries import parse_uuid, transitions_of_task
+from duplex.storage.workers import judged_workers
 
 # ------------------------------------------------------------------------------------------
 # The task list

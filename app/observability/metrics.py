@@ -1,12 +1,12 @@
-"""Metrics: plain values the actors keep, turned into Prometheus metrics at scrape time.
+"""Metrics: one read-only view of a worker's figures, and its Prometheus bridge.
 
-The actors never touch ``prometheus_client``: its counters take a lock on every ``inc``, and
-the hot path must gain no lock and no message. Instead every value here has exactly one
-writing thread (the actor that owns it); the scrape thread only reads. Under CPython's GIL,
-reading an int or copying a dict or a list is atomic, so a scrape sees every value as it was
-at some instant; two figures of one scrape may be a step apart (a histogram's count and sum),
-which Prometheus tolerates. Gauges that an actor already keeps (the handler pool, the commit
-buffer) are read straight from its plain state objects, at no cost to the actor.
+``WorkerMetrics`` is what every observer reads: the ``/metrics`` scrape, ``/health``, the
+saturation warnings, the heartbeat and the run progress. The actors never touch
+``prometheus_client`` (its counters take a lock on every ``inc``; the hot path must gain no
+lock and no message): they increment plain counters (``duplex.observability.counters``), and
+the state they already keep (the handler pool, the commit buffer, the event counts) is created
+by the worker, handed to its actor and attached here, to be read in place at no cost to the
+actor. Readers never write.
 
 ``DuplexCollector`` is the bridge: a custom collector registered in the worker's own
 ``CollectorRegistry`` (not the global one, so two embedded workers never collide).
@@ -15,15 +15,12 @@ buffer) are read straight from its plain state objects, at no cost to the actor.
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from loguru import logger
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -33,229 +30,120 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from duplex.errors import (
-    HANDLER_TIMEOUT,
-    HANDLER_WORKER_FAILED,
-    SHUTDOWN_TIMEOUT,
-    WORKER_LOST,
-)
+from duplex.observability.counters import Counter, EventCounts, Histograms, Key, StepMetrics
+from duplex.observability.queue import QueueFigures, QueueProbe
 from duplex.version import duplex_version
 
 if TYPE_CHECKING:
     from duplex.commit.buffer import CommitBuffer
     from duplex.dispatch.pool import HandlerPool
-    from duplex.storage.results import CommitReport
-
-Key = tuple[str, ...]
-
-# Seconds: from a millisecond no-op to handlers of several minutes.
-DURATION_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-)
-BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-
-# Outcomes Duplex writes itself rather than a handler: their timestamps are not a handler's
-# run, so they stay out of the duration and latency histograms (they are still counted).
-_SYNTHETIC = frozenset({HANDLER_TIMEOUT, SHUTDOWN_TIMEOUT, WORKER_LOST, HANDLER_WORKER_FAILED})
-
-
-class Counter:
-    """Counts per label values; one writing thread."""
-
-    __slots__ = ("values",)
-
-    def __init__(self) -> None:
-        self.values: dict[Key, float] = {}
-
-    def inc(self, key: Key, amount: float = 1) -> None:
-        values = self.values
-        values[key] = values.get(key, 0) + amount
-
-    def snapshot(self) -> dict[Key, float]:
-        return self.values.copy()
-
-    def total(self) -> float:
-        return sum(self.snapshot().values())
-
-
-class Histogram:
-    """Bucket counts and a sum; one writing thread. ``counts[i]`` holds values <= bounds[i]
-    (and above bounds[i-1]); the last slot holds the values above every bound."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
-        """Return Prometheus buckets (``le``, cumulative count) and the sum."""
-        counts, total = list(self.counts), self.total
-        buckets: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip(self.bounds, counts, strict=False):
-            running += count
-            buckets.append((_float_label(bound), running))
-        buckets.append(("+Inf", running + counts[-1]))
-        return buckets, total
-
-
-class Histograms:
-    """A histogram per label values, created on first use; one writing thread."""
-
-    __slots__ = ("bounds", "by_key")
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.by_key: dict[Key, Histogram] = {}
-
-    def observe(self, key: Key, value: float) -> None:
-        histogram = self.by_key.get(key)
-        if histogram is None:
-            histogram = self.by_key[key] = Histogram(self.bounds)
-        histogram.observe(value)
-
-    def snapshot(self) -> list[tuple[Key, Histogram]]:
-        return list(self.by_key.items())
-
-
-@dataclass
-class StepMetrics:
-    """What the CompletionProcessor learns from each committed batch (its thread only)."""
-
-    succeeded: Counter = field(default_factory=Counter)  # namespace, handler
-    failed: Counter = field(default_factory=Counter)  # namespace, handler, error_type
-    retries: Counter = field(default_factory=Counter)  # namespace, handler
-    recovered: Counter = field(default_factory=Counter)  # namespace
-    rejected: Counter = field(default_factory=Counter)  # namespace
-    handler_seconds: Histograms = field(default_factory=lambda: Histograms(DURATION_BUCKETS))
-    claim_to_start: Histograms = field(default_factory=lambda: Histograms(DURATION_BUCKETS))
-    submit_to_start: Histograms = field(default_factory=lambda: Histograms(DURATION_BUCKETS))
-    end_to_commit: Histograms = field(default_factory=lambda: Histograms(DURATION_BUCKETS))
-    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
-    commit_failures: int = 0
-    commit_retries: int = 0
-
-    def committed(self, report: CommitReport, now: datetime, *, recovery: bool = False) -> None:
-        """Count a committed batch (``recovery``: lost workers' attempts, not our own)."""
-        if not recovery:
-            self.batch_size.observe(len(report.applied) + len(report.rejected))
-        for outcome in report.applied:
-            step = outcome.step
-            namespace, handler = step.namespace, step.handler
-            failure = outcome.failure
-            if failure is None:
-                self.succeeded.inc((namespace, handler))
-            else:
-                self.failed.inc((namespace, handler, failure.error_type))
-                if recovery:
-                    self.recovered.inc((namespace,))
-                if failure.error_type in _SYNTHETIC:
-                    continue
-            started = outcome.started_at
-            self.handler_seconds.observe(
-                (namespace, handler), (outcome.finished_at - started).total_seconds()
-            )
-            self.end_to_commit.observe((namespace,), (now - outcome.finished_at).total_seconds())
-            if step.claimed_at is not None:
-                self.claim_to_start.observe(
-                    (namespace,), max(0.0, (started - step.claimed_at).total_seconds())
-                )
-            if step.submitted_at is not None:
-                self.submit_to_start.observe(
-                    (namespace,), max(0.0, (started - step.submitted_at).total_seconds())
-                )
-        for outcome in report.retrying:
-            self.retries.inc((outcome.step.namespace, outcome.step.handler))
-        for outcome in report.rejected:
-            self.rejected.inc((outcome.step.namespace,))
 
 
 @dataclass(frozen=True)
-class QueueFigures:
-    """Ready steps per namespace and how long the oldest has been ready (seconds)."""
+class SlotFigures:
+    """The handler pool at one instant."""
 
-    ready: dict[str, int]
-    oldest_age_s: dict[str, float]
-    # The relay's lag (``EventLag.as_json``), when this worker runs a relay.
-    relay: dict[str, Any] | None = None
+    total: int
+    running: int
+    free: int
+    waiting: int  # claimed steps waiting for a slot
+    abandoned_threads: int  # handler threads still stuck after their attempt timed out
+    timeouts: int  # since start
 
 
-class QueueProbe:
-    """The queue figures, read from SQL at most once per ``refresh_s`` and cached.
+@dataclass(frozen=True)
+class CommitFigures:
+    """The commit buffer at one instant."""
 
-    Several scrapes (Prometheus, a person with curl, /health) share one query.
+    awaiting: int  # results (and releases) held for a commit
+    batch_size: int
+    failing: bool
+
+
+class WorkerMetrics:
+    """Everything a worker measures, as one read-only view.
+
+    ``claimed`` (the StepExecutor's) and ``steps`` (the CompletionProcessor's) are counters
+    their actor increments. The handler pool, the commit buffer and the event counts are the
+    actors' plain state, attached by the worker when it starts them; until then (and in a
+    view nobody attached) their figures are None.
     """
 
     def __init__(
         self,
-        read: Callable[[], QueueFigures],
-        refresh_s: float,
-        clock: Callable[[], float] = time.monotonic,
+        worker_id: str,
+        *,
+        hostname: str | None = None,
+        queue: QueueProbe | None = None,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
-        self._read = read
-        self._refresh_s = refresh_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._cached: QueueFigures | None = None
-        self._read_at = float("-inf")
-        self.errors = 0
-
-    def figures(self) -> QueueFigures | None:
-        """Return the cached figures, refreshed when older than ``refresh_s``; None if the
-        database could not be read (and nothing was read before)."""
-        with self._lock:
-            now = self._clock()
-            if self._cached is None or now - self._read_at >= self._refresh_s:
-                try:
-                    self._cached = self._read()
-                except Exception as exc:  # a scrape must answer, database or not
-                    self.errors += 1
-                    logger.debug("queue figures not refreshed: {}", exc)
-                # A failure also waits for the next interval: a dead database is not hammered.
-                self._read_at = now
-            return self._cached
-
-
-class WorkerMetrics:
-    """Everything a worker measures. The actors write their parts; the collector reads."""
-
-    def __init__(self, worker_id: str, *, hostname: str | None = None) -> None:
         self.worker_id = worker_id
         self.hostname = hostname or socket.gethostname()
         self.version = duplex_version()
         self.started_monotonic = time.monotonic()
         self.claimed = Counter()  # namespace; written by the StepExecutor
         self.steps = StepMetrics()  # written by the CompletionProcessor
-        # Plain state objects of the actors, read in place (see the module docstring).
-        self.pool: HandlerPool | None = None
-        self.buffer: CommitBuffer | None = None
-        self.event_counts: Callable[[], dict[str, int]] | None = None
-        self.queue: QueueProbe | None = None
-        self.draining: Callable[[], bool] = lambda: False
+        self.queue = queue
+        self._draining = draining
+        self._pool: HandlerPool | None = None
+        self._buffer: CommitBuffer | None = None
+        self._events: EventCounts | None = None
+
+    def attach(self, *, pool: HandlerPool, buffer: CommitBuffer, events: EventCounts) -> None:
+        """Read these from now on: the state the worker handed to its actors."""
+        self._pool, self._buffer, self._events = pool, buffer, events
+
+    @property
+    def pool(self) -> HandlerPool | None:
+        """The handler pool itself, for readers of what ``slots`` leaves out."""
+        return self._pool
 
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_monotonic
+
+    def draining(self) -> bool:
+        return self._draining()
+
+    def slots(self) -> SlotFigures | None:
+        pool = self._pool
+        if pool is None:
+            return None
+        return SlotFigures(
+            total=pool.size,
+            running=len(pool.running),
+            free=len(pool.idle),
+            waiting=len(pool.waiting),
+            abandoned_threads=len(pool.abandoned),
+            timeouts=pool.timeouts,
+        )
+
+    def commit(self) -> CommitFigures | None:
+        buffer = self._buffer
+        if buffer is None:
+            return None
+        return CommitFigures(buffer.held, buffer.batch_size, buffer.failing)
+
+    def event_counts(self) -> dict[str, int] | None:
+        return None if self._events is None else self._events.snapshot()
+
+    def queue_figures(self) -> QueueFigures | None:
+        """The queue figures (cached; see ``QueueProbe``), or None when unknown."""
+        return None if self.queue is None else self.queue.figures()
+
+    def ready_steps(self) -> int | None:
+        figures = self.queue_figures()
+        return None if figures is None else sum(figures.ready.values())
+
+
+def worker_registry(metrics: WorkerMetrics) -> CollectorRegistry:
+    """A registry of the worker's own, so that two workers embedded in one process never
+    collide: its ``duplex_*`` metrics and the process's."""
+    registry = CollectorRegistry()
+    registry.register(DuplexCollector(metrics))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
 class DuplexCollector(Collector):
@@ -364,43 +252,44 @@ class DuplexCollector(Collector):
         yield from self._queue_metrics()
 
     def _pool_metrics(self) -> Iterator[Metric]:
-        pool = self._m.pool
-        if pool is None:
+        slots = self._m.slots()
+        if slots is None:
             return
-        running, idle = len(pool.running), len(pool.idle)
-        yield _gauge("duplex_handler_slots", "Handler slots (max_concurrent_handlers).", pool.size)
-        yield _gauge("duplex_handlers_running", "Handlers running now.", running)
-        yield _gauge("duplex_handler_slots_free", "Handler slots free now.", idle)
         yield _gauge(
-            "duplex_claims_waiting_for_slot", "Claimed steps waiting for a slot.", len(pool.waiting)
+            "duplex_handler_slots", "Handler slots (max_concurrent_handlers).", slots.total
+        )
+        yield _gauge("duplex_handlers_running", "Handlers running now.", slots.running)
+        yield _gauge("duplex_handler_slots_free", "Handler slots free now.", slots.free)
+        yield _gauge(
+            "duplex_claims_waiting_for_slot", "Claimed steps waiting for a slot.", slots.waiting
         )
         yield _gauge(
             "duplex_abandoned_threads",
             "Handler threads still stuck after their attempt timed out.",
-            len(pool.abandoned),
+            slots.abandoned_threads,
         )
         yield _counter(
             "duplex_handler_timeouts",
             "Attempts timed out (each abandons a thread until its handler returns).",
             [],
-            {(): pool.timeouts},
+            {(): slots.timeouts},
         )
 
     def _buffer_metrics(self) -> Iterator[Metric]:
-        buffer = self._m.buffer
-        if buffer is None:
+        commit = self._m.commit()
+        if commit is None:
             return
         yield _gauge(
             "duplex_results_awaiting_commit",
             "Results (and releases) held for a commit.",
-            buffer.held,
+            commit.awaiting,
         )
         yield _gauge(
-            "duplex_commit_failing", "1 while commits fail and are retried.", float(buffer.failing)
+            "duplex_commit_failing", "1 while commits fail and are retried.", float(commit.failing)
         )
 
     def _event_metrics(self) -> Iterator[Metric]:
-        counts = self._m.event_counts() if self._m.event_counts is not None else None
+        counts = self._m.event_counts()
         if counts is None:
             return
         for name, key, text in (
@@ -422,8 +311,7 @@ class DuplexCollector(Collector):
         )
 
     def _queue_metrics(self) -> Iterator[Metric]:
-        probe = self._m.queue
-        figures = probe.figures() if probe is not None else None
+        figures = self._m.queue_figures()
         if figures is None:
             return
         ready = GaugeMetricFamily(
@@ -466,10 +354,6 @@ def _relay_metrics(lag: dict[str, Any]) -> Iterator[Metric]:
         "Events the broker confirmed, per second over the last minute.",
         lag["published_per_s"],
     )
-
-
-def _float_label(bound: float) -> str:
-    return repr(float(bound))
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -1,7 +1,7 @@
 """Saturation warnings: one log line per condition per interval, carrying the figures.
 
-Plain code, no threads: the worker's watchdog feeds a ``Sample`` every tick (plain values
-read from the actors' state, no message) and asks for the interval's warnings when it ends.
+Plain code, no threads: the worker's watchdog feeds a ``Sample`` every tick (``sample_of``
+the worker's figures, no message) and asks for the interval's warnings when it ends.
 Conditions, each judged over the whole interval:
 
 * every handler slot stayed busy while work was waiting (claimed, or ready in SQL);
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from duplex.observability.metrics import WorkerMetrics
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,27 @@ class Sample:
     events_dropped: int  # since start
     heartbeat_age_s: float
     heartbeat_interval_s: float
+
+
+def sample_of(
+    metrics: WorkerMetrics, *, heartbeat_age_s: float, heartbeat_interval_s: float
+) -> Sample | None:
+    """The load as the worker's figures show it now; None before its actors started."""
+    slots, commit = metrics.slots(), metrics.commit()
+    if slots is None or commit is None:
+        return None
+    counts = metrics.event_counts()
+    return Sample(
+        slots=slots.total,
+        running=slots.running,
+        waiting_for_slot=slots.waiting,
+        awaiting_commit=commit.awaiting,
+        commit_batch_size=commit.batch_size,
+        commit_failing=commit.failing,
+        events_dropped=counts["dropped"] if counts is not None else 0,
+        heartbeat_age_s=heartbeat_age_s,
+        heartbeat_interval_s=heartbeat_interval_s,
+    )
 
 
 class SaturationMonitor:

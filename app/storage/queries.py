@@ -21,6 +21,7 @@ from duplex.storage.models import (
     workflow_step_transitions,
     workflow_steps,
 )
+from duplex.storage.workers import alive_in_sql
 
 execution_status = table(
     "task_execution_status",
@@ -203,11 +204,12 @@ def transitions_of_task(conn: Connection, task_uuid: str) -> list[TransitionRow]
 
 
 def active_workers(conn: Connection, *, heartbeat_since: datetime) -> list[dict[str, Any]]:
-    """Return workers that have not stopped and beat since then, with their last counters."""
+    """Return the workers alive by the SQL half of the liveness rule, with their last counters.
+
+    ``heartbeat_since`` is the rule's cutoff (``duplex.storage.workers.heartbeat_cutoff``).
+    """
     rows = conn.execute(
-        select(workers)
-        .where(workers.c.stopped_at.is_(None), workers.c.heartbeat_at >= heartbeat_since)
-        .order_by(workers.c.started_at)
+        select(workers).where(alive_in_sql(heartbeat_since)).order_by(workers.c.started_at)
     )
     return [_jsonable(dict(row._mapping)) for row in rows]
 
@@ -218,14 +220,6 @@ def task_trace_context(conn: Connection, task_uuid: str) -> dict[str, str] | Non
         select(tasks.c.trace_context).where(tasks.c.task_uuid == task_uuid)
     ).scalar_one_or_none()
     return value if isinstance(value, dict) else None
-
-
-def all_workers(conn: Connection, *, limit: int = 100) -> list[dict[str, Any]]:
-    """Return the workers recorded in SQL, most recent heartbeat first, with their stats."""
-    rows = conn.execute(
-        select(workers).order_by(workers.c.heartbeat_at.desc(), workers.c.worker_id).limit(limit)
-    )
-    return [dict(row._mapping) for row in rows]
 
 
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:

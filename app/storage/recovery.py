@@ -1,9 +1,9 @@
 """Recovering the running attempts of workers that died (DESIGN.md guarantee 9).
 
-A worker is presumed dead when its heartbeat is older than ``event_system.claim_timeout_s``,
-when it recorded its stop, or when it has no ``workers`` row at all. On the same host there is
-a faster sign: its process no longer exists, so a restart after a crash resumes at once.
-A worker never recovers its own claims.
+A worker is presumed dead by the liveness rule (``duplex.storage.workers``), or when it has no
+``workers`` row at all. On the same host there is a faster sign: its process no longer exists
+(``dead_local_workers``), so a restart after a crash resumes at once. A worker never recovers
+its own claims.
 
 Recovery runs every second on every worker, so it reads first (``has_lost_claims``) and opens
 a write transaction only when there is something to recover.
@@ -15,11 +15,9 @@ at once, or a late result races the recovery, the attempt is settled exactly onc
 
 from __future__ import annotations
 
-import os
 import random
-from collections.abc import Callable, Collection
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from collections.abc import Collection
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Select, bindparam, exists, not_, or_, select
@@ -31,65 +29,9 @@ from duplex.states import IN_PROGRESS
 from duplex.storage.claims import STEP_COLUMNS, claimed_step
 from duplex.storage.models import workers, workflow_steps
 from duplex.storage.results import CommitReport, commit_outcomes
+from duplex.storage.workers import alive_in_sql
 
 ws = workflow_steps
-
-
-def process_exists(pid: int) -> bool:
-    """Return whether a process ``pid`` runs on this host (a zombie counts as gone)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    try:
-        # /proc/<pid>/stat: "pid (comm) state ..."; a killed, unreaped child is a zombie.
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-# When this process started using Duplex. A worker row with this process's own pid but an
-# earlier start belongs to an earlier process that had the same pid (a container's PID 1
-# restarted on the same host): it is dead, though the pid is alive.
-PROCESS_STARTED_AT = datetime.now(UTC)
-
-
-def dead_local_workers(
-    conn: Connection,
-    *,
-    hostname: str,
-    me: str,
-    heartbeat_cutoff: datetime,
-    alive: Callable[[int], bool] = process_exists,
-) -> list[str]:
-    """Return the ids of this host's workers that look alive in SQL but whose process is gone.
-
-    Workers whose heartbeat already expired are dead by the SQL rule and not listed.
-    """
-    rows = conn.execute(
-        select(workers.c.worker_id, workers.c.pid, workers.c.started_at).where(
-            workers.c.hostname == hostname,
-            workers.c.worker_id != me,
-            workers.c.stopped_at.is_(None),
-            workers.c.heartbeat_at >= heartbeat_cutoff,
-        )
-    )
-    own_pid = os.getpid()
-    dead = []
-    for worker_id, pid, started_at in rows:
-        if pid is None:
-            continue
-        if pid == own_pid:
-            if started_at < PROCESS_STARTED_AT:
-                dead.append(worker_id)
-        elif not alive(pid):
-            dead.append(worker_id)
-    return sorted(dead)
 
 
 def _lost_claims(
@@ -99,11 +41,8 @@ def _lost_claims(
 
     The statement takes the ``dead`` parameter: workers known dead besides the SQL rule.
     """
-    cutoff = now - heartbeat_timeout
     alive = exists().where(
-        workers.c.worker_id == ws.c.claimed_by,
-        workers.c.heartbeat_at >= cutoff,
-        workers.c.stopped_at.is_(None),
+        workers.c.worker_id == ws.c.claimed_by, alive_in_sql(now - heartbeat_timeout)
     )
     return select(*columns).where(
         ws.c.state == IN_PROGRESS,
@@ -146,7 +85,8 @@ def recover_lost_claims(
     """Fail the running attempts of dead workers as ``worker_lost``; retry them per policy.
 
     Run inside the caller's write transaction. ``dead_workers`` are known dead besides the
-    SQL rule (see ``dead_local_workers``). ``me``'s own claims are never touched.
+    SQL rule (``duplex.storage.workers.dead_local_workers``). ``me``'s own claims are never
+    touched.
     """
     query = (
         _lost_claims(

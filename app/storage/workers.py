@@ -1,13 +1,29 @@
-"""The ``workers`` table: one row per worker process, its heartbeat and its last stats."""
+"""The ``workers`` table: one row per worker process, and the liveness rule that reads it.
+
+Writes: a worker registers, beats (with its last stats) and records its stop.
+
+The liveness rule, the one place it is written: a worker is presumed dead when it recorded
+its stop, when its heartbeat is older than ``event_system.claim_timeout_s``, or, on this host,
+when its process is gone. Set-based readers (recovery, ``duplex status``) use its SQL half
+(``alive_in_sql``); per-row readers (``duplex workers``, the dashboard) get a verdict with a
+reason (``judge``); both share ``process_gone`` for the same-host sign.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, insert, update
+from sqlalchemy import ColumnElement, Connection, and_, insert, select, update
 
 from duplex.storage.models import workers
+
+# --- writes ---------------------------------------------------------------------------------
 
 
 def register_worker(
@@ -47,4 +63,152 @@ def mark_worker_stopped(
         update(workers)
         .where(workers.c.worker_id == worker_id)
         .values(stopped_at=now, heartbeat_at=now, stats=stats)
+    )
+
+
+def probe(conn: Connection) -> None:
+    """Read the database at the least cost; raises when it cannot be read (health checks)."""
+    # A real table, so SQLite reads the file rather than answering from nothing.
+    conn.exec_driver_sql("SELECT count(*) FROM workers WHERE 1 = 0").scalar()
+
+
+# --- the liveness rule ------------------------------------------------------------------------
+
+
+def process_exists(pid: int) -> bool:
+    """Return whether a process ``pid`` runs on this host (a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    try:
+        # /proc/<pid>/stat: "pid (comm) state ..."; a killed, unreaped child is a zombie.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+# When this process started using Duplex. A worker row with this process's own pid but an
+# earlier start belongs to an earlier process that had the same pid (a container's PID 1
+# restarted on the same host): it is dead, though the pid is alive.
+PROCESS_STARTED_AT = datetime.now(UTC)
+
+
+def heartbeat_cutoff(now: datetime, claim_timeout_s: float) -> datetime:
+    """The oldest heartbeat a live worker may have."""
+    return now - timedelta(seconds=claim_timeout_s)
+
+
+def alive_in_sql(cutoff: datetime) -> ColumnElement[bool]:
+    """The rule's SQL half, on ``workers`` rows: not stopped, and beat since ``cutoff``."""
+    return and_(workers.c.stopped_at.is_(None), workers.c.heartbeat_at >= cutoff)
+
+
+def process_gone(
+    pid: int | None,
+    started_at: datetime | None,
+    *,
+    alive: Callable[[int], bool] = process_exists,
+) -> bool:
+    """The rule's same-host half: whether the process of a worker row of this host is gone."""
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return started_at is not None and started_at < PROCESS_STARTED_AT
+    return not alive(pid)
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """What the rule says about one worker, and why."""
+
+    alive: bool
+    state: str  # "alive", "stopped" or "presumed dead"
+    why: str
+
+
+def judge(
+    *,
+    hostname: str,
+    pid: int,
+    heartbeat_at: datetime,
+    stopped_at: datetime | None,
+    now: datetime,
+    claim_timeout_s: float,
+    this_host: str,
+    started_at: datetime | None = None,
+    process_alive: Callable[[int], bool] = process_exists,
+) -> Liveness:
+    """Apply the liveness rule to one ``workers`` row."""
+    if stopped_at is not None:
+        return Liveness(False, "stopped", "recorded its stop")
+    if heartbeat_at < heartbeat_cutoff(now, claim_timeout_s):
+        age = (now - heartbeat_at).total_seconds()
+        return Liveness(
+            False, "presumed dead", f"no heartbeat for {age:.0f}s (timeout {claim_timeout_s:g}s)"
+        )
+    if hostname == this_host and process_gone(pid, started_at, alive=process_alive):
+        return Liveness(False, "presumed dead", f"process {pid} is gone")
+    return Liveness(True, "alive", "heart-beating")
+
+
+def all_workers(conn: Connection, *, limit: int = 100) -> list[dict[str, Any]]:
+    """Return the workers recorded in SQL, most recent heartbeat first, with their stats."""
+    rows = conn.execute(
+        select(workers).order_by(workers.c.heartbeat_at.desc(), workers.c.worker_id).limit(limit)
+    )
+    return [dict(row._mapping) for row in rows]
+
+
+def judged_workers(
+    conn: Connection, *, claim_timeout_s: float, now: datetime, limit: int = 100
+) -> list[tuple[dict[str, Any], Liveness]]:
+    """The workers recorded in SQL, most recent heartbeat first, each with the rule's verdict."""
+    this_host = socket.gethostname()
+    return [
+        (
+            row,
+            judge(
+                hostname=row["hostname"],
+                pid=row["pid"],
+                heartbeat_at=row["heartbeat_at"],
+                stopped_at=row["stopped_at"],
+                now=now,
+                claim_timeout_s=claim_timeout_s,
+                this_host=this_host,
+                started_at=row["started_at"],
+            ),
+        )
+        for row in all_workers(conn, limit=limit)
+    ]
+
+
+def dead_local_workers(
+    conn: Connection,
+    *,
+    hostname: str,
+    me: str,
+    heartbeat_cutoff: datetime,
+    alive: Callable[[int], bool] = process_exists,
+) -> list[str]:
+    """Return the ids of this host's workers that look alive in SQL but whose process is gone.
+
+    Workers whose heartbeat already expired are dead by the SQL rule and not listed.
+    """
+    rows = conn.execute(
+        select(workers.c.worker_id, workers.c.pid, workers.c.started_at).where(
+            workers.c.hostname == hostname,
+            workers.c.worker_id != me,
+            alive_in_sql(heartbeat_cutoff),
+        )
+    )
+    return sorted(
+        worker_id
+        for worker_id, pid, started_at in rows
+        if process_gone(pid, started_at, alive=alive)
     )

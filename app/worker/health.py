@@ -1,14 +1,25 @@
 """Health: whether the worker can take work, and the details behind the answer.
 
-Plain code, no threads: the worker gathers a ``HealthSnapshot`` (actor liveness, a database
-probe, its own phase, the counters its actors keep) and ``readiness`` turns it into reasons
-not to send it work. The HTTP endpoints only serialise what these return.
+Plain code, no threads: ``gather`` makes a ``HealthSnapshot`` of what the worker knows (actor
+liveness, a database probe, its own phase, its figures) and ``readiness`` turns it into
+reasons not to send it work. The HTTP endpoints only serialise what these return. Nothing here
+asks an actor anything: the HTTP threads must answer even when an actor is stuck.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from duplex.clock import utcnow
+from duplex.errors import StorageError
+from duplex.observability.metrics import WorkerMetrics
+from duplex.observability.queue import QueueFigures
+from duplex.storage.db import Database
+from duplex.storage.outbox import event_lag
+from duplex.storage.queries import ready_queue
+from duplex.storage.workers import probe
 
 Phase = Literal["starting", "running", "draining", "stopped"]
 
@@ -30,6 +41,66 @@ class HealthSnapshot:
     heartbeat_age_s: float | None = None
     heartbeat_interval_s: float = 5.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def gather(
+    metrics: WorkerMetrics,
+    *,
+    phase: Phase,
+    failure: str | None,
+    actors: dict[str, bool],
+    database_error: str | None,
+    heartbeat_age_s: float | None,
+    heartbeat_interval_s: float,
+    relay: bool,
+) -> HealthSnapshot:
+    """The snapshot of a worker whose figures are ``metrics`` (``relay``: it runs a relay,
+    whose lag is read from the cached queue figures)."""
+    slots, commit = metrics.slots(), metrics.commit()
+    figures = metrics.queue_figures() if relay else None
+    return HealthSnapshot(
+        worker_id=metrics.worker_id,
+        version=metrics.version,
+        phase=phase,
+        uptime_s=metrics.uptime_s(),
+        actors={} if phase == "stopped" else actors,
+        failure=failure,
+        database_error=database_error,
+        slots=None
+        if slots is None
+        else {
+            "total": slots.total,
+            "running": slots.running,
+            "free": slots.free,
+            "waiting": slots.waiting,
+            "abandoned_threads": slots.abandoned_threads,
+        },
+        commit=None
+        if commit is None
+        else {"results_awaiting_commit": commit.awaiting, "failing": commit.failing},
+        heartbeat_age_s=heartbeat_age_s,
+        heartbeat_interval_s=heartbeat_interval_s,
+        extra={"relay": None if figures is None else figures.relay},
+    )
+
+
+def database_error(db: Database) -> str | None:
+    """Return why the database cannot be read, or None when it answers."""
+    try:
+        with db.read() as conn:
+            probe(conn)
+    except StorageError as exc:
+        return str(exc).removeprefix("database error: ")
+    return None
+
+
+def read_queue(db: Database, namespaces: Sequence[str], *, relay: bool) -> QueueFigures:
+    """Read the queue figures of ``namespaces`` (and the relay's lag, when there is a relay)."""
+    now = utcnow()
+    with db.read() as conn:
+        ready, oldest = ready_queue(conn, namespaces, now=now)
+        lag = event_lag(conn, now=now).as_json(now) if relay else None
+    return QueueFigures(ready, oldest, lag)
 
 
 def readiness(snapshot: HealthSnapshot) -> list[str]:

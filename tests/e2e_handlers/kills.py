@@ -228,19 +228,20 @@ def _break_guard() -> None:
 
 
 def _break_heartbeat() -> None:
-    from duplex.worker.wiring import Worker
+    import pykka
 
-    original = Worker._heartbeat
+    from duplex.actors.handler_worker import HandlerWorker
+    from duplex.worker.watchdog import Heartbeat
 
-    def heartbeat_after_asking(self: Worker) -> None:
-        actors = self.actors
-        if actors is not None:
-            # Each handler actor answers only between two handlers: a busy one holds us up.
-            for ref in actors.dispatcher.live_workers().get(timeout=60):
-                ref.proxy().use_daemon_thread.get(timeout=60)
-        original(self)
+    original = Heartbeat.beat
 
-    _patch(Worker, "_heartbeat", heartbeat_after_asking)
+    def heartbeat_after_asking(self: Heartbeat) -> bool:
+        # Each handler actor answers only between two handlers: a busy one holds us up.
+        for ref in pykka.ActorRegistry.get_by_class(HandlerWorker):
+            ref.proxy().use_daemon_thread.get(timeout=60)
+        return original(self)
+
+    _patch(Heartbeat, "beat", heartbeat_after_asking)
 
 
 def _break_announce() -> None:
