@@ -9,6 +9,8 @@
     │   └── SchemaNotReadyError    the database schema is not at head (run `duplex migrate`)
     ├── StartupError               start-up gave up: the database kept failing for
     │                              ``worker.startup_timeout_s``
+    ├── WorkerCrashedError         an actor failed; the worker stopped in order
+    ├── UncommittedResultsError    the worker stopped with results it could not commit
     ├── BrokerError                the relay's message broker failed; wraps pika's exception
     │   ├── BrokerUnavailableError cannot connect, or the connection or channel was lost:
     │   │                          back off and retry, nothing is counted against the event
@@ -32,8 +34,8 @@ import math
 # A retry can be put off by at most 30 days.
 MAX_RETRY_AFTER_S = 30 * 86400.0
 
-# Stable error types of failed attempts (DESIGN.md section 5): stored in the step's ``error``,
-# counted by the metrics, so never renamed.
+# Stable error types of failed attempts (docs/architecture.md, Error types): stored in the
+# step's ``error``, counted by the metrics, so never renamed.
 HANDLER_ERROR = "handler_error"
 HANDLER_TIMEOUT = "handler_timeout"
 HANDLER_NOT_FOUND = "handler_not_found"
@@ -94,6 +96,14 @@ class SchemaNotReadyError(StorageError):
 
 class StartupError(DuplexError):
     """Start-up gave up: the database kept failing for ``worker.startup_timeout_s``."""
+
+
+class WorkerCrashedError(DuplexError):
+    """One of the worker's actors failed; the worker stopped in order rather than run crippled."""
+
+
+class UncommittedResultsError(DuplexError):
+    """The worker stopped with results it could not commit (the database was unreachable)."""
 
 
 class BrokerError(DuplexError):

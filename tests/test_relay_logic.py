@@ -546,10 +546,11 @@ def test_a_failing_relay_actor_stops_the_worker_in_order(
     sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug in the relay (here: in its connect) follows the shared failure policy."""
+    from duplex.errors import WorkerCrashedError
     from duplex.events import wiring as relay_wiring
     from duplex.handlers import HandlerRegistry
     from duplex.subscriptions import SubscriberRegistry
-    from duplex.worker.wiring import Worker, WorkerCrashedError
+    from duplex.worker.wiring import Worker
     from tests.conftest import make_settings, wait_until
 
     def broken(*_args: object, **_kwargs: object) -> None:

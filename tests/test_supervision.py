@@ -27,7 +27,7 @@ from duplex.actors.handler_worker import HandlerWorker
 from duplex.actors.step_executor import StepExecutor
 from duplex.actors.supervised import SupervisedActor
 from duplex.clock import Timer, utcnow
-from duplex.errors import StorageError
+from duplex.errors import StorageError, WorkerCrashedError
 from duplex.handlers import Cancellation, HandlerRegistry, StepContext
 from duplex.messages import DomainEvent
 from duplex.storage.db import Database
@@ -36,7 +36,7 @@ from duplex.storage.submission import create_task
 from duplex.subscriptions import SubscriberRegistry
 from duplex.templates import TaskTemplate
 from duplex.worker.supervision import Supervisor
-from duplex.worker.wiring import Worker, WorkerCrashedError
+from duplex.worker.wiring import Worker
 from tests.conftest import make_settings, open_work, wait_until
 
 

@@ -24,8 +24,7 @@ from duplex.cli.common import EXIT_INTERRUPTED, open_database, stop_signals_rece
 from duplex.cli.output import check_reader
 from duplex.clock import utcnow
 from duplex.errors import InputError
-from duplex.events.broker import AmqpPublisher
-from duplex.events.relay import Relay
+from duplex.events.wiring import build_relay, listen_for_events
 from duplex.settings import Settings
 from duplex.storage.db import Database
 from duplex.storage.event_operations import (
@@ -35,7 +34,7 @@ from duplex.storage.event_operations import (
     task_events,
     task_exists,
 )
-from duplex.storage.listen import EventListener, SequenceRange
+from duplex.storage.listen import SequenceRange
 from duplex.storage.operations import operator_identity
 from duplex.storage.outbox import OutboxEvent, event_lag
 from duplex.storage.retention import PruneCounts, count_prunable, prune_batch
@@ -115,17 +114,11 @@ def parse_duration(text: str) -> timedelta:
 def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     cfg = settings.relay
     with open_database(settings) as db, stop_signals_received() as stop:
-        relay = Relay(
-            db,
-            cfg,
-            connect=lambda: AmqpPublisher(
-                cfg.url, cfg.exchange, connect_timeout_s=cfg.connect_timeout_s
-            ),
-        )
+        relay = build_relay(db, cfg)
         wake = threading.Event()
-        listener = None
-        if db.dialect == "postgresql":
-            listener = EventListener(db.url, lambda _ranges: wake.set())
+        listen = listen_for_events(db)
+        listener = None if listen is None else listen(lambda _ranges: wake.set())
+        if listener is not None:
             listener.start()
         logger.info(
             "relay started: {} to exchange {!r}, batches of {}",
@@ -207,14 +200,14 @@ def _print_events(db: Database, args: argparse.Namespace) -> int:
         return 0
     wake = threading.Event()
     ranges: list[SequenceRange] = []
-    listener = None
-    if db.dialect == "postgresql":
 
-        def on_events(new: list[SequenceRange]) -> None:
-            ranges.extend(new)
-            wake.set()
+    def on_events(new: list[SequenceRange]) -> None:
+        ranges.extend(new)
+        wake.set()
 
-        listener = EventListener(db.url, on_events)
+    listen = listen_for_events(db)
+    listener = None if listen is None else listen(on_events)
+    if listener is not None:
         listener.start()
     try:
         with stop_signals_received() as stop:

@@ -1,4 +1,4 @@
-"""Recovering the running attempts of workers that died (DESIGN.md guarantee 9).
+"""Recovering the running attempts of workers that died (docs/architecture.md, Guarantee 9).
 
 A worker is presumed dead by the liveness rule (``duplex.storage.workers``), or when it has no
 ``workers`` row at all. On the same host there is a faster sign: its process no longer exists

@@ -1,4 +1,4 @@
-"""The running flow of actors, and the stages that drain it when the worker stops.
+"""The running flow of actors: started in one linear function, drained in stages on stop.
 
 Each stage is a function of the actors' proxies; the worker runs them in order
 (``Worker.stop``). A stage goes on past an actor that died or hangs: ``run_stage`` logs it and
@@ -9,22 +9,39 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import pykka
 from loguru import logger
 
-from duplex.actors.command_processor import CommandProcessorProxy
-from duplex.actors.completion_processor import CompletionProcessorProxy
-from duplex.actors.dispatcher import DispatcherProxy
-from duplex.actors.event_publisher import DomainEventPublisherProxy
-from duplex.actors.event_system import EventSystemProxy
-from duplex.actors.relay import RelayActorProxy
-from duplex.actors.step_executor import StepExecutorProxy
+from duplex.actors.command_processor import CommandProcessor, CommandProcessorProxy
+from duplex.actors.completion_processor import (
+    CommitObserver,
+    CompletionProcessor,
+    CompletionProcessorProxy,
+)
+from duplex.actors.dispatcher import Dispatcher, DispatcherProxy
+from duplex.actors.event_publisher import DomainEventPublisher, DomainEventPublisherProxy
+from duplex.actors.event_system import EventSystem, EventSystemProxy
+from duplex.actors.relay import RelayActor, RelayActorProxy
+from duplex.actors.step_executor import StepExecutor, StepExecutorProxy
+from duplex.clock import Timer
+from duplex.commit.buffer import CommitBuffer
+from duplex.commit.retry import RetryPolicy
+from duplex.dispatch.pool import HandlerPool
 from duplex.errors import StorageError
+from duplex.events.wiring import build_relay, listen_for_events
+from duplex.handlers import HandlerRegistry
 from duplex.messages import Shutdown, Status
+from duplex.observability.counters import EventCounts
+from duplex.observability.metrics import WorkerMetrics
+from duplex.observability.tracing import StepTracer
+from duplex.settings import Settings
+from duplex.storage.db import Database
+from duplex.subscriptions import SubscriberRegistry
+from duplex.worker.listening import intake_signals
 from duplex.worker.supervision import Supervisor
 
 ASK_TIMEOUT_S = 10.0
@@ -41,6 +58,137 @@ class Actors:
     completion: CompletionProcessorProxy
     publisher: DomainEventPublisherProxy
     relay: RelayActorProxy | None = None
+
+
+@dataclass(frozen=True)
+class FlowParts:
+    """What the actors of one worker share: its identity, its registries, its timer and its
+    observers."""
+
+    worker_id: str
+    registry: HandlerRegistry
+    subscribers: SubscriberRegistry
+    observer: CommitObserver | None
+    supervisor: Supervisor
+    timer: Timer
+    metrics: WorkerMetrics
+    tracer: StepTracer | None
+
+
+def start_actors(
+    settings: Settings, db: Database, parts: FlowParts, started: list[pykka.ActorRef[Any]]
+) -> tuple[Actors, list[pykka.ActorRef[Any]]]:
+    """Start the actors downstream first, each given the proxies of the next ones.
+
+    Every actor started is appended to ``started`` at once, so that a start failing half-way
+    can stop them. Returns the proxies and the refs in flow order (intake first).
+    """
+    cfg = settings.worker
+    timer, supervisor = parts.timer, parts.supervisor
+    # The actors' plain state that the observers read in place (no message).
+    pool = HandlerPool(cfg.max_concurrent_handlers)
+    buffer = CommitBuffer(cfg.commit_batch_size, cfg.commit_linger_ms / 1000)
+    event_counts = EventCounts()
+    parts.metrics.attach(pool=pool, buffer=buffer, events=event_counts)
+    relay = None
+    if settings.relay.enabled:
+        relay = RelayActor.start(
+            build_relay(db, settings.relay),
+            timer,
+            listen=listen_for_events(db),
+            supervisor=supervisor,
+        )
+        started.append(relay)
+    relay_proxy = RelayActorProxy.of(relay) if relay is not None else None
+    publisher = DomainEventPublisher.start(
+        parts.subscribers,
+        buffer_size=settings.domain_events.buffer_size,
+        supervisor=supervisor,
+        counts=event_counts,
+        relay=relay_proxy,
+    )
+    started.append(publisher)
+    completion = CompletionProcessor.start(
+        db,
+        publisher.proxy(),
+        timer,
+        policy=RetryPolicy.from_settings(settings.retry),
+        batch_size=cfg.commit_batch_size,
+        linger_s=cfg.commit_linger_ms / 1000,
+        claim_timeout_s=settings.event_system.claim_timeout_s,
+        worker_id=parts.worker_id,
+        observer=parts.observer,
+        supervisor=supervisor,
+        metrics=parts.metrics,
+        buffer=buffer,
+        tracer=parts.tracer,
+    )
+    started.append(completion)
+    dispatcher = Dispatcher.start(
+        completion.proxy(),
+        parts.registry,
+        timer,
+        size=cfg.max_concurrent_handlers,
+        default_timeout_s=cfg.handler_timeout_ms / 1000,
+        max_result_bytes=cfg.max_result_bytes,
+        prefetch=cfg.prefetch,
+        supervisor=supervisor,
+        pool=pool,
+        tracer=parts.tracer,
+    )
+    started.append(dispatcher)
+    executor = StepExecutor.start(
+        db,
+        dispatcher.proxy(),
+        worker_id=parts.worker_id,
+        namespaces=cfg.namespaces,
+        supervisor=supervisor,
+        metrics=parts.metrics,
+    )
+    started.append(executor)
+    commands = CommandProcessor.start(executor.proxy(), dispatcher.proxy(), supervisor)
+    started.append(commands)
+    polling, listen = intake_signals(settings, db)
+    intake = EventSystem.start(
+        commands.proxy(),
+        timer,
+        slots=cfg.max_concurrent_handlers,
+        max_prefetch=cfg.prefetch,
+        polling_interval_s=settings.event_system.polling_interval_ms / 1000,
+        polling=polling,
+        listen=listen,
+        supervisor=supervisor,
+    )
+    started.append(intake)
+    refs: list[pykka.ActorRef[Any]] = [
+        intake,
+        commands,
+        executor,
+        dispatcher,
+        completion,
+        publisher,
+    ]
+    if relay is not None:
+        refs.append(relay)
+    actors = Actors(
+        EventSystemProxy.of(intake),
+        CommandProcessorProxy.of(commands),
+        StepExecutorProxy.of(executor),
+        DispatcherProxy.of(dispatcher),
+        CompletionProcessorProxy.of(completion),
+        DomainEventPublisherProxy.of(publisher),
+        relay_proxy,
+    )
+    return actors, refs
+
+
+def stop_actors(refs: Iterable[pykka.ActorRef[Any]]) -> None:
+    """Stop ``refs`` in that order, waiting for each; one that hangs is logged and passed."""
+    for ref in refs:
+        try:
+            ref.stop(block=True, timeout=ASK_TIMEOUT_S)
+        except pykka.Timeout:
+            logger.error("{} did not stop in time", ref.actor_class.__name__)
 
 
 def run_stage(what: str, action: Callable[[], object]) -> None:

@@ -64,6 +64,15 @@ class Observers:
             self.tracer = StepTracer(self._trace_context, tracer_provider=tracer_provider)
         self.http: HttpServer | None = None
 
+    def identity(self) -> dict[str, Any]:
+        """What ``duplex workers`` shows of this worker on any machine: its id, its version and
+        its slots in total."""
+        return {
+            "worker_id": self.metrics.worker_id,
+            "version": self.metrics.version,
+            "slots": self.settings.worker.max_concurrent_handlers,
+        }
+
     def serve_http(self, snapshot: Callable[[], HealthSnapshot]) -> None:
         """Open the health and metrics port (``observability.http_port``), if configured and
         not open yet; a port that cannot be bound is a ``ConfigurationError``."""

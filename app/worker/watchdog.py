@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +34,11 @@ from duplex.worker.supervision import ActorFailure, Supervisor
 WATCH_TICK_S = 0.05
 # How long a failed actor's own report of why may take after pykka marked it stopped.
 FAILURE_REPORT_GRACE_S = 1.0
+
+
+def new_worker_id() -> str:
+    """Return an id unique across hosts and restarts: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Heartbeat:

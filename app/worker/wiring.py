@@ -1,6 +1,6 @@
 """The long-lived worker: start the actors in one linear function, stop them in reverse.
 
-Flow (DESIGN.md section 1):
+Flow (docs/architecture.md, The flow):
 EventSystem -> CommandProcessor -> StepExecutor -> Dispatcher (dispatch channel) ->
 HandlerWorker -> CompletionProcessor (completion channel) -> DomainEventPublisher ->
 RelayActor (when ``[relay] enabled``).
@@ -12,39 +12,28 @@ made here and handed both to its actor and to the one view of the figures, ``met
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import pykka
 from loguru import logger
 
-from duplex.actors.command_processor import CommandProcessor, CommandProcessorProxy
 from duplex.actors.completion_processor import (
     CommitObserver,
-    CompletionProcessor,
-    CompletionProcessorProxy,
 )
-from duplex.actors.dispatcher import Dispatcher, DispatcherProxy
-from duplex.actors.event_publisher import DomainEventPublisher, DomainEventPublisherProxy
-from duplex.actors.event_system import EventSystem, EventSystemProxy
-from duplex.actors.relay import RelayActor, RelayActorProxy
-from duplex.actors.step_executor import StepExecutor, StepExecutorProxy
 from duplex.actors.supervised import tell
 from duplex.clock import Timer, utcnow
-from duplex.commit.buffer import CommitBuffer
-from duplex.commit.retry import RetryPolicy
-from duplex.dispatch.pool import HandlerPool
-from duplex.errors import DuplexError, StorageError
-from duplex.events.wiring import build_relay, listen_for_events
+from duplex.errors import (
+    DuplexError,
+    StorageError,
+    UncommittedResultsError,
+    WorkerCrashedError,
+)
 from duplex.handlers import HandlerRegistry
 from duplex.handlers import registry as default_registry
 from duplex.messages import JSONDict
-from duplex.observability.counters import EventCounts
 from duplex.observability.http import HttpServer
 from duplex.observability.tracing import current_carrier
 from duplex.settings import Settings
@@ -55,27 +44,13 @@ from duplex.subscriptions import SubscriberRegistry
 from duplex.subscriptions import subscribers as default_subscribers
 from duplex.templates import TaskTemplate
 from duplex.worker import flow
-from duplex.worker.flow import ASK_TIMEOUT_S, Actors, run_stage
+from duplex.worker.flow import ASK_TIMEOUT_S, Actors, FlowParts, run_stage
 from duplex.worker.health import HealthSnapshot, Phase
-from duplex.worker.listening import intake_signals
 from duplex.worker.observers import Observers
 from duplex.worker.supervision import ActorFailure, Supervisor
-from duplex.worker.watchdog import Watchdog, dead_actors, failure_of
+from duplex.worker.watchdog import Watchdog, dead_actors, failure_of, new_worker_id
 
 _STATS_TIMEOUT_S = 1.0
-
-
-class WorkerCrashedError(DuplexError):
-    """One of the worker's actors failed; the worker stopped in order rather than run crippled."""
-
-
-class UncommittedResultsError(DuplexError):
-    """The worker stopped with results it could not commit (the database was unreachable)."""
-
-
-def new_worker_id() -> str:
-    """Return an id unique across hosts and restarts: host, pid and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Worker:
@@ -156,96 +131,24 @@ class Worker:
             raise
 
     def _start_actors(self, started: list[pykka.ActorRef[Any]]) -> Actors:
-        cfg, settings = self.settings.worker, self.settings
-        self.timer = timer = Timer()
-        supervisor = self.supervisor
-        # The actors' plain state that the observers read in place (no message).
-        pool = HandlerPool(cfg.max_concurrent_handlers)
-        buffer = CommitBuffer(cfg.commit_batch_size, cfg.commit_linger_ms / 1000)
-        event_counts = EventCounts()
-        self.metrics.attach(pool=pool, buffer=buffer, events=event_counts)
-        relay = None
-        if settings.relay.enabled:
-            relay = RelayActor.start(
-                build_relay(self.db, settings.relay),
-                timer,
-                listen=listen_for_events(self.db),
-                supervisor=supervisor,
-            )
-            started.append(relay)
-        relay_proxy = RelayActorProxy.of(relay) if relay is not None else None
-        publisher = DomainEventPublisher.start(
-            self.subscribers,
-            buffer_size=settings.domain_events.buffer_size,
-            supervisor=supervisor,
-            counts=event_counts,
-            relay=relay_proxy,
-        )
-        started.append(publisher)
-        completion = CompletionProcessor.start(
+        cfg = self.settings.worker
+        self.timer = Timer()
+        actors, self._refs = flow.start_actors(
+            self.settings,
             self.db,
-            publisher.proxy(),
-            timer,
-            policy=RetryPolicy.from_settings(settings.retry),
-            batch_size=cfg.commit_batch_size,
-            linger_s=cfg.commit_linger_ms / 1000,
-            claim_timeout_s=settings.event_system.claim_timeout_s,
-            worker_id=self.worker_id,
-            observer=self.observer,
-            supervisor=supervisor,
-            metrics=self.metrics,
-            buffer=buffer,
-            tracer=self.tracer,
+            FlowParts(
+                worker_id=self.worker_id,
+                registry=self.registry,
+                subscribers=self.subscribers,
+                observer=self.observer,
+                supervisor=self.supervisor,
+                timer=self.timer,
+                metrics=self.metrics,
+                tracer=self.tracer,
+            ),
+            started,
         )
-        started.append(completion)
-        dispatcher = Dispatcher.start(
-            completion.proxy(),
-            self.registry,
-            timer,
-            size=cfg.max_concurrent_handlers,
-            default_timeout_s=cfg.handler_timeout_ms / 1000,
-            max_result_bytes=cfg.max_result_bytes,
-            prefetch=cfg.prefetch,
-            supervisor=supervisor,
-            pool=pool,
-            tracer=self.tracer,
-        )
-        started.append(dispatcher)
-        executor = StepExecutor.start(
-            self.db,
-            dispatcher.proxy(),
-            worker_id=self.worker_id,
-            namespaces=cfg.namespaces,
-            supervisor=supervisor,
-            metrics=self.metrics,
-        )
-        started.append(executor)
-        commands = CommandProcessor.start(executor.proxy(), dispatcher.proxy(), supervisor)
-        started.append(commands)
-        polling, listen = intake_signals(settings, self.db)
-        intake = EventSystem.start(
-            commands.proxy(),
-            timer,
-            slots=cfg.max_concurrent_handlers,
-            max_prefetch=cfg.prefetch,
-            polling_interval_s=settings.event_system.polling_interval_ms / 1000,
-            polling=polling,
-            listen=listen,
-            supervisor=supervisor,
-        )
-        started.append(intake)
-        self._refs = [intake, commands, executor, dispatcher, completion, publisher]
-        if relay is not None:
-            self._refs.append(relay)
-        actors = self.actors = Actors(
-            EventSystemProxy.of(intake),
-            CommandProcessorProxy.of(commands),
-            StepExecutorProxy.of(executor),
-            DispatcherProxy.of(dispatcher),
-            CompletionProcessorProxy.of(completion),
-            DomainEventPublisherProxy.of(publisher),
-            relay_proxy,
-        )
+        self.actors = actors
         # Back-edges of the flow: credits and nudges return to the intake.
         pykka.get_all(
             [
@@ -262,10 +165,10 @@ class Worker:
             logger.warning("the first recovery of lost workers' claims did not finish in time")
         if not self._stop_flag:  # a stop asked for during start-up: never begin the intake
             actors.event_system.begin.defer()
-        if relay_proxy is not None:
-            tell(relay_proxy.wake)  # publish what earlier runs left unpublished
+        if actors.relay is not None:
+            tell(actors.relay.wake)  # publish what earlier runs left unpublished
         watchdog = Watchdog(
-            supervisor,
+            self.supervisor,
             self.heartbeat,
             self.observers.saturation,
             refs=lambda: self._refs,
@@ -362,18 +265,10 @@ class Worker:
         if self.actors is not None:
             self.actors.event_system.nudge.defer()
 
-    def _identity(self) -> dict[str, Any]:
-        # For ``duplex workers`` on any machine: what it runs, and its slots in total.
-        return {
-            "worker_id": self.worker_id,
-            "version": self.metrics.version,
-            "slots": self.settings.worker.max_concurrent_handlers,
-        }
-
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """Collect every actor's counters (called from outside the actors)."""
         assert self.actors is not None
-        return flow.collect_status(self.actors, self._identity(), timeout_s)
+        return flow.collect_status(self.actors, self.observers.identity(), timeout_s)
 
     def request_stop(self) -> None:
         """Ask ``serve()`` to return; safe in a signal handler (it only sets a flag)."""
@@ -444,7 +339,7 @@ class Worker:
                 lambda: flow.finish_handlers(actors, self.supervisor, deadline),
             )
             uncommitted = flow.commit_everything(actors, deadline, self._results_held)
-            final.update(flow.final_stats(actors, self._identity()))
+            final.update(flow.final_stats(actors, self.observers.identity()))
             flow.deliver_events(actors, deadline)
         except Exception:
             # A bug in a stage must not leave the actors' threads keeping the process alive.
@@ -472,11 +367,7 @@ class Worker:
 
     def _stop_all(self, refs: Iterable[pykka.ActorRef[Any]]) -> None:
         """Stop ``refs`` in that order and every thread of this worker, whatever their state."""
-        for ref in refs:
-            try:
-                ref.stop(block=True, timeout=ASK_TIMEOUT_S)
-            except pykka.Timeout:
-                logger.error("{} did not stop in time", ref.actor_class.__name__)
+        flow.stop_actors(refs)
         if self.timer is not None:
             self.timer.stop()
         self._closing.set()

@@ -188,7 +188,8 @@ def _break_crash_ignored() -> None:
 
 def _break_crash_exit_zero() -> None:
     """The worker stops in order after an actor failed, but reports success (exit 0)."""
-    from duplex.worker.wiring import Worker, WorkerCrashedError
+    from duplex.errors import WorkerCrashedError
+    from duplex.worker.wiring import Worker
 
     original = Worker.stop
 
