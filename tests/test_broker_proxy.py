@@ -11,8 +11,8 @@ import pika
 import pytest
 
 from tests.broker_proxy import BrokerProxy, PublishCounter
+from tests.cli.test_cli_e2e import wait_for
 from tests.relay_support import BrokerQueue, require_rabbitmq
-from tests.test_cli_e2e import wait_for
 
 
 def frame(kind: int, payload: bytes, channel: int = 1) -> bytes:

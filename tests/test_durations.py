@@ -24,7 +24,7 @@ from duplex.storage.queries import task_steps
 from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task
 from duplex.templates import parse_template
-from tests.test_timeouts import running_worker, step_row, submit
+from tests.actors.test_timeouts import running_worker, step_row, submit
 
 T0 = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
 NO_BACKOFF = RetryPolicy(base_ms=60_000, multiplier=1.0, max_ms=60_000, jitter=0.0)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests import processes
+from tests.cli.test_cli_e2e import wait_for
 from tests.processes import ProcessOwner
-from tests.test_cli_e2e import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PIDS_ENV = "PROCESS_TEST_PIDS"
@@ -175,7 +175,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli_e2e import make_duplex, wait_for
+from tests.cli.test_cli_e2e import make_duplex, wait_for
 from tests.test_processes import start_time
 
 

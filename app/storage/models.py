@@ -1,6 +1,6 @@
 """The orchestration tables, as SQLAlchemy Core.
 
-Migrations in ``migrations/`` create this schema; ``tests/test_migrations.py`` proves the two
+Migrations in ``migrations/`` create this schema; ``tests/storage/test_migrations.py`` proves the two
 agree. UUIDs are canonical text on every backend; timestamps are stored in UTC.
 """
 

@@ -12,7 +12,7 @@ from sqlalchemy import inspect, text
 from duplex.errors import SchemaNotReadyError
 from duplex.storage.db import Database
 
-# The newest script in migrations/versions; tests/test_migrations.py checks that they agree.
+# The newest script in migrations/versions; tests/storage/test_migrations.py checks that they agree.
 HEAD_REVISION = "0008"
 
 

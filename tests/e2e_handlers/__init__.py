@@ -1,1 +1,1 @@
-"""Handlers imported by the ``duplex`` subprocesses of ``tests/test_cli_e2e.py``."""
+"""Handlers imported by the ``duplex`` subprocesses of ``tests/cli/test_cli_e2e.py``."""

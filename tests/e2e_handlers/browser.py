@@ -1,4 +1,4 @@
-"""Handlers for the browser tests of the dashboard (``tests/test_dashboard_browser.py``).
+"""Handlers for the browser tests of the dashboard (``tests/dashboard/test_dashboard_browser.py``).
 
 ``browser.gate`` holds its step until the file ``$BROWSER_GATES/<task context "gate">``
 exists, so a test decides when a workflow may go on, without timing guesses.

@@ -1,4 +1,4 @@
-"""Fault injection for the end-to-end fault tests (``tests/test_faults_e2e.py``).
+"""Fault injection for the end-to-end fault tests (``tests/e2e/test_faults_e2e.py``).
 
 The worker imports this module through ``worker.handler_modules``; everything here happens at
 import time, inside the ``duplex run`` subprocess, and is driven by environment variables:

@@ -1,4 +1,4 @@
-"""Handlers and a subscriber for the PostgreSQL fault tests (``tests/test_postgres_faults.py``).
+"""Handlers and a subscriber for the PostgreSQL fault tests (``tests/e2e/test_postgres_faults.py``).
 
 They run inside ``duplex run`` subprocesses. Each handler appends ``<step_uuid> <attempt>
 <pid>`` to the file named by ``$KILLS_RUN_LOG`` as it starts, so a test can tell which

@@ -1,4 +1,4 @@
-"""Handlers for the observability end-to-end tests (``tests/test_observability_e2e.py``).
+"""Handlers for the observability end-to-end tests (``tests/e2e/test_observability_e2e.py``).
 
 ``ops.outcome`` ends as ``inputs.outcome`` says, so a run has known outcomes to count:
 ``ok``; ``permanent`` (PermanentError); ``error`` (ValueError: handler_error); ``flaky``

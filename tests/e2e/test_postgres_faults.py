@@ -50,7 +50,7 @@ from tests.conftest import (
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 HANDLER_MODULE = "tests.e2e_handlers.kills"
 WAIT_S = 30.0
 

@@ -54,8 +54,8 @@ from duplex.storage.results import commit_outcomes
 from duplex.subscriptions import SubscriberRegistry
 from duplex.templates import parse_template
 from duplex.worker.wiring import Worker
+from tests.cli.test_cli_e2e import Duplex, assert_one_line_error, make_duplex
 from tests.conftest import make_settings, open_work, sqlite_database, wait_until
-from tests.test_cli_e2e import Duplex, assert_one_line_error, make_duplex
 
 TOKEN = "correct-horse-battery-staple"
 HTTP_TIMEOUT_S = 10.0

@@ -23,7 +23,7 @@ from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task
 from duplex.templates import parse_template
 from tests.conftest import make_settings, sqlite_database
-from tests.test_dashboard_http import Browser, serving
+from tests.dashboard.test_dashboard_http import Browser, serving
 
 POLICY = RetryPolicy(base_ms=60_000, multiplier=1.0, max_ms=60_000, jitter=0.0)
 FACT = re.compile(r"<dt>([^<]+)</dt><dd[^>]*>(.*?)</dd>", re.S)

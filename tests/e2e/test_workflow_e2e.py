@@ -28,7 +28,7 @@ from tests.conftest import sqlite_database
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMAND_TIMEOUT_S = 60.0
 WAIT_S = 30.0
 

@@ -36,6 +36,7 @@ from duplex.storage.listen import libpq_url
 from duplex.storage.migrate import upgrade_to_head
 from duplex.storage.schema import HEAD_REVISION
 from tests import processes
+from tests.cli.test_cli_e2e import make_duplex
 from tests.conftest import (
     POSTGRES_URL,
     create_postgres_schema,
@@ -43,8 +44,7 @@ from tests.conftest import (
     postgres_schema_url,
     require_postgres,
 )
-from tests.test_cli_e2e import make_duplex
-from tests.test_postgres_faults import (
+from tests.e2e.test_postgres_faults import (
     Cluster,
     Step,
     WorkerProcess,
@@ -56,7 +56,7 @@ from tests.test_postgres_faults import (
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 HANDLER_MODULE = "tests.e2e_handlers.kills"
 # The key of the migration's advisory lock (duplex.storage.migrate).
 MIGRATION_LOCK_KEY = 0x6475706C6578

@@ -34,6 +34,7 @@ from sqlalchemy.engine import Engine
 from duplex.storage.listen import libpq_url
 from duplex.storage.models import domain_events
 from tests import processes as owned_processes
+from tests.cli.test_cli_e2e import Duplex, make_duplex
 from tests.relay_support import (
     RABBITMQ_URL,
     BrokerQueue,
@@ -41,7 +42,6 @@ from tests.relay_support import (
     first_arrivals,
     require_rabbitmq,
 )
-from tests.test_cli_e2e import Duplex, make_duplex
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 de = domain_events

@@ -31,17 +31,9 @@ from duplex.templates import parse_template
 from duplex.worker.wiring import Worker
 from tests import processes
 from tests.broker_proxy import BrokerProxy
+from tests.cli.test_cli_e2e import wait_for
 from tests.conftest import make_settings, sqlite_database
-from tests.relay_support import (
-    RABBITMQ_URL,
-    BrokerQueue,
-    Received,
-    first_arrivals,
-    relay_settings,
-    require_rabbitmq,
-)
-from tests.test_cli_e2e import wait_for
-from tests.test_relay_logic import (
+from tests.events.test_relay_logic import (
     check_deliveries,
     claim_all,
     commit,
@@ -49,6 +41,14 @@ from tests.test_relay_logic import (
     pump_until_drained,
     random_workload,
     submit,
+)
+from tests.relay_support import (
+    RABBITMQ_URL,
+    BrokerQueue,
+    Received,
+    first_arrivals,
+    relay_settings,
+    require_rabbitmq,
 )
 
 pytestmark = pytest.mark.rabbitmq
@@ -241,7 +241,7 @@ def close_from_the_broker(names: list[str]) -> int:
 
 
 def count_unpublished(db: Database) -> int:
-    from tests.test_relay_logic import unpublished
+    from tests.events.test_relay_logic import unpublished
 
     return unpublished(db)
 

@@ -223,7 +223,7 @@ def test_submitting_work_does_not_load_alembic(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=False,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
         timeout=60,
     )
     assert done.returncode == 0, done.stderr

@@ -37,11 +37,11 @@ from typing import Any
 
 import pytest
 
-from tests.test_cli_e2e import Duplex, make_duplex, migrated_file, wait_for
+from tests.cli.test_cli_e2e import Duplex, make_duplex, migrated_file, wait_for
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FAULTS_MODULE = "tests.e2e_handlers.faults"
 FAULT_ENV = "E2E_FAULT"
 BREAK_ENV = "E2E_BREAK"

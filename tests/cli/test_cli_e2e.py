@@ -30,7 +30,7 @@ from tests import processes
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO_ROOT / "tests" / "e2e_templates"
 HANDLER_MODULE = "tests.e2e_handlers.handlers"
 RUN_LOG_ENV = "E2E_RUN_LOG"

@@ -1,0 +1,1 @@
+"""The actors (actors/): the guarantees as hypothesis properties, supervision, timeouts."""

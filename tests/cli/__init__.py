@@ -1,0 +1,1 @@
+"""app/cli/: the duplex command, driven in subprocesses."""

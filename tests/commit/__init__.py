@@ -1,0 +1,1 @@
+"""Stage 5 (app/commit/): the commit buffer, the retry policy, the committer."""

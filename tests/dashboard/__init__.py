@@ -1,0 +1,1 @@
+"""app/dashboard/: pages, HTTP and a real browser."""

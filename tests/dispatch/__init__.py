@@ -1,0 +1,1 @@
+"""Stage 4 (app/dispatch/): the handler pool, running one attempt, slot credits."""

@@ -1,0 +1,1 @@
+"""End to end: several parts together, in subprocesses, under faults."""

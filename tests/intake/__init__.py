@@ -1,0 +1,1 @@
+"""Stage 1 (app/intake/): intake credits, the prefetch window, claiming."""

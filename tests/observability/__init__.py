@@ -1,0 +1,1 @@
+"""app/observability/: metrics, health, logs, traces."""

@@ -1,0 +1,1 @@
+"""app/storage/: every SQL statement, on SQLite and PostgreSQL."""

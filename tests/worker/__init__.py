@@ -1,0 +1,1 @@
+"""app/worker/: wiring, start-up, the watchdog and heartbeat."""
