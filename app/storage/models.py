@@ -1,7 +1,7 @@
 """The orchestration tables, as SQLAlchemy Core.
 
-Migrations in ``migrations/`` create this schema; ``tests/storage/test_migrations.py`` proves the two
-agree. UUIDs are canonical text on every backend; timestamps are stored in UTC.
+Migrations in ``migrations/`` create this schema; ``tests/storage/test_migrations.py`` proves
+the two agree. UUIDs are canonical text on every backend; timestamps are stored in UTC.
 """
 
 from __future__ import annotations

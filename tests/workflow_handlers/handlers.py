@@ -1,4 +1,4 @@
-"""Step handlers for ``tests/e2e/test_workflow_e2e.py``; they run inside ``duplex run`` subprocesses.
+"""Step handlers for ``tests/e2e/test_workflow_e2e.py``, run inside ``duplex run`` subprocesses.
 
 Every handler appends ``<step name> <attempt>`` to the file named by ``$WF_RUN_LOG`` as it
 starts, so a test can tell which steps really ran, how often, and in which order.
