@@ -151,14 +151,12 @@ class CompletionProcessor(SupervisedActor):
 
     def _flush_batch(self) -> bool:
         """Commit one batch; return False when the database failed (the batch is kept)."""
-        flush = self._committer.flush_batch()
+        flush = self._committer.flush_batch(announce=self._announce)
         if self._metrics is not None:
             if flush.retried:
                 self._metrics.steps.commit_retries += 1
             if flush.failed:
                 self._metrics.steps.commit_failures += 1
-        for announcement in flush.announcements:
-            self._announce(announcement)
         return flush.ok
 
     def recover_lost_claims(self) -> int:

@@ -58,6 +58,9 @@ class Flush:
     """The result of committing one batch."""
 
     announcements: list[Announcement] = field(default_factory=list)
+    # Called with each announcement as soon as its commit is done: in the one-by-one fallback
+    # a result is announced right after its own commit, not after the slowest of the others.
+    announce: Callable[[Announcement], None] | None = None
     # The batch was a retry after failed commits.
     retried: bool = False
     # The database failed: what was not committed stays in the buffer.
@@ -68,6 +71,11 @@ class Flush:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    def add(self, announcement: Announcement) -> None:
+        self.announcements.append(announcement)
+        if self.announce is not None:
+            self.announce(announcement)
 
 
 class Committer:
@@ -103,12 +111,13 @@ class Committer:
             "recovered": 0,
         }
 
-    def flush_batch(self) -> Flush:
-        """Commit the buffer's next batch (a no-op when it is empty)."""
+    def flush_batch(self, announce: Callable[[Announcement], None] | None = None) -> Flush:
+        """Commit the buffer's next batch (a no-op when it is empty); ``announce`` is called
+        with each announcement as soon as its commit is done."""
         batch, releases = self._buffer.next_batch()
         if not batch and not releases:
             return Flush()
-        flush = Flush(retried=self._buffer.failing)
+        flush = Flush(retried=self._buffer.failing, announce=announce)
         try:
             report, released = self._commit(batch, releases)
         except StorageError as exc:
@@ -123,7 +132,7 @@ class Committer:
             return flush
         caught_up = self._buffer.committed(len(batch), releases=True)
         self.counts["released"] += released
-        flush.announcements.append(self._announcement(report, released > 0, caught_up))
+        flush.add(self._announcement(report, released > 0, caught_up))
         return flush
 
     def recover_lost_claims(self) -> Announcement | None:
@@ -197,7 +206,7 @@ class Committer:
                 self._failed(flush, exc, self._buffer.held)
                 return
             caught_up = self._buffer.committed(1, releases=False)
-            flush.announcements.append(self._announcement(report, False, caught_up))
+            flush.add(self._announcement(report, False, caught_up))
 
     def _commit_alone(self, outcome: StepOutcome) -> CommitReport:
         """Commit one outcome; one the database refuses is recorded as unstorable instead."""

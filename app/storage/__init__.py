@@ -9,8 +9,8 @@ The worker's path:
 * ``events``            the domain events an applied outcome produces (outbox rows)
 * ``transitions``       one ``workflow_step_transitions`` row per state change
 * ``recovery``          the running attempts of dead workers (``worker_lost``)
-* ``workers``           the ``workers`` table: registration, heartbeats, stop
-* ``liveness``          the rule that says whether a recorded worker is alive
+* ``workers``           the ``workers`` table: registration, heartbeats, stop, and the one
+                        liveness rule (is a recorded worker alive?)
 * ``listen``            PostgreSQL LISTEN/NOTIFY: ``duplex_work`` and ``duplex_events``
 
 The outbox of domain events:

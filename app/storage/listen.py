@@ -26,7 +26,8 @@ from sqlalchemy.engine import make_url
 
 from duplex.messages import DomainEvent
 
-# Both channel names are documented in the README; the work channel's is also in migration 0002.
+# Both channel names are documented in docs/relay.md and docs/architecture.md; the work
+# channel's is also in migration 0002.
 WORK_CHANNEL = "duplex_work"
 EVENTS_CHANNEL = "duplex_events"
 # PostgreSQL refuses payloads of 8000 bytes or more.
