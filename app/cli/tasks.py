@@ -13,8 +13,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection
-
 from duplex.cli import console
 from duplex.cli.arguments import positive_float, positive_int
 from duplex.cli.common import open_database
@@ -34,7 +32,7 @@ from duplex.storage.operations import (
 )
 from duplex.storage.outbox import event_lag
 from duplex.storage.queries import count_tasks, get_task, list_tasks, task_steps
-from duplex.storage.workers import Liveness, judged_workers
+from duplex.storage.workers import alive_workers, judged_workers
 from duplex.templates import load_template
 
 
@@ -139,9 +137,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             summaries = list_tasks(conn, limit=args.limit)
             # Counted only when the list may be cut short.
             total = count_tasks(conn) if len(summaries) == args.limit else len(summaries)
-            # Workers presumed dead by the liveness rule are not listed.
-            alive = [(row, lv) for row, lv in _judged_workers(conn, settings) if lv.alive]
             now = utcnow()
+            # Workers presumed dead by the liveness rule are not listed.
+            alive = alive_workers(
+                conn, claim_timeout_s=settings.event_system.claim_timeout_s, now=now
+            )
             lag = event_lag(conn, now=now).as_json(now)
     if args.json:
         # In the order they started, as ``status --json`` has always listed them.
@@ -176,8 +176,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
+    timeout_s = settings.event_system.claim_timeout_s
     with open_database(settings) as db, db.read() as conn:
-        judged = _judged_workers(conn, settings, limit=args.limit)
+        judged = judged_workers(conn, claim_timeout_s=timeout_s, now=utcnow(), limit=args.limit)
     now = utcnow()
     if args.json:
         print_json(
@@ -198,15 +199,6 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     console.make_console().print(console.workers_table(judged, now))
     return 0
-
-
-def _judged_workers(
-    conn: Connection, settings: Settings, *, limit: int = 100
-) -> list[tuple[dict[str, Any], Liveness]]:
-    """The workers recorded in SQL, each with what the liveness rule says about it."""
-    return judged_workers(
-        conn, claim_timeout_s=settings.event_system.claim_timeout_s, now=utcnow(), limit=limit
-    )
 
 
 def _worker_json(row: dict[str, Any]) -> dict[str, Any]:

@@ -4,9 +4,10 @@ Writes: a worker registers, beats (with its last stats) and records its stop.
 
 The liveness rule, the one place it is written: a worker is presumed dead when it recorded
 its stop, when its heartbeat is older than ``event_system.claim_timeout_s``, or, on this host,
-when its process is gone. Set-based readers (recovery, ``duplex status``) use its SQL half
-(``alive_in_sql``); per-row readers (``duplex workers``, the dashboard) get a verdict with a
-reason (``judge``); both share ``process_gone`` for the same-host sign.
+when its process is gone. Set-based readers select by its SQL half (``alive_in_sql``):
+recovery, and ``alive_workers`` for ``duplex status``. Per-row readers get a verdict with a
+reason (``judge``): ``duplex workers``, the dashboard, and ``alive_workers`` on the rows it
+selected. All share ``process_gone`` for the same-host sign.
 """
 
 from __future__ import annotations
@@ -169,6 +170,29 @@ def judged_workers(
     conn: Connection, *, claim_timeout_s: float, now: datetime, limit: int = 100
 ) -> list[tuple[dict[str, Any], Liveness]]:
     """The workers recorded in SQL, most recent heartbeat first, each with the rule's verdict."""
+    return _judged(all_workers(conn, limit=limit), claim_timeout_s=claim_timeout_s, now=now)
+
+
+def alive_workers(
+    conn: Connection, *, claim_timeout_s: float, now: datetime
+) -> list[tuple[dict[str, Any], Liveness]]:
+    """Every worker the rule finds alive, most recent heartbeat first, each with its verdict.
+
+    SQL picks the rows by the rule's SQL half, so no number of stopped or silent workers can
+    crowd an alive one out; the verdict then drops this host's workers whose process is gone.
+    """
+    rows = conn.execute(
+        select(workers)
+        .where(alive_in_sql(heartbeat_cutoff(now, claim_timeout_s)))
+        .order_by(workers.c.heartbeat_at.desc(), workers.c.worker_id)
+    )
+    judged = _judged([dict(row._mapping) for row in rows], claim_timeout_s=claim_timeout_s, now=now)
+    return [(row, liveness) for row, liveness in judged if liveness.alive]
+
+
+def _judged(
+    rows: list[dict[str, Any]], *, claim_timeout_s: float, now: datetime
+) -> list[tuple[dict[str, Any], Liveness]]:
     this_host = socket.gethostname()
     return [
         (
@@ -184,7 +208,7 @@ def judged_workers(
                 started_at=row["started_at"],
             ),
         )
-        for row in all_workers(conn, limit=limit)
+        for row in rows
     ]
 
 

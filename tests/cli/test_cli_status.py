@@ -7,13 +7,14 @@ import argparse
 import json
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from duplex.cli.tasks import cmd_status, cmd_workers
 from duplex.clock import utcnow
-from duplex.storage.workers import register_worker
+from duplex.storage.workers import mark_worker_stopped, register_worker
 from tests.conftest import make_settings, sqlite_database
 
 # Above any pid_max Linux allows: no process has it.
@@ -47,3 +48,27 @@ def test_a_heart_beating_worker_whose_process_is_gone_is_not_listed_as_alive(
     assert cmd_workers(argparse.Namespace(json=True, limit=100), settings) == 0
     verdicts = {w["worker_id"]: w["state"] for w in json.loads(capsys.readouterr().out)}
     assert verdicts == {"w-alive": "alive", "w-gone": "presumed dead"}
+
+
+def test_an_alive_worker_is_listed_however_many_workers_beat_after_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """More stopped workers than ``duplex workers`` lists by default, each with a newer
+    heartbeat, do not crowd out the one that is alive."""
+    db = sqlite_database(tmp_path / "d.db")
+    now = utcnow()
+    with db.write() as conn:
+        register_worker(conn, "w-alive", hostname="elsewhere", pid=1, now=now)
+        for i in range(120):
+            register_worker(conn, f"w-{i:03}", hostname="elsewhere", pid=2 + i, now=now)
+            mark_worker_stopped(conn, f"w-{i:03}", now=now + timedelta(seconds=1), stats={})
+    db.dispose()
+    settings = make_settings(f"sqlite:///{tmp_path / 'd.db'}")
+
+    args = argparse.Namespace(task_uuid=None, json=True, limit=50, watch=False, interval=1.0)
+    assert cmd_status(args, settings) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [w["worker_id"] for w in listing["workers"]] == ["w-alive"]
+    args.json = False
+    assert cmd_status(args, settings) == 0
+    assert "w-alive" in capsys.readouterr().out
