@@ -29,7 +29,6 @@ from duplex.storage.db import Database
 from duplex.storage.schema import ensure_schema_ready
 from duplex.worker.startup import STOP_SIGNALS, StopSignals
 
-EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

@@ -71,8 +71,8 @@ class RunProgress:
         """
         steps = self._metrics.steps
         succeeded, failed = int(steps.succeeded.total()), int(steps.failed.total())
-        pool = self._metrics.pool
-        running = len(pool.running) if pool is not None else 0
+        slots = self._metrics.slots()
+        running = slots.running if slots is not None else 0
         now = self._clock()
         if fresh or now - self._open_read >= OPEN_WORK_EVERY_S:
             # A database hiccup keeps the last figure.

@@ -93,11 +93,6 @@ class WorkerMetrics:
         """Read these from now on: the state the worker handed to its actors."""
         self._pool, self._buffer, self._events = pool, buffer, events
 
-    @property
-    def pool(self) -> HandlerPool | None:
-        """The handler pool itself, for readers of what ``slots`` leaves out."""
-        return self._pool
-
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_monotonic
 

@@ -16,12 +16,10 @@ from duplex.errors import InputError
 from duplex.states import ENQUEUED, WAITING_FOR_RETRY
 from duplex.storage.models import (
     tasks,
-    workers,
     workflow_step_edges,
     workflow_step_transitions,
     workflow_steps,
 )
-from duplex.storage.workers import alive_in_sql
 
 execution_status = table(
     "task_execution_status",
@@ -201,17 +199,6 @@ def transitions_of_task(conn: Connection, task_uuid: str) -> list[TransitionRow]
         workflow_steps, workflow_steps.c.step_uuid == workflow_step_transitions.c.step_uuid
     ).where(workflow_steps.c.task_uuid == task_uuid)
     return [TransitionRow(*row) for row in conn.execute(query)]
-
-
-def active_workers(conn: Connection, *, heartbeat_since: datetime) -> list[dict[str, Any]]:
-    """Return the workers alive by the SQL half of the liveness rule, with their last counters.
-
-    ``heartbeat_since`` is the rule's cutoff (``duplex.storage.workers.heartbeat_cutoff``).
-    """
-    rows = conn.execute(
-        select(workers).where(alive_in_sql(heartbeat_since)).order_by(workers.c.started_at)
-    )
-    return [_jsonable(dict(row._mapping)) for row in rows]
 
 
 def task_trace_context(conn: Connection, task_uuid: str) -> dict[str, str] | None:

@@ -43,14 +43,13 @@ from duplex.storage.models import (
     workflow_step_transitions,
     workflow_steps,
 )
-from duplex.storage.queries import active_workers
 from duplex.storage.recovery import recover_lost_claims
 from duplex.storage.results import CommitReport, commit_outcomes
 from duplex.storage.submission import create_task
 from duplex.storage.workers import (
     PROCESS_STARTED_AT,
+    alive_workers,
     dead_local_workers,
-    heartbeat_cutoff,
     judge,
     judged_workers,
     process_exists,
@@ -1102,17 +1101,15 @@ def test_count_open_work(db: Database) -> None:
 
 
 def test_the_liveness_rule_agrees_between_sql_and_the_verdict(db: Database) -> None:
-    """``duplex status`` (SQL) and ``duplex workers`` (verdict per row) apply one rule."""
+    """``duplex status`` (rows picked in SQL) and ``duplex workers`` (a verdict per row) apply
+    one rule."""
     now = utcnow()
     fresh, stale = now - timedelta(seconds=1), now - timedelta(seconds=31)
     add_worker(db, "beating", heartbeat_at=fresh)
     add_worker(db, "silent", heartbeat_at=stale)
     add_worker(db, "done", heartbeat_at=fresh, stopped_at=fresh)
     with db.read() as conn:
-        listed = {
-            row["worker_id"]
-            for row in active_workers(conn, heartbeat_since=heartbeat_cutoff(now, 30))
-        }
+        listed = {row["worker_id"] for row, _ in alive_workers(conn, claim_timeout_s=30, now=now)}
         verdicts = {
             row["worker_id"]: verdict.state
             for row, verdict in judged_workers(conn, claim_timeout_s=30, now=now)
