@@ -51,33 +51,29 @@ class CompletionProcessor(SupervisedActor):
         publisher: DomainEventPublisherProxy,
         timer: Timer,
         *,
+        buffer: CommitBuffer,
         policy: RetryPolicy,
-        batch_size: int,
         claim_timeout_s: float,
-        linger_s: float = 0.0,
         worker_id: str,
         observer: CommitObserver | None = None,
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
         supervisor: Supervisor | None = None,
         metrics: WorkerMetrics | None = None,
-        buffer: CommitBuffer | None = None,
         tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
         self._publisher = publisher
         self._timer = timer
-        self._policy = policy
         # Given by the worker, which reads it in place for its figures (no message).
-        self._buffer = buffer if buffer is not None else CommitBuffer(batch_size, linger_s)
+        self._buffer = buffer
         self._metrics = metrics
-        self._heartbeat_timeout = timedelta(seconds=claim_timeout_s)
         self._committer = Committer(
             db,
-            self._buffer,
-            policy=self._policy,
+            buffer,
+            policy=policy,
             worker_id=worker_id,
-            heartbeat_timeout=self._heartbeat_timeout,
+            heartbeat_timeout=timedelta(seconds=claim_timeout_s),
             clock=clock,
             rng=rng,
             tracer=tracer,

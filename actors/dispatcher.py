@@ -42,23 +42,22 @@ class Dispatcher(SupervisedActor):
         registry: HandlerRegistry,
         timer: Timer,
         *,
-        size: int,
+        pool: HandlerPool,
         default_timeout_s: float,
         max_result_bytes: int,
         clock: Callable[[], datetime] = utcnow,
         prefetch: int = 0,
         supervisor: Supervisor | None = None,
-        pool: HandlerPool | None = None,
         tracer: StepTracer | None = None,
     ) -> None:
         super().__init__(supervisor)
-        self._credits = SlotCredits.for_pool(size, prefetch)
+        self._credits = SlotCredits.for_pool(pool.size, prefetch)
         self._tracer = tracer
         self._completion = completion
         self._registry = registry
         self._timer = timer
         # Given by the worker, which reads it in place for its figures (no message).
-        self._pool = pool if pool is not None else HandlerPool(size)
+        self._pool = pool
         self._default_timeout_s = default_timeout_s
         self._max_result_bytes = max_result_bytes
         self._clock = clock

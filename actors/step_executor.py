@@ -39,9 +39,8 @@ class StepExecutor(SupervisedActor):
     ) -> None:
         super().__init__(supervisor)
         self._metrics = metrics
-        self._db = db
         self._dispatcher = dispatcher
-        self._claimer = Claimer(self._db, worker_id=worker_id, namespaces=namespaces, clock=clock)
+        self._claimer = Claimer(db, worker_id=worker_id, namespaces=namespaces, clock=clock)
         self._intake: ClaimReports | None = None
         self._in_hand: list[ClaimedStep] = []
         self.claimed_total = 0

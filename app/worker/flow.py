@@ -112,15 +112,13 @@ def start_actors(
         db,
         publisher.proxy(),
         timer,
+        buffer=buffer,
         policy=RetryPolicy.from_settings(settings.retry),
-        batch_size=cfg.commit_batch_size,
-        linger_s=cfg.commit_linger_ms / 1000,
         claim_timeout_s=settings.event_system.claim_timeout_s,
         worker_id=parts.worker_id,
         observer=parts.observer,
         supervisor=supervisor,
         metrics=parts.metrics,
-        buffer=buffer,
         tracer=parts.tracer,
     )
     started.append(completion)
@@ -128,12 +126,11 @@ def start_actors(
         completion.proxy(),
         parts.registry,
         timer,
-        size=cfg.max_concurrent_handlers,
+        pool=pool,
         default_timeout_s=cfg.handler_timeout_ms / 1000,
         max_result_bytes=cfg.max_result_bytes,
         prefetch=cfg.prefetch,
         supervisor=supervisor,
-        pool=pool,
         tracer=parts.tracer,
     )
     started.append(dispatcher)

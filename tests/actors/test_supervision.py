@@ -27,6 +27,7 @@ from duplex.actors.handler_worker import HandlerWorker
 from duplex.actors.step_executor import StepExecutor
 from duplex.actors.supervised import SupervisedActor
 from duplex.clock import Timer, utcnow
+from duplex.dispatch.pool import HandlerPool
 from duplex.errors import StorageError, WorkerCrashedError
 from duplex.handlers import Cancellation, HandlerRegistry, StepContext
 from duplex.messages import DomainEvent
@@ -233,7 +234,7 @@ def test_a_dead_dispatcher_does_not_strand_claims(sqlite_db: Database) -> None:
     """Claims the StepExecutor cannot hand on are handed back in SQL at once."""
     registry = HandlerRegistry()
     dispatcher = Dispatcher.start(
-        None, registry, Timer(), size=1, default_timeout_s=1.0, max_result_bytes=1000
+        None, registry, Timer(), pool=HandlerPool(1), default_timeout_s=1.0, max_result_bytes=1000
     )
     dead_proxy = dispatcher.proxy()
     dispatcher.stop()

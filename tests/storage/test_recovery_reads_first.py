@@ -22,6 +22,7 @@ from sqlalchemy import Connection, insert, select, update
 from duplex.actors.completion_processor import CompletionProcessor, CompletionProcessorProxy
 from duplex.actors.event_publisher import DomainEventPublisher
 from duplex.clock import Timer, utcnow
+from duplex.commit.buffer import CommitBuffer
 from duplex.commit.retry import RetryPolicy
 from duplex.errors import WORKER_LOST
 from duplex.messages import ClaimedStep
@@ -71,8 +72,8 @@ def recovery(counting: CountingDatabase) -> Iterator[CompletionProcessorProxy]:
         counting,
         publisher.proxy(),
         timer,
+        buffer=CommitBuffer(10),
         policy=RetryPolicy(base_ms=1000, multiplier=2.0, max_ms=60_000, jitter=0.0),
-        batch_size=10,
         claim_timeout_s=30,
         worker_id=ME,
     )
@@ -191,8 +192,8 @@ def test_a_tick_with_nothing_to_recover_does_not_wait_for_the_sqlite_write_lock(
         counted,
         publisher.proxy(),
         timer,
+        buffer=CommitBuffer(10),
         policy=RetryPolicy(base_ms=1000, multiplier=2.0, max_ms=60_000, jitter=0.0),
-        batch_size=10,
         claim_timeout_s=30,
         worker_id=ME,
     )
