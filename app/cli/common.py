@@ -7,7 +7,8 @@
   the engine however the block ends, the check's own failure included.
 * ``stop_signals_received`` turns SIGINT/SIGTERM into a ``StopRequest`` that loops poll: the
   signal handler (``duplex.worker.startup.StopSignals``, as ``duplex run`` has it) only records
-  the signal, so a signal never interrupts a query and takes no lock.
+  the signal, so a signal never interrupts a query and takes no lock. Its waits poll as
+  start-up's retry pauses do (``duplex.worker.startup.wait_for_stop``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import contextlib
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -27,14 +27,11 @@ from duplex.errors import DuplexError, SchemaNotReadyError, StorageError
 from duplex.settings import Settings
 from duplex.storage.db import Database
 from duplex.storage.schema import ensure_schema_ready
-from duplex.worker.startup import STOP_SIGNALS, StopSignals
+from duplex.worker.startup import STOP_SIGNALS, StopSignals, wait_for_stop
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-# How often a wait looks whether a stop signal was recorded.
-STOP_POLL_S = 0.05
 
 
 def run_command(body: Callable[[], int]) -> int:
@@ -130,13 +127,8 @@ class StopRequest:
     def wait(self, timeout_s: float, wake: threading.Event | None = None) -> bool:
         """Wait until ``timeout_s`` has passed, ``wake`` is set, or a stop signal came; return
         whether a stop was requested. ``wake`` is left set for the caller to clear."""
-        deadline = time.monotonic() + timeout_s
         waiter = wake if wake is not None else threading.Event()
-        while not self.requested:
-            left = deadline - time.monotonic()
-            if left <= 0 or waiter.wait(min(STOP_POLL_S, left)):
-                break
-        return self.requested
+        return wait_for_stop(timeout_s, lambda: self.requested, sleep=waiter.wait)
 
 
 @contextmanager

@@ -40,9 +40,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FIRST_DELAY_S = 0.2
 MAX_DELAY_S = 5.0
 JITTER = 0.2
-# How often a retry's pause looks whether a stop was asked for by other means than a
-# signal (an embedding program calling Worker.request_stop).
-_STOP_POLL_S = 0.05
+# How often a wait looks whether a stop was asked for: the signal handler only records the
+# signal, and an embedding program's Worker.request_stop only sets a flag.
+STOP_POLL_S = 0.05
 
 
 class StartupStopped(KeyboardInterrupt):
@@ -204,20 +204,25 @@ def retry_transient(
                 f"start-up: could not {what} ({exc}); retrying in {pause:.1f}s "
                 f"(gives up after {timeout_s:g}s of failures: worker.startup_timeout_s)"
             )
-            _pause(pause, stopped, clock, sleep)
+            if wait_for_stop(pause, stopped, clock=clock, sleep=sleep):
+                raise StartupStopped() from exc
 
 
-def _pause(
+def wait_for_stop(
     seconds: float,
     stopped: Callable[[], bool],
-    clock: Callable[[], float],
-    sleep: Callable[[float], None],
-) -> None:
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], object] = time.sleep,
+) -> bool:
+    """Wait until ``seconds`` have passed or ``stopped()`` turns true; return ``stopped()``.
+
+    It looks every ``STOP_POLL_S``. A ``sleep`` that returns true ends the wait early (an
+    event's ``wait``: something woke the waiter).
+    """
     end = clock() + seconds
-    while True:
-        if stopped():
-            raise StartupStopped()
+    while not stopped():
         left = end - clock()
-        if left <= 0:
-            return
-        sleep(min(_STOP_POLL_S, left))
+        if left <= 0 or sleep(min(STOP_POLL_S, left)):
+            break
+    return stopped()
