@@ -12,7 +12,7 @@ from duplex.events.broker import AmqpPublisher
 from duplex.events.relay import Relay
 from duplex.settings import RelaySettings
 from duplex.storage.db import Database
-from duplex.storage.listen import EventListener, SequenceRange
+from duplex.storage.listen import EventListener, SequenceRange, listen_on
 
 OnEvents = Callable[[list[SequenceRange]], None]
 ListenForEvents = Callable[[OnEvents], EventListener]
@@ -31,11 +31,4 @@ def build_relay(db: Database, settings: RelaySettings) -> Relay:
 
 def listen_for_events(db: Database) -> ListenForEvents | None:
     """How to build a listener for committed events on ``db``: PostgreSQL only, else None."""
-    if db.dialect != "postgresql":
-        return None
-    url = db.url
-
-    def listen(on_events: OnEvents) -> EventListener:
-        return EventListener(url, on_events)
-
-    return listen
+    return listen_on(db, EventListener)

@@ -9,7 +9,8 @@
   can LISTEN for it and read the rows; Duplex's relay and ``duplex events --follow`` use it
   (``EventListener``) to wake up at once.
 
-Each listener keeps one dedicated connection LISTENing on its own thread.
+Each listener keeps one dedicated connection LISTENing on its own thread. ``listen_on`` is how
+the worker and the CLI build one: only on PostgreSQL, once they know what it should call.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import psycopg
 from loguru import logger
@@ -25,6 +27,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 
 from duplex.messages import DomainEvent
+from duplex.storage.db import Database
 
 # Both channel names are documented in docs/relay.md and docs/architecture.md; the work
 # channel's is also in migration 0002.
@@ -206,3 +209,22 @@ class EventListener(ChannelListener):
             name="duplex-events-listen",
             reconnect_max_s=reconnect_max_s,
         )
+
+
+Callback = TypeVar("Callback")
+Listener = TypeVar("Listener", bound=ChannelListener)
+
+
+def listen_on(
+    db: Database, listener: Callable[[str, Callback], Listener]
+) -> Callable[[Callback], Listener] | None:
+    """How to build ``listener(url, callback)`` on ``db`` given its callback (built, not
+    started); None unless ``db`` is PostgreSQL, the one database with LISTEN."""
+    if db.dialect != "postgresql":
+        return None
+    url = db.url
+
+    def listen(callback: Callback) -> Listener:
+        return listener(url, callback)
+
+    return listen

@@ -8,7 +8,7 @@ from loguru import logger
 
 from duplex.settings import Settings
 from duplex.storage.db import Database
-from duplex.storage.listen import WorkListener
+from duplex.storage.listen import WorkListener, listen_on
 
 ListenForWork = Callable[[Callable[[], None]], WorkListener]
 
@@ -21,16 +21,17 @@ def intake_signals(settings: Settings, db: Database) -> tuple[bool, ListenForWor
     mode = settings.event_system.deployment_mode
     if mode == "polling":
         return True, None
-    if db.dialect != "postgresql":
+    namespaces = settings.worker.namespaces
+
+    def work_listener(url: str, on_work: Callable[[], None]) -> WorkListener:
+        return WorkListener(url, namespaces, on_work)
+
+    listen = listen_on(db, work_listener)
+    if listen is None:
         logger.warning(
             "event_system.deployment_mode = {!r} needs PostgreSQL LISTEN/NOTIFY; {} polls instead",
             mode,
             db.dialect,
         )
         return True, None
-    url, namespaces = db.url, settings.worker.namespaces
-
-    def listen(on_work: Callable[[], None]) -> WorkListener:
-        return WorkListener(url, namespaces, on_work)
-
     return mode == "hybrid", listen
