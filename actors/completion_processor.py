@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 from typing import Any, Protocol
 
@@ -73,7 +73,7 @@ class CompletionProcessor(SupervisedActor):
             buffer,
             policy=policy,
             worker_id=worker_id,
-            heartbeat_timeout=timedelta(seconds=claim_timeout_s),
+            claim_timeout_s=claim_timeout_s,
             clock=clock,
             rng=rng,
             tracer=tracer,

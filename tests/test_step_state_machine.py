@@ -162,7 +162,7 @@ class StepStateMachine(RuleBasedStateMachine):
             recover_lost_claims(
                 conn,
                 me="recoverer",
-                heartbeat_timeout=timedelta(seconds=30),
+                heartbeat_cutoff=self.now - timedelta(seconds=30),
                 now=self.now,
                 policy=self.policy,
                 rng=self.rng,

@@ -20,7 +20,7 @@ import random
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from loguru import logger
 
@@ -35,7 +35,7 @@ from duplex.storage.claims import release_claims
 from duplex.storage.db import Database
 from duplex.storage.recovery import has_lost_claims, recover_lost_claims
 from duplex.storage.results import CommitReport, commit_outcomes
-from duplex.storage.workers import dead_local_workers
+from duplex.storage.workers import dead_local_workers, heartbeat_cutoff
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Committer:
         *,
         policy: RetryPolicy,
         worker_id: str,
-        heartbeat_timeout: timedelta,
+        claim_timeout_s: float,
         clock: Callable[[], datetime],
         rng: random.Random | None = None,
         tracer: StepTracer | None = None,
@@ -98,7 +98,7 @@ class Committer:
         self._buffer = buffer
         self._policy = policy
         self._worker_id = worker_id
-        self._heartbeat_timeout = heartbeat_timeout
+        self._claim_timeout_s = claim_timeout_s
         self._clock = clock
         self._rng = rng or random.Random()
         self._tracer = tracer
@@ -141,6 +141,7 @@ class Committer:
         Returns what to announce, or None when nothing was recovered (or the database failed).
         """
         now = self._clock()
+        cutoff = heartbeat_cutoff(now, self._claim_timeout_s)
         try:
             # Read first: this runs every second, and on SQLite a write transaction with
             # nothing to write would still make every commit of every worker wait for it.
@@ -149,14 +150,10 @@ class Committer:
                     conn,
                     hostname=self._hostname,
                     me=self._worker_id,
-                    heartbeat_cutoff=now - self._heartbeat_timeout,
+                    heartbeat_cutoff=cutoff,
                 )
                 found = has_lost_claims(
-                    conn,
-                    me=self._worker_id,
-                    heartbeat_timeout=self._heartbeat_timeout,
-                    now=now,
-                    dead_workers=dead,
+                    conn, me=self._worker_id, heartbeat_cutoff=cutoff, dead_workers=dead
                 )
             if not found:
                 return None
@@ -166,7 +163,7 @@ class Committer:
                 report = recover_lost_claims(
                     conn,
                     me=self._worker_id,
-                    heartbeat_timeout=self._heartbeat_timeout,
+                    heartbeat_cutoff=cutoff,
                     now=now,
                     policy=self._policy,
                     rng=self._rng,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Select, bindparam, exists, not_, or_, select
@@ -34,16 +34,12 @@ from duplex.storage.workers import alive_in_sql
 ws = workflow_steps
 
 
-def _lost_claims(
-    *columns: Any, me: str, heartbeat_timeout: timedelta, now: datetime
-) -> Select[Any]:
+def _lost_claims(*columns: Any, me: str, heartbeat_cutoff: datetime) -> Select[Any]:
     """Select ``columns`` of the running attempts of dead workers (not ``me``'s).
 
     The statement takes the ``dead`` parameter: workers known dead besides the SQL rule.
     """
-    alive = exists().where(
-        workers.c.worker_id == ws.c.claimed_by, alive_in_sql(now - heartbeat_timeout)
-    )
+    alive = exists().where(workers.c.worker_id == ws.c.claimed_by, alive_in_sql(heartbeat_cutoff))
     return select(*columns).where(
         ws.c.state == IN_PROGRESS,
         ws.c.claimed_by != me,
@@ -58,16 +54,13 @@ def has_lost_claims(
     conn: Connection,
     *,
     me: str,
-    heartbeat_timeout: timedelta,
-    now: datetime,
+    heartbeat_cutoff: datetime,
     dead_workers: Collection[str] = (),
 ) -> bool:
     """Return whether dead workers hold running attempts: a read, so that a recovery with
     nothing to do opens no write transaction (on SQLite, one that every commit would wait
     for)."""
-    query = _lost_claims(ws.c.step_uuid, me=me, heartbeat_timeout=heartbeat_timeout, now=now).limit(
-        1
-    )
+    query = _lost_claims(ws.c.step_uuid, me=me, heartbeat_cutoff=heartbeat_cutoff).limit(1)
     return conn.execute(query, {"dead": sorted(dead_workers)}).first() is not None
 
 
@@ -75,7 +68,7 @@ def recover_lost_claims(
     conn: Connection,
     *,
     me: str,
-    heartbeat_timeout: timedelta,
+    heartbeat_cutoff: datetime,
     now: datetime,
     policy: RetryPolicy,
     rng: random.Random,
@@ -84,7 +77,8 @@ def recover_lost_claims(
 ) -> CommitReport:
     """Fail the running attempts of dead workers as ``worker_lost``; retry them per policy.
 
-    Run inside the caller's write transaction. ``dead_workers`` are known dead besides the
+    Run inside the caller's write transaction. ``heartbeat_cutoff`` is the liveness rule's
+    (``duplex.storage.workers.heartbeat_cutoff``); ``dead_workers`` are known dead besides the
     SQL rule (``duplex.storage.workers.dead_local_workers``). ``me``'s own claims are never
     touched.
     """
@@ -94,8 +88,7 @@ def recover_lost_claims(
             ws.c.claimed_by,
             ws.c.claimed_at,
             me=me,
-            heartbeat_timeout=heartbeat_timeout,
-            now=now,
+            heartbeat_cutoff=heartbeat_cutoff,
         )
         .order_by(ws.c.claimed_at)
         .limit(limit)

@@ -104,7 +104,7 @@ def make_committer(
         buffer,
         policy=POLICY,
         worker_id=ME,
-        heartbeat_timeout=timedelta(seconds=30),
+        claim_timeout_s=30,
         clock=lambda: clock_at,
         rng=random.Random(0),
         hostname="this-host",

@@ -921,7 +921,7 @@ def test_recover_lost_claims_of_dead_workers_only(db: Database) -> None:
             return recover_lost_claims(
                 conn,
                 me="recoverer",
-                heartbeat_timeout=timeout,
+                heartbeat_cutoff=recover_at - timeout,
                 now=recover_at,
                 policy=POLICY,
                 rng=random.Random(0),
@@ -1020,7 +1020,7 @@ def test_recover_lost_claims_with_nothing_to_recover(db: Database) -> None:
         report = recover_lost_claims(
             conn,
             me="recoverer",
-            heartbeat_timeout=timedelta(seconds=1),
+            heartbeat_cutoff=now - timedelta(seconds=1),
             now=now,
             policy=POLICY,
             rng=random.Random(0),
