@@ -21,7 +21,7 @@ from duplex.storage.models import (
     workflow_step_transitions,
 )
 from duplex.storage.models import workflow_steps as ws
-from duplex.storage.queries import TRANSITIONS, TransitionRow, parse_uuid
+from duplex.storage.queries import TASK_COLUMNS, TRANSITIONS, TransitionRow, parse_uuid
 
 
 @dataclass(frozen=True)
@@ -78,17 +78,7 @@ def task_detail(conn: Connection, task_uuid: str) -> TaskDetail:
     task_id = parse_uuid(task_uuid, "task")
     t = tasks.c
     row = conn.execute(
-        select(
-            t.task_uuid,
-            t.name,
-            t.namespace,
-            t.version,
-            t.state,
-            t.context,
-            t.created_at,
-            t.completed_at,
-            t.idempotency_key,
-        ).where(t.task_uuid == task_id)
+        select(*TASK_COLUMNS, t.context, t.idempotency_key).where(t.task_uuid == task_id)
     ).first()
     if row is None:
         raise InputError(f"unknown task: {task_id}")

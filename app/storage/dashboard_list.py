@@ -31,7 +31,7 @@ from duplex.states import (
 )
 from duplex.storage.models import tasks
 from duplex.storage.models import workflow_steps as ws
-from duplex.storage.queries import execution_status
+from duplex.storage.queries import TASK_COLUMNS, execution_status
 
 EXECUTION_STATUSES = (
     "blocked_by_failures",
@@ -165,18 +165,7 @@ def task_page(
     """Return up to ``limit`` tasks, newest first: the first page, or the page older than
     ``before``, or the page newer than ``after``."""
     t = tasks.c
-    query = _filtered(
-        select(
-            t.task_uuid,
-            t.name,
-            t.namespace,
-            t.version,
-            t.state,
-            t.created_at,
-            t.completed_at,
-        ),
-        flt,
-    )
+    query = _filtered(select(*TASK_COLUMNS), flt)
     if after is not None:
         query = query.where(_newer_than(after))
         query = query.order_by(t.created_at.asc(), t.task_uuid.asc())

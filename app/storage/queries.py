@@ -87,18 +87,23 @@ def parse_uuid(text: str, what: str) -> str:
         raise InputError(f"unknown {what}: {text} (not a UUID)") from None
 
 
-_TASK_SUMMARY = select(
+# What every listing of tasks shows of a task's own row (``duplex status``, the dashboard).
+TASK_COLUMNS = (
     tasks.c.task_uuid,
     tasks.c.name,
     tasks.c.namespace,
     tasks.c.version,
     tasks.c.state,
+    tasks.c.created_at,
+    tasks.c.completed_at,
+)
+
+_TASK_SUMMARY = select(
+    *TASK_COLUMNS,
     execution_status.c.execution_status,
     execution_status.c.total_steps,
     execution_status.c.complete_steps,
     execution_status.c.error_steps,
-    tasks.c.created_at,
-    tasks.c.completed_at,
 ).join(execution_status, execution_status.c.task_uuid == tasks.c.task_uuid)
 
 
