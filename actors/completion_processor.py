@@ -28,7 +28,8 @@ from duplex.worker.supervision import Supervisor
 
 
 class CommitObserver(Protocol):
-    """Told about each committed batch, after the commit (metrics, tests)."""
+    """Called with the report of each commit, recoveries included, once it has committed and
+    before its events are published (``Worker(observer=...)``)."""
 
     def __call__(self, report: CommitReport) -> None: ...
 

@@ -174,8 +174,8 @@ class StepMetrics:
 class EventCounts:
     """What the DomainEventPublisher counts, and how many events wait in its queue.
 
-    Its actor and its delivery thread both count, so a lock guards the counts (it was the
-    publisher's own lock before; no one else waits on it but a reader).
+    Its actor and its delivery thread both count, so a lock guards the counts; no one else
+    waits on it but a reader.
     """
 
     KEYS = ("published", "delivered", "dropped", "subscriber_errors")

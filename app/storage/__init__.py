@@ -23,7 +23,8 @@ Operators and readers:
 
 * ``submission``        writing tasks, steps and edges
 * ``operations``        operator commands: cancel, retry, resolve
-* ``queries``           what ``duplex status`` reads
+* ``queries``           tasks with their execution status, steps and transitions (for
+                        ``duplex status`` and the dashboard), the ready queue's figures
 * ``dashboard_list``    the dashboard's task list: filters, pages, status counts
 * ``dashboard_detail``  the dashboard's page of one task or step
 

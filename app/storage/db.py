@@ -143,8 +143,8 @@ def refuses_data(exc: SQLAlchemyError) -> bool:
 
     The driver's data and integrity errors, PostgreSQL's SQLSTATE classes 22 (data), 23
     (integrity) and 54 (a value over a limit, such as an index row too large), a statement
-    that could not be built from its values, and (as before this distinction) the driver's
-    programming errors.
+    that could not be built from its values, and the driver's programming errors (sqlite3
+    raises one for a value it cannot bind).
     """
     if isinstance(exc, (DataError, IntegrityError, ProgrammingError)):
         return True

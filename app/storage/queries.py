@@ -1,4 +1,8 @@
-"""Read-side queries behind ``duplex status``: tasks, their execution status, their steps."""
+"""Reads of tasks: their execution status, their steps and transitions, the ready queue.
+
+``duplex status`` and the dashboard list tasks from here; the worker reads its ready queue's
+figures (``ready_queue``) and a task's trace context.
+"""
 
 from __future__ import annotations
 

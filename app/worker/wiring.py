@@ -1,12 +1,13 @@
-"""The long-lived worker: start the actors in one linear function, stop them in reverse.
+"""The long-lived worker (``Worker``): registration, actors, heartbeat and watchdog, the stop.
 
 Flow (docs/architecture.md, The flow):
 EventSystem -> CommandProcessor -> StepExecutor -> Dispatcher (dispatch channel) ->
 HandlerWorker -> CompletionProcessor (completion channel) -> DomainEventPublisher ->
 RelayActor (when ``[relay] enabled``).
 
-The plain state the observers read (the handler pool, the commit buffer, the event counts) is
-made here and handed both to its actor and to the one view of the figures, ``metrics``.
+The actors start in one linear function and stop in stages, both in ``duplex.worker.flow``,
+which also makes the plain state the observers read (the handler pool, the commit buffer,
+the event counts) and hands it both to its actor and to ``Worker.metrics``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from typing import Any
 import pykka
 from loguru import logger
 
-from duplex.actors.completion_processor import (
-    CommitObserver,
-)
+from duplex.actors.completion_processor import CommitObserver
 from duplex.actors.supervised import tell
 from duplex.clock import Timer, utcnow
 from duplex.errors import (
