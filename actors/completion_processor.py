@@ -37,10 +37,12 @@ class CommitObserver(Protocol):
 class CompletionProcessor(SupervisedActor):
     """Batch results, commit each batch in one transaction, then publish its events.
 
-    Results arriving while a batch commits queue up in the mailbox and go into the next
-    batch, so batches grow with load; ``linger_s`` (``worker.commit_linger_ms``) lets a batch
-    gather for a few milliseconds more before it commits. If a commit fails, the batch is
-    kept and retried with backoff, and none of its events are delivered.
+    Group commit: a lone result commits at once; results arriving while a batch commits
+    queue up in the mailbox and go into the next batch, so batches grow with load. Under load
+    (the last batch held several results) ``linger_s`` (``worker.commit_linger_ms``) lets a
+    batch gather up to as many for at most a few milliseconds more (``CommitBuffer``). If a
+    commit fails, the batch is kept and retried with backoff, and none of its events are
+    delivered.
 
     What to commit and how is ``Committer``'s (``duplex.commit.committer``); this actor owns
     the mailbox, the timers and the announcing that follows each commit.
@@ -102,14 +104,16 @@ class CompletionProcessor(SupervisedActor):
         self._buffer.add_releases(steps)
         self._schedule_flush()
 
-    def flush(self) -> None:
-        """Commit what is buffered, one transaction per batch."""
-        self._buffer.flush_scheduled = False
+    def flush(self, round: int) -> None:
+        """Commit what is buffered, one transaction per batch (commit ``round`` of the
+        buffer's schedule; a round already committed is ignored)."""
+        if not self._buffer.due(round):
+            return
         if not self._flush_batch():
-            self._buffer.flush_scheduled = True
+            retry = self._buffer.schedule_retry()
             if self._self is not None:
                 delay = self._buffer.retry_delay()
-                self._timer.call_later(delay, partial(tell, self._self.flush))
+                self._timer.call_later(delay, partial(tell, self._self.flush, retry))
         else:
             self._schedule_flush()
 
@@ -203,11 +207,14 @@ class CompletionProcessor(SupervisedActor):
             return
         delay = self._buffer.schedule()
         if delay is None:
+            # A commit is scheduled; one that lingers goes now if it has what it waited for.
+            if self._buffer.gathered():
+                tell(self._self.flush, self._buffer.round)
             return
         if delay:
-            self._timer.call_later(delay, partial(tell, self._self.flush))
+            self._timer.call_later(delay, partial(tell, self._self.flush, self._buffer.round))
         else:
-            tell(self._self.flush)
+            tell(self._self.flush, self._buffer.round)
 
 
 class CompletionProcessorProxy(TypedProxy[CompletionProcessor]):

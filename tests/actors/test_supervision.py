@@ -206,19 +206,30 @@ def test_a_failed_completion_processor_commits_what_it_held(
     delivered: list[DomainEvent] = []
     subscribers = SubscriberRegistry()
     subscribers.add("*", delivered.append)
-    # A long linger keeps every result buffered until the injected failure.
-    worker = make_worker(
-        sqlite_db,
-        quick_registry(ran),
-        subscribers,
-        commit_linger_ms=1000,
-        max_concurrent_handlers=4,
-    )
-    with injected(monkeypatch, CompletionProcessor, "flush", nth=1):
-        worker.start()
-        submit(sqlite_db, 8)
-        worker.nudge()
-        assert wait_until(lambda: worker.actors is None, timeout_s=20)
+    worker = make_worker(sqlite_db, quick_registry(ran), subscribers, max_concurrent_handlers=4)
+    original_flush = CompletionProcessor.flush
+    failed = threading.Event()
+
+    def held(actor: CompletionProcessor) -> int:
+        with actor.actor_inbox.mutex:  # type: ignore[attr-defined]
+            queued = [envelope.message for envelope in actor.actor_inbox.queue]  # type: ignore[attr-defined]
+        in_mailbox = sum(getattr(m, "attr_path", None) == ("submit",) for m in queued)
+        return len(actor._buffer.outcomes) + int(in_mailbox)
+
+    def fail_once_all_results_are_held(self: CompletionProcessor, *args: Any) -> None:
+        # The moment under test: the first commit fails with every result either taken in
+        # or still waiting in the mailbox.
+        if failed.is_set():
+            return original_flush(self, *args)
+        failed.set()
+        assert wait_until(lambda: held(self) == 8, timeout_s=20)
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(CompletionProcessor, "flush", fail_once_all_results_are_held)
+    worker.start()
+    submit(sqlite_db, 8)
+    worker.nudge()
+    assert wait_until(lambda: worker.actors is None, timeout_s=20)
     with pytest.raises(WorkerCrashedError, match="CompletionProcessor"):
         worker.stop()
     with sqlite_db.read() as conn:

@@ -47,19 +47,61 @@ def test_a_batch_takes_at_most_batch_size_results_and_every_release() -> None:
     assert buffer.held == 2
 
 
-def test_a_partial_batch_lingers_a_full_one_commits_at_once() -> None:
-    buffer = CommitBuffer(2, linger_s=0.005)
+def test_a_lone_result_commits_at_once_even_with_a_linger() -> None:
+    buffer = CommitBuffer(10, linger_s=0.005)
     assert buffer.schedule() is None  # nothing to commit
     buffer.add(outcome(0))
-    assert buffer.schedule() == 0.005
+    assert buffer.schedule() == 0.0
     assert buffer.schedule() is None  # already scheduled
-    buffer.flush_scheduled = False
+    assert buffer.due(buffer.round)
+    buffer.committed(1, releases=False)
+    buffer.add(outcome(1))
+    assert buffer.schedule() == 0.0  # the last batch held one: still no linger
+
+
+def test_after_a_batch_of_several_the_next_lingers_until_it_gathers_as_many() -> None:
+    buffer = CommitBuffer(10, linger_s=0.005)
+    for i in range(3):
+        buffer.add(outcome(i))
+    buffer.committed(3, releases=False)
+    buffer.add(outcome(3))
+    assert buffer.schedule() == 0.005
+    assert buffer.lingering
+    assert not buffer.gathered()
+    buffer.add(outcome(4))
+    assert not buffer.gathered()
+    buffer.add(outcome(5))
+    assert buffer.gathered()  # three, as many as the last batch: commit now
+    assert not buffer.gathered()  # said once
+    lingered = buffer.round
+    assert buffer.due(lingered)
+    assert not buffer.due(lingered)  # the linger's timer, firing later, finds it taken
+
+
+def test_the_gather_target_never_exceeds_batch_size() -> None:
+    buffer = CommitBuffer(2, linger_s=0.005)
+    buffer.committed(7, releases=False)
+    assert buffer.gather_target == 2
+    buffer.add(outcome(0))
     buffer.add(outcome(1))
     assert buffer.schedule() == 0.0
     assert CommitBuffer(2).schedule() is None
     no_linger = CommitBuffer(2)
+    no_linger.committed(2, releases=False)
     no_linger.add(outcome(0))
     assert no_linger.schedule() == 0.0
+
+
+def test_a_retry_gets_a_round_of_its_own() -> None:
+    buffer = CommitBuffer(2, linger_s=0.005)
+    buffer.add(outcome(0))
+    buffer.schedule()
+    first = buffer.round
+    assert buffer.due(first)
+    retry = buffer.schedule_retry()
+    assert retry != first
+    assert not buffer.due(first)
+    assert buffer.due(retry)
 
 
 def test_failed_commits_back_off_exponentially_up_to_a_cap() -> None:
@@ -127,3 +169,66 @@ class CommitBufferMachine(RuleBasedStateMachine):
 
 CommitBufferMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40)
 test_commit_buffer_machine = CommitBufferMachine.TestCase
+
+
+class GroupCommitMachine(RuleBasedStateMachine):
+    """The CompletionProcessor's scheduling, messages and timers played out in any order: a
+    commit is always on its way while results wait, each scheduled round commits at most
+    once, and a batch lingers only after a batch of several results."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffer = CommitBuffer(5, linger_s=0.005)
+        self.arrived = 0
+        self.on_the_way: list[int] = []  # rounds told to the actor or set on a timer
+        self.committed_rounds: list[int] = []
+
+    def _schedule_flush(self) -> None:
+        # As ``CompletionProcessor._schedule_flush`` does.
+        delay = self.buffer.schedule()
+        if delay is None:
+            if self.buffer.gathered():
+                self.on_the_way.append(self.buffer.round)
+            return
+        if delay:
+            assert self.buffer.last_batch >= 2  # a lone result is never made to wait
+        self.on_the_way.append(self.buffer.round)
+
+    @rule(count=st.integers(1, 4))
+    def results_arrive(self, count: int) -> None:
+        for _ in range(count):
+            self.buffer.add(outcome(self.arrived))
+            self.arrived += 1
+            self._schedule_flush()
+
+    @precondition(lambda self: bool(self.on_the_way))
+    @rule(data=st.data(), fail=st.booleans())
+    def a_flush_arrives(self, data: st.DataObject, fail: bool) -> None:
+        i = data.draw(st.integers(0, len(self.on_the_way) - 1))
+        round = self.on_the_way.pop(i)
+        if not self.buffer.due(round):
+            return
+        assert round not in self.committed_rounds
+        self.committed_rounds.append(round)
+        batch, _ = self.buffer.next_batch()
+        if fail:
+            self.buffer.failed()
+            self.on_the_way.append(self.buffer.schedule_retry())
+            return
+        self.buffer.committed(len(batch), releases=True)
+        self._schedule_flush()
+
+    @invariant()
+    def a_commit_is_on_its_way_while_results_wait(self) -> None:
+        if self.buffer:
+            assert self.buffer.flush_scheduled
+            assert self.buffer.round in self.on_the_way
+
+    @invariant()
+    def a_batch_lingers_only_short_of_its_target(self) -> None:
+        if self.buffer.lingering:
+            assert len(self.buffer.outcomes) < self.buffer.gather_target
+
+
+GroupCommitMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=50)
+test_group_commit_machine = GroupCommitMachine.TestCase
