@@ -37,6 +37,7 @@ test: lint
 bench: $(LINKS)
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/relay.py
+	$(PY) benchmarks/latency.py
 
 # Recovery time after SIGKILL (needs PostgreSQL on 127.0.0.1:5432, and root for unshare).
 bench-recovery: $(LINKS)

@@ -157,6 +157,16 @@ def fanout_template_text(n: int, handler: str, *, name: str = "fanout") -> str:
     return "\n".join(lines) + "\n"
 
 
+def chain_template_text(n: int, handler: str, *, name: str = "chain") -> str:
+    """A template of ``n`` steps in a line: each step depends on the one before it."""
+    lines = [f'name = "{name}"']
+    for i in range(n):
+        lines += ["[[steps]]", f'name = "s{i:06d}"', f'handler = "{handler}"']
+        if i:
+            lines.append(f'depends_on = ["s{i - 1:06d}"]')
+    return "\n".join(lines) + "\n"
+
+
 @dataclass
 class Submission:
     tasks: int
