@@ -210,6 +210,8 @@ workers = Table(
     Column("heartbeat_at", UTCDateTime, nullable=False),
     Column("stopped_at", UTCDateTime),
     Column("stats", JSONValue, nullable=False),
+    # Where the worker takes local wake-ups (duplex.intake.wake): SQLite workers only.
+    Column("wake_address", String(255)),
 )
 
 Row = dict[str, Any]

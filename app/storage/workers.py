@@ -1,13 +1,14 @@
 """The ``workers`` table: one row per worker process, and the liveness rule that reads it.
 
-Writes: a worker registers, beats (with its last stats) and records its stop.
+Writes: a worker registers, records where it takes wake-ups (SQLite), beats (with its last
+stats) and records its stop. Whoever wakes workers reads their addresses (``wake_addresses``).
 
 The liveness rule, the one place it is written: a worker is presumed dead when it recorded
 its stop, when its heartbeat is older than ``event_system.claim_timeout_s``, or, on this host,
 when its process is gone. Set-based readers select by its SQL half (``alive_in_sql``):
-recovery, and ``alive_workers`` for ``duplex status``. Per-row readers get a verdict with a
-reason (``judge``): ``duplex workers``, the dashboard, and ``alive_workers`` on the rows it
-selected. All share ``process_gone`` for the same-host sign.
+recovery, ``alive_workers`` for ``duplex status``, and ``wake_addresses``. Per-row readers
+get a verdict with a reason (``judge``): ``duplex workers``, the dashboard, and
+``alive_workers`` on the rows it selected. All share ``process_gone`` for the same-host sign.
 """
 
 from __future__ import annotations
@@ -33,16 +34,24 @@ def register_worker(
     """Record a starting worker (its host and pid are what same-host recovery checks).
 
     Safe to retry: when an earlier try's COMMIT went through unheard, its row is refreshed
-    rather than inserted twice (a worker id is this process's alone).
+    rather than inserted twice (a worker id is this process's alone). A refreshed row loses its
+    wake address: the socket behind it belonged to an earlier run of that id.
     """
     values = {"hostname": hostname, "pid": pid, "started_at": now, "heartbeat_at": now}
     refreshed = conn.execute(
         update(workers)
         .where(workers.c.worker_id == worker_id)
-        .values(**values, stopped_at=None, stats={})
+        .values(**values, stopped_at=None, stats={}, wake_address=None)
     )
     if refreshed.rowcount == 0:
         conn.execute(insert(workers).values(worker_id=worker_id, **values, stats={}))
+
+
+def record_wake_address(conn: Connection, worker_id: str, address: str) -> None:
+    """Say where the worker takes wake-ups (``duplex.intake.wake``)."""
+    conn.execute(
+        update(workers).where(workers.c.worker_id == worker_id).values(wake_address=address)
+    )
 
 
 def record_heartbeat(
@@ -236,3 +245,21 @@ def dead_local_workers(
         for worker_id, pid, started_at in rows
         if process_gone(pid, started_at, alive=alive)
     )
+
+
+def wake_addresses(conn: Connection, *, hostname: str, heartbeat_cutoff: datetime) -> list[str]:
+    """Return the wake addresses of the workers of ``hostname`` that look alive in SQL.
+
+    Only the rule's SQL half: a worker whose process is gone has no socket any more, and a
+    datagram to it fails at once, which costs less than looking for its process.
+    """
+    rows = conn.execute(
+        select(workers.c.wake_address)
+        .where(
+            workers.c.hostname == hostname,
+            workers.c.wake_address.is_not(None),
+            alive_in_sql(heartbeat_cutoff),
+        )
+        .order_by(workers.c.worker_id)
+    )
+    return [address for (address,) in rows]
