@@ -1,8 +1,10 @@
 """PostgreSQL LISTEN/NOTIFY: the two channels Duplex notifies on, and their listeners.
 
 * ``duplex_work`` (``WORK_CHANNEL``): a trigger (migration 0002) sends
-  ``NOTIFY duplex_work, '<namespace>'`` whenever a step becomes claimable. ``WorkListener``
-  calls ``on_work`` for the namespaces a worker serves, so it need not wait for its next poll.
+  ``NOTIFY duplex_work, '<namespace>'`` whenever a step becomes claimable.
+  ``NotifyWorkListener`` calls ``on_work`` for the namespaces a worker serves, so it need not
+  wait for its next poll. It is one ``WorkListener``, what the intake starts and stops; on
+  SQLite the other is ``duplex.intake.wake.WakeListener``.
 * ``duplex_events`` (``EVENTS_CHANNEL``): the commit path (``notify_new_events``) sends, at the
   commit of every batch that wrote domain events, a JSON array of
   ``{"task_uuid", "first", "last"}``: the new sequence range of each task. External consumers
@@ -19,7 +21,7 @@ import json
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import psycopg
 from loguru import logger
@@ -96,6 +98,15 @@ def parse_payload(payload: str) -> list[SequenceRange]:
 
 
 # --- listeners --------------------------------------------------------------------------------
+class WorkListener(Protocol):
+    """What tells the intake of new work besides its poll: started once the intake begins,
+    stopped with it. Built with the intake's ``on_work``, which it calls when work may wait."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class ChannelListener:
     """A thread that LISTENs on one channel and reconnects when the server goes away.
 
@@ -160,7 +171,7 @@ class ChannelListener:
                 delay = min(self._reconnect_max_s, delay * 2)
 
 
-class WorkListener(ChannelListener):
+class NotifyWorkListener(ChannelListener):
     """Calls ``on_work`` for work notifications about the namespaces this worker serves."""
 
     def __init__(

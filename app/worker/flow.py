@@ -145,7 +145,7 @@ def start_actors(
     started.append(executor)
     commands = CommandProcessor.start(executor.proxy(), dispatcher.proxy(), supervisor)
     started.append(commands)
-    polling, listen = intake_signals(settings, db)
+    polling, listen = intake_signals(settings, db, parts.worker_id)
     intake = EventSystem.start(
         commands.proxy(),
         timer,

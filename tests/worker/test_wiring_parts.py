@@ -7,16 +7,22 @@ import pytest
 
 from duplex.events.relay import Relay
 from duplex.events.wiring import build_relay, listen_for_events
+from duplex.intake.wake import WakeListener
 from duplex.storage.db import Database
-from duplex.storage.listen import EventListener, WorkListener
+from duplex.storage.listen import EventListener, NotifyWorkListener
 from duplex.worker.listening import intake_signals
 from tests.conftest import make_settings
 
 
-def test_sqlite_polls_whatever_the_mode(sqlite_db: Database) -> None:
+def test_sqlite_polls_and_takes_wake_ups_whatever_the_mode(sqlite_db: Database) -> None:
     for mode in ("polling", "event_driven", "hybrid"):
         settings = make_settings(str(sqlite_db.url), event_system={"deployment_mode": mode})
-        assert intake_signals(settings, sqlite_db) == (True, None)
+        polling, listen = intake_signals(settings, sqlite_db, "w1")
+        assert polling is True
+        assert listen is not None
+        listener = listen(lambda: None)  # built, not started: nothing bound yet
+        assert isinstance(listener, WakeListener)
+        assert listener.address is None
     assert listen_for_events(sqlite_db) is None
 
 
@@ -25,10 +31,10 @@ def test_postgresql_listens_and_polls_as_the_mode_says(
     postgres_db: Database, mode: str, polls: bool
 ) -> None:
     settings = make_settings(str(postgres_db.url), event_system={"deployment_mode": mode})
-    polling, listen = intake_signals(settings, postgres_db)
+    polling, listen = intake_signals(settings, postgres_db, "w1")
     assert polling is polls
     assert listen is not None
-    assert isinstance(listen(lambda: None), WorkListener)  # built, not started
+    assert isinstance(listen(lambda: None), NotifyWorkListener)  # built, not started
     events = listen_for_events(postgres_db)
     assert events is not None
     assert isinstance(events(lambda _ranges: None), EventListener)
