@@ -7,7 +7,9 @@
         uuids = client.submit_many("nightly_report", [{"day": d} for d in days])
 
 A submission is one transaction. On PostgreSQL the steps it makes ready wake idle workers at
-once through the work notification; on SQLite workers see them at their next poll.
+once through the work notification. On SQLite the client then sends a wake-up datagram to each
+live worker on this host (``duplex.intake.wake``), reading their addresses at most once a
+second; other workers see the steps at their next poll.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from sqlalchemy.exc import IntegrityError
 
 from duplex.clock import utcnow
 from duplex.errors import InputError, StorageError
+from duplex.intake.wake import Waker
 from duplex.messages import JSONDict
 from duplex.observability.tracing import checked_carrier, current_carrier
-from duplex.settings import DatabaseSettings, Settings
+from duplex.settings import DatabaseSettings, EventSystemSettings, Settings
 from duplex.storage.db import Database
 from duplex.storage.schema import ensure_schema_ready
 from duplex.storage.submission import create_tasks, existing_tasks
@@ -37,14 +40,18 @@ class Client:
         used), or an open ``Database`` (which the client then does not close)."""
         self._templates_dir: Path | None = None
         self._owns_db = not isinstance(target, Database)
+        # Which workers count as alive, for the wake-ups (docs/architecture.md, Liveness).
+        claim_timeout_s = EventSystemSettings().claim_timeout_s
         if isinstance(target, Database):
             self.db = target
         elif isinstance(target, Settings):
             self.db = Database(target.database)
             self._templates_dir = target.templates.directory
+            claim_timeout_s = target.event_system.claim_timeout_s
         else:
             self.db = Database(DatabaseSettings(url=target))
         ensure_schema_ready(self.db)
+        self._waker = Waker(self.db, claim_timeout_s=claim_timeout_s)
 
     def submit(
         self,
@@ -87,7 +94,7 @@ class Client:
         for attempt in (1, 2):
             try:
                 with self.db.write() as conn:
-                    return create_tasks(
+                    task_uuids = create_tasks(
                         conn,
                         resolved,
                         batch,
@@ -95,12 +102,16 @@ class Client:
                         idempotency_keys=idempotency_keys,
                         trace_context=trace_context,
                     )
+                break
             except StorageError as exc:
                 # Another submitter used one of the keys between our check and our insert:
                 # the second try finds its task and writes nothing for that key.
                 if attempt == 2 or not isinstance(exc.__cause__, IntegrityError):
                     raise
-        raise AssertionError("unreachable")
+        else:
+            raise AssertionError("unreachable")
+        self._waker.wake([resolved.namespace])  # after the commit: never raises, never waits
+        return task_uuids
 
     def find(self, template_name: str, idempotency_key: str) -> str | None:
         """Return the UUID of the task submitted with this key for this template, if any."""
@@ -108,6 +119,7 @@ class Client:
             return existing_tasks(conn, template_name, [idempotency_key]).get(idempotency_key)
 
     def close(self) -> None:
+        self._waker.close()
         if self._owns_db:
             self.db.dispose()
 

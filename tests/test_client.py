@@ -6,6 +6,8 @@ and writes nothing, also when several submitters race with the same keys.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from pathlib import Path
 
@@ -15,10 +17,13 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from duplex import Client
+from duplex.clock import utcnow
 from duplex.errors import InputError, SchemaNotReadyError
+from duplex.intake.wake import bind_wake_socket
 from duplex.settings import DatabaseSettings
 from duplex.storage.db import Database
 from duplex.storage.models import tasks, workflow_step_edges, workflow_steps
+from duplex.storage.workers import record_wake_address, register_worker
 from duplex.templates import TaskTemplate
 
 TEMPLATE = TaskTemplate.model_validate(
@@ -173,3 +178,26 @@ def test_client_from_a_url_loads_templates_by_path(tmp_path: Path) -> None:
             assert conn.execute(select(tasks.c.task_uuid)).scalar_one() == task_uuid
     finally:
         db.dispose()
+
+
+def test_a_submission_on_sqlite_wakes_this_hosts_live_workers(sqlite_db: Database) -> None:
+    """After its commit, one datagram naming the task's namespace to each worker's address; a
+    worker that is gone costs nothing and fails nothing."""
+    listening, address, _ = bind_wake_socket()
+    listening.setblocking(False)
+    with sqlite_db.write() as conn:
+        for worker_id, wake_address in (("gone", "@duplex-wake-gone"), ("live", address)):
+            register_worker(
+                conn, worker_id, hostname=socket.gethostname(), pid=os.getpid(), now=utcnow()
+            )
+            record_wake_address(conn, worker_id, wake_address)
+    try:
+        with Client(sqlite_db) as client:
+            client.submit(TEMPLATE, {})
+            assert listening.recv(100) == b"default"  # "gone" (sent to first) was passed
+            client.submit_many(OTHER, [{}, {}])  # one datagram per submission
+            assert listening.recv(100) == b"default"
+            with pytest.raises(BlockingIOError):
+                listening.recv(100)
+    finally:
+        listening.close()

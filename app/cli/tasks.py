@@ -22,6 +22,7 @@ from duplex.cli.watch import watch
 from duplex.client import Client
 from duplex.clock import utcnow
 from duplex.errors import InputError
+from duplex.intake.wake import wake_local_workers
 from duplex.settings import Settings
 from duplex.storage.operations import (
     OperatorReport,
@@ -230,6 +231,13 @@ def _operate(
     target: str,
     reason: str | None,
 ) -> OperatorReport:
-    """Run one operator command in one write transaction (nothing written if it fails)."""
-    with open_database(settings) as db, db.write() as conn:
-        return operation(conn, target, operator=operator_identity(), now=utcnow(), reason=reason)
+    """Run one operator command in one write transaction (nothing written if it fails), then
+    wake this host's workers if it made a step ready (SQLite)."""
+    with open_database(settings) as db:
+        with db.write() as conn:
+            report = operation(
+                conn, target, operator=operator_identity(), now=utcnow(), reason=reason
+            )
+        if report.made_ready:
+            wake_local_workers(db, claim_timeout_s=settings.event_system.claim_timeout_s)
+    return report

@@ -40,6 +40,7 @@ from duplex.dashboard.web import (
     safe_next,
 )
 from duplex.errors import InputError, SchemaNotReadyError, StorageError, TransitionError
+from duplex.intake.wake import wake_local_workers
 from duplex.settings import Settings
 from duplex.states import STEP_STATES
 from duplex.storage.dashboard_list import EXECUTION_STATUSES
@@ -291,6 +292,8 @@ class Dashboard:
                 now=utcnow(),
                 reason=reason or None,
             )
+        if report.made_ready:  # this host's workers on SQLite look at once
+            wake_local_workers(self.db, claim_timeout_s=self.settings.event_system.claim_timeout_s)
         back = (
             f"/tasks/{report.task_uuid}"
             if kind == "task"

@@ -73,6 +73,11 @@ class OperatorReport:
     still_running: int = 0
 
     @property
+    def made_ready(self) -> bool:
+        """Whether a step became ready to claim (a retry; a resolve that unblocked another)."""
+        return any(change.to_state == ENQUEUED for change in self.changes)
+
+    @property
     def summary(self) -> str:
         """One line saying what was done: what ``duplex cancel/retry/resolve`` prints, and
         what the dashboard shows."""

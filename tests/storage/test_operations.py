@@ -205,6 +205,7 @@ def test_cancel_stops_everything_not_running(db: Database) -> None:
     }
     report = flow.operate(cancel_task, flow.task, "customer withdrew")
     assert sorted(c.name for c in report.changes) == ["b", "c", "x"]
+    assert not report.made_ready  # nothing to wake the workers for
     assert report.still_running == 1
     assert report.task_state == "cancelled"
     assert flow.states() == {
@@ -324,6 +325,7 @@ def test_retry_gives_an_exhausted_step_one_more_attempt(db: Database) -> None:
 
     report = flow.operate(retry_step, flow.uuid_of("b"), "upstream fixed")
     assert report.task_state == "in_progress"
+    assert report.made_ready  # the command wakes this host's workers (SQLite)
     assert [(c.name, c.from_state, c.to_state) for c in report.changes] == [
         ("b", "error", "enqueued")
     ]
@@ -398,6 +400,7 @@ def test_resolve_unblocks_dependents(db: Database) -> None:
         ("b", "error", "resolved_manually"),
         ("c", "pending", "enqueued"),
     ]
+    assert report.made_ready
     assert report.task_state == "in_progress"
     (*_, last) = flow.transitions("b")
     assert (last.to_state, last.worker_id, last.reason) == (
@@ -423,6 +426,7 @@ def test_resolve_waits_for_the_other_parents(db: Database) -> None:
     flow.run(p, "permanent")
     report = flow.operate(resolve_step, flow.uuid_of("p"))
     assert [c.name for c in report.changes] == ["p"]  # q still runs: d stays pending
+    assert not report.made_ready
     assert flow.states()["d"] == "pending"
     flow.run(q)
     (d,) = flow.claim("d")
