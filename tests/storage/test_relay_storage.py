@@ -15,7 +15,7 @@ from duplex.storage.listen import EVENTS_CHANNEL, libpq_url, parse_payload
 from duplex.storage.models import domain_events, tasks, workflow_step_transitions, workflow_steps
 from duplex.storage.outbox import event_lag
 from duplex.storage.retention import count_prunable, prune_batch
-from tests.events.test_relay_logic import claim_all, commit, outcome, submit
+from tests.events.support import claim_all, commit, outcome, submit
 
 de = domain_events
 
