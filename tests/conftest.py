@@ -24,6 +24,17 @@ from tests.processes import module_processes, owned_processes, session_processes
 
 __all__ = ["module_processes", "owned_processes", "session_processes"]
 
+# The test tools that assert, outside test modules: pytest rewrites their asserts too, so that a
+# failing check explains itself as a test's own assert does.
+pytest.register_assert_rewrite(
+    "tests.actors.support",
+    "tests.cli.support",
+    "tests.dashboard.support",
+    "tests.e2e.support",
+    "tests.events.support",
+    "tests.storage.support",
+)
+
 POSTGRES_URL = os.environ.get(
     "DUPLEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

@@ -23,6 +23,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -109,6 +110,19 @@ def _signal(owned: _Owned, signum: int) -> None:
             os.killpg(owned.process.pid, signum)
         else:
             os.kill(owned.process.pid, signum)
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), or None if there is no such pid.
+
+    A pid and its start time name one process: the pid alone may be reused.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name, in parentheses, may hold spaces: count fields after its end.
+    return stat[stat.rindex(")") + 2 :].split()[19]
 
 
 def run(

@@ -11,7 +11,7 @@ import pika
 import pytest
 
 from tests.broker_proxy import BrokerProxy, PublishCounter
-from tests.cli.test_cli_e2e import wait_for
+from tests.cli.support import wait_for
 from tests.relay_support import BrokerQueue, require_rabbitmq
 
 

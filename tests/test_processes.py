@@ -19,24 +19,11 @@ from pathlib import Path
 import pytest
 
 from tests import processes
-from tests.cli.test_cli_e2e import wait_for
-from tests.processes import ProcessOwner
+from tests.cli.support import wait_for
+from tests.processes import ProcessOwner, start_time
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PIDS_ENV = "PROCESS_TEST_PIDS"
-
-
-def start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot), or None if there is no such pid.
-
-    A pid and its start time name one process: the pid alone may be reused.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name, in parentheses, may hold spaces: count fields after its end.
-    return stat[stat.rindex(")") + 2 :].split()[19]
 
 
 def alive(pid: int, started: str) -> bool:
@@ -175,8 +162,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.test_cli_e2e import make_duplex, wait_for
-from tests.test_processes import start_time
+from tests.cli.support import make_duplex, wait_for
+from tests.processes import start_time
 
 
 def started_worker(directory):

@@ -13,7 +13,7 @@ with those fields as top-level keys, for a log shipper to index.
 (``server closed the connection unexpectedly\n\tThis probably means ...``), a handler's
 multi-line message. Plain text writes line breaks, tabs and other control characters as
 escapes (``\n``, ``\t``, ``\x1b``); JSON escapes them anyway. A record with an exception
-ends with ``| ValueError: boom (at app/x.py:12 in f)``: in JSON the full traceback is the
+ends with ``| ValueError: boom (at myapp/handlers.py:12 in f)``: in JSON the full traceback is the
 ``exception`` key of the same line; in plain text it follows on its own lines only when
 ``logging.level`` is DEBUG or TRACE, where someone is reading a terminal, not shipping logs.
 """

@@ -1,1 +1,2 @@
-"""The actors (actors/): the guarantees as hypothesis properties, supervision, timeouts."""
+"""The actors (actors/): the guarantees and random workflows as hypothesis properties,
+supervision, timeouts."""

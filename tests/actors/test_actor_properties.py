@@ -8,34 +8,26 @@ checks the database, the handler log and the order in which commits and deliveri
 from __future__ import annotations
 
 import itertools
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from duplex.actors.completion_processor import CommitObserver
-from duplex.clock import utcnow
 from duplex.errors import PermanentError, RetryableError
 from duplex.handlers import Cancellation, HandlerRegistry, StepContext
 from duplex.messages import DomainEvent
 from duplex.states import STEP_TRANSITIONS
-from duplex.storage.db import Database
 from duplex.storage.models import domain_events, workflow_step_transitions, workflow_steps
 from duplex.storage.results import CommitReport
-from duplex.storage.submission import create_task
 from duplex.subscriptions import SubscriberRegistry
-from duplex.templates import TaskTemplate
-from duplex.worker.wiring import Worker
-from tests.conftest import make_settings, open_work, sqlite_database, wait_until
+from tests.actors.support import fresh_database, running_worker, submit
+from tests.conftest import open_work, wait_until
 
 EXAMPLES = settings(
     max_examples=12,
@@ -55,53 +47,6 @@ ERROR_TYPES = {
     "crash": "handler_error",
     "timeout": "handler_timeout",
 }
-
-
-def submit(db: Database, steps: list[dict[str, Any]], name: str = "prop") -> str:
-    template = TaskTemplate.model_validate({"name": name, "steps": steps})
-    with db.write() as conn:
-        return create_task(conn, template, {}, now=utcnow())
-
-
-@contextmanager
-def fresh_database() -> Iterator[Database]:
-    """A migrated SQLite database in a directory of its own (one per hypothesis example)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        db = sqlite_database(Path(tmp) / "p.db")
-        try:
-            yield db
-        finally:
-            db.dispose()
-
-
-@contextmanager
-def running_worker(
-    db: Database,
-    n: int,
-    registry: HandlerRegistry,
-    subscribers: SubscriberRegistry | None = None,
-    observer: CommitObserver | None = None,
-    worker_settings: dict[str, Any] | None = None,
-) -> Iterator[tuple[Worker, dict[str, Any]]]:
-    """Start a worker with ``n`` slots; stop it on exit, leaving its final stats in the dict."""
-    worker = Worker(
-        make_settings(
-            str(db.url),
-            worker={"max_concurrent_handlers": n, **(worker_settings or {})},
-            event_system={"polling_interval_ms": 20},
-            retry={"backoff_base_ms": 10, "backoff_multiplier": 1.0, "jitter": 0.0},
-        ),
-        db,
-        registry=registry,
-        subscribers=subscribers or SubscriberRegistry(),
-        observer=observer,
-    )
-    final: dict[str, Any] = {}
-    worker.start()
-    try:
-        yield worker, final
-    finally:
-        final.update(worker.stop())
 
 
 def wait_while_progressing(

@@ -27,7 +27,7 @@ from duplex.storage.claims import claim_ready_steps, release_claims
 from duplex.storage.db import Database
 from duplex.storage.models import domain_events, workflow_step_transitions, workflow_steps
 from duplex.subscriptions import SubscriberRegistry
-from tests.actors.test_actor_properties import fresh_database, running_worker, submit
+from tests.actors.support import fresh_database, running_worker, submit
 from tests.conftest import open_work, wait_until
 
 ASK_S = 10.0

@@ -21,11 +21,12 @@ from duplex.actors.completion_processor import CommitObserver
 from duplex.clock import utcnow
 from duplex.handlers import HandlerRegistry, StepContext
 from duplex.storage.db import Database
-from duplex.storage.models import domain_events, workflow_steps
+from duplex.storage.models import domain_events
 from duplex.storage.results import CommitReport
 from duplex.storage.submission import create_task
 from duplex.templates import TaskTemplate
 from duplex.worker.wiring import Worker
+from tests.actors.support import step_row
 from tests.conftest import make_settings, wait_until
 
 
@@ -33,15 +34,6 @@ def submit(db: Database, *steps: dict[str, Any]) -> str:
     template = TaskTemplate.model_validate({"name": "t", "steps": list(steps)})
     with db.write() as conn:
         return create_task(conn, template, {}, now=utcnow())
-
-
-def step_row(db: Database, task_uuid: str, name: str) -> Any:
-    with db.read() as conn:
-        return conn.execute(
-            select(workflow_steps).where(
-                workflow_steps.c.task_uuid == task_uuid, workflow_steps.c.name == name
-            )
-        ).one()
 
 
 @contextmanager

@@ -39,7 +39,7 @@ import pytest
 from duplex.cli.main import build_parser
 from duplex.client import Client
 from tests import processes as owned_processes
-from tests.cli.test_cli_e2e import Duplex, make_duplex, migrated_file, wait_for
+from tests.cli.support import Duplex, make_duplex, migrated_file, wait_for
 from tests.relay_support import RABBITMQ_URL, require_rabbitmq
 
 pytestmark = pytest.mark.e2e

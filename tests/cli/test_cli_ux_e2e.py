@@ -16,7 +16,7 @@ from duplex.settings import DatabaseSettings
 from duplex.storage.db import Database
 from duplex.storage.migrate import alembic_config
 from duplex.storage.schema import HEAD_REVISION
-from tests.cli.test_cli_e2e import TEMPLATES, Duplex, assert_one_line_error, make_duplex
+from tests.cli.support import TEMPLATES, Duplex, assert_one_line_error, make_duplex
 
 pytestmark = pytest.mark.e2e
 

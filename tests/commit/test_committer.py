@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, select
 
 import duplex.commit.committer as committer_module
 from duplex.commit.buffer import CommitBuffer
@@ -26,10 +26,11 @@ from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.settings import DatabaseSettings
 from duplex.storage.claims import claim_ready_steps
 from duplex.storage.db import Database
-from duplex.storage.models import workers, workflow_steps
+from duplex.storage.models import workflow_steps
 from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task
 from duplex.templates import parse_template
+from tests.storage.support import add_worker
 
 ME = "w1"
 T0 = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
@@ -287,20 +288,6 @@ def test_a_late_result_is_rejected_and_counted(sqlite_db: Database) -> None:
     (announcement,) = committer.flush_batch().announcements
     assert (len(announcement.report.applied), len(announcement.report.rejected)) == (1, 1)
     assert (committer.counts["committed"], committer.counts["rejected"]) == (1, 1)
-
-
-def add_worker(db: Database, worker_id: str, heartbeat_at: datetime) -> None:
-    with db.write() as conn:
-        conn.execute(
-            insert(workers).values(
-                worker_id=worker_id,
-                hostname="another-host",
-                pid=1,
-                started_at=heartbeat_at,
-                heartbeat_at=heartbeat_at,
-                stats={},
-            )
-        )
 
 
 def test_recovery_fails_a_dead_workers_attempts_as_worker_lost(sqlite_db: Database) -> None:

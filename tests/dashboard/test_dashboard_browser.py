@@ -27,7 +27,7 @@ import pytest
 
 from duplex.storage.operations import OperatorReport, StepChange
 from tests import processes
-from tests.cli.test_cli_e2e import (
+from tests.cli.support import (
     HANDLER_MODULE,
     REPO_ROOT,
     TEMPLATES,

@@ -2,18 +2,18 @@
 that goes away and comes back.
 
 Most tests serve ``Dashboard(settings, db)`` in-process with ``HttpServer`` on a free port and
-talk to it with ``http.client`` (no redirect is followed, cookies are kept by hand). The data
-is real: tasks are submitted with ``Client`` and run by an embedded ``Worker`` (complete steps,
-a retried step, a step in error with its traceback), or moved step by step with the storage
-functions the actors use. Where the process matters (refusing to bind off-loopback without a
-token, not logging task data, surviving a database outage) a real ``duplex dashboard``
-subprocess is started; the outage is made for real on PostgreSQL by a TCP proxy written here.
+talk to it with ``http.client`` (no redirect is followed, cookies are kept by hand: ``serving``
+and ``Browser`` of ``tests/dashboard/support.py``). The data is real: tasks are submitted with
+``Client`` and run by an embedded ``Worker`` (complete steps, a retried step, a step in error
+with its traceback), or moved step by step with the storage functions the actors use. Where the
+process matters (refusing to bind off-loopback without a token, not logging task data, surviving
+a database outage) a real ``duplex dashboard`` subprocess is started; the outage is made for
+real on PostgreSQL by a TCP proxy written here.
 """
 
 from __future__ import annotations
 
 import html
-import http.client
 import json
 import random
 import re
@@ -28,7 +28,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,10 @@ from sqlalchemy.engine import make_url
 from duplex import Client
 from duplex.clock import utcnow
 from duplex.commit.retry import RetryPolicy
-from duplex.dashboard import Dashboard
 from duplex.errors import StepError, TransitionError
 from duplex.handlers import HandlerRegistry, StepContext
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
-from duplex.observability.http import HttpServer
-from duplex.settings import DatabaseSettings, Settings
+from duplex.settings import DatabaseSettings
 from duplex.storage.claims import claim_ready_steps
 from duplex.storage.db import Database
 from duplex.storage.migrate import upgrade_to_head
@@ -54,14 +51,12 @@ from duplex.storage.results import commit_outcomes
 from duplex.subscriptions import SubscriberRegistry
 from duplex.templates import parse_template
 from duplex.worker.wiring import Worker
-from tests.cli.test_cli_e2e import Duplex, assert_one_line_error, make_duplex
+from tests.cli.support import Duplex, assert_one_line_error, make_duplex
 from tests.conftest import make_settings, open_work, sqlite_database, wait_until
+from tests.dashboard.support import Browser, Reply, serving
 
 TOKEN = "correct-horse-battery-staple"
-HTTP_TIMEOUT_S = 10.0
 SERVING = re.compile(r"serving http://([\d.]+):(\d+)/ \(dashboard\)")
-ERROR_MESSAGE = re.compile(r'<p class="error-message">(.*?)</p>', re.S)
-CSRF_INPUT = re.compile(r'<input type="hidden" name="csrf" value="([^"]+)">')
 NO_TRACEBACK = "Traceback"
 
 SHOP = """
@@ -128,111 +123,6 @@ handler = "t.h"
 """
 
 
-# --- an HTTP client that keeps cookies and never follows a redirect ---------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: str
-
-    def header(self, name: str) -> str:
-        return self.headers.get(name, "")
-
-    def set_cookies(self) -> dict[str, str]:
-        """The cookies this answer sets (an empty value for a cookie it deletes)."""
-        out: dict[str, str] = {}
-        for line in self.headers.get_all("Set-Cookie") or []:
-            jar: SimpleCookie = SimpleCookie()
-            jar.load(line)
-            for name, morsel in jar.items():
-                out[name] = morsel.value
-        return out
-
-    @property
-    def message(self) -> str:
-        """The one line of an error page."""
-        found = ERROR_MESSAGE.findall(self.body)
-        assert len(found) == 1, f"not one error message in:\n{self.body}"
-        return html.unescape(found[0])
-
-    @property
-    def csrf(self) -> str:
-        found: set[str] = set(CSRF_INPUT.findall(self.body))
-        assert len(found) == 1, "no (or several) csrf tokens in the page"
-        return found.pop()
-
-
-_DEFAULT = object()
-
-
-class Browser:
-    """One browser of the dashboard at ``127.0.0.1:port``: cookies kept, redirects not followed."""
-
-    def __init__(self, port: int, *, timeout: float = HTTP_TIMEOUT_S) -> None:
-        self.port = port
-        self.timeout = timeout
-        self.cookies: dict[str, str] = {}
-        self.csrf = ""
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Reply:
-        sent = dict(headers or {})
-        if self.cookies:
-            sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
-        try:
-            conn.request(method, path, body=body, headers=sent)
-            answer = conn.getresponse()
-            reply = Reply(answer.status, answer.headers, answer.read().decode())
-        finally:
-            conn.close()
-        for name, value in reply.set_cookies().items():
-            if value:
-                self.cookies[name] = value
-            else:
-                self.cookies.pop(name, None)
-        tokens = set(CSRF_INPUT.findall(reply.body))
-        if len(tokens) == 1:
-            self.csrf = tokens.pop()
-        return reply
-
-    def get(self, path: str, **headers: str) -> Reply:
-        return self.request("GET", path, headers=headers)
-
-    def post(
-        self,
-        path: str,
-        form: dict[str, str] | None = None,
-        *,
-        csrf: Any = _DEFAULT,
-        origin: Any = _DEFAULT,
-        content_type: str = "application/x-www-form-urlencoded",
-        headers: dict[str, str] | None = None,
-    ) -> Reply:
-        fields = dict(form or {})
-        token = self.csrf if csrf is _DEFAULT else csrf
-        if token is not None:
-            fields["csrf"] = token
-        sent = {"Content-Type": content_type, **(headers or {})}
-        source = self.origin if origin is _DEFAULT else origin
-        if source is not None:
-            sent["Origin"] = source
-        body = urllib.parse.urlencode(fields).encode()
-        return self.request("POST", path, body=body, headers=sent)
-
-
 def assert_error_page(reply: Reply, status: int, *fragments: str) -> str:
     """A clear error page: the status, one line naming the problem, never a traceback."""
     assert reply.status == status, f"{reply.status} != {status}:\n{reply.body}"
@@ -281,17 +171,6 @@ def all_task_rows(browser: Browser, path: str) -> list[str]:
         next_path = pager_link(reply, "next")
         assert len(seen) < 100, "the pager does not end"
     return seen
-
-
-@contextmanager
-def serving(settings: Settings, db: Database) -> Iterator[int]:
-    """Serve the dashboard in this process on a free port; yield the port."""
-    server = HttpServer("127.0.0.1", 0, Dashboard(settings, db), threads=4, serves="dashboard")
-    server.start()
-    try:
-        yield server.port
-    finally:
-        server.stop()
 
 
 # --- a database with real history, made by a real worker -------------------------------------

@@ -1,5 +1,5 @@
-"""The dashboard's words: labels that follow the task's or step's state, and times that name
-their zone. Pages are served over real HTTP (``serving`` of ``test_dashboard_http``) from a
+"""The dashboard's words: labels that follow the task's or step's state, and times that name their
+zone. Pages are served over real HTTP (``serving`` of ``tests/dashboard/support.py``) from a
 SQLite database whose steps were moved with the storage functions the actors use.
 """
 
@@ -23,7 +23,7 @@ from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task
 from duplex.templates import parse_template
 from tests.conftest import make_settings, sqlite_database
-from tests.dashboard.test_dashboard_http import Browser, serving
+from tests.dashboard.support import Browser, serving
 
 POLICY = RetryPolicy(base_ms=60_000, multiplier=1.0, max_ms=60_000, jitter=0.0)
 FACT = re.compile(r"<dt>([^<]+)</dt><dd[^>]*>(.*?)</dd>", re.S)

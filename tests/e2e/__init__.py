@@ -1,1 +1,1 @@
-"""End to end: several parts together, in subprocesses, under faults."""
+"""End to end: several parts together, most as real subprocesses under faults."""

@@ -25,7 +25,7 @@ from duplex.storage.db import Database
 from duplex.storage.event_operations import task_events
 from duplex.storage.models import tasks
 from examples.consumer import handle
-from tests.cli.test_cli_e2e import ORDER_CONTEXT, REPO_ROOT, make_duplex, migrated_file
+from tests.cli.support import ORDER_CONTEXT, REPO_ROOT, make_duplex, migrated_file
 
 pytestmark = pytest.mark.e2e
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli.test_cli_e2e import Duplex, make_duplex, migrated_file, wait_for
+from tests.cli.support import Duplex, make_duplex, migrated_file, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
 from tests import processes
-from tests.cli.test_cli_e2e import Duplex, make_duplex, migrated_file, wait_for
+from tests.cli.support import Duplex, make_duplex, migrated_file, wait_for
 from tests.conftest import POSTGRES_URL, require_postgres
 
 pytestmark = pytest.mark.e2e

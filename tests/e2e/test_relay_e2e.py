@@ -25,7 +25,7 @@ from duplex.storage.db import Database
 from duplex.storage.models import domain_event_actions, domain_events, workers
 from tests import processes
 from tests.broker_proxy import BrokerProxy
-from tests.cli.test_cli_e2e import Duplex, make_duplex, wait_for
+from tests.cli.support import Duplex, make_duplex, wait_for
 from tests.conftest import open_work
 from tests.relay_support import RABBITMQ_URL, BrokerQueue, first_arrivals, require_rabbitmq
 
@@ -526,7 +526,7 @@ def test_migration_numbers_existing_events_in_commit_order(tmp_path: Path) -> No
 
 def test_the_example_consumer_gets_the_order_events_once_each(tmp_path: Path) -> None:
     require_rabbitmq()
-    from tests.cli.test_cli_e2e import ORDER_CONTEXT, REPO_ROOT
+    from tests.cli.support import ORDER_CONTEXT, REPO_ROOT
 
     exchange = f"duplex.test.example.{uuid.uuid4().hex[:10]}"
     queue = f"{exchange}.orders"

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 from duplex.storage.listen import libpq_url
 from duplex.storage.models import domain_events
 from tests import processes as owned_processes
-from tests.cli.test_cli_e2e import Duplex, make_duplex
+from tests.cli.support import Duplex, make_duplex
 from tests.relay_support import (
     RABBITMQ_URL,
     BrokerQueue,

@@ -36,7 +36,7 @@ from duplex.storage.listen import libpq_url
 from duplex.storage.migrate import upgrade_to_head
 from duplex.storage.schema import HEAD_REVISION
 from tests import processes
-from tests.cli.test_cli_e2e import make_duplex
+from tests.cli.support import make_duplex
 from tests.conftest import (
     POSTGRES_URL,
     create_postgres_schema,
@@ -44,7 +44,7 @@ from tests.conftest import (
     postgres_schema_url,
     require_postgres,
 )
-from tests.e2e.test_postgres_faults import (
+from tests.e2e.support import (
     Cluster,
     Step,
     WorkerProcess,

@@ -1,1 +1,2 @@
-"""Handlers imported by the ``duplex`` subprocesses of ``tests/cli/test_cli_e2e.py``."""
+"""Handlers imported by the ``duplex`` subprocesses that ``make_duplex`` (``tests/cli/support.py``)
+sets up."""

@@ -22,7 +22,7 @@ from duplex.events.relay_lock import RelayLock
 from duplex.settings import DatabaseSettings
 from duplex.storage.db import Database
 from duplex.storage.migrate import upgrade_to_head
-from tests.events.test_relay_logic import claim_all, commit, outcome, pump_until_drained, submit
+from tests.events.support import claim_all, commit, outcome, pump_until_drained, submit
 from tests.relay_support import FakeBroker, FakePublisher, relay_settings
 
 BATCH = 5

@@ -31,9 +31,9 @@ from duplex.templates import parse_template
 from duplex.worker.wiring import Worker
 from tests import processes
 from tests.broker_proxy import BrokerProxy
-from tests.cli.test_cli_e2e import wait_for
+from tests.cli.support import wait_for
 from tests.conftest import make_settings, sqlite_database
-from tests.events.test_relay_logic import (
+from tests.events.support import (
     check_deliveries,
     claim_all,
     commit,
@@ -41,6 +41,7 @@ from tests.events.test_relay_logic import (
     pump_until_drained,
     random_workload,
     submit,
+    unpublished,
 )
 from tests.relay_support import (
     RABBITMQ_URL,
@@ -196,7 +197,7 @@ def test_connections_closed_by_the_broker_mid_stream_lose_nothing(
             closes += 1
             proxy.release()
         deadline = time.monotonic() + 30
-        while count_unpublished(sqlite_db) and time.monotonic() < deadline:
+        while unpublished(sqlite_db) and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         proxy.release()
@@ -206,7 +207,7 @@ def test_connections_closed_by_the_broker_mid_stream_lose_nothing(
         relay.close()
         proxy.close()
     assert relay.stats.broker_errors >= closes, "a close did not drop the relay's connection"
-    assert not count_unpublished(sqlite_db)
+    assert not unpublished(sqlite_db)
     reader = BrokerQueue(attach_to=broker_queue)
     try:
         got = wait_for_messages(reader, total)
@@ -238,12 +239,6 @@ def close_from_the_broker(names: list[str]) -> int:
             ["rabbitmqctl", "close_connection", pid, "duplex relay test"], timeout=30, check=True
         )
     return len(pids)
-
-
-def count_unpublished(db: Database) -> int:
-    from tests.events.test_relay_logic import unpublished
-
-    return unpublished(db)
 
 
 def wait_until_published_more(db: Database, at_least: int) -> None:

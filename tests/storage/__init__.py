@@ -1,1 +1,1 @@
-"""app/storage/: every SQL statement, on SQLite and PostgreSQL."""
+"""app/storage/: every SQL statement, on SQLite and PostgreSQL; the step state machine."""

@@ -24,7 +24,7 @@ from duplex.storage.models import tasks, workflow_steps
 from duplex.storage.operations import resolve_step, retry_step
 from duplex.storage.queries import execution_status, transitions_of_task
 from tests.conftest import sqlite_database
-from tests.storage.test_operations import FAN_IN, Flow
+from tests.storage.support import FAN_IN, Flow
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 

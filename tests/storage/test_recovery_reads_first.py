@@ -12,12 +12,12 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pykka
 import pytest
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, select, update
 
 from duplex.actors.completion_processor import CompletionProcessor, CompletionProcessorProxy
 from duplex.actors.event_publisher import DomainEventPublisher
@@ -33,6 +33,7 @@ from duplex.storage.models import workers, workflow_step_transitions, workflow_s
 from duplex.storage.submission import create_task
 from duplex.subscriptions import SubscriberRegistry
 from duplex.templates import parse_template
+from tests.storage.support import add_worker
 
 ME = "recoverer"
 TICKS = 5
@@ -89,21 +90,6 @@ def tick(recovery: CompletionProcessorProxy) -> int:
     """One recovery tick, as the watchdog sends it; return how many attempts it recovered."""
     recovered: int = recovery.recover_lost_claims().get(timeout=30)
     return recovered
-
-
-def add_worker(db: Database, worker_id: str, heartbeat_at: datetime) -> None:
-    # Another host: only the heartbeat rule applies, never the same-host process check.
-    with db.write() as conn:
-        conn.execute(
-            insert(workers).values(
-                worker_id=worker_id,
-                hostname="another-host",
-                pid=1,
-                started_at=heartbeat_at,
-                heartbeat_at=heartbeat_at,
-                stats={},
-            )
-        )
 
 
 def claim(db: Database, worker_id: str, limit: int) -> list[ClaimedStep]:

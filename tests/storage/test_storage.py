@@ -16,7 +16,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, insert, select, text
+from sqlalchemy import Row, select, text
 
 from duplex.clock import utcnow
 from duplex.commit.retry import RetryPolicy
@@ -57,6 +57,7 @@ from duplex.storage.workers import (
 )
 from duplex.templates import parse_template
 from tests import processes
+from tests.storage.support import WORKER_HOST, add_worker
 
 POLICY = RetryPolicy(base_ms=1000, multiplier=2.0, max_ms=60_000, jitter=0.0)
 WAIT_S = 30.0
@@ -200,23 +201,6 @@ def status_of(db: Database, task: str) -> Row[Any]:
 
 def by_name(claimed: list[ClaimedStep]) -> dict[str, ClaimedStep]:
     return {step.name: step for step in claimed}
-
-
-def add_worker(
-    db: Database, worker_id: str, heartbeat_at: datetime, stopped_at: datetime | None = None
-) -> None:
-    with db.write() as conn:
-        conn.execute(
-            insert(workers).values(
-                worker_id=worker_id,
-                hostname="test-host",
-                pid=1,
-                started_at=heartbeat_at,
-                heartbeat_at=heartbeat_at,
-                stopped_at=stopped_at,
-                stats={},
-            )
-        )
 
 
 # --- submission --------------------------------------------------------------------------------
@@ -966,7 +950,7 @@ def test_dead_local_workers_are_those_whose_process_is_gone(db: Database) -> Non
     with db.read() as conn:
         dead = dead_local_workers(
             conn,
-            hostname="test-host",
+            hostname=WORKER_HOST,
             me="me",
             heartbeat_cutoff=now - timedelta(seconds=30),
             alive=lambda pid: pid != 200,
@@ -1000,7 +984,7 @@ def test_a_dead_worker_with_this_processs_pid_is_one_from_an_earlier_process(
             )
     with db.read() as conn:
         dead = dead_local_workers(
-            conn, hostname="test-host", me="me", heartbeat_cutoff=now - timedelta(seconds=30)
+            conn, hostname=WORKER_HOST, me="me", heartbeat_cutoff=now - timedelta(seconds=30)
         )
     assert dead == ["earlier"]
 

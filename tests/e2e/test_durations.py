@@ -24,7 +24,7 @@ from duplex.storage.queries import task_steps
 from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task
 from duplex.templates import parse_template
-from tests.actors.test_timeouts import running_worker, step_row, submit
+from tests.actors.support import running_worker, step_row, submit
 
 T0 = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
 NO_BACKOFF = RetryPolicy(base_ms=60_000, multiplier=1.0, max_ms=60_000, jitter=0.0)
@@ -99,11 +99,11 @@ def test_a_timed_out_attempt_lasts_as_long_as_it_ran(sqlite_db: Database) -> Non
         return {"late": True}
 
     registry.register("t.stuck", stuck)
-    with running_worker(sqlite_db, registry) as worker:
+    with running_worker(sqlite_db, 1, registry) as (worker, _):
         try:
             task = submit(
                 sqlite_db,
-                {"name": "stuck", "handler": "t.stuck", "timeout_ms": 1000, "max_attempts": 1},
+                [{"name": "stuck", "handler": "t.stuck", "timeout_ms": 1000, "max_attempts": 1}],
             )
             worker.nudge()
             assert started.wait(10)
