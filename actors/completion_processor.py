@@ -1,4 +1,9 @@
-"""[5] CompletionProcessor: the completion channel; commits results, then announces them."""
+"""[5] CompletionProcessor: the completion channel; commits results, then announces them.
+
+A commit that makes dependents ready may claim some of them for this worker in the same
+transaction (``Committer``); this actor hands those straight to the Dispatcher after the
+commit, through ``DispatchChannel`` (a call back up the flow, like the intake's reports).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from typing import Any, Protocol
 from loguru import logger
 
 from duplex.actors.event_publisher import DomainEventPublisherProxy
-from duplex.actors.ports import CommitSignals
+from duplex.actors.ports import CommitSignals, DispatchChannel
 from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
 from duplex.clock import Timer, utcnow
@@ -44,6 +49,10 @@ class CompletionProcessor(SupervisedActor):
     commit fails, the batch is kept and retried with backoff, and none of its events are
     delivered.
 
+    Eager dispatch (``eager_limit`` > 0, once ``connect`` gave a dispatch channel, until
+    ``stop_eager_claims``): the dependents a commit claimed go to the Dispatcher right after
+    it, and the intake counts them as claims.
+
     What to commit and how is ``Committer``'s (``duplex.commit.committer``); this actor owns
     the mailbox, the timers and the announcing that follows each commit.
     """
@@ -64,6 +73,8 @@ class CompletionProcessor(SupervisedActor):
         supervisor: Supervisor | None = None,
         metrics: WorkerMetrics | None = None,
         tracer: StepTracer | None = None,
+        namespaces: Sequence[str] = (),
+        eager_limit: int = 0,
     ) -> None:
         super().__init__(supervisor)
         self._publisher = publisher
@@ -80,7 +91,12 @@ class CompletionProcessor(SupervisedActor):
             clock=clock,
             rng=rng,
             tracer=tracer,
+            namespaces=namespaces,
         )
+        self._eager_limit = eager_limit
+        self._dispatcher: DispatchChannel | None = None
+        # Eagerly claimed steps between their commit and the Dispatcher (for ``salvage``).
+        self._unsent: list[ClaimedStep] = []
         self._observer = observer
         self._clock = clock
         self._intake: CommitSignals | None = None
@@ -89,9 +105,16 @@ class CompletionProcessor(SupervisedActor):
     def on_start(self) -> None:
         self._self = CompletionProcessorProxy.of(self.actor_ref)
 
-    def connect(self, intake: CommitSignals) -> None:
-        """Learn whom to nudge when commits make work ready."""
+    def connect(self, intake: CommitSignals, dispatcher: DispatchChannel | None = None) -> None:
+        """Learn whom to nudge when commits make work ready, and where to send the dependents
+        a commit claims (without a ``dispatcher``, commits claim none)."""
         self._intake = intake
+        self._dispatcher = dispatcher
+        self._committer.eager_limit = self._eager_limit if dispatcher is not None else 0
+
+    def stop_eager_claims(self) -> None:
+        """Claim no more dependents in commits (the worker stopped its intake)."""
+        self._committer.eager_limit = 0
 
     def submit(self, outcome: StepOutcome) -> None:
         """The completion channel: accept one attempt's outcome, fire-and-forget."""
@@ -132,7 +155,10 @@ class CompletionProcessor(SupervisedActor):
 
     def salvage(self) -> None:
         # This actor failed: take in the results still in its mailbox, try each batch once,
-        # and count what could not be saved (those claims fall to the liveness rule).
+        # and count what could not be saved (those claims fall to the liveness rule). Steps
+        # claimed by a commit but not handed on go back to the queue with them.
+        self._buffer.add_releases(self._unsent)
+        self._unsent = []
         for call in take_mailbox(self):
             if call.attr_path == ("submit",):
                 self._buffer.add(call.args[0])
@@ -178,6 +204,8 @@ class CompletionProcessor(SupervisedActor):
     def _announce(self, announcement: Announcement) -> None:
         # Only now, with the transaction committed, may anyone hear about these results.
         report = announcement.report
+        if announcement.claimed:
+            self._hand_on(announcement.claimed)
         if announcement.caught_up and self._intake is not None:
             tell(self._intake.commits_lagging, False)
         if self._metrics is not None:
@@ -202,6 +230,24 @@ class CompletionProcessor(SupervisedActor):
                     announcement.retry_due_in_s, partial(tell, self._intake.nudge)
                 )
 
+    def _hand_on(self, steps: list[ClaimedStep]) -> None:
+        """Send the dependents a commit claimed to the Dispatcher, as the StepExecutor does."""
+        self._unsent = steps
+        if self._metrics is not None:
+            for step in steps:
+                self._metrics.claimed_eagerly.inc((step.namespace,))
+        # The intake hears first: the credits these steps give back when they end (through the
+        # Dispatcher) must not reach it before it counted them as taken.
+        if self._intake is not None:
+            tell(self._intake.claimed_eagerly, len(steps))
+        if self._dispatcher is None or not tell(self._dispatcher.dispatch, steps):
+            # The Dispatcher died (the worker is stopping): back to the queue, committed like
+            # the Dispatcher's own releases.
+            logger.warning("{} claimed step(s) handed back: the dispatcher is gone", len(steps))
+            self._buffer.add_releases(steps)
+            self._schedule_flush()
+        self._unsent = []
+
     def _schedule_flush(self) -> None:
         if self._self is None:
             return
@@ -221,6 +267,7 @@ class CompletionProcessorProxy(TypedProxy[CompletionProcessor]):
     """The CompletionProcessor's messages."""
 
     connect = message(CompletionProcessor.connect)
+    stop_eager_claims = message(CompletionProcessor.stop_eager_claims)
     submit = message(CompletionProcessor.submit)
     release = message(CompletionProcessor.release)
     flush = message(CompletionProcessor.flush)

@@ -2,7 +2,8 @@
 
 Work is signalled by a poll timer (``polling``), by PostgreSQL LISTEN/NOTIFY
 (``event_driven``), or both (``hybrid``); and always by in-process nudges: a submission in
-this process, dependents made ready by a commit, a retry falling due.
+this process, dependents made ready by a commit, a retry falling due. Dependents that a commit
+claimed itself are counted here as claims (``claimed_eagerly``).
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class EventSystem(SupervisedActor):
         self._credits.claimed(requested, got)
         self._claim(work_signalled=False)
 
+    def claimed_eagerly(self, steps: int) -> None:
+        """A commit claimed ``steps`` dependents for this worker (they hold credits too)."""
+        self._credits.claimed_eagerly(steps)
+
     def claim_failed(self, requested: int) -> None:
         """The StepExecutor's claim failed (database trouble): try again after a pause."""
         self._credits.claimed(requested, 0)
@@ -111,8 +116,10 @@ class EventSystem(SupervisedActor):
             self._claim(work_signalled=False)
 
     def stats(self) -> dict[str, int]:
-        """Free credits of the capacity: all of it when idle, unless credits went missing."""
-        return {"capacity": self._credits.capacity, "free": self._credits.available}
+        """Free credits of the capacity: all of it when idle, unless credits went missing;
+        ``excess``: credits given back that were never taken (0 unless accounting is wrong)."""
+        credits = self._credits
+        return {"capacity": credits.capacity, "free": credits.available, "excess": credits.excess}
 
     def stop_intake(self) -> None:
         """Claim nothing more (the worker is stopping)."""
@@ -139,6 +146,7 @@ class EventSystemProxy(TypedProxy[EventSystem]):
     poll = message(EventSystem.poll)
     nudge = message(EventSystem.nudge)
     claimed = message(EventSystem.claimed)
+    claimed_eagerly = message(EventSystem.claimed_eagerly)
     claim_failed = message(EventSystem.claim_failed)
     capacity_freed = message(EventSystem.capacity_freed)
     commits_lagging = message(EventSystem.commits_lagging)

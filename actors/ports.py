@@ -2,9 +2,10 @@
 
 Messages flow down: EventSystem → CommandProcessor → StepExecutor → Dispatcher →
 HandlerWorker, and Dispatcher/HandlerWorker → CompletionProcessor → DomainEventPublisher →
-RelayActor; an actor module imports only modules further down. A few reports go back up
-(claims made, slots freed, nudges): each is a small protocol here, satisfied by the upstream
-actor's proxy, so the sender names what it calls without importing the actor it calls.
+RelayActor; an actor module imports only modules further down. A few calls go back up
+(claims made, slots freed, nudges, dependents claimed in a commit handed to the Dispatcher):
+each is a small protocol here, satisfied by the upstream actor's proxy, so the sender names
+what it calls without importing the actor it calls.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from duplex.actors.proxy import Message
+from duplex.messages import ClaimedStep
 
 
 class ClaimReports(Protocol):
@@ -48,6 +50,20 @@ class CommitSignals(Protocol):
     @property
     def commits_lagging(self) -> Message[[bool], None]:
         """Uncommitted results piled up (True) or caught up again (False)."""
+        ...
+
+    @property
+    def claimed_eagerly(self) -> Message[[int], None]:
+        """``claimed_eagerly(n)``: a commit claimed ``n`` dependents; count them as claimed."""
+        ...
+
+
+class DispatchChannel(Protocol):
+    """What the CompletionProcessor tells the Dispatcher: dependents a commit claimed."""
+
+    @property
+    def dispatch(self) -> Message[[list[ClaimedStep]], None]:
+        """``dispatch(steps)``: run these claimed steps (fire-and-forget)."""
         ...
 
 

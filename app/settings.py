@@ -62,6 +62,10 @@ class WorkerSettings(_Section):
     max_result_bytes: int = Field(default=1_000_000, gt=0)
     commit_batch_size: int = Field(default=500, ge=1)
     commit_linger_ms: float = Field(default=5.0, ge=0, le=1000)
+    # A commit that makes dependents ready claims some for this worker in the same transaction
+    # and hands them straight to the Dispatcher (one per completed parent, at most
+    # max_concurrent_handlers per commit); off, every step goes through the queue.
+    eager_dispatch: bool = True
     # At most a third of event_system.claim_timeout_s (checked in ``Settings``).
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     # How long ``duplex run`` keeps retrying a database that fails transiently during

@@ -3,11 +3,16 @@
 Plain code, no threads (like ``CommitBuffer``): the CompletionProcessor actor owns one
 ``Committer`` and turns what it returns into messages and timers.
 
-* A batch of results (and every pending release) commits in one transaction.
+* A batch of results (and every pending release) commits in one transaction. When it makes
+  dependents ready, the same transaction claims some of them for this worker (eager dispatch,
+  while ``eager_limit`` is set): at most one per result that completed a parent, at most
+  ``eager_limit`` in all, only of this worker's namespaces. The others stay in the queue.
 * A batch the database refuses (``StorageError.refused``: it would refuse it again) is
-  committed one result at a time, so the refused one cannot hold up the others; a result
-  refused on its own is recorded as ``result_unstorable`` instead.
-* Any other failure keeps the batch in the buffer for a retry with backoff.
+  committed one result at a time (claiming nothing eagerly), so the refused one cannot hold
+  up the others; a result refused on its own is recorded as ``result_unstorable`` instead.
+* Any other failure keeps the batch in the buffer for a retry with backoff. A commit that
+  failed at its COMMIT may have gone through unheard, with its eager claims: those are handed
+  back before the next transaction (``release_claims``, guarded like a result).
 * Running attempts of dead workers are failed as ``worker_lost`` (``recover_lost_claims``).
 * Nothing is announced before its transaction committed: each commit yields an
   ``Announcement`` for the caller to deliver.
@@ -31,7 +36,7 @@ from duplex.errors import RESULT_UNSTORABLE, StorageError
 from duplex.messages import ClaimedStep, StepOutcome
 from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
-from duplex.storage.claims import release_claims
+from duplex.storage.claims import claim_dependents, release_claims
 from duplex.storage.db import Database
 from duplex.storage.recovery import has_lost_claims, recover_lost_claims
 from duplex.storage.results import CommitReport, commit_outcomes
@@ -51,6 +56,11 @@ class Announcement:
     caught_up: bool = False
     # The commit failed attempts of lost workers, not results of this one.
     recovery: bool = False
+
+    @property
+    def claimed(self) -> list[ClaimedStep]:
+        """Dependents claimed for this worker in the same transaction: to dispatch now."""
+        return self.report.claimed
 
 
 @dataclass
@@ -93,6 +103,7 @@ class Committer:
         rng: random.Random | None = None,
         tracer: StepTracer | None = None,
         hostname: str | None = None,
+        namespaces: Sequence[str] = (),
     ) -> None:
         self._db = db
         self._buffer = buffer
@@ -103,12 +114,19 @@ class Committer:
         self._rng = rng or random.Random()
         self._tracer = tracer
         self._hostname = hostname or socket.gethostname()
+        self._namespaces = tuple(namespaces)
+        # How many dependents one commit may claim (0: none). The CompletionProcessor sets it
+        # once it has a dispatch channel, and back to 0 when the worker stops its intake.
+        self.eager_limit = 0
+        # Eager claims of a commit whose COMMIT failed: it may have gone through unheard.
+        self._unconfirmed: list[ClaimedStep] = []
         self.counts = {
             "committed": 0,
             "rejected": 0,
             "released": 0,
             "commit_errors": 0,
             "recovered": 0,
+            "claimed_eagerly": 0,
         }
 
     def flush_batch(self, announce: Callable[[Announcement], None] | None = None) -> Flush:
@@ -119,7 +137,7 @@ class Committer:
             return Flush()
         flush = Flush(retried=self._buffer.failing, announce=announce)
         try:
-            report, released = self._commit(batch, releases)
+            report, released = self._commit(batch, releases, eager=True)
         except StorageError as exc:
             # Only data the database refused is singled out; any other failure, passing or
             # not (a read-only database after a failover), keeps the batch and retries it.
@@ -184,16 +202,69 @@ class Committer:
         return self._announcement(report, False, False, recovery=True)
 
     def _commit(
-        self, outcomes: Sequence[StepOutcome], releases: Sequence[ClaimedStep] = ()
+        self,
+        outcomes: Sequence[StepOutcome],
+        releases: Sequence[ClaimedStep] = (),
+        *,
+        eager: bool = False,
     ) -> tuple[CommitReport, int]:
+        self._settle_unconfirmed()
         now = self._clock()
         traced = self._tracer.commit(outcomes) if self._tracer else contextlib.nullcontext()
-        with traced, self._db.write() as conn:
-            report = commit_outcomes(conn, outcomes, policy=self._policy, now=now, rng=self._rng)
-            released = release_claims(
-                conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"
-            )
+        claimed: list[ClaimedStep] = []
+        body_done = False
+        try:
+            with traced, self._db.write() as conn:
+                report = commit_outcomes(
+                    conn, outcomes, policy=self._policy, now=now, rng=self._rng
+                )
+                limit = min(report.parents_completed, self.eager_limit) if eager else 0
+                if limit and report.ready:
+                    claimed = report.claimed = claim_dependents(
+                        conn,
+                        report.ready,
+                        worker_id=self._worker_id,
+                        namespaces=self._namespaces,
+                        limit=limit,
+                        now=now,
+                    )
+                released = release_claims(
+                    conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"
+                )
+                body_done = True
+        except StorageError:
+            if body_done:
+                # The COMMIT itself failed: it may have gone through unheard, claims included.
+                self._unconfirmed.extend(claimed)
+            raise
+        self.counts["claimed_eagerly"] += len(claimed)
         return report, released
+
+    def _settle_unconfirmed(self) -> None:
+        """Hand back the eager claims of a commit that may have gone through unheard.
+
+        Before any other transaction of this path: a later commit could make the same steps
+        ready again and claim the same attempts, which this hand-back must not touch.
+        """
+        if not self._unconfirmed:
+            return
+        try:
+            with self._db.write() as conn:
+                released = release_claims(
+                    conn,
+                    self._unconfirmed,
+                    worker_id=self._worker_id,
+                    now=self._clock(),
+                    reason="eager claim not confirmed (connection lost)",
+                )
+        except StorageError as exc:
+            # Never blamed on a result of the batch that follows (``refused``).
+            raise StorageError(str(exc), transient=exc.transient) from exc
+        self._unconfirmed = []
+        if released:
+            logger.warning(
+                "a commit reported as failed had committed; handed back {} step(s)", released
+            )
 
     def _commit_one_by_one(self, batch: Sequence[StepOutcome], flush: Flush) -> None:
         for outcome in batch:
@@ -248,7 +319,8 @@ class Committer:
             retry_due_in_s = (report.next_retry_at - self._clock()).total_seconds()
         return Announcement(
             report,
-            wake_intake=bool(report.enqueued) or work_ready,
+            # Dependents claimed here run at once; the intake looks for the others.
+            wake_intake=report.enqueued > len(report.claimed) or work_ready,
             retry_due_in_s=retry_due_in_s,
             caught_up=caught_up,
             recovery=recovery,

@@ -1,8 +1,14 @@
 """Intake credits: how many steps the worker may claim now.
 
-The worker never holds more claimed steps than its slots plus the prefetch window
+The intake never claims more than the slots plus the prefetch window
 (``duplex.intake.prefetch``), which is never more than ``worker.prefetch``; the database is the
 buffer, so a backlog of 100k steps does not grow the worker's memory.
+
+Dependents a commit claims for this worker (eager dispatch) are claims the intake did not
+make: they are deducted when it hears of them (``claimed_eagerly``), so ``available`` may go
+below zero, and the intake waits until enough slots free. Until it hears, it may claim on
+credits of the parents those dependents replace: the worker then holds up to that many more
+than the slots and the window, for as long as they take to run.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ class IntakeCredits:
     # Results are waiting for the database: claim nothing more until commits catch up, so the
     # results held in memory stay bounded even when handlers outrun commits.
     commits_lagging: bool = False
+    # Credits given back beyond the capacity and dropped: an accounting error (a claim not
+    # counted, a slot freed twice). Zero in a correct worker; shown in the intake's stats.
+    excess: int = 0
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -93,9 +102,17 @@ class IntakeCredits:
         self.backlog_likely = got >= requested or self.signalled_during_claim
         self.signalled_during_claim = False
 
+    def claimed_eagerly(self, steps: int) -> None:
+        """Account for steps claimed by a commit (not by this intake): they hold credits too."""
+        self.available -= steps
+
     def freed(self, slots: int = 1) -> None:
         """Account for capacity given back by the dispatcher."""
-        self.available = min(self.capacity, self.available + slots)
+        self.available += slots
+        if self.available > self.capacity:
+            # Never claim past the capacity, but let the error show (``excess``).
+            self.excess += self.available - self.capacity
+            self.available = self.capacity
 
     def stop(self) -> None:
         self.stopped = True

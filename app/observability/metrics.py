@@ -63,10 +63,10 @@ class CommitFigures:
 class WorkerMetrics:
     """Everything a worker measures, as one read-only view.
 
-    ``claimed`` (the StepExecutor's) and ``steps`` (the CompletionProcessor's) are counters
-    their actor increments. The handler pool, the commit buffer and the event counts are the
-    actors' plain state, attached by the worker when it starts them; until then (and in a
-    view nobody attached) their figures are None.
+    ``claimed`` (the StepExecutor's), ``claimed_eagerly`` and ``steps`` (the
+    CompletionProcessor's) are counters their actor increments. The handler pool, the commit
+    buffer and the event counts are the actors' plain state, attached by the worker when it
+    starts them; until then (and in a view nobody attached) their figures are None.
     """
 
     def __init__(
@@ -82,6 +82,7 @@ class WorkerMetrics:
         self.version = duplex_version()
         self.started_monotonic = time.monotonic()
         self.claimed = Counter()  # namespace; written by the StepExecutor
+        self.claimed_eagerly = Counter()  # namespace; by the CompletionProcessor (in commits)
         self.steps = StepMetrics()  # written by the CompletionProcessor
         self.queue = queue
         self._draining = draining
@@ -162,11 +163,21 @@ class DuplexCollector(Collector):
         yield _gauge(
             "duplex_worker_draining", "1 while the worker is stopping.", float(m.draining())
         )
+        claimed = m.claimed.snapshot()
+        eager = m.claimed_eagerly.snapshot()
+        for key, value in eager.items():
+            claimed[key] = claimed.get(key, 0) + value
         yield _counter(
             "duplex_steps_claimed",
             "Step attempts claimed by this worker.",
             ["namespace"],
-            m.claimed.snapshot(),
+            claimed,
+        )
+        yield _counter(
+            "duplex_steps_claimed_eagerly",
+            "Of those, dependents claimed in the commit that made them ready.",
+            ["namespace"],
+            eager,
         )
         steps = m.steps
         yield _counter(

@@ -4,6 +4,11 @@ A claim is atomic: the candidate rows are read and updated in one write transact
 (``BEGIN IMMEDIATE`` on SQLite, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), and the update is
 guarded by state, so two workers can never claim the same attempt.
 
+Steps are claimed in two ways, through one core (``claim_steps``): from the queue
+(``claim_ready_steps``), and, inside a result's commit, dependents that commit just made ready
+(``claim_dependents``: no other transaction has seen them enqueued, so there is nothing to
+skip). Both record the same claim: transition row, attempt, claimant, ``claimed_at``.
+
 A claim never waits for a task row: the other writers lock the task before its steps (see
 ``duplex.storage.results``), so a claim that held step locks while waiting for a task could deadlock
 with ``duplex cancel``.
@@ -11,7 +16,7 @@ with ``duplex cancel``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -37,7 +42,6 @@ from duplex.states import (
     ENQUEUED,
     IN_PROGRESS,
     TASK_CANCELLED,
-    TASK_IN_PROGRESS,
     TASK_PENDING,
     WAITING_FOR_RETRY,
 )
@@ -49,7 +53,8 @@ from duplex.storage.models import (
     workflow_step_edges,
     workflow_steps,
 )
-from duplex.storage.task_state import lock_tasks
+from duplex.storage.readiness import ReadyStep
+from duplex.storage.task_state import lock_tasks, mark_tasks_started
 from duplex.storage.transitions import insert_transitions, transition_row
 
 ws = workflow_steps
@@ -72,19 +77,46 @@ def claim_ready_steps(
     )
     # The queue's order: due retries first, then the oldest enqueued.
     rows = sorted(ready, key=lambda row: (row.state != WAITING_FOR_RETRY, row.next_attempt_at))
-    if not rows:
-        return []
     candidates = {row.step_uuid: row.state for row in rows[:limit]}
+    return claim_steps(conn, candidates, worker_id=worker_id, now=now)
 
+
+def claim_dependents(
+    conn: Connection,
+    ready: Sequence[ReadyStep],
+    *,
+    worker_id: str,
+    namespaces: Sequence[str],
+    limit: int,
+    now: datetime,
+) -> list[ClaimedStep]:
+    """Claim up to ``limit`` of the dependents ``ready`` that the commit in this transaction
+    just enqueued, those of ``namespaces`` only; the others stay in the queue."""
+    mine = [step_uuid for step_uuid, namespace in ready if namespace in namespaces]
+    candidates = dict.fromkeys(mine[: max(limit, 0)], ENQUEUED)
+    return claim_steps(conn, candidates, worker_id=worker_id, now=now)
+
+
+def claim_steps(
+    conn: Connection, candidates: Mapping[str, str], *, worker_id: str, now: datetime
+) -> list[ClaimedStep]:
+    """Claim ``candidates`` (step uuid -> the claimable state it was read in), in that order.
+
+    The update is guarded by state, so a candidate no longer claimable is skipped. Each claim
+    writes its transition row (from the state read, reason ``claimed``), counts the attempt,
+    stamps ``claimed_by`` and ``claimed_at`` with ``now``, and brings its parents' results.
+    """
+    if not candidates:
+        return []
     claimed = list(
         conn.execute(_CLAIM, {"ids": list(candidates), "worker_id": worker_id, "now": now})
     )
     if not claimed:
         return []
-    # RETURNING gives no order guarantee; keep the queue's order (due retries first, then
-    # the oldest enqueued), which is the order the candidates were read in.
-    queue_order = {step_uuid: i for i, step_uuid in enumerate(candidates)}
-    claimed.sort(key=lambda r: queue_order[r.step_uuid])
+    # RETURNING gives no order guarantee; keep the candidates' order (for the queue: due
+    # retries first, then the oldest enqueued).
+    order = {step_uuid: i for i, step_uuid in enumerate(candidates)}
+    claimed.sort(key=lambda r: order[r.step_uuid])
 
     at = db_time(conn.dialect, now)
     insert_transitions(
@@ -106,7 +138,7 @@ def claim_ready_steps(
     # step has parents: only what is needed is read or written on top.
     pending = sorted({row.task_uuid for row in claimed if row.task_state == TASK_PENDING})
     if pending:
-        _mark_tasks_started(conn, pending, now)
+        mark_tasks_started(conn, pending, now)
     with_parents = [row.step_uuid for row in claimed if row.has_parents]
     parents = _dependency_results(conn, with_parents) if with_parents else {}
     return [
@@ -252,44 +284,6 @@ def _dependency_results(conn: Connection, step_uuids: list[str]) -> dict[str, di
     for child, name, value in rows:
         results.setdefault(child, {})[name] = value or {}
     return results
-
-
-def _mark_tasks_started(conn: Connection, task_uuids: list[str], now: datetime) -> None:
-    """Move still-pending tasks to in_progress, skipping task rows another writer holds.
-
-    A skipped task stays ``pending`` only until its first result is committed, which brings
-    the task state up to date (``derive_task_state``).
-    """
-    query = _START_FREE_TASKS if conn.dialect.name == "postgresql" else _START_TASKS
-    conn.execute(query, {"ids": task_uuids, "now": now})
-
-
-_STARTED = {
-    "state": TASK_IN_PROGRESS,
-    "updated_at": bindparam("now", type_=tasks.c.updated_at.type),
-}
-_START_TASKS = (
-    update(tasks)
-    .where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)), tasks.c.state == TASK_PENDING)
-    .values(_STARTED)
-)
-# One statement on PostgreSQL too: the subquery locks the rows, skipping those another writer
-# holds, and the update only touches (and waits for) the rows it returned.
-_free_task = tasks.alias("free_task")
-_START_FREE_TASKS = (
-    update(tasks)
-    .where(
-        tasks.c.task_uuid.in_(
-            select(_free_task.c.task_uuid)
-            .where(
-                _free_task.c.task_uuid.in_(bindparam("ids", expanding=True)),
-                _free_task.c.state == TASK_PENDING,
-            )
-            .with_for_update(skip_locked=True)
-        )
-    )
-    .values(_STARTED)
-)
 
 
 def release_claims(

@@ -243,7 +243,7 @@ def resolve_step(
     why = _why("resolved by operator", reason)
     moves = [(step.step_uuid, step.state, RESOLVED_MANUALLY, step.attempts, why)]
     changes = [StepChange(step.step_uuid, step.name, step.state, RESOLVED_MANUALLY)]
-    ready = enqueue_ready_dependents(conn, [step.step_uuid], now=now)
+    ready = [r.step_uuid for r in enqueue_ready_dependents(conn, [step.step_uuid], now=now)]
     if ready:
         names = dict(
             conn.execute(select(ws.c.step_uuid, ws.c.name).where(ws.c.step_uuid.in_(ready))).all()

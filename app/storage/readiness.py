@@ -1,11 +1,15 @@
 """Readiness: the pending children of completed steps become ``enqueued`` once all their
 parents are complete or resolved.
+
+Each step made ready is returned with its namespace, so that the commit that made it ready
+can claim it at once when it is the committing worker's to run (``claim_dependents``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy import Connection, bindparam, exists, not_, select, update
 
@@ -48,13 +52,21 @@ _ENQUEUE_READY = (
         next_attempt_at=bindparam("now", type_=ws.c.next_attempt_at.type),
         updated_at=bindparam("now", type_=ws.c.updated_at.type),
     )
-    .returning(ws.c.step_uuid)
+    .returning(ws.c.step_uuid, ws.c.namespace)
 )
+
+
+class ReadyStep(NamedTuple):
+    """A step just made ready, and the namespace whose workers may claim it."""
+
+    step_uuid: str
+    namespace: str
 
 
 def enqueue_ready_dependents(
     conn: Connection, parents: Iterable[str], *, now: datetime
-) -> list[str]:
-    """Enqueue pending children of ``parents`` whose parents are now all complete or resolved."""
+) -> list[ReadyStep]:
+    """Enqueue pending children of ``parents`` whose parents are now all complete or resolved;
+    return them in step-uuid order."""
     rows = conn.execute(_ENQUEUE_READY, {"parents": list(parents), "now": now})
-    return sorted(row.step_uuid for row in rows)
+    return sorted(ReadyStep(row.step_uuid, row.namespace) for row in rows)

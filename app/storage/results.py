@@ -38,6 +38,7 @@ from sqlalchemy import (
 from duplex.commit.retry import RetryPolicy
 from duplex.errors import StorageError
 from duplex.messages import (
+    ClaimedStep,
     DomainEvent,
     StepOutcome,
 )
@@ -60,7 +61,7 @@ from duplex.storage.models import (
     workflow_steps,
 )
 from duplex.storage.outbox import next_sequences
-from duplex.storage.readiness import enqueue_ready_dependents
+from duplex.storage.readiness import ReadyStep, enqueue_ready_dependents
 from duplex.storage.task_state import update_task_states
 from duplex.storage.transitions import TransitionRow, insert_transitions, transition_row
 
@@ -77,6 +78,13 @@ class CommitReport:
     retrying: list[StepOutcome] = field(default_factory=list)
     events: list[DomainEvent] = field(default_factory=list)
     enqueued: int = 0
+    # The dependents made ready (``enqueued`` of them), and how many applied results completed
+    # a step that has dependents: at most that many are claimed in the same transaction.
+    ready: list[ReadyStep] = field(default_factory=list)
+    parents_completed: int = 0
+    # The dependents the committing worker claimed in the same transaction, to run at once
+    # (``duplex.commit.committer``); claimed exactly as ``claim_ready_steps`` claims.
+    claimed: list[ClaimedStep] = field(default_factory=list)
     next_retry_at: datetime | None = None
 
 
@@ -192,11 +200,13 @@ def commit_outcomes(
                 f"applied {rowcount} of {len(updates)} checked results; batch rolled back"
             )
     if completed:
-        for step_uuid in enqueue_ready_dependents(conn, completed, now=now):
+        report.parents_completed = len(completed)
+        report.ready = enqueue_ready_dependents(conn, completed, now=now)
+        for step_uuid, _ in report.ready:
             transitions.append(
                 transition_row(step_uuid, PENDING, ENQUEUED, 0, None, at, "dependencies complete")
             )
-            report.enqueued += 1
+        report.enqueued = len(report.ready)
     insert_transitions(conn, transitions)
     if event_rows:
         _INSERT_EVENTS.execute(conn, event_rows)

@@ -1,5 +1,6 @@
-"""Task state: locking task rows before touching their steps, and bringing each task's state
-in line with its steps (``duplex.states.derive_task_state``).
+"""Task state: locking task rows before touching their steps, bringing each task's state
+in line with its steps (``duplex.states.derive_task_state``), and marking tasks started when
+their first steps are claimed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from sqlalchemy import (
 from duplex.states import (
     STEP_STATES,
     TASK_FINISHED,
+    TASK_IN_PROGRESS,
+    TASK_PENDING,
     derive_task_state,
 )
 from duplex.storage.driver import BulkStatement, db_time
@@ -112,4 +115,42 @@ _SET_TASK_STATE = BulkStatement(
         completed_at=bindparam("v_completed_at", type_=tasks.c.completed_at.type),
     ),
     ("v_state", "v_updated_at", "v_completed_at", "b_task_uuid"),
+)
+
+
+def mark_tasks_started(conn: Connection, task_uuids: list[str], now: datetime) -> None:
+    """Move still-pending tasks to in_progress, skipping task rows another writer holds.
+
+    A skipped task stays ``pending`` only until its first result is committed, which brings
+    the task state up to date (``derive_task_state``).
+    """
+    query = _START_FREE_TASKS if conn.dialect.name == "postgresql" else _START_TASKS
+    conn.execute(query, {"ids": task_uuids, "now": now})
+
+
+_STARTED = {
+    "state": TASK_IN_PROGRESS,
+    "updated_at": bindparam("now", type_=tasks.c.updated_at.type),
+}
+_START_TASKS = (
+    update(tasks)
+    .where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)), tasks.c.state == TASK_PENDING)
+    .values(_STARTED)
+)
+# One statement on PostgreSQL too: the subquery locks the rows, skipping those another writer
+# holds, and the update only touches (and waits for) the rows it returned.
+_free_task = tasks.alias("free_task")
+_START_FREE_TASKS = (
+    update(tasks)
+    .where(
+        tasks.c.task_uuid.in_(
+            select(_free_task.c.task_uuid)
+            .where(
+                _free_task.c.task_uuid.in_(bindparam("ids", expanding=True)),
+                _free_task.c.state == TASK_PENDING,
+            )
+            .with_for_update(skip_locked=True)
+        )
+    )
+    .values(_STARTED)
 )

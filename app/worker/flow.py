@@ -120,6 +120,8 @@ def start_actors(
         supervisor=supervisor,
         metrics=parts.metrics,
         tracer=parts.tracer,
+        namespaces=cfg.namespaces,
+        eager_limit=cfg.max_concurrent_handlers if cfg.eager_dispatch else 0,
     )
     started.append(completion)
     dispatcher = Dispatcher.start(
@@ -179,6 +181,18 @@ def start_actors(
     return actors, refs
 
 
+def connect_back_edges(actors: Actors) -> None:
+    """Wire the calls that run back up the flow: credits and nudges return to the intake,
+    and dependents claimed by commits go to the Dispatcher."""
+    pykka.get_all(
+        [
+            actors.step_executor.connect(actors.event_system),
+            actors.dispatcher.connect(actors.event_system),
+            actors.completion.connect(actors.event_system, actors.dispatcher),
+        ]
+    )
+
+
 def stop_actors(refs: Iterable[pykka.ActorRef[Any]]) -> None:
     """Stop ``refs`` in that order, waiting for each; one that hangs is logged and passed."""
     for ref in refs:
@@ -197,7 +211,11 @@ def run_stage(what: str, action: Callable[[], object]) -> None:
 
 
 def stop_intake(actors: Actors) -> None:
+    """Claim nothing more: neither the intake nor the commits (eager claims)."""
     actors.event_system.stop_intake().get(timeout=ASK_TIMEOUT_S)
+    # Once this returns, every step a commit claimed is on its way to the Dispatcher, ahead
+    # of the drain of the next stage, which hands back what never started.
+    actors.completion.stop_eager_claims().get(timeout=ASK_TIMEOUT_S)
 
 
 def hand_back_unstarted(actors: Actors) -> None:

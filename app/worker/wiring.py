@@ -148,14 +148,7 @@ class Worker:
             started,
         )
         self.actors = actors
-        # Back-edges of the flow: credits and nudges return to the intake.
-        pykka.get_all(
-            [
-                actors.step_executor.connect(actors.event_system),
-                actors.dispatcher.connect(actors.event_system),
-                actors.completion.connect(actors.event_system),
-            ]
-        )
+        flow.connect_back_edges(actors)
         # A restart after a crash on this host resumes the dead worker's steps at once.
         try:
             actors.completion.recover_lost_claims().get(timeout=ASK_TIMEOUT_S)

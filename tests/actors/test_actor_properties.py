@@ -3,16 +3,20 @@
 Each example runs a real ``Worker`` (all six actors) on a fresh SQLite database with its own
 handler and subscriber registries, drives the work to the end, stops the worker and then
 checks the database, the handler log and the order in which commits and deliveries happened.
+
+Eager dispatch is on (the default): the random DAGs make dependents ready in most commits, and
+those commits claim some of them in their own transaction. Those claims are checked like any
+other (one claim and one settlement per attempt, by the same worker, each attempt run once),
+and for what is theirs alone: claimed in the transaction that made the step ready, one per
+parent the commit completed, at most one per slot, and counted by the intake.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -20,13 +24,13 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from duplex.errors import PermanentError, RetryableError
-from duplex.handlers import Cancellation, HandlerRegistry, StepContext
+from duplex.handlers import HandlerRegistry, StepContext
 from duplex.messages import DomainEvent
 from duplex.states import STEP_TRANSITIONS
 from duplex.storage.models import domain_events, workflow_step_transitions, workflow_steps
 from duplex.storage.results import CommitReport
 from duplex.subscriptions import SubscriberRegistry
-from tests.actors.support import fresh_database, running_worker, submit
+from tests.actors.support import Gauge, Waves, fresh_database, running_worker, submit
 from tests.conftest import open_work, wait_until
 
 EXAMPLES = settings(
@@ -65,69 +69,6 @@ def wait_while_progressing(
     return False
 
 
-@dataclass
-class Gauge:
-    """How many handlers hold a slot now, and the most that ever did at once.
-
-    A handler holds its slot from ``enter`` until it leaves, or until its attempt's cancellation
-    flag is set: the Dispatcher sets the flag of a timed-out attempt before it starts the
-    replacement worker, while the abandoned thread may return (and leave) much later.
-    """
-
-    peak: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    changed: threading.Condition = field(init=False)
-    _entered: dict[int, Cancellation] = field(default_factory=dict)
-    _tokens: Iterator[int] = field(default_factory=itertools.count)
-
-    def __post_init__(self) -> None:
-        self.changed = threading.Condition(self.lock)
-
-    @property
-    def current(self) -> int:
-        with self.lock:
-            return self._holding()
-
-    def _holding(self) -> int:
-        return sum(not cancelled.is_set() for cancelled in self._entered.values())
-
-    def enter(self, cancelled: Cancellation) -> Callable[[], None]:
-        """Take a slot until the returned (idempotent) release, or until ``cancelled`` is set."""
-        with self.lock:
-            token = next(self._tokens)
-            self._entered[token] = cancelled
-            # Only an enter adds a holder, so the peak is always reached at one.
-            self.peak = max(self.peak, self._holding())
-            self.changed.notify_all()
-
-        def leave() -> None:
-            with self.lock:
-                self._entered.pop(token, None)
-                self.changed.notify_all()
-
-        return leave
-
-
-@dataclass
-class Waves:
-    """Hold handlers in their slots until the test lets the current wave go."""
-
-    wave: int = 0
-    changed: threading.Condition = field(default_factory=threading.Condition)
-
-    def hold(self, timeout_s: float) -> bool:
-        """Block until the next wave is released; return False after ``timeout_s``."""
-        with self.changed:
-            mine = self.wave
-            return self.changed.wait_for(lambda: self.wave > mine, timeout_s)
-
-    def release(self) -> None:
-        with self.changed:
-            self.wave += 1
-            self.changed.notify_all()
-
-
-# A plan is the sequence of what a step's attempts do; the last entry settles the step.
 FAILING = ("retryable", "crash", "timeout")
 plans = st.builds(
     lambda fails, last, exhausted: [*fails, exhausted if last == "exhaust" else last],
@@ -281,8 +222,10 @@ def test_random_workloads_keep_every_guarantee(workload: tuple[int, list[dict[st
         return bool(stats["completion"]["rejected"] == stats["dispatcher"]["timeouts"])
 
     def all_credits_free() -> bool:
+        # No credit given back twice: an intake that did not count a commit's claims would
+        # get their credits back on top of its capacity (``excess``).
         intake = worker.status()["intake"]
-        return bool(intake["free"] == intake["capacity"])
+        return bool(intake["free"] == intake["capacity"] and intake["excess"] == 0)
 
     registry.register("prop.step", step)
     subscribers.add("*", subscriber)
@@ -312,6 +255,28 @@ def test_random_workloads_keep_every_guarantee(workload: tuple[int, list[dict[st
     # Guarantee 1: never more than n handlers at once.
     assert gauge.peak <= n
     assert gauge.current == 0
+
+    # Eager dispatch: every commit that made dependents ready claimed one per parent it
+    # completed, at most n, in its own transaction (the claim row is stamped with the time
+    # the step became ready), as this worker.
+    claims_of = {(t.step_uuid, t.attempt): t for t in transitions if t.to_state == "in_progress"}
+    ready_at = {t.step_uuid: t for t in transitions if t.reason == "dependencies complete"}
+    for report in reports:
+        expected_claims = min(len(report.ready), report.parents_completed, n)
+        assert len(report.claimed) == expected_claims, (report.ready, report.claimed)
+        for claimed in report.claimed:
+            claim, ready = (
+                claims_of[(claimed.step_uuid, claimed.attempt)],
+                ready_at[claimed.step_uuid],
+            )
+            assert claim.created_at == ready.created_at, (claim, ready)
+            assert claim.worker_id == worker.worker_id == claimed.claimed_by
+    if any(report.ready for report in reports):
+        assert final["completion"]["claimed_eagerly"] > 0
+    assert final["completion"]["claimed_eagerly"] == sum(len(r.claimed) for r in reports)
+    for row in transitions:
+        if row.to_state == "in_progress" or row.from_state == "in_progress":
+            assert row.worker_id == worker.worker_id, row
 
     assert all(r.task_uuid == task_uuid for r in step_rows.values())
 

@@ -162,7 +162,7 @@ class Recorder:
                 self.running -= 1
 
 
-def run_workflow(db: Database, workflow: Workflow) -> tuple[str, Recorder]:
+def run_workflow(db: Database, workflow: Workflow) -> tuple[str, Recorder, dict[str, Any]]:
     namespace = f"ns-{uuid.uuid4().hex[:8]}"
     recorder = Recorder()
     registry = HandlerRegistry()
@@ -194,8 +194,8 @@ def run_workflow(db: Database, workflow: Workflow) -> tuple[str, Recorder]:
         else:
             raise AssertionError(f"task still {state} after {WAIT_S}s")
     finally:
-        worker.stop()
-    return task_uuid, recorder
+        final = worker.stop()
+    return task_uuid, recorder, final
 
 
 @settings(
@@ -208,7 +208,14 @@ def test_random_workflows_follow_the_dependency_rules(workflow: Workflow) -> Non
     with tempfile.TemporaryDirectory() as tmp:
         db = sqlite_database(Path(tmp) / "prop.db")
         try:
-            check(db, workflow, *run_workflow(db, workflow))
+            task_uuid, recorder, final = run_workflow(db, workflow)
+            check(db, workflow, task_uuid, recorder)
+            # Eager dispatch: a commit that makes a step ready claims it (one per parent).
+            made_ready = any(
+                runs and parents
+                for runs, parents in zip(workflow.runs(), workflow.parents, strict=True)
+            )
+            assert (final["completion"]["claimed_eagerly"] > 0) == made_ready
         finally:
             db.dispose()
 

@@ -256,7 +256,9 @@ def _break_announce() -> None:
         original_init(self, *a, **kw)
         self._committer.publisher = self._publisher  # type: ignore[attr-defined]
 
-    def commit_announcing_early(self: Committer, outcomes: Any, releases: Any = ()) -> Any:
+    def commit_announcing_early(
+        self: Committer, outcomes: Any, releases: Any = (), **_: Any
+    ) -> Any:
         now = self._clock()
         with self._db.write() as conn:
             report = commit_outcomes(conn, outcomes, policy=self._policy, now=now, rng=self._rng)

@@ -1,4 +1,9 @@
-"""IntakeCredits: the worker never claims more than it can run (plus the prefetch window)."""
+"""IntakeCredits: the worker never claims more than it can run (plus the prefetch window).
+
+Dependents claimed by commits (eager dispatch) count against the same credits: the intake may
+have claimed on the credits of the parents they replace before it heard of them, so the worker
+may hold up to that many more, and then claims nothing until enough slots free.
+"""
 
 from __future__ import annotations
 
@@ -91,10 +96,43 @@ def test_a_smaller_window_holds_its_unused_credits_back() -> None:
     assert credits.prefetch == 100
 
 
-def test_freed_never_exceeds_capacity() -> None:
+def test_freed_never_exceeds_capacity_and_the_excess_shows() -> None:
     credits = IntakeCredits(4)
     credits.freed(100)
     assert credits.available == 4
+    assert credits.excess == 100
+
+
+def test_steps_claimed_by_commits_hold_credits_until_they_end() -> None:
+    credits = IntakeCredits(3)
+    assert credits.next_claim(work_signalled=True) == 3
+    credits.claimed(3, 3)
+    credits.freed(2)  # two parents ended; their credits are back...
+    credits.claimed_eagerly(2)  # ...and their commit carried on with two dependents
+    assert credits.available == 0
+    assert credits.next_claim(work_signalled=True) == 0
+    credits.freed(1)
+    assert credits.next_claim(work_signalled=True) == 1
+    credits.claimed(1, 1)
+    assert credits.excess == 0
+
+
+def test_claims_the_intake_made_before_it_heard_of_eager_ones_are_paid_back_first() -> None:
+    credits = IntakeCredits(2)
+    assert credits.next_claim(work_signalled=True) == 2
+    credits.claimed(2, 2)
+    credits.freed(2)
+    assert credits.next_claim(work_signalled=False) == 2  # before it heard of the commit
+    credits.claimed(2, 2)
+    credits.claimed_eagerly(2)  # the commit had claimed two dependents: 4 held, 2 slots
+    assert credits.available == -2
+    credits.freed(2)
+    assert credits.next_claim(work_signalled=True) == 0  # the overshoot is paid back first
+    credits.freed(1)
+    assert credits.next_claim(work_signalled=True) == 1
+    credits.claimed(1, 0)
+    credits.freed(1)
+    assert (credits.available, credits.excess) == (2, 0)
 
 
 def test_nothing_is_claimed_after_stop() -> None:
@@ -114,6 +152,12 @@ class IntakeMachine(RuleBasedStateMachine):
         self.capacity = self.slots = 1
         self.unfinished = 0  # claimed and not yet finished
         self.in_flight: int | None = None  # the limit of the claim on its way
+        # Steps that finished (their credits are back) whose commit has not run yet: it may
+        # claim up to one dependent for each of them.
+        self.awaiting_commit = 0
+        # How many were awaiting their commit when the intake last claimed: the most the
+        # worker can hold beyond its capacity until the intake claims again.
+        self.overshoot_allowed = 0
 
     @initialize(slots=st.integers(min_value=1, max_value=12), prefetch=st.integers(0, 12))
     def start(self, slots: int, prefetch: int) -> None:
@@ -138,6 +182,7 @@ class IntakeMachine(RuleBasedStateMachine):
             assert self.unfinished + limit <= self.slots + self.credits.prefetch
             assert limit >= claim_batch(self.credits.prefetch)
             self.in_flight = limit
+            self.overshoot_allowed = self.awaiting_commit
         elif self.in_flight is None and self.credits.backlog_likely and not self.credits.stopped:
             # Declined for want of credits: only while every slot has a claimed step to run,
             # so waiting for a bigger claim never leaves a handler idle.
@@ -158,6 +203,17 @@ class IntakeMachine(RuleBasedStateMachine):
         n = data.draw(st.integers(min_value=1, max_value=self.unfinished))
         self.credits.freed(n)
         self.unfinished -= n
+        self.awaiting_commit += n
+
+    @precondition(lambda self: self.awaiting_commit > 0)
+    @rule(data=st.data())
+    def commit_claims_dependents(self, data: st.DataObject) -> None:
+        # A commit of finished steps claims at most one dependent per step it committed.
+        committed = data.draw(st.integers(min_value=1, max_value=self.awaiting_commit))
+        claimed = data.draw(st.integers(min_value=0, max_value=committed))
+        self.awaiting_commit -= committed
+        self.unfinished += claimed
+        self.credits.claimed_eagerly(claimed)
 
     @rule()
     def stop(self) -> None:
@@ -165,10 +221,13 @@ class IntakeMachine(RuleBasedStateMachine):
 
     @invariant()
     def never_more_claimed_than_capacity(self) -> None:
+        # Beyond the capacity only by what commits claimed that the intake did not know of
+        # when it last claimed.
         reserved = self.in_flight or 0
-        assert self.unfinished + reserved <= self.capacity
-        assert 0 <= self.credits.available <= self.capacity
+        assert self.unfinished + reserved <= self.capacity + self.overshoot_allowed
+        assert self.credits.available <= self.capacity
         assert self.credits.available + self.unfinished + reserved <= self.capacity
+        assert self.credits.excess == 0
 
     @invariant()
     def no_capacity_is_lost(self) -> None:

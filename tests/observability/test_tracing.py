@@ -7,7 +7,7 @@ attempt it committed. The trace continues the context given at submit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,13 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pykka.messages import ProxyCall
 
 from duplex import Client
 from duplex.errors import RetryableError
 from duplex.handlers import HandlerRegistry, StepContext
 from duplex.storage.db import Database
+from duplex.storage.results import CommitReport
 from duplex.subscriptions import SubscriberRegistry
 from duplex.templates import parse_template
 from duplex.worker.wiring import Worker
@@ -60,7 +62,12 @@ def traced(tmp_path: Path) -> Iterator[tuple[Database, TracerProvider, InMemoryS
 
 
 def run_worker(
-    db: Database, provider: TracerProvider, registry: HandlerRegistry, *, linger_ms: float = 0
+    db: Database,
+    provider: TracerProvider,
+    registry: HandlerRegistry,
+    *,
+    linger_ms: float = 0,
+    observer: Callable[[Worker, CommitReport], None] | None = None,
 ) -> None:
     settings = make_settings(
         str(db.url),
@@ -69,9 +76,21 @@ def run_worker(
         event_system={"polling_interval_ms": 20},
         observability={"tracing": True},
     )
+    started: list[Worker] = []
+
+    def observe(report: CommitReport) -> None:
+        if observer is not None:
+            observer(started[0], report)
+
     worker = Worker(
-        settings, db, registry=registry, subscribers=SubscriberRegistry(), tracer_provider=provider
+        settings,
+        db,
+        registry=registry,
+        subscribers=SubscriberRegistry(),
+        tracer_provider=provider,
+        observer=observe,
     )
+    started.append(worker)
     worker.start()
     try:
         assert wait_until(lambda: open_work(db) == 0, 30)
@@ -91,6 +110,26 @@ def handlers(provider: TracerProvider) -> HandlerRegistry:
 
     registry.register("t.step", step)
     return registry
+
+
+def hold_commits_after_a(worker: Worker, report: CommitReport) -> None:
+    """Once ``a`` is committed, hold the commit path (this runs on its thread) until the
+    results of ``b``'s and ``c``'s first attempts both wait in its mailbox: they then commit
+    in one batch. (``a``'s commit claimed one of them; the intake's poll takes the other.)"""
+    if not any(o.step.name == "a" for o in report.applied):
+        return
+    assert worker.actors is not None
+    inbox = worker.actors.completion.actor_ref.actor_inbox
+
+    def both_results_wait() -> bool:
+        waiting = {
+            call.args[0].step.name
+            for call in (envelope.message for envelope in list(inbox.queue))  # type: ignore[attr-defined]
+            if isinstance(call, ProxyCall) and call.attr_path == ("submit",)
+        }
+        return waiting == {"b", "c"}
+
+    assert wait_until(both_results_wait, 10)
 
 
 def by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, list[ReadableSpan]]:
@@ -116,8 +155,7 @@ def test_a_diamond_is_one_trace_with_a_span_per_attempt_and_commit(
     tracer = provider.get_tracer("test")
     with tracer.start_as_current_span("submit order") as root, Client(db) as client:
         client.submit(DIAMOND, {})
-    # A linger long enough that b's and c's first attempts commit in one batch.
-    run_worker(db, provider, handlers(provider), linger_ms=500)
+    run_worker(db, provider, handlers(provider), observer=hold_commits_after_a)
 
     spans = exporter.get_finished_spans()
     trace_id = root.get_span_context().trace_id

@@ -2,7 +2,8 @@
 
 Hypothesis interleaves every code path that changes a step's state: ``create_task``,
 ``claim_ready_steps`` (two workers), ``commit_outcomes`` with success, retryable and permanent
-outcomes (for live claims and for claims already settled, which the guard must reject),
+outcomes (for live claims and for claims already settled, which the guard must reject), each
+followed in its transaction by ``claim_dependents`` (eager dispatch, 0-2 per commit),
 ``release_claims``, ``recover_lost_claims``, and the operator commands ``cancel_task``,
 ``retry_step`` and ``resolve_step`` (on any step, so refusals are exercised too). Time is a
 fake clock that the test moves, so retries come due when hypothesis decides.
@@ -13,7 +14,8 @@ Invariants, checked after every rule:
   step's state equals its last row's ``to_state``;
 - no step runs ahead of its parents: a step past ``pending`` has every parent complete or
   resolved, unless an operator settled the step or its task was cancelled;
-- a task's stored state is what ``derive_task_state`` makes of its steps (cancelled sticks).
+- a task's stored state is what ``derive_task_state`` makes of its steps (cancelled sticks);
+- a step in progress carries its claim: claimant and attempt, as its claim row says.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from duplex.states import (
     derive_task_state,
     is_legal_step_transition,
 )
-from duplex.storage.claims import claim_ready_steps, release_claims
+from duplex.storage.claims import claim_dependents, claim_ready_steps, release_claims
 from duplex.storage.models import (
     tasks,
     workflow_step_edges,
@@ -129,8 +131,9 @@ class StepStateMachine(RuleBasedStateMachine):
         data=st.data(),
         kind=st.sampled_from(["success", "retryable", "permanent"]),
         retry_after=st.none() | st.floats(0, 5),
+        eager=st.integers(0, 2),
     )
-    def commit(self, data: st.DataObject, kind: str, retry_after: float | None) -> None:
+    def commit(self, data: st.DataObject, kind: str, retry_after: float | None, eager: int) -> None:
         steps = data.draw(st.lists(st.sampled_from(self.claims), min_size=1, max_size=3))
         outcomes = []
         for step in steps:
@@ -144,6 +147,15 @@ class StepStateMachine(RuleBasedStateMachine):
             outcomes.append(outcome)
         with self.db.write() as conn:
             report = commit_outcomes(conn, outcomes, policy=self.policy, now=self.now, rng=self.rng)
+            claimant = steps[0].claimed_by
+            self.claims += claim_dependents(
+                conn,
+                report.ready,
+                worker_id=claimant,
+                namespaces=[NAMESPACE],
+                limit=eager,
+                now=self.now,
+            )
         # A claim settles at most once, whatever else is in the batch.
         applied = Counter((o.step.step_uuid, o.step.attempt) for o in report.applied)
         assert all(n == 1 for n in applied.values())
@@ -222,6 +234,21 @@ class StepStateMachine(RuleBasedStateMachine):
             if child_state in (PENDING, RESOLVED_MANUALLY, CANCELLED):
                 continue  # not started, or settled by an operator
             assert parent_state in DONE, (step_uuid, child_state, parent_state)
+
+    @invariant()
+    def a_running_step_carries_its_claim(self) -> None:
+        ws, t = workflow_steps, workflow_step_transitions
+        with self.db.read() as conn:
+            running = conn.execute(select(ws).where(ws.c.state == "in_progress")).all()
+            last = {row.step_uuid: row for row in conn.execute(select(t).order_by(t.c.id)).all()}
+        for step in running:
+            claim = last[step.step_uuid]
+            assert (claim.reason, claim.worker_id, claim.attempt) == (
+                "claimed",
+                step.claimed_by,
+                step.attempts,
+            ), (step, claim)
+            assert step.claimed_by in WORKERS
 
     @invariant()
     def task_states_follow_their_steps(self) -> None:
