@@ -85,9 +85,8 @@ class RunProgress:
         succeeded, failed, running, open_work = self.figures()
         done = succeeded + failed
         detail = f"{succeeded} succeeded, {failed} failed, {running} running, {open_work} to run"
-        if self._bar is not None and self._task is not None:
-            # Open work includes what runs now; the total grows as dependents become ready.
-            self._bar.update(self._task, completed=done, total=done + open_work, detail=detail)
+        if self._bar is not None:
+            self._draw(done, open_work, detail)
             return
         now = self._clock()
         line = f"progress: {done} attempt(s) committed ({detail})"
@@ -98,8 +97,15 @@ class RunProgress:
     def close(self) -> None:
         """Print the summary, with the steps still to run read now (a figure cached during
         the run could be a second old and count a retry that has since failed for good)."""
-        succeeded, failed, _, open_work = self.figures(fresh=True)
+        succeeded, failed, running, open_work = self.figures(fresh=True)
         if self._bar is not None:
+            # The last frame shows the final figures, not those of the last tick: the last
+            # results may have been committed after it.
+            self._draw(
+                succeeded + failed,
+                open_work,
+                f"{succeeded} succeeded, {failed} failed, {running} running, {open_work} to run",
+            )
             self._bar.stop()
         elapsed = self._clock() - self._started
         left = (
@@ -113,3 +119,9 @@ class RunProgress:
             file=self._stream,
             flush=True,
         )
+
+    def _draw(self, done: int, open_work: int, detail: str) -> None:
+        if self._bar is None or self._task is None:
+            return
+        # Open work includes what runs now; the total grows as dependents become ready.
+        self._bar.update(self._task, completed=done, total=done + open_work, detail=detail)

@@ -47,3 +47,22 @@ def test_the_summary_says_what_is_still_to_run_when_stopped_early() -> None:
         "done: 0 attempt(s) committed (0 succeeded, 0 failed) in 2.0s; "
         "3 step(s) still to run (enqueued, running or waiting for a retry)"
     )
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_bar_s_last_frame_shows_results_committed_after_the_last_tick() -> None:
+    metrics, clock, out = WorkerMetrics("w"), Clock(), Terminal()
+    progress = RunProgress(metrics, lambda: 0, stream=out, clock=clock)
+    metrics.steps.succeeded.inc(("default", "h"))
+    progress.tick()
+    # The last two results commit after the last tick, before the worker stops.
+    metrics.steps.succeeded.inc(("default", "h"))
+    metrics.steps.succeeded.inc(("default", "h"))
+    progress.close()
+    last_frame, summary = out.getvalue().rsplit("\n", 2)[-3:-1]
+    assert "3/3" in last_frame
+    assert "done: 3 attempt(s) committed" in summary

@@ -327,7 +327,10 @@ def test_workers_busy_in_pure_python_never_look_dead(
     cluster = make_cluster(
         {
             "worker": {"max_concurrent_handlers": 4, "prefetch": 0, "heartbeat_interval_s": 0.5},
-            "event_system": {"claim_timeout_s": 1.5, "polling_interval_ms": 100},
+            # Eight beats' margin: on a loaded machine the heartbeat thread of a process
+            # whose four handlers hold the GIL has been seen 2.5 s late. A heartbeat that
+            # waits for a handler is late by a whole burn (6 to 8 s) and still fails this.
+            "event_system": {"claim_timeout_s": 4.0, "polling_interval_ms": 100},
         }
     )
     # A namespace each, and a task of 8 burning steps each: both are saturated, four at a
@@ -337,7 +340,7 @@ def test_workers_busy_in_pure_python_never_look_dead(
     cluster.wait_started(a, b)
     rng = random.Random(7)
     steps = [
-        Step(f"burn{i:02d}", ms=rng.randint(2000, 3000), handler="kills.burn") for i in range(16)
+        Step(f"burn{i:02d}", ms=rng.randint(6000, 8000), handler="kills.burn") for i in range(16)
     ]
     cluster.submit("burn", steps[:8], namespace="burn_a")
     cluster.submit("burn", steps[8:], namespace="burn_b")
