@@ -2,11 +2,12 @@
 
 Hypothesis interleaves every code path that changes a step's state: ``create_task``,
 ``claim_ready_steps`` (two workers), ``commit_outcomes`` with success, retryable and permanent
-outcomes (for live claims and for claims already settled, which the guard must reject), each
-followed in its transaction by ``claim_dependents`` (eager dispatch, 0-2 per commit),
-``release_claims``, ``recover_lost_claims``, and the operator commands ``cancel_task``,
-``retry_step`` and ``resolve_step`` (on any step, so refusals are exercised too). Time is a
-fake clock that the test moves, so retries come due when hypothesis decides.
+outcomes (for live claims and for claims already settled, which the guard must reject), a
+commit of a worker's successes that claims dependents it made ready in its transaction
+(``claim_dependents``, eager dispatch), ``release_claims``, ``recover_lost_claims``, and the
+operator commands ``cancel_task``, ``retry_step`` and ``resolve_step`` (on any step, so
+refusals are exercised too). Time is a fake clock that the test moves, so retries come due
+when hypothesis decides.
 
 Invariants, checked after every rule:
 - every transition row is a legal move of ``duplex.states.STEP_TRANSITIONS`` (creation rows go
@@ -131,9 +132,8 @@ class StepStateMachine(RuleBasedStateMachine):
         data=st.data(),
         kind=st.sampled_from(["success", "retryable", "permanent"]),
         retry_after=st.none() | st.floats(0, 5),
-        eager=st.integers(0, 2),
     )
-    def commit(self, data: st.DataObject, kind: str, retry_after: float | None, eager: int) -> None:
+    def commit(self, data: st.DataObject, kind: str, retry_after: float | None) -> None:
         steps = data.draw(st.lists(st.sampled_from(self.claims), min_size=1, max_size=3))
         outcomes = []
         for step in steps:
@@ -147,18 +147,32 @@ class StepStateMachine(RuleBasedStateMachine):
             outcomes.append(outcome)
         with self.db.write() as conn:
             report = commit_outcomes(conn, outcomes, policy=self.policy, now=self.now, rng=self.rng)
-            claimant = steps[0].claimed_by
-            self.claims += claim_dependents(
-                conn,
-                report.ready,
-                worker_id=claimant,
-                namespaces=[NAMESPACE],
-                limit=eager,
-                now=self.now,
-            )
         # A claim settles at most once, whatever else is in the batch.
         applied = Counter((o.step.step_uuid, o.step.attempt) for o in report.applied)
         assert all(n == 1 for n in applied.values())
+
+    @rule(worker=st.sampled_from(WORKERS), limit=st.integers(1, 3))
+    def finish_and_carry_on(self, worker: str, limit: int) -> None:
+        # A worker's live claims (or one it takes from the queue) succeed, and their commit
+        # claims dependents it made ready, in its transaction: workflows get far this way.
+        mine = [c for c in self._live_claims() if c.claimed_by == worker][:3]
+        if not mine:
+            with self.db.write() as conn:
+                mine = claim_ready_steps(
+                    conn, worker_id=worker, namespaces=[NAMESPACE], limit=1, now=self.now
+                )
+            self.claims += mine
+        outcomes = [StepOutcome(c, self.now, self.now, result={"by": worker}) for c in mine]
+        with self.db.write() as conn:
+            report = commit_outcomes(conn, outcomes, policy=self.policy, now=self.now, rng=self.rng)
+            self.claims += claim_dependents(
+                conn,
+                report.ready,
+                worker_id=worker,
+                namespaces=[NAMESPACE],
+                limit=limit,
+                now=self.now,
+            )
 
     @precondition(lambda self: bool(self.claims))
     @rule(data=st.data())
@@ -284,6 +298,18 @@ class StepStateMachine(RuleBasedStateMachine):
 
     def _step_uuids(self) -> list[str]:
         return self.step_uuids
+
+    def _live_claims(self) -> list[ClaimedStep]:
+        ws = workflow_steps
+        with self.db.read() as conn:
+            held = set(
+                conn.execute(
+                    select(ws.c.step_uuid, ws.c.attempts, ws.c.claimed_by).where(
+                        ws.c.state == "in_progress"
+                    )
+                ).all()
+            )
+        return [c for c in self.claims if (c.step_uuid, c.attempt, c.claimed_by) in held]
 
     def _snapshot(self) -> tuple[Any, ...]:
         with self.db.read() as conn:
