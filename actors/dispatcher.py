@@ -27,6 +27,9 @@ from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
 from duplex.worker.supervision import Supervisor
 
+# How long an idle HandlerWorker may take to stop when the Dispatcher stops.
+IDLE_STOP_S = 5.0
+
 
 class Dispatcher(SupervisedActor):
     """Give each claimed step to an idle worker; enforce timeouts; replace stuck workers.
@@ -77,8 +80,19 @@ class Dispatcher(SupervisedActor):
         for handle in self._deadlines.values():
             handle.cancel()
         for worker_id, worker in self._workers.items():
-            if worker_id not in self._pool.abandoned:
+            if worker_id in self._pool.abandoned:
+                continue
+            if worker_id in self._pool.running:
+                # Inside a handler: it stops when the handler returns (a thread cannot be
+                # interrupted), and the worker's stop waits for its result elsewhere.
                 worker.actor_ref.stop(block=False)
+                continue
+            # An idle worker stops at once: wait for it, so a stopped Dispatcher leaves no
+            # handler actor behind (a start that failed half-way must leave nothing running).
+            try:
+                worker.actor_ref.stop(block=True, timeout=IDLE_STOP_S)
+            except pykka.Timeout:
+                logger.error("handler worker {} did not stop in time", worker_id)
 
     def connect(self, intake: CapacityReports) -> None:
         """Learn where to report freed capacity (the EventSystem is started after this actor)."""

@@ -9,6 +9,7 @@ the intake from ever claiming.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +18,7 @@ import pytest
 from sqlalchemy import Connection, select
 
 from duplex.actors.event_system import EventSystem
+from duplex.actors.handler_worker import HandlerWorker
 from duplex.clock import utcnow
 from duplex.handlers import HandlerRegistry
 from duplex.messages import Status
@@ -59,8 +61,14 @@ def test_a_start_that_fails_half_way_leaves_nothing_running(
     def refuse(*args: object, **kwargs: object) -> None:
         raise RuntimeError("cannot start the intake")
 
+    def slow_to_start(self: HandlerWorker) -> None:
+        # The handler actors are still starting when the start fails: the moment a loaded
+        # machine makes, when their threads have not yet run when they are told to stop.
+        time.sleep(0.3)
+
     # The last actor to start fails: every other one is running by then.
     monkeypatch.setattr(EventSystem, "start", refuse)
+    monkeypatch.setattr(HandlerWorker, "on_start", slow_to_start)
     worker = make_worker(sqlite_db)
     with pytest.raises(RuntimeError, match="cannot start the intake"):
         worker.start()
