@@ -23,6 +23,8 @@ from pydantic_core import ErrorDetails
 from duplex.errors import TemplateError
 
 __all__ = [
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
     "EventDeclaration",
     "StepTemplate",
     "TaskTemplate",
@@ -34,6 +36,9 @@ __all__ = [
 # `retryable = 1` is more likely a mistake than an intent worth coercing.
 _NonEmptyStr = Annotated[str, Field(strict=True, min_length=1)]
 _StepName = Annotated[str, Field(strict=True, min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+# Higher is claimed first (docs/time.md, Priority). Bounded, so that the aging bound is too.
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
+Priority = Annotated[int, Field(strict=True, ge=PRIORITY_MIN, le=PRIORITY_MAX)]
 
 # How many pydantic errors one message lists before summarising the rest.
 _MAX_REPORTED_ERRORS = 10
@@ -74,6 +79,8 @@ class StepTemplate(BaseModel):
     timeout_ms: Annotated[int, Field(strict=True, gt=0, le=604_800_000)] | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
     events: tuple[EventDeclaration, ...] = ()
+    # None: the task's priority (the template's top-level ``priority``, or the submission's).
+    priority: Priority | None = None
 
     @field_validator("inputs")
     @classmethod
@@ -108,6 +115,8 @@ class TaskTemplate(BaseModel):
     namespace: _NonEmptyStr = "default"
     version: _NonEmptyStr = "1.0.0"
     description: Annotated[str, Field(strict=True)] = ""
+    # The priority of the steps that set none; a submission's ``priority`` replaces it.
+    priority: Priority = 0
     steps: tuple[StepTemplate, ...]
 
     @field_validator("steps")
@@ -145,6 +154,13 @@ class TaskTemplate(BaseModel):
         if cycle:
             raise ValueError("cycle: " + " -> ".join([*cycle, cycle[0]]))
         return self
+
+    def step_priority(self, step: StepTemplate, task_priority: int | None = None) -> int:
+        """The priority ``step`` is claimed with: its own, else the submission's, else the
+        template's top-level one."""
+        if step.priority is not None:
+            return step.priority
+        return self.priority if task_priority is None else task_priority
 
     def topological_order(self) -> tuple[StepTemplate, ...]:
         """Return the steps parents first; among ready steps, template order wins."""

@@ -4,6 +4,10 @@ A claim is atomic: the candidate rows are read and updated in one write transact
 (``BEGIN IMMEDIATE`` on SQLite, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), and the update is
 guarded by state, so two workers can never claim the same attempt.
 
+Which steps first: the claim order of ``claim_key`` (priority, aged by waiting; see
+docs/time.md). A step is never claimed before its ``next_attempt_at`` (the not-before time of
+a delayed start, the due time of a retry).
+
 Steps are claimed in two ways, through one core (``claim_steps``): from the queue
 (``claim_ready_steps``), and, inside a result's commit, dependents that commit just made ready
 (``claim_dependents``: no other transaction has seen them enqueued, so there is nothing to
@@ -17,21 +21,17 @@ with ``duplex cancel``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     Boolean,
-    CompoundSelect,
     Connection,
-    Integer,
-    Select,
     and_,
     bindparam,
     func,
     literal_column,
     select,
-    union_all,
     update,
 )
 
@@ -45,6 +45,7 @@ from duplex.states import (
     TASK_PENDING,
     WAITING_FOR_RETRY,
 )
+from duplex.storage.claim_order import DEFAULT_AGING, due_levels, due_steps
 from duplex.storage.driver import db_time
 from duplex.storage.events import declared_events
 from duplex.storage.models import (
@@ -67,17 +68,16 @@ def claim_ready_steps(
     namespaces: Sequence[str],
     limit: int,
     now: datetime,
+    aging: timedelta = DEFAULT_AGING,
 ) -> list[ClaimedStep]:
-    """Claim up to ``limit`` ready steps (due retries first, then oldest enqueued)."""
+    """Claim up to ``limit`` due steps of ``namespaces``, in claim order (``claim_key``).
+
+    Steps not yet due (a delayed start, a retry's backoff) cost the claim nothing, however
+    many there are (``duplex.storage.claim_order``).
+    """
     if limit <= 0 or not namespaces:
         return []
-    ready = conn.execute(
-        _READY[conn.dialect.name == "postgresql"],
-        {"namespaces": list(namespaces), "now": now, "limit": limit},
-    )
-    # The queue's order: due retries first, then the oldest enqueued.
-    rows = sorted(ready, key=lambda row: (row.state != WAITING_FOR_RETRY, row.next_attempt_at))
-    candidates = {row.step_uuid: row.state for row in rows[:limit]}
+    candidates = due_steps(conn, namespaces, limit=limit, now=now, aging=aging)
     return claim_steps(conn, candidates, worker_id=worker_id, now=now)
 
 
@@ -91,9 +91,20 @@ def claim_dependents(
     now: datetime,
 ) -> list[ClaimedStep]:
     """Claim up to ``limit`` of the dependents ``ready`` that the commit in this transaction
-    just enqueued, those of ``namespaces`` only; the others stay in the queue."""
-    mine = [step_uuid for step_uuid, namespace in ready if namespace in namespaces]
-    candidates = dict.fromkeys(mine[: max(limit, 0)], ENQUEUED)
+    just enqueued, those of ``namespaces`` only; the others stay in the queue.
+
+    Priority holds here too: only dependents of the highest priority that has due work in
+    these namespaces are claimed (the dependents themselves count, being enqueued), highest
+    first. A dependent of lower priority stays in the queue, behind the work that outranks it.
+    """
+    mine = [step for step in ready if step.namespace in namespaces]
+    if not mine or limit <= 0:
+        return []
+    floor = min(step.priority for step in mine) - 1
+    levels = due_levels(conn, namespaces, now=now, above=floor)
+    top = max((priority for _, _, priority in levels), default=floor)
+    chosen = sorted((s for s in mine if s.priority >= top), key=lambda s: -s.priority)
+    candidates = dict.fromkeys([step.step_uuid for step in chosen[:limit]], ENQUEUED)
     return claim_steps(conn, candidates, worker_id=worker_id, now=now)
 
 
@@ -113,8 +124,7 @@ def claim_steps(
     )
     if not claimed:
         return []
-    # RETURNING gives no order guarantee; keep the candidates' order (for the queue: due
-    # retries first, then the oldest enqueued).
+    # RETURNING gives no order guarantee; keep the candidates' order (the claim order).
     order = {step_uuid: i for i, step_uuid in enumerate(candidates)}
     claimed.sort(key=lambda r: order[r.step_uuid])
 
@@ -193,37 +203,6 @@ def claimed_step(row: Any, *, claimed_by: str, **context: Any) -> ClaimedStep:
     )
 
 
-def _ready_query(state: str, *, skip_locked: bool) -> Select[Any]:
-    # next_attempt_at is "ready since" for enqueued steps and "due at" for retries, so one
-    # index (state, namespace, next_attempt_at) serves both without sorting the backlog.
-    query = (
-        select(ws.c.step_uuid, ws.c.state, ws.c.next_attempt_at)
-        .where(
-            ws.c.state == state,
-            ws.c.namespace.in_(bindparam("namespaces", expanding=True)),
-            ws.c.next_attempt_at <= bindparam("now", type_=ws.c.next_attempt_at.type),
-        )
-        .order_by(ws.c.next_attempt_at)
-        .limit(bindparam("limit", type_=Integer))
-    )
-    return query.with_for_update(skip_locked=True) if skip_locked else query
-
-
-def _ready_steps(*, skip_locked: bool) -> CompoundSelect[Any]:
-    # Both kinds of ready step in one statement, each read in index order up to the limit;
-    # the caller keeps the first ``limit`` of them in queue order. On PostgreSQL the rows a
-    # claim read but did not take stay locked until its transaction ends, which only makes
-    # other workers skip them for that moment.
-    return union_all(
-        *[
-            select(_ready_query(state, skip_locked=skip_locked).subquery(state))
-            for state in CLAIMABLE
-        ]
-    )
-
-
-# The claim path runs for every few steps: its statements are built once, not per call.
-_READY = {skip_locked: _ready_steps(skip_locked=skip_locked) for skip_locked in (False, True)}
 _NOW = bindparam("now", type_=ws.c.updated_at.type)
 # Read in the claim's own RETURNING, saving a statement each. Spelled out in SQL because
 # SQLAlchemy renders columns in RETURNING without their table, which would turn the
@@ -251,6 +230,8 @@ _CLAIM = (
     .where(
         ws.c.step_uuid.in_(bindparam("ids", expanding=True)),
         unindexed(ws.c.state).in_(CLAIMABLE),
+        # Never before its time (a delayed start, a retry's backoff), whoever claims it.
+        ws.c.next_attempt_at <= _NOW,
     )
     .values(
         state=IN_PROGRESS,

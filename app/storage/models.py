@@ -121,9 +121,12 @@ workflow_steps = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("completed_at", UTCDateTime),
+    # Higher is claimed first, with aging (docs/time.md, Priority); set at submission.
+    Column("priority", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("task_uuid", "name"),
-    # The claim query: ready steps of some namespaces, oldest first.
-    Index(None, "state", "namespace", "next_attempt_at"),
+    # The claim query: per priority level, the steps of a namespace due by now, oldest first
+    # (``next_attempt_at`` is the not-before time: ready since, due at, scheduled for).
+    Index(None, "state", "namespace", "priority", "next_attempt_at"),
     # Task state probes (which states does a task have?) and per-task listings.
     Index(None, "task_uuid", "state"),
 )

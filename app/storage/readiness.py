@@ -52,7 +52,7 @@ _ENQUEUE_READY = (
         next_attempt_at=bindparam("now", type_=ws.c.next_attempt_at.type),
         updated_at=bindparam("now", type_=ws.c.updated_at.type),
     )
-    .returning(ws.c.step_uuid, ws.c.namespace)
+    .returning(ws.c.step_uuid, ws.c.namespace, ws.c.priority)
 )
 
 
@@ -61,6 +61,8 @@ class ReadyStep(NamedTuple):
 
     step_uuid: str
     namespace: str
+    # Which of them the commit may claim first (``claim_dependents``).
+    priority: int = 0
 
 
 def enqueue_ready_dependents(
@@ -69,4 +71,4 @@ def enqueue_ready_dependents(
     """Enqueue pending children of ``parents`` whose parents are now all complete or resolved;
     return them in step-uuid order."""
     rows = conn.execute(_ENQUEUE_READY, {"parents": list(parents), "now": now})
-    return sorted(ReadyStep(row.step_uuid, row.namespace) for row in rows)
+    return sorted(ReadyStep(row.step_uuid, row.namespace, row.priority) for row in rows)

@@ -202,9 +202,9 @@ def commit_outcomes(
     if completed:
         report.parents_completed = len(completed)
         report.ready = enqueue_ready_dependents(conn, completed, now=now)
-        for step_uuid, _ in report.ready:
+        for ready in report.ready:
             transitions.append(
-                transition_row(step_uuid, PENDING, ENQUEUED, 0, None, at, "dependencies complete")
+                transition_row(ready.step_uuid, PENDING, ENQUEUED, 0, None, at, "dependencies complete")
             )
         report.enqueued = len(report.ready)
     insert_transitions(conn, transitions)

@@ -3,6 +3,10 @@
 Many tasks go in one transaction with one batched insert per table, however many tasks
 there are. An idempotency key is unique per template name: a key already used returns
 the existing task and writes nothing for it.
+
+A delayed start (``run_at``) is the roots' ``next_attempt_at``: the claim takes a step only
+once that time has come (``duplex.storage.claims``), so a delayed task needs no state or
+process of its own. ``priority`` replaces the template's top-level one for this submission.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, bindparam, select
 
@@ -38,6 +42,8 @@ def create_task(
     task_uuid: str | None = None,
     idempotency_key: str | None = None,
     trace_context: dict[str, str] | None = None,
+    run_at: datetime | None = None,
+    priority: int | None = None,
 ) -> str:
     """Write one task; roots start ``enqueued``, the rest ``pending``. Return its UUID."""
     (task_id,) = create_tasks(
@@ -48,6 +54,8 @@ def create_task(
         idempotency_keys=[idempotency_key],
         task_uuids=[task_uuid or str(uuid.uuid4())],
         trace_context=trace_context,
+        run_at=run_at,
+        priority=priority,
     )
     return task_id
 
@@ -61,11 +69,15 @@ def create_tasks(
     idempotency_keys: Sequence[str | None] | None = None,
     task_uuids: Sequence[str] | None = None,
     trace_context: dict[str, str] | None = None,
+    run_at: datetime | None = None,
+    priority: int | None = None,
 ) -> list[str]:
     """Write one task per context, in the caller's transaction; return their UUIDs in order.
 
     A context whose idempotency key was used before for this template (or earlier in the same
-    call) gets that task's UUID, and nothing is written for it.
+    call) gets that task's UUID, and nothing is written for it. The roots are not claimable
+    before ``run_at`` (a time already past means ``now``); ``priority`` is the task's, for the
+    steps whose template sets none.
     """
     keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(contexts)
     if len(keys) != len(contexts):
@@ -95,7 +107,8 @@ def create_tasks(
                 "updated_at": now,
             }
         )
-    step_rows, edge_rows, transition_rows = _step_rows(template, task_rows, now)
+    start = Start(now, run_at if run_at is not None and run_at > now else now, priority)
+    step_rows, edge_rows, transition_rows = _step_rows(template, task_rows, start)
     for statement, rows in (
         (_INSERT_TASKS, task_rows),
         (_INSERT_STEPS, step_rows),
@@ -131,10 +144,24 @@ _EXISTING = select(tasks.c.idempotency_key, tasks.c.task_uuid).where(
 )
 
 
+class Start(NamedTuple):
+    """When a submission is written, when its roots may be claimed, and its priority."""
+
+    now: datetime
+    not_before: datetime
+    priority: int | None
+
+
 def _step_rows(
-    template: TaskTemplate, task_rows: Sequence[dict[str, Any]], now: datetime
+    template: TaskTemplate, task_rows: Sequence[dict[str, Any]], start: Start
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Build the step, edge and transition rows of every new task of ``template``."""
+    now = start.now
+    delayed = start.not_before > now
+    reason = f"submitted; scheduled for {start.not_before.isoformat()}" if delayed else "submitted"
+    priorities = {
+        step.name: template.step_priority(step, start.priority) for step in template.steps
+    }
     ordered = template.topological_order()
     steps: list[dict[str, Any]] = []
     edges: list[dict[str, Any]] = []
@@ -159,7 +186,8 @@ def _step_rows(
                     "timeout_ms": step.timeout_ms,
                     "inputs": step.inputs,
                     "declared_events": [e.model_dump() for e in step.events],
-                    "next_attempt_at": now if state == ENQUEUED else None,
+                    "priority": priorities[step.name],
+                    "next_attempt_at": start.not_before if state == ENQUEUED else None,
                     "created_at": now,
                     "updated_at": now,
                 }
@@ -171,7 +199,7 @@ def _step_rows(
                     "to_state": state,
                     "attempt": 0,
                     "worker_id": None,
-                    "reason": "submitted",
+                    "reason": reason if state == ENQUEUED else "submitted",
                     "created_at": now,
                 }
             )

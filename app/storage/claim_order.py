@@ -1,0 +1,176 @@
+"""The claim order: which due steps a claim takes first, and how it finds them cheaply.
+
+A step's place is its ``claim_key``: the time it became ready (``next_attempt_at``: ready
+since, or due at for a retry, or the start time of a delayed task) minus its priority times
+the aging interval (``worker.priority_aging_ms``). Higher priority goes first, and waiting
+ages a step up, so a step of low priority waits a bounded time behind a stream of higher
+ones (docs/time.md, Priority).
+
+How it is read, so that neither a backlog nor steps waiting for their time make a claim
+slower: the claim index is (state, namespace, priority, next_attempt_at). ``due_levels`` finds
+the priority levels that have a due step (a skip scan: a couple of index probes per level);
+``due_steps`` reads each such level's first ``limit`` due steps as one index range in
+``next_attempt_at`` order, and merges the levels by claim key. A step not yet due lies past
+the end of its level's range, so it is never read; the cost of a claim grows with the number
+of priority levels in use (at most 201), not with the number of steps.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    CompoundSelect,
+    Connection,
+    Integer,
+    Select,
+    TextClause,
+    bindparam,
+    select,
+    text,
+    union_all,
+)
+
+from duplex.states import CLAIMABLE, WAITING_FOR_RETRY
+from duplex.storage.models import workflow_steps
+from duplex.templates import PRIORITY_MIN
+
+ws = workflow_steps
+# One priority level is worth this much waiting (``worker.priority_aging_ms``).
+DEFAULT_AGING = timedelta(seconds=1)
+# The lowest priority there can be, minus one: "no floor" for ``due_levels``.
+PRIORITY_FLOOR = PRIORITY_MIN - 1
+
+
+def due_steps(
+    conn: Connection,
+    namespaces: Sequence[str],
+    *,
+    limit: int,
+    now: datetime,
+    aging: timedelta = DEFAULT_AGING,
+) -> dict[str, str]:
+    """Return the first ``limit`` steps of ``namespaces`` due by ``now`` in claim order, as
+    {step uuid: the claimable state it was read in}.
+
+    Two statements: the due levels, then every due level's first ``limit`` steps in one
+    union (on PostgreSQL each read ``FOR UPDATE SKIP LOCKED``).
+    """
+    levels = due_levels(conn, namespaces, now=now)
+    if not levels:
+        return {}
+    params: dict[str, Any] = {"now": now, "limit": limit}
+    for i, (state, namespace, priority) in enumerate(levels):
+        params.update({f"s{i}": state, f"n{i}": namespace, f"p{i}": priority})
+    ready = conn.execute(_ready_steps(len(levels), conn.dialect.name == "postgresql"), params)
+    rows = sorted(ready, key=lambda row: claim_order(row, aging))
+    return {row.step_uuid: row.state for row in rows[:limit]}
+
+
+def claim_key(ready_at: datetime, priority: int, aging: timedelta) -> datetime:
+    """A step's place in the claim order: the earlier, the sooner it is claimed.
+
+    ``ready_at - priority * aging``: one priority level is worth ``aging`` of waiting, so a
+    step of priority ``p`` ready at ``t`` goes before every step of priority at most ``q``
+    that becomes ready after ``t + (q - p) * aging``; it waits behind later, higher-priority
+    work for at most that long (docs/time.md, Priority). Retries that are due are placed by
+    the same rule, ``ready_at`` being their due time.
+    """
+    return ready_at - priority * aging
+
+
+def claim_order(row: Any, aging: timedelta) -> tuple[datetime, int, bool]:
+    """Sort key of a ready row (``next_attempt_at``, ``priority``, ``state``): its claim key,
+    then (ties) the higher priority, then a due retry before a first attempt."""
+    return (
+        claim_key(row.next_attempt_at, row.priority, aging),
+        -row.priority,
+        row.state != WAITING_FOR_RETRY,
+    )
+
+
+def due_levels(
+    conn: Connection, namespaces: Sequence[str], *, now: datetime, above: int | None = None
+) -> list[tuple[str, str, int]]:
+    """Return (state, namespace, priority) of each priority level, above ``above`` if given,
+    that has a claimable step due by ``now``; highest priority first within a state.
+
+    A skip scan of the claim index: one probe finds each level present, one more tells
+    whether it has a due step, whatever the number of steps in it.
+    """
+    namespaces = list(dict.fromkeys(namespaces))
+    params: dict[str, Any] = {"now": now, "floor": PRIORITY_FLOOR if above is None else above}
+    params.update({f"n{i}": namespace for i, namespace in enumerate(namespaces)})
+    rows = conn.execute(_due_levels_statement(len(namespaces)), params)
+    return [(row.state, row.namespace, int(row.priority)) for row in rows]
+
+
+def _level_query(i: int, *, skip_locked: bool) -> Select[Any]:
+    # One priority level of one state and namespace: its due steps, oldest first, read as one
+    # range of the index (state, namespace, priority, next_attempt_at).
+    query = (
+        select(ws.c.step_uuid, ws.c.state, ws.c.next_attempt_at, ws.c.priority)
+        .where(
+            ws.c.state == bindparam(f"s{i}", type_=ws.c.state.type),
+            ws.c.namespace == bindparam(f"n{i}", type_=ws.c.namespace.type),
+            ws.c.priority == bindparam(f"p{i}", type_=Integer),
+            ws.c.next_attempt_at <= bindparam("now", type_=ws.c.next_attempt_at.type),
+        )
+        .order_by(ws.c.next_attempt_at)
+        .limit(bindparam("limit", type_=Integer))
+    )
+    return query.with_for_update(skip_locked=True) if skip_locked else query
+
+
+@functools.lru_cache(maxsize=512)
+def _ready_steps(levels: int, skip_locked: bool) -> CompoundSelect[Any] | Select[Any]:
+    # Every due level in one statement, each read in index order up to the limit; the caller
+    # keeps the first ``limit`` of them in claim order. On PostgreSQL the rows a claim read
+    # but did not take stay locked until its transaction ends, which only makes other workers
+    # skip them for that moment. Built once per number of levels, not per call.
+    parts = [
+        select(_level_query(i, skip_locked=skip_locked).subquery(f"l{i}")) for i in range(levels)
+    ]
+    return parts[0] if levels == 1 else union_all(*parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _due_levels_statement(namespaces: int) -> TextClause:
+    # A recursive skip scan, for every claimable state and namespace: the highest priority
+    # present, then the next one below it, ... each one probe of the claim index; then the
+    # levels that have a due step. Spelled in SQL: SQLAlchemy's recursive CTEs cannot say
+    # "the next value below" as a scalar subquery of the recursive term.
+    pairs = " UNION ALL ".join(
+        f"SELECT '{state}' AS state, CAST(:n{i} AS VARCHAR(255)) AS namespace"
+        for state in CLAIMABLE
+        for i in range(namespaces)
+    )
+    sql = f"""
+WITH RECURSIVE pairs(state, namespace) AS ({pairs}),
+levels(state, namespace, priority) AS (
+    SELECT pairs.state, pairs.namespace,
+           (SELECT max(w.priority) FROM workflow_steps AS w
+            WHERE w.state = pairs.state AND w.namespace = pairs.namespace
+              AND w.priority > :floor)
+    FROM pairs
+    UNION ALL
+    SELECT levels.state, levels.namespace,
+           (SELECT max(w.priority) FROM workflow_steps AS w
+            WHERE w.state = levels.state AND w.namespace = levels.namespace
+              AND w.priority > :floor AND w.priority < levels.priority)
+    FROM levels WHERE levels.priority IS NOT NULL
+)
+SELECT levels.state, levels.namespace, levels.priority FROM levels
+WHERE levels.priority IS NOT NULL AND EXISTS (
+    SELECT 1 FROM workflow_steps AS w
+    WHERE w.state = levels.state AND w.namespace = levels.namespace
+      AND w.priority = levels.priority AND w.next_attempt_at <= :now)
+ORDER BY levels.state, levels.priority DESC
+"""
+    return text(sql).bindparams(
+        bindparam("now", type_=ws.c.next_attempt_at.type),
+        bindparam("floor", type_=Integer),
+    )
