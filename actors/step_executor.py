@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pykka.typing import proxy_field
 
@@ -15,6 +15,7 @@ from duplex.clock import utcnow
 from duplex.intake.claimer import Claimer
 from duplex.messages import ClaimedStep
 from duplex.observability.metrics import WorkerMetrics
+from duplex.storage.claim_order import DEFAULT_AGING
 from duplex.storage.db import Database
 from duplex.worker.supervision import Supervisor
 
@@ -36,11 +37,14 @@ class StepExecutor(SupervisedActor):
         clock: Callable[[], datetime] = utcnow,
         supervisor: Supervisor | None = None,
         metrics: WorkerMetrics | None = None,
+        priority_aging: timedelta = DEFAULT_AGING,
     ) -> None:
         super().__init__(supervisor)
         self._metrics = metrics
         self._dispatcher = dispatcher
-        self._claimer = Claimer(db, worker_id=worker_id, namespaces=namespaces, clock=clock)
+        self._claimer = Claimer(
+            db, worker_id=worker_id, namespaces=namespaces, clock=clock, aging=priority_aging
+        )
         self._intake: ClaimReports | None = None
         self._in_hand: list[ClaimedStep] = []
         self.claimed_total = 0

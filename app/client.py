@@ -15,6 +15,7 @@ second; other workers see the steps at their next poll.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from duplex.clock import utcnow
 from duplex.errors import InputError, StorageError
+from duplex.intake.start import checked_priority, start_time
 from duplex.intake.wake import Waker
 from duplex.messages import JSONDict
 from duplex.observability.tracing import checked_carrier, current_carrier
@@ -60,15 +62,27 @@ class Client:
         *,
         idempotency_key: str | None = None,
         trace_context: dict[str, str] | None = None,
+        run_at: datetime | None = None,
+        delay: timedelta | None = None,
+        priority: int | None = None,
     ) -> str:
         """Create one task; return its UUID (an existing task's, for a key already used).
 
         ``trace_context`` is a W3C carrier (``{"traceparent": ...}``) that every step of the
         task continues; without it, the caller's current OpenTelemetry context (if any).
+        ``run_at`` (an aware datetime) or ``delay``: the task's first steps are not claimed
+        before then (docs/time.md). ``priority`` (-100..100, higher first) replaces the
+        template's top-level ``priority`` for this task.
         """
         keys = None if idempotency_key is None else [idempotency_key]
         (task_uuid,) = self.submit_many(
-            template, [context or {}], idempotency_keys=keys, trace_context=trace_context
+            template,
+            [context or {}],
+            idempotency_keys=keys,
+            trace_context=trace_context,
+            run_at=run_at,
+            delay=delay,
+            priority=priority,
         )
         return task_uuid
 
@@ -79,8 +93,16 @@ class Client:
         *,
         idempotency_keys: Sequence[str | None] | None = None,
         trace_context: dict[str, str] | None = None,
+        run_at: datetime | None = None,
+        delay: timedelta | None = None,
+        priority: int | None = None,
     ) -> list[str]:
-        """Create one task per context in one transaction; return their UUIDs in order."""
+        """Create one task per context in one transaction; return their UUIDs in order.
+
+        ``run_at``, ``delay`` and ``priority`` apply to every task, as in ``submit``.
+        """
+        start_time(run_at, delay, now=utcnow())  # refuse bad input before any other work
+        priority = checked_priority(priority)
         trace_context = checked_carrier(trace_context) or current_carrier()
         resolved = self._template(template)
         batch = list(contexts)
@@ -94,13 +116,16 @@ class Client:
         for attempt in (1, 2):
             try:
                 with self.db.write() as conn:
+                    now = utcnow()
                     task_uuids = create_tasks(
                         conn,
                         resolved,
                         batch,
-                        now=utcnow(),
+                        now=now,
                         idempotency_keys=idempotency_keys,
                         trace_context=trace_context,
+                        run_at=start_time(run_at, delay, now=now),
+                        priority=priority,
                     )
                 break
             except StorageError as exc:

@@ -66,6 +66,10 @@ class WorkerSettings(_Section):
     # and hands them straight to the Dispatcher (one per completed parent, at most
     # max_concurrent_handlers per commit); off, every step goes through the queue.
     eager_dispatch: bool = True
+    # How much waiting one priority level is worth: a step of priority p waits at most
+    # (q - p) * priority_aging_ms behind steps of priority q that became ready after it
+    # (docs/time.md, Priority).
+    priority_aging_ms: int = Field(default=1000, ge=1, le=86_400_000)
     # At most a third of event_system.claim_timeout_s (checked in ``Settings``).
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     # How long ``duplex run`` keeps retrying a database that fails transiently during

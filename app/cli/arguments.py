@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from datetime import datetime, timedelta
+
+from duplex.durations import parse_duration
+from duplex.templates import PRIORITY_MAX, PRIORITY_MIN
 
 
 def positive_int(text: str) -> int:
@@ -32,4 +36,39 @@ def port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be 0 to 65535: {value}")
+    return value
+
+
+def aware_datetime(text: str) -> datetime:
+    """An ISO 8601 time with its offset (``2026-12-24T08:00:00+01:00``, ``...Z``)."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time: {text!r} (e.g. 2026-12-24T08:00:00+01:00)"
+        ) from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no time zone: add one, e.g. {text.strip()}Z or {text.strip()}+01:00"
+        )
+    return value
+
+
+def duration(text: str) -> timedelta:
+    """A duration: ``500ms``, ``2s``, ``15m``, ``1h``, ``1d``."""
+    try:
+        return parse_duration(text, allow_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise argparse.ArgumentTypeError(
+            f"priority {value} out of range: from {PRIORITY_MIN} (lowest) to {PRIORITY_MAX}"
+        )
     return value

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from rich.console import Console, Group
@@ -71,7 +71,7 @@ def tasks_table(summaries: Sequence[TaskSummary]) -> Table:
             t.task_uuid,
             t.name,
             t.state,
-            t.execution_status,
+            scheduled(t.execution_status, t.scheduled_for),
             f"{t.complete_steps}/{t.total_steps}",
             t.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
@@ -81,9 +81,17 @@ def tasks_table(summaries: Sequence[TaskSummary]) -> Table:
 def task_header(task: TaskSummary) -> str:
     return (
         f"task {task.task_uuid}  {task.name} {task.version} ({task.namespace})\n"
-        f"state {task.state}, execution status {task.execution_status}, "
+        f"state {task.state}, execution status "
+        f"{scheduled(task.execution_status, task.scheduled_for)}, "
         f"{task.complete_steps}/{task.total_steps} steps complete"
     )
+
+
+def scheduled(status: str, start: datetime | None) -> str:
+    """``scheduled for <time>`` for a task waiting for its start time, else the status."""
+    if start is None:
+        return status
+    return f"scheduled for {start.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S')} UTC"
 
 
 def steps_table(steps: Sequence[StepSummary]) -> Table:

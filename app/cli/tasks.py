@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from datetime import UTC
 from typing import Any
 
 from duplex.cli import console
-from duplex.cli.arguments import positive_float, positive_int
+from duplex.cli.arguments import aware_datetime, duration, positive_float, positive_int, priority
 from duplex.cli.common import open_database
 from duplex.cli.context import parse_context
 from duplex.cli.output import print_json
@@ -22,6 +23,7 @@ from duplex.cli.watch import watch
 from duplex.client import Client
 from duplex.clock import utcnow
 from duplex.errors import InputError
+from duplex.intake.start import start_time
 from duplex.intake.wake import wake_local_workers
 from duplex.settings import Settings
 from duplex.storage.operations import (
@@ -46,6 +48,26 @@ def add_commands(sub: Any) -> None:
         "--idempotency-key",
         metavar="KEY",
         help="submitting the same KEY for this template again returns the existing task",
+    )
+    when = submit.add_mutually_exclusive_group()
+    when.add_argument(
+        "--at",
+        type=aware_datetime,
+        metavar="ISO8601",
+        help="start no earlier than this time, with its offset (2026-12-24T08:00:00+01:00)",
+    )
+    when.add_argument(
+        "--in",
+        dest="delay",
+        type=duration,
+        metavar="DURATION",
+        help="start no earlier than this from now (500ms, 2s, 15m, 1h, 1d)",
+    )
+    submit.add_argument(
+        "--priority",
+        type=priority,
+        metavar="N",
+        help="-100..100, higher claimed first (default: the template's priority)",
     )
     submit.set_defaults(func=cmd_submit)
 
@@ -103,14 +125,25 @@ def add_commands(sub: Any) -> None:
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     template = load_template(args.template, settings.templates.directory)
     context = parse_context(args.context)
+    # --in counts from now, before the database is opened: the time printed is the one stored.
+    start = start_time(args.at, args.delay, now=utcnow())
     with open_database(settings) as db, Client(db) as client:
         key = args.idempotency_key
         existing = client.find(template.name, key) if key is not None else None
-        task_uuid = existing or client.submit(template, context, idempotency_key=key)
+        task_uuid = existing or client.submit(
+            template,
+            context,
+            idempotency_key=key,
+            run_at=start,
+            priority=args.priority,
+        )
     if existing:
         print(f"task for idempotency key {key!r} exists already; nothing written", file=sys.stderr)
     else:
-        print(f"submitted {template.name} ({len(template.steps)} steps)", file=sys.stderr)
+        when = ""
+        if start is not None:
+            when = f", scheduled for {start.astimezone(UTC).isoformat(timespec='seconds')}"
+        print(f"submitted {template.name} ({len(template.steps)} steps{when})", file=sys.stderr)
     print(task_uuid)
     return 0
 

@@ -11,12 +11,13 @@ the next claim, once the database answers again, whatever that claim took is han
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from loguru import logger
 
 from duplex.errors import StorageError
 from duplex.messages import ClaimedStep
+from duplex.storage.claim_order import DEFAULT_AGING
 from duplex.storage.claims import claim_ready_steps, release_claims, release_unconfirmed_claim
 from duplex.storage.db import Database
 
@@ -31,8 +32,10 @@ class Claimer:
         worker_id: str,
         namespaces: Sequence[str],
         clock: Callable[[], datetime],
+        aging: timedelta = DEFAULT_AGING,
     ) -> None:
         self._db = db
+        self._aging = aging  # worker.priority_aging_ms (docs/time.md, Priority)
         self._worker_id = worker_id
         self._namespaces = tuple(namespaces)
         self._clock = clock
@@ -52,6 +55,7 @@ class Claimer:
                     namespaces=self._namespaces,
                     limit=limit,
                     now=now,
+                    aging=self._aging,
                 )
         except StorageError as exc:
             # Most likely nothing was claimed, but a connection lost around COMMIT may hide a

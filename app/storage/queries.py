@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,6 +56,8 @@ class TaskSummary:
     error_steps: int
     created_at: datetime
     completed_at: datetime | None
+    # Execution status ``scheduled``: when its first steps may start (a delayed start).
+    scheduled_for: datetime | None = None
 
     def as_json(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -78,6 +80,9 @@ class StepSummary:
     next_attempt_at: datetime | None
     claimed_by: str | None
     results: dict[str, Any] | None
+    priority: int = 0
+    # An enqueued step whose start is delayed: not claimed before this time.
+    scheduled_for: datetime | None = None
 
     def as_json(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -116,7 +121,27 @@ def list_tasks(conn: Connection, *, limit: int = 50) -> list[TaskSummary]:
     rows = conn.execute(
         _TASK_SUMMARY.order_by(tasks.c.created_at.desc(), tasks.c.task_uuid).limit(limit)
     )
-    return [TaskSummary(**row._asdict()) for row in rows]
+    return with_start_times(conn, [TaskSummary(**row._asdict()) for row in rows])
+
+
+def with_start_times(conn: Connection, summaries: list[TaskSummary]) -> list[TaskSummary]:
+    """Fill ``scheduled_for`` of the tasks whose execution status is ``scheduled``: the
+    earliest start of their enqueued steps (index (task_uuid, state))."""
+    waiting = [t.task_uuid for t in summaries if t.execution_status == "scheduled"]
+    if not waiting:
+        return summaries
+    ws = workflow_steps
+    starts = dict(
+        conn.execute(
+            select(ws.c.task_uuid, func.min(ws.c.next_attempt_at))
+            .where(ws.c.task_uuid.in_(waiting), ws.c.state == ENQUEUED)
+            .group_by(ws.c.task_uuid)
+        ).all()
+    )
+    return [
+        replace(t, scheduled_for=_as_utc(starts[t.task_uuid])) if starts.get(t.task_uuid) else t
+        for t in summaries
+    ]
 
 
 def count_tasks(conn: Connection) -> int:
@@ -130,7 +155,7 @@ def get_task(conn: Connection, task_uuid: str) -> TaskSummary:
     row = conn.execute(_TASK_SUMMARY.where(tasks.c.task_uuid == task_id)).first()
     if row is None:
         raise InputError(f"unknown task: {task_uuid}")
-    return TaskSummary(**row._asdict())
+    return with_start_times(conn, [TaskSummary(**row._asdict())])[0]
 
 
 def task_steps(
@@ -175,6 +200,10 @@ def task_steps(
                 next_attempt_at=row.next_attempt_at if row.state == WAITING_FOR_RETRY else None,
                 claimed_by=row.claimed_by,
                 results=row.results,
+                priority=row.priority,
+                scheduled_for=row.next_attempt_at
+                if row.state == ENQUEUED and row.next_attempt_at and row.next_attempt_at > now
+                else None,
             )
         )
     return steps

@@ -204,7 +204,9 @@ def commit_outcomes(
         report.ready = enqueue_ready_dependents(conn, completed, now=now)
         for ready in report.ready:
             transitions.append(
-                transition_row(ready.step_uuid, PENDING, ENQUEUED, 0, None, at, "dependencies complete")
+                transition_row(
+                    ready.step_uuid, PENDING, ENQUEUED, 0, None, at, "dependencies complete"
+                )
             )
         report.enqueued = len(report.ready)
     insert_transitions(conn, transitions)

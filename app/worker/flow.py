@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pykka
@@ -143,6 +144,7 @@ def start_actors(
         namespaces=cfg.namespaces,
         supervisor=supervisor,
         metrics=parts.metrics,
+        priority_aging=timedelta(milliseconds=cfg.priority_aging_ms),
     )
     started.append(executor)
     commands = CommandProcessor.start(executor.proxy(), dispatcher.proxy(), supervisor)
