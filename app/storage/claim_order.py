@@ -65,7 +65,7 @@ def due_steps(
     params: dict[str, Any] = {"now": now, "limit": limit}
     for i, (state, namespace, priority) in enumerate(levels):
         params.update({f"s{i}": state, f"n{i}": namespace, f"p{i}": priority})
-    ready = conn.execute(_ready_steps(len(levels), conn.dialect.name == "postgresql"), params)
+    ready = conn.execute(ready_statement(len(levels), conn.dialect.name == "postgresql"), params)
     rows = sorted(ready, key=lambda row: claim_order(row, aging))
     return {row.step_uuid: row.state for row in rows[:limit]}
 
@@ -104,7 +104,7 @@ def due_levels(
     namespaces = list(dict.fromkeys(namespaces))
     params: dict[str, Any] = {"now": now, "floor": PRIORITY_FLOOR if above is None else above}
     params.update({f"n{i}": namespace for i, namespace in enumerate(namespaces)})
-    rows = conn.execute(_due_levels_statement(len(namespaces)), params)
+    rows = conn.execute(due_levels_statement(len(namespaces)), params)
     return [(row.state, row.namespace, int(row.priority)) for row in rows]
 
 
@@ -126,7 +126,7 @@ def _level_query(i: int, *, skip_locked: bool) -> Select[Any]:
 
 
 @functools.lru_cache(maxsize=512)
-def _ready_steps(levels: int, skip_locked: bool) -> CompoundSelect[Any] | Select[Any]:
+def ready_statement(levels: int, skip_locked: bool) -> CompoundSelect[Any] | Select[Any]:
     # Every due level in one statement, each read in index order up to the limit; the caller
     # keeps the first ``limit`` of them in claim order. On PostgreSQL the rows a claim read
     # but did not take stay locked until its transaction ends, which only makes other workers
@@ -138,7 +138,7 @@ def _ready_steps(levels: int, skip_locked: bool) -> CompoundSelect[Any] | Select
 
 
 @functools.lru_cache(maxsize=64)
-def _due_levels_statement(namespaces: int) -> TextClause:
+def due_levels_statement(namespaces: int) -> TextClause:
     # A recursive skip scan, for every claimable state and namespace: the highest priority
     # present, then the next one below it, ... each one probe of the claim index; then the
     # levels that have a due step. Spelled in SQL: SQLAlchemy's recursive CTEs cannot say

@@ -1,0 +1,184 @@
+"""Delayed starts in storage, on SQLite and PostgreSQL: a task's roots are not claimable before
+its ``run_at``, whoever claims; a time already past means now; the claim reads none of the
+steps still waiting for their time (the plans below show the index ranges it uses).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, select, text
+
+from duplex.clock import utcnow
+from duplex.storage.claim_order import due_levels_statement, ready_statement
+from duplex.storage.claims import claim_ready_steps, claim_steps
+from duplex.storage.db import Database
+from duplex.storage.models import workflow_step_transitions, workflow_steps
+from duplex.storage.queries import get_task
+from duplex.storage.submission import create_task, create_tasks
+from duplex.templates import parse_template
+
+ONE = parse_template('name = "one"\n[[steps]]\nname = "a"\nhandler = "t.a"\n')
+CHAIN = parse_template(
+    'name = "chain"\n[[steps]]\nname = "a"\nhandler = "t.a"\n'
+    '[[steps]]\nname = "b"\nhandler = "t.b"\ndepends_on = ["a"]\n'
+)
+
+
+def claim(db: Database, now: datetime, limit: int = 10) -> list[str]:
+    with db.write() as conn:
+        steps = claim_ready_steps(
+            conn, worker_id="w1", namespaces=("default",), limit=limit, now=now
+        )
+    return [step.task_uuid for step in steps]
+
+
+def test_a_delayed_root_is_claimed_at_its_time_and_not_a_microsecond_before(
+    db: Database,
+) -> None:
+    t0 = utcnow()
+    run_at = t0 + timedelta(seconds=30)
+    with db.write() as conn:
+        task = create_task(conn, CHAIN, {}, now=t0, run_at=run_at)
+        other = create_task(conn, ONE, {}, now=t0)
+
+    assert claim(db, t0) == [other]
+    assert claim(db, run_at - timedelta(microseconds=1)) == []
+    with db.read() as conn:
+        summary = get_task(conn, task)
+    assert (summary.execution_status, summary.scheduled_for) == ("scheduled", run_at)
+
+    assert claim(db, run_at) == [task]
+    t = workflow_step_transitions
+    with db.read() as conn:
+        rows = conn.execute(
+            select(t.c.to_state, t.c.reason, t.c.created_at)
+            .join(workflow_steps, workflow_steps.c.step_uuid == t.c.step_uuid)
+            .where(workflow_steps.c.task_uuid == task, workflow_steps.c.name == "a")
+            .order_by(t.c.id)
+        ).all()
+    assert [(r.to_state, r.reason) for r in rows] == [
+        ("enqueued", f"submitted; scheduled for {run_at.isoformat()}"),
+        ("in_progress", "claimed"),
+    ]
+    assert rows[1].created_at >= run_at
+
+
+def test_a_run_at_already_past_means_now(db: Database) -> None:
+    t0 = utcnow() - timedelta(seconds=10)  # the view reads the database's clock
+    with db.write() as conn:
+        older = create_task(conn, ONE, {}, now=t0)
+        late = create_task(
+            conn, ONE, {}, now=t0 + timedelta(seconds=1), run_at=t0 - timedelta(days=1)
+        )
+    with db.read() as conn:
+        at = conn.execute(
+            select(workflow_steps.c.next_attempt_at).where(workflow_steps.c.task_uuid == late)
+        ).scalar_one()
+        status = get_task(conn, late).execution_status
+    # Its place in the queue is its submission, not the past time it named.
+    assert (at, status) == (t0 + timedelta(seconds=1), "has_ready_steps")
+    assert claim(db, t0 + timedelta(seconds=2), limit=1) == [older]
+
+
+def test_the_claim_itself_refuses_a_step_before_its_time(db: Database) -> None:
+    """The guard every claim goes through (queue claims and a commit's eager claims alike)."""
+    t0 = utcnow()
+    with db.write() as conn:
+        task = create_task(conn, ONE, {}, now=t0, run_at=t0 + timedelta(seconds=5))
+        step = conn.execute(
+            select(workflow_steps.c.step_uuid).where(workflow_steps.c.task_uuid == task)
+        ).scalar_one()
+    with db.write() as conn:
+        early = claim_steps(conn, {step: "enqueued"}, worker_id="w1", now=t0)
+    with db.write() as conn:
+        on_time = claim_steps(
+            conn, {step: "enqueued"}, worker_id="w1", now=t0 + timedelta(seconds=5)
+        )
+    assert (len(early), len(on_time)) == (0, 1)
+
+
+def test_many_steps_waiting_for_their_time_are_never_read(db: Database) -> None:
+    """The plans of both claim statements: index ranges bounded by ``now``, so with 3,000 steps
+    scheduled and 5 due, the claim reads about 5 rows (PostgreSQL: actual rows counted)."""
+    t0 = utcnow()
+    with db.write() as conn:
+        create_tasks(conn, ONE, [{}] * 3000, now=t0, run_at=t0 + timedelta(hours=1))
+        create_tasks(conn, ONE, [{}] * 3000, now=t0, run_at=t0 + timedelta(hours=1), priority=9)
+        create_tasks(conn, ONE, [{}] * 5, now=t0)
+    with db.write() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("ANALYZE workflow_steps"))
+            _assert_postgres_reads_only_due_rows(conn, t0)
+        else:
+            _assert_sqlite_searches_by_range(conn, t0)
+    assert len(claim(db, t0 + timedelta(seconds=1))) == 5
+
+
+def _statements() -> list[tuple[Any, dict[str, Any]]]:
+    levels = {"s0": "enqueued", "n0": "default", "p0": 0}
+    return [
+        (due_levels_statement(1), {"n0": "default", "floor": -101}),
+        (ready_statement(1, True), {**levels, "limit": 10}),
+    ]
+
+
+def _assert_sqlite_searches_by_range(conn: Connection, now: datetime) -> None:
+    for statement, params in _statements():
+        compiled = statement.compile(dialect=conn.dialect)
+        values = compiled.construct_params(
+            {**params, "now": now.replace(tzinfo=None).isoformat(sep=" ")}
+        )
+        positional = [values[name] for name in compiled.positiontup or ()]
+        plan = " | ".join(
+            row[3]
+            for row in conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + compiled.string, tuple(positional)
+            )
+        )
+        # Every read of the table is an index search; only the CTEs' own rows are scanned.
+        table_reads = [part for part in plan.split(" | ") if "workflow_steps" in part]
+        assert table_reads, plan
+        assert all(part.startswith("SEARCH") and "USING" in part for part in table_reads), plan
+        assert "next_attempt_at<?" in plan, plan
+
+
+def _assert_postgres_reads_only_due_rows(conn: Connection, now: datetime) -> None:
+    for statement, params in _statements():
+        compiled = statement.compile(dialect=conn.dialect)
+        values = compiled.construct_params({**params, "now": now + timedelta(seconds=1)})
+        (plan,) = conn.exec_driver_sql(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + compiled.string, values
+        ).scalar_one()
+        plan = plan if isinstance(plan, dict) else json.loads(plan)[0]
+        nodes = list(_nodes(plan["Plan"]))
+        assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], plan
+        read = sum(
+            n["Actual Rows"] * n["Actual Loops"] + n.get("Rows Removed by Filter", 0)
+            for n in nodes
+            if "Index" in n["Node Type"]
+        )
+        assert read <= 20, plan
+
+
+def _nodes(node: dict[str, Any]) -> Any:
+    yield node
+    for child in node.get("Plans", ()):
+        yield from _nodes(child)
+
+
+@pytest.mark.parametrize("field", ["run_at", "priority"])
+def test_submission_keeps_its_arguments_out_of_tasks_reused_by_idempotency_key(
+    db: Database, field: str
+) -> None:
+    t0 = utcnow()
+    later = {"run_at": t0 + timedelta(hours=1), "priority": 50}[field]
+    with db.write() as conn:
+        (first,) = create_tasks(conn, ONE, [{}], now=t0, idempotency_keys=["k"])
+        (again,) = create_tasks(conn, ONE, [{}], now=t0, idempotency_keys=["k"], **{field: later})
+        row = conn.execute(select(workflow_steps).where(workflow_steps.c.task_uuid == first)).one()
+    assert first == again
+    assert (row.next_attempt_at, row.priority) == (t0, 0)
