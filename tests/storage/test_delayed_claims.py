@@ -175,10 +175,11 @@ def test_submission_keeps_its_arguments_out_of_tasks_reused_by_idempotency_key(
     db: Database, field: str
 ) -> None:
     t0 = utcnow()
-    later = {"run_at": t0 + timedelta(hours=1), "priority": 50}[field]
+    later: dict[str, Any] = {"run_at": t0 + timedelta(hours=1), "priority": 50}
+    again_with = {field: later[field]}
     with db.write() as conn:
         (first,) = create_tasks(conn, ONE, [{}], now=t0, idempotency_keys=["k"])
-        (again,) = create_tasks(conn, ONE, [{}], now=t0, idempotency_keys=["k"], **{field: later})
+        (again,) = create_tasks(conn, ONE, [{}], now=t0, idempotency_keys=["k"], **again_with)
         row = conn.execute(select(workflow_steps).where(workflow_steps.c.task_uuid == first)).one()
     assert first == again
     assert (row.next_attempt_at, row.priority) == (t0, 0)
