@@ -36,6 +36,7 @@ class TaskDetail:
     completed_at: datetime | None
     idempotency_key: str | None
     execution_status: str
+    scheduled_for: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,12 @@ def task_detail(conn: Connection, task_uuid: str) -> TaskDetail:
     ).first()
     if row is None:
         raise InputError(f"unknown task: {task_id}")
-    status = step_summaries(conn, [task_id])[task_id]["execution_status"]
-    return TaskDetail(**row._asdict(), execution_status=status)
+    summary = step_summaries(conn, [task_id])[task_id]
+    return TaskDetail(
+        **row._asdict(),
+        execution_status=summary["execution_status"],
+        scheduled_for=summary["scheduled_for"],
+    )
 
 
 _STEP_COLUMNS = (

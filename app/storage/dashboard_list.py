@@ -31,12 +31,13 @@ from duplex.states import (
 )
 from duplex.storage.models import tasks
 from duplex.storage.models import workflow_steps as ws
-from duplex.storage.queries import TASK_COLUMNS, execution_status
+from duplex.storage.queries import TASK_COLUMNS, execution_status, start_times
 
 EXECUTION_STATUSES = (
     "blocked_by_failures",
     "has_ready_steps",
     "processing",
+    "scheduled",
     "all_complete",
     "waiting_for_dependencies",
     "cancelled",
@@ -83,6 +84,8 @@ class TaskRow:
     complete_steps: int
     error_steps: int
     in_progress_steps: int
+    # Execution status ``scheduled``: when its first steps may start (docs/time.md).
+    scheduled_for: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -136,12 +139,16 @@ def _open_task_statuses(flt: TaskFilter) -> Select[Any]:
     def some(condition: Any) -> Any:
         return func.sum(case((condition, 1), else_=0)) > 0
 
-    ready = or_(s.state == ENQUEUED, and_(s.state == WAITING_FOR_RETRY, s.next_attempt_at <= now))
+    ready = or_(
+        and_(s.state == ENQUEUED, or_(s.next_attempt_at.is_(None), s.next_attempt_at <= now)),
+        and_(s.state == WAITING_FOR_RETRY, s.next_attempt_at <= now),
+    )
     done = func.sum(case((s.state.in_([COMPLETE, RESOLVED_MANUALLY]), 1), else_=0))
     status = case(
         (some(s.state == ERROR), "blocked_by_failures"),
         (some(ready), "has_ready_steps"),
         (some(s.state == IN_PROGRESS), "processing"),
+        (some(and_(s.state == ENQUEUED, s.next_attempt_at > now)), "scheduled"),
         (and_(func.count(s.step_uuid) > 0, done == func.count(s.step_uuid)), ALL_COMPLETE),
         else_="waiting_for_dependencies",
     )
@@ -218,7 +225,7 @@ def step_summaries(conn: Connection, task_uuids: Sequence[str]) -> dict[str, dic
     """The execution status and step counts of these tasks, from one grouped query.
 
     Keyed by task uuid; each value has ``execution_status``, ``total_steps``,
-    ``complete_steps``, ``error_steps`` and ``in_progress_steps``.
+    ``complete_steps``, ``error_steps``, ``in_progress_steps`` and ``scheduled_for``.
     """
     if not task_uuids:
         return {}
@@ -231,16 +238,21 @@ def step_summaries(conn: Connection, task_uuids: Sequence[str]) -> dict[str, dic
         v.error_steps,
         v.in_progress_steps,
     ).where(v.task_uuid.in_(list(task_uuids)))
-    return {
+    summaries = {
         row.task_uuid: {
             "execution_status": row.execution_status,
             "total_steps": int(row.total_steps),
             "complete_steps": int(row.complete_steps),
             "error_steps": int(row.error_steps),
             "in_progress_steps": int(row.in_progress_steps),
+            "scheduled_for": None,
         }
         for row in conn.execute(query)
     }
+    waiting = [task for task, s in summaries.items() if s["execution_status"] == "scheduled"]
+    for task, start in start_times(conn, waiting).items():
+        summaries[task]["scheduled_for"] = start
+    return summaries
 
 
 def status_counts(conn: Connection, flt: TaskFilter) -> dict[str, int]:

@@ -127,21 +127,23 @@ def list_tasks(conn: Connection, *, limit: int = 50) -> list[TaskSummary]:
 def with_start_times(conn: Connection, summaries: list[TaskSummary]) -> list[TaskSummary]:
     """Fill ``scheduled_for`` of the tasks whose execution status is ``scheduled``: the
     earliest start of their enqueued steps (index (task_uuid, state))."""
-    waiting = [t.task_uuid for t in summaries if t.execution_status == "scheduled"]
-    if not waiting:
-        return summaries
-    ws = workflow_steps
-    starts = dict(
-        conn.execute(
-            select(ws.c.task_uuid, func.min(ws.c.next_attempt_at))
-            .where(ws.c.task_uuid.in_(waiting), ws.c.state == ENQUEUED)
-            .group_by(ws.c.task_uuid)
-        ).all()
+    starts = start_times(
+        conn, [t.task_uuid for t in summaries if t.execution_status == "scheduled"]
     )
-    return [
-        replace(t, scheduled_for=_as_utc(starts[t.task_uuid])) if starts.get(t.task_uuid) else t
-        for t in summaries
-    ]
+    return [replace(t, scheduled_for=starts.get(t.task_uuid)) for t in summaries]
+
+
+def start_times(conn: Connection, task_uuids: Sequence[str]) -> dict[str, datetime]:
+    """The earliest start of each task's enqueued steps (for tasks waiting for their time)."""
+    if not task_uuids:
+        return {}
+    ws = workflow_steps
+    rows = conn.execute(
+        select(ws.c.task_uuid, func.min(ws.c.next_attempt_at))
+        .where(ws.c.task_uuid.in_(list(task_uuids)), ws.c.state == ENQUEUED)
+        .group_by(ws.c.task_uuid)
+    )
+    return {task: _as_utc(start) for task, start in rows if start is not None}
 
 
 def count_tasks(conn: Connection) -> int:

@@ -15,6 +15,8 @@ from sqlalchemy import Connection, select, text
 from duplex.clock import utcnow
 from duplex.storage.claim_order import due_levels_statement, ready_statement
 from duplex.storage.claims import claim_ready_steps, claim_steps
+from duplex.storage.dashboard_detail import task_detail
+from duplex.storage.dashboard_list import TaskFilter, status_counts, task_page
 from duplex.storage.db import Database
 from duplex.storage.models import workflow_step_transitions, workflow_steps
 from duplex.storage.queries import get_task
@@ -183,3 +185,21 @@ def test_submission_keeps_its_arguments_out_of_tasks_reused_by_idempotency_key(
         row = conn.execute(select(workflow_steps).where(workflow_steps.c.task_uuid == first)).one()
     assert first == again
     assert (row.next_attempt_at, row.priority) == (t0, 0)
+
+
+def test_the_dashboard_reads_show_a_scheduled_task_and_its_start(db: Database) -> None:
+    t0 = utcnow()
+    start = t0 + timedelta(hours=3)
+    with db.write() as conn:
+        task = create_task(conn, CHAIN, {}, now=t0, run_at=start)
+        ready = create_task(conn, CHAIN, {}, now=t0)
+    with db.read() as conn:
+        page = task_page(conn, TaskFilter(), limit=10)
+        detail = task_detail(conn, task)
+        counts = status_counts(conn, TaskFilter())
+        only = task_page(conn, TaskFilter(execution_status="scheduled"), limit=10)
+    shown = {row.task_uuid: (row.execution_status, row.scheduled_for) for row in page.rows}
+    assert shown == {task: ("scheduled", start), ready: ("has_ready_steps", None)}
+    assert (detail.execution_status, detail.scheduled_for) == ("scheduled", start)
+    assert (counts["scheduled"], counts["has_ready_steps"]) == (1, 1)
+    assert [row.task_uuid for row in only.rows] == [task]
