@@ -20,15 +20,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     CompoundSelect,
     Connection,
     Integer,
     Select,
-    TextClause,
+    String,
+    TextualSelect,
     bindparam,
+    column,
     select,
     text,
     union_all,
@@ -57,14 +59,28 @@ def due_steps(
     {step uuid: the claimable state it was read in}.
 
     Two statements: the due levels, then every due level's first ``limit`` steps in one
-    union (on PostgreSQL each read ``FOR UPDATE SKIP LOCKED``).
+    union (on PostgreSQL each read ``FOR UPDATE SKIP LOCKED``). Each level is read only as
+    far as it can matter: a level that has ``limit`` due steps bounds the claim key of the
+    ``limit``-th step taken (``cut``), and no other level is read past that key.
     """
-    levels = due_levels(conn, namespaces, now=now)
+    levels = due_levels(conn, namespaces, now=now, nth=limit)
     if not levels:
         return {}
-    params: dict[str, Any] = {"now": now, "limit": limit}
-    for i, (state, namespace, priority) in enumerate(levels):
-        params.update({f"s{i}": state, f"n{i}": namespace, f"p{i}": priority})
+    cut = min(
+        (claim_key(level.nth, level.priority, aging) for level in levels if level.nth),
+        default=None,
+    )
+    params: dict[str, Any] = {"limit": limit}
+    for i, level in enumerate(levels):
+        until = now if cut is None else min(now, cut + level.priority * aging)
+        params.update(
+            {
+                f"s{i}": level.state,
+                f"n{i}": level.namespace,
+                f"p{i}": level.priority,
+                f"c{i}": until,
+            }
+        )
     ready = conn.execute(ready_statement(len(levels), conn.dialect.name == "postgresql"), params)
     rows = sorted(ready, key=lambda row: claim_order(row, aging))
     return {row.step_uuid: row.state for row in rows[:limit]}
@@ -92,20 +108,40 @@ def claim_order(row: Any, aging: timedelta) -> tuple[datetime, int, bool]:
     )
 
 
+class Level(NamedTuple):
+    """A priority level of a claimable state in a namespace that has due steps."""
+
+    state: str
+    namespace: str
+    priority: int
+    # ``next_attempt_at`` of its ``nth`` due step in index order, if it has that many.
+    nth: datetime | None
+
+
 def due_levels(
-    conn: Connection, namespaces: Sequence[str], *, now: datetime, above: int | None = None
-) -> list[tuple[str, str, int]]:
-    """Return (state, namespace, priority) of each priority level, above ``above`` if given,
-    that has a claimable step due by ``now``; highest priority first within a state.
+    conn: Connection,
+    namespaces: Sequence[str],
+    *,
+    now: datetime,
+    above: int | None = None,
+    nth: int = 1,
+) -> list[Level]:
+    """Return each priority level, above ``above`` if given, that has a claimable step due by
+    ``now``; highest priority first within a state.
 
     A skip scan of the claim index: one probe finds each level present, one more tells
-    whether it has a due step, whatever the number of steps in it.
+    whether it has a due step, whatever the number of steps in it; ``nth`` steps more of the
+    index (no row read) find the level's ``nth`` due step.
     """
     namespaces = list(dict.fromkeys(namespaces))
-    params: dict[str, Any] = {"now": now, "floor": PRIORITY_FLOOR if above is None else above}
+    params: dict[str, Any] = {
+        "now": now,
+        "floor": PRIORITY_FLOOR if above is None else above,
+        "offset": max(nth - 1, 0),
+    }
     params.update({f"n{i}": namespace for i, namespace in enumerate(namespaces)})
     rows = conn.execute(due_levels_statement(len(namespaces)), params)
-    return [(row.state, row.namespace, int(row.priority)) for row in rows]
+    return [Level(row.state, row.namespace, int(row.priority), row.nth) for row in rows]
 
 
 def _level_query(i: int, *, skip_locked: bool) -> Select[Any]:
@@ -117,7 +153,8 @@ def _level_query(i: int, *, skip_locked: bool) -> Select[Any]:
             ws.c.state == bindparam(f"s{i}", type_=ws.c.state.type),
             ws.c.namespace == bindparam(f"n{i}", type_=ws.c.namespace.type),
             ws.c.priority == bindparam(f"p{i}", type_=Integer),
-            ws.c.next_attempt_at <= bindparam("now", type_=ws.c.next_attempt_at.type),
+            # Due by now, and not past the cut (see ``due_steps``).
+            ws.c.next_attempt_at <= bindparam(f"c{i}", type_=ws.c.next_attempt_at.type),
         )
         .order_by(ws.c.next_attempt_at)
         .limit(bindparam("limit", type_=Integer))
@@ -138,7 +175,7 @@ def ready_statement(levels: int, skip_locked: bool) -> CompoundSelect[Any] | Sel
 
 
 @functools.lru_cache(maxsize=64)
-def due_levels_statement(namespaces: int) -> TextClause:
+def due_levels_statement(namespaces: int) -> TextualSelect:
     # A recursive skip scan, for every claimable state and namespace: the highest priority
     # present, then the next one below it, ... each one probe of the claim index; then the
     # levels that have a due step. Spelled in SQL: SQLAlchemy's recursive CTEs cannot say
@@ -163,14 +200,29 @@ levels(state, namespace, priority) AS (
               AND w.priority > :floor AND w.priority < levels.priority)
     FROM levels WHERE levels.priority IS NOT NULL
 )
-SELECT levels.state, levels.namespace, levels.priority FROM levels
+SELECT levels.state, levels.namespace, levels.priority,
+       (SELECT w.next_attempt_at FROM workflow_steps AS w
+        WHERE w.state = levels.state AND w.namespace = levels.namespace
+          AND w.priority = levels.priority AND w.next_attempt_at <= :now
+        ORDER BY w.next_attempt_at LIMIT 1 OFFSET :offset) AS nth
+FROM levels
 WHERE levels.priority IS NOT NULL AND EXISTS (
     SELECT 1 FROM workflow_steps AS w
     WHERE w.state = levels.state AND w.namespace = levels.namespace
       AND w.priority = levels.priority AND w.next_attempt_at <= :now)
 ORDER BY levels.state, levels.priority DESC
 """
-    return text(sql).bindparams(
-        bindparam("now", type_=ws.c.next_attempt_at.type),
-        bindparam("floor", type_=Integer),
+    return (
+        text(sql)
+        .bindparams(
+            bindparam("now", type_=ws.c.next_attempt_at.type),
+            bindparam("floor", type_=Integer),
+            bindparam("offset", type_=Integer),
+        )
+        .columns(
+            column("state", String()),
+            column("namespace", String()),
+            column("priority", Integer()),
+            column("nth", ws.c.next_attempt_at.type),
+        )
     )

@@ -102,7 +102,7 @@ def claim_dependents(
         return []
     floor = min(step.priority for step in mine) - 1
     levels = due_levels(conn, namespaces, now=now, above=floor)
-    top = max((priority for _, _, priority in levels), default=floor)
+    top = max((level.priority for level in levels), default=floor)
     chosen = sorted((s for s in mine if s.priority >= top), key=lambda s: -s.priority)
     candidates = dict.fromkeys([step.step_uuid for step in chosen[:limit]], ENQUEUED)
     return claim_steps(conn, candidates, worker_id=worker_id, now=now)

@@ -123,7 +123,7 @@ def test_many_steps_waiting_for_their_time_are_never_read(db: Database) -> None:
 def _statements() -> list[tuple[Any, dict[str, Any]]]:
     levels = {"s0": "enqueued", "n0": "default", "p0": 0}
     return [
-        (due_levels_statement(1), {"n0": "default", "floor": -101}),
+        (due_levels_statement(1), {"n0": "default", "floor": -101, "offset": 9}),
         (ready_statement(1, True), {**levels, "limit": 10}),
     ]
 
@@ -132,7 +132,11 @@ def _assert_sqlite_searches_by_range(conn: Connection, now: datetime) -> None:
     for statement, params in _statements():
         compiled = statement.compile(dialect=conn.dialect)
         values = compiled.construct_params(
-            {**params, "now": now.replace(tzinfo=None).isoformat(sep=" ")}
+            {
+                **params,
+                "now": (text_now := now.replace(tzinfo=None).isoformat(sep=" ")),
+                "c0": text_now,
+            }
         )
         positional = [values[name] for name in compiled.positiontup or ()]
         plan = " | ".join(
@@ -151,7 +155,8 @@ def _assert_sqlite_searches_by_range(conn: Connection, now: datetime) -> None:
 def _assert_postgres_reads_only_due_rows(conn: Connection, now: datetime) -> None:
     for statement, params in _statements():
         compiled = statement.compile(dialect=conn.dialect)
-        values = compiled.construct_params({**params, "now": now + timedelta(seconds=1)})
+        later = now + timedelta(seconds=1)
+        values = compiled.construct_params({**params, "now": later, "c0": later})
         (plan,) = conn.exec_driver_sql(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + compiled.string, values
         ).scalar_one()
