@@ -4,6 +4,10 @@
 
 Scenarios:
 
+- ``claims``: the claim alone, as the StepExecutor makes it (one transaction per claim of
+  10): 5,000 one-step tasks due now claimed with 100,000 one-step tasks scheduled a day ahead
+  in the same namespace, against the same with none, on SQLite and PostgreSQL. Target: within
+  10 %.
 - ``delayed``: the no-op workload of ``throughput.py`` (W2: 5,000 independent no-op steps,
   c=10) with 100,000 one-step tasks scheduled a day ahead in the same namespace, against the
   same run with none, on SQLite and on PostgreSQL (skipped when PostgreSQL on 127.0.0.1:5432
@@ -12,7 +16,7 @@ Scenarios:
   spread over five priority levels (-2..2), on SQLite. Target: within 10 %.
 
 Each figure is the median of ``--rounds`` runs (default 3), the two sides alternating so that
-the machine's load falls on both. A run starts a real Worker on a database holding the work
+the machine's load falls on both. A W2 run starts a real Worker on a database holding the work
 (the future tasks were written before) and stops the clock once every ready step is
 committed (an in-memory count from the commit observer, then checked in SQL). Figures only:
 nothing here asserts. ``--quick``: 1,000 steps and 20,000 future tasks.
@@ -32,7 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from benchmarks._common import (
     Result,
@@ -45,6 +49,7 @@ from benchmarks._common import (
 )
 from duplex.clock import utcnow
 from duplex.handlers import HandlerRegistry, StepContext
+from duplex.storage.claims import claim_ready_steps
 from duplex.storage.db import Database
 from duplex.storage.models import workflow_steps
 from duplex.storage.results import CommitReport
@@ -80,6 +85,10 @@ def schedule_future(db: Database, count: int) -> float:
         with db.write() as conn:
             n = min(10_000, count - first)
             create_tasks(conn, template, [{}] * n, now=utcnow(), run_at=start)
+    if db.url.startswith("postgresql"):
+        # As a database that has lived with them would: the planner knows they are there.
+        with db.write() as conn:
+            conn.execute(text("ANALYZE workflow_steps"))
     return time.perf_counter() - t0
 
 
@@ -139,7 +148,7 @@ def alternate(rounds: int, a: Callable[[], float], b: Callable[[], float]) -> tu
 def bench_delayed(quick: bool, rounds: int) -> list[Result]:
     steps, future = (1000, 20_000) if quick else (5000, 100_000)
     results: list[Result] = []
-    for backend in ("sqlite", "postgresql"):
+    for backend in BACKENDS:
         print(
             f"== delayed ({backend}): W2 ({steps} steps) with {future:,} tasks a day ahead vs none"
         )
@@ -171,6 +180,59 @@ def bench_delayed(quick: bool, rounds: int) -> list[Result]:
     return results
 
 
+def claim_all(db: Database, ready: int, limit: int = 10) -> float:
+    """Write ``ready`` one-step tasks due now, claim them all ``limit`` at a time, each claim a
+    transaction of its own as the StepExecutor makes it; return claimed steps per second."""
+    template = parse_template('name = "now"\n[[steps]]\nname = "a"\nhandler = "bench.noop"\n')
+    with db.write() as conn:
+        create_tasks(conn, template, [{}] * ready, now=utcnow())
+    claimed = 0
+    t0 = time.perf_counter()
+    while claimed < ready:
+        with db.write() as conn:
+            got = claim_ready_steps(
+                conn, worker_id="bench", namespaces=("default",), limit=limit, now=utcnow()
+            )
+        if not got:
+            raise RuntimeError(f"only {claimed} of {ready} claimed")
+        claimed += len(got)
+    return claimed / (time.perf_counter() - t0)
+
+
+def bench_claims(quick: bool, rounds: int) -> list[Result]:
+    ready, future = (1000, 20_000) if quick else (5000, 100_000)
+    results: list[Result] = []
+    for backend in BACKENDS:
+        print(
+            f"== claims ({backend}): {ready} ready, 10 per claim, with {future:,} scheduled vs none"
+        )
+        with database(backend) as empty, database(backend) as loaded:
+            if empty is None or loaded is None:
+                print("   skipped: PostgreSQL not reachable\n")
+                continue
+            print(f"   wrote {future:,} future tasks in {schedule_future(loaded, future):.1f} s")
+
+            def without(db: Database = empty) -> float:
+                return claim_all(db, ready)
+
+            def with_future_tasks(db: Database = loaded) -> float:
+                return claim_all(db, ready)
+
+            base, with_future = alternate(rounds, without, with_future_tasks)
+        ratio = with_future / base
+        print(f"   {base:.0f} claimed/s without, {with_future:.0f} with: {ratio:.1%}\n")
+        results.append(
+            Result(
+                f"claims {backend}",
+                "claimed/s with/without",
+                f"{with_future:.0f}/{base:.0f} ({ratio:.0%})",
+                ">= 90 %",
+                ratio >= 0.9,
+            )
+        )
+    return results
+
+
 def bench_priority(quick: bool, rounds: int) -> list[Result]:
     steps = 1000 if quick else 5000
     print(f"== priority (sqlite): W2 ({steps} steps) all priority 0 vs five levels -2..2")
@@ -194,7 +256,8 @@ def bench_priority(quick: bool, rounds: int) -> list[Result]:
     ]
 
 
-SCENARIOS = {"delayed": bench_delayed, "priority": bench_priority}
+SCENARIOS = {"claims": bench_claims, "delayed": bench_delayed, "priority": bench_priority}
+BACKENDS = ["sqlite", "postgresql"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(SCENARIOS), metavar="NAME")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for smoke runs")
     parser.add_argument("--rounds", type=int, default=3, help="runs per side (default 3)")
+    parser.add_argument(
+        "--backend", action="append", choices=BACKENDS, help="delayed: only this database"
+    )
     args = parser.parse_args(argv)
+    if args.backend:
+        BACKENDS[:] = args.backend
     quiet_logging()
     print_machine_info()
     if args.quick:

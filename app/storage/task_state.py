@@ -28,6 +28,7 @@ from duplex.states import (
 from duplex.storage.driver import BulkStatement, db_time
 from duplex.storage.models import (
     tasks,
+    unindexed,
     workflow_steps,
 )
 
@@ -132,9 +133,14 @@ _STARTED = {
     "state": TASK_IN_PROGRESS,
     "updated_at": bindparam("now", type_=tasks.c.updated_at.type),
 }
+# ``unindexed``: the rows are found by key; without it SQLite may read every pending task
+# through the (state, ...) indexes, and tasks waiting for a delayed start are all pending.
 _START_TASKS = (
     update(tasks)
-    .where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)), tasks.c.state == TASK_PENDING)
+    .where(
+        tasks.c.task_uuid.in_(bindparam("ids", expanding=True)),
+        unindexed(tasks.c.state) == TASK_PENDING,
+    )
     .values(_STARTED)
 )
 # One statement on PostgreSQL too: the subquery locks the rows, skipping those another writer
@@ -147,7 +153,7 @@ _START_FREE_TASKS = (
             select(_free_task.c.task_uuid)
             .where(
                 _free_task.c.task_uuid.in_(bindparam("ids", expanding=True)),
-                _free_task.c.state == TASK_PENDING,
+                unindexed(_free_task.c.state) == TASK_PENDING,
             )
             .with_for_update(skip_locked=True)
         )
