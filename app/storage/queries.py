@@ -18,6 +18,7 @@ from duplex.attempts import attempts
 from duplex.clock import utcnow
 from duplex.errors import InputError
 from duplex.states import ENQUEUED, WAITING_FOR_RETRY
+from duplex.storage.claim_order import due_levels
 from duplex.storage.models import (
     tasks,
     workflow_step_edges,
@@ -266,27 +267,26 @@ def ready_queue(
 ) -> tuple[dict[str, int], dict[str, float]]:
     """Return, per namespace, the steps ready to run and the age of the oldest (seconds).
 
-    Ready: enqueued, or waiting for a retry that is due. ``next_attempt_at`` is "ready since"
-    for both, and the claim index (state, namespace, next_attempt_at) serves the query.
+    Ready: enqueued or waiting for a retry, and due (``next_attempt_at``: ready since, due
+    at, scheduled for). Counted per priority level with due steps, each one range of the
+    claim index, so steps waiting for a later start are not read.
     """
     ws = workflow_steps
     ready = {namespace: 0 for namespace in namespaces}
     oldest: dict[str, float] = {namespace: 0.0 for namespace in namespaces}
-    for state in (ENQUEUED, WAITING_FOR_RETRY):
-        rows = conn.execute(
-            select(ws.c.namespace, func.count(), func.min(ws.c.next_attempt_at))
-            .where(
-                ws.c.state == state,
-                ws.c.namespace.in_(list(namespaces)),
+    for level in due_levels(conn, namespaces, now=now):
+        count, since = conn.execute(
+            select(func.count(), func.min(ws.c.next_attempt_at)).where(
+                ws.c.state == level.state,
+                ws.c.namespace == level.namespace,
+                ws.c.priority == level.priority,
                 ws.c.next_attempt_at <= now,
             )
-            .group_by(ws.c.namespace)
-        )
-        for namespace, count, since in rows:
-            ready[namespace] += int(count)
-            if since is not None:
-                since = _as_utc(since)
-                oldest[namespace] = max(oldest[namespace], (now - since).total_seconds())
+        ).one()
+        ready[level.namespace] += int(count)
+        if since is not None:
+            since = _as_utc(since)
+            oldest[level.namespace] = max(oldest[level.namespace], (now - since).total_seconds())
     return ready, oldest
 
 

@@ -19,7 +19,7 @@ from duplex.storage.dashboard_detail import task_detail
 from duplex.storage.dashboard_list import TaskFilter, status_counts, task_page
 from duplex.storage.db import Database
 from duplex.storage.models import workflow_step_transitions, workflow_steps
-from duplex.storage.queries import get_task
+from duplex.storage.queries import get_task, ready_queue
 from duplex.storage.submission import create_task, create_tasks
 from duplex.templates import parse_template
 
@@ -208,3 +208,15 @@ def test_the_dashboard_reads_show_a_scheduled_task_and_its_start(db: Database) -
     assert (detail.execution_status, detail.scheduled_for) == ("scheduled", start)
     assert (counts["scheduled"], counts["has_ready_steps"]) == (1, 1)
     assert [row.task_uuid for row in only.rows] == [task]
+
+
+def test_the_ready_queue_figures_leave_out_steps_waiting_for_their_time(db: Database) -> None:
+    t0 = utcnow() - timedelta(seconds=5)
+    with db.write() as conn:
+        create_tasks(conn, ONE, [{}] * 4, now=t0, run_at=t0 + timedelta(hours=1))
+        create_tasks(conn, ONE, [{}] * 3, now=t0, priority=2)
+        create_tasks(conn, ONE, [{}] * 2, now=t0)
+    with db.read() as conn:
+        ready, oldest = ready_queue(conn, ["default"], now=t0 + timedelta(seconds=5))
+    assert ready == {"default": 5}
+    assert oldest["default"] == pytest.approx(5.0)
