@@ -58,6 +58,7 @@ class StepRow:
     claimed_by: str | None
     created_at: datetime
     completed_at: datetime | None
+    priority: int  # docs/time.md, Priority
     parents: list[str] = field(default_factory=list)
 
 
@@ -109,6 +110,7 @@ _STEP_COLUMNS = (
     ws.c.claimed_by,
     ws.c.created_at,
     ws.c.completed_at,
+    ws.c.priority,
 )
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, select, text
 from duplex.clock import utcnow
 from duplex.storage.claim_order import due_levels_statement, ready_statement
 from duplex.storage.claims import claim_ready_steps, claim_steps
-from duplex.storage.dashboard_detail import task_detail
+from duplex.storage.dashboard_detail import steps_of_task, task_detail
 from duplex.storage.dashboard_list import TaskFilter, status_counts, task_page
 from duplex.storage.db import Database
 from duplex.storage.models import workflow_step_transitions, workflow_steps
@@ -208,6 +208,9 @@ def test_the_dashboard_reads_show_a_scheduled_task_and_its_start(db: Database) -
     assert (detail.execution_status, detail.scheduled_for) == ("scheduled", start)
     assert (counts["scheduled"], counts["has_ready_steps"]) == (1, 1)
     assert [row.task_uuid for row in only.rows] == [task]
+    with db.read() as conn:
+        steps = steps_of_task(conn, ready)
+    assert [(step.name, step.priority) for step in steps] == [("a", 0), ("b", 0)]
 
 
 def test_the_ready_queue_figures_leave_out_steps_waiting_for_their_time(db: Database) -> None:
