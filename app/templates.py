@@ -13,17 +13,19 @@ import heapq
 import math
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from duplex.durations import parse_duration
 from duplex.errors import TemplateError
 
 __all__ = [
     "EventDeclaration",
+    "StepRetryPolicy",
     "StepTemplate",
     "TaskTemplate",
     "load_template",
@@ -60,6 +62,39 @@ class EventDeclaration(BaseModel):
     condition: Literal["success", "failure", "always"] = "success"
 
 
+# A delay in a retry policy: at most 30 days, the furthest the timer serves.
+_DelayMs = Annotated[int, Field(strict=True, ge=0, le=2_592_000_000)]
+
+
+class StepRetryPolicy(BaseModel):
+    """A step's ``[steps.retry]``: the fields of the worker's ``[retry]`` it overrides.
+
+    Stored with the step (``workflow_steps.retry_policy``); applied by
+    ``duplex.commit.retry.RetryPolicy.for_step``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Literal["exponential", "linear", "fixed"] | None = None
+    base_ms: _DelayMs | None = None
+    # An int is a float here (``multiplier = 2``); below 1 the delays would shrink.
+    multiplier: Annotated[float, Field(ge=1.0, le=1000.0, allow_inf_nan=False)] | None = None
+    max_ms: _DelayMs | None = None
+    jitter: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+
+    @field_validator("multiplier", "jitter", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        """Refuse strings and booleans, which pydantic would otherwise turn into numbers."""
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError("Input should be a number")
+        return value
+
+    def stored(self) -> dict[str, Any] | None:
+        """The JSON stored with the step: only the fields set (None when none is)."""
+        return self.model_dump(exclude_none=True) or None
+
+
 class StepTemplate(BaseModel):
     """One step of a task template."""
 
@@ -74,6 +109,7 @@ class StepTemplate(BaseModel):
     timeout_ms: Annotated[int, Field(strict=True, gt=0, le=604_800_000)] | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
     events: tuple[EventDeclaration, ...] = ()
+    retry: StepRetryPolicy | None = None
 
     @field_validator("inputs")
     @classmethod
@@ -108,7 +144,19 @@ class TaskTemplate(BaseModel):
     namespace: _NonEmptyStr = "default"
     version: _NonEmptyStr = "1.0.0"
     description: Annotated[str, Field(strict=True)] = ""
+    # How long a task may take from its submission (``500ms``, ``2s``, ``15m``, ``1h``,
+    # ``1d``): then its waiting steps are cancelled and its running attempts told to stop
+    # (docs/time.md, Task deadline).
+    max_duration: timedelta | None = None
     steps: tuple[StepTemplate, ...]
+
+    @field_validator("max_duration", mode="before")
+    @classmethod
+    def _duration_string(cls, value: Any) -> Any:
+        """Read ``max_duration`` only as a duration string: a bare number has no unit."""
+        if value is None or isinstance(value, timedelta):
+            return value
+        return parse_duration(value)
 
     @field_validator("steps")
     @classmethod
@@ -247,15 +295,15 @@ def _validate(data: Mapping[str, Any], source: str) -> TaskTemplate:
     try:
         return TaskTemplate.model_validate(data)
     except ValidationError as exc:
-        detail = _describe_errors(exc.errors())
+        detail = _describe_errors(exc.errors(), data)
         raise TemplateError(_one_line(f"{source}: invalid template: {detail}")) from exc
 
 
-def _describe_errors(errors: Sequence[ErrorDetails]) -> str:
+def _describe_errors(errors: Sequence[ErrorDetails], data: Mapping[str, Any] | None = None) -> str:
     """Render pydantic errors as ``location: message`` joined with ``; ``."""
     parts = []
     for error in errors[:_MAX_REPORTED_ERRORS]:
-        location = ".".join(str(part) for part in error["loc"])
+        location = _location(error["loc"], data)
         message = _TOML_WORDING.get(error["type"], error["msg"])
         if error["type"] == "value_error":
             # Our own validators' messages, without pydantic's "Value error, ".
@@ -264,6 +312,20 @@ def _describe_errors(errors: Sequence[ErrorDetails]) -> str:
     if len(errors) > _MAX_REPORTED_ERRORS:
         parts.append(f"and {len(errors) - _MAX_REPORTED_ERRORS} more error(s)")
     return "; ".join(parts)
+
+
+def _location(loc: Sequence[int | str], data: Mapping[str, Any] | None) -> str:
+    """Render an error's location; within a step's ``retry`` table, name the step too
+    (``steps.1 (charge).retry.jitter``): a policy is often copied from step to step."""
+    location = ".".join(str(part) for part in loc)
+    if len(loc) < 3 or loc[0] != "steps" or loc[2] != "retry" or not isinstance(loc[1], int):
+        return location
+    steps = (data or {}).get("steps")
+    step = steps[loc[1]] if isinstance(steps, list) and loc[1] < len(steps) else None
+    name = step.get("name") if isinstance(step, dict) else None
+    if not isinstance(name, str):
+        return location
+    return ".".join(["steps", f"{loc[1]} ({name})", *(str(part) for part in loc[2:])])
 
 
 def _one_line(message: str) -> str:

@@ -131,7 +131,8 @@ def commit_outcomes(
         if failure is None:
             new_state, next_at = COMPLETE, None
         else:
-            decision = policy.decide(
+            # The step's own ``[steps.retry]``, if its template set one (duplex.commit.retry).
+            decision = policy.for_step(step.retry_policy).decide(
                 failure,
                 attempt=step.attempt,
                 max_attempts=step.max_attempts,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
@@ -38,6 +38,7 @@ def create_task(
     task_uuid: str | None = None,
     idempotency_key: str | None = None,
     trace_context: dict[str, str] | None = None,
+    max_duration: timedelta | None = None,
 ) -> str:
     """Write one task; roots start ``enqueued``, the rest ``pending``. Return its UUID."""
     (task_id,) = create_tasks(
@@ -48,6 +49,7 @@ def create_task(
         idempotency_keys=[idempotency_key],
         task_uuids=[task_uuid or str(uuid.uuid4())],
         trace_context=trace_context,
+        max_duration=max_duration,
     )
     return task_id
 
@@ -61,12 +63,16 @@ def create_tasks(
     idempotency_keys: Sequence[str | None] | None = None,
     task_uuids: Sequence[str] | None = None,
     trace_context: dict[str, str] | None = None,
+    max_duration: timedelta | None = None,
 ) -> list[str]:
     """Write one task per context, in the caller's transaction; return their UUIDs in order.
 
     A context whose idempotency key was used before for this template (or earlier in the same
-    call) gets that task's UUID, and nothing is written for it.
+    call) gets that task's UUID, and nothing is written for it. ``max_duration`` (else the
+    template's) sets each task's ``deadline_at``, counted from ``now``.
     """
+    duration = max_duration if max_duration is not None else template.max_duration
+    deadline_at = None if duration is None else now + duration
     keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(contexts)
     if len(keys) != len(contexts):
         raise ValueError("give one idempotency key (or None) per context")
@@ -91,6 +97,7 @@ def create_tasks(
                 "context": context,
                 "idempotency_key": key,
                 "trace_context": trace_context,
+                "deadline_at": deadline_at,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -159,6 +166,7 @@ def _step_rows(
                     "timeout_ms": step.timeout_ms,
                     "inputs": step.inputs,
                     "declared_events": [e.model_dump() for e in step.events],
+                    "retry_policy": None if step.retry is None else step.retry.stored(),
                     "next_attempt_at": now if state == ENQUEUED else None,
                     "created_at": now,
                     "updated_at": now,
