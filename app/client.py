@@ -15,12 +15,14 @@ second; other workers see the steps at their next poll.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 
 from sqlalchemy.exc import IntegrityError
 
 from duplex.clock import utcnow
+from duplex.durations import MAX_DURATION
 from duplex.errors import InputError, StorageError
 from duplex.intake.wake import Waker
 from duplex.messages import JSONDict
@@ -60,15 +62,22 @@ class Client:
         *,
         idempotency_key: str | None = None,
         trace_context: dict[str, str] | None = None,
+        max_duration: timedelta | None = None,
     ) -> str:
         """Create one task; return its UUID (an existing task's, for a key already used).
 
         ``trace_context`` is a W3C carrier (``{"traceparent": ...}``) that every step of the
         task continues; without it, the caller's current OpenTelemetry context (if any).
+        ``max_duration`` (else the template's) is the task's deadline from now: then its
+        waiting steps are cancelled and its running attempts told to stop (docs/time.md).
         """
         keys = None if idempotency_key is None else [idempotency_key]
         (task_uuid,) = self.submit_many(
-            template, [context or {}], idempotency_keys=keys, trace_context=trace_context
+            template,
+            [context or {}],
+            idempotency_keys=keys,
+            trace_context=trace_context,
+            max_duration=max_duration,
         )
         return task_uuid
 
@@ -79,8 +88,10 @@ class Client:
         *,
         idempotency_keys: Sequence[str | None] | None = None,
         trace_context: dict[str, str] | None = None,
+        max_duration: timedelta | None = None,
     ) -> list[str]:
         """Create one task per context in one transaction; return their UUIDs in order."""
+        _check_max_duration(max_duration)
         trace_context = checked_carrier(trace_context) or current_carrier()
         resolved = self._template(template)
         batch = list(contexts)
@@ -101,6 +112,7 @@ class Client:
                         now=utcnow(),
                         idempotency_keys=idempotency_keys,
                         trace_context=trace_context,
+                        max_duration=max_duration,
                     )
                 break
             except StorageError as exc:
@@ -138,3 +150,16 @@ class Client:
         if isinstance(template, TaskTemplate):
             return template
         return load_template(str(template), self._templates_dir)
+
+
+def _check_max_duration(max_duration: timedelta | None) -> None:
+    """Refuse a deadline that is not a positive ``timedelta`` of at most ``MAX_DURATION``."""
+    if max_duration is None:
+        return
+    if not isinstance(max_duration, timedelta):
+        raise InputError(f"max_duration must be a timedelta, not {max_duration!r:.80}")
+    if max_duration <= timedelta(0) or max_duration > MAX_DURATION:
+        raise InputError(
+            f"max_duration must be longer than zero and at most {MAX_DURATION.days} days, "
+            f"not {max_duration}"
+        )

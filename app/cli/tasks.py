@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from duplex.cli import console
@@ -21,6 +22,7 @@ from duplex.cli.output import print_json
 from duplex.cli.watch import watch
 from duplex.client import Client
 from duplex.clock import utcnow
+from duplex.durations import parse_duration
 from duplex.errors import InputError
 from duplex.intake.wake import wake_local_workers
 from duplex.settings import Settings
@@ -46,6 +48,12 @@ def add_commands(sub: Any) -> None:
         "--idempotency-key",
         metavar="KEY",
         help="submitting the same KEY for this template again returns the existing task",
+    )
+    submit.add_argument(
+        "--max-duration",
+        metavar="DURATION",
+        type=_duration_argument,
+        help="the task's deadline from now (500ms, 2s, 15m, 1h, 1d); overrides the template's",
     )
     submit.set_defaults(func=cmd_submit)
 
@@ -106,13 +114,22 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     with open_database(settings) as db, Client(db) as client:
         key = args.idempotency_key
         existing = client.find(template.name, key) if key is not None else None
-        task_uuid = existing or client.submit(template, context, idempotency_key=key)
+        task_uuid = existing or client.submit(
+            template, context, idempotency_key=key, max_duration=args.max_duration
+        )
     if existing:
         print(f"task for idempotency key {key!r} exists already; nothing written", file=sys.stderr)
     else:
         print(f"submitted {template.name} ({len(template.steps)} steps)", file=sys.stderr)
     print(task_uuid)
     return 0
+
+
+def _duration_argument(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 # --- duplex status -------------------------------------------------------------------------

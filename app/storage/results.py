@@ -52,6 +52,7 @@ from duplex.states import (
     WAITING_FOR_RETRY,
 )
 from duplex.storage.driver import BulkStatement, db_json, db_time
+from duplex.storage.deadlines import ExpiredTask
 from duplex.storage.events import events_of
 from duplex.storage.listen import notify_new_events
 from duplex.storage.models import (
@@ -86,6 +87,8 @@ class CommitReport:
     # (``duplex.commit.committer``); claimed exactly as ``claim_ready_steps`` claims.
     claimed: list[ClaimedStep] = field(default_factory=list)
     next_retry_at: datetime | None = None
+    # Tasks this transaction cancelled at their deadline (``duplex.storage.deadlines``).
+    expired: list[ExpiredTask] = field(default_factory=list)
 
 
 def commit_outcomes(
