@@ -186,7 +186,7 @@ class Watchdog:
         self._next_stats = clock()
         self._sweep = sweep
         self._sweep_every_s = sweep_every_s
-        self._next_sweep = clock()
+        self._next_sweep = clock() + sweep_every_s
 
     def run(self, closing: threading.Event) -> None:
         """Watch until ``closing`` is set, the worker stops, or an actor failed."""

@@ -27,6 +27,7 @@ from duplex.handlers import HandlerRegistry, StepContext
 from duplex.messages import DomainEvent
 from duplex.storage.db import Database
 from duplex.storage.models import tasks, workflow_step_transitions, workflow_steps
+from duplex.storage.submission import create_task
 from duplex.subscriptions import SubscriberRegistry
 from duplex.templates import parse_template
 from tests.actors.support import running_worker
@@ -177,3 +178,43 @@ def test_a_task_that_finishes_before_its_deadline_is_untouched(db: Database) -> 
     }
     assert all(row.error is None for row in found.values())
     assert task_state(db, task) == "complete"
+
+
+def test_the_periodic_sweep_expires_a_task_no_worker_runs(db: Database) -> None:
+    # Its namespace is served by no worker: only the sweep (the watchdog's, every 50 ms) can
+    # cancel its steps. Submitted an hour ago with a one-second deadline.
+    template = parse_template(
+        'name = "unserved"\nnamespace = "nobody"\nmax_duration = "1s"\n'
+        '[[steps]]\nname = "a"\nhandler = "dl.quick"\n'
+        '[[steps]]\nname = "b"\nhandler = "dl.quick"\ndepends_on = ["a"]\n'
+    )
+    with db.write() as conn:
+        task = create_task(conn, template, {}, now=utcnow() - timedelta(hours=1))
+    handlers = Handlers()
+    with running_worker(
+        db, 1, handlers.registry, worker_settings={"deadline_sweep_interval_ms": 50}
+    ):
+        assert wait_until(lambda: task_state(db, task) == "cancelled", WAIT_S)
+    assert {name: row.state for name, row in steps(db, task).items()} == {
+        "a": "cancelled",
+        "b": "cancelled",
+    }
+
+
+def test_a_step_claimed_after_its_deadline_never_starts(db: Database) -> None:
+    calls: list[str] = []
+    registry = HandlerRegistry()
+    registry.register("dl.record", lambda ctx: calls.append(ctx.step_name))
+    template = parse_template(
+        'name = "late"\nmax_duration = "1s"\n[[steps]]\nname = "a"\nhandler = "dl.record"\n'
+    )
+    with db.write() as conn:
+        task = create_task(conn, template, {}, now=utcnow() - timedelta(hours=1))
+    # A sweep interval of an hour: the claim, not the sweep, meets this task first.
+    with running_worker(db, 1, registry, worker_settings={"deadline_sweep_interval_ms": 3_600_000}):
+        assert wait_until(lambda: steps(db, task)["a"].state == "error", WAIT_S)
+    (step,) = steps(db, task).values()
+    assert calls == []
+    assert step.error["error_type"] == TASK_DEADLINE_EXCEEDED
+    assert "before this attempt could start" in step.error["message"]
+    assert task_state(db, task) == "cancelled"
