@@ -29,8 +29,7 @@ def parse_duration(text: str) -> timedelta:
     match = _PATTERN.fullmatch(text.strip())
     if match is None:
         raise ValueError(
-            f"not a duration: {text!r:.40} (write an integer and one unit: "
-            "500ms, 2s, 15m, 1h, 1d)"
+            f"not a duration: {text!r:.40} (write an integer and one unit: 500ms, 2s, 15m, 1h, 1d)"
         )
     value = timedelta(milliseconds=int(match.group(1)) * _UNIT_MS[match.group(2)])
     if value <= timedelta(0):

@@ -286,8 +286,7 @@ class Committer:
         tasks = {
             outcome.step.task_uuid
             for outcome in report.applied
-            if outcome.failure is not None
-            and outcome.failure.error_type == TASK_DEADLINE_EXCEEDED
+            if outcome.failure is not None and outcome.failure.error_type == TASK_DEADLINE_EXCEEDED
         }
         if not tasks:
             return

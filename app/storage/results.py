@@ -51,8 +51,8 @@ from duplex.states import (
     TASK_CANCELLED,
     WAITING_FOR_RETRY,
 )
-from duplex.storage.driver import BulkStatement, db_json, db_time
 from duplex.storage.deadlines import ExpiredTask
+from duplex.storage.driver import BulkStatement, db_json, db_time
 from duplex.storage.events import events_of
 from duplex.storage.listen import notify_new_events
 from duplex.storage.models import (

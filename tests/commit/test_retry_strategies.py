@@ -96,8 +96,10 @@ def test_delay_is_within_zero_and_the_jittered_cap(
     delay = ms(policy.delay(attempt, random.Random(seed)))
     assert 0 <= delay <= max_ms * (1 + jitter) + TOLERANCE_MS
     raw = policy.raw_delay_ms(attempt)
-    assert raw * (1 - jitter) - TOLERANCE_MS <= delay <= min(raw * (1 + jitter), max_ms) + (
-        TOLERANCE_MS
+    assert (
+        raw * (1 - jitter) - TOLERANCE_MS
+        <= delay
+        <= min(raw * (1 + jitter), max_ms) + (TOLERANCE_MS)
     )
 
 

@@ -13,6 +13,7 @@ A task that finishes before its deadline is untouched, even by a sweep run after
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def steps(db: Database, task: str) -> dict[str, Any]:
         return {row.name: row for row in rows}
 
 
-def transitions(db: Database, step_uuid: str) -> list[Any]:
+def transitions(db: Database, step_uuid: str) -> Sequence[Any]:
     with db.read() as conn:
         return conn.execute(
             select(workflow_step_transitions)
