@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from duplex.commit.retry import StepRetryPolicy
 from duplex.durations import parse_duration
 from duplex.errors import TemplateError
 
@@ -60,39 +61,6 @@ class EventDeclaration(BaseModel):
 
     name: _NonEmptyStr
     condition: Literal["success", "failure", "always"] = "success"
-
-
-# A delay in a retry policy: at most 30 days, the furthest the timer serves.
-_DelayMs = Annotated[int, Field(strict=True, ge=0, le=2_592_000_000)]
-
-
-class StepRetryPolicy(BaseModel):
-    """A step's ``[steps.retry]``: the fields of the worker's ``[retry]`` it overrides.
-
-    Stored with the step (``workflow_steps.retry_policy``); applied by
-    ``duplex.commit.retry.RetryPolicy.for_step``.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    strategy: Literal["exponential", "linear", "fixed"] | None = None
-    base_ms: _DelayMs | None = None
-    # An int is a float here (``multiplier = 2``); below 1 the delays would shrink.
-    multiplier: Annotated[float, Field(ge=1.0, le=1000.0, allow_inf_nan=False)] | None = None
-    max_ms: _DelayMs | None = None
-    jitter: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
-
-    @field_validator("multiplier", "jitter", mode="before")
-    @classmethod
-    def _a_number(cls, value: Any) -> Any:
-        """Refuse strings and booleans, which pydantic would otherwise turn into numbers."""
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError("Input should be a number")
-        return value
-
-    def stored(self) -> dict[str, Any] | None:
-        """The JSON stored with the step: only the fields set (None when none is)."""
-        return self.model_dump(exclude_none=True) or None
 
 
 class StepTemplate(BaseModel):

@@ -14,7 +14,9 @@ import math
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from duplex.errors import MAX_RETRY_AFTER_S
 from duplex.messages import RetryOverride, StepFailure
@@ -23,6 +25,38 @@ from duplex.states import ERROR, WAITING_FOR_RETRY
 
 Strategy = Literal["exponential", "linear", "fixed"]
 STRATEGIES: tuple[Strategy, ...] = ("exponential", "linear", "fixed")
+
+
+# A delay in a retry policy: at most 30 days, the furthest the timer serves.
+_DelayMs = Annotated[int, Field(strict=True, ge=0, le=2_592_000_000)]
+
+
+class StepRetryPolicy(BaseModel):
+    """A step's ``[steps.retry]`` in its template (``duplex.templates``): the fields of the
+    worker's ``[retry]`` it overrides. Stored with the step (``workflow_steps.retry_policy``),
+    applied by ``RetryPolicy.for_step``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Literal["exponential", "linear", "fixed"] | None = None
+    base_ms: _DelayMs | None = None
+    # An int is a float here (``multiplier = 2``); below 1 the delays would shrink.
+    multiplier: Annotated[float, Field(ge=1.0, le=1000.0, allow_inf_nan=False)] | None = None
+    max_ms: _DelayMs | None = None
+    jitter: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+
+    @field_validator("multiplier", "jitter", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        """Refuse strings and booleans, which pydantic would otherwise turn into numbers."""
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError("Input should be a number")
+        return value
+
+    def stored(self) -> dict[str, Any] | None:
+        """The JSON stored with the step: only the fields set (None when none is)."""
+        return self.model_dump(exclude_none=True) or None
 
 
 @dataclass(frozen=True, slots=True)
