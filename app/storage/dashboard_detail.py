@@ -36,6 +36,8 @@ class TaskDetail:
     completed_at: datetime | None
     idempotency_key: str | None
     execution_status: str
+    # When the task must be finished (``max_duration``), if it has a deadline.
+    deadline_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ def task_detail(conn: Connection, task_uuid: str) -> TaskDetail:
     task_id = parse_uuid(task_uuid, "task")
     t = tasks.c
     row = conn.execute(
-        select(*TASK_COLUMNS, t.context, t.idempotency_key).where(t.task_uuid == task_id)
+        select(*TASK_COLUMNS, t.context, t.idempotency_key, t.deadline_at).where(
+            t.task_uuid == task_id
+        )
     ).first()
     if row is None:
         raise InputError(f"unknown task: {task_id}")
