@@ -9,9 +9,13 @@ the running attempt to its worker, cancels the task and announces it once.
 from __future__ import annotations
 
 import random
+import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from duplex.commit.retry import RetryPolicy
@@ -29,6 +33,8 @@ from duplex.templates import parse_template
 T0 = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
 DEADLINE = T0 + timedelta(minutes=15)
 POLICY = RetryPolicy(base_ms=600_000, multiplier=1.0, max_ms=600_000, jitter=0.0)
+POLICY_NOW = RetryPolicy(base_ms=0, multiplier=1.0, max_ms=0, jitter=0.0)
+BOOM = StepFailure("handler_error", "boom", retryable=True)
 
 TEMPLATE = """
 name = "{name}"
@@ -244,3 +250,140 @@ def test_the_sweep_takes_the_earliest_deadlines_first(db: Database, limit: int) 
     with db.read() as conn:
         found = find_expired_tasks(conn, now=T0 + timedelta(hours=1), limit=limit)
     assert found == [made[1], made[2], made[0]][:limit]
+
+
+# --- racing sweepers, claimers and committers ---------------------------------------------
+
+RACE_TEMPLATE = """
+name = "race"
+namespace = "{namespace}"
+[[steps]]
+name = "a"
+handler = "t.h"
+[[steps]]
+name = "b"
+handler = "t.h"
+[[steps]]
+name = "c"
+handler = "t.h"
+depends_on = ["a"]
+"""
+RACE_NOW = T0 + timedelta(hours=1)
+RACE_WAIT_S = 60.0
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    offsets_s=st.lists(st.integers(min_value=-3, max_value=3), min_size=1, max_size=4),
+    sweepers=st.integers(min_value=2, max_value=3),
+    fail_first=st.booleans(),
+)
+def test_racing_sweepers_and_claimers_expire_each_task_exactly_once(
+    db: Database, offsets_s: list[int], sweepers: int, fail_first: bool
+) -> None:
+    """Sweepers, a claimer and a committer race; every task past its deadline is expired once,
+    its steps' histories stay unbroken, and no task before its deadline is touched."""
+    namespace = f"race-{uuid.uuid4().hex[:8]}"
+    template = parse_template(RACE_TEMPLATE.format(namespace=namespace))
+    submitted = RACE_NOW - timedelta(seconds=10)
+    made: dict[str, bool] = {}  # task -> past its deadline at RACE_NOW
+    with db.write() as conn:
+        for offset in offsets_s:
+            task = create_task(
+                conn, template, {}, now=submitted, max_duration=timedelta(seconds=10 + offset)
+            )
+            made[task] = offset <= 0
+    barrier = threading.Barrier(sweepers + 1)
+    errors: list[BaseException] = []
+
+    def sweeper(index: int) -> None:
+        try:
+            barrier.wait(RACE_WAIT_S)
+            for _ in range(3):
+                with db.read() as conn:
+                    due = find_expired_tasks(conn, now=RACE_NOW)
+                if due:
+                    with db.write() as conn:
+                        expire_tasks(conn, due, now=RACE_NOW, worker_id=f"s{index}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    def claimer() -> None:
+        # Claims and commits as a worker would: a failure (retried at once, POLICY_NOW) or a
+        # success, which makes ``c`` ready.
+        try:
+            barrier.wait(RACE_WAIT_S)
+            for _ in range(6):
+                with db.write() as conn:
+                    got = claim_ready_steps(
+                        conn, worker_id="w", namespaces=[namespace], limit=2, now=RACE_NOW
+                    )
+                if not got:
+                    continue
+                outcomes = [
+                    StepOutcome(s, RACE_NOW, RACE_NOW, failure=BOOM)
+                    if fail_first and s.attempt == 1
+                    else StepOutcome(s, RACE_NOW, RACE_NOW, result={})
+                    for s in got
+                ]
+                with db.write() as conn:
+                    commit_outcomes(
+                        conn, outcomes, policy=POLICY_NOW, now=RACE_NOW, rng=random.Random(0)
+                    )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sweeper, args=(i,)) for i in range(sweepers)]
+    threads.append(threading.Thread(target=claimer))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(RACE_WAIT_S)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    # A last sweep: whatever the race left waiting in an expired task is cancelled now.
+    sweep(db, RACE_NOW)
+
+    with db.read() as conn:
+        for task, past in made.items():
+            announced = conn.execute(
+                select(domain_events.c.name).where(
+                    domain_events.c.task_uuid == task,
+                    domain_events.c.name == "task.deadline_exceeded",
+                )
+            ).all()
+            state = conn.execute(
+                select(tasks.c.state).where(tasks.c.task_uuid == task)
+            ).scalar_one()
+            rows = conn.execute(
+                select(workflow_steps.c.step_uuid, workflow_steps.c.state).where(
+                    workflow_steps.c.task_uuid == task
+                )
+            ).all()
+            if past:
+                assert len(announced) == 1, task
+                assert state == TASK_CANCELLED
+                assert not {r.state for r in rows} & {"pending", "enqueued", "waiting_for_retry"}
+            else:
+                assert announced == []
+                assert state != TASK_CANCELLED
+                assert "cancelled" not in {r.state for r in rows}
+            for row in rows:
+                history = conn.execute(
+                    select(
+                        workflow_step_transitions.c.from_state,
+                        workflow_step_transitions.c.to_state,
+                    )
+                    .where(workflow_step_transitions.c.step_uuid == row.step_uuid)
+                    .order_by(workflow_step_transitions.c.id)
+                ).all()
+                # Unbroken: each move starts where the one before it ended, and ends where the
+                # step is now; a step is cancelled at most once.
+                for before, after in zip(history, history[1:], strict=False):
+                    assert after.from_state == before.to_state, history
+                assert history[-1].to_state == row.state
+                assert sum(h.to_state == "cancelled" for h in history) <= 1
