@@ -12,6 +12,7 @@ import random
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -383,7 +384,7 @@ def test_racing_sweepers_and_claimers_expire_each_task_exactly_once(
                 ).all()
                 # Unbroken: each move starts where the one before it ended, and ends where the
                 # step is now; a step is cancelled at most once.
-                for before, after in zip(history, history[1:], strict=False):
+                for before, after in pairwise(history):
                     assert after.from_state == before.to_state, history
                 assert history[-1].to_state == row.state
                 assert sum(h.to_state == "cancelled" for h in history) <= 1
