@@ -194,6 +194,14 @@ class CompletionProcessor(SupervisedActor):
         self._announce(announcement)
         return len(announcement.report.applied)
 
+    def sweep_deadlines(self) -> int:
+        """Expire the tasks past their deadline (``max_duration``); return how many."""
+        announcement = self._committer.sweep_deadlines()
+        if announcement is None:
+            return 0
+        self._announce(announcement)
+        return len(announcement.report.expired)
+
     def stats(self) -> dict[str, Any]:
         return {
             **self._committer.counts,
@@ -273,4 +281,5 @@ class CompletionProcessorProxy(TypedProxy[CompletionProcessor]):
     flush = message(CompletionProcessor.flush)
     drain = message(CompletionProcessor.drain)
     recover_lost_claims = message(CompletionProcessor.recover_lost_claims)
+    sweep_deadlines = message(CompletionProcessor.sweep_deadlines)
     stats = message(CompletionProcessor.stats)

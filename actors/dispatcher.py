@@ -17,7 +17,7 @@ from duplex.actors.ports import CapacityReports
 from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
 from duplex.clock import Timer, TimerHandle, utcnow
-from duplex.dispatch.attempt import timeout_failure
+from duplex.dispatch.attempt import deadline_failure, timeout_failure
 from duplex.dispatch.credits import SlotCredits
 from duplex.dispatch.pool import HandlerPool, Running
 from duplex.errors import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT
@@ -163,14 +163,25 @@ class Dispatcher(SupervisedActor):
         if run is None:  # a stale deadline: that attempt finished in time
             return
         self._deadlines.pop(worker_id, None)
-        self._abandon(run, timeout_failure(run.timeout_s))
-        step_log(run.step).warning(
-            "step {} ({}) timed out after {:g}s; worker replaced, {} abandoned thread(s)",
-            run.step.name,
-            step_uuid,
-            run.timeout_s,
-            len(self._pool.abandoned),
-        )
+        if run.by_deadline:
+            # The task's deadline, not the step's timeout: the same cancellation, not retried.
+            self._abandon(run, deadline_failure(run.step.deadline_at, ran=True))
+            step_log(run.step).warning(
+                "step {} ({}) cancelled at its task's deadline; worker replaced, "
+                "{} abandoned thread(s)",
+                run.step.name,
+                step_uuid,
+                len(self._pool.abandoned),
+            )
+        else:
+            self._abandon(run, timeout_failure(run.timeout_s))
+            step_log(run.step).warning(
+                "step {} ({}) timed out after {:g}s; worker replaced, {} abandoned thread(s)",
+                run.step.name,
+                step_uuid,
+                run.timeout_s,
+                len(self._pool.abandoned),
+            )
         self._start_worker()
         self._capacity_freed()
         self._assign()
@@ -216,6 +227,7 @@ class Dispatcher(SupervisedActor):
             "idle": len(self._pool.idle),
             "abandoned_threads": len(self._pool.abandoned),
             "timeouts": self._pool.timeouts,
+            "deadlines": self._pool.deadlines,
             "dispatched": self.dispatched,
             "prefetch_window": self._credits.window.size,
             "draining": self._draining,
@@ -225,13 +237,27 @@ class Dispatcher(SupervisedActor):
         if self._draining:
             return
         now = time.monotonic()
-        for run in self._pool.assign(self._default_timeout_s):
+        runs = self._pool.assign(self._default_timeout_s, self._clock())
+        self._expire_overdue()
+        for run in runs:
             self.dispatched += 1
             self._credits.assigned(run.worker_id, now)
             tell(self._workers[run.worker_id].run, run.step, run.cancellation, run.timeout_s)
             self._deadlines[run.worker_id] = self._timer.call_later(
                 run.timeout_s, self._deadline_callback(run)
             )
+
+    def _expire_overdue(self) -> None:
+        """Fail the claimed steps whose task's deadline passed before a slot was free: they
+        never start, and their credits go back at once."""
+        for step in self._pool.take_overdue():
+            now = self._clock()
+            outcome = StepOutcome(
+                step, now, now, failure=deadline_failure(step.deadline_at, ran=False)
+            )
+            if not tell(self._completion.submit, outcome):
+                self.supervisor.results_lost(1)
+            self._capacity_freed()
 
     def _deadline_callback(self, run: Running) -> Callable[[], None]:
         me, worker_id, step = self._self, run.worker_id, run.step

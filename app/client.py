@@ -22,6 +22,7 @@ from types import TracebackType
 from sqlalchemy.exc import IntegrityError
 
 from duplex.clock import utcnow
+from duplex.durations import MAX_DURATION
 from duplex.errors import InputError, StorageError
 from duplex.intake.start import checked_priority, start_time
 from duplex.intake.wake import Waker
@@ -65,6 +66,7 @@ class Client:
         run_at: datetime | None = None,
         delay: timedelta | None = None,
         priority: int | None = None,
+        max_duration: timedelta | None = None,
     ) -> str:
         """Create one task; return its UUID (an existing task's, for a key already used).
 
@@ -72,7 +74,9 @@ class Client:
         task continues; without it, the caller's current OpenTelemetry context (if any).
         ``run_at`` (an aware datetime) or ``delay``: the task's first steps are not claimed
         before then (docs/time.md). ``priority`` (-100..100, higher first) replaces the
-        template's top-level ``priority`` for this task.
+        template's top-level ``priority`` for this task. ``max_duration`` (else the template's)
+        is the task's deadline from now: then its waiting steps are cancelled and its running
+        attempts told to stop (docs/time.md).
         """
         keys = None if idempotency_key is None else [idempotency_key]
         (task_uuid,) = self.submit_many(
@@ -83,6 +87,7 @@ class Client:
             run_at=run_at,
             delay=delay,
             priority=priority,
+            max_duration=max_duration,
         )
         return task_uuid
 
@@ -96,13 +101,16 @@ class Client:
         run_at: datetime | None = None,
         delay: timedelta | None = None,
         priority: int | None = None,
+        max_duration: timedelta | None = None,
     ) -> list[str]:
         """Create one task per context in one transaction; return their UUIDs in order.
 
-        ``run_at``, ``delay`` and ``priority`` apply to every task, as in ``submit``.
+        ``run_at``, ``delay``, ``priority`` and ``max_duration`` apply to every task, as in
+        ``submit``.
         """
         start_time(run_at, delay, now=utcnow())  # refuse bad input before any other work
         priority = checked_priority(priority)
+        _check_max_duration(max_duration)
         trace_context = checked_carrier(trace_context) or current_carrier()
         resolved = self._template(template)
         batch = list(contexts)
@@ -126,6 +134,7 @@ class Client:
                         trace_context=trace_context,
                         run_at=start_time(run_at, delay, now=now),
                         priority=priority,
+                        max_duration=max_duration,
                     )
                 break
             except StorageError as exc:
@@ -163,3 +172,16 @@ class Client:
         if isinstance(template, TaskTemplate):
             return template
         return load_template(str(template), self._templates_dir)
+
+
+def _check_max_duration(max_duration: timedelta | None) -> None:
+    """Refuse a deadline that is not a positive ``timedelta`` of at most ``MAX_DURATION``."""
+    if max_duration is None:
+        return
+    if not isinstance(max_duration, timedelta):
+        raise InputError(f"max_duration must be a timedelta, not {max_duration!r:.80}")
+    if max_duration <= timedelta(0) or max_duration > MAX_DURATION:
+        raise InputError(
+            f"max_duration must be longer than zero and at most {MAX_DURATION.days} days, "
+            f"not {max_duration}"
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-__all__ = ["format_duration", "parse_duration"]
+__all__ = ["MAX_DURATION", "format_duration", "parse_duration"]
 
 _UNITS = {
     "ms": timedelta(milliseconds=1),
@@ -22,19 +22,21 @@ _UNITS = {
 }
 _PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 # Far beyond any delay that makes sense, well inside what ``timedelta`` and the databases hold.
-_MAX = timedelta(days=3650)
+MAX_DURATION = timedelta(days=3650)
 EXPECTED = "a number and a unit, e.g. 500ms, 2s, 15m, 1h, 1d"
 
 
 def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
     """Return the ``timedelta`` that ``text`` writes; raise ``ValueError`` with one line."""
+    if not isinstance(text, str):
+        raise ValueError(f"a duration is a string such as '15m', not {text!r:.40}")
     cleaned = text.strip().lower()
     match = _PATTERN.fullmatch(cleaned)
     if match is None:
         raise ValueError(f"not a duration: {text!r} (expected {EXPECTED})")
     number, unit = match.groups()
     value = float(number) * _UNITS[unit]
-    if value > _MAX:
+    if value > MAX_DURATION:
         raise ValueError(f"duration too long: {text!r} (at most 3650d)")
     if value <= timedelta(0) and not allow_zero:
         raise ValueError(f"duration must be more than zero: {text!r}")

@@ -46,6 +46,8 @@ RESULT_TOO_LARGE = "result_too_large"
 RESULT_UNSTORABLE = "result_unstorable"
 SHUTDOWN_TIMEOUT = "shutdown_timeout"
 WORKER_LOST = "worker_lost"
+# The task's deadline (``max_duration``) passed while the attempt ran or waited; not retried.
+TASK_DEADLINE_EXCEEDED = "task_deadline_exceeded"
 
 
 class DuplexError(Exception):

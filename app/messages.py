@@ -25,6 +25,35 @@ class DeclaredEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryOverride:
+    """The fields of the retry policy a step's ``[steps.retry]`` sets (None: the worker's).
+
+    Stored as the step's ``retry_policy`` JSON; the template's validated form is
+    ``duplex.templates.StepRetryPolicy``, the policy it modifies ``duplex.commit.retry``'s.
+    """
+
+    strategy: Literal["exponential", "linear", "fixed"] | None = None
+    base_ms: int | None = None
+    multiplier: float | None = None
+    max_ms: int | None = None
+    jitter: float | None = None
+
+    @classmethod
+    def from_json(cls, raw: Any) -> RetryOverride | None:
+        """Read a stored ``retry_policy`` (None or ``{}``: no override); unknown keys are
+        ignored, so a row written by a newer version still runs."""
+        if not raw or not isinstance(raw, dict):
+            return None
+        return cls(
+            strategy=raw.get("strategy"),
+            base_ms=raw.get("base_ms"),
+            multiplier=raw.get("multiplier"),
+            max_ms=raw.get("max_ms"),
+            jitter=raw.get("jitter"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimedStep:
     """One attempt of a step, claimed by this worker and ready to run."""
 
@@ -49,6 +78,10 @@ class ClaimedStep:
     namespace: str = field(default="default", compare=False)
     claimed_at: datetime | None = field(default=None, compare=False)
     submitted_at: datetime | None = field(default=None, compare=False)
+    # The step's own retry policy (``[steps.retry]``), if its template set one.
+    retry_policy: RetryOverride | None = field(default=None, compare=False)
+    # When the task must be finished (``max_duration``): the attempt is cancelled then.
+    deadline_at: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,10 @@ class WorkerSettings(_Section):
     # How long ``duplex run`` keeps retrying a database that fails transiently during
     # start-up (migration, registration) before it gives up with one line.
     startup_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
+    # How often this worker looks for tasks past their deadline (``max_duration``) and cancels
+    # their waiting steps (duplex.storage.deadlines). Running attempts are cancelled on time
+    # by the worker running them; this only bounds how late waiting steps are cancelled.
+    deadline_sweep_interval_ms: int = Field(default=1000, gt=0, le=3_600_000)
 
 
 class EventSystemSettings(_Section):
@@ -94,6 +98,9 @@ class RetrySettings(_Section):
     backoff_multiplier: float = Field(default=2.0, ge=1.0)
     backoff_max_ms: int = Field(default=300_000, ge=0)
     jitter: float = Field(default=0.1, ge=0.0, le=1.0)
+    # How the delay grows with the attempts (duplex.commit.retry); a step may override every
+    # field here with ``[steps.retry]`` in its template.
+    strategy: Literal["exponential", "linear", "fixed"] = "exponential"
 
 
 class DomainEventSettings(_Section):

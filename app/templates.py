@@ -13,19 +13,22 @@ import heapq
 import math
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from duplex.commit.retry import StepRetryPolicy
+from duplex.durations import parse_duration
 from duplex.errors import TemplateError
 
 __all__ = [
     "PRIORITY_MAX",
     "PRIORITY_MIN",
     "EventDeclaration",
+    "StepRetryPolicy",
     "StepTemplate",
     "TaskTemplate",
     "load_template",
@@ -81,6 +84,7 @@ class StepTemplate(BaseModel):
     events: tuple[EventDeclaration, ...] = ()
     # None: the task's priority (the template's top-level ``priority``, or the submission's).
     priority: Priority | None = None
+    retry: StepRetryPolicy | None = None
 
     @field_validator("inputs")
     @classmethod
@@ -117,7 +121,19 @@ class TaskTemplate(BaseModel):
     description: Annotated[str, Field(strict=True)] = ""
     # The priority of the steps that set none; a submission's ``priority`` replaces it.
     priority: Priority = 0
+    # How long a task may take from its submission (``500ms``, ``2s``, ``15m``, ``1h``,
+    # ``1d``): then its waiting steps are cancelled and its running attempts told to stop
+    # (docs/time.md, Task deadline).
+    max_duration: timedelta | None = None
     steps: tuple[StepTemplate, ...]
+
+    @field_validator("max_duration", mode="before")
+    @classmethod
+    def _duration_string(cls, value: Any) -> Any:
+        """Read ``max_duration`` only as a duration string: a bare number has no unit."""
+        if value is None or isinstance(value, timedelta):
+            return value
+        return parse_duration(value)
 
     @field_validator("steps")
     @classmethod
@@ -263,15 +279,15 @@ def _validate(data: Mapping[str, Any], source: str) -> TaskTemplate:
     try:
         return TaskTemplate.model_validate(data)
     except ValidationError as exc:
-        detail = _describe_errors(exc.errors())
+        detail = _describe_errors(exc.errors(), data)
         raise TemplateError(_one_line(f"{source}: invalid template: {detail}")) from exc
 
 
-def _describe_errors(errors: Sequence[ErrorDetails]) -> str:
+def _describe_errors(errors: Sequence[ErrorDetails], data: Mapping[str, Any] | None = None) -> str:
     """Render pydantic errors as ``location: message`` joined with ``; ``."""
     parts = []
     for error in errors[:_MAX_REPORTED_ERRORS]:
-        location = ".".join(str(part) for part in error["loc"])
+        location = _location(error["loc"], data)
         message = _TOML_WORDING.get(error["type"], error["msg"])
         if error["type"] == "value_error":
             # Our own validators' messages, without pydantic's "Value error, ".
@@ -280,6 +296,20 @@ def _describe_errors(errors: Sequence[ErrorDetails]) -> str:
     if len(errors) > _MAX_REPORTED_ERRORS:
         parts.append(f"and {len(errors) - _MAX_REPORTED_ERRORS} more error(s)")
     return "; ".join(parts)
+
+
+def _location(loc: Sequence[int | str], data: Mapping[str, Any] | None) -> str:
+    """Render an error's location; within a step's ``retry`` table, name the step too
+    (``steps.1 (charge).retry.jitter``): a policy is often copied from step to step."""
+    location = ".".join(str(part) for part in loc)
+    if len(loc) < 3 or loc[0] != "steps" or loc[2] != "retry" or not isinstance(loc[1], int):
+        return location
+    steps = (data or {}).get("steps")
+    step = steps[loc[1]] if isinstance(steps, list) and loc[1] < len(steps) else None
+    name = step.get("name") if isinstance(step, dict) else None
+    if not isinstance(name, str):
+        return location
+    return ".".join(["steps", f"{loc[1]} ({name})", *(str(part) for part in loc[2:])])
 
 
 def _one_line(message: str) -> str:

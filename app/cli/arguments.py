@@ -62,6 +62,14 @@ def duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def positive_duration(text: str) -> timedelta:
+    """A duration longer than zero (a deadline): ``500ms``, ``2s``, ``15m``, ``1h``, ``1d``."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def priority(text: str) -> int:
     try:
         value = int(text)

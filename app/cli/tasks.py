@@ -15,7 +15,14 @@ from datetime import UTC
 from typing import Any
 
 from duplex.cli import console
-from duplex.cli.arguments import aware_datetime, duration, positive_float, positive_int, priority
+from duplex.cli.arguments import (
+    aware_datetime,
+    duration,
+    positive_duration,
+    positive_float,
+    positive_int,
+    priority,
+)
 from duplex.cli.common import open_database
 from duplex.cli.context import parse_context
 from duplex.cli.output import print_json
@@ -68,6 +75,12 @@ def add_commands(sub: Any) -> None:
         type=priority,
         metavar="N",
         help="-100..100, higher claimed first (default: the template's priority)",
+    )
+    submit.add_argument(
+        "--max-duration",
+        metavar="DURATION",
+        type=positive_duration,
+        help="the task's deadline from now (500ms, 2s, 15m, 1h, 1d); overrides the template's",
     )
     submit.set_defaults(func=cmd_submit)
 
@@ -136,6 +149,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             idempotency_key=key,
             run_at=start,
             priority=args.priority,
+            max_duration=args.max_duration,
         )
     if existing:
         print(f"task for idempotency key {key!r} exists already; nothing written", file=sys.stderr)

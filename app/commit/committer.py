@@ -14,6 +14,9 @@ Plain code, no threads (like ``CommitBuffer``): the CompletionProcessor actor ow
   failed at its COMMIT may have gone through unheard, with its eager claims: those are handed
   back before the next transaction (``release_claims``, guarded like a result).
 * Running attempts of dead workers are failed as ``worker_lost`` (``recover_lost_claims``).
+* Tasks past their deadline (``max_duration``) are expired: their waiting steps cancelled, the
+  task cancelled (``sweep_deadlines``, and in the same transaction as a running attempt's
+  ``task_deadline_exceeded`` failure, so its task's waiting steps do not wait for the sweep).
 * Nothing is announced before its transaction committed: each commit yields an
   ``Announcement`` for the caller to deliver.
 """
@@ -28,16 +31,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from loguru import logger
+from sqlalchemy import Connection
 
 from duplex.commit.buffer import CommitBuffer
 from duplex.commit.retry import RetryPolicy
 from duplex.dispatch.attempt import unstorable
-from duplex.errors import RESULT_UNSTORABLE, StorageError
+from duplex.errors import RESULT_UNSTORABLE, TASK_DEADLINE_EXCEEDED, StorageError
 from duplex.messages import ClaimedStep, StepOutcome
 from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
 from duplex.storage.claims import claim_dependents, release_claims
 from duplex.storage.db import Database
+from duplex.storage.deadlines import ExpiredTask, expire_tasks, find_expired_tasks
 from duplex.storage.recovery import has_lost_claims, recover_lost_claims
 from duplex.storage.results import CommitReport, commit_outcomes
 from duplex.storage.workers import dead_local_workers, heartbeat_cutoff
@@ -127,6 +132,7 @@ class Committer:
             "commit_errors": 0,
             "recovered": 0,
             "claimed_eagerly": 0,
+            "deadlines_expired": 0,
         }
 
     def flush_batch(self, announce: Callable[[Announcement], None] | None = None) -> Flush:
@@ -201,6 +207,39 @@ class Committer:
         self.counts["recovered"] += len(report.applied)
         return self._announcement(report, False, False, recovery=True)
 
+    def sweep_deadlines(self) -> Announcement | None:
+        """Expire the tasks past their deadline: cancel their waiting steps and the task.
+
+        Returns what to announce, or None when nothing was due (or the database failed).
+        """
+        now = self._clock()
+        try:
+            # Read first, like the recovery: most sweeps find nothing to do.
+            with self._db.read() as conn:
+                due = find_expired_tasks(conn, now=now)
+            if not due:
+                return None
+            with self._db.write() as conn:
+                expiry = expire_tasks(conn, due, now=now, worker_id=self._worker_id)
+        except StorageError as exc:
+            logger.warning("the sweep of task deadlines failed: {}", exc)
+            return None
+        if not expiry.expired:
+            return None
+        report = CommitReport(events=expiry.events, expired=expiry.expired)
+        return self._announcement(report, False, False)
+
+    def _log_expired(self, expired: Sequence[ExpiredTask]) -> None:
+        self.counts["deadlines_expired"] += len(expired)
+        for task in expired:
+            logger.bind(task_uuid=task.task_uuid).warning(
+                "task {} passed its deadline ({}): {} waiting step(s) cancelled, {} running",
+                task.task_uuid,
+                task.deadline_at.isoformat(),
+                len(task.cancelled_steps),
+                task.running,
+            )
+
     def _commit(
         self,
         outcomes: Sequence[StepOutcome],
@@ -218,6 +257,7 @@ class Committer:
                 report = commit_outcomes(
                     conn, outcomes, policy=self._policy, now=now, rng=self._rng
                 )
+                self._expire_with(conn, report, now)
                 limit = min(report.parents_completed, self.eager_limit) if eager else 0
                 if limit and report.ready:
                     claimed = report.claimed = claim_dependents(
@@ -239,6 +279,22 @@ class Committer:
             raise
         self.counts["claimed_eagerly"] += len(claimed)
         return report, released
+
+    def _expire_with(self, conn: Connection, report: CommitReport, now: datetime) -> None:
+        """Expire, in the commit's transaction, the tasks of its deadline failures (before any
+        dependent is claimed: those of an expired task are cancelled instead)."""
+        tasks = {
+            outcome.step.task_uuid
+            for outcome in report.applied
+            if outcome.failure is not None and outcome.failure.error_type == TASK_DEADLINE_EXCEEDED
+        }
+        if not tasks:
+            return
+        expiry = expire_tasks(conn, tasks, now=now, worker_id=self._worker_id)
+        report.events.extend(expiry.events)
+        # A dependent this batch enqueued in an expired task is cancelled now: the claim that
+        # follows skips it (its update is guarded by state).
+        report.expired.extend(expiry.expired)
 
     def _settle_unconfirmed(self) -> None:
         """Hand back the eager claims of a commit that may have gone through unheard.
@@ -307,6 +363,8 @@ class Committer:
         self, report: CommitReport, work_ready: bool, caught_up: bool, *, recovery: bool = False
     ) -> Announcement:
         self.counts["committed"] += len(report.applied)
+        if report.expired:
+            self._log_expired(report.expired)
         self.counts["rejected"] += len(report.rejected)
         for outcome in report.rejected:
             step_log(outcome.step).info(

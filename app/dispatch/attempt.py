@@ -26,6 +26,7 @@ from duplex.errors import (
     INVALID_RESULT,
     RESULT_TOO_LARGE,
     RESULT_UNSTORABLE,
+    TASK_DEADLINE_EXCEEDED,
     StepError,
 )
 from duplex.handlers import Cancellation, Handler, HandlerRegistry, StepContext
@@ -210,6 +211,19 @@ def unstorable(outcome: StepOutcome, exc: Exception) -> StepOutcome:
 def timeout_failure(timeout_s: float) -> StepFailure:
     """Return the failure committed when an attempt runs past its deadline."""
     return StepFailure(HANDLER_TIMEOUT, f"handler ran longer than {timeout_s:g}s", retryable=True)
+
+
+def deadline_failure(deadline_at: datetime | None, *, ran: bool) -> StepFailure:
+    """Return the failure committed when the task's deadline (``max_duration``) stops an
+    attempt (``ran``: while it ran; else before it could start). Never retried: the task is
+    over."""
+    when = deadline_at.isoformat() if deadline_at is not None else "?"
+    what = "while this attempt ran" if ran else "before this attempt could start"
+    return StepFailure(
+        TASK_DEADLINE_EXCEEDED,
+        f"the task's deadline (max_duration) passed at {when} {what}",
+        retryable=False,
+    )
 
 
 def _message(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from duplex.handlers import Cancellation
 from duplex.messages import ClaimedStep
@@ -22,6 +23,23 @@ class Running:
     step: ClaimedStep
     cancellation: Cancellation
     timeout_s: float
+    # The limit is the task's deadline (``max_duration``), not the step's timeout: when it
+    # passes, the attempt ends as ``task_deadline_exceeded``, not retried.
+    by_deadline: bool = False
+
+
+def attempt_limit(
+    step: ClaimedStep, default_timeout_s: float, now: datetime | None
+) -> tuple[float, bool]:
+    """Return how long the attempt may run from ``now``, and whether the task's deadline (not
+    the step's timeout) sets that limit."""
+    timeout_s = step.timeout_ms / 1000 if step.timeout_ms else default_timeout_s
+    if step.deadline_at is None or now is None:
+        return timeout_s, False
+    left_s = (step.deadline_at - now).total_seconds()
+    if left_s < timeout_s:
+        return max(0.0, left_s), True
+    return timeout_s, False
 
 
 @dataclass
@@ -35,6 +53,10 @@ class HandlerPool:
     # Workers replaced after a timeout whose thread is still stuck in a handler.
     abandoned: set[int] = field(default_factory=set)
     timeouts: int = 0
+    # Attempts cancelled at their task's deadline, and claimed steps whose deadline passed
+    # before they could start (never run; ``take_overdue``).
+    deadlines: int = 0
+    overdue: list[ClaimedStep] = field(default_factory=list)
     _next_id: int = 0
 
     def new_worker_id(self) -> int:
@@ -47,14 +69,21 @@ class HandlerPool:
     def enqueue(self, steps: Iterable[ClaimedStep]) -> None:
         self.waiting.extend(steps)
 
-    def assign(self, default_timeout_s: float) -> list[Running]:
-        """Pair waiting steps with idle workers; return the new assignments."""
+    def assign(self, default_timeout_s: float, now: datetime | None = None) -> list[Running]:
+        """Pair waiting steps with idle workers; return the new assignments.
+
+        With ``now``, a step whose task's deadline has passed is not started but set aside
+        (``take_overdue``), and a running attempt is limited to what is left of it.
+        """
         started = []
         while self.waiting and self.idle:
             step = self.waiting.popleft()
+            timeout_s, by_deadline = attempt_limit(step, default_timeout_s, now)
+            if by_deadline and timeout_s <= 0:
+                self.overdue.append(step)
+                continue
             worker_id = self.idle.popleft()
-            timeout_s = step.timeout_ms / 1000 if step.timeout_ms else default_timeout_s
-            run = Running(worker_id, step, Cancellation(), timeout_s)
+            run = Running(worker_id, step, Cancellation(), timeout_s, by_deadline)
             self.running[worker_id] = run
             started.append(run)
         return started
@@ -75,8 +104,16 @@ class HandlerPool:
         """Abandon the worker if it still runs that attempt (a timeout); return the attempt."""
         run = self.abandon(worker_id, step_uuid, attempt)
         if run is not None:
-            self.timeouts += 1
+            if run.by_deadline:
+                self.deadlines += 1
+            else:
+                self.timeouts += 1
         return run
+
+    def take_overdue(self) -> list[ClaimedStep]:
+        """Remove and return the claimed steps whose task's deadline passed before they ran."""
+        steps, self.overdue = self.overdue, []
+        return steps
 
     def abandon(self, worker_id: int, step_uuid: str, attempt: int) -> Running | None:
         """Give up on the worker if it still runs that attempt; return the attempt if so."""

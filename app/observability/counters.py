@@ -20,6 +20,7 @@ from duplex.errors import (
     HANDLER_TIMEOUT,
     HANDLER_WORKER_FAILED,
     SHUTDOWN_TIMEOUT,
+    TASK_DEADLINE_EXCEEDED,
     WORKER_LOST,
 )
 
@@ -51,7 +52,9 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 # Outcomes Duplex writes itself rather than a handler: their timestamps are not a handler's
 # run, so they stay out of the duration and latency histograms (they are still counted).
-_SYNTHETIC = frozenset({HANDLER_TIMEOUT, SHUTDOWN_TIMEOUT, WORKER_LOST, HANDLER_WORKER_FAILED})
+_SYNTHETIC = frozenset(
+    {HANDLER_TIMEOUT, SHUTDOWN_TIMEOUT, WORKER_LOST, HANDLER_WORKER_FAILED, TASK_DEADLINE_EXCEEDED}
+)
 
 
 class Counter:
@@ -128,6 +131,9 @@ class StepMetrics:
     retries: Counter = field(default_factory=Counter)  # namespace, handler
     recovered: Counter = field(default_factory=Counter)  # namespace
     rejected: Counter = field(default_factory=Counter)  # namespace
+    # Tasks this worker expired at their deadline, and the waiting steps that cancelled.
+    deadlines_exceeded: Counter = field(default_factory=Counter)  # namespace
+    deadline_cancelled_steps: Counter = field(default_factory=Counter)  # namespace
     handler_seconds: Histograms = field(default_factory=lambda: Histograms(DURATION_BUCKETS))
     claim_to_start: Histograms = field(default_factory=lambda: Histograms(DURATION_BUCKETS))
     submit_to_start: Histograms = field(default_factory=lambda: Histograms(DURATION_BUCKETS))
@@ -169,6 +175,10 @@ class StepMetrics:
             self.retries.inc((outcome.step.namespace, outcome.step.handler))
         for outcome in report.rejected:
             self.rejected.inc((outcome.step.namespace,))
+        for task in report.expired:
+            self.deadlines_exceeded.inc((task.namespace,))
+            if task.cancelled_steps:
+                self.deadline_cancelled_steps.inc((task.namespace,), len(task.cancelled_steps))
 
 
 class EventCounts:

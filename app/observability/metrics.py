@@ -210,6 +210,18 @@ class DuplexCollector(Collector):
             ["namespace"],
             steps.rejected.snapshot(),
         )
+        yield _counter(
+            "duplex_task_deadlines_exceeded",
+            "Tasks this worker cancelled at their deadline (max_duration).",
+            ["namespace"],
+            steps.deadlines_exceeded.snapshot(),
+        )
+        yield _counter(
+            "duplex_steps_cancelled_at_deadline",
+            "Waiting steps cancelled because their task's deadline passed.",
+            ["namespace"],
+            steps.deadline_cancelled_steps.snapshot(),
+        )
         yield _histograms(
             "duplex_handler_duration_seconds",
             "How long handlers ran.",

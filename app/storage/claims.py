@@ -35,7 +35,7 @@ from sqlalchemy import (
     update,
 )
 
-from duplex.messages import ClaimedStep
+from duplex.messages import ClaimedStep, RetryOverride
 from duplex.states import (
     CANCELLED,
     CLAIMABLE,
@@ -160,6 +160,7 @@ def claim_steps(
             dependency_results=parents.get(row.step_uuid, {}),
             has_children=row.has_children,
             claimed_at=now,
+            deadline_at=row.task_deadline_at,
         )
         for row in claimed
     ]
@@ -178,6 +179,7 @@ STEP_COLUMNS = (
     ws.c.declared_events,
     ws.c.namespace,
     ws.c.created_at,
+    ws.c.retry_policy,
 )
 
 
@@ -199,6 +201,7 @@ def claimed_step(row: Any, *, claimed_by: str, **context: Any) -> ClaimedStep:
         declared_events=declared_events(row.declared_events),
         namespace=row.namespace,
         submitted_at=row.created_at,
+        retry_policy=RetryOverride.from_json(row.retry_policy),
         **context,
     )
 
@@ -215,6 +218,11 @@ _RETURN_TASK_CONTEXT = literal_column(
     "(SELECT t.context FROM tasks AS t WHERE t.task_uuid = workflow_steps.task_uuid)",
     tasks.c.context.type,
 ).label("task_context")
+# The task's deadline (``max_duration``): the Dispatcher cancels the attempt then.
+_RETURN_TASK_DEADLINE = literal_column(
+    "(SELECT t.deadline_at FROM tasks AS t WHERE t.task_uuid = workflow_steps.task_uuid)",
+    tasks.c.deadline_at.type,
+).label("task_deadline_at")
 _RETURN_HAS_PARENTS = literal_column(
     "EXISTS (SELECT 1 FROM workflow_step_edges AS e"
     " WHERE e.to_step_uuid = workflow_steps.step_uuid)",
@@ -247,6 +255,7 @@ _CLAIM = (
         ws.c.inputs,
         _RETURN_TASK_STATE,
         _RETURN_TASK_CONTEXT,
+        _RETURN_TASK_DEADLINE,
         _RETURN_HAS_PARENTS,
         _RETURN_HAS_CHILDREN,
     )

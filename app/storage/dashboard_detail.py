@@ -37,6 +37,8 @@ class TaskDetail:
     idempotency_key: str | None
     execution_status: str
     scheduled_for: datetime | None = None
+    # When the task must be finished (``max_duration``), if it has a deadline.
+    deadline_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,9 @@ def task_detail(conn: Connection, task_uuid: str) -> TaskDetail:
     task_id = parse_uuid(task_uuid, "task")
     t = tasks.c
     row = conn.execute(
-        select(*TASK_COLUMNS, t.context, t.idempotency_key).where(t.task_uuid == task_id)
+        select(*TASK_COLUMNS, t.context, t.idempotency_key, t.deadline_at).where(
+            t.task_uuid == task_id
+        )
     ).first()
     if row is None:
         raise InputError(f"unknown task: {task_id}")

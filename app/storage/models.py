@@ -72,6 +72,10 @@ metadata = MetaData(
     }
 )
 
+# The rows of the deadline sweep's partial index; its query repeats this text, so that both
+# databases see that the index serves it (the states are written in, not bound).
+OPEN_WITH_DEADLINE = "deadline_at IS NOT NULL AND state IN ('pending', 'in_progress')"
+
 tasks = Table(
     "tasks",
     metadata,
@@ -88,12 +92,21 @@ tasks = Table(
     Column("idempotency_key", String(255)),
     # The W3C trace context given at submit (a carrier dict), continued by every step.
     Column("trace_context", JSONValue),
+    # When the task must be finished (``max_duration``); NULL: no deadline (migration 0011).
+    Column("deadline_at", UTCDateTime),
     Index(None, "namespace", "state"),
     # The dashboard's task list: newest first, keyset-paginated on (created_at, task_uuid).
     Index(None, "created_at", "task_uuid"),
     # The dashboard's state filter, and its status counts of the tasks not yet complete.
     Index(None, "state", "created_at"),
     Index("ux_tasks_name_idempotency_key", "name", "idempotency_key", unique=True),
+    # The deadline sweep: only unfinished tasks that have a deadline (duplex.storage.deadlines).
+    Index(
+        "ix_tasks_open_deadline",
+        "deadline_at",
+        sqlite_where=text(OPEN_WITH_DEADLINE),
+        postgresql_where=text(OPEN_WITH_DEADLINE),
+    ),
 )
 
 workflow_steps = Table(
@@ -123,6 +136,8 @@ workflow_steps = Table(
     Column("completed_at", UTCDateTime),
     # Higher is claimed first, with aging (docs/time.md, Priority); set at submission.
     Column("priority", Integer, nullable=False, default=0, server_default="0"),
+    # The step's ``[steps.retry]`` (the fields it overrides), NULL: none (migration 0011).
+    Column("retry_policy", JSONValue),
     UniqueConstraint("task_uuid", "name"),
     # The claim query: per priority level, the steps of a namespace due by now, oldest first
     # (``next_attempt_at`` is the not-before time: ready since, due at, scheduled for).

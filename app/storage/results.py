@@ -51,6 +51,7 @@ from duplex.states import (
     TASK_CANCELLED,
     WAITING_FOR_RETRY,
 )
+from duplex.storage.deadlines import ExpiredTask
 from duplex.storage.driver import BulkStatement, db_json, db_time
 from duplex.storage.events import events_of
 from duplex.storage.listen import notify_new_events
@@ -86,6 +87,8 @@ class CommitReport:
     # (``duplex.commit.committer``); claimed exactly as ``claim_ready_steps`` claims.
     claimed: list[ClaimedStep] = field(default_factory=list)
     next_retry_at: datetime | None = None
+    # Tasks this transaction cancelled at their deadline (``duplex.storage.deadlines``).
+    expired: list[ExpiredTask] = field(default_factory=list)
 
 
 def commit_outcomes(
@@ -131,7 +134,8 @@ def commit_outcomes(
         if failure is None:
             new_state, next_at = COMPLETE, None
         else:
-            decision = policy.decide(
+            # The step's own ``[steps.retry]``, if its template set one (duplex.commit.retry).
+            decision = policy.for_step(step.retry_policy).decide(
                 failure,
                 attempt=step.attempt,
                 max_attempts=step.max_attempts,

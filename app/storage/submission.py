@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, bindparam, select
@@ -44,6 +44,7 @@ def create_task(
     trace_context: dict[str, str] | None = None,
     run_at: datetime | None = None,
     priority: int | None = None,
+    max_duration: timedelta | None = None,
 ) -> str:
     """Write one task; roots start ``enqueued``, the rest ``pending``. Return its UUID."""
     (task_id,) = create_tasks(
@@ -56,6 +57,7 @@ def create_task(
         trace_context=trace_context,
         run_at=run_at,
         priority=priority,
+        max_duration=max_duration,
     )
     return task_id
 
@@ -71,14 +73,18 @@ def create_tasks(
     trace_context: dict[str, str] | None = None,
     run_at: datetime | None = None,
     priority: int | None = None,
+    max_duration: timedelta | None = None,
 ) -> list[str]:
     """Write one task per context, in the caller's transaction; return their UUIDs in order.
 
     A context whose idempotency key was used before for this template (or earlier in the same
     call) gets that task's UUID, and nothing is written for it. The roots are not claimable
     before ``run_at`` (a time already past means ``now``); ``priority`` is the task's, for the
-    steps whose template sets none.
+    steps whose template sets none. ``max_duration`` (else the template's) sets each task's
+    ``deadline_at``, counted from ``now``.
     """
+    duration = max_duration if max_duration is not None else template.max_duration
+    deadline_at = None if duration is None else now + duration
     keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(contexts)
     if len(keys) != len(contexts):
         raise ValueError("give one idempotency key (or None) per context")
@@ -103,6 +109,7 @@ def create_tasks(
                 "context": context,
                 "idempotency_key": key,
                 "trace_context": trace_context,
+                "deadline_at": deadline_at,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -188,6 +195,7 @@ def _step_rows(
                     "declared_events": [e.model_dump() for e in step.events],
                     "priority": priorities[step.name],
                     "next_attempt_at": start.not_before if state == ENQUEUED else None,
+                    "retry_policy": None if step.retry is None else step.retry.stored(),
                     "created_at": now,
                     "updated_at": now,
                 }

@@ -149,7 +149,8 @@ class Watchdog:
     The worker gives it what to look at and what to do, as callables: ``refs`` (the actors),
     ``running`` (whether the actors are up), ``crash`` (stop in order after a failure),
     ``recover`` (have lost workers' claims recovered) and ``collect_stats`` (ask the actors
-    for their stats; may raise ``pykka.Timeout`` or ``pykka.ActorDeadError``).
+    for their stats; may raise ``pykka.Timeout`` or ``pykka.ActorDeadError``); ``sweep``, if
+    given, has the tasks past their deadline expired every ``sweep_every_s``.
     """
 
     def __init__(
@@ -166,6 +167,8 @@ class Watchdog:
         collect_stats: Callable[[], dict[str, Any]],
         tick_s: float = WATCH_TICK_S,
         clock: Callable[[], float] = time.monotonic,
+        sweep: Callable[[], object] | None = None,
+        sweep_every_s: float = 1.0,
     ) -> None:
         self.supervisor = supervisor
         self.heartbeat = heartbeat
@@ -181,6 +184,9 @@ class Watchdog:
         self._recovery_every_s = min(1.0, heartbeat.claim_timeout_s / 3)
         self._next_recovery = clock() + self._recovery_every_s
         self._next_stats = clock()
+        self._sweep = sweep
+        self._sweep_every_s = sweep_every_s
+        self._next_sweep = clock() + sweep_every_s
 
     def run(self, closing: threading.Event) -> None:
         """Watch until ``closing`` is set, the worker stops, or an actor failed."""
@@ -204,6 +210,9 @@ class Watchdog:
         if now >= self._next_recovery:
             self._recover()
             self._next_recovery = now + self._recovery_every_s
+        if self._sweep is not None and now >= self._next_sweep:
+            self._sweep()
+            self._next_sweep = now + self._sweep_every_s
         if now >= self._next_stats:
             # On no answer, the heartbeat goes on with the last stats.
             with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):

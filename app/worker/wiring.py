@@ -170,6 +170,8 @@ class Worker:
             crash=lambda dead: self._crash(dead),
             recover=lambda: tell(actors.completion.recover_lost_claims),
             collect_stats=lambda: self.status(timeout_s=_STATS_TIMEOUT_S),
+            sweep=lambda: tell(actors.completion.sweep_deadlines),
+            sweep_every_s=self.settings.worker.deadline_sweep_interval_ms / 1000,
         )
         self._threads = [
             threading.Thread(
