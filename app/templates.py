@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from duplex.errors import TemplateError
+from duplex.schedules.declaration import ScheduleDeclaration
 
 __all__ = [
     "EventDeclaration",
@@ -109,6 +110,19 @@ class TaskTemplate(BaseModel):
     version: _NonEmptyStr = "1.0.0"
     description: Annotated[str, Field(strict=True)] = ""
     steps: tuple[StepTemplate, ...]
+    # ``[[schedules]]``: fired from this template, synced when a worker starts (docs/time.md).
+    schedules: tuple[ScheduleDeclaration, ...] = ()
+
+    @field_validator("schedules")
+    @classmethod
+    def _schedule_names_are_distinct(
+        cls, schedules: tuple[ScheduleDeclaration, ...]
+    ) -> tuple[ScheduleDeclaration, ...]:
+        names = [schedule.name for schedule in schedules]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"schedule name(s) declared twice: {', '.join(twice)}")
+        return schedules
 
     @field_validator("steps")
     @classmethod
