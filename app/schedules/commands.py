@@ -71,7 +71,7 @@ class ScheduleCommands:
             existing = get_schedule(conn, name, lock=True)
             if existing is not None and not replace:
                 raise InputError(
-                    f"schedule {name!r} already exists (remove it first, or replace it)"
+                    f"schedule {name!r} already exists (remove it first, or replace it: --replace)"
                 )
             schedule, _ = save_schedule(conn, declaration, resolved, now=utcnow())
         return schedule

@@ -36,12 +36,14 @@ MIN_INTERVAL_MS = 100
 MAX_INTERVAL_MS = 366 * 86_400_000
 
 
-def parse_duration(text: str, *, what: str = "duration") -> timedelta:
-    """Read ``500ms``, ``2s``, ``15m``, ``1h`` or ``1d``; raise one-line ``InputError``."""
+def parse_duration(text: str, *, what: str | None = None) -> timedelta:
+    """Read ``500ms``, ``2s``, ``15m``, ``1h`` or ``1d``; raise one-line ``InputError``
+    (prefixed with ``what``, the option or key, when given)."""
     match = _DURATION.match(text) if isinstance(text, str) else None
     if match is None:
         raise InputError(
-            f"{what}: not a duration: {text!r} (write a whole number and a unit: "
+            (f"{what}: " if what else "")
+            + f"not a duration: {text!r} (write a whole number and a unit: "
             "500ms, 2s, 15m, 1h, 1d)"
         )
     return timedelta(milliseconds=int(match.group(1)) * _UNITS_MS[match.group(2)])
