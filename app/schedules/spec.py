@@ -117,8 +117,15 @@ class ScheduleSpec:
         if local.microsecond:
             # cronsim works in whole seconds: 03:00:00.5 must not yield 03:00:00 again.
             local = local.replace(microsecond=0)
+        last = after
         for moment in CronSim(self.cron, local):
-            yield moment.astimezone(UTC)
+            # Started inside the repeated hour of a fall-back change (fold=1), cronsim can
+            # answer with the first occurrence of a local time, which is before ``after``:
+            # only real instants later than the last one given count.
+            instant = moment.astimezone(UTC)
+            if instant > last:
+                last = instant
+                yield instant
 
     def fires_between(self, start: datetime, end: datetime, *, cap: int) -> tuple[int, datetime]:
         """Count the fire times in ``[start, end)`` (up to ``cap``); return the count and the
