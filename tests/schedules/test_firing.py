@@ -58,7 +58,8 @@ def test_allow_fires_although_the_previous_run_is_open() -> None:
 def test_buffer_one_holds_one_fire_back_skips_the_next_and_fires_it_when_the_run_ends() -> None:
     first = plan(due("buffer_one", open_run=True), T0)
     assert first == FirePlan(T0 + 10 * S, T0)  # held back: no task, no skip
-    assert first.changes_anything is False and first.buffered_fire_at == T0
+    assert first.changes_anything is False
+    assert first.buffered_fire_at == T0
     second = plan(due("buffer_one", open_run=True, next_at=T0 + 10 * S, buffered=T0), T0 + 10 * S)
     assert second == FirePlan(T0 + 20 * S, T0, skipped=T0 + 10 * S)
     # The run ended: the held-back fire goes at once, before its next fire time.
@@ -89,7 +90,8 @@ def test_missed_fires_with_none_inside_the_window_wait_for_the_next() -> None:
 def test_catch_up_under_skip_fires_once_then_skips_while_that_run_is_open() -> None:
     now = T0 + 35 * S
     first = plan(due("skip"), now)
-    assert first.fire_at == T0 and first.missed is None
+    assert first.fire_at == T0
+    assert first.missed is None
     state = due("skip", open_run=True, next_at=first.next_fire_at)
     seen = []
     while state.next_fire_at <= now:
@@ -114,7 +116,8 @@ def test_a_huge_gap_counts_at_most_the_cap_for_cron() -> None:
     spec = ScheduleSpec(cron="* * * * * *")  # every second
     state = DueSchedule("s", spec, "skip", timedelta(seconds=5), T0, None, False)
     decided = plan(state, T0 + timedelta(days=3))
-    assert decided.missed is not None and decided.missed.count == MISSED_COUNT_CAP
+    assert decided.missed is not None
+    assert decided.missed.count == MISSED_COUNT_CAP
     assert "100000+ fire time(s)" in decided.missed.describe(timedelta(seconds=5))
     assert decided.fire_at == T0 + timedelta(days=3) - 5 * S
 

@@ -59,7 +59,8 @@ def test_each_fire_time_creates_one_task_with_its_key_its_row_and_its_event(db: 
         after = get_schedule(conn, "tick")
     assert after is not None
     assert after.next_fire_at == T0 + seconds(40)
-    assert after.last_fire_at == T0 + seconds(30) and after.last_task_uuid == rows[-1][3]
+    assert after.last_fire_at == T0 + seconds(30)
+    assert after.last_task_uuid == rows[-1][3]
 
 
 def test_skip_records_fires_while_the_previous_task_runs(db: Database) -> None:
@@ -85,7 +86,8 @@ def test_buffer_one_fires_the_held_fire_when_the_previous_task_ends(
     fire_all(db, T0 + seconds(30))  # 20 held back, 30 skipped
     with db.read() as conn:
         held = get_schedule(conn, "b")
-    assert held is not None and held.buffered_fire_at == T0 + seconds(20)
+    assert held is not None
+    assert held.buffered_fire_at == T0 + seconds(20)
     assert not fire(db, T0 + seconds(31)).acted  # still running: nothing to do
     finish_task(db, first.task_uuid, ended)
     report = fire(db, T0 + seconds(32))
@@ -115,7 +117,8 @@ def test_a_paused_schedule_does_not_fire_and_resumes_after_now(db: Database) -> 
     assert not fire_all(db, T0 + seconds(3600))
     with db.write() as conn:
         resumed = set_paused(conn, "p", False, now=T0 + seconds(3605))
-    assert resumed is not None and resumed.next_fire_at == T0 + seconds(3610)
+    assert resumed is not None
+    assert resumed.next_fire_at == T0 + seconds(3610)
     fire_all(db, T0 + seconds(3610))
     assert [(o, at) for o, at, _, _ in fire_rows(db, "p")] == [("fired", T0 + seconds(3610))]
 
@@ -176,7 +179,9 @@ overlap = "allow"
         assert sync_declared(conn, v2, now=T0)["unchanged"] == 1
         assert declared_names(conn, "tick") == ["hourly"]
     assert hourly is not None
-    assert hourly.paused and hourly.overlap == "allow" and hourly.declared_in == "tick"
+    assert hourly.paused
+    assert hourly.overlap == "allow"
+    assert hourly.declared_in == "tick"
     assert hourly.next_fire_at == T0 + timedelta(minutes=30)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -81,7 +82,7 @@ def test_intervals_fire_on_multiples_since_the_epoch_whatever_the_zone_and_dst()
     assert spec.next_after(utc(2026, 3, 29, 0, 50)) == utc(2026, 3, 29, 1, 0)
     # Across the spring-forward change the fires keep 15 minutes of real time apart.
     got = fires(spec, utc(2026, 3, 29, 0, 40), 4)
-    assert [b - a for a, b in zip(got, got[1:], strict=False)] == [timedelta(minutes=15)] * 3
+    assert [b - a for a, b in itertools.pairwise(got)] == [timedelta(minutes=15)] * 3
     half = ScheduleSpec(every_ms=500)
     assert half.next_after(utc(2026, 1, 1, 0, 0, 1)) == utc(2026, 1, 1, 0, 0, 1) + timedelta(
         milliseconds=500
@@ -116,7 +117,7 @@ def test_cron_fires_increase_and_each_comes_once(expression: str, zone: str, sta
     after = utc(2025, 1, 1) + timedelta(seconds=start_s)
     got = fires(spec, after, 6)
     assert got[0] > after
-    assert all(a < b for a, b in zip(got, got[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(got))
     # Asking from just before any fire time gives that fire time (no fire is skipped).
     for moment in got:
         assert spec.next_after(moment - timedelta(microseconds=1)) == moment
