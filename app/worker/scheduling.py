@@ -7,19 +7,31 @@ subscribers, and a wake-up for the relay) and the intake is nudged for the new t
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from duplex.actors.supervised import tell
+from duplex.observability.metrics import WorkerMetrics
 from duplex.schedules.poller import SchedulePoller
+from duplex.settings import Settings
+from duplex.storage.db import Database
 from duplex.storage.schedule_firing import FireReport
 from duplex.worker.flow import Actors
 
-if TYPE_CHECKING:
-    from duplex.worker.wiring import Worker
+
+class FiringWorker(Protocol):
+    """What the firer needs of the ``Worker`` (a Protocol: wiring imports this module)."""
+
+    settings: Settings
+    db: Database
+    worker_id: str
+    metrics: WorkerMetrics
+
+    @property
+    def phase(self) -> str: ...
 
 
 def schedule_firer(
-    worker: Worker, actors: Actors, closing: threading.Event
+    worker: FiringWorker, actors: Actors, closing: threading.Event
 ) -> list[threading.Thread]:
     """The firer's thread (not started), or none when ``[schedules] enabled`` is false.
 

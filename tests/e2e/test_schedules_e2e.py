@@ -84,7 +84,8 @@ def test_two_workers_fire_once_per_second_and_obey_pause_and_resume(
     assert resumed[0][0] > times[-1] + timedelta(seconds=3)  # the paused seconds were not fired
     wait_for(lambda: cluster.open_work() == 0, "the fired tasks to finish")
     (states,) = cluster.sql(
-        "SELECT COUNT(*) FROM tasks WHERE state <> 'complete' AND idempotency_key LIKE 'schedule:%%'"
+        "SELECT COUNT(*) FROM tasks "
+        "WHERE state <> 'complete' AND idempotency_key LIKE 'schedule:%%'"
     )
     assert states[0] == 0
     for worker in workers:

@@ -60,9 +60,17 @@ TEMPLATE: TaskTemplate = parse_template(TEMPLATE_TOML)
 
 
 def add(
-    db: Database, name: str, *, now: datetime = T0, template: TaskTemplate = TEMPLATE, **kw: Any
+    db: Database,
+    name: str,
+    *,
+    now: datetime = T0,
+    template: TaskTemplate = TEMPLATE,
+    spec: dict[str, str] | None = None,
+    **kw: Any,
 ) -> Schedule:
-    """Add a schedule as ``duplex schedule add`` does, at ``now``."""
+    """Add a schedule as ``duplex schedule add`` does, at ``now`` (``spec``: its cron or
+    every; 10 s by default)."""
+    kw.update(spec or {})
     if "cron" not in kw:
         kw.setdefault("every", "10s")
     with db.write() as conn:
@@ -104,7 +112,7 @@ def fire_rows(db: Database, name: str) -> list[tuple[str, datetime, int, str | N
             .where(schedule_fires.c.schedule_name == name)
             .order_by(schedule_fires.c.fire_at)
         )
-        return [tuple(row) for row in rows]  # type: ignore[misc]
+        return [tuple(row) for row in rows]
 
 
 def fired_events(db: Database) -> list[dict[str, Any]]:
@@ -219,4 +227,4 @@ class FirerProcess:
 
     def read(self) -> str:
         assert self.process.stdout is not None
-        return self.process.stdout.readline().strip()
+        return str(self.process.stdout.readline()).strip()

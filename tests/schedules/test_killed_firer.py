@@ -75,7 +75,7 @@ def test_a_firer_killed_between_task_and_advance_leaves_neither(
         wipe(db)
         names = [f"k{i}" for i in range(len(specs))]
         for name, spec in zip(names, specs, strict=True):
-            add(db, name, overlap=overlap, **spec)
+            add(db, name, overlap=overlap, spec=spec)
         with db.read() as conn:
             before = {name: get_schedule(conn, name) for name in names}
         now_ms = 60_000 + late_ms  # everything is due

@@ -57,7 +57,7 @@ def test_racing_processes_on_postgres_fire_each_fire_time_once(
     db, firers = pg_firers
     wipe(db)
     for index, (spec, overlap, catchup) in enumerate(schedules):
-        add(db, f"s{index}", overlap=overlap, catchup=catchup, **spec)
+        add(db, f"s{index}", overlap=overlap, catchup=catchup, spec=spec)
     clock_ms = 0
     for jump_ms, skews in rounds:
         clock_ms = max(0, clock_ms + jump_ms)

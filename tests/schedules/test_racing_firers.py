@@ -64,7 +64,7 @@ def test_racing_threads_on_sqlite_fire_each_fire_time_once(
     try:
         wipe(dbs[0])
         for index, (spec, overlap, catchup) in enumerate(schedules):
-            add(dbs[0], f"s{index}", overlap=overlap, catchup=catchup, **spec)
+            add(dbs[0], f"s{index}", overlap=overlap, catchup=catchup, spec=spec)
         clock_ms = 0
         errors: list[BaseException] = []
         for jump_ms, skews in rounds:

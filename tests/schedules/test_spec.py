@@ -16,8 +16,10 @@ from duplex.schedules.spec import ScheduleSpec, format_duration, parse_duration
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def fires(spec: ScheduleSpec, after: datetime, n: int) -> list[datetime]:
@@ -74,7 +76,8 @@ def test_a_fire_time_is_strictly_after_the_instant_given() -> None:
     assert spec.next_after(utc(2026, 1, 1, 3)) == utc(2026, 1, 1, 4)
     assert spec.next_after(utc(2026, 1, 1, 3) - timedelta(microseconds=1)) == utc(2026, 1, 1, 3)
     seconds = ScheduleSpec(cron="*/5 * * * * *")  # six fields: seconds first
-    assert seconds.next_after(utc(2026, 1, 1, 0, 0, 4, 999_999)) == utc(2026, 1, 1, 0, 0, 5)
+    just_before = utc(2026, 1, 1, 0, 0, 5) - timedelta(microseconds=1)
+    assert seconds.next_after(just_before) == utc(2026, 1, 1, 0, 0, 5)
 
 
 def test_intervals_fire_on_multiples_since_the_epoch_whatever_the_zone_and_dst() -> None:
