@@ -25,14 +25,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, false, insert, select, update
+from sqlalchemy import Connection, bindparam, false, func, insert, select, update
 
 from duplex.errors import StorageError
 from duplex.messages import DomainEvent
 from duplex.schedules.firing import DueSchedule, FirePlan, fire_time_text, idempotency_key, plan
 from duplex.states import TASK_CANCELLED, TASK_COMPLETE, TASK_ERROR
+from duplex.storage.driver import BulkStatement, ColumnInsert, db_time
 from duplex.storage.listen import notify_new_events
 from duplex.storage.models import domain_events, schedule_fires, schedules, tasks
 from duplex.storage.schedules import Schedule, schedule_of_row
@@ -103,8 +105,8 @@ def fire_due(
     if after_tasks_written is not None:
         after_tasks_written()
     fire_rows: list[dict[str, Any]] = []
+    _advance(conn, plans, task_of, now)
     for row, decided in plans:
-        _advance(conn, row, decided, task_of, now)
         report.acted += 1
         record = {"schedule_name": row.name, "worker_id": worker_id, "recorded_at": now}
         if decided.missed is not None:
@@ -144,7 +146,7 @@ def fire_due(
                 }
             )
     if fire_rows:
-        conn.execute(insert(schedule_fires), fire_rows)
+        _INSERT_FIRES.execute(conn, fire_rows)
     return report
 
 
@@ -254,25 +256,69 @@ def _write_tasks(
 
 
 def _advance(
-    conn: Connection, row: Schedule, decided: FirePlan, task_of: dict[str, str], now: datetime
+    conn: Connection,
+    plans: list[tuple[Schedule, FirePlan]],
+    task_of: dict[str, str],
+    now: datetime,
 ) -> None:
-    """Move the schedule on, guarded by what was read; a mismatch rolls the batch back."""
-    values: dict[str, Any] = {
-        "next_fire_at": decided.next_fire_at,
-        "buffered_fire_at": decided.buffered_fire_at,
-        "updated_at": now,
-    }
-    if decided.fire_at is not None:
-        values["last_fire_at"] = decided.fire_at
-        values["last_task_uuid"] = task_of[row.name]
-    buffered = (
-        sc.c.buffered_fire_at.is_(None)
-        if row.buffered_fire_at is None
-        else sc.c.buffered_fire_at == row.buffered_fire_at
-    )
-    guard = and_(sc.c.name == row.name, sc.c.next_fire_at == row.next_fire_at, buffered)
-    if conn.execute(update(sc).where(guard).values(**values)).rowcount != 1:
+    """Move the schedules on, each guarded by what was read; a mismatch rolls the batch back."""
+    if not plans:
+        return
+    at = partial(db_time, conn.dialect)
+    rows = [
+        (
+            at(decided.next_fire_at),
+            at(decided.buffered_fire_at),
+            at(decided.fire_at),
+            task_of.get(row.name) if decided.fire_at is not None else None,
+            at(now),
+            row.name,
+            at(row.next_fire_at),
+            at(row.buffered_fire_at),
+        )
+        for row, decided in plans
+    ]
+    matched = _ADVANCE.execute(conn, rows)
+    if conn.dialect.supports_sane_multi_rowcount and matched != len(rows):
         raise StorageError(
-            f"schedule {row.name!r} changed while it was being fired; the fire is rolled back",
+            f"{len(rows) - matched} schedule(s) changed while they were being fired; "
+            "the batch is rolled back",
             transient=True,
         )
+
+
+# One statement for the whole batch (an array update on PostgreSQL). The guard: the row is
+# still as this firer read it (``IS NOT DISTINCT FROM``: a NULL held-back fire matches NULL).
+_ADVANCE = BulkStatement(
+    update(sc)
+    .where(
+        sc.c.name == bindparam("b_name"),
+        sc.c.next_fire_at == bindparam("b_next_fire_at", type_=sc.c.next_fire_at.type),
+        sc.c.buffered_fire_at.is_not_distinct_from(
+            bindparam("b_buffered_fire_at", type_=sc.c.buffered_fire_at.type)
+        ),
+    )
+    .values(
+        next_fire_at=bindparam("v_next_fire_at", type_=sc.c.next_fire_at.type),
+        buffered_fire_at=bindparam("v_buffered_fire_at", type_=sc.c.buffered_fire_at.type),
+        # Only a fire moves the last fire on.
+        last_fire_at=func.coalesce(
+            bindparam("v_last_fire_at", type_=sc.c.last_fire_at.type), sc.c.last_fire_at
+        ),
+        last_task_uuid=func.coalesce(
+            bindparam("v_last_task_uuid", type_=sc.c.last_task_uuid.type), sc.c.last_task_uuid
+        ),
+        updated_at=bindparam("v_updated_at", type_=sc.c.updated_at.type),
+    ),
+    (
+        "v_next_fire_at",
+        "v_buffered_fire_at",
+        "v_last_fire_at",
+        "v_last_task_uuid",
+        "v_updated_at",
+        "b_name",
+        "b_next_fire_at",
+        "b_buffered_fire_at",
+    ),
+)
+_INSERT_FIRES = ColumnInsert(schedule_fires)
