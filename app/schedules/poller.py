@@ -21,7 +21,7 @@ from duplex.observability.counters import ScheduleMetrics
 from duplex.schedules.sync import sync_directory
 from duplex.settings import ScheduleSettings
 from duplex.storage.db import Database
-from duplex.storage.schedule_firing import FireReport, fire_due
+from duplex.storage.schedule_firing import FireReport, fire_due, has_due
 
 # A round stops after this many transactions, so a stop never waits long for it.
 MAX_TRANSACTIONS_PER_ROUND = 100
@@ -79,13 +79,14 @@ class SchedulePoller:
         for _ in range(MAX_TRANSACTIONS_PER_ROUND):
             if closing is not None and closing.is_set():
                 break
+            now = self._clock()
             try:
+                with self.db.read() as conn:
+                    if not has_due(conn, now=now):
+                        break
                 with self.db.write() as conn:
                     report = fire_due(
-                        conn,
-                        now=self._clock(),
-                        worker_id=self.worker_id,
-                        limit=self.settings.batch_size,
+                        conn, now=now, worker_id=self.worker_id, limit=self.settings.batch_size
                     )
             except StorageError as exc:
                 # Nothing of the batch was written; the next round tries again.

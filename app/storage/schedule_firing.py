@@ -150,6 +150,15 @@ def fire_due(
     return report
 
 
+def has_due(conn: Connection, *, now: datetime) -> bool:
+    """Whether any schedule is due (read-only): a firer opens a write transaction only then,
+    since on SQLite an empty write would make every commit of the workers wait."""
+    if conn.execute(_DUE.with_only_columns(sc.c.name).limit(1), {"now": now}).first():
+        return True
+    held = _HELD.with_only_columns(sc.c.name).limit(1)
+    return conn.execute(held, {"ended": list(_ENDED)}).first() is not None
+
+
 def _due_rows(conn: Connection, now: datetime, limit: int) -> list[Schedule]:
     """Due schedules, locked: a fire time that has come, or a held-back fire whose previous
     run has ended."""

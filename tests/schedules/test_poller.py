@@ -6,7 +6,9 @@ from __future__ import annotations
 import threading
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import pytest
 from prometheus_client import generate_latest
 
 from duplex.handlers import HandlerRegistry
@@ -128,3 +130,25 @@ def test_an_embedded_worker_fires_runs_and_announces_its_schedules(
 def _state(db: Database, task_uuid: str) -> str:
     with db.read() as conn:
         return get_task(conn, task_uuid).state
+
+
+def test_a_round_with_nothing_due_opens_no_write_transaction(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite an empty write would make every commit of the workers wait."""
+    add(sqlite_db, "later", every="1h")
+    writes = []
+    real_write = sqlite_db.write
+
+    def counted_write() -> Any:
+        writes.append(1)
+        return real_write()
+
+    monkeypatch.setattr(sqlite_db, "write", counted_write)
+    clock = FakeClock(T0 + seconds(5))
+    poller = SchedulePoller(sqlite_db, "w", ScheduleSettings(), ScheduleMetrics(), clock=clock)
+    assert poller.round() == 0
+    assert writes == []
+    clock.now = T0 + seconds(3600)
+    assert poller.round() == 1
+    assert writes == [1]
