@@ -7,6 +7,7 @@ Each command is one transaction through the ``Client``'s schedule methods
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from rich.table import Table
@@ -144,7 +145,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     )
     if schedule.buffered_fire_at is not None:
         print(f"held back until the previous run ends: {_time(schedule.buffered_fire_at)}")
-    print(f"context {schedule.context}")
+    print(f"context {json.dumps(schedule.context)}")
     console.make_console().print(_fires_table(fires) if fires else "no fires yet")
     return 0
 

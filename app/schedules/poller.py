@@ -92,6 +92,11 @@ class SchedulePoller:
                 # Nothing of the batch was written; the next round tries again.
                 logger.warning("schedules: firing failed: {}", exc)
                 break
+            except Exception:
+                # A bug must not end the thread (this worker would never fire again): the
+                # batch rolled back, it is logged, and the next round tries again.
+                logger.exception("schedules: firing failed")
+                break
             self._count(report)
             if report.fired or report.events:
                 self._on_fired(report)
