@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.support import Duplex, assert_one_line_error, make_duplex
+from duplex.cli.main import main
+from tests.cli.support import Duplex, make_duplex
 from tests.schedules.support import TEMPLATE_TOML
+
+
+@pytest.fixture(autouse=True)
+def keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main`` run in this process must not reconfigure the test process's logging."""
+    monkeypatch.setattr("duplex.cli.main.configure_logging", lambda _settings: None)
 
 
 @pytest.fixture
@@ -26,7 +33,10 @@ def schedules(duplex: Duplex) -> list[tuple[object, ...]]:
     return duplex.sql("SELECT name, paused FROM schedules ORDER BY name")
 
 
-def test_add_list_show_pause_resume_remove(duplex: Duplex) -> None:
+def test_add_list_show_pause_resume_remove(
+    duplex: Duplex, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first as a real process (the console script), the rest in this process (fast).
     out = duplex.ok(
         "schedule",
         "add",
@@ -42,22 +52,28 @@ def test_add_list_show_pause_resume_remove(duplex: Duplex) -> None:
         "1h",
     ).stdout
     assert out.startswith("schedule nightly: cron 30 2 * * * (Europe/Berlin) -> tick; next fire ")
-    duplex.ok("schedule", "add", "often", "tick", "--every", "15m", "--overlap", "buffer_one")
-    listing = duplex.ok("schedule", "list").stdout
+    monkeypatch.chdir(duplex.cwd)
+
+    def ok(*args: str) -> str:
+        assert main(["--settings", str(duplex.cwd / "settings.toml"), *args]) == 0
+        return capsys.readouterr().out
+
+    ok("schedule", "add", "often", "tick", "--every", "15m", "--overlap", "buffer_one")
+    listing = ok("schedule", "list")
     assert "nightly" in listing
     assert "every 15m" in listing
     assert "buffer_one" in listing
-    shown = json.loads(duplex.ok("schedule", "show", "nightly", "--json").stdout)
+    shown = json.loads(ok("schedule", "show", "nightly", "--json"))
     assert shown["context"] == {"region": "eu"}
     assert shown["catchup_ms"] == 3_600_000
     assert shown["fires"] == []
-    assert "paused" in duplex.ok("schedule", "pause", "often").stdout
+    assert "paused" in ok("schedule", "pause", "often")
     assert schedules(duplex) == [("nightly", 0), ("often", 1)]
-    assert "paused" in duplex.ok("schedule", "show", "often").stdout
-    assert "resumed; next fire" in duplex.ok("schedule", "resume", "often").stdout
-    duplex.ok("schedule", "add", "often", "tick", "--every", "1h", "--replace")
-    assert json.loads(duplex.ok("schedule", "list", "--json").stdout)[1]["every_ms"] == 3_600_000
-    duplex.ok("schedule", "remove", "often")
+    assert "paused" in ok("schedule", "show", "often")
+    assert "resumed; next fire" in ok("schedule", "resume", "often")
+    ok("schedule", "add", "often", "tick", "--every", "1h", "--replace")
+    assert json.loads(ok("schedule", "list", "--json"))[1]["every_ms"] == 3_600_000
+    ok("schedule", "remove", "often")
     assert schedules(duplex) == [("nightly", 0)]
 
 
@@ -74,21 +90,39 @@ BAD_INPUT = [
 ]
 
 
-def test_bad_input_is_one_line_and_writes_nothing(duplex: Duplex) -> None:
+def in_process(duplex: Duplex, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """Run ``duplex ARGS`` in this process (fast); assert one-line failure; return the line."""
+    try:
+        code = main(["--settings", str(duplex.cwd / "settings.toml"), *args])
+    except SystemExit as exc:  # argparse's usage errors
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(
+    duplex: Duplex, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(duplex.cwd)
     for args, fragments in BAD_INPUT:
-        result = duplex.run("schedule", "add", "bad", "tick", *args)
-        assert_one_line_error(result, *fragments)
+        line = in_process(duplex, capsys, "schedule", "add", "bad", "tick", *args)
+        for fragment in fragments:
+            assert fragment in line, (args, line)
         assert schedules(duplex) == []
-
-
-def test_unknown_names_and_a_taken_name_are_one_line(duplex: Duplex) -> None:
-    assert_one_line_error(duplex.run("schedule", "add", "x", "nope", "--every", "1s"), "not found")
-    duplex.ok("schedule", "add", "x", "tick", "--every", "1s")
-    assert_one_line_error(
-        duplex.run("schedule", "add", "x", "tick", "--every", "2s"), "already exists", "--replace"
+    assert "not found" in in_process(
+        duplex, capsys, "schedule", "add", "x", "nope", "--every", "1s"
     )
+    duplex.ok("schedule", "add", "x", "tick", "--every", "1s")
+    taken = in_process(duplex, capsys, "schedule", "add", "x", "tick", "--every", "2s")
+    assert "already exists" in taken
+    assert "--replace" in taken
     for command in ("show", "pause", "resume", "remove"):
-        assert_one_line_error(duplex.run("schedule", command, "nope"), "no such schedule: 'nope'")
+        line = in_process(duplex, capsys, "schedule", command, "nope")
+        assert "no such schedule: 'nope'" in line
 
 
 def test_sync_adds_the_schedules_templates_declare(duplex: Duplex, tmp_path: Path) -> None:
