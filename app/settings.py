@@ -197,6 +197,8 @@ class ScheduleSettings(_Section):
     batch_size: int = Field(default=100, ge=1, le=10_000)
     # A fire made later than this after its fire time counts as overdue in /metrics.
     overdue_after_ms: int = Field(default=5000, gt=0)
+    # The fire history kept per schedule (``schedule_fires`` rows, newest first).
+    keep_fires: int = Field(default=1000, ge=1, le=1_000_000)
 
 
 class Settings(BaseSettings):

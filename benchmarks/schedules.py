@@ -39,11 +39,13 @@ TEMPLATE = parse_template('name = "bench_tick"\n[[steps]]\nname = "only"\nhandle
 
 
 def add_due_schedules(db: Database, n: int) -> None:
-    """N hourly schedules whose next fire time is one instant, already past."""
+    """N hourly schedules whose next fire time is one instant, already past (within their
+    catch-up window of a day)."""
     added_at = utcnow() - timedelta(hours=1)
     with db.write() as conn:
         for i in range(n):
-            save_schedule(conn, declare(name=f"s{i:05d}", every="1h"), TEMPLATE, now=added_at)
+            declaration = declare(name=f"s{i:05d}", every="1h", catchup="1d")
+            save_schedule(conn, declaration, TEMPLATE, now=added_at)
 
 
 def fire_all(db: Database, firers: int, batch: int) -> float:

@@ -86,7 +86,11 @@ class SchedulePoller:
                         break
                 with self.db.write() as conn:
                     report = fire_due(
-                        conn, now=now, worker_id=self.worker_id, limit=self.settings.batch_size
+                        conn,
+                        now=now,
+                        worker_id=self.worker_id,
+                        limit=self.settings.batch_size,
+                        keep_fires=self.settings.keep_fires,
                     )
             except StorageError as exc:
                 # Nothing of the batch was written; the next round tries again.

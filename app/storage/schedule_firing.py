@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, false, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, false, func, insert, select, update
 
 from duplex.errors import StorageError
 from duplex.messages import DomainEvent
@@ -77,11 +77,12 @@ def fire_due(
     now: datetime,
     worker_id: str | None,
     limit: int = 100,
+    keep_fires: int = 1000,
     after_tasks_written: Callable[[], None] | None = None,
 ) -> FireReport:
     """Act on up to ``limit`` due schedules, one fire time each, in the caller's write
-    transaction. ``after_tasks_written`` runs between the tasks' insert and the schedules'
-    advance (tests kill a firer there)."""
+    transaction; keep each one's newest ``keep_fires`` fire rows. ``after_tasks_written``
+    runs between the tasks' insert and the schedules' advance (tests kill a firer there)."""
     report = FireReport()
     rows = _due_rows(conn, now, limit)
     if not rows:
@@ -147,6 +148,8 @@ def fire_due(
             )
     if fire_rows:
         _INSERT_FIRES.execute(conn, fire_rows)
+        names = sorted({row["schedule_name"] for row in fire_rows})
+        conn.execute(_TRIM_FIRES, [{"name": name, "keep": keep_fires} for name in names])
     return report
 
 
@@ -331,3 +334,20 @@ _ADVANCE = BulkStatement(
     ),
 )
 _INSERT_FIRES = ColumnInsert(schedule_fires)
+
+# A schedule's fire rows beyond its newest ``keep``: the one at offset ``keep`` (newest first)
+# and all older; one probe of the (schedule_name, fire_at) index, nothing deleted while there
+# are no more than ``keep`` (the subquery is NULL).
+sf = schedule_fires
+_TRIM_FIRES = delete(sf).where(
+    sf.c.schedule_name == bindparam("name"),
+    sf.c.fire_at
+    <= (
+        select(sf.c.fire_at)
+        .where(sf.c.schedule_name == bindparam("name"))
+        .order_by(sf.c.fire_at.desc())
+        .limit(1)
+        .offset(bindparam("keep"))
+        .scalar_subquery()
+    ),
+)

@@ -199,3 +199,14 @@ def test_a_template_with_bad_schedules_is_one_line() -> None:
         )
     with pytest.raises(InputError, match="overlap"):
         declare(name="x", every="1s", overlap="cancel_previous")
+
+
+def test_each_fire_keeps_only_the_newest_fire_rows(db: Database) -> None:
+    from duplex.storage.schedule_firing import fire_due
+
+    add(db, "busy", every="1s", overlap="allow")
+    for second in range(1, 7):
+        with db.write() as conn:
+            fire_due(conn, now=T0 + seconds(second), worker_id="w", keep_fires=3)
+    assert [at for _, at, _, _ in fire_rows(db, "busy")] == [T0 + seconds(s) for s in (4, 5, 6)]
+    assert len(fired_keys(db)) == 6  # the tasks stay
