@@ -28,6 +28,7 @@ from duplex.intake.start import checked_priority, start_time
 from duplex.intake.wake import Waker
 from duplex.messages import JSONDict
 from duplex.observability.tracing import checked_carrier, current_carrier
+from duplex.schedules.commands import ScheduleCommands
 from duplex.settings import DatabaseSettings, EventSystemSettings, Settings
 from duplex.storage.db import Database
 from duplex.storage.schema import ensure_schema_ready
@@ -35,8 +36,9 @@ from duplex.storage.submission import create_tasks, existing_tasks
 from duplex.templates import TaskTemplate, load_template
 
 
-class Client:
-    """A connection to a Duplex database for creating tasks."""
+class Client(ScheduleCommands):
+    """A connection to a Duplex database for creating tasks (and managing schedules:
+    ``add_schedule``, ``pause_schedule``, ... in ``duplex.schedules.commands``)."""
 
     def __init__(self, target: str | Settings | Database) -> None:
         """``target``: a database URL, the settings (``database`` and ``templates`` are

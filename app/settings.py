@@ -196,6 +196,22 @@ class TemplateSettings(_Section):
     directory: Path = Path("templates")
 
 
+class ScheduleSettings(_Section):
+    """The schedule firer every worker runs (docs/time.md, Schedules)."""
+
+    # Whether this worker fires due schedules (any number of workers may: each fire time
+    # still creates one task).
+    enabled: bool = True
+    # How often it looks for due schedules: the most a fire can be late on a healthy worker.
+    poll_interval_ms: int = Field(default=1000, gt=0, le=3_600_000)
+    # Schedules acted on per transaction.
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+    # A fire made later than this after its fire time counts as overdue in /metrics.
+    overdue_after_ms: int = Field(default=5000, gt=0)
+    # The fire history kept per schedule (``schedule_fires`` rows, newest first).
+    keep_fires: int = Field(default=1000, ge=1, le=1_000_000)
+
+
 class Settings(BaseSettings):
     """All settings of a Duplex process."""
 
@@ -216,6 +232,7 @@ class Settings(BaseSettings):
     templates: TemplateSettings = TemplateSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     dashboard: DashboardSettings = DashboardSettings()
+    schedules: ScheduleSettings = ScheduleSettings()
 
     @model_validator(mode="after")
     def _heartbeat_fits_the_liveness_timeout(self) -> Settings:

@@ -23,6 +23,7 @@ from pydantic_core import ErrorDetails
 from duplex.commit.retry import StepRetryPolicy
 from duplex.durations import parse_duration
 from duplex.errors import TemplateError
+from duplex.schedules.declaration import ScheduleDeclaration
 
 __all__ = [
     "PRIORITY_MAX",
@@ -126,6 +127,19 @@ class TaskTemplate(BaseModel):
     # (docs/time.md, Task deadline).
     max_duration: timedelta | None = None
     steps: tuple[StepTemplate, ...]
+    # ``[[schedules]]``: fired from this template, synced when a worker starts (docs/time.md).
+    schedules: tuple[ScheduleDeclaration, ...] = ()
+
+    @field_validator("schedules")
+    @classmethod
+    def _schedule_names_are_distinct(
+        cls, schedules: tuple[ScheduleDeclaration, ...]
+    ) -> tuple[ScheduleDeclaration, ...]:
+        names = [schedule.name for schedule in schedules]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"schedule name(s) declared twice: {', '.join(twice)}")
+        return schedules
 
     @field_validator("max_duration", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from loguru import logger
 
 from duplex.clock import utcnow
 from duplex.dashboard import formatting, pages
+from duplex.dashboard.schedules import schedules_view
 from duplex.dashboard.security import CSRF_COOKIE, SESSION_COOKIE, Guard, operator_name, same_origin
 from duplex.dashboard.web import (
     SECURITY_HEADERS,
@@ -92,6 +93,7 @@ class Dashboard:
             ("GET", re.compile(rf"^/tasks/{_UUID}$"), self._task),
             ("GET", re.compile(rf"^/steps/{_UUID}$"), self._step),
             ("GET", re.compile(r"^/workers$"), self._workers),
+            ("GET", re.compile(r"^/schedules$"), self._schedules),
             ("GET", re.compile(r"^/login$"), self._login_form),
             ("POST", re.compile(r"^/login$"), self._login),
             ("POST", re.compile(r"^/logout$"), self._logout),
@@ -217,6 +219,11 @@ class Dashboard:
                 conn, claim_timeout_s=self.settings.event_system.claim_timeout_s, now=now
             )
         return self._page(request, "workers.html", title="Workers", nav="workers", workers=rows)
+
+    def _schedules(self, request: Request, args: dict[str, str]) -> Response:
+        with self.db.read() as conn:
+            rows = schedules_view(conn, now=utcnow())
+        return self._page(request, "schedules.html", title="Schedules", nav="schedules", rows=rows)
 
     # -- login -----------------------------------------------------------------------------
 

@@ -181,6 +181,15 @@ class StepMetrics:
                 self.deadline_cancelled_steps.inc((task.namespace,), len(task.cancelled_steps))
 
 
+@dataclass
+class ScheduleMetrics:
+    """What the worker's schedule firer did (its thread only), per schedule."""
+
+    fires: Counter = field(default_factory=Counter)  # schedule
+    skips: Counter = field(default_factory=Counter)  # schedule, reason (overlap | missed)
+    overdue: Counter = field(default_factory=Counter)  # schedule
+
+
 class EventCounts:
     """What the DomainEventPublisher counts, and how many events wait in its queue.
 

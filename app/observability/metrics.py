@@ -30,8 +30,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from duplex.observability.counters import Counter, EventCounts, Histograms, Key, StepMetrics
+from duplex.observability.counters import (
+    Counter,
+    EventCounts,
+    Histograms,
+    Key,
+    ScheduleMetrics,
+    StepMetrics,
+)
 from duplex.observability.queue import QueueFigures, QueueProbe
+from duplex.observability.schedule_metrics import schedule_metrics
 from duplex.version import duplex_version
 
 if TYPE_CHECKING:
@@ -84,6 +92,7 @@ class WorkerMetrics:
         self.claimed = Counter()  # namespace; written by the StepExecutor
         self.claimed_eagerly = Counter()  # namespace; by the CompletionProcessor (in commits)
         self.steps = StepMetrics()  # written by the CompletionProcessor
+        self.schedules = ScheduleMetrics()  # written by the schedule firer's thread
         self.queue = queue
         self._draining = draining
         self._pool: HandlerPool | None = None
@@ -264,6 +273,7 @@ class DuplexCollector(Collector):
             [],
             {(): steps.commit_retries},
         )
+        yield from schedule_metrics(m.schedules)
         yield from self._pool_metrics()
         yield from self._buffer_metrics()
         yield from self._event_metrics()

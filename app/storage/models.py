@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     ColumnElement,
@@ -230,6 +231,50 @@ workers = Table(
     Column("stats", JSONValue, nullable=False),
     # Where the worker takes local wake-ups (duplex.intake.wake): SQLite workers only.
     Column("wake_address", String(255)),
+)
+
+# Schedules (docs/time.md, Schedules): what fires when, and what each fire time did.
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("template_name", String(255), nullable=False),
+    # The validated template, so that any worker fires it without the file.
+    Column("template", JSONValue, nullable=False),
+    Column("context", JSONValue, nullable=False),
+    Column("cron", String(255)),
+    Column("every_ms", BigInteger),
+    Column("timezone", String(64), nullable=False),
+    Column("overlap", String(16), nullable=False),
+    Column("catchup_ms", BigInteger, nullable=False),
+    Column("paused", Boolean, nullable=False),
+    # The firers' work list.
+    Column("next_fire_at", UTCDateTime, nullable=False),
+    # buffer_one: the fire time held back until the previous run ends.
+    Column("buffered_fire_at", UTCDateTime),
+    Column("last_fire_at", UTCDateTime),
+    Column("last_task_uuid", UUIDText),
+    # The template that declares it ([[schedules]]); NULL when added by hand.
+    Column("declared_in", String(255)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index(None, "paused", "next_fire_at"),
+)
+
+schedule_fires = Table(
+    "schedule_fires",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("schedule_name", String(200), nullable=False),
+    Column("fire_at", UTCDateTime, nullable=False),
+    Column("outcome", String(16), nullable=False),  # fired | skipped | missed
+    Column("fires", Integer, nullable=False),  # fire times the row stands for (missed: N)
+    Column("task_uuid", UUIDText),
+    Column("detail", Text),
+    Column("worker_id", String(255)),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    # A fire time is recorded once, whoever races for it.
+    UniqueConstraint("schedule_name", "fire_at"),
 )
 
 Row = dict[str, Any]

@@ -46,6 +46,7 @@ from duplex.worker import flow
 from duplex.worker.flow import ASK_TIMEOUT_S, Actors, FlowParts, run_stage
 from duplex.worker.health import HealthSnapshot, Phase
 from duplex.worker.observers import Observers
+from duplex.worker.scheduling import schedule_firer
 from duplex.worker.supervision import ActorFailure, Supervisor
 from duplex.worker.watchdog import Watchdog, dead_actors, failure_of, new_worker_id
 
@@ -178,6 +179,7 @@ class Worker:
                 target=self.heartbeat.run, args=(self._closing,), name="duplex-heartbeat"
             ),
             threading.Thread(target=watchdog.run, args=(self._closing,), name="duplex-watchdog"),
+            *schedule_firer(self, actors, self._closing),
         ]
         for thread in self._threads:
             thread.daemon = True

@@ -215,6 +215,7 @@ COVERED = {
     "prune",
     "dashboard",
     "migrate",
+    "schedule",
 }
 
 
@@ -251,6 +252,14 @@ def one_shot_cases(duplex: Duplex) -> list[list[str]]:
         ["events", "retry", dead_lettered_event(duplex)],
         ["prune", "--older-than", "1d", "--dry-run"],
         ["prune", "--older-than", "1d"],
+        ["schedule", "add", "pipes", str(duplex.cwd / "one_step.toml"), "--every", "1h"],
+        ["schedule", "list"],
+        ["schedule", "list", "--json"],
+        ["schedule", "show", "pipes"],
+        ["schedule", "pause", "pipes"],
+        ["schedule", "resume", "pipes"],
+        ["schedule", "sync"],
+        ["schedule", "remove", "pipes"],
     ]
 
 
