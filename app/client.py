@@ -27,6 +27,8 @@ from duplex.messages import JSONDict
 from duplex.observability.tracing import checked_carrier, current_carrier
 from duplex.settings import DatabaseSettings, EventSystemSettings, Settings
 from duplex.storage.db import Database
+from duplex.storage.operations import operator_identity
+from duplex.storage.pauses import NAMESPACE, TEMPLATE, Pause, list_pauses, pause, resume
 from duplex.storage.schema import ensure_schema_ready
 from duplex.storage.submission import create_tasks, existing_tasks
 from duplex.templates import TaskTemplate, load_template
@@ -118,6 +120,40 @@ class Client:
         with self.db.read() as conn:
             return existing_tasks(conn, template_name, [idempotency_key]).get(idempotency_key)
 
+    def pause(
+        self,
+        namespace: str | None = None,
+        *,
+        template: str | None = None,
+        reason: str | None = None,
+    ) -> Pause:
+        """Stop claiming the steps of ``namespace``, or of the tasks made from ``template``
+        (give one); running steps finish. Return the pause in force (an earlier one stays)."""
+        kind, name = _pause_target(namespace, template)
+        with self.db.write() as conn:
+            paused, _ = pause(
+                conn,
+                kind=kind,
+                name=name,
+                operator=operator_identity(),
+                now=utcnow(),
+                reason=reason,
+            )
+        return paused
+
+    def resume(self, namespace: str | None = None, *, template: str | None = None) -> bool:
+        """Lift the pause of ``namespace`` or ``template``; return whether one was lifted."""
+        kind, name = _pause_target(namespace, template)
+        with self.db.write() as conn:
+            lifted, namespaces = resume(conn, kind=kind, name=name)
+        self._waker.wake(namespaces)  # SQLite; PostgreSQL was notified at the commit
+        return lifted is not None
+
+    def pauses(self) -> list[Pause]:
+        """The pauses in force, oldest first."""
+        with self.db.read() as conn:
+            return list_pauses(conn)
+
     def close(self) -> None:
         self._waker.close()
         if self._owns_db:
@@ -138,3 +174,9 @@ class Client:
         if isinstance(template, TaskTemplate):
             return template
         return load_template(str(template), self._templates_dir)
+
+
+def _pause_target(namespace: str | None, template: str | None) -> tuple[str, str]:
+    if (namespace is None) == (template is None):
+        raise InputError("give a namespace or a template to pause or resume, not both")
+    return (NAMESPACE, namespace) if namespace is not None else (TEMPLATE, str(template))

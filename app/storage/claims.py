@@ -53,6 +53,7 @@ from duplex.storage.models import (
     workflow_step_edges,
     workflow_steps,
 )
+from duplex.storage.pauses import NOT_PAUSED
 from duplex.storage.readiness import ReadyStep
 from duplex.storage.task_state import lock_tasks, mark_tasks_started
 from duplex.storage.transitions import insert_transitions, transition_row
@@ -202,6 +203,7 @@ def _ready_query(state: str, *, skip_locked: bool) -> Select[Any]:
             ws.c.state == state,
             ws.c.namespace.in_(bindparam("namespaces", expanding=True)),
             ws.c.next_attempt_at <= bindparam("now", type_=ws.c.next_attempt_at.type),
+            NOT_PAUSED,
         )
         .order_by(ws.c.next_attempt_at)
         .limit(bindparam("limit", type_=Integer))
@@ -251,6 +253,8 @@ _CLAIM = (
     .where(
         ws.c.step_uuid.in_(bindparam("ids", expanding=True)),
         unindexed(ws.c.state).in_(CLAIMABLE),
+        # Here too, so that eager claims and a claim racing ``duplex pause`` obey it.
+        NOT_PAUSED,
     )
     .values(
         state=IN_PROGRESS,
