@@ -31,6 +31,8 @@ from duplex.observability.tracing import checked_carrier, current_carrier
 from duplex.schedules.commands import ScheduleCommands
 from duplex.settings import DatabaseSettings, EventSystemSettings, Settings
 from duplex.storage.db import Database
+from duplex.storage.operations import operator_identity
+from duplex.storage.pauses import NAMESPACE, TEMPLATE, Pause, list_pauses, pause, resume
 from duplex.storage.schema import ensure_schema_ready
 from duplex.storage.submission import create_tasks, existing_tasks
 from duplex.templates import TaskTemplate, load_template
@@ -154,6 +156,40 @@ class Client(ScheduleCommands):
         with self.db.read() as conn:
             return existing_tasks(conn, template_name, [idempotency_key]).get(idempotency_key)
 
+    def pause(
+        self,
+        namespace: str | None = None,
+        *,
+        template: str | None = None,
+        reason: str | None = None,
+    ) -> Pause:
+        """Stop claiming the steps of ``namespace``, or of the tasks made from ``template``
+        (give one); running steps finish. Return the pause in force (an earlier one stays)."""
+        kind, name = _pause_target(namespace, template)
+        with self.db.write() as conn:
+            paused, _ = pause(
+                conn,
+                kind=kind,
+                name=name,
+                operator=operator_identity(),
+                now=utcnow(),
+                reason=reason,
+            )
+        return paused
+
+    def resume(self, namespace: str | None = None, *, template: str | None = None) -> bool:
+        """Lift the pause of ``namespace`` or ``template``; return whether one was lifted."""
+        kind, name = _pause_target(namespace, template)
+        with self.db.write() as conn:
+            lifted, namespaces = resume(conn, kind=kind, name=name)
+        self._waker.wake(namespaces)  # SQLite; PostgreSQL was notified at the commit
+        return lifted is not None
+
+    def pauses(self) -> list[Pause]:
+        """The pauses in force, oldest first."""
+        with self.db.read() as conn:
+            return list_pauses(conn)
+
     def close(self) -> None:
         self._waker.close()
         if self._owns_db:
@@ -187,3 +223,9 @@ def _check_max_duration(max_duration: timedelta | None) -> None:
             f"max_duration must be longer than zero and at most {MAX_DURATION.days} days, "
             f"not {max_duration}"
         )
+
+
+def _pause_target(namespace: str | None, template: str | None) -> tuple[str, str]:
+    if (namespace is None) == (template is None):
+        raise InputError("give a namespace or a template to pause or resume, not both")
+    return (NAMESPACE, namespace) if namespace is not None else (TEMPLATE, str(template))

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from duplex.storage.pauses import Pause
 from duplex.storage.queries import StepSummary, TaskSummary
 from duplex.storage.workers import Liveness
 
@@ -189,3 +190,12 @@ def lag_line(lag: dict[str, Any]) -> str:
         f"{lag['dead_lettered']} dead-lettered, {lag['published_per_s']:g} published/s "
         "(last minute)"
     )
+
+
+def pause_lines(paused: Sequence[Pause]) -> list[str]:
+    """One line per pause in force, for ``duplex status``."""
+    return [
+        f"paused: {p.label} since {p.paused_at.isoformat(timespec='seconds')} by {p.paused_by}"
+        + (f" ({p.reason})" if p.reason else "")
+        for p in paused
+    ]

@@ -41,6 +41,7 @@ from duplex.storage.operations import (
     retry_step,
 )
 from duplex.storage.outbox import event_lag
+from duplex.storage.pauses import list_pauses
 from duplex.storage.queries import count_tasks, get_task, list_tasks, task_steps
 from duplex.storage.workers import alive_workers, judged_workers
 from duplex.templates import load_template
@@ -191,6 +192,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 conn, claim_timeout_s=settings.event_system.claim_timeout_s, now=now
             )
             lag = event_lag(conn, now=now).as_json(now)
+            paused = list_pauses(conn)
     if args.json:
         # In the order they started, as ``status --json`` has always listed them.
         rows = sorted((row for row, _ in alive), key=lambda r: (r["started_at"], r["worker_id"]))
@@ -200,6 +202,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 "total_tasks": total,
                 "workers": [_worker_json(row) for row in rows],
                 "events": lag,
+                "paused": [p.as_json() for p in paused],
             }
         )
         return 0
@@ -214,6 +217,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             f"`--limit {total}` lists them all, `status TASK_UUID` shows one"
         )
     print(console.lag_line(lag))
+    for line in console.pause_lines(paused):
+        print(line)
     if alive:
         out.print()
         out.print(console.workers_table(alive, utcnow()))

@@ -357,6 +357,14 @@ class DuplexCollector(Collector):
             oldest.add_metric([namespace], figures.oldest_age_s.get(namespace, 0.0))
         yield ready
         yield oldest
+        paused = GaugeMetricFamily(
+            "duplex_paused",
+            "1 for each namespace or template paused (`duplex pause`): its steps are not claimed.",
+            labels=["kind", "name"],
+        )
+        for kind, name in figures.paused:
+            paused.add_metric([kind, name], 1)
+        yield paused
         if figures.relay is not None:
             yield from _relay_metrics(figures.relay)
 

@@ -23,6 +23,8 @@ class QueueFigures:
     oldest_age_s: dict[str, float]
     # The relay's lag (``EventLag.as_json``), when this worker runs a relay.
     relay: dict[str, Any] | None = None
+    # The pauses in force (``duplex pause``): (kind, name) pairs.
+    paused: tuple[tuple[str, str], ...] = ()
 
 
 class QueueProbe:

@@ -38,7 +38,14 @@ from sqlalchemy import (
 
 from duplex.states import CLAIMABLE, WAITING_FOR_RETRY
 from duplex.storage.models import workflow_steps
+from duplex.storage.pauses import NOT_PAUSED
 from duplex.templates import PRIORITY_MIN
+
+# The tasks of paused templates, in the textual SQL below (``pauses.NOT_PAUSED`` elsewhere).
+_TASKS_OF_PAUSED_TEMPLATES = (
+    "SELECT t.task_uuid FROM pauses AS p JOIN tasks AS t ON t.name = p.name"
+    " WHERE p.kind = 'template'"
+)
 
 ws = workflow_steps
 # One priority level is worth this much waiting (``worker.priority_aging_ms``).
@@ -155,6 +162,7 @@ def _level_query(i: int, *, skip_locked: bool) -> Select[Any]:
             ws.c.priority == bindparam(f"p{i}", type_=Integer),
             # Due by now, and not past the cut (see ``due_steps``).
             ws.c.next_attempt_at <= bindparam(f"c{i}", type_=ws.c.next_attempt_at.type),
+            NOT_PAUSED,
         )
         .order_by(ws.c.next_attempt_at)
         .limit(bindparam("limit", type_=Integer))
@@ -179,7 +187,9 @@ def due_levels_statement(namespaces: int) -> TextualSelect:
     # A recursive skip scan, for every claimable state and namespace: the highest priority
     # present, then the next one below it, ... each one probe of the claim index; then the
     # levels that have a due step. Spelled in SQL: SQLAlchemy's recursive CTEs cannot say
-    # "the next value below" as a scalar subquery of the recursive term.
+    # "the next value below" as a scalar subquery of the recursive term. Paused namespaces
+    # and templates (``duplex.storage.pauses``) are left out here as in ``_level_query``, so a
+    # level whose first due steps are paused still yields the steps behind them.
     pairs = " UNION ALL ".join(
         f"SELECT '{state}' AS state, CAST(:n{i} AS VARCHAR(255)) AS namespace"
         for state in CLAIMABLE
@@ -193,6 +203,7 @@ levels(state, namespace, priority) AS (
             WHERE w.state = pairs.state AND w.namespace = pairs.namespace
               AND w.priority > :floor)
     FROM pairs
+    WHERE pairs.namespace NOT IN (SELECT name FROM pauses WHERE kind = 'namespace')
     UNION ALL
     SELECT levels.state, levels.namespace,
            (SELECT max(w.priority) FROM workflow_steps AS w
@@ -204,12 +215,14 @@ SELECT levels.state, levels.namespace, levels.priority,
        (SELECT w.next_attempt_at FROM workflow_steps AS w
         WHERE w.state = levels.state AND w.namespace = levels.namespace
           AND w.priority = levels.priority AND w.next_attempt_at <= :now
+          AND w.task_uuid NOT IN ({_TASKS_OF_PAUSED_TEMPLATES})
         ORDER BY w.next_attempt_at LIMIT 1 OFFSET :offset) AS nth
 FROM levels
 WHERE levels.priority IS NOT NULL AND EXISTS (
     SELECT 1 FROM workflow_steps AS w
     WHERE w.state = levels.state AND w.namespace = levels.namespace
-      AND w.priority = levels.priority AND w.next_attempt_at <= :now)
+      AND w.priority = levels.priority AND w.next_attempt_at <= :now
+      AND w.task_uuid NOT IN ({_TASKS_OF_PAUSED_TEMPLATES}))
 ORDER BY levels.state, levels.priority DESC
 """
     return (

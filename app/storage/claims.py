@@ -54,6 +54,7 @@ from duplex.storage.models import (
     workflow_step_edges,
     workflow_steps,
 )
+from duplex.storage.pauses import NOT_PAUSED
 from duplex.storage.readiness import ReadyStep
 from duplex.storage.task_state import lock_tasks, mark_tasks_started
 from duplex.storage.transitions import insert_transitions, transition_row
@@ -240,6 +241,8 @@ _CLAIM = (
         unindexed(ws.c.state).in_(CLAIMABLE),
         # Never before its time (a delayed start, a retry's backoff), whoever claims it.
         ws.c.next_attempt_at <= _NOW,
+        # Here too, so that eager claims and a claim racing ``duplex pause`` obey it.
+        NOT_PAUSED,
     )
     .values(
         state=IN_PROGRESS,

@@ -88,6 +88,18 @@ def notify_new_events(conn: Connection, events: Sequence[DomainEvent]) -> None:
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
+def notify_work(conn: Connection, namespaces: Collection[str]) -> None:
+    """Send the work notification for ``namespaces`` at this transaction's commit.
+
+    For a change that makes steps claimable without touching them (``duplex resume``): the
+    trigger of migration 0002 covers every change of a step's state. Nothing on SQLite.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    for namespace in sorted(namespaces):
+        conn.execute(_NOTIFY, {"channel": WORK_CHANNEL, "payload": namespace})
+
+
 def parse_payload(payload: str) -> list[SequenceRange]:
     """Read one ``duplex_events`` notification's payload; an unreadable one yields nothing."""
     try:

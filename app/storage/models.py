@@ -278,3 +278,15 @@ schedule_fires = Table(
 )
 
 Row = dict[str, Any]
+
+# Paused namespaces and templates (``duplex pause``): no step of theirs is claimed while its
+# row exists; steps already running finish. Read by every claim (``duplex.storage.pauses``).
+pauses = Table(
+    "pauses",
+    metadata,
+    Column("kind", String(16), primary_key=True),  # "namespace" or "template"
+    Column("name", String(255), primary_key=True),
+    Column("reason", Text),
+    Column("paused_by", String(255), nullable=False),
+    Column("paused_at", UTCDateTime, nullable=False),
+)

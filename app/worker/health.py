@@ -18,6 +18,7 @@ from duplex.observability.metrics import WorkerMetrics
 from duplex.observability.queue import QueueFigures
 from duplex.storage.db import Database
 from duplex.storage.outbox import event_lag
+from duplex.storage.pauses import list_pauses
 from duplex.storage.queries import ready_queue
 from duplex.storage.workers import probe
 
@@ -100,7 +101,8 @@ def read_queue(db: Database, namespaces: Sequence[str], *, relay: bool) -> Queue
     with db.read() as conn:
         ready, oldest = ready_queue(conn, namespaces, now=now)
         lag = event_lag(conn, now=now).as_json(now) if relay else None
-    return QueueFigures(ready, oldest, lag)
+        paused = tuple((p.kind, p.name) for p in list_pauses(conn))
+    return QueueFigures(ready, oldest, lag, paused)
 
 
 def readiness(snapshot: HealthSnapshot) -> list[str]:

@@ -15,7 +15,7 @@ from sqlalchemy import insert, select
 from duplex.clock import utcnow
 from duplex.commit.retry import RetryPolicy
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
-from duplex.storage.claims import claim_ready_steps
+from duplex.storage.claims import claim_dependents, claim_ready_steps
 from duplex.storage.db import Database
 from duplex.storage.models import tasks, workers, workflow_step_transitions, workflow_steps
 from duplex.storage.operations import OperatorReport
@@ -50,6 +50,8 @@ def add_worker(
 
 OPERATOR = "operator:tester"
 POLICY = RetryPolicy(base_ms=0, multiplier=1.0, max_ms=0, jitter=0.0)
+# Retries due one second after the first failure, then two...: a retry is not due at once.
+BACKOFF_POLICY = RetryPolicy(base_ms=1000, multiplier=2.0, max_ms=60_000, jitter=0.0)
 
 # a -> b -> c, and x on its own.
 TEMPLATE = """
@@ -164,3 +166,52 @@ class Flow:
     ) -> OperatorReport:
         with self.db.write() as conn:
             return operation(conn, target, operator=OPERATOR, now=utcnow(), reason=reason)
+
+
+# --- a root and its dependents, claimed from the queue or in the commit (eager dispatch) ----
+
+
+def fan(children: int, namespace: str = "default", name: str = "fan") -> str:
+    """A root with ``children`` dependents."""
+    steps = '[[steps]]\nname = "root"\nhandler = "t.root"\n' + "".join(
+        f'[[steps]]\nname = "c{i}"\nhandler = "t.c"\ndepends_on = ["root"]\n'
+        for i in range(children)
+    )
+    return f'name = "{name}"\nnamespace = "{namespace}"\n{steps}'
+
+
+def submit(db: Database, template: str, now: datetime) -> str:
+    with db.write() as conn:
+        return create_task(conn, parse_template(template), {"order": 7}, now=now)
+
+
+def claim(db: Database, now: datetime, worker: str = "w1", **kw: Any) -> list[ClaimedStep]:
+    namespaces = kw.pop("namespaces", ("default",))
+    with db.write() as conn:
+        return claim_ready_steps(
+            conn, worker_id=worker, namespaces=namespaces, limit=kw.pop("limit", 10), now=now
+        )
+
+
+def ok(step: ClaimedStep, now: datetime, result: dict[str, Any]) -> StepOutcome:
+    return StepOutcome(step, now, now, result=result)
+
+
+def commit_and_claim(
+    db: Database,
+    outcomes: list[StepOutcome],
+    now: datetime,
+    *,
+    limit: int,
+    worker: str = "w1",
+    namespaces: tuple[str, ...] = ("default",),
+) -> tuple[CommitReport, list[ClaimedStep]]:
+    """Commit ``outcomes`` and claim dependents they made ready, in one transaction."""
+    with db.write() as conn:
+        report = commit_outcomes(
+            conn, outcomes, policy=BACKOFF_POLICY, now=now, rng=random.Random(0)
+        )
+        claimed = claim_dependents(
+            conn, report.ready, worker_id=worker, namespaces=namespaces, limit=limit, now=now
+        )
+    return report, claimed

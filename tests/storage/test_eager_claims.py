@@ -17,60 +17,13 @@ from typing import Any
 from sqlalchemy import Row, select
 
 from duplex.clock import utcnow
-from duplex.commit.retry import RetryPolicy
-from duplex.messages import ClaimedStep, StepOutcome
-from duplex.storage.claims import claim_dependents, claim_ready_steps, release_claims
+from duplex.messages import StepOutcome
+from duplex.storage.claims import claim_dependents, release_claims
 from duplex.storage.db import Database
 from duplex.storage.models import workflow_step_transitions, workflow_steps
-from duplex.storage.results import CommitReport, commit_outcomes
-from duplex.storage.submission import create_task
-from duplex.templates import parse_template
-
-POLICY = RetryPolicy(base_ms=1000, multiplier=2.0, max_ms=60_000, jitter=0.0)
-
-
-def fan(children: int, namespace: str = "default", name: str = "fan") -> str:
-    """A root with ``children`` dependents."""
-    steps = '[[steps]]\nname = "root"\nhandler = "t.root"\n' + "".join(
-        f'[[steps]]\nname = "c{i}"\nhandler = "t.c"\ndepends_on = ["root"]\n'
-        for i in range(children)
-    )
-    return f'name = "{name}"\nnamespace = "{namespace}"\n{steps}'
-
-
-def submit(db: Database, template: str, now: datetime) -> str:
-    with db.write() as conn:
-        return create_task(conn, parse_template(template), {"order": 7}, now=now)
-
-
-def claim(db: Database, now: datetime, worker: str = "w1", **kw: Any) -> list[ClaimedStep]:
-    namespaces = kw.pop("namespaces", ("default",))
-    with db.write() as conn:
-        return claim_ready_steps(
-            conn, worker_id=worker, namespaces=namespaces, limit=kw.pop("limit", 10), now=now
-        )
-
-
-def ok(step: ClaimedStep, now: datetime, result: dict[str, Any]) -> StepOutcome:
-    return StepOutcome(step, now, now, result=result)
-
-
-def commit_and_claim(
-    db: Database,
-    outcomes: list[StepOutcome],
-    now: datetime,
-    *,
-    limit: int,
-    worker: str = "w1",
-    namespaces: tuple[str, ...] = ("default",),
-) -> tuple[CommitReport, list[ClaimedStep]]:
-    """Commit ``outcomes`` and claim dependents they made ready, in one transaction."""
-    with db.write() as conn:
-        report = commit_outcomes(conn, outcomes, policy=POLICY, now=now, rng=random.Random(0))
-        claimed = claim_dependents(
-            conn, report.ready, worker_id=worker, namespaces=namespaces, limit=limit, now=now
-        )
-    return report, claimed
+from duplex.storage.results import commit_outcomes
+from tests.storage.support import BACKOFF_POLICY as POLICY
+from tests.storage.support import claim, commit_and_claim, fan, ok, submit
 
 
 def rows(db: Database, task: str) -> dict[str, Row[Any]]:
