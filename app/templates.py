@@ -9,10 +9,9 @@ problem.
 
 from __future__ import annotations
 
-import heapq
 import math
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from duplex.commit.retry import StepRetryPolicy
+from duplex.dag import topological_order
 from duplex.durations import parse_duration
 from duplex.errors import TemplateError
 from duplex.schedules.declaration import ScheduleDeclaration
@@ -180,7 +180,7 @@ class TaskTemplate(BaseModel):
             )
         if problems:
             raise ValueError("; ".join(problems))
-        _, cycle = _kahn(self.steps, index)
+        _, cycle = topological_order(self.steps, index)
         if cycle:
             raise ValueError("cycle: " + " -> ".join([*cycle, cycle[0]]))
         return self
@@ -195,7 +195,7 @@ class TaskTemplate(BaseModel):
     def topological_order(self) -> tuple[StepTemplate, ...]:
         """Return the steps parents first; among ready steps, template order wins."""
         index = {step.name: position for position, step in enumerate(self.steps)}
-        order, _ = _kahn(self.steps, index)
+        order, _ = topological_order(self.steps, index)
         return tuple(self.steps[position] for position in order)
 
 
@@ -351,60 +351,3 @@ def _non_json_value(value: Any, location: str) -> str | None:
         elif isinstance(item, list):
             pending.extend((child, f"{where}.{i}") for i, child in enumerate(item))
     return None
-
-
-def _kahn(steps: Sequence[StepTemplate], index: Mapping[str, int]) -> tuple[list[int], list[str]]:
-    """Order step positions parents first; return the order and a cycle, if any.
-
-    ``index`` must name every dependency. The ready set is a heap of template
-    positions, so among ready steps the earliest in the template goes first.
-    """
-    children: list[list[int]] = [[] for _ in steps]
-    waiting = [len(step.depends_on) for step in steps]
-    for position, step in enumerate(steps):
-        for dependency in step.depends_on:
-            children[index[dependency]].append(position)
-
-    ready = [position for position, count in enumerate(waiting) if count == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        position = heapq.heappop(ready)
-        order.append(position)
-        for child in children[position]:
-            waiting[child] -= 1
-            if waiting[child] == 0:
-                heapq.heappush(ready, child)
-
-    if len(order) == len(steps):
-        return order, []
-    return order, _find_cycle(steps, index, (p for p, count in enumerate(waiting) if count))
-
-
-def _find_cycle(
-    steps: Sequence[StepTemplate], index: Mapping[str, int], blocked: Iterable[int]
-) -> list[str]:
-    """Return the names of one cycle among the blocked steps, in execution order.
-
-    Every step Kahn could not order still waits on a parent that is also
-    blocked, so walking parent links from any blocked step must revisit one.
-    """
-    blocked_set = set(blocked)
-    start = min(blocked_set)
-    seen_at: dict[int, int] = {}
-    walk: list[int] = []
-    position = start
-    while position not in seen_at:
-        seen_at[position] = len(walk)
-        walk.append(position)
-        position = next(
-            index[dependency]
-            for dependency in steps[position].depends_on
-            if index[dependency] in blocked_set
-        )
-    # The walk follows child -> parent; reverse it to read parent -> child.
-    cycle = walk[seen_at[position] :][::-1]
-    # Start at the step earliest in the template so the message is stable.
-    first = cycle.index(min(cycle))
-    cycle = cycle[first:] + cycle[:first]
-    return [steps[p].name for p in cycle]

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
-    CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     InfoMetricFamily,
@@ -33,11 +32,10 @@ from prometheus_client.registry import Collector
 from duplex.observability.counters import (
     Counter,
     EventCounts,
-    Histograms,
-    Key,
     ScheduleMetrics,
     StepMetrics,
 )
+from duplex.observability.families import counter, gauge, histograms
 from duplex.observability.queue import QueueFigures, QueueProbe
 from duplex.observability.schedule_metrics import schedule_metrics
 from duplex.version import duplex_version
@@ -166,90 +164,90 @@ class DuplexCollector(Collector):
         info = InfoMetricFamily("duplex_worker", "This worker: version, id and host.")
         info.add_metric([], {"version": m.version, "worker_id": m.worker_id, "host": m.hostname})
         yield info
-        yield _gauge(
+        yield gauge(
             "duplex_worker_uptime_seconds", "Seconds since the worker started.", m.uptime_s()
         )
-        yield _gauge(
+        yield gauge(
             "duplex_worker_draining", "1 while the worker is stopping.", float(m.draining())
         )
         claimed = m.claimed.snapshot()
         eager = m.claimed_eagerly.snapshot()
         for key, value in eager.items():
             claimed[key] = claimed.get(key, 0) + value
-        yield _counter(
+        yield counter(
             "duplex_steps_claimed",
             "Step attempts claimed by this worker.",
             ["namespace"],
             claimed,
         )
-        yield _counter(
+        yield counter(
             "duplex_steps_claimed_eagerly",
             "Of those, dependents claimed in the commit that made them ready.",
             ["namespace"],
             eager,
         )
         steps = m.steps
-        yield _counter(
+        yield counter(
             "duplex_steps_succeeded",
             "Step attempts committed as succeeded.",
             ["namespace", "handler"],
             steps.succeeded.snapshot(),
         )
-        yield _counter(
+        yield counter(
             "duplex_steps_failed",
             "Step attempts committed as failed, by error_type.",
             ["namespace", "handler", "error_type"],
             steps.failed.snapshot(),
         )
-        yield _counter(
+        yield counter(
             "duplex_step_retries_scheduled",
             "Failed attempts whose step was scheduled for another attempt.",
             ["namespace", "handler"],
             steps.retries.snapshot(),
         )
-        yield _counter(
+        yield counter(
             "duplex_stale_claims_recovered",
             "Running attempts of dead workers recovered as worker_lost by this worker.",
             ["namespace"],
             steps.recovered.snapshot(),
         )
-        yield _counter(
+        yield counter(
             "duplex_late_results_rejected",
             "Results rejected by the commit guard (after a timeout or a recovery).",
             ["namespace"],
             steps.rejected.snapshot(),
         )
-        yield _counter(
+        yield counter(
             "duplex_task_deadlines_exceeded",
             "Tasks this worker cancelled at their deadline (max_duration).",
             ["namespace"],
             steps.deadlines_exceeded.snapshot(),
         )
-        yield _counter(
+        yield counter(
             "duplex_steps_cancelled_at_deadline",
             "Waiting steps cancelled because their task's deadline passed.",
             ["namespace"],
             steps.deadline_cancelled_steps.snapshot(),
         )
-        yield _histograms(
+        yield histograms(
             "duplex_handler_duration_seconds",
             "How long handlers ran.",
             ["namespace", "handler"],
             steps.handler_seconds,
         )
-        yield _histograms(
+        yield histograms(
             "duplex_claim_to_start_seconds",
             "From the claim to the handler's start (waiting for a slot).",
             ["namespace"],
             steps.claim_to_start,
         )
-        yield _histograms(
+        yield histograms(
             "duplex_submit_to_start_seconds",
             "From the task's submission to the start of each of its steps' attempts.",
             ["namespace"],
             steps.submit_to_start,
         )
-        yield _histograms(
+        yield histograms(
             "duplex_handler_end_to_commit_seconds",
             "From the handler's end to the commit of its result.",
             ["namespace"],
@@ -261,13 +259,13 @@ class DuplexCollector(Collector):
         )
         batches.add_metric([], batch_buckets, batch_sum)
         yield batches
-        yield _counter(
+        yield counter(
             "duplex_commit_failures",
             "Commit transactions that failed (their results were kept).",
             [],
             {(): steps.commit_failures},
         )
-        yield _counter(
+        yield counter(
             "duplex_commit_retries",
             "Commit transactions tried again after a failure.",
             [],
@@ -283,20 +281,18 @@ class DuplexCollector(Collector):
         slots = self._m.slots()
         if slots is None:
             return
-        yield _gauge(
-            "duplex_handler_slots", "Handler slots (max_concurrent_handlers).", slots.total
-        )
-        yield _gauge("duplex_handlers_running", "Handlers running now.", slots.running)
-        yield _gauge("duplex_handler_slots_free", "Handler slots free now.", slots.free)
-        yield _gauge(
+        yield gauge("duplex_handler_slots", "Handler slots (max_concurrent_handlers).", slots.total)
+        yield gauge("duplex_handlers_running", "Handlers running now.", slots.running)
+        yield gauge("duplex_handler_slots_free", "Handler slots free now.", slots.free)
+        yield gauge(
             "duplex_claims_waiting_for_slot", "Claimed steps waiting for a slot.", slots.waiting
         )
-        yield _gauge(
+        yield gauge(
             "duplex_abandoned_threads",
             "Handler threads still stuck after their attempt timed out.",
             slots.abandoned_threads,
         )
-        yield _counter(
+        yield counter(
             "duplex_handler_timeouts",
             "Attempts timed out (each abandons a thread until its handler returns).",
             [],
@@ -307,12 +303,12 @@ class DuplexCollector(Collector):
         commit = self._m.commit()
         if commit is None:
             return
-        yield _gauge(
+        yield gauge(
             "duplex_results_awaiting_commit",
             "Results (and releases) held for a commit.",
             commit.awaiting,
         )
-        yield _gauge(
+        yield gauge(
             "duplex_commit_failing", "1 while commits fail and are retried.", float(commit.failing)
         )
 
@@ -333,8 +329,8 @@ class DuplexCollector(Collector):
             ),
             ("duplex_subscriber_errors", "subscriber_errors", "Subscriber calls that raised."),
         ):
-            yield _counter(name, text, [], {(): counts.get(key, 0)})
-        yield _gauge(
+            yield counter(name, text, [], {(): counts.get(key, 0)})
+        yield gauge(
             "duplex_domain_events_queued", "Events waiting for delivery.", counts.get("queued", 0)
         )
 
@@ -370,46 +366,23 @@ class DuplexCollector(Collector):
 
 
 def _relay_metrics(lag: dict[str, Any]) -> Iterator[Metric]:
-    yield _gauge(
+    yield gauge(
         "duplex_relay_unpublished_events",
         "Committed events the relay has not published yet (dead-lettered ones included).",
         lag["unpublished"],
     )
-    yield _gauge(
+    yield gauge(
         "duplex_relay_dead_lettered_events",
         "Events that failed too often and wait for an operator (events retry or skip).",
         lag["dead_lettered"],
     )
-    yield _gauge(
+    yield gauge(
         "duplex_relay_oldest_unpublished_age_seconds",
         "How long the oldest unpublished event has waited (0 when none waits).",
         lag["oldest_unpublished_age_s"] or 0.0,
     )
-    yield _gauge(
+    yield gauge(
         "duplex_relay_published_per_second",
         "Events the broker confirmed, per second over the last minute.",
         lag["published_per_s"],
     )
-
-
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=value)
-
-
-def _counter(
-    name: str, documentation: str, labels: list[str], values: dict[Key, float]
-) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, documentation, labels=labels)
-    for key, value in sorted(values.items()):
-        family.add_metric(list(key), value)
-    return family
-
-
-def _histograms(
-    name: str, documentation: str, labels: list[str], histograms: Histograms
-) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, documentation, labels=labels)
-    for key, histogram in sorted(histograms.snapshot(), key=lambda item: item[0]):
-        buckets, total = histogram.cumulative()
-        family.add_metric(list(key), buckets, total)
-    return family
