@@ -31,6 +31,7 @@ from sqlalchemy import (
     bindparam,
     func,
     literal_column,
+    or_,
     select,
     update,
 )
@@ -353,11 +354,16 @@ def release_unconfirmed_claim(
 
 
 def count_open_work(conn: Connection, namespaces: Sequence[str]) -> int:
-    """Count steps that could still run without an operator: enqueued, in progress, retrying."""
+    """Count steps that could still run without an operator: in progress, and enqueued or
+    retrying unless paused (resuming is an operator's move; ``duplex run --until-idle`` would
+    otherwise wait for it forever)."""
     query = select(func.count()).where(
         and_(
-            ws.c.state.in_((ENQUEUED, IN_PROGRESS, WAITING_FOR_RETRY)),
             ws.c.namespace.in_(list(namespaces)),
+            or_(
+                ws.c.state == IN_PROGRESS,
+                and_(ws.c.state.in_((ENQUEUED, WAITING_FOR_RETRY)), NOT_PAUSED),
+            ),
         )
     )
     return int(conn.execute(query).scalar_one())

@@ -162,6 +162,7 @@ def test_duplex_console_script_works(tmp_path: Path) -> None:
             "oldest_unpublished_age_s": None,
             "published_per_s": 0.0,
         },
+        "paused": [],
     }
 
 

@@ -216,6 +216,8 @@ COVERED = {
     "dashboard",
     "migrate",
     "schedule",
+    "pause",
+    "resume",
 }
 
 
@@ -260,6 +262,9 @@ def one_shot_cases(duplex: Duplex) -> list[list[str]]:
         ["schedule", "resume", "pipes"],
         ["schedule", "sync"],
         ["schedule", "remove", "pipes"],
+        ["pause", "pipes-ns", "--reason", "a test"],
+        ["status"],
+        ["resume", "pipes-ns"],
     ]
 
 
