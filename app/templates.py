@@ -16,12 +16,20 @@ from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from duplex.commit.retry import StepRetryPolicy
 from duplex.dag import topological_order
-from duplex.durations import parse_duration
+from duplex.durations import format_duration, parse_duration
 from duplex.errors import TemplateError
 from duplex.schedules.declaration import ScheduleDeclaration
 
@@ -122,7 +130,7 @@ class TaskTemplate(BaseModel):
     description: Annotated[str, Field(strict=True)] = ""
     # The priority of the steps that set none; a submission's ``priority`` replaces it.
     priority: Priority = 0
-    # How long a task may take from its submission (``500ms``, ``2s``, ``15m``, ``1h``,
+    # How long a task may take from its start (``500ms``, ``2s``, ``15m``, ``1h``,
     # ``1d``): then its waiting steps are cancelled and its running attempts told to stop
     # (docs/time.md, Task deadline).
     max_duration: timedelta | None = None
@@ -148,6 +156,11 @@ class TaskTemplate(BaseModel):
         if value is None or isinstance(value, timedelta):
             return value
         return parse_duration(value)
+
+    @field_serializer("max_duration")
+    def _duration_text(self, value: timedelta | None) -> str | None:
+        """Written as it is read (``15m``), so a stored template (a schedule's) reads back."""
+        return None if value is None else format_duration(value)
 
     @field_validator("steps")
     @classmethod

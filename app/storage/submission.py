@@ -81,10 +81,12 @@ def create_tasks(
     call) gets that task's UUID, and nothing is written for it. The roots are not claimable
     before ``run_at`` (a time already past means ``now``); ``priority`` is the task's, for the
     steps whose template sets none. ``max_duration`` (else the template's) sets each task's
-    ``deadline_at``, counted from ``now``.
+    ``deadline_at``, counted from its start (``run_at``, else ``now``).
     """
+    start = Start(now, run_at if run_at is not None and run_at > now else now, priority)
     duration = max_duration if max_duration is not None else template.max_duration
-    deadline_at = None if duration is None else now + duration
+    # Counted from the start: a delayed task gets its whole duration once it may begin.
+    deadline_at = None if duration is None else start.not_before + duration
     keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(contexts)
     if len(keys) != len(contexts):
         raise ValueError("give one idempotency key (or None) per context")
@@ -114,7 +116,6 @@ def create_tasks(
                 "updated_at": now,
             }
         )
-    start = Start(now, run_at if run_at is not None and run_at > now else now, priority)
     step_rows, edge_rows, transition_rows = _step_rows(template, task_rows, start)
     for statement, rows in (
         (_INSERT_TASKS, task_rows),

@@ -1,6 +1,6 @@
 """Task deadlines end to end, with a real worker (its actors on a SQLite file).
 
-A task with ``max_duration = "3s"``: its first step blocks until its ``ctx.cancelled`` is
+A task with ``max_duration = "5s"``: its first step blocks until its ``ctx.cancelled`` is
 set, its second waits on the first. At the deadline the worker running the first cancels it
 (``task_deadline_exceeded``, not retried) and the second is cancelled, each with the reason in
 its transition row; the task is cancelled and ``task.deadline_exceeded`` is announced. Nothing
@@ -36,13 +36,13 @@ from tests.conftest import sqlite_database, wait_until
 
 pytestmark = pytest.mark.e2e
 
-WAIT_S = 20.0  # far below the step's own 30 s timeout, far above the 3 s deadline
+WAIT_S = 20.0  # far below the step's own 30 s timeout, far above the 5 s deadline
 
 BLOCKING = """
 name = "deadline_blocking"
 # Long enough that the running worker claims the first step before it, on a loaded machine
 # too (a step claimed after it never starts: the last test here).
-max_duration = "3s"
+max_duration = "5s"
 [[steps]]
 name = "block"
 handler = "dl.block"
@@ -146,12 +146,12 @@ def test_a_task_past_its_deadline_is_cancelled_running_and_waiting(db: Database)
     (last,) = transitions(db, after.step_uuid)[-1:]
     assert (last.from_state, last.to_state) == ("pending", "cancelled")
     assert last.reason.startswith(f"{TASK_DEADLINE_EXCEEDED}: ")
-    # The deadline is the submission time + 3 s, and nothing ended before it.
+    # The deadline is the submission time + 5 s, and nothing ended before it.
     with db.read() as conn:
         created, deadline = conn.execute(
             select(tasks.c.created_at, tasks.c.deadline_at).where(tasks.c.task_uuid == task)
         ).one()
-    assert deadline - created == timedelta(seconds=3)
+    assert deadline - created == timedelta(seconds=5)
     ended = transitions(db, block.step_uuid)[-1].created_at
     assert ended >= deadline
     assert last.created_at >= deadline

@@ -56,12 +56,11 @@ def test_delayed_steps_never_start_early(tmp_path: Path) -> None:
         with Client(db) as client:
             t0 = utcnow()
             run_at = {
-                client.submit(CHAIN, run_at=t0 + timedelta(milliseconds=300)): t0
-                + timedelta(milliseconds=300),
+                client.submit(CHAIN, run_at=t0 + timedelta(seconds=2)): t0 + timedelta(seconds=2),
             }
             now = utcnow()
-            for task in client.submit_many(CHAIN, [{}, {}], delay=timedelta(milliseconds=400)):
-                run_at[task] = now + timedelta(milliseconds=400)
+            for task in client.submit_many(CHAIN, [{}, {}], delay=timedelta(milliseconds=2500)):
+                run_at[task] = now + timedelta(milliseconds=2500)
             at_once = client.submit(CHAIN)
         assert wait_until(lambda: _all_complete(db), timeout_s=30)
     finally:

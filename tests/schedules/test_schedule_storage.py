@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 
 from duplex.errors import InputError
 from duplex.schedules.declaration import declare
 from duplex.storage.db import Database
+from duplex.storage.models import tasks
 from duplex.storage.schedules import (
     declared_names,
     delete_schedule,
@@ -210,3 +212,21 @@ def test_each_fire_keeps_only_the_newest_fire_rows(db: Database) -> None:
             fire_due(conn, now=T0 + seconds(second), worker_id="w", keep_fires=3)
     assert [at for _, at, _, _ in fire_rows(db, "busy")] == [T0 + seconds(s) for s in (4, 5, 6)]
     assert len(fired_keys(db)) == 6  # the tasks stay
+
+
+def test_a_schedule_of_a_template_with_a_deadline_fires_it_with_its_deadline(
+    db: Database,
+) -> None:
+    # The template is stored with the schedule and read back at each fire: its
+    # ``max_duration`` must read back as it was written.
+    template = parse_template(
+        TEMPLATE_TOML.replace('name = "tick"', 'name = "tick"\nmax_duration = "15m"')
+    )
+    add(db, "timed", template=template, overlap="allow")
+    (report,) = fire_all(db, T0 + seconds(10))
+    (fired,) = report.fired
+    with db.read() as conn:
+        deadline = conn.execute(
+            select(tasks.c.deadline_at).where(tasks.c.task_uuid == fired.task_uuid)
+        ).scalar_one()
+    assert deadline == T0 + seconds(10) + timedelta(minutes=15)

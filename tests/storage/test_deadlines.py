@@ -109,6 +109,17 @@ def test_the_deadline_is_submission_time_plus_max_duration(db: Database) -> None
     assert task_row(db, task).deadline_at == DEADLINE  # type: ignore[attr-defined]
 
 
+def test_a_delayed_task_s_deadline_counts_from_its_start(db: Database) -> None:
+    # Submitted at T0 to start an hour later: it gets its whole max_duration once it may run,
+    # and the sweep leaves it alone until then.
+    template = parse_template(TEMPLATE.format(name="later"))
+    start = T0 + timedelta(hours=1)
+    with db.write() as conn:
+        task = create_task(conn, template, {}, now=T0, run_at=start)
+    assert task_row(db, task).deadline_at == start + (DEADLINE - T0)  # type: ignore[attr-defined]
+    assert sweep(db, DEADLINE + timedelta(minutes=1)) == []
+
+
 def test_nothing_is_swept_before_the_deadline(db: Database) -> None:
     task = setup_task(db)
     assert sweep(db, DEADLINE - timedelta(microseconds=1)) == []
