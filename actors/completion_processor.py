@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from duplex.commit.retry import RetryPolicy
 from duplex.messages import ClaimedStep, StepOutcome
 from duplex.observability.metrics import WorkerMetrics
 from duplex.observability.tracing import StepTracer
+from duplex.storage.claim_order import DEFAULT_AGING
 from duplex.storage.db import Database
 from duplex.storage.results import CommitReport
 from duplex.worker.supervision import Supervisor
@@ -75,6 +76,7 @@ class CompletionProcessor(SupervisedActor):
         tracer: StepTracer | None = None,
         namespaces: Sequence[str] = (),
         eager_limit: int = 0,
+        priority_aging: timedelta = DEFAULT_AGING,
     ) -> None:
         super().__init__(supervisor)
         self._publisher = publisher
@@ -92,6 +94,7 @@ class CompletionProcessor(SupervisedActor):
             rng=rng,
             tracer=tracer,
             namespaces=namespaces,
+            aging=priority_aging,
         )
         self._eager_limit = eager_limit
         self._dispatcher: DispatchChannel | None = None

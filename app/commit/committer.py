@@ -28,7 +28,7 @@ import random
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from loguru import logger
 from sqlalchemy import Connection
@@ -40,6 +40,7 @@ from duplex.errors import RESULT_UNSTORABLE, TASK_DEADLINE_EXCEEDED, StorageErro
 from duplex.messages import ClaimedStep, StepOutcome
 from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
+from duplex.storage.claim_order import DEFAULT_AGING
 from duplex.storage.claims import claim_dependents, release_claims
 from duplex.storage.db import Database
 from duplex.storage.deadlines import ExpiredTask, expire_tasks, find_expired_tasks
@@ -109,6 +110,7 @@ class Committer:
         tracer: StepTracer | None = None,
         hostname: str | None = None,
         namespaces: Sequence[str] = (),
+        aging: timedelta = DEFAULT_AGING,
     ) -> None:
         self._db = db
         self._buffer = buffer
@@ -120,6 +122,7 @@ class Committer:
         self._tracer = tracer
         self._hostname = hostname or socket.gethostname()
         self._namespaces = tuple(namespaces)
+        self._aging = aging  # worker.priority_aging_ms, for the claims made in a commit
         # How many dependents one commit may claim (0: none). The CompletionProcessor sets it
         # once it has a dispatch channel, and back to 0 when the worker stops its intake.
         self.eager_limit = 0
@@ -267,6 +270,7 @@ class Committer:
                         namespaces=self._namespaces,
                         limit=limit,
                         now=now,
+                        aging=self._aging,
                     )
                 released = release_claims(
                     conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"

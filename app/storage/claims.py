@@ -46,7 +46,7 @@ from duplex.states import (
     TASK_PENDING,
     WAITING_FOR_RETRY,
 )
-from duplex.storage.claim_order import DEFAULT_AGING, due_levels, due_steps
+from duplex.storage.claim_order import DEFAULT_AGING, claim_key, due_levels, due_steps
 from duplex.storage.driver import db_time
 from duplex.storage.events import declared_events
 from duplex.storage.models import (
@@ -91,21 +91,37 @@ def claim_dependents(
     namespaces: Sequence[str],
     limit: int,
     now: datetime,
+    aging: timedelta = DEFAULT_AGING,
 ) -> list[ClaimedStep]:
     """Claim up to ``limit`` of the dependents ``ready`` that the commit in this transaction
     just enqueued, those of ``namespaces`` only; the others stay in the queue.
 
-    Priority holds here too: only dependents of the highest priority that has due work in
-    these namespaces are claimed (the dependents themselves count, being enqueued), highest
-    first. A dependent of lower priority stays in the queue, behind the work that outranks it.
+    The claim order holds here too (docs/time.md, Priority). A dependent is claimed only if
+    no due work of a higher priority waits (the dependents themselves count, being
+    enqueued), and no due work of a lower priority has aged past it (its claim key is
+    earlier than the dependent's): otherwise a stream of high-priority chains, each claiming
+    its next step at its commit, would hold low-priority work back beyond the aging bound.
+    Equal priorities do not hold a dependent back, so a chain goes on depth-first.
     """
     mine = [step for step in ready if step.namespace in namespaces]
     if not mine or limit <= 0:
         return []
-    floor = min(step.priority for step in mine) - 1
-    levels = due_levels(conn, namespaces, now=now, above=floor)
-    top = max((level.priority for level in levels), default=floor)
-    chosen = sorted((s for s in mine if s.priority >= top), key=lambda s: -s.priority)
+    # The oldest due step of every level (``nth`` = 1), dependents included.
+    levels = due_levels(conn, namespaces, now=now)
+
+    def outranked(priority: int) -> bool:
+        key = claim_key(now, priority, aging)
+        return any(
+            level.priority > priority
+            or (
+                level.priority < priority
+                and level.nth is not None
+                and claim_key(level.nth, level.priority, aging) < key
+            )
+            for level in levels
+        )
+
+    chosen = sorted((s for s in mine if not outranked(s.priority)), key=lambda s: -s.priority)
     candidates = dict.fromkeys([step.step_uuid for step in chosen[:limit]], ENQUEUED)
     return claim_steps(conn, candidates, worker_id=worker_id, now=now)
 

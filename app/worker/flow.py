@@ -123,6 +123,7 @@ def start_actors(
         tracer=parts.tracer,
         namespaces=cfg.namespaces,
         eager_limit=cfg.max_concurrent_handlers if cfg.eager_dispatch else 0,
+        priority_aging=timedelta(milliseconds=cfg.priority_aging_ms),
     )
     started.append(completion)
     dispatcher = Dispatcher.start(

@@ -213,3 +213,45 @@ def test_a_commit_claims_dependents_in_priority_order_and_never_ahead_of_higher_
             conn, report.ready, worker_id="w", namespaces=("default",), limit=2, now=later
         )
     assert [step.name for step in claimed] == expected
+
+
+@pytest.mark.parametrize(
+    ("waited_s", "expected"),
+    [
+        (3, ["c"]),  # c (7) ready now goes before a 0 that waited 3 s: 7 s of aging > 3 s
+        (20, []),  # a 0 that waited 20 s has aged past c (7 s) and b (2 s): both queue
+    ],
+)
+def test_a_commit_claims_no_dependent_ahead_of_lower_work_that_aged_past_it(
+    sql: Database, waited_s: int, expected: list[str]
+) -> None:
+    """The aging bound holds for claims made in a commit too: a stream of high-priority
+    chains cannot keep low-priority work waiting past (q - p) * aging."""
+    clear(sql)
+    later = T0 + timedelta(seconds=30)
+    with sql.write() as conn:
+        create_task(conn, ONE["default"], {}, now=later - timedelta(seconds=waited_s))
+        create_task(conn, CHAIN, {}, now=later - timedelta(seconds=40))
+    with sql.write() as conn:
+        (root,) = claim_ready_steps(
+            conn, worker_id="w", namespaces=("default",), limit=1, now=later - timedelta(seconds=40)
+        )
+    assert root.name == "a"
+    with sql.write() as conn:
+        report = commit_outcomes(
+            conn,
+            [StepOutcome(root, later, later, result={})],
+            policy=RetryPolicy(base_ms=10, multiplier=2.0, max_ms=10, jitter=0.0),
+            now=later,
+            rng=random.Random(0),
+        )
+        claimed = claim_dependents(
+            conn,
+            report.ready,
+            worker_id="w",
+            namespaces=("default",),
+            limit=2,
+            now=later,
+            aging=timedelta(seconds=1),
+        )
+    assert [step.name for step in claimed] == expected
