@@ -1,9 +1,10 @@
 """Durations as people write them: ``500ms``, ``2s``, ``15m``, ``1h``, ``1d``.
 
 Plain code with no imports from the rest of Duplex, so that the command line, templates and
-settings can all read durations the same way. One number and one unit: ``1h30m`` is refused
-rather than guessed at (write ``90m``). Every refusal is a ``ValueError`` whose message is one
-line naming the text and what is expected; callers wrap it in their own error type.
+settings can all read durations the same way. One whole number and one unit: ``1h30m`` or
+``1.5h`` is refused rather than guessed at (write ``90m``). Every refusal is a ``ValueError``
+whose message is one line naming the text and what is expected; callers wrap it in their own
+error type.
 """
 
 from __future__ import annotations
@@ -20,26 +21,26 @@ _UNITS = {
     "h": timedelta(hours=1),
     "d": timedelta(days=1),
 }
-_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_PATTERN = re.compile(r"(\d{1,12})(ms|s|m|h|d)")
 # Far beyond any delay that makes sense, well inside what ``timedelta`` and the databases hold.
 MAX_DURATION = timedelta(days=3650)
-EXPECTED = "a number and a unit, e.g. 500ms, 2s, 15m, 1h, 1d"
+EXPECTED = "a whole number and a unit, e.g. 500ms, 2s, 15m, 1h, 1d"
 
 
 def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
     """Return the ``timedelta`` that ``text`` writes; raise ``ValueError`` with one line."""
     if not isinstance(text, str):
         raise ValueError(f"a duration is a string such as '15m', not {text!r:.40}")
-    cleaned = text.strip().lower()
+    cleaned = text.strip()
     match = _PATTERN.fullmatch(cleaned)
     if match is None:
         raise ValueError(f"not a duration: {text!r} (expected {EXPECTED})")
     number, unit = match.groups()
-    value = float(number) * _UNITS[unit]
+    value = int(number) * _UNITS[unit]
     if value > MAX_DURATION:
-        raise ValueError(f"duration too long: {text!r} (at most 3650d)")
+        raise ValueError(f"duration {text!r} is over the limit of {MAX_DURATION.days}d")
     if value <= timedelta(0) and not allow_zero:
-        raise ValueError(f"duration must be more than zero: {text!r}")
+        raise ValueError(f"a duration must be longer than zero, not {text!r}")
     return value
 
 

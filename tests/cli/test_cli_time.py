@@ -66,7 +66,7 @@ def test_a_past_at_means_now(duplex: Duplex) -> None:
         (["--at", "2099-12-24T08:00:00"], ["--at", "has no time zone"]),
         (["--in", "15"], ["--in", "not a duration", "15m"]),
         (["--in=-5s"], ["--in", "not a duration"]),
-        (["--in", "4000d"], ["--in", "too long"]),
+        (["--in", "4000d"], ["--in", "over the limit"]),
         (["--in", "1m", "--at", "2099-01-01T00:00:00Z"], ["not allowed with"]),
         (["--priority", "101"], ["--priority", "out of range", "-100", "100"]),
         (["--priority", "high"], ["--priority", "not an integer"]),
