@@ -121,6 +121,13 @@ class EventSystem(SupervisedActor):
         credits = self._credits
         return {"capacity": credits.capacity, "free": credits.available, "excess": credits.excess}
 
+    def listener_settled(self) -> bool:
+        """Whether the listener took its first look (its nudge is in this mailbox, or was
+        handled): what tests wait for before they make the moment they need. True when there
+        is no listener, or one that does not say."""
+        first_look = getattr(self._listener, "first_look", None)
+        return first_look is None or bool(first_look.is_set())
+
     def stop_intake(self) -> None:
         """Claim nothing more (the worker is stopping)."""
         self._credits.stop()
@@ -151,4 +158,5 @@ class EventSystemProxy(TypedProxy[EventSystem]):
     capacity_freed = message(EventSystem.capacity_freed)
     commits_lagging = message(EventSystem.commits_lagging)
     stats = message(EventSystem.stats)
+    listener_settled = message(EventSystem.listener_settled)
     stop_intake = message(EventSystem.stop_intake)

@@ -130,6 +130,9 @@ class WakeListener:
         self._on_work = on_work
         self._abstract = abstract
         self._stop = threading.Event()
+        # Set once the first look (after recording the address) was signalled: what a worker
+        # was told before it took wake-ups has been looked at (``EventSystem.listener_settled``).
+        self.first_look = threading.Event()
         self._sock: socket.socket | None = None
         self._directory: Path | None = None
         self.address: str | None = None
@@ -161,6 +164,7 @@ class WakeListener:
         sock = self._sock
         if sock is None or not self._record() or not self._signal():
             return
+        self.first_look.set()
         while not self._stop.is_set():
             try:
                 readable, _, _ = select.select([sock], [], [], _STOP_CHECK_S)

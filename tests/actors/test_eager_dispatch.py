@@ -123,6 +123,12 @@ def test_eager_claims_count_against_the_intake_credits(slots: int) -> None:
     ):
         actors = worker.actors
         assert actors is not None
+        # The wake-up listener's first look, and the claim it asked for, are over before the
+        # task exists: a late one would claim on the root's freed slot before the intake
+        # hears of the commit's eager claim, and hold one step more than the slots.
+        assert wait_until(lambda: actors.event_system.listener_settled().get(timeout=ASK_S))
+        actors.event_system.stats().get(timeout=ASK_S)
+        actors.step_executor.claimed_total.get(timeout=ASK_S)
         submit(db, fan_out(children))
         worker.nudge()
         waves_seen: list[tuple[int, int, int]] = []

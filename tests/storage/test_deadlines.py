@@ -297,8 +297,9 @@ RACE_WAIT_S = 60.0
 def test_racing_sweepers_and_claimers_expire_each_task_exactly_once(
     db: Database, offsets_s: list[int], sweepers: int, fail_first: bool
 ) -> None:
-    """Sweepers, a claimer and a committer race; every task past its deadline is expired once,
-    its steps' histories stay unbroken, and no task before its deadline is touched."""
+    """Sweepers, a claimer and a committer race; every task past its deadline is expired once
+    (unless the claimer finished it first), its steps' histories stay unbroken, and no task
+    before its deadline is touched."""
     namespace = f"race-{uuid.uuid4().hex[:8]}"
     template = parse_template(RACE_TEMPLATE.format(namespace=namespace))
     submitted = RACE_NOW - timedelta(seconds=10)
@@ -377,8 +378,10 @@ def test_racing_sweepers_and_claimers_expire_each_task_exactly_once(
                 )
             ).all()
             if past:
-                assert len(announced) == 1, task
-                assert state == TASK_CANCELLED
+                # Expired once, or finished by the claimer's commits before any sweep came
+                # (results committed after the deadline still count): never both, never twice.
+                assert state in (TASK_CANCELLED, "complete"), (task, state)
+                assert len(announced) == (1 if state == TASK_CANCELLED else 0), task
                 assert not {r.state for r in rows} & {"pending", "enqueued", "waiting_for_retry"}
             else:
                 assert announced == []
