@@ -3,6 +3,7 @@
 The public API for handler authors::
 
     from duplex import step_handler, StepContext, PermanentError, RetryableError, subscribe
+    from duplex import Decision, Batch   # what decision and batch steps return
 
 and for programs that submit work without running a worker::
 
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from duplex.client import Client
+    from duplex.dynamic.directives import Batch, Decision
     from duplex.errors import DuplexError, PermanentError, RetryableError
     from duplex.handlers import StepContext, step_handler
     from duplex.messages import DomainEvent
@@ -27,7 +29,9 @@ if TYPE_CHECKING:
 
 # Public name -> the module that defines it.
 _EXPORTS = {
+    "Batch": "duplex.dynamic.directives",
     "Client": "duplex.client",
+    "Decision": "duplex.dynamic.directives",
     "DomainEvent": "duplex.messages",
     "DuplexError": "duplex.errors",
     "PermanentError": "duplex.errors",
@@ -38,7 +42,9 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "Batch",
     "Client",
+    "Decision",
     "DomainEvent",
     "DuplexError",
     "PermanentError",

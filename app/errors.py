@@ -48,6 +48,10 @@ SHUTDOWN_TIMEOUT = "shutdown_timeout"
 WORKER_LOST = "worker_lost"
 # The task's deadline (``max_duration``) passed while the attempt ran or waited; not retried.
 TASK_DEADLINE_EXCEEDED = "task_deadline_exceeded"
+# Dynamic workflows (docs/workflows.md): a wait step's signal did not come in time; a batch
+# handler returned more items than ``worker.max_batch_items``.
+WAIT_TIMEOUT = "wait_timeout"
+BATCH_TOO_LARGE = "batch_too_large"
 
 
 class DuplexError(Exception):
@@ -56,6 +60,10 @@ class DuplexError(Exception):
 
 class ConfigurationError(DuplexError):
     """Settings that cannot be used."""
+
+
+class CheckpointRejected(DuplexError):
+    """``ctx.checkpoint`` from an attempt that no longer holds its claim: nothing was saved."""
 
 
 class TemplateError(DuplexError):

@@ -12,17 +12,17 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from loguru import logger
 
-from duplex.errors import ConfigurationError
-from duplex.messages import EmittedEvent, JSONDict
+from duplex.errors import CheckpointRejected, ConfigurationError
+from duplex.messages import ClaimedStep, EmittedEvent, JSONDict
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -109,6 +109,30 @@ def _run_hook(hook: Callable[[], None]) -> None:
         logger.exception("a cancel hook (ctx.cancelled.on_cancel) raised")
 
 
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """One item of a batch, as its convergence step reads it (``ctx.batch_results``)."""
+
+    index: int
+    state: str  # complete, resolved_manually or skipped
+    result: JSONDict | None
+
+
+class StepStore(Protocol):
+    """Where a running attempt saves checkpoints and reads its batch's results
+    (``duplex.storage.step_store``)."""
+
+    def save_checkpoint(self, step: ClaimedStep, state: Any) -> bool:
+        """Save ``state`` if ``step`` still holds its claim; return whether it did."""
+        ...
+
+    def batch_results(
+        self, task_uuid: str, worker: str, *, after: int, limit: int
+    ) -> list[BatchResult]:
+        """Up to ``limit`` items of the batch whose item step is ``worker``, after ``after``."""
+        ...
+
+
 @dataclass
 class StepContext:
     """Everything a handler gets about the step it runs."""
@@ -126,6 +150,13 @@ class StepContext:
     cancelled: Cancellation
     events: list[EmittedEvent] = field(default_factory=list)
     worker_id: str = ""
+    # What the last accepted ``checkpoint`` of this step saved (None: none yet).
+    checkpoint_state: Any = None
+    # The parents a decision skipped: they ran not, and are not in ``dependency_results``.
+    skipped_dependencies: tuple[str, ...] = ()
+    # The claim this attempt runs under, and the store its checkpoints go to.
+    claim: ClaimedStep | None = field(default=None, repr=False)
+    store: StepStore | None = field(default=None, repr=False)
 
     @cached_property
     def logger(self) -> Logger:
@@ -156,6 +187,44 @@ class StepContext:
             raise ValueError(f"event {name!r} contains text that is not valid Unicode") from None
         # Keep a copy: the handler may go on changing its dict after emitting it.
         self.events.append(EmittedEvent(name, json.loads(encoded)[1]))
+
+    def checkpoint(self, state: Any) -> None:
+        """Save ``state`` (a JSON value) durably now; the next attempt of this step, after a
+        retry or a lost worker, reads it as ``ctx.checkpoint_state`` and resumes from it.
+
+        Written under the same guard as results: if this attempt no longer holds its claim
+        (it timed out, was recovered as lost, or its task was cancelled), nothing is saved and
+        ``CheckpointRejected`` is raised, so a stale attempt stops instead of going on.
+        """
+        try:
+            encoded = json.dumps(state, allow_nan=False, ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint state is not JSON-serialisable: {exc}") from None
+        if "\\u0000" in encoded.replace("\\\\", ""):
+            raise ValueError("checkpoint state contains a NUL character, which cannot be stored")
+        if self.store is None or self.claim is None:
+            raise RuntimeError("this step runs without a checkpoint store (not in a worker)")
+        saved = json.loads(encoded)
+        if not self.store.save_checkpoint(self.claim, saved):
+            raise CheckpointRejected(
+                f"checkpoint of step {self.step_name} ({self.step_uuid}) attempt "
+                f"{self.attempt} rejected: the attempt no longer holds its claim (timed out, "
+                "recovered as lost, or its task was cancelled)"
+            )
+        self.checkpoint_state = saved
+
+    def batch_results(self, worker: str, *, page_size: int = 500) -> Iterator[BatchResult]:
+        """The results of a batch's items, in item order, read ``page_size`` at a time (a
+        batch of 100,000 items is never in memory at once). ``worker`` names the item step."""
+        if self.store is None:
+            raise RuntimeError("this step runs without a store (not in a worker)")
+        after = -1
+        while True:
+            page = self.store.batch_results(self.task_uuid, worker, after=after, limit=page_size)
+            yield from page
+            if len(page) < page_size:
+                return
+            after = page[-1].index
 
     def time_remaining(self) -> float:
         """Return the seconds left before this attempt times out (never negative)."""

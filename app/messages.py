@@ -82,6 +82,13 @@ class ClaimedStep:
     retry_policy: RetryOverride | None = field(default=None, compare=False)
     # When the task must be finished (``max_duration``): the attempt is cancelled then.
     deadline_at: datetime | None = field(default=None, compare=False)
+    # Dynamic workflows (docs/workflows.md): the step's kind and what it declared (a
+    # decision's branches...), the state the last accepted checkpoint saved, and the
+    # parents a decision skipped (not in ``dependency_results``).
+    kind: str = field(default="handler", compare=False)
+    spec: JSONDict | None = field(default=None, compare=False)
+    checkpoint_state: Any = field(default=None, compare=False)
+    skipped_dependencies: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +134,10 @@ class StepOutcome:
     events: tuple[EmittedEvent, ...] = ()
     # ``result`` as JSON text, when the handler's path already encoded it to check it.
     result_json: str | None = None
+    # A decision's chosen branches, a batch's items (``duplex.dynamic.directives``): applied
+    # by the commit that stores the result, in its transaction.
+    branches: tuple[str, ...] | None = None
+    items: tuple[Any, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.result is None) == (self.failure is None):

@@ -12,6 +12,11 @@ COMPLETE = "complete"
 ERROR = "error"
 CANCELLED = "cancelled"
 RESOLVED_MANUALLY = "resolved_manually"
+# Dynamic workflows (docs/workflows.md): a branch a decision did not choose, and every step
+# that then can no longer run; a wait or sleep step whose dependencies are done, until its
+# signal arrives or its time is up.
+SKIPPED = "skipped"
+WAITING = "waiting"
 
 STEP_STATES = (
     PENDING,
@@ -22,31 +27,43 @@ STEP_STATES = (
     ERROR,
     CANCELLED,
     RESOLVED_MANUALLY,
+    SKIPPED,
+    WAITING,
 )
 # States a claim may take a step from.
 CLAIMABLE = (ENQUEUED, WAITING_FOR_RETRY)
-# States that satisfy a dependency.
-DONE = (COMPLETE, RESOLVED_MANUALLY)
-# States in which a step may still run (now or later) without an operator.
-ACTIVE = (ENQUEUED, IN_PROGRESS, WAITING_FOR_RETRY)
-# States a step is created in (the ``from_state`` of its first transition row is NULL).
-INITIAL = (PENDING, ENQUEUED)
+# States that satisfy a dependency: a skipped parent counts as done, so a convergence step
+# runs once every parent ran, was resolved or was skipped.
+DONE = (COMPLETE, RESOLVED_MANUALLY, SKIPPED)
+# States in which a step may still finish (now or later) without an operator.
+ACTIVE = (ENQUEUED, IN_PROGRESS, WAITING_FOR_RETRY, WAITING)
+# States a step is created in (the ``from_state`` of its first transition row is NULL): a
+# root wait or sleep step starts waiting; a batch's items are created enqueued.
+INITIAL = (PENDING, ENQUEUED, WAITING)
 # States an operator's cancel stops: everything that has not started yet.
-CANCELLABLE = (PENDING, ENQUEUED, WAITING_FOR_RETRY)
+CANCELLABLE = (PENDING, ENQUEUED, WAITING_FOR_RETRY, WAITING)
+# States ``duplex complete`` may give a result to: those ``duplex resolve`` accepts.
+COMPLETABLE = (PENDING, ENQUEUED, WAITING_FOR_RETRY, ERROR, WAITING)
 
 STEP_TRANSITIONS: Mapping[str, frozenset[str]] = {
-    PENDING: frozenset({ENQUEUED, CANCELLED, RESOLVED_MANUALLY}),
-    ENQUEUED: frozenset({IN_PROGRESS, CANCELLED, RESOLVED_MANUALLY}),
-    WAITING_FOR_RETRY: frozenset({IN_PROGRESS, CANCELLED, RESOLVED_MANUALLY}),
+    # pending -> complete (and the other -> complete below that no attempt makes): ``duplex
+    # complete`` gives a step its result by hand.
+    PENDING: frozenset({ENQUEUED, CANCELLED, RESOLVED_MANUALLY, SKIPPED, WAITING, COMPLETE}),
+    ENQUEUED: frozenset({IN_PROGRESS, CANCELLED, RESOLVED_MANUALLY, COMPLETE}),
+    WAITING_FOR_RETRY: frozenset({IN_PROGRESS, CANCELLED, RESOLVED_MANUALLY, COMPLETE}),
+    # waiting -> complete: the signal arrived (or the sleep ended); -> error: ``wait_timeout``.
+    WAITING: frozenset({COMPLETE, ERROR, CANCELLED, RESOLVED_MANUALLY}),
     # in_progress -> enqueued: a claim handed back, never started (worker stopping).
     # in_progress -> cancelled: a running step always finishes, but when its task was cancelled
     # meanwhile, the retry its failure would get (or the re-run of a handed-back claim) is
     # cancelled instead of scheduled.
     IN_PROGRESS: frozenset({COMPLETE, WAITING_FOR_RETRY, ERROR, ENQUEUED, CANCELLED}),
-    ERROR: frozenset({ENQUEUED, RESOLVED_MANUALLY}),
+    # error -> waiting: ``duplex retry`` of a wait step that timed out waits once more.
+    ERROR: frozenset({ENQUEUED, RESOLVED_MANUALLY, WAITING, COMPLETE}),
     COMPLETE: frozenset(),
     CANCELLED: frozenset(),
     RESOLVED_MANUALLY: frozenset(),
+    SKIPPED: frozenset(),
 }
 
 # Task states.
@@ -71,8 +88,8 @@ def is_legal_step_transition(from_state: str | None, to_state: str) -> bool:
 def derive_task_state(current: str, step_counts: Mapping[str, int]) -> str:
     """Return a task's state from how many of its steps are in each state.
 
-    ``complete`` once every step is complete or resolved; ``error`` once a step failed for good
-    and nothing can still run (pending steps only move when a running step completes);
+    ``complete`` once every step is complete, resolved or skipped; ``error`` once a step failed
+    for good and nothing can still run (pending steps only move when a running step completes);
     ``cancelled`` stays cancelled; otherwise ``in_progress`` (``pending`` before any claim).
     """
     if current == TASK_CANCELLED:

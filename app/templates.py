@@ -30,6 +30,12 @@ from pydantic_core import ErrorDetails
 from duplex.commit.retry import StepRetryPolicy
 from duplex.dag import topological_order
 from duplex.durations import format_duration, parse_duration
+from duplex.dynamic.kinds import (
+    MAX_WAIT_TIMEOUT_MS,
+    StepKind,
+    shape_problems,
+    step_problems,
+)
 from duplex.errors import TemplateError
 from duplex.schedules.declaration import ScheduleDeclaration
 
@@ -83,12 +89,25 @@ class StepTemplate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: _StepName
-    handler: _NonEmptyStr
+    # What the step is (docs/workflows.md): a handler step by default; ``decision``,
+    # ``batch``, ``wait`` and ``sleep`` shape the task while it runs (duplex.dynamic.kinds).
+    kind: StepKind = "handler"
+    # Every kind but ``wait`` and ``sleep`` runs a handler.
+    handler: _NonEmptyStr | None = None
     depends_on: tuple[_StepName, ...] = ()
     max_attempts: Annotated[int, Field(strict=True, ge=1, le=100)] = 3
     retryable: Annotated[bool, Field(strict=True)] = True
-    # At most a week: a timeout is a deadline, and the timer serves at most 30 days ahead.
-    timeout_ms: Annotated[int, Field(strict=True, gt=0, le=604_800_000)] | None = None
+    # A handler's at most a week (the attempt's deadline is on a timer that serves 30 days
+    # ahead); a wait's at most a year (its timeout is only a time in its row).
+    timeout_ms: Annotated[int, Field(strict=True, gt=0, le=MAX_WAIT_TIMEOUT_MS)] | None = None
+    # A decision's possible branches (steps that depend on it).
+    branches: tuple[_StepName, ...] = ()
+    # A batch's item step: created once per item its handler returns.
+    worker: _StepName | None = None
+    # The signal a wait step waits for (``duplex signal TASK NAME``).
+    signal: _StepName | None = None
+    # How long a sleep step sleeps (``500ms``, ``2s``, ``15m``, ``1h``, ``1d``).
+    duration: timedelta | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
     events: tuple[EventDeclaration, ...] = ()
     # None: the task's priority (the template's top-level ``priority``, or the submission's).
@@ -103,6 +122,25 @@ class StepTemplate(BaseModel):
         if problem is not None:
             raise ValueError(problem)
         return inputs
+
+    @field_validator("duration", mode="before")
+    @classmethod
+    def _duration_string(cls, value: Any) -> Any:
+        if value is None or isinstance(value, timedelta):
+            return value
+        return parse_duration(value)
+
+    @field_serializer("duration")
+    def _duration_text(self, value: timedelta | None) -> str | None:
+        return None if value is None else format_duration(value)
+
+    @model_validator(mode="after")
+    def _kind_keys_fit(self) -> StepTemplate:
+        """Reject keys that the step's kind does not use, and missing ones it needs."""
+        problems = step_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _dependencies_are_distinct(self) -> StepTemplate:
@@ -196,6 +234,9 @@ class TaskTemplate(BaseModel):
         _, cycle = topological_order(self.steps, index)
         if cycle:
             raise ValueError("cycle: " + " -> ".join([*cycle, cycle[0]]))
+        problems = shape_problems(self.steps)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def step_priority(self, step: StepTemplate, task_priority: int | None = None) -> int:

@@ -18,6 +18,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from duplex.clock import utcnow
+from duplex.dynamic.directives import Batch, Decision, read_return_value
+from duplex.dynamic.kinds import HANDLER
 from duplex.errors import (
     HANDLER_ABORTED,
     HANDLER_ERROR,
@@ -29,7 +31,7 @@ from duplex.errors import (
     TASK_DEADLINE_EXCEEDED,
     StepError,
 )
-from duplex.handlers import Cancellation, Handler, HandlerRegistry, StepContext
+from duplex.handlers import Cancellation, Handler, HandlerRegistry, StepContext, StepStore
 from duplex.messages import ClaimedStep, JSONDict, StepFailure, StepOutcome
 
 
@@ -41,8 +43,13 @@ def run_attempt(
     cancellation: Cancellation,
     max_result_bytes: int,
     clock: Callable[[], datetime] = utcnow,
+    max_batch_items: int = 100_000,
+    store: StepStore | None = None,
 ) -> StepOutcome:
-    """Run ``step``'s handler once and describe how it ended."""
+    """Run ``step``'s handler once and describe how it ended.
+
+    ``store`` is where ``ctx.checkpoint`` writes and a convergence reads its batch's results.
+    """
     started_at = clock()
     handler = registry.resolve(step.handler)
     if handler is None:
@@ -66,6 +73,10 @@ def run_attempt(
         deadline_monotonic=time.monotonic() + timeout_s,
         cancelled=cancellation,
         worker_id=step.claimed_by,
+        checkpoint_state=step.checkpoint_state,
+        skipped_dependencies=step.skipped_dependencies,
+        claim=step,
+        store=store,
     )
     try:
         value = _call(handler, ctx, cancellation, is_async=registry.is_async(step.handler))
@@ -98,12 +109,27 @@ def run_attempt(
         )
         return StepOutcome(step, started_at, clock(), failure=failure)
 
+    branches = items = None
+    if step.kind != HANDLER or isinstance(value, Decision | Batch):
+        directive = read_return_value(value, step.kind, step.spec, max_batch_items=max_batch_items)
+        if isinstance(directive, StepFailure):
+            return StepOutcome(
+                step, started_at, clock(), failure=directive, events=tuple(ctx.events)
+            )
+        value, branches, items = directive.result, directive.branches, directive.items
     normalised = encode_result(value, max_result_bytes)
     if isinstance(normalised, StepFailure):
         return StepOutcome(step, started_at, clock(), failure=normalised, events=tuple(ctx.events))
     result, encoded = normalised
     return StepOutcome(
-        step, started_at, clock(), result=result, events=tuple(ctx.events), result_json=encoded
+        step,
+        started_at,
+        clock(),
+        result=result,
+        events=tuple(ctx.events),
+        result_json=encoded,
+        branches=branches,
+        items=items,
     )
 
 

@@ -42,6 +42,7 @@ from duplex.states import (
     CLAIMABLE,
     ENQUEUED,
     IN_PROGRESS,
+    SKIPPED,
     TASK_CANCELLED,
     TASK_PENDING,
     WAITING_FOR_RETRY,
@@ -168,7 +169,7 @@ def claim_steps(
     if pending:
         mark_tasks_started(conn, pending, now)
     with_parents = [row.step_uuid for row in claimed if row.has_parents]
-    parents = _dependency_results(conn, with_parents) if with_parents else {}
+    parents, skipped = _dependency_results(conn, with_parents) if with_parents else ({}, {})
     return [
         claimed_step(
             row,
@@ -179,6 +180,8 @@ def claim_steps(
             has_children=row.has_children,
             claimed_at=now,
             deadline_at=row.task_deadline_at,
+            checkpoint_state=row.checkpoint,
+            skipped_dependencies=tuple(skipped.get(row.step_uuid, ())),
         )
         for row in claimed
     ]
@@ -198,6 +201,8 @@ STEP_COLUMNS = (
     ws.c.namespace,
     ws.c.created_at,
     ws.c.retry_policy,
+    ws.c.kind,
+    ws.c.spec,
 )
 
 
@@ -220,6 +225,8 @@ def claimed_step(row: Any, *, claimed_by: str, **context: Any) -> ClaimedStep:
         namespace=row.namespace,
         submitted_at=row.created_at,
         retry_policy=RetryOverride.from_json(row.retry_policy),
+        kind=row.kind,
+        spec=row.spec,
         **context,
     )
 
@@ -273,6 +280,7 @@ _CLAIM = (
     .returning(
         *STEP_COLUMNS,
         ws.c.inputs,
+        ws.c.checkpoint,
         _RETURN_TASK_STATE,
         _RETURN_TASK_CONTEXT,
         _RETURN_TASK_DEADLINE,
@@ -281,19 +289,31 @@ _CLAIM = (
     )
 )
 _parent = ws.alias("parent")
+# A batch's items are not read here: a convergence reads them page by page
+# (``ctx.batch_results``), however many there are.
 _PARENT_RESULTS = (
-    select(workflow_step_edges.c.to_step_uuid, _parent.c.name, _parent.c.results)
+    select(workflow_step_edges.c.to_step_uuid, _parent.c.name, _parent.c.state, _parent.c.results)
     .join(_parent, _parent.c.step_uuid == workflow_step_edges.c.from_step_uuid)
-    .where(workflow_step_edges.c.to_step_uuid.in_(bindparam("ids", expanding=True)))
+    .where(
+        workflow_step_edges.c.to_step_uuid.in_(bindparam("ids", expanding=True)),
+        _parent.c.item_index.is_(None),
+    )
 )
 
 
-def _dependency_results(conn: Connection, step_uuids: list[str]) -> dict[str, dict[str, Any]]:
+def _dependency_results(
+    conn: Connection, step_uuids: list[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Each step's parents' results by name, and the names of its skipped parents."""
     rows = conn.execute(_PARENT_RESULTS, {"ids": step_uuids})
     results: dict[str, dict[str, Any]] = {}
-    for child, name, value in rows:
-        results.setdefault(child, {})[name] = value or {}
-    return results
+    skipped: dict[str, list[str]] = {}
+    for child, name, state, value in rows:
+        if state == SKIPPED:
+            skipped.setdefault(child, []).append(name)
+        else:
+            results.setdefault(child, {})[name] = value or {}
+    return results, skipped
 
 
 def release_claims(

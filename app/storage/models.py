@@ -139,12 +139,21 @@ workflow_steps = Table(
     Column("priority", Integer, nullable=False, default=0, server_default="0"),
     # The step's ``[steps.retry]`` (the fields it overrides), NULL: none (migration 0011).
     Column("retry_policy", JSONValue),
+    # Dynamic workflows (docs/workflows.md, migration 0014): the step's kind (handler,
+    # decision, batch, wait, sleep) and what that kind needs at run time; the state the last
+    # accepted ``ctx.checkpoint`` saved; a batch item's place in its batch.
+    Column("kind", String(16), nullable=False, default="handler", server_default="handler"),
+    Column("spec", JSONValue),
+    Column("checkpoint", JSONValue),
+    Column("item_index", Integer),
     UniqueConstraint("task_uuid", "name"),
     # The claim query: per priority level, the steps of a namespace due by now, oldest first
     # (``next_attempt_at`` is the not-before time: ready since, due at, scheduled for).
     Index(None, "state", "namespace", "priority", "next_attempt_at"),
     # Task state probes (which states does a task have?) and per-task listings.
     Index(None, "task_uuid", "state"),
+    # A convergence reads its batch's items in order, page by page (``ctx.batch_results``).
+    Index(None, "task_uuid", "item_index"),
 )
 
 workflow_step_edges = Table(
@@ -289,4 +298,22 @@ pauses = Table(
     Column("reason", Text),
     Column("paused_by", String(255), nullable=False),
     Column("paused_at", UTCDateTime, nullable=False),
+)
+
+# Signals sent to tasks (``duplex signal``): kept until the wait step they name uses them
+# (``step_uuid``, ``used_at``); a ``signal_id`` acts once per task (docs/workflows.md).
+step_signals = Table(
+    "step_signals",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_uuid", UUIDText, nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("signal_id", String(255), nullable=False),
+    Column("payload", JSONValue, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("sent_by", String(255), nullable=False),
+    Column("step_uuid", UUIDText),
+    Column("used_at", UTCDateTime),
+    UniqueConstraint("task_uuid", "signal_id"),
+    Index(None, "task_uuid", "name"),
 )

@@ -1,5 +1,5 @@
 """Readiness: the pending children of completed steps become ``enqueued`` once all their
-parents are complete or resolved.
+parents are done: complete, resolved or skipped (``duplex.states.DONE``).
 
 Each step made ready is returned with its namespace, so that the commit that made it ready
 can claim it at once when it is the committing worker's to run (``claim_dependents``).
@@ -52,7 +52,7 @@ _ENQUEUE_READY = (
         next_attempt_at=bindparam("now", type_=ws.c.next_attempt_at.type),
         updated_at=bindparam("now", type_=ws.c.updated_at.type),
     )
-    .returning(ws.c.step_uuid, ws.c.namespace, ws.c.priority)
+    .returning(ws.c.step_uuid, ws.c.namespace, ws.c.priority, ws.c.kind)
 )
 
 
@@ -63,6 +63,8 @@ class ReadyStep(NamedTuple):
     namespace: str
     # Which of them the commit may claim first (``claim_dependents``).
     priority: int = 0
+    # A wait or sleep step made ready starts waiting instead (``duplex.storage.expansion``).
+    kind: str = "handler"
 
 
 def enqueue_ready_dependents(
@@ -71,4 +73,4 @@ def enqueue_ready_dependents(
     """Enqueue pending children of ``parents`` whose parents are now all complete or resolved;
     return them in step-uuid order."""
     rows = conn.execute(_ENQUEUE_READY, {"parents": list(parents), "now": now})
-    return sorted(ReadyStep(row.step_uuid, row.namespace, row.priority) for row in rows)
+    return sorted(ReadyStep(row.step_uuid, row.namespace, row.priority, row.kind) for row in rows)

@@ -17,7 +17,6 @@ SQLite needs no row locks: ``BEGIN IMMEDIATE`` already serialises writers.
 from __future__ import annotations
 
 import random
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,7 +27,6 @@ from sqlalchemy import (
     Connection,
     bindparam,
     cast,
-    insert,
     null,
     select,
     union_all,
@@ -45,24 +43,20 @@ from duplex.messages import (
 from duplex.states import (
     CANCELLED,
     COMPLETE,
-    ENQUEUED,
     IN_PROGRESS,
-    PENDING,
     TASK_CANCELLED,
     WAITING_FOR_RETRY,
 )
 from duplex.storage.deadlines import ExpiredTask
 from duplex.storage.driver import BulkStatement, db_json, db_time
-from duplex.storage.events import events_of
-from duplex.storage.listen import notify_new_events
+from duplex.storage.events import EventLog, events_of, wait_events
+from duplex.storage.expansion import BatchMade, Decided, advance
 from duplex.storage.models import (
-    domain_events,
     tasks,
     unindexed,
     workflow_steps,
 )
-from duplex.storage.outbox import next_sequences
-from duplex.storage.readiness import ReadyStep, enqueue_ready_dependents
+from duplex.storage.readiness import ReadyStep
 from duplex.storage.task_state import update_task_states
 from duplex.storage.transitions import TransitionRow, insert_transitions, transition_row
 
@@ -111,12 +105,13 @@ def commit_outcomes(
     dialect = conn.dialect
     at = db_time(dialect, now)
     transitions: list[TransitionRow] = []
-    event_rows: list[tuple[Any, ...]] = []
     completed: list[str] = []
+    decisions: list[Decided] = []
+    batches: list[BatchMade] = []
     touched_tasks: set[str] = set()
     task_states, held = _lock_tasks_and_read_claims(conn, outcomes)
+    log = EventLog(conn, task_states, now=now, at=at)
     updates: list[tuple[Any, ...]] = []
-    sequences: dict[str, int] | None = None
 
     for outcome in outcomes:
         step = outcome.step
@@ -165,8 +160,16 @@ def commit_outcomes(
         if new_state == WAITING_FOR_RETRY:
             report.retrying.append(outcome)
         touched_tasks.add(step.task_uuid)
-        if new_state == COMPLETE and not task_cancelled and step.has_children:
-            completed.append(step.step_uuid)
+        if new_state == COMPLETE and not task_cancelled:
+            # A decision's or batch's result shapes the task (duplex.storage.expansion).
+            if outcome.branches is not None:
+                decisions.append(
+                    Decided(step.step_uuid, step.task_uuid, step.name, outcome.branches)
+                )
+            if outcome.items is not None:
+                batches.append(BatchMade(step.step_uuid, step.task_uuid, step.name, outcome.items))
+            if step.has_children:
+                completed.append(step.step_uuid)
         if next_at is not None and (report.next_retry_at is None or next_at < report.next_retry_at):
             report.next_retry_at = next_at
         transitions.append(
@@ -175,25 +178,7 @@ def commit_outcomes(
             )
         )
         for name, payload in events_of(outcome, new_state, next_at):
-            if sequences is None:
-                # Under the task locks taken above: numbers follow commit order (outbox.py).
-                sequences = next_sequences(conn, task_states)
-            sequences[step.task_uuid] = sequence = sequences.get(step.task_uuid, 0) + 1
-            event = DomainEvent(
-                str(uuid.uuid4()), name, step.task_uuid, step.step_uuid, payload, now, sequence
-            )
-            report.events.append(event)
-            event_rows.append(
-                (
-                    event.event_id,
-                    name,
-                    event.task_uuid,
-                    event.step_uuid,
-                    db_json(payload),
-                    at,
-                    sequence,
-                )
-            )
+            log.add(name, step.task_uuid, step.step_uuid, payload)
 
     if updates:
         rowcount = _APPLY_OUTCOME.execute(conn, updates)
@@ -203,20 +188,24 @@ def commit_outcomes(
             raise StorageError(
                 f"applied {rowcount} of {len(updates)} checked results; batch rolled back"
             )
-    if completed:
+    if completed or decisions or batches:
         report.parents_completed = len(completed)
-        report.ready = enqueue_ready_dependents(conn, completed, now=now)
-        for ready in report.ready:
-            transitions.append(
-                transition_row(
-                    ready.step_uuid, PENDING, ENQUEUED, 0, None, at, "dependencies complete"
-                )
-            )
+        progress = advance(
+            conn,
+            completed=completed,
+            decisions=decisions,
+            batches=batches,
+            now=now,
+            worker_id=None,
+        )
+        report.ready = progress.ready
+        transitions.extend(progress.transitions)
         report.enqueued = len(report.ready)
+        for wait in progress.signalled:
+            for name, payload in wait_events(wait.name, wait.result, wait.declared_events):
+                log.add(name, wait.task_uuid, wait.step_uuid, payload)
     insert_transitions(conn, transitions)
-    if event_rows:
-        _INSERT_EVENTS.execute(conn, event_rows)
-        notify_new_events(conn, report.events)
+    report.events = log.write()
     if touched_tasks:
         update_task_states(conn, touched_tasks, now=now, locked_states=task_states)
     return report
@@ -253,21 +242,6 @@ _APPLY_OUTCOME = BulkStatement(
         "b_attempt",
         "b_claimed_by",
     ),
-)
-_EVENT_COLUMNS = (
-    "event_id",
-    "name",
-    "task_uuid",
-    "step_uuid",
-    "payload",
-    "created_at",
-    "sequence",
-)
-_INSERT_EVENTS = BulkStatement(
-    insert(domain_events).values(
-        {name: bindparam(name, type_=domain_events.c[name].type) for name in _EVENT_COLUMNS}
-    ),
-    _EVENT_COLUMNS,
 )
 
 

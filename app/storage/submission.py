@@ -18,8 +18,10 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, bindparam, select
 
+from duplex.dynamic.kinds import item_steps, submitted_parents
+from duplex.dynamic.specs import first_wait_until, step_spec
 from duplex.messages import JSONDict
-from duplex.states import ENQUEUED, PENDING, TASK_PENDING
+from duplex.states import ENQUEUED, PENDING, TASK_PENDING, WAITING
 from duplex.storage.driver import ColumnInsert
 from duplex.storage.models import (
     tasks,
@@ -163,21 +165,36 @@ class Start(NamedTuple):
 def _step_rows(
     template: TaskTemplate, task_rows: Sequence[dict[str, Any]], start: Start
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Build the step, edge and transition rows of every new task of ``template``."""
+    """Build the step, edge and transition rows of every new task of ``template``.
+
+    A batch's item step is not written: its batch step creates it once per item, and until
+    then whatever depends on it depends on the batch step. A root wait or sleep step starts
+    ``waiting``.
+    """
     now = start.now
     delayed = start.not_before > now
     reason = f"submitted; scheduled for {start.not_before.isoformat()}" if delayed else "submitted"
     priorities = {
         step.name: template.step_priority(step, start.priority) for step in template.steps
     }
-    ordered = template.topological_order()
+    items = item_steps(template.steps)
+    ordered = [step for step in template.topological_order() if step.name not in items]
+    parents_of = {step.name: submitted_parents(step, items) for step in ordered}
+    specs = {step.name: step_spec(step, template, start.priority) for step in ordered}
     steps: list[dict[str, Any]] = []
     edges: list[dict[str, Any]] = []
     transitions: list[dict[str, Any]] = []
     for task in task_rows:
         step_ids = {step.name: str(uuid.uuid4()) for step in ordered}
         for position, step in enumerate(ordered):
-            state = PENDING if step.depends_on else ENQUEUED
+            parents = parents_of[step.name]
+            waits_until = first_wait_until(step, start.not_before)
+            if parents:
+                state, not_before = PENDING, None
+            elif waits_until is not None:
+                state, not_before = WAITING, waits_until.at
+            else:
+                state, not_before = ENQUEUED, start.not_before
             step_id = step_ids[step.name]
             steps.append(
                 {
@@ -185,7 +202,9 @@ def _step_rows(
                     "task_uuid": task["task_uuid"],
                     "namespace": template.namespace,
                     "name": step.name,
-                    "handler": step.handler,
+                    "handler": step.handler or "",
+                    "kind": step.kind,
+                    "spec": specs[step.name],
                     "position": position,
                     "state": state,
                     "attempts": 0,
@@ -195,12 +214,16 @@ def _step_rows(
                     "inputs": step.inputs,
                     "declared_events": [e.model_dump() for e in step.events],
                     "priority": priorities[step.name],
-                    "next_attempt_at": start.not_before if state == ENQUEUED else None,
+                    "next_attempt_at": not_before,
                     "retry_policy": None if step.retry is None else step.retry.stored(),
                     "created_at": now,
                     "updated_at": now,
                 }
             )
+            if state == WAITING and waits_until is not None:
+                why = waits_until.reason
+            else:
+                why = reason if state == ENQUEUED else "submitted"
             transitions.append(
                 {
                     "step_uuid": step_id,
@@ -208,12 +231,11 @@ def _step_rows(
                     "to_state": state,
                     "attempt": 0,
                     "worker_id": None,
-                    "reason": reason if state == ENQUEUED else "submitted",
+                    "reason": why,
                     "created_at": now,
                 }
             )
             edges.extend(
-                {"from_step_uuid": step_ids[parent], "to_step_uuid": step_id}
-                for parent in step.depends_on
+                {"from_step_uuid": step_ids[parent], "to_step_uuid": step_id} for parent in parents
             )
     return steps, edges, transitions
