@@ -270,7 +270,8 @@ def test_missing_fields() -> None:
     message = rejection('[[steps]]\nname = "a"\n')
 
     assert message == (
-        "x.toml: invalid template: name: Field required; steps.0: step 'a': a handler step needs a `handler`"
+        "x.toml: invalid template: name: Field required; "
+        "steps.0: step 'a': a handler step needs a `handler`"
     )
 
 
