@@ -209,7 +209,7 @@ _NOW = bindparam("now", type_=ws.c.updated_at.type)
 _SKIP_BRANCHES = (
     update(ws)
     .where(
-        ws.c.task_uuid == bindparam("task_uuid"),
+        ws.c.task_uuid == bindparam("b_task_uuid"),
         ws.c.name.in_(bindparam("names", expanding=True)),
         unindexed(ws.c.state) == PENDING,
     )
@@ -254,7 +254,7 @@ def _skip_unchosen(
     skipped = [
         r.step_uuid
         for r in conn.execute(
-            _SKIP_BRANCHES, {"task_uuid": decided.task_uuid, "names": unchosen, "now": now}
+            _SKIP_BRANCHES, {"b_task_uuid": decided.task_uuid, "names": unchosen, "now": now}
         )
     ]
     why = f"not chosen by decision {decided.name}"
