@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from duplex.clock import utcnow
-from duplex.dynamic.directives import Batch, Decision, read_return_value
+from duplex.dynamic.directives import Batch, Decision, Directive, read_return_value
 from duplex.messages import ClaimedStep, StepOutcome
 from duplex.storage.db import Database
 from duplex.storage.results import CommitReport, commit_outcomes
@@ -60,15 +60,10 @@ depends_on = ["line"]
 def directed(step: ClaimedStep, value: object) -> StepOutcome:
     """The outcome a decision or batch handler returning ``value`` produces."""
     directive = read_return_value(value, step.kind, step.spec, max_batch_items=1000)
-    assert not hasattr(directive, "error_type"), directive
+    assert isinstance(directive, Directive), directive
     now = utcnow()
     return StepOutcome(
-        step,
-        now,
-        now,
-        result=directive.result,  # type: ignore[union-attr]
-        branches=directive.branches,  # type: ignore[union-attr]
-        items=directive.items,  # type: ignore[union-attr]
+        step, now, now, result=directive.result, branches=directive.branches, items=directive.items
     )
 
 
