@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from duplex.storage.batch_view import BatchGroup
 from duplex.storage.pauses import Pause
 from duplex.storage.queries import StepSummary, TaskSummary
 from duplex.storage.workers import Liveness
@@ -80,11 +81,16 @@ def tasks_table(summaries: Sequence[TaskSummary]) -> Table:
 
 
 def task_header(task: TaskSummary) -> str:
+    extra = "".join(
+        f", {n} {what}"
+        for n, what in ((task.skipped_steps, "skipped"), (task.waiting_steps, "waiting"))
+        if n
+    )
     return (
         f"task {task.task_uuid}  {task.name} {task.version} ({task.namespace})\n"
         f"state {task.state}, execution status "
         f"{scheduled(task.execution_status, task.scheduled_for)}, "
-        f"{task.complete_steps}/{task.total_steps} steps complete"
+        f"{task.complete_steps}/{task.total_steps} steps complete{extra}"
     )
 
 
@@ -95,7 +101,16 @@ def scheduled(status: str, start: datetime | None) -> str:
     return f"scheduled for {start.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S')} UTC"
 
 
-def steps_table(steps: Sequence[StepSummary]) -> Table:
+def steps_table(
+    steps: Sequence[StepSummary],
+    groups: Sequence[BatchGroup] = (),
+    items: Mapping[str, Sequence[StepSummary]] | None = None,
+) -> Table:
+    """One row per step; a batch's items as one row after their batch step (the item step
+    times the count, the counts per state in the STATE column), followed by each item only
+    when ``items`` has them (``status --items``). A NOTE column (why a step was skipped,
+    what it waits for) appears when a step has one."""
+    noted = any(s.note for s in steps)
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("STEP", overflow="fold")
     table.add_column("STATE", no_wrap=True)
@@ -103,18 +118,34 @@ def steps_table(steps: Sequence[StepSummary]) -> Table:
     table.add_column("DURATION", no_wrap=True)
     table.add_column("ERROR", overflow="fold")
     table.add_column("DEPENDS ON", overflow="fold")
-    for s in steps:
+    if noted:
+        table.add_column("NOTE", overflow="fold")
+    by_batch = {g.batch_uuid: g for g in groups}
+
+    def add(s: StepSummary, indent: str = "") -> None:
         took = duration(s.duration_ms)
         if s.state == "in_progress" and s.duration_ms is not None:
             took += " (running)"
-        table.add_row(
-            s.name,
+        row = [
+            indent + s.name,
             s.state,
             f"{s.attempts}/{s.max_attempts}",
             took,
             s.error_type or "-",
             ", ".join(s.depends_on) or "-",
+        ]
+        table.add_row(*row, *([s.note or "-"] if noted else []))
+
+    for s in steps:
+        add(s)
+        group = by_batch.get(s.step_uuid)
+        if group is None:
+            continue
+        table.add_row(
+            group.label, group.counts_text(), *["-"] * 3, s.name, *(["-"] if noted else [])
         )
+        for item in (items or {}).get(group.batch_uuid, ()):
+            add(item, "  ")
     return table
 
 

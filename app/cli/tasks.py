@@ -14,6 +14,8 @@ from collections.abc import Callable
 from datetime import UTC
 from typing import Any
 
+from sqlalchemy import Connection
+
 from duplex.cli import console
 from duplex.cli.arguments import (
     aware_datetime,
@@ -33,6 +35,7 @@ from duplex.errors import InputError
 from duplex.intake.start import start_time
 from duplex.intake.wake import wake_local_workers
 from duplex.settings import Settings
+from duplex.storage.batch_view import batch_groups
 from duplex.storage.operations import (
     OperatorReport,
     cancel_task,
@@ -88,6 +91,12 @@ def add_commands(sub: Any) -> None:
     status = sub.add_parser("status", help="tasks, or one task's steps, with their states")
     status.add_argument("task_uuid", nargs="?", help="show this task's steps")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--items",
+        action="store_true",
+        help="with TASK_UUID: list each batch item too (by default a batch's items are one "
+        "line of counts per state)",
+    )
     status.add_argument("--limit", type=positive_int, default=50, help="tasks to list (default 50)")
     status.add_argument(
         "--watch",
@@ -167,6 +176,8 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    if args.items and not args.task_uuid:
+        raise InputError("--items lists one task's batch items: give its TASK_UUID")
     if args.watch and not args.task_uuid:
         raise InputError("--watch follows one task: give its TASK_UUID")
     with open_database(settings) as db:
@@ -174,14 +185,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             return watch(db, args.task_uuid, interval_s=args.interval, as_json=args.json)
         with db.read() as conn:
             if args.task_uuid:
-                task = get_task(conn, args.task_uuid)
-                steps = task_steps(conn, args.task_uuid)
-                if args.json:
-                    print_json({**task.as_json(), "steps": [s.as_json() for s in steps]})
-                else:
-                    out = console.make_console()
-                    out.print(console.task_header(task), highlight=False)
-                    out.print(console.steps_table(steps))
+                _one_task(conn, args.task_uuid, as_json=args.json, items=args.items)
                 return 0
             summaries = list_tasks(conn, limit=args.limit)
             # Counted only when the list may be cut short.
@@ -223,6 +227,28 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         out.print()
         out.print(console.workers_table(alive, utcnow()))
     return 0
+
+
+def _one_task(conn: Connection, task_uuid: str, *, as_json: bool, items: bool) -> None:
+    """One task's steps; its batches' items counted per state in SQL, listed only with
+    ``items`` (a batch may have 100k)."""
+    task = get_task(conn, task_uuid)
+    steps = task_steps(conn, task.task_uuid)
+    groups = batch_groups(conn, task.task_uuid)
+    listed = {g.batch_uuid: task_steps(conn, task.task_uuid, group=g) for g in groups if items}
+    if as_json:
+        batches = [
+            {
+                **g.as_json(),
+                **({"item_steps": [s.as_json() for s in listed[g.batch_uuid]]} if items else {}),
+            }
+            for g in groups
+        ]
+        print_json({**task.as_json(), "steps": [s.as_json() for s in steps], "batches": batches})
+        return
+    out = console.make_console()
+    out.print(console.task_header(task), highlight=False)
+    out.print(console.steps_table(steps, groups, listed))
 
 
 # --- duplex workers ------------------------------------------------------------------------

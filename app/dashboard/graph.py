@@ -3,8 +3,9 @@
 Columns are dependency depths (a step sits one column right of its deepest parent); within a
 column, steps are ordered by where their parents are (the barycenter), so most edges run
 straight. A column taller than ``max_rows`` wraps into sub-columns, so a fan-out of 1000
-steps stays on the screen. Above ``compact_above`` steps, nodes are small squares (their name
-is in the tooltip) and above ``max_edges`` edges are not drawn.
+steps stays on the screen (a batch's items are one node, ``pages.graph_steps``). Above
+``compact_above`` steps, nodes are small squares (their name is in the tooltip) and above
+``max_edges`` edges are not drawn.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class GraphStep:
     label: str
     state: str
     parents: tuple[str, ...]
+    # Where the node links to; None: the step's own page (a batch's group links to its items).
+    href: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,7 @@ class Node:
     y: float
     width: float
     height: float
+    href: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +118,7 @@ def layout(
             for row, step in enumerate(chunk):
                 row_of[step.key] = float(start + row)
                 y = _MARGIN + row * (height + row_gap)
-                nodes.append(Node(step.key, step.label, step.state, x, y, width, height))
+                nodes.append(Node(step.key, step.label, step.state, x, y, width, height, step.href))
             tallest = max(tallest, len(chunk))
             x += width + column_gap
     total_width = x - column_gap + _MARGIN if nodes else 2 * _MARGIN

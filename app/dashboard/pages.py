@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from duplex.states import (
     TASK_COMPLETE,
     TASK_STATES,
 )
+from duplex.storage.batch_view import BatchGroup, ItemPage, batch_groups, item_page, step_note
 from duplex.storage.dashboard_detail import (
     EventRow,
     StepRow,
@@ -129,18 +130,35 @@ class TaskView:
     events_total: int
     state_counts: dict[str, int]
     cancellable: bool
+    # A batch step's items, counted per state (keyed by the batch step's uuid).
+    groups: dict[str, BatchGroup] = field(default_factory=dict)
+    # Why a skipped step did not run, what a waiting step waits for (keyed by step uuid).
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def task_view(conn: Connection, task_uuid: str, *, now: datetime) -> TaskView:
     task = task_detail(conn, task_uuid)
     steps = steps_of_task(conn, task.task_uuid, data=False)
-    graph = layout([GraphStep(s.step_uuid, s.name, s.state, tuple(s.parents)) for s in steps])
-    by_step = attempts(transitions_of_task(conn, task.task_uuid))
+    groups = batch_groups(conn, task.task_uuid)
+    graph = layout(graph_steps(steps, groups))
+    # Batch items have no lane: their attempts are on their own pages.
+    transitions = transitions_of_task(conn, task.task_uuid)
+    by_step = attempts(transitions)
     lanes = timeline([(s.step_uuid, s.name) for s in steps], by_step, now=now)
     events, total = events_of_task(conn, task.task_uuid, limit=TASK_PAGE_EVENTS)
+    last_reason = {t.step_uuid: t.reason for t in transitions}
+    notes = {}
     counts: dict[str, int] = {}
     for step in steps:
         counts[step.state] = counts.get(step.state, 0) + 1
+        note = step_note(
+            step.state, step.kind, step.spec, step.next_attempt_at, last_reason.get(step.step_uuid)
+        )
+        if note:
+            notes[step.step_uuid] = note
+    for group in groups:
+        for state, n in group.counts.items():
+            counts[state] = counts.get(state, 0) + n
     return TaskView(
         task,
         steps,
@@ -150,7 +168,54 @@ def task_view(conn: Connection, task_uuid: str, *, now: datetime) -> TaskView:
         total,
         counts,
         cancellable=task.state not in (TASK_CANCELLED, TASK_COMPLETE),
+        groups={g.batch_uuid: g for g in groups},
+        notes=notes,
     )
+
+
+def items_href(group: BatchGroup, start: int = 0) -> str:
+    return f"/steps/{group.batch_uuid}/items" + (f"?from={start}" if start else "")
+
+
+def graph_steps(steps: list[StepRow], groups: list[BatchGroup]) -> list[GraphStep]:
+    """The graph's nodes: each step, and one node per batch for all its items (between the
+    batch step and its convergence), however many items there are."""
+    nodes = [GraphStep(s.step_uuid, s.name, s.state, tuple(s.parents)) for s in steps]
+    by_name = {s.name: i for i, s in enumerate(steps)}
+    for group in groups:
+        key = f"items-{group.batch_uuid}"
+        nodes.append(
+            GraphStep(key, group.label, group.state, (group.batch_uuid,), items_href(group))
+        )
+        for name in group.convergence:
+            i = by_name.get(name)
+            if i is not None:
+                node = nodes[i]
+                parents = tuple(p for p in node.parents if p != group.batch_uuid)
+                nodes[i] = replace(node, parents=(*parents, key))
+    return nodes
+
+
+@dataclass(frozen=True)
+class ItemsView:
+    task: TaskDetail
+    batch: StepRow
+    page: ItemPage
+
+
+def items_view(conn: Connection, batch_uuid: str, params: Mapping[str, str]) -> ItemsView:
+    """One page of a batch step's items (``?from=N``: from item N on)."""
+    raw = params.get("from", "0").strip() or "0"
+    if not raw.isdigit():
+        raise InputError(f"from: not an item number: {raw!r}")
+    batch = step_detail(conn, batch_uuid)
+    task = task_detail(conn, batch.task_uuid)
+    group = next(
+        (g for g in batch_groups(conn, task.task_uuid) if g.batch_uuid == batch.step_uuid), None
+    )
+    if group is None:
+        raise InputError(f"step {batch.name} is not a batch step: it has no items")
+    return ItemsView(task, batch, item_page(conn, task.task_uuid, group, start=int(raw)))
 
 
 # ------------------------------------------------------------------------------------------

@@ -86,12 +86,14 @@ class Dashboard:
             urlencode=urllib.parse.urlencode,
             cursor_text=pages.cursor_text,
             filter_params=pages.filter_params,
+            items_href=pages.items_href,
         )
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = [
             ("GET", re.compile(r"^/$"), self._home),
             ("GET", re.compile(r"^/tasks$"), self._tasks),
             ("GET", re.compile(rf"^/tasks/{_UUID}$"), self._task),
             ("GET", re.compile(rf"^/steps/{_UUID}$"), self._step),
+            ("GET", re.compile(rf"^/steps/{_UUID}/items$"), self._items),
             ("GET", re.compile(r"^/workers$"), self._workers),
             ("GET", re.compile(r"^/schedules$"), self._schedules),
             ("GET", re.compile(r"^/login$"), self._login_form),
@@ -211,6 +213,12 @@ class Dashboard:
             view=view,
             now=utcnow(),
         )
+
+    def _items(self, request: Request, args: dict[str, str]) -> Response:
+        with self.db.read() as conn:
+            view = pages.items_view(conn, args["uuid"], request.params)
+        title = f"Items of {view.batch.name}"
+        return self._page(request, "items.html", title=title, nav="tasks", view=view)
 
     def _workers(self, request: Request, args: dict[str, str]) -> Response:
         now = utcnow()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, null, select
+from sqlalchemy import Connection, bindparam, func, null, select
 
 from duplex.errors import InputError
 from duplex.storage.dashboard_list import step_summaries
@@ -61,6 +61,9 @@ class StepRow:
     created_at: datetime
     completed_at: datetime | None
     priority: int  # docs/time.md, Priority
+    kind: str = "handler"  # docs/workflows.md: decision, batch, wait, sleep
+    spec: Any = None
+    item_index: int | None = None  # a batch item's place in its batch
     parents: list[str] = field(default_factory=list)
 
 
@@ -115,6 +118,9 @@ _STEP_COLUMNS = (
     ws.c.created_at,
     ws.c.completed_at,
     ws.c.priority,
+    ws.c.kind,
+    ws.c.spec,
+    ws.c.item_index,
 )
 
 
@@ -125,21 +131,40 @@ _WITHOUT_DATA = tuple(
 
 
 def steps_of_task(conn: Connection, task_uuid: str, *, data: bool = True) -> list[StepRow]:
-    """A task's steps in template order, each with its parents' step uuids.
+    """A task's steps in template order, each with its parents' step uuids; batch items are
+    left out (``batch_view`` counts them and pages them), and so are the edges from and to
+    them: a convergence's 100k item parents are drawn as one group.
 
     ``data=False`` leaves out inputs and results (``None``): a page of a 1000-step task shows
     neither, and they are the bulk of the rows.
     """
     parents: dict[str, list[str]] = {}
-    edges = select(workflow_step_edges.c.from_step_uuid, workflow_step_edges.c.to_step_uuid).join(
-        ws, ws.c.step_uuid == workflow_step_edges.c.to_step_uuid
-    )
-    for parent, child in conn.execute(edges.where(ws.c.task_uuid == task_uuid)):
+    for parent, child in conn.execute(_EDGES_BETWEEN_STEPS, {"task_uuid": task_uuid}):
         parents.setdefault(child, []).append(parent)
     columns = _STEP_COLUMNS if data else _WITHOUT_DATA
-    rows = conn.execute(select(*columns).where(ws.c.task_uuid == task_uuid).order_by(ws.c.position))
+    rows = conn.execute(
+        select(*columns)
+        .where(ws.c.task_uuid == task_uuid, ws.c.item_index.is_(None))
+        .order_by(ws.c.position)
+    )
     # Positional: the columns are in the dataclass's field order (``_asdict`` costs a dict).
     return [StepRow(*[*row, parents.get(row[0], [])]) for row in rows]
+
+
+_parent = ws.alias("parent")
+_child = ws.alias("child")
+_edges = workflow_step_edges.c
+# The edges between a task's steps that are not batch items.
+_EDGES_BETWEEN_STEPS = (
+    select(_edges.from_step_uuid, _edges.to_step_uuid)
+    .join(_child, _child.c.step_uuid == _edges.to_step_uuid)
+    .join(_parent, _parent.c.step_uuid == _edges.from_step_uuid)
+    .where(
+        _child.c.task_uuid == bindparam("task_uuid"),
+        _child.c.item_index.is_(None),
+        _parent.c.item_index.is_(None),
+    )
+)
 
 
 def step_detail(conn: Connection, step_uuid: str) -> StepRow:
@@ -148,10 +173,11 @@ def step_detail(conn: Connection, step_uuid: str) -> StepRow:
     row = conn.execute(select(*_STEP_COLUMNS).where(ws.c.step_uuid == step_id)).first()
     if row is None:
         raise InputError(f"unknown step: {step_id}")
+    # A convergence's items are not listed one by one (its page links to their batch).
     parents = conn.execute(
-        select(workflow_step_edges.c.from_step_uuid).where(
-            workflow_step_edges.c.to_step_uuid == step_id
-        )
+        select(_edges.from_step_uuid)
+        .join(_parent, _parent.c.step_uuid == _edges.from_step_uuid)
+        .where(_edges.to_step_uuid == step_id, _parent.c.item_index.is_(None))
     )
     return StepRow(**row._asdict(), parents=[p for (p,) in parents])
 

@@ -19,11 +19,10 @@ from sqlalchemy import Connection, Select, and_, case, func, or_, select
 
 from duplex.clock import utcnow
 from duplex.states import (
-    COMPLETE,
+    DONE,
     ENQUEUED,
     ERROR,
     IN_PROGRESS,
-    RESOLVED_MANUALLY,
     TASK_CANCELLED,
     TASK_COMPLETE,
     TASK_STATES,
@@ -84,6 +83,8 @@ class TaskRow:
     complete_steps: int
     error_steps: int
     in_progress_steps: int
+    # Complete, resolved or skipped: the task list's progress (a skipped step is done).
+    done_steps: int = 0
     # Execution status ``scheduled``: when its first steps may start (docs/time.md).
     scheduled_for: datetime | None = None
 
@@ -143,7 +144,7 @@ def _open_task_statuses(flt: TaskFilter) -> Select[Any]:
         and_(s.state == ENQUEUED, or_(s.next_attempt_at.is_(None), s.next_attempt_at <= now)),
         and_(s.state == WAITING_FOR_RETRY, s.next_attempt_at <= now),
     )
-    done = func.sum(case((s.state.in_([COMPLETE, RESOLVED_MANUALLY]), 1), else_=0))
+    done = func.sum(case((s.state.in_(DONE), 1), else_=0))
     status = case(
         (some(s.state == ERROR), "blocked_by_failures"),
         (some(ready), "has_ready_steps"),
@@ -225,7 +226,8 @@ def step_summaries(conn: Connection, task_uuids: Sequence[str]) -> dict[str, dic
     """The execution status and step counts of these tasks, from one grouped query.
 
     Keyed by task uuid; each value has ``execution_status``, ``total_steps``,
-    ``complete_steps``, ``error_steps``, ``in_progress_steps`` and ``scheduled_for``.
+    ``complete_steps``, ``error_steps``, ``in_progress_steps``, ``done_steps`` (complete,
+    resolved or skipped) and ``scheduled_for``.
     """
     if not task_uuids:
         return {}
@@ -237,6 +239,8 @@ def step_summaries(conn: Connection, task_uuids: Sequence[str]) -> dict[str, dic
         v.complete_steps,
         v.error_steps,
         v.in_progress_steps,
+        v.resolved_steps,
+        v.skipped_steps,
     ).where(v.task_uuid.in_(list(task_uuids)))
     summaries = {
         row.task_uuid: {
@@ -245,6 +249,7 @@ def step_summaries(conn: Connection, task_uuids: Sequence[str]) -> dict[str, dic
             "complete_steps": int(row.complete_steps),
             "error_steps": int(row.error_steps),
             "in_progress_steps": int(row.in_progress_steps),
+            "done_steps": int(row.complete_steps + row.resolved_steps + row.skipped_steps),
             "scheduled_for": None,
         }
         for row in conn.execute(query)

@@ -17,7 +17,8 @@ from sqlalchemy import Connection, column, func, select, table
 from duplex.attempts import attempts
 from duplex.clock import utcnow
 from duplex.errors import InputError
-from duplex.states import ENQUEUED, WAITING_FOR_RETRY
+from duplex.states import ENQUEUED, SKIPPED, WAITING, WAITING_FOR_RETRY
+from duplex.storage.batch_view import BatchGroup, skipped_by, step_note
 from duplex.storage.claim_order import due_levels
 from duplex.storage.models import (
     tasks,
@@ -38,6 +39,8 @@ execution_status = table(
     column("resolved_steps"),
     column("error_steps"),
     column("cancelled_steps"),
+    column("skipped_steps"),
+    column("waiting_steps"),
     column("execution_status"),
 )
 
@@ -57,6 +60,9 @@ class TaskSummary:
     error_steps: int
     created_at: datetime
     completed_at: datetime | None
+    # Steps a decision skipped count as done; waiting steps wait for a signal or a time.
+    skipped_steps: int = 0
+    waiting_steps: int = 0
     # Execution status ``scheduled``: when its first steps may start (a delayed start).
     scheduled_for: datetime | None = None
 
@@ -84,6 +90,13 @@ class StepSummary:
     priority: int = 0
     # An enqueued step whose start is delayed: not claimed before this time.
     scheduled_for: datetime | None = None
+    kind: str = "handler"
+    # Why a skipped step did not run, or what a waiting step waits for (``batch_view``).
+    note: str | None = None
+    # The decision that skipped this step (parsed from its transition's reason).
+    skipped_by: str | None = None
+    # A batch item's place in its batch; None for every other step.
+    item_index: int | None = None
 
     def as_json(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -114,6 +127,8 @@ _TASK_SUMMARY = select(
     execution_status.c.total_steps,
     execution_status.c.complete_steps,
     execution_status.c.error_steps,
+    execution_status.c.skipped_steps,
+    execution_status.c.waiting_steps,
 ).join(execution_status, execution_status.c.task_uuid == tasks.c.task_uuid)
 
 
@@ -162,9 +177,14 @@ def get_task(conn: Connection, task_uuid: str) -> TaskSummary:
 
 
 def task_steps(
-    conn: Connection, task_uuid: str, *, now: datetime | None = None
+    conn: Connection,
+    task_uuid: str,
+    *,
+    now: datetime | None = None,
+    group: BatchGroup | None = None,
 ) -> list[StepSummary]:
-    """Return a task's steps in dependency order (parents before children).
+    """Return a task's steps in dependency order (parents before children), batch items left
+    out (``batch_view.batch_groups`` counts them); with ``group``, that batch's items instead.
 
     ``duration_ms`` is the last attempt's, from the transition rows as the dashboard reads them
     (``duplex.attempts``): from its claim to its outcome's commit, or until ``now`` while it runs.
@@ -174,20 +194,38 @@ def task_steps(
     now = now or utcnow()
     ws = workflow_steps
     parent = ws.alias("parent")
+    child = ws.alias("child")
+    items = group is not None
     parents: dict[str, list[str]] = {}
-    for child, name in conn.execute(
+    # Only the edges between the steps listed: a convergence's 100k item parents are one
+    # group, not 100k names.
+    for child_uuid, name in conn.execute(
         select(workflow_step_edges.c.to_step_uuid, parent.c.name)
         .join(parent, parent.c.step_uuid == workflow_step_edges.c.from_step_uuid)
-        .where(parent.c.task_uuid == task_uuid)
+        .join(child, child.c.step_uuid == workflow_step_edges.c.to_step_uuid)
+        .where(
+            parent.c.task_uuid == task_uuid,
+            parent.c.item_index.is_(None),
+            child.c.item_index.is_not(None) if items else child.c.item_index.is_(None),
+        )
         .order_by(parent.c.position)
     ):
-        parents.setdefault(child, []).append(name)
-    tried = attempts(transitions_of_task(conn, task_uuid))
-    rows = conn.execute(select(ws).where(ws.c.task_uuid == task_uuid).order_by(ws.c.position))
+        parents.setdefault(child_uuid, []).append(name)
+    transitions = transitions_of_task(conn, task_uuid, group=group)
+    tried = attempts(transitions)
+    last_reason = {t.step_uuid: t.reason for t in transitions}
+    query = select(ws).where(ws.c.task_uuid == task_uuid)
+    if group is None:
+        query = query.where(ws.c.item_index.is_(None)).order_by(ws.c.position)
+    else:
+        query = query.where(ws.c.item_index.is_not(None), ws.c.position == group.position).order_by(
+            ws.c.item_index
+        )
     steps = []
-    for row in rows:
+    for row in conn.execute(query):
         error = row.error or {}
         last = tried.get(row.step_uuid)
+        reason = last_reason.get(row.step_uuid)
         steps.append(
             StepSummary(
                 step_uuid=row.step_uuid,
@@ -200,13 +238,19 @@ def task_steps(
                 error_type=error.get("error_type"),
                 error_message=error.get("message"),
                 duration_ms=last[-1].duration_ms(now) if last else None,
-                next_attempt_at=row.next_attempt_at if row.state == WAITING_FOR_RETRY else None,
+                next_attempt_at=row.next_attempt_at
+                if row.state in (WAITING_FOR_RETRY, WAITING)
+                else None,
                 claimed_by=row.claimed_by,
                 results=row.results,
                 priority=row.priority,
                 scheduled_for=row.next_attempt_at
                 if row.state == ENQUEUED and row.next_attempt_at and row.next_attempt_at > now
                 else None,
+                kind=row.kind,
+                note=step_note(row.state, row.kind, row.spec, row.next_attempt_at, reason),
+                skipped_by=skipped_by(reason) if row.state == SKIPPED else None,
+                item_index=row.item_index,
             )
         )
     return steps
@@ -234,11 +278,19 @@ TRANSITIONS = select(
 ).order_by(workflow_step_transitions.c.id)
 
 
-def transitions_of_task(conn: Connection, task_uuid: str) -> list[TransitionRow]:
-    """Every transition row of a task's steps, in the order they were written."""
-    query = TRANSITIONS.join(
-        workflow_steps, workflow_steps.c.step_uuid == workflow_step_transitions.c.step_uuid
-    ).where(workflow_steps.c.task_uuid == task_uuid)
+def transitions_of_task(
+    conn: Connection, task_uuid: str, *, group: BatchGroup | None = None
+) -> list[TransitionRow]:
+    """The transition rows of a task's steps, batch items left out (or, with ``group``, of
+    that batch's items only), in the order they were written."""
+    ws = workflow_steps
+    query = TRANSITIONS.join(ws, ws.c.step_uuid == workflow_step_transitions.c.step_uuid).where(
+        ws.c.task_uuid == task_uuid
+    )
+    if group is None:
+        query = query.where(ws.c.item_index.is_(None))
+    else:
+        query = query.where(ws.c.item_index.is_not(None), ws.c.position == group.position)
     return [TransitionRow(*row) for row in conn.execute(query)]
 
 

@@ -33,7 +33,9 @@ def test_a_heart_beating_worker_whose_process_is_gone_is_not_listed_as_alive(
     settings = make_settings(f"sqlite:///{tmp_path / 'd.db'}")
 
     def status(*, as_json: bool) -> str:
-        args = argparse.Namespace(task_uuid=None, json=as_json, limit=50, watch=False, interval=1.0)
+        args = argparse.Namespace(
+            task_uuid=None, json=as_json, limit=50, watch=False, interval=1.0, items=False
+        )
         assert cmd_status(args, settings) == 0
         return capsys.readouterr().out
 
@@ -65,7 +67,9 @@ def test_an_alive_worker_is_listed_however_many_workers_beat_after_it(
     db.dispose()
     settings = make_settings(f"sqlite:///{tmp_path / 'd.db'}")
 
-    args = argparse.Namespace(task_uuid=None, json=True, limit=50, watch=False, interval=1.0)
+    args = argparse.Namespace(
+        task_uuid=None, json=True, limit=50, watch=False, interval=1.0, items=False
+    )
     assert cmd_status(args, settings) == 0
     listing = json.loads(capsys.readouterr().out)
     assert [w["worker_id"] for w in listing["workers"]] == ["w-alive"]
