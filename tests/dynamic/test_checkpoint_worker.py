@@ -21,9 +21,10 @@ WAIT_S = 30.0
 
 def test_a_timed_out_attempts_late_checkpoint_is_rejected(sqlite_db: Database) -> None:
     saved, gate, late_done = threading.Event(), threading.Event(), threading.Event()
-    timeout_committed = threading.Event()
+    timeout_committed, other_failure = threading.Event(), threading.Event()
     rejected: list[str] = []
     resumed_from: list[Any] = []
+    failures: list[str] = []
 
     def steady(ctx: StepContext) -> dict[str, Any]:
         if ctx.attempt > 1:
@@ -43,8 +44,13 @@ def test_a_timed_out_attempts_late_checkpoint_is_rejected(sqlite_db: Database) -
 
     def observer(report: CommitReport) -> None:
         for outcome in report.applied:
-            if outcome.failure is not None and outcome.failure.error_type == "handler_timeout":
+            if outcome.failure is None:
+                continue
+            if outcome.failure.error_type == "handler_timeout":
                 timeout_committed.set()
+            else:  # e.g. the handler found no store: fail now, not at a wait's timeout
+                failures.append(outcome.failure.message)
+                other_failure.set()
 
     registry = HandlerRegistry()
     registry.register("t.steady", steady)
@@ -56,7 +62,8 @@ def test_a_timed_out_attempts_late_checkpoint_is_rejected(sqlite_db: Database) -
                 sqlite_db, [{"name": "steady", "handler": "t.steady", "max_attempts": 2}], "ckpt"
             )
             worker.nudge()
-            assert saved.wait(WAIT_S)
+            assert wait_until(lambda: saved.is_set() or other_failure.is_set(), WAIT_S)
+            assert failures == []
             # The retry must not start before the late checkpoint was tried: held by a pause
             # of the template until then (claims leave paused work out).
             with sqlite_db.write() as conn:

@@ -53,7 +53,14 @@ def test_a_worker_lost_retry_resumes_from_the_last_accepted_checkpoint(
         task = create_task(conn, parse_template(TEMPLATE), {}, now=utcnow())
 
     saved = markers / "saved"
-    wait_for(saved.exists, "the first attempt to save its checkpoints")
+
+    def checkpointed() -> bool:
+        # A handler that cannot checkpoint fails its attempt: say so now, not at the timeout.
+        errors = cluster.sql("SELECT error FROM workflow_steps WHERE error IS NOT NULL")
+        assert errors == [], errors
+        return saved.exists()
+
+    wait_for(checkpointed, "the first attempt to save its checkpoints")
     step_uuid, attempt, pid = saved.read_text().split()
     assert (int(attempt), int(pid)) == (1, first.pid)
     ((checkpoint, state, claimed_by),) = cluster.sql(
