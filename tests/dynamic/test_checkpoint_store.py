@@ -5,8 +5,11 @@ an operator's ``duplex retry``) hands the last accepted one to the handler."""
 from __future__ import annotations
 
 import random
+import threading
 from datetime import timedelta
 from typing import Any
+
+from sqlalchemy import text
 
 from duplex.clock import utcnow
 from duplex.errors import HANDLER_TIMEOUT, WORKER_LOST
@@ -16,6 +19,7 @@ from duplex.storage.operations import cancel_task, retry_step
 from duplex.storage.recovery import recover_lost_claims
 from duplex.storage.results import commit_outcomes
 from duplex.storage.step_store import DatabaseStepStore
+from tests.conftest import wait_until
 from tests.storage.support import POLICY, Flow, add_worker
 
 # One step, retried at once (POLICY: no backoff).
@@ -143,3 +147,43 @@ def test_a_checkpoint_of_a_step_that_does_not_exist_is_rejected(db: Database) ->
     assert not store.save_checkpoint(other, {"done": 1})
     assert stored(flow) is None
     assert first.checkpoint_state is None
+
+
+def test_a_checkpoint_waiting_for_the_commit_of_its_timeout_is_rejected(
+    postgres_db: Database,
+) -> None:
+    """READ COMMITTED: the checkpoint's UPDATE finds the step row locked by the commit that
+    settles its attempt, waits, and checks its guard again on the row that commit left."""
+    db = postgres_db
+    store = DatabaseStepStore(db)
+    flow = Flow(db, ONE)
+    (first,) = flow.claim("a")
+    assert store.save_checkpoint(first, {"done": 1})
+    answers: list[bool] = []
+    now = utcnow()
+    timeout = StepOutcome(first, now, now, failure=StepFailure(HANDLER_TIMEOUT, "late", True))
+
+    with db.write() as conn:
+        commit_outcomes(conn, [timeout], policy=POLICY, now=now, rng=random.Random(0))
+        # The commit holds the step row until it ends: the checkpoint must wait for it.
+        saver = threading.Thread(
+            target=lambda: answers.append(store.save_checkpoint(first, {"done": 2}))
+        )
+        saver.start()
+        with db.read() as probe:
+            assert wait_until(lambda: _waiting_on_a_lock(probe) == 1)
+    saver.join(10)
+
+    assert answers == [False]
+    assert stored(flow) == {"done": 1}
+
+
+def _waiting_on_a_lock(conn: Any) -> int:
+    return int(
+        conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE 'UPDATE workflow_steps SET checkpoint%'"
+            )
+        ).scalar_one()
+    )
