@@ -21,7 +21,7 @@ from duplex.dispatch.attempt import deadline_failure, timeout_failure
 from duplex.dispatch.credits import SlotCredits
 from duplex.dispatch.pool import HandlerPool, Running
 from duplex.errors import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT
-from duplex.handlers import HandlerRegistry
+from duplex.handlers import HandlerRegistry, StepStore
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
@@ -48,6 +48,8 @@ class Dispatcher(SupervisedActor):
         pool: HandlerPool,
         default_timeout_s: float,
         max_result_bytes: int,
+        max_batch_items: int = 100_000,
+        store: StepStore | None = None,
         clock: Callable[[], datetime] = utcnow,
         prefetch: int = 0,
         supervisor: Supervisor | None = None,
@@ -63,6 +65,9 @@ class Dispatcher(SupervisedActor):
         self._pool = pool
         self._default_timeout_s = default_timeout_s
         self._max_result_bytes = max_result_bytes
+        # Handed to every HandlerWorker it starts, replacements included.
+        self._max_batch_items = max_batch_items
+        self._store = store
         self._clock = clock
         self._workers: dict[int, HandlerWorkerProxy] = {}
         self._deadlines: dict[int, TimerHandle] = {}
@@ -296,6 +301,8 @@ class Dispatcher(SupervisedActor):
             self._completion,
             self._registry,
             max_result_bytes=self._max_result_bytes,
+            max_batch_items=self._max_batch_items,
+            store=self._store,
             supervisor=self.supervisor,
             tracer=self._tracer,
         )

@@ -14,7 +14,7 @@ from duplex.actors.supervised import tell
 from duplex.clock import utcnow
 from duplex.dispatch.attempt import run_attempt, storable_text
 from duplex.errors import HANDLER_ABORTED
-from duplex.handlers import Cancellation, HandlerRegistry
+from duplex.handlers import Cancellation, HandlerRegistry, StepStore
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
@@ -38,10 +38,16 @@ class HandlerWorker(pykka.ThreadingActor):
         registry: HandlerRegistry,
         *,
         max_result_bytes: int,
+        max_batch_items: int = 100_000,
+        store: StepStore | None = None,
         supervisor: Supervisor | None = None,
         tracer: StepTracer | None = None,
     ) -> None:
         super().__init__()
+        # Where ``ctx.checkpoint`` saves and ``ctx.batch_results`` reads (one for the worker:
+        # it holds no state of its own, only the database).
+        self._store = store
+        self._max_batch_items = max_batch_items
         self._tracer = tracer
         self._supervisor = supervisor or Supervisor()
         self._worker_id = worker_id
@@ -77,6 +83,8 @@ class HandlerWorker(pykka.ThreadingActor):
                 timeout_s=timeout_s,
                 cancellation=cancellation,
                 max_result_bytes=self._max_result_bytes,
+                max_batch_items=self._max_batch_items,
+                store=self._store,
             )
         except BaseException as exc:
             # run_attempt turns every handler failure into a result; this is Duplex failing to

@@ -60,6 +60,9 @@ class WorkerSettings(_Section):
     handler_timeout_ms: int = Field(default=30_000, gt=0, le=604_800_000)
     shutdown_timeout_ms: int = Field(default=10_000, ge=0, le=86_400_000)
     max_result_bytes: int = Field(default=1_000_000, gt=0)
+    # The most items a batch step's handler may return (``Batch``): each becomes a step row,
+    # all created in the one transaction that commits the batch step.
+    max_batch_items: int = Field(default=100_000, gt=0)
     commit_batch_size: int = Field(default=500, ge=1)
     commit_linger_ms: float = Field(default=5.0, ge=0, le=1000)
     # A commit that makes dependents ready claims some for this worker in the same transaction

@@ -41,6 +41,7 @@ from duplex.observability.metrics import WorkerMetrics
 from duplex.observability.tracing import StepTracer
 from duplex.settings import Settings
 from duplex.storage.db import Database
+from duplex.storage.step_store import DatabaseStepStore
 from duplex.subscriptions import SubscriberRegistry
 from duplex.worker.listening import intake_signals
 from duplex.worker.supervision import Supervisor
@@ -133,6 +134,10 @@ def start_actors(
         pool=pool,
         default_timeout_s=cfg.handler_timeout_ms / 1000,
         max_result_bytes=cfg.max_result_bytes,
+        max_batch_items=cfg.max_batch_items,
+        # Handlers save checkpoints and read batch results on their own threads, each in a
+        # short transaction of its own, beside the commit path.
+        store=DatabaseStepStore(db),
         prefetch=cfg.prefetch,
         supervisor=supervisor,
         tracer=parts.tracer,
