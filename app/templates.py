@@ -18,10 +18,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
-    field_serializer,
     field_validator,
     model_validator,
 )
@@ -54,6 +55,13 @@ __all__ = [
 # `retryable = 1` is more likely a mistake than an intent worth coercing.
 _NonEmptyStr = Annotated[str, Field(strict=True, min_length=1)]
 _StepName = Annotated[str, Field(strict=True, min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+# A duration is read only as text with a unit (``15m``; a bare number has none) and written
+# back the same way, so that a stored template (a schedule's) reads back.
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(lambda v: v if isinstance(v, timedelta) else parse_duration(v)),
+    PlainSerializer(format_duration, return_type=str),
+]
 # Higher is claimed first (docs/time.md, Priority). Bounded, so that the aging bound is too.
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
 Priority = Annotated[int, Field(strict=True, ge=PRIORITY_MIN, le=PRIORITY_MAX)]
@@ -107,7 +115,7 @@ class StepTemplate(BaseModel):
     # The signal a wait step waits for (``duplex signal TASK NAME``).
     signal: _StepName | None = None
     # How long a sleep step sleeps (``500ms``, ``2s``, ``15m``, ``1h``, ``1d``).
-    duration: timedelta | None = None
+    duration: Duration | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
     events: tuple[EventDeclaration, ...] = ()
     # None: the task's priority (the template's top-level ``priority``, or the submission's).
@@ -122,17 +130,6 @@ class StepTemplate(BaseModel):
         if problem is not None:
             raise ValueError(problem)
         return inputs
-
-    @field_validator("duration", mode="before")
-    @classmethod
-    def _duration_string(cls, value: Any) -> Any:
-        if value is None or isinstance(value, timedelta):
-            return value
-        return parse_duration(value)
-
-    @field_serializer("duration")
-    def _duration_text(self, value: timedelta | None) -> str | None:
-        return None if value is None else format_duration(value)
 
     @model_validator(mode="after")
     def _kind_keys_fit(self) -> StepTemplate:
@@ -171,7 +168,7 @@ class TaskTemplate(BaseModel):
     # How long a task may take from its start (``500ms``, ``2s``, ``15m``, ``1h``,
     # ``1d``): then its waiting steps are cancelled and its running attempts told to stop
     # (docs/time.md, Task deadline).
-    max_duration: timedelta | None = None
+    max_duration: Duration | None = None
     steps: tuple[StepTemplate, ...]
     # ``[[schedules]]``: fired from this template, synced when a worker starts (docs/time.md).
     schedules: tuple[ScheduleDeclaration, ...] = ()
@@ -186,19 +183,6 @@ class TaskTemplate(BaseModel):
         if twice:
             raise ValueError(f"schedule name(s) declared twice: {', '.join(twice)}")
         return schedules
-
-    @field_validator("max_duration", mode="before")
-    @classmethod
-    def _duration_string(cls, value: Any) -> Any:
-        """Read ``max_duration`` only as a duration string: a bare number has no unit."""
-        if value is None or isinstance(value, timedelta):
-            return value
-        return parse_duration(value)
-
-    @field_serializer("max_duration")
-    def _duration_text(self, value: timedelta | None) -> str | None:
-        """Written as it is read (``15m``), so a stored template (a schedule's) reads back."""
-        return None if value is None else format_duration(value)
 
     @field_validator("steps")
     @classmethod

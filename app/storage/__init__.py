@@ -4,7 +4,9 @@ The worker's path:
 
 * ``claims``            claiming ready steps, handing back claims that never started
 * ``results``           applying attempt outcomes under the guard (one transaction per batch)
-* ``readiness``         enqueueing children whose parents are all done
+* ``readiness``         enqueueing children whose parents are all done; parents' results
+* ``expansion``         moving a task forward: batch items, skipped branches, waits started
+* ``step_store``        what a running handler writes and reads: checkpoints, batch results
 * ``task_state``        locking task rows, deriving task states from their steps
 * ``events``            the domain events an applied outcome produces (outbox rows)
 * ``transitions``       one ``workflow_step_transitions`` row per state change
@@ -27,6 +29,7 @@ Operators and readers:
                         ``duplex status`` and the dashboard), the ready queue's figures
 * ``dashboard_list``    the dashboard's task list: filters, pages, status counts
 * ``dashboard_detail``  the dashboard's page of one task or step
+* ``batch_view``        a batch's items as a group: counts per state, one page of items
 
 Underneath: ``db`` (engines and transactions), ``driver`` (many-row statements at the
 driver), ``models`` (the tables), ``schema`` (is the database at head?) and ``migrate``

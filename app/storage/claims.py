@@ -42,7 +42,6 @@ from duplex.states import (
     CLAIMABLE,
     ENQUEUED,
     IN_PROGRESS,
-    SKIPPED,
     TASK_CANCELLED,
     TASK_PENDING,
     WAITING_FOR_RETRY,
@@ -53,11 +52,10 @@ from duplex.storage.events import declared_events
 from duplex.storage.models import (
     tasks,
     unindexed,
-    workflow_step_edges,
     workflow_steps,
 )
 from duplex.storage.pauses import NOT_PAUSED
-from duplex.storage.readiness import ReadyStep
+from duplex.storage.readiness import ReadyStep, parent_results
 from duplex.storage.task_state import lock_tasks, mark_tasks_started
 from duplex.storage.transitions import insert_transitions, transition_row
 
@@ -169,7 +167,7 @@ def claim_steps(
     if pending:
         mark_tasks_started(conn, pending, now)
     with_parents = [row.step_uuid for row in claimed if row.has_parents]
-    parents, skipped = _dependency_results(conn, with_parents) if with_parents else ({}, {})
+    parents, skipped = parent_results(conn, with_parents) if with_parents else ({}, {})
     return [
         claimed_step(
             row,
@@ -288,32 +286,6 @@ _CLAIM = (
         _RETURN_HAS_CHILDREN,
     )
 )
-_parent = ws.alias("parent")
-# A batch's items are not read here: a convergence reads them page by page
-# (``ctx.batch_results``), however many there are.
-_PARENT_RESULTS = (
-    select(workflow_step_edges.c.to_step_uuid, _parent.c.name, _parent.c.state, _parent.c.results)
-    .join(_parent, _parent.c.step_uuid == workflow_step_edges.c.from_step_uuid)
-    .where(
-        workflow_step_edges.c.to_step_uuid.in_(bindparam("ids", expanding=True)),
-        _parent.c.item_index.is_(None),
-    )
-)
-
-
-def _dependency_results(
-    conn: Connection, step_uuids: list[str]
-) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
-    """Each step's parents' results by name, and the names of its skipped parents."""
-    rows = conn.execute(_PARENT_RESULTS, {"ids": step_uuids})
-    results: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, list[str]] = {}
-    for child, name, state, value in rows:
-        if state == SKIPPED:
-            skipped.setdefault(child, []).append(name)
-        else:
-            results.setdefault(child, {})[name] = value or {}
-    return results, skipped
 
 
 def release_claims(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, bindparam, exists, not_, select, update
 
@@ -17,6 +17,7 @@ from duplex.states import (
     DONE,
     ENQUEUED,
     PENDING,
+    SKIPPED,
 )
 from duplex.storage.models import (
     unindexed,
@@ -74,3 +75,32 @@ def enqueue_ready_dependents(
     return them in step-uuid order."""
     rows = conn.execute(_ENQUEUE_READY, {"parents": list(parents), "now": now})
     return sorted(ReadyStep(row.step_uuid, row.namespace, row.priority, row.kind) for row in rows)
+
+
+# What a claimed step gets from its parents (``ctx.dependency_results``).
+_parent = ws.alias("parent")
+# A batch's items are not read here: a convergence reads them page by page
+# (``ctx.batch_results``), however many there are.
+_PARENT_RESULTS = (
+    select(workflow_step_edges.c.to_step_uuid, _parent.c.name, _parent.c.state, _parent.c.results)
+    .join(_parent, _parent.c.step_uuid == workflow_step_edges.c.from_step_uuid)
+    .where(
+        workflow_step_edges.c.to_step_uuid.in_(bindparam("ids", expanding=True)),
+        _parent.c.item_index.is_(None),
+    )
+)
+
+
+def parent_results(
+    conn: Connection, step_uuids: list[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Each step's parents' results by name, and the names of its skipped parents."""
+    rows = conn.execute(_PARENT_RESULTS, {"ids": step_uuids})
+    results: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, list[str]] = {}
+    for child, name, state, value in rows:
+        if state == SKIPPED:
+            skipped.setdefault(child, []).append(name)
+        else:
+            results.setdefault(child, {})[name] = value or {}
+    return results, skipped

@@ -106,7 +106,8 @@ def reference_status(spec: list[str]) -> tuple[str, int]:
         return "has_ready_steps", ready
     if "in_progress" in spec:
         return "processing", ready
-    if spec and all(s in ("complete", "resolved_manually") for s in spec):
+    # A skipped step counts as done; a waiting one is neither ready nor blocking.
+    if spec and all(s in ("complete", "resolved_manually", "skipped") for s in spec):
         return "all_complete", ready
     return "waiting_for_dependencies", ready
 
@@ -120,6 +121,8 @@ CASES = [
         [RETRY_LATER, "complete"], "waiting_for_dependencies", 0, id="retry-not-due+complete"
     ),
     pytest.param(["resolved_manually"] * 3, "all_complete", 0, id="all-resolved"),
+    pytest.param(["skipped", "complete"], "all_complete", 0, id="skipped-counts-as-done"),
+    pytest.param(["waiting", "complete"], "waiting_for_dependencies", 0, id="waiting"),
     pytest.param([], "waiting_for_dependencies", 0, id="empty"),
     # Neighbours that pin the precedence down.
     pytest.param([RETRY_DUE, "complete"], "has_ready_steps", 1, id="retry-due+complete"),
