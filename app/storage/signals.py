@@ -157,7 +157,8 @@ def send_signal(
         conn, log, moves, completed=[step.step_uuid], tasks=[task_id], now=now, worker_id=sent_by
     )
     ready = [r.step_uuid for r in progress.ready]
-    names = dict(conn.execute(select(ws.c.step_uuid, ws.c.name).where(ws.c.step_uuid.in_(ready))))
+    query = select(ws.c.step_uuid, ws.c.name).where(ws.c.step_uuid.in_(ready))
+    names = {row.step_uuid: row.name for row in conn.execute(query)}
     return SignalReport(
         COMPLETED,
         task_id,
