@@ -58,7 +58,8 @@ def test_a_signal_completes_the_waiting_step_and_readies_its_dependents(db: Data
     assert (row.signal_id, row.step_uuid) == ("mail-1", flow.uuid_of("approval"))
     assert row.used_at is not None
     assert flow.task_row().state == "in_progress"
-    assert "enqueued" in report.summary and "\n" not in report.summary
+    assert "enqueued" in report.summary
+    assert "\n" not in report.summary
     # The dependents read the payload as the wait step's result.
     claimed = {step.name: step for step in flow.claim("ship", "notify")}
     assert claimed["ship"].dependency_results["approval"] == {"approved_by": "ana"}
@@ -81,7 +82,8 @@ def test_a_signal_before_the_wait_starts_is_kept_and_used_when_it_starts(db: Dat
     assert report.outcome == STORED
     assert flow.states()["approval"] == "pending"
     (row,) = signal_rows(flow)
-    assert row.used_at is None and row.step_uuid is None
+    assert row.used_at is None
+    assert row.step_uuid is None
     # A second, different signal for the same wait is refused: one would be dropped unseen.
     before = snapshot(db)
     with pytest.raises(TransitionError, match="already stored"):
@@ -96,7 +98,8 @@ def test_a_signal_before_the_wait_starts_is_kept_and_used_when_it_starts(db: Dat
     assert flow.step("approval").results == {"early": True}
     assert {flow.states()[name] for name in ("ship", "notify")} == {"enqueued"}
     (row,) = signal_rows(flow)
-    assert row.used_at is not None and row.step_uuid == flow.uuid_of("approval")
+    assert row.used_at is not None
+    assert row.step_uuid == flow.uuid_of("approval")
     assert [name for name, _ in events_of(flow, "approval")] == ["step.completed"]
 
 

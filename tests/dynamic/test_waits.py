@@ -48,7 +48,8 @@ def test_a_wait_that_gets_no_signal_in_time_fails_as_wait_timeout(db: Database) 
     assert (last.from_state, last.to_state, last.worker_id) == ("waiting", "error", SWEEPER)
     assert last.reason.startswith(f"{WAIT_TIMEOUT}: signal approved did not come by")
     ((name, payload),) = events_of(flow, "approval")
-    assert name == "step.failed" and payload["error_type"] == WAIT_TIMEOUT
+    assert name == "step.failed"
+    assert payload["error_type"] == WAIT_TIMEOUT
     assert flow.states()["ship"] == "pending"
     assert flow.task_row().state == "error"
     # Ended once: the next sweep finds nothing.
@@ -86,7 +87,8 @@ def test_a_wait_a_signal_completed_after_the_sweep_found_it_is_left_alone(db: Da
     with db.write() as conn:
         report = end_due_waits(conn, due, now=now, worker_id=SWEEPER)
 
-    assert report.ended == [] and report.events == []
+    assert report.ended == []
+    assert report.events == []
     assert snapshot(db) == before
     assert flow.step("approval").results == {"ok": 1}
 
@@ -123,7 +125,8 @@ def test_the_committer_sweep_ends_due_waits_and_wakes_the_intake(db: Database) -
 
     announcement = committer.sweep_waits()
 
-    assert announcement is not None and announcement.wake_intake
+    assert announcement is not None
+    assert announcement.wake_intake
     assert [step.step_uuid for step in announcement.report.ready] == [flow.uuid_of("ship")]
     assert [e.name for e in announcement.report.events] == ["step.completed"]
     assert committer.sweep_waits() is None  # nothing left to end

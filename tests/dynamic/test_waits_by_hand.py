@@ -31,7 +31,7 @@ def test_complete_gives_a_failed_step_its_result_and_the_dependents_read_it(
     db: Database,
 ) -> None:
     flow = Flow(db)  # a -> b -> c, x
-    (a, x) = flow.claim("a", "x")
+    (a, _x) = flow.claim("a", "x")
     flow.run(a)
     (b,) = flow.claim("b")
     flow.run(b, "permanent")
@@ -45,9 +45,8 @@ def test_complete_gives_a_failed_step_its_result_and_the_dependents_read_it(
     assert (last.from_state, last.to_state, last.worker_id) == ("error", "complete", OPERATOR)
     assert last.reason == "completed by operator: fixed upstream"
     assert [name for name, _ in events_of(flow, "b")][-1] == "step.completed"
-    assert (
-        report.summary.startswith("step b (") and "completed by hand; enqueued c" in report.summary
-    )
+    assert report.summary.startswith("step b (")
+    assert "completed by hand; enqueued c" in report.summary
     assert report.made_ready
     (c,) = flow.claim("c")
     assert c.dependency_results["b"] == {"total": 42}
