@@ -86,28 +86,29 @@ def start_wait(flow: Flow) -> None:
     flow.run(prepare)
 
 
-def snapshot(db: Database) -> tuple[Any, ...]:
-    """Every row a signal, a sweep or an operator command may write or change."""
+def snapshot(db: Database, task: str | None = None) -> tuple[Any, ...]:
+    """Every row a signal, a sweep or an operator command may write or change (of ``task``
+    only, if given: every other task's rows stay as they are anyway)."""
+    signals, steps, rows = select(step_signals), select(workflow_steps), select(tasks)
+    events = select(func.count()).select_from(domain_events)
+    moves = select(func.count()).select_from(workflow_step_transitions)
+    if task is not None:
+        signals = signals.where(step_signals.c.task_uuid == task)
+        steps = steps.where(workflow_steps.c.task_uuid == task)
+        rows = rows.where(tasks.c.task_uuid == task)
+        events = events.where(domain_events.c.task_uuid == task)
+        moves = moves.where(
+            workflow_step_transitions.c.step_uuid.in_(
+                select(workflow_steps.c.step_uuid).where(workflow_steps.c.task_uuid == task)
+            )
+        )
     with db.read() as conn:
         return (
-            conn.execute(select(step_signals).order_by(step_signals.c.id)).all(),
-            conn.execute(select(func.count()).select_from(workflow_step_transitions)).scalar(),
-            conn.execute(select(func.count()).select_from(domain_events)).scalar(),
-            conn.execute(
-                select(
-                    workflow_steps.c.step_uuid,
-                    workflow_steps.c.state,
-                    workflow_steps.c.results,
-                    workflow_steps.c.error,
-                    workflow_steps.c.next_attempt_at,
-                    workflow_steps.c.updated_at,
-                ).order_by(workflow_steps.c.step_uuid)
-            ).all(),
-            conn.execute(
-                select(tasks.c.task_uuid, tasks.c.state, tasks.c.updated_at).order_by(
-                    tasks.c.task_uuid
-                )
-            ).all(),
+            conn.execute(signals.order_by(step_signals.c.id)).all(),
+            conn.execute(moves).scalar(),
+            conn.execute(events).scalar(),
+            conn.execute(steps.order_by(workflow_steps.c.step_uuid)).all(),
+            conn.execute(rows.order_by(tasks.c.task_uuid)).all(),
         )
 
 
