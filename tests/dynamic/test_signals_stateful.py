@@ -96,18 +96,8 @@ class WaitMachine(RuleBasedStateMachine):
                     sent_by=OPERATOR,
                     now=self.now,
                 )
-        except (InputError, TransitionError) as refused:
-            assert "\n" not in str(refused)
-            assert snapshot(self.db, self.flow.task) == before, "a refused signal wrote something"
-            if signal_id in self.received:  # only "approved" is ever received
-                assert name != "approved", "a repeated id was refused"
-                return
-            expected_refusal = (
-                name != "approved"
-                or self.state not in ("pending", "waiting")
-                or (self.state == "pending" and self.stored is not None)
-            )
-            assert expected_refusal, f"refused: {refused}"
+        except (InputError, TransitionError) as exc:
+            self._refused(exc, before, signal_id, name)
             return
         if signal_id is not None and signal_id in self.received:
             assert report.outcome == DUPLICATE
@@ -150,6 +140,19 @@ class WaitMachine(RuleBasedStateMachine):
             end_due_waits(conn, due, now=self.now, worker_id="sweeper")
         if self.state == "waiting" and self.until <= self.now:
             self.state = "error"
+
+    def _refused(self, refused: Exception, before: Any, signal_id: str | None, name: str) -> None:
+        assert "\n" not in str(refused)
+        assert snapshot(self.db, self.flow.task) == before, "a refused signal wrote something"
+        if signal_id in self.received:  # only "approved" is ever received
+            assert name != "approved", "a repeated id was refused"
+            return
+        expected_refusal = (
+            name != "approved"
+            or self.state not in ("pending", "waiting")
+            or (self.state == "pending" and self.stored is not None)
+        )
+        assert expected_refusal, f"refused: {refused}"
 
     def _complete(self, signal_id: str, payload: Any) -> None:
         self.state, self.result, self.first_id = "complete", signal_result(payload), signal_id
