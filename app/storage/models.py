@@ -157,8 +157,11 @@ workflow_steps = Table(
     # A convergence reads its batch's items in order, page by page (``ctx.batch_results``).
     Index(None, "task_uuid", "item_index"),
     # The wait sweep: only waits and sleeps that end by themselves (duplex.storage.waits).
+    # ``state`` first, though constant here: else SQLite, without statistics, prefers the
+    # claim index for ``state = 'waiting'`` and sorts.
     Index(
         "ix_workflow_steps_waiting_until",
+        "state",
         "next_attempt_at",
         sqlite_where=text(WAITING_WITH_END),
         postgresql_where=text(WAITING_WITH_END),

@@ -108,7 +108,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_workflow_steps_waiting_until",
         "workflow_steps",
-        ["next_attempt_at"],
+        ["state", "next_attempt_at"],
         sqlite_where=sa.text(_WAITING_WITH_END),
         postgresql_where=sa.text(_WAITING_WITH_END),
     )

@@ -5,6 +5,7 @@ an argument: no test waits for time to pass."""
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 from duplex.clock import utcnow
 from duplex.commit.buffer import CommitBuffer
@@ -13,7 +14,8 @@ from duplex.errors import WAIT_TIMEOUT
 from duplex.storage.db import Database
 from duplex.storage.operations import retry_step
 from duplex.storage.signals import COMPLETED
-from duplex.storage.waits import end_due_waits, find_due_waits
+from duplex.storage.waits import _DUE, end_due_waits, find_due_waits
+from tests.conftest import sqlite_database
 from tests.dynamic.support import APPROVAL, NAP, events_of, signal, snapshot, start_wait
 from tests.storage.support import POLICY, Flow, claim
 
@@ -130,3 +132,17 @@ def test_the_committer_sweep_ends_due_waits_and_wakes_the_intake(db: Database) -
     assert [step.step_uuid for step in announcement.report.ready] == [flow.uuid_of("ship")]
     assert [e.name for e in announcement.report.events] == ["step.completed"]
     assert committer.sweep_waits() is None  # nothing left to end
+
+
+def test_the_sweep_reads_only_the_index_of_waits_that_end(tmp_path: Path) -> None:
+    """Every worker runs it every second: it must not scan the claim index's waiting rows."""
+    db = sqlite_database(tmp_path / "plan.db")
+    try:
+        with db.read() as conn:
+            sql = str(_DUE.compile(conn))
+            plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", (utcnow(), 200, 0)).all()
+    finally:
+        db.dispose()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "ix_workflow_steps_waiting_until" in details
+    assert "TEMP B-TREE" not in details  # in time order straight from the index
