@@ -65,13 +65,16 @@ def test_a_signal_completes_the_waiting_step_and_readies_its_dependents(db: Data
     assert claimed["ship"].dependency_results["approval"] == {"approved_by": "ana"}
 
 
-def test_a_payload_that_is_not_an_object_is_kept_under_payload(db: Database) -> None:
+@pytest.mark.parametrize("payload", [[1, "two"], 7, None], ids=["list", "number", "null"])
+def test_a_payload_that_is_not_an_object_is_kept_under_payload(
+    db: Database, payload: object
+) -> None:
     flow = Flow(db, APPROVAL)
     start_wait(flow)
 
-    signal(flow, payload=[1, "two"])
+    signal(flow, payload=payload)
 
-    assert flow.step("approval").results == {"payload": [1, "two"]}
+    assert flow.step("approval").results == {"payload": payload}
 
 
 def test_a_signal_before_the_wait_starts_is_kept_and_used_when_it_starts(db: Database) -> None:
