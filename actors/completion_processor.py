@@ -198,12 +198,19 @@ class CompletionProcessor(SupervisedActor):
         return len(announcement.report.applied)
 
     def sweep_deadlines(self) -> int:
-        """Expire the tasks past their deadline (``max_duration``); return how many."""
+        """Expire the tasks past their deadline (``max_duration``), then end the waits and
+        sleeps whose time is up (the watchdog's one timed sweep); return how many tasks
+        expired."""
+        expired = 0
         announcement = self._committer.sweep_deadlines()
-        if announcement is None:
-            return 0
-        self._announce(announcement)
-        return len(announcement.report.expired)
+        if announcement is not None:
+            self._announce(announcement)
+            expired = len(announcement.report.expired)
+        # After the deadlines: a wait of a task that just expired was cancelled with it.
+        waits = self._committer.sweep_waits()
+        if waits is not None:
+            self._announce(waits)
+        return expired
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
@@ -34,6 +35,7 @@ from duplex.storage.db import Database
 from duplex.storage.operations import operator_identity
 from duplex.storage.pauses import NAMESPACE, TEMPLATE, Pause, list_pauses, pause, resume
 from duplex.storage.schema import ensure_schema_ready
+from duplex.storage.signals import SignalReport, send_signal
 from duplex.storage.submission import create_tasks, existing_tasks
 from duplex.templates import TaskTemplate, load_template
 
@@ -155,6 +157,38 @@ class Client(ScheduleCommands):
         """Return the UUID of the task submitted with this key for this template, if any."""
         with self.db.read() as conn:
             return existing_tasks(conn, template_name, [idempotency_key]).get(idempotency_key)
+
+    def signal(
+        self,
+        task_uuid: str,
+        name: str,
+        payload: Any = None,
+        signal_id: str | None = None,
+    ) -> SignalReport:
+        """Send the signal ``name`` to a task: its wait step (``kind = "wait"``, ``signal =
+        NAME``) completes with ``payload`` as its result (a dict is the result; any other JSON
+        value is stored as ``{"payload": value}``) and its dependents go on, in one
+        transaction. Sent before the wait started, it is kept and used when it starts.
+
+        ``signal_id`` (default: a new one) makes a retry safe: the same id again changes
+        nothing and reports ``outcome == "duplicate"``. A signal for a wait that already
+        finished, a name the task does not wait for, a cancelled task, or a second signal for
+        a wait not yet started raise ``TransitionError`` or ``InputError``, nothing written
+        (docs/workflows.md). The report's ``summary`` is one line saying what happened.
+        """
+        with self.db.write() as conn:
+            report = send_signal(
+                conn,
+                task_uuid,
+                name,
+                payload,
+                signal_id=signal_id,
+                sent_by=operator_identity(),
+                now=utcnow(),
+            )
+        if report.namespaces:  # SQLite; PostgreSQL was notified at the commit
+            self._waker.wake(report.namespaces)
+        return report
 
     def pause(
         self,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import datetime, timedelta
+from typing import Any
 
 from duplex.durations import parse_duration
 from duplex.templates import PRIORITY_MAX, PRIORITY_MIN
@@ -80,3 +82,26 @@ def priority(text: str) -> int:
             f"priority {value} out of range: from {PRIORITY_MIN} (lowest) to {PRIORITY_MAX}"
         )
     return value
+
+
+def json_value(text: str) -> Any:
+    """Any JSON value (a signal's payload): ``{"ok": true}``, ``42``, ``"yes"``."""
+    try:
+        return json.loads(text, parse_constant=_not_json)
+    except (ValueError, RecursionError) as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r:.80} ({exc})") from None
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A JSON object (a step's result): ``{"approved": true}``."""
+    value = json_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f'not a JSON object: {text!r:.80} (a result is an object, e.g. {{"ok": true}})'
+        )
+    return value
+
+
+def _not_json(name: str) -> None:
+    # Python's json accepts NaN and Infinity; JSON (and PostgreSQL) do not.
+    raise ValueError(f"{name} is not a JSON value")

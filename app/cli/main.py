@@ -1,11 +1,12 @@
 """The ``duplex`` command line: its parser and its entry point.
 
 Each group of commands lives in a module of its own, which adds its commands to the parser:
-``run`` (``duplex.cli.run``); ``submit``, ``status``, ``cancel``, ``retry``, ``resolve`` and
-``workers`` (``duplex.cli.tasks``); ``schedule`` (``duplex.cli.schedules``); ``pause`` and
-``resume`` (``duplex.cli.pauses``); ``relay``, ``events`` and ``prune`` (``duplex.cli.events``);
-``dashboard``; ``migrate``. Any ``DuplexError`` becomes one line on stderr and a non-zero exit,
-never a traceback (``duplex.cli.common``).
+``run`` (``duplex.cli.run``); ``submit``, ``status``, ``cancel``, ``retry``, ``resolve``,
+``complete``, ``signal`` and ``workers`` (``duplex.cli.tasks``); ``schedule``
+(``duplex.cli.schedules``); ``pause`` and ``resume`` (``duplex.cli.pauses``); ``relay``,
+``events`` and ``prune`` (``duplex.cli.events``); ``dashboard``; ``migrate``. Any
+``DuplexError`` becomes one line on stderr and a non-zero exit, never a traceback
+(``duplex.cli.common``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ``duplex`` commands about tasks and the workers serving them: ``submit``, ``status``
-(``--watch`` in ``duplex.cli.watch``), the operator commands ``cancel``, ``retry`` and
-``resolve``, and ``workers``.
+(``--watch`` in ``duplex.cli.watch``), the operator commands ``cancel``, ``retry``,
+``resolve`` and ``complete``, ``signal``, and ``workers``.
 
 Which workers are alive is the liveness rule's answer (``duplex.storage.workers``), the same
 for ``status``, ``status --json`` and ``workers``.
@@ -20,6 +20,8 @@ from duplex.cli import console
 from duplex.cli.arguments import (
     aware_datetime,
     duration,
+    json_object,
+    json_value,
     positive_duration,
     positive_float,
     positive_int,
@@ -39,6 +41,7 @@ from duplex.storage.batch_view import batch_groups
 from duplex.storage.operations import (
     OperatorReport,
     cancel_task,
+    complete_step,
     operator_identity,
     resolve_step,
     retry_step,
@@ -51,7 +54,8 @@ from duplex.templates import load_template
 
 
 def add_commands(sub: Any) -> None:
-    """Add ``submit``, ``status``, ``cancel``, ``retry``, ``resolve`` and ``workers``."""
+    """Add ``submit``, ``status``, ``cancel``, ``retry``, ``resolve``, ``complete``,
+    ``signal`` and ``workers``."""
     submit = sub.add_parser("submit", help="create a task from a template; prints its UUID")
     submit.add_argument("template", help="template file, or a template name in templates.directory")
     submit.add_argument("--context", help="task context as a JSON object")
@@ -131,6 +135,36 @@ def add_commands(sub: Any) -> None:
         command.add_argument(what, metavar=what.upper())
         command.add_argument("--reason", metavar="TEXT", help="why (kept in the transition rows)")
         command.set_defaults(func=func)
+
+    complete = sub.add_parser(
+        "complete", help="complete a step by hand with a result that its dependents read"
+    )
+    complete.add_argument("step_uuid", metavar="STEP_UUID")
+    complete.add_argument(
+        "--result", type=json_object, required=True, metavar="JSON", help="a JSON object"
+    )
+    complete.add_argument("--reason", metavar="TEXT", help="why (kept in the transition rows)")
+    complete.set_defaults(func=cmd_complete)
+
+    signal = sub.add_parser(
+        "signal", help="send a signal to a task: the wait step waiting for NAME completes"
+    )
+    signal.add_argument("task_uuid", metavar="TASK_UUID")
+    signal.add_argument("name", metavar="NAME", help="the signal's name (a wait step's `signal`)")
+    signal.add_argument(
+        "--payload",
+        type=json_value,
+        default=None,
+        metavar="JSON",
+        help='the wait step\'s result: an object, or any JSON value (kept as {"payload": ...})',
+    )
+    signal.add_argument(
+        "--id",
+        dest="signal_id",
+        metavar="SIGNAL_ID",
+        help="sending the same id again changes nothing (default: a new id)",
+    )
+    signal.set_defaults(func=cmd_signal)
 
     workers = sub.add_parser(
         "workers", help="every worker recorded in SQL: alive or presumed dead, slots, counts"
@@ -300,6 +334,24 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
     print(_operate(settings, resolve_step, args.step_uuid, args.reason).summary)
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace, settings: Settings) -> int:
+    def complete(conn: Any, target: str, **kw: Any) -> OperatorReport:
+        return complete_step(conn, target, args.result, **kw)
+
+    print(_operate(settings, complete, args.step_uuid, args.reason).summary)
+    return 0
+
+
+# --- duplex signal -------------------------------------------------------------------------
+
+
+def cmd_signal(args: argparse.Namespace, settings: Settings) -> int:
+    with open_database(settings) as db, Client(db) as client:
+        report = client.signal(args.task_uuid, args.name, args.payload, signal_id=args.signal_id)
+    print(report.summary)
     return 0
 
 

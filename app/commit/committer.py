@@ -17,6 +17,7 @@ Plain code, no threads (like ``CommitBuffer``): the CompletionProcessor actor ow
 * Tasks past their deadline (``max_duration``) are expired: their waiting steps cancelled, the
   task cancelled (``sweep_deadlines``, and in the same transaction as a running attempt's
   ``task_deadline_exceeded`` failure, so its task's waiting steps do not wait for the sweep).
+* Wait and sleep steps whose time is up are ended (``sweep_waits``, in the same round).
 * Nothing is announced before its transaction committed: each commit yields an
   ``Announcement`` for the caller to deliver.
 """
@@ -35,6 +36,7 @@ from sqlalchemy import Connection
 
 from duplex.commit.buffer import CommitBuffer
 from duplex.commit.retry import RetryPolicy
+from duplex.commit.sweeps import sweep
 from duplex.dispatch.attempt import unstorable
 from duplex.errors import RESULT_UNSTORABLE, TASK_DEADLINE_EXCEEDED, StorageError
 from duplex.messages import ClaimedStep, StepOutcome
@@ -46,6 +48,7 @@ from duplex.storage.db import Database
 from duplex.storage.deadlines import ExpiredTask, expire_tasks, find_expired_tasks
 from duplex.storage.recovery import has_lost_claims, recover_lost_claims
 from duplex.storage.results import CommitReport, commit_outcomes
+from duplex.storage.waits import end_due_waits, find_due_waits
 from duplex.storage.workers import dead_local_workers, heartbeat_cutoff
 
 
@@ -215,21 +218,23 @@ class Committer:
 
         Returns what to announce, or None when nothing was due (or the database failed).
         """
-        now = self._clock()
-        try:
-            # Read first, like the recovery: most sweeps find nothing to do.
-            with self._db.read() as conn:
-                due = find_expired_tasks(conn, now=now)
-            if not due:
-                return None
-            with self._db.write() as conn:
-                expiry = expire_tasks(conn, due, now=now, worker_id=self._worker_id)
-        except StorageError as exc:
-            logger.warning("the sweep of task deadlines failed: {}", exc)
-            return None
-        if not expiry.expired:
+        now, me = self._clock(), self._worker_id
+        expiry = sweep(
+            self._db, "deadlines", find_expired_tasks, expire_tasks, now=now, worker_id=me
+        )
+        if expiry is None or not expiry.expired:
             return None
         report = CommitReport(events=expiry.events, expired=expiry.expired)
+        return self._announcement(report, False, False)
+
+    def sweep_waits(self) -> Announcement | None:
+        """End the wait and sleep steps whose time is up (``duplex.storage.waits``): a sleep
+        completes and its dependents go on, a wait fails as ``wait_timeout``."""
+        now, me = self._clock(), self._worker_id
+        ended = sweep(self._db, "waits", find_due_waits, end_due_waits, now=now, worker_id=me)
+        if ended is None or not ended.ended:
+            return None
+        report = CommitReport(events=ended.events, ready=ended.ready, enqueued=len(ended.ready))
         return self._announcement(report, False, False)
 
     def _log_expired(self, expired: Sequence[ExpiredTask]) -> None:

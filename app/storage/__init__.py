@@ -14,6 +14,7 @@ The worker's path:
 * ``workers``           the ``workers`` table: registration, heartbeats, stop, and the one
                         liveness rule (is a recorded worker alive?)
 * ``listen``            PostgreSQL LISTEN/NOTIFY: ``duplex_work`` and ``duplex_events``
+* ``waits``             the sweep ending waits and sleeps whose time is up (``wait_timeout``)
 
 The outbox of domain events:
 
@@ -24,7 +25,10 @@ The outbox of domain events:
 Operators and readers:
 
 * ``submission``        writing tasks, steps and edges
-* ``operations``        operator commands: cancel, retry, resolve
+* ``operations``        operator commands: cancel, retry, resolve, complete
+* ``manual``            a step resolved or completed by hand, and the task moved on
+* ``signals``           ``duplex signal``: a wait step completed by its signal, or the
+                        signal kept until the wait starts
 * ``queries``           tasks with their execution status, steps and transitions (for
                         ``duplex status`` and the dashboard), the ready queue's figures
 * ``dashboard_list``    the dashboard's task list: filters, pages, status counts

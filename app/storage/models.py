@@ -76,6 +76,8 @@ metadata = MetaData(
 # The rows of the deadline sweep's partial index; its query repeats this text, so that both
 # databases see that the index serves it (the states are written in, not bound).
 OPEN_WITH_DEADLINE = "deadline_at IS NOT NULL AND state IN ('pending', 'in_progress')"
+# The steps the wait sweep looks at: waiting, and ending by themselves (migration 0014).
+WAITING_WITH_END = "state = 'waiting' AND next_attempt_at IS NOT NULL"
 
 tasks = Table(
     "tasks",
@@ -154,6 +156,16 @@ workflow_steps = Table(
     Index(None, "task_uuid", "state"),
     # A convergence reads its batch's items in order, page by page (``ctx.batch_results``).
     Index(None, "task_uuid", "item_index"),
+    # The wait sweep: only waits and sleeps that end by themselves (duplex.storage.waits).
+    # ``state`` first, though constant here: else SQLite, without statistics, prefers the
+    # claim index for ``state = 'waiting'`` and sorts.
+    Index(
+        "ix_workflow_steps_waiting_until",
+        "state",
+        "next_attempt_at",
+        sqlite_where=text(WAITING_WITH_END),
+        postgresql_where=text(WAITING_WITH_END),
+    ),
 )
 
 workflow_step_edges = Table(

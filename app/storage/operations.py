@@ -1,12 +1,13 @@
-"""Operator commands: cancel a task, retry a failed step, resolve a step by hand.
+"""Operator commands: cancel a task, retry a failed step, resolve or complete a step by hand.
 
 Plain functions on a write ``Connection``. Each one locks the task row first (the order every
 writer follows, see ``duplex.storage.results``), checks that the change is possible, and only
 then writes:
 the step rows, one transition row per step change (``worker_id`` = the operator, ``reason`` =
-what was done and why), dependents made ready, and the task state. An impossible change raises
-``TransitionError`` and an unknown uuid ``InputError`` before anything is written, each with a
-one-line message.
+what was done and why), the task moved on as after a result (``advance``: dependents made
+ready, waits started; ``duplex.storage.manual``), the events of a step completed by hand, and
+the task state. An impossible change raises ``TransitionError`` and an unknown uuid
+``InputError`` before anything is written, each with a one-line message.
 """
 
 from __future__ import annotations
@@ -20,23 +21,28 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, select, update
 
+from duplex.dynamic.specs import wait_until
 from duplex.errors import InputError, TransitionError
+from duplex.messages import DomainEvent, JSONDict
 from duplex.states import (
     CANCELLABLE,
     CANCELLED,
+    COMPLETABLE,
+    COMPLETE,
     ENQUEUED,
     ERROR,
     IN_PROGRESS,
-    PENDING,
     RESOLVED_MANUALLY,
+    SKIPPED,
     STEP_TRANSITIONS,
     TASK_CANCELLED,
     TASK_COMPLETE,
+    WAITING,
 )
 from duplex.storage.driver import db_time
+from duplex.storage.manual import finish_by_hand
 from duplex.storage.models import tasks, workflow_steps
 from duplex.storage.queries import parse_uuid
-from duplex.storage.readiness import enqueue_ready_dependents
 from duplex.storage.task_state import lock_tasks, update_task_states
 from duplex.storage.transitions import insert_transitions, transition_row
 
@@ -44,12 +50,14 @@ __all__ = [
     "OperatorReport",
     "StepChange",
     "cancel_task",
+    "complete_step",
     "operator_identity",
     "resolve_step",
     "retry_step",
 ]
 
 ws = workflow_steps
+_RESOLVABLE = tuple(s for s, targets in STEP_TRANSITIONS.items() if RESOLVED_MANUALLY in targets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +74,13 @@ class StepChange:
 class OperatorReport:
     """What an operator command did."""
 
-    action: str  # "cancel", "retry" or "resolve"
+    action: str  # "cancel", "retry", "resolve" or "complete"
     task_uuid: str
     task_state: str
     changes: tuple[StepChange, ...]
     still_running: int = 0
+    # The events written (a step completed by hand, and waits a stored signal completed).
+    events: tuple[DomainEvent, ...] = ()
 
     @property
     def made_ready(self) -> bool:
@@ -79,8 +89,8 @@ class OperatorReport:
 
     @property
     def summary(self) -> str:
-        """One line saying what was done: what ``duplex cancel/retry/resolve`` prints, and
-        what the dashboard shows."""
+        """One line saying what was done: what ``duplex cancel/retry/resolve/complete``
+        prints, and what the dashboard shows."""
         if self.action == "cancel":
             line = f"cancelled task {self.task_uuid}: {len(self.changes)} step(s) cancelled"
             if self.still_running:
@@ -91,14 +101,17 @@ class OperatorReport:
             return line
         first, *unblocked = self.changes
         if self.action == "retry":
+            again = "waiting once more" if first.to_state == WAITING else "enqueued"
             return (
-                f"step {first.name} ({first.step_uuid}) enqueued for one more attempt; "
+                f"step {first.name} ({first.step_uuid}) {again} for one more attempt; "
                 f"task {self.task_uuid} is {self.task_state}"
             )
-        line = f"step {first.name} ({first.step_uuid}) resolved manually"
-        ready = [change.name for change in unblocked if change.to_state == ENQUEUED]
-        if ready:
-            line += f"; enqueued {', '.join(ready)}"
+        done = "completed by hand" if self.action == "complete" else "resolved manually"
+        line = f"step {first.name} ({first.step_uuid}) {done}"
+        for state, what in ((ENQUEUED, "enqueued"), (WAITING, "waiting"), (SKIPPED, "skipped")):
+            moved = [change.name for change in unblocked if change.to_state == state]
+            if moved:
+                line += f"; {what} {', '.join(moved)}"
         return f"{line}; task {self.task_uuid} is {self.task_state}"
 
 
@@ -176,7 +189,9 @@ def retry_step(
 ) -> OperatorReport:
     """Give a step in ``error`` one more attempt: back to ``enqueued``, task back in progress.
 
-    If its attempts are used up, ``max_attempts`` is raised to allow exactly one more.
+    If its attempts are used up, ``max_attempts`` is raised to allow exactly one more. A wait
+    step that timed out (``wait_timeout``) waits once more instead, its timeout counted from
+    now: no handler runs it, so enqueuing it would have no one to claim it.
     """
     step = _locked_step(conn, step_uuid)
     _check_task_open(conn, step, "retry")
@@ -186,13 +201,15 @@ def retry_step(
             f"only a step in error can be retried"
         )
     max_attempts = max(step.max_attempts, step.attempts + 1)
+    again = wait_until(step.kind, step.spec, now)
+    to_state, next_at = (ENQUEUED, now) if again is None else (WAITING, again.at)
     conn.execute(
         update(ws)
         .where(ws.c.step_uuid == step.step_uuid, ws.c.state == ERROR)
         .values(
-            state=ENQUEUED,
+            state=to_state,
             max_attempts=max_attempts,
-            next_attempt_at=now,
+            next_attempt_at=next_at,
             claimed_by=None,
             claimed_at=None,
             completed_at=None,
@@ -200,15 +217,17 @@ def retry_step(
         )
     )
     why = _why("retried by operator", reason)
-    if max_attempts != step.max_attempts:
+    if again is not None:
+        why += f"; {again.reason}"
+    elif max_attempts != step.max_attempts:
         why += f" (max_attempts raised to {max_attempts})"
-    _write_transitions(conn, [(step.step_uuid, ERROR, ENQUEUED, step.attempts, why)], operator, now)
+    _write_transitions(conn, [(step.step_uuid, ERROR, to_state, step.attempts, why)], operator, now)
     update_task_states(conn, [step.task_uuid], now=now)
     return OperatorReport(
         "retry",
         step.task_uuid,
         _task_state(conn, step.task_uuid),
-        (StepChange(step.step_uuid, step.name, ERROR, ENQUEUED),),
+        (StepChange(step.step_uuid, step.name, ERROR, to_state),),
     )
 
 
@@ -220,41 +239,62 @@ def resolve_step(
     now: datetime,
     reason: str | None = None,
 ) -> OperatorReport:
-    """Mark a step ``resolved_manually``; dependents whose parents are all done are enqueued.
+    """Mark a step ``resolved_manually``; dependents whose parents are all done go on.
 
     Any step that is not running and not finished can be resolved: one in error, or one that
-    has not run yet (pending, enqueued, waiting for a retry), which is then skipped.
+    has not run yet (pending, enqueued, waiting for a retry or for a signal), which is then
+    skipped. The task moves on as after a result (``advance``): a wait step after it starts
+    waiting rather than being enqueued.
     """
+    return _finish_by_hand(conn, step_uuid, RESOLVED_MANUALLY, None, operator, now, reason)
+
+
+def complete_step(
+    conn: Connection,
+    step_uuid: str,
+    result: JSONDict,
+    *,
+    operator: str,
+    now: datetime,
+    reason: str | None = None,
+) -> OperatorReport:
+    """Complete a step by hand with ``result`` (a JSON object), which its dependents read as
+    if its handler had returned it; they go on as after a result. Allowed from the states
+    ``resolve_step`` accepts (``duplex.states.COMPLETABLE``)."""
+    if not isinstance(result, dict):
+        raise InputError(f"a step's result must be a JSON object, not {type(result).__name__}")
+    return _finish_by_hand(conn, step_uuid, COMPLETE, result, operator, now, reason)
+
+
+def _finish_by_hand(
+    conn: Connection,
+    step_uuid: str,
+    to_state: str,
+    result: JSONDict | None,
+    operator: str,
+    now: datetime,
+    reason: str | None,
+) -> OperatorReport:
+    action, verb = ("complete", "completed") if to_state == COMPLETE else ("resolve", "resolved")
     step = _locked_step(conn, step_uuid)
-    _check_task_open(conn, step, "resolve")
-    if RESOLVED_MANUALLY not in STEP_TRANSITIONS.get(step.state, frozenset()):
-        allowed = sorted(
-            s for s, targets in STEP_TRANSITIONS.items() if RESOLVED_MANUALLY in targets
-        )
+    _check_task_open(conn, step, action)
+    # Only an attempt moves a step out of in_progress: COMPLETABLE leaves it out.
+    allowed = COMPLETABLE if to_state == COMPLETE else _RESOLVABLE
+    if step.state not in allowed:
         raise TransitionError(
-            f"cannot resolve step {step.name!r} ({step.step_uuid}): it is {step.state}; "
-            f"only a step that is {', '.join(allowed)} can be resolved"
+            f"cannot {action} step {step.name!r} ({step.step_uuid}): it is {step.state}; "
+            f"only a step that is {', '.join(sorted(allowed))} can be {verb}"
         )
-    conn.execute(
-        update(ws)
-        .where(ws.c.step_uuid == step.step_uuid, ws.c.state == step.state)
-        .values(state=RESOLVED_MANUALLY, next_attempt_at=None, completed_at=now, updated_at=now)
+    why = _why(f"{verb} by operator", reason)
+    moved, events = finish_by_hand(
+        conn, step, to_state, result, operator=operator, now=now, why=why
     )
-    why = _why("resolved by operator", reason)
-    moves = [(step.step_uuid, step.state, RESOLVED_MANUALLY, step.attempts, why)]
-    changes = [StepChange(step.step_uuid, step.name, step.state, RESOLVED_MANUALLY)]
-    ready = [r.step_uuid for r in enqueue_ready_dependents(conn, [step.step_uuid], now=now)]
-    if ready:
-        names = dict(
-            conn.execute(select(ws.c.step_uuid, ws.c.name).where(ws.c.step_uuid.in_(ready))).all()
-        )
-        for child in ready:
-            moves.append((child, PENDING, ENQUEUED, 0, "dependencies complete"))
-            changes.append(StepChange(child, names[child], PENDING, ENQUEUED))
-    _write_transitions(conn, moves, operator, now)
-    update_task_states(conn, [step.task_uuid], now=now)
     return OperatorReport(
-        "resolve", step.task_uuid, _task_state(conn, step.task_uuid), tuple(changes)
+        action,
+        step.task_uuid,
+        _task_state(conn, step.task_uuid),
+        tuple(StepChange(*m) for m in moved),
+        events=tuple(events),
     )
 
 
@@ -274,6 +314,9 @@ def _locked_step(conn: Connection, step_uuid: str) -> Row[Any]:
         ws.c.state,
         ws.c.attempts,
         ws.c.max_attempts,
+        ws.c.kind,
+        ws.c.spec,
+        ws.c.declared_events,
     ).where(ws.c.step_uuid == step_id)
     return conn.execute(_for_update(conn, query)).one()
 

@@ -6,6 +6,9 @@ branches, a batch's item step declaration, a wait's signal and timeout, a sleep'
 ``checkpoint``: the state the last accepted ``ctx.checkpoint`` saved; ``item_index``: a batch
 item's place in its batch (``NAME[i]``), so its convergence reads the results in order.
 
+``ix_workflow_steps_waiting_until``: the wait and sleep steps that end by themselves (a sleep,
+a wait with a ``timeout_ms``), by when; the sweep that ends them reads only these.
+
 ``step_signals``: every signal received (``duplex signal``), kept until a wait step uses it;
 ``signal_id`` is unique per task, so a signal sent twice acts once.
 
@@ -68,6 +71,9 @@ _NEW_COLUMNS = """COALESCE(SUM(CASE WHEN s.state = 'skipped' THEN 1 ELSE 0 END),
     COALESCE(SUM(CASE WHEN s.state = 'waiting' THEN 1 ELSE 0 END), 0) AS waiting_steps,
     """
 
+# Repeated in duplex.storage.models (WAITING_WITH_END): a migration does not import the code.
+_WAITING_WITH_END = "state = 'waiting' AND next_attempt_at IS NOT NULL"
+
 # SQLite keeps timestamps as 'YYYY-MM-DD HH:MM:SS.ffffff' text in UTC; compare like with like.
 _NOW = {"sqlite": "strftime('%Y-%m-%d %H:%M:%f000', 'now')", "postgresql": "now()"}
 
@@ -98,6 +104,14 @@ def upgrade() -> None:
     op.create_index(
         "ix_workflow_steps_task_uuid_item_index", "workflow_steps", ["task_uuid", "item_index"]
     )
+    # The wait sweep (duplex.storage.waits): the waits and sleeps that end by themselves.
+    op.create_index(
+        "ix_workflow_steps_waiting_until",
+        "workflow_steps",
+        ["state", "next_attempt_at"],
+        sqlite_where=sa.text(_WAITING_WITH_END),
+        postgresql_where=sa.text(_WAITING_WITH_END),
+    )
     op.create_table(
         "step_signals",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -120,6 +134,7 @@ def downgrade() -> None:
     _recreate_view(dynamic=False)
     op.drop_index("ix_step_signals_task_uuid_name", table_name="step_signals")
     op.drop_table("step_signals")
+    op.drop_index("ix_workflow_steps_waiting_until", table_name="workflow_steps")
     op.drop_index("ix_workflow_steps_task_uuid_item_index", table_name="workflow_steps")
     for column in ("item_index", "checkpoint", "spec", "kind"):
         op.drop_column("workflow_steps", column)

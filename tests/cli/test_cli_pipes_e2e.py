@@ -48,6 +48,7 @@ KILLED_BY_SIGPIPE = -signal.SIGPIPE
 TIMEOUT_S = 60.0
 TASKS = 1000
 ONE_STEP = 'name = "pipes_one_step"\n[[steps]]\nname = "only"\nhandler = "e2e.echo"\n'
+ONE_WAIT = 'name = "pipes_one_wait"\n[[steps]]\nname = "only"\nkind = "wait"\nsignal = "go"\n'
 # What must never reach stderr because stdout was closed.
 NOISE = ("Traceback", "internal error", "Exception ignored", "BrokenPipeError", "Broken pipe")
 
@@ -122,6 +123,14 @@ def new_task(duplex: Duplex) -> tuple[str, str]:
         task = client.submit(template, {})
     ((step,),) = sql(duplex, "SELECT step_uuid FROM workflow_steps WHERE task_uuid = ?", [task])
     return task, str(step)
+
+
+def waiting_task(duplex: Duplex) -> str:
+    """Submit a fresh task whose one step waits for the signal ``go``."""
+    template = duplex.cwd / "one_wait.toml"
+    template.write_text(ONE_WAIT)
+    with Client(f"sqlite:///{duplex.db_path}") as client:
+        return client.submit(template, {})
 
 
 def failed_step(duplex: Duplex) -> str:
@@ -209,6 +218,8 @@ COVERED = {
     "cancel",
     "retry",
     "resolve",
+    "complete",
+    "signal",
     "workers",
     "relay",
     "events",
@@ -231,6 +242,7 @@ def one_shot_cases(duplex: Duplex) -> list[list[str]]:
     task = some_task(duplex)
     step_error = failed_step(duplex)
     step_to_resolve = failed_step(duplex)
+    step_to_complete = failed_step(duplex)
     cancellable, _ = new_task(duplex)
     return [
         ["--help"],
@@ -245,6 +257,8 @@ def one_shot_cases(duplex: Duplex) -> list[list[str]]:
         ["cancel", cancellable],
         ["retry", step_error],
         ["resolve", step_to_resolve],
+        ["complete", step_to_complete, "--result", "{}"],
+        ["signal", waiting_task(duplex), "go"],
         ["workers"],
         ["workers", "--json"],
         ["events"],
