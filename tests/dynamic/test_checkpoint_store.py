@@ -182,7 +182,9 @@ def _waiting_on_a_lock(conn: Any) -> int:
     return int(
         conn.execute(
             text(
+                # Only this database's backends: other test runs may share the server.
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
                 " AND query LIKE 'UPDATE workflow_steps SET checkpoint%'"
             )
         ).scalar_one()
