@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, exists, not_, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from duplex.dynamic.kinds import WAIT, WAITS
 from duplex.dynamic.specs import wait_until
@@ -27,7 +27,11 @@ from duplex.messages import JSONDict
 from duplex.states import COMPLETE, ENQUEUED, PENDING, SKIPPED, WAITING
 from duplex.storage.driver import ColumnInsert, db_time
 from duplex.storage.models import step_signals, unindexed, workflow_step_edges, workflow_steps
-from duplex.storage.readiness import ReadyStep, enqueue_ready_dependents
+from duplex.storage.readiness import (
+    ReadyStep,
+    enqueue_ready_dependents,
+    pending_children_whose_parents_are_all,
+)
 from duplex.storage.transitions import TransitionRow, transition_row
 
 ws = workflow_steps
@@ -216,26 +220,10 @@ _SKIP_BRANCHES = (
     .values(state=SKIPPED, completed_at=_NOW, updated_at=_NOW)
     .returning(ws.c.step_uuid)
 )
-_other_edge = edges.alias("other_edge")
-_other_parent = ws.alias("other_parent")
 # Pending children of just-skipped steps whose every parent is skipped.
 _SKIP_ORPHANS = (
     update(ws)
-    .where(
-        unindexed(ws.c.state) == PENDING,
-        ws.c.step_uuid.in_(
-            select(edges.c.to_step_uuid).where(
-                edges.c.from_step_uuid.in_(bindparam("parents", expanding=True))
-            )
-        ),
-        not_(
-            exists().where(
-                _other_edge.c.to_step_uuid == ws.c.step_uuid,
-                _other_parent.c.step_uuid == _other_edge.c.from_step_uuid,
-                _other_parent.c.state != SKIPPED,
-            )
-        ),
-    )
+    .where(*pending_children_whose_parents_are_all((SKIPPED,)))
     .values(state=SKIPPED, completed_at=_NOW, updated_at=_NOW)
     .returning(ws.c.step_uuid)
 )

@@ -7,11 +7,11 @@ can claim it at once when it is the committing worker's to run (``claim_dependen
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, bindparam, exists, not_, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, exists, not_, select, update
 
 from duplex.states import (
     DONE,
@@ -30,24 +30,30 @@ ws = workflow_steps
 
 _other_edge = workflow_step_edges.alias("other_edge")
 _other_parent = ws.alias("other_parent")
-_ENQUEUE_READY = (
-    update(ws)
-    .where(
+
+
+def pending_children_whose_parents_are_all(states: Sequence[str]) -> list[ColumnElement[bool]]:
+    """The WHERE of a pending child of ``:parents`` whose every parent is in ``states``."""
+    return [
         unindexed(ws.c.state) == PENDING,
         ws.c.step_uuid.in_(
             select(workflow_step_edges.c.to_step_uuid).where(
                 workflow_step_edges.c.from_step_uuid.in_(bindparam("parents", expanding=True))
             )
         ),
-        # ...and no parent that is not yet complete or resolved.
         not_(
             exists().where(
                 _other_edge.c.to_step_uuid == ws.c.step_uuid,
                 _other_parent.c.step_uuid == _other_edge.c.from_step_uuid,
-                not_(_other_parent.c.state.in_(DONE)),
+                not_(_other_parent.c.state.in_(states)),
             )
         ),
-    )
+    ]
+
+
+_ENQUEUE_READY = (
+    update(ws)
+    .where(*pending_children_whose_parents_are_all(DONE))
     .values(
         state=ENQUEUED,
         next_attempt_at=bindparam("now", type_=ws.c.next_attempt_at.type),
