@@ -11,6 +11,7 @@ from duplex.clock import utcnow
 from duplex.commit.buffer import CommitBuffer
 from duplex.commit.committer import Committer
 from duplex.errors import WAIT_TIMEOUT
+from duplex.storage.claims import count_open_work
 from duplex.storage.db import Database
 from duplex.storage.operations import retry_step
 from duplex.storage.signals import COMPLETED
@@ -146,3 +147,16 @@ def test_the_sweep_reads_only_the_index_of_waits_that_end(tmp_path: Path) -> Non
     details = " ".join(str(row[-1]) for row in plan)
     assert "ix_workflow_steps_waiting_until" in details
     assert "TEMP B-TREE" not in details  # in time order straight from the index
+
+
+def test_run_until_idle_waits_for_a_sleep_but_not_for_a_wait_without_timeout(
+    db: Database,
+) -> None:
+    sleeping = Flow(db, NAP)
+    start_wait(sleeping)
+    no_timeout = Flow(db, APPROVAL.replace("timeout_ms = 60000\n", ""))
+    start_wait(no_timeout)
+    with db.read() as conn:
+        # A sleep ends by itself; a wait with no timeout only by a signal (or an operator).
+        assert count_open_work(conn, [sleeping.namespace]) == 1
+        assert count_open_work(conn, [no_timeout.namespace]) == 0
