@@ -16,9 +16,12 @@ its parents (items included) was done, and no step both skipped and run.
 from __future__ import annotations
 
 import random
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -147,12 +150,13 @@ def reference(shape: Shape, rng: random.Random) -> Run:
     return Run(choices, counts, expected, skipped)
 
 
-def drive(db: Database, shape: Shape, run: Run, rng: random.Random) -> dict[str, int]:
-    """Run the task with three interleaved workers; return how often each step succeeded."""
-    namespace = f"ns{rng.getrandbits(32)}"
+def drive(db: Database, shape: Shape, run: Run, rng: random.Random) -> tuple[str, dict[str, int]]:
+    """Run a task with three interleaved workers; return it and how often each step
+    succeeded."""
+    namespace = f"ns{uuid.uuid4().hex}"
     template = shape.template().model_copy(update={"namespace": namespace})
     with db.write() as conn:
-        create_task(conn, template, {}, now=utcnow())
+        task = create_task(conn, template, {}, now=utcnow())
     held: list[ClaimedStep] = []
     succeeded: dict[str, int] = {}
     for _ in range(2000):
@@ -167,7 +171,7 @@ def drive(db: Database, shape: Shape, run: Run, rng: random.Random) -> dict[str,
                 )
             held.extend(claimed)
             if not claimed and not held:
-                return succeeded
+                return task, succeeded
             continue
         rng.shuffle(held)
         cut = rng.randint(1, len(held))
@@ -200,7 +204,7 @@ def outcome(step: ClaimedStep, run: Run, rng: random.Random) -> StepOutcome:
     )
 
 
-def check_order(db: Database, shape: Shape) -> None:
+def check_order(db: Database, task: str, shape: Shape) -> None:
     """Every claim of a step came after each of its template's parents was done, and a
     convergence's after every item of its batch (transition ids follow commit order)."""
     with db.read() as conn:
@@ -209,6 +213,7 @@ def check_order(db: Database, shape: Shape) -> None:
         for name, to_state, row_id in conn.execute(
             select(ws.c.name, wst.c.to_state, wst.c.id)
             .join(ws, ws.c.step_uuid == wst.c.step_uuid)
+            .where(ws.c.task_uuid == task)
             .order_by(wst.c.id)
         ):
             if to_state in ("complete", "skipped"):
@@ -230,33 +235,44 @@ def check_order(db: Database, shape: Shape) -> None:
                 assert done_at[parent] < claim_id, (parent, shape.name(i))
 
 
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    """One database for every example (each its own task and namespace): migrating a new one
+    per example cost more than the example."""
+    db = sqlite_database(tmp_path_factory.mktemp("dyn") / "dyn.db")
+    yield db
+    db.dispose()
+
+
 @settings(
     max_examples=150,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
 )
 @given(shape=shapes(), seed=st.integers(0, 2**32 - 1))
 def test_exactly_the_chosen_steps_and_items_run_each_once_after_their_parents(
-    tmp_path_factory: Any, shape: Shape, seed: int
+    shared_db: Database, shape: Shape, seed: int
 ) -> None:
+    db = shared_db
     rng = random.Random(seed)
     run = reference(shape, rng)
-    db = sqlite_database(tmp_path_factory.mktemp("dyn") / "dyn.db")
-    try:
-        succeeded = drive(db, shape, run, rng)
+    task, succeeded = drive(db, shape, run, rng)
 
-        assert set(succeeded) == run.expected
-        assert all(count == 1 for count in succeeded.values()), succeeded
-        with db.read() as conn:
-            states = dict(conn.execute(select(ws.c.name, ws.c.state)).all())
-            ran_skipped = conn.execute(
-                select(ws.c.name)
-                .join(wst, wst.c.step_uuid == ws.c.step_uuid)
-                .where(ws.c.state == "skipped", wst.c.to_state == "in_progress")
-            ).all()
-        assert {name for name, state in states.items() if state == "skipped"} == run.skipped
-        assert {name for name, state in states.items() if state == "complete"} == run.expected
-        assert ran_skipped == []
-        check_order(db, shape)
-    finally:
-        db.dispose()
+    assert set(succeeded) == run.expected
+    assert all(count == 1 for count in succeeded.values()), succeeded
+    with db.read() as conn:
+        mine = ws.c.task_uuid == task
+        states = dict(conn.execute(select(ws.c.name, ws.c.state).where(mine)).all())
+        ran_skipped = conn.execute(
+            select(ws.c.name)
+            .join(wst, wst.c.step_uuid == ws.c.step_uuid)
+            .where(mine, ws.c.state == "skipped", wst.c.to_state == "in_progress")
+        ).all()
+    assert {name for name, state in states.items() if state == "skipped"} == run.skipped
+    assert {name for name, state in states.items() if state == "complete"} == run.expected
+    assert ran_skipped == []
+    check_order(db, task, shape)
