@@ -18,6 +18,7 @@ from duplex.dashboard.graph import GraphStep, Layout, layout
 from duplex.dashboard.timeline import Timeline, timeline
 from duplex.errors import InputError
 from duplex.states import (
+    COMPLETABLE,
     ERROR,
     RESOLVED_MANUALLY,
     STEP_TRANSITIONS,
@@ -232,6 +233,8 @@ class StepView:
     events_total: int
     retryable: bool
     resolvable: bool
+    # Resolvable, and in a state ``duplex complete`` accepts (``duplex.states.COMPLETABLE``).
+    completable: bool = False
 
 
 def step_view(conn: Connection, step_uuid: str) -> StepView:
@@ -241,6 +244,7 @@ def step_view(conn: Connection, step_uuid: str) -> StepView:
     tried = attempts(transitions_of_step(conn, step.step_uuid)).get(step.step_uuid, [])
     events, total = events_of_task(conn, step.task_uuid, step_uuid=step.step_uuid)
     task_open = task.state != TASK_CANCELLED
+    resolvable = task_open and RESOLVED_MANUALLY in STEP_TRANSITIONS.get(step.state, ())
     return StepView(
         step,
         task,
@@ -249,7 +253,8 @@ def step_view(conn: Connection, step_uuid: str) -> StepView:
         events,
         total,
         retryable=task_open and step.state == ERROR,
-        resolvable=task_open and RESOLVED_MANUALLY in STEP_TRANSITIONS.get(step.state, ()),
+        resolvable=resolvable,
+        completable=resolvable and step.state in COMPLETABLE,
     )
 
 

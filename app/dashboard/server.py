@@ -2,9 +2,10 @@
 
 Pages are rendered on the server (Jinja2, autoescaped) from ``duplex.dashboard.pages``; the one
 script, ``static/dashboard.js``, refreshes each page's live part by asking for the same URL
-with ``X-Duplex-Live: 1``, which answers only that part. Operator actions are POSTs that run
-the CLI's own functions (``duplex.storage.operations``) in one write transaction, then redirect
-back with the CLI's own one-line summary.
+with ``X-Duplex-Live: 1``, which answers only that part. Operator actions are POSTs that pass
+the same login and CSRF guards (``_guarded``), then run the CLI's own functions in one write
+transaction (``duplex.dashboard.actions``) and redirect back with the CLI's own one-line
+summary.
 
 Nothing a page shows is logged: a failed request logs its route and the exception's type,
 never a query string, a form or a value read from the database.
@@ -24,7 +25,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from loguru import logger
 
 from duplex.clock import utcnow
-from duplex.dashboard import formatting, pages
+from duplex.dashboard import actions, formatting, pages
 from duplex.dashboard.schedules import schedules_view
 from duplex.dashboard.security import CSRF_COOKIE, SESSION_COOKIE, Guard, operator_name, same_origin
 from duplex.dashboard.web import (
@@ -41,12 +42,11 @@ from duplex.dashboard.web import (
     safe_next,
 )
 from duplex.errors import InputError, SchemaNotReadyError, StorageError, TransitionError
-from duplex.intake.wake import wake_local_workers
 from duplex.settings import Settings
 from duplex.states import STEP_STATES
 from duplex.storage.dashboard_list import EXECUTION_STATUSES
 from duplex.storage.db import Database
-from duplex.storage.operations import OperatorReport, cancel_task, resolve_step, retry_step
+from duplex.storage.operations import cancel_task, resolve_step, retry_step
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -102,6 +102,8 @@ class Dashboard:
             ("POST", re.compile(rf"^/tasks/{_UUID}/cancel$"), self._cancel),
             ("POST", re.compile(rf"^/steps/{_UUID}/retry$"), self._retry),
             ("POST", re.compile(rf"^/steps/{_UUID}/resolve$"), self._resolve),
+            ("POST", re.compile(rf"^/steps/{_UUID}/complete$"), self._complete),
+            ("POST", re.compile(rf"^/steps/{_UUID}/signal$"), self._signal),
             ("GET", re.compile(r"^/static/(?P<name>[\w.-]+)$"), self._static),
         ]
 
@@ -277,45 +279,19 @@ class Dashboard:
     # -- operator actions ------------------------------------------------------------------
 
     def _cancel(self, request: Request, args: dict[str, str]) -> Response:
-        return self._operate(request, cancel_task, args["uuid"], "task")
+        return actions.operate(self.db, self.settings, request, cancel_task, args["uuid"], "task")
 
     def _retry(self, request: Request, args: dict[str, str]) -> Response:
-        return self._operate(request, retry_step, args["uuid"], "step")
+        return actions.operate(self.db, self.settings, request, retry_step, args["uuid"], "step")
 
     def _resolve(self, request: Request, args: dict[str, str]) -> Response:
-        return self._operate(request, resolve_step, args["uuid"], "step")
+        return actions.operate(self.db, self.settings, request, resolve_step, args["uuid"], "step")
 
-    def _operate(
-        self,
-        request: Request,
-        operation: Callable[..., OperatorReport],
-        target: str,
-        kind: str,
-    ) -> Response:
-        try:
-            name = request.operator or operator_name(request.form.get("operator"))
-        except ValueError as exc:
-            raise HttpError("400 Bad Request", str(exc)) from None
-        reason = request.form.get("reason", "")
-        if len(reason) > 1000:
-            raise HttpError("400 Bad Request", "reason: longer than 1000 characters")
-        with self.db.write() as conn:
-            report = operation(
-                conn,
-                target,
-                operator=f"operator:{name} (dashboard)",
-                now=utcnow(),
-                reason=reason or None,
-            )
-        if report.made_ready:  # this host's workers on SQLite look at once
-            wake_local_workers(self.db, claim_timeout_s=self.settings.event_system.claim_timeout_s)
-        back = (
-            f"/tasks/{report.task_uuid}"
-            if kind == "task"
-            else f"/steps/{report.changes[0].step_uuid}"
-        )
-        flash = urllib.parse.quote(report.summary)
-        return redirect(back, [("Set-Cookie", cookie_header("duplex_flash", flash, max_age=60))])
+    def _complete(self, request: Request, args: dict[str, str]) -> Response:
+        return actions.complete(self.db, self.settings, request, args["uuid"])
+
+    def _signal(self, request: Request, args: dict[str, str]) -> Response:
+        return actions.signal(self.db, self.settings, request, args["uuid"])
 
     # -- static files ----------------------------------------------------------------------
 

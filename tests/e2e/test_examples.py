@@ -3,6 +3,9 @@
 * The order-fulfilment example runs to completion in a real worker, and the example consumer
   names the order of every event it handles, ``order.fulfilled`` (a template-declared event,
   whose payload is the ``ship`` step's result) included.
+* The dynamic order example (``order_dynamic.toml``) in one real worker: an order over 100
+  goes express (standard skipped), each line is packed by its own batch item and summed, and
+  the task waits for the warehouse until ``duplex signal`` sends ``warehouse_confirmed``.
 * The README's Python snippet for the ``Client`` runs unchanged from the checkout, with the
   bundled ``settings.toml`` (only the database is pointed elsewhere), so the story it tells
   about ``load_settings``, template names and paths holds.
@@ -10,22 +13,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
+from duplex import Client
 from duplex.events.publishing import envelope
 from duplex.settings import DatabaseSettings
 from duplex.storage.db import Database
 from duplex.storage.event_operations import task_events
 from duplex.storage.models import tasks
 from examples.consumer import handle
-from tests.cli.support import ORDER_CONTEXT, REPO_ROOT, make_duplex, migrated_file
+from tests.cli.support import ORDER_CONTEXT, REPO_ROOT, make_duplex, migrated_file, wait_for
+from tests.conftest import sqlite_database
 
 pytestmark = pytest.mark.e2e
 
@@ -99,3 +106,85 @@ def test_the_readme_client_example_runs_with_the_bundled_settings(tmp_path: Path
         db.dispose()
     assert names == [("order_fulfillment", 1 + int(count))]
     assert first["order"]["id"] == "A-2001"
+
+
+# Three lines worth 140 in all: over orders.EXPRESS_FROM (100), so the order travels express.
+DYNAMIC_ORDER = {
+    "order": {
+        "id": "B-7",
+        "items": [
+            {"sku": "MUG", "qty": 2, "price": 40},
+            {"sku": "TEA", "qty": 1, "price": 30},
+            {"sku": "PEN", "qty": 3, "price": 10},
+        ],
+    }
+}
+
+
+def test_the_dynamic_order_example_goes_express_packs_each_line_and_waits_for_the_warehouse(
+    tmp_path: Path,
+) -> None:
+    """order_dynamic.toml in one real worker: the decision skips standard shipping, the batch
+    packs one step per line and pack_total sums them, the wait holds the task until
+    ``duplex signal`` sends warehouse_confirmed, and dispatch reads that payload."""
+    duplex = make_duplex(
+        tmp_path, handler_modules=["examples.orders"], templates_dir=REPO_ROOT / "examples"
+    )
+    # Migrated and submitted in this process (a second each saved); run and signal are the CLI.
+    db = sqlite_database(duplex.db_path)
+    try:
+        with Client(db) as client:
+            task = client.submit(REPO_ROOT / "examples" / "order_dynamic.toml", DYNAMIC_ORDER)
+    finally:
+        db.dispose()
+    worker = duplex.start("run")  # polls every 50 ms (make_duplex's settings)
+
+    def state_of(name: str) -> str:
+        return duplex.step_states(task).get(name, ("absent", 0))[0]
+
+    def alive_until(what: str, condition: Callable[[], bool]) -> None:
+        def holds() -> bool:
+            assert worker.poll() is None, f"the worker exited:\n{duplex.stderr_text()}"
+            return condition()
+
+        wait_for(holds, what)
+
+    alive_until("the warehouse wait to start", lambda: state_of("warehouse") == "waiting")
+    assert state_of("dispatch") == "pending"  # nothing runs past the wait without its signal
+    sent = duplex.ok(
+        "signal", task, "warehouse_confirmed", "--payload", '{"dock": "D4", "by": "kim"}'
+    )
+    assert "signal warehouse_confirmed completed step warehouse" in sent.stdout
+    assert "enqueued dispatch" in sent.stdout
+
+    def task_state() -> str:
+        return str(duplex.sql("SELECT state FROM tasks WHERE task_uuid = ?", [task])[0][0])
+
+    alive_until("the task to complete", lambda: task_state() == "complete")
+    worker.terminate()  # a drain: it exits 0
+    assert worker.wait(timeout=30) == 0, duplex.stderr_text()
+
+    rows = duplex.sql(
+        "SELECT name, state, item_index, results FROM workflow_steps WHERE task_uuid = ?", [task]
+    )
+    steps = {
+        name: (state, json.loads(results or "null"))
+        for name, state, index, results in rows
+        if index is None
+    }
+    items = sorted(
+        (index, state, json.loads(results))
+        for _, state, index, results in rows
+        if index is not None
+    )
+    assert steps["ship_standard"] == ("skipped", None)
+    assert steps["ship_express"] == ("complete", {"service": "express", "booking": "express-B-7"})
+    assert items == [
+        (0, "complete", {"sku": "MUG", "qty": 2}),
+        (1, "complete", {"sku": "TEA", "qty": 1}),
+        (2, "complete", {"sku": "PEN", "qty": 3}),
+    ]
+    assert steps["pack_total"] == ("complete", {"lines": 3, "units": 6})
+    assert steps["warehouse"] == ("complete", {"dock": "D4", "by": "kim"})
+    assert steps["dispatch"] == ("complete", {"booking": "express-B-7", "dock": "D4"})
+    assert {state for state, _ in steps.values()} == {"complete", "skipped"}
