@@ -138,9 +138,7 @@ CASES = [
     ),
     pytest.param(["complete", "resolved_manually"], "all_complete", 0, id="complete+resolved"),
     pytest.param(["complete", "pending"], "waiting_for_dependencies", 0, id="complete+pending"),
-    pytest.param(
-        ["complete", "cancelled"], "blocked_by_failures", 0, id="cancelled-step-blocks"
-    ),
+    pytest.param(["complete", "cancelled"], "blocked_by_failures", 0, id="cancelled-step-blocks"),
     pytest.param([RETRY_LATER, "in_progress"], "processing", 0, id="retry-not-due+in-progress"),
 ]
 
