@@ -24,6 +24,7 @@ from duplex.clock import Timer, utcnow
 from duplex.commit.buffer import CommitBuffer
 from duplex.commit.committer import Announcement, Committer
 from duplex.commit.retry import RetryPolicy
+from duplex.commit.sweeps import find_cancels
 from duplex.messages import ClaimedStep, StepOutcome
 from duplex.observability.metrics import WorkerMetrics
 from duplex.observability.tracing import StepTracer
@@ -79,6 +80,8 @@ class CompletionProcessor(SupervisedActor):
         priority_aging: timedelta = DEFAULT_AGING,
     ) -> None:
         super().__init__(supervisor)
+        self._db = db  # for the read of cancelled attempts (the Committer writes)
+        self._worker_id = worker_id
         self._publisher = publisher
         self._timer = timer
         # Given by the worker, which reads it in place for its figures (no message).
@@ -198,9 +201,9 @@ class CompletionProcessor(SupervisedActor):
         return len(announcement.report.applied)
 
     def sweep_deadlines(self) -> int:
-        """Expire the tasks past their deadline (``max_duration``), then end the waits and
-        sleeps whose time is up (the watchdog's one timed sweep); return how many tasks
-        expired."""
+        """Expire the tasks past their deadline (``max_duration``), end the waits and sleeps
+        whose time is up, and have the Dispatcher cancel the running attempts an operator
+        cancelled (the watchdog's one timed sweep); return how many tasks expired."""
         expired = 0
         announcement = self._committer.sweep_deadlines()
         if announcement is not None:
@@ -210,6 +213,12 @@ class CompletionProcessor(SupervisedActor):
         waits = self._committer.sweep_waits()
         if waits is not None:
             self._announce(waits)
+        # Without a dispatch channel (not connected yet, or a test's bare processor) there is
+        # nothing running here to cancel.
+        if self._dispatcher is not None:
+            cancels = find_cancels(self._db, worker_id=self._worker_id)
+            if cancels:
+                tell(self._dispatcher.cancel_attempts, cancels)
         return expired
 
     def stats(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from duplex.actors.ports import CapacityReports
 from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
 from duplex.clock import Timer, TimerHandle, utcnow
-from duplex.dispatch.attempt import deadline_failure, timeout_failure
+from duplex.dispatch.attempt import cancel_failure, deadline_failure, timeout_failure
 from duplex.dispatch.credits import SlotCredits
 from duplex.dispatch.pool import HandlerPool, Running
 from duplex.errors import HANDLER_WORKER_FAILED, SHUTDOWN_TIMEOUT
@@ -25,6 +25,7 @@ from duplex.handlers import HandlerRegistry, StepStore
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
+from duplex.storage.cancels import RunningCancel
 from duplex.worker.supervision import Supervisor
 
 # How long an idle HandlerWorker may take to stop when the Dispatcher stops.
@@ -191,6 +192,44 @@ class Dispatcher(SupervisedActor):
         self._capacity_freed()
         self._assign()
 
+    def cancel_attempts(self, requests: list[RunningCancel]) -> int:
+        """An operator cancelled these attempts (their task, or their step): cancel those this
+        pool still holds as a task deadline does, committed as ``cancelled``; return how many.
+
+        A running one is abandoned at once, with no grace: its failure goes to the commit
+        first, then ``ctx.cancelled`` is set, so whatever the handler returns after it heard
+        is rejected by the commit guard, never recorded as complete.
+        """
+        cancelled = 0
+        for request in requests:
+            held = self._pool.cancel(request.step_uuid, request.attempt)
+            if held is None:  # it ended meanwhile: its own result is on its way
+                continue
+            cancelled += 1
+            now = self._clock()
+            if isinstance(held, Running):
+                handle = self._deadlines.pop(held.worker_id, None)
+                if handle is not None:
+                    handle.cancel()
+                failure = cancel_failure(held.step, step_only=request.step_only, ran=True, now=now)
+                self._abandon(held, failure)
+                step_log(held.step).warning(
+                    "step {} ({}) cancelled by operator while it ran; worker replaced, "
+                    "{} abandoned thread(s)",
+                    held.step.name,
+                    held.step.step_uuid,
+                    len(self._pool.abandoned),
+                )
+                self._start_worker()
+            else:
+                failure = cancel_failure(held, step_only=request.step_only, ran=False, now=now)
+                if not tell(self._completion.submit, StepOutcome(held, now, now, failure=failure)):
+                    self.supervisor.results_lost(1)
+            self._capacity_freed()
+        if cancelled:
+            self._assign()
+        return cancelled
+
     def drain(self) -> int:
         """Stop starting handlers; hand back claimed steps that never started."""
         self._draining = True
@@ -233,6 +272,7 @@ class Dispatcher(SupervisedActor):
             "abandoned_threads": len(self._pool.abandoned),
             "timeouts": self._pool.timeouts,
             "deadlines": self._pool.deadlines,
+            "cancels": self._pool.cancels,
             "dispatched": self.dispatched,
             "prefetch_window": self._credits.window.size,
             "draining": self._draining,
@@ -323,6 +363,7 @@ class DispatcherProxy(TypedProxy[Dispatcher]):
     slot_freed = message(Dispatcher.slot_freed)
     worker_failed = message(Dispatcher.worker_failed)
     deadline_passed = message(Dispatcher.deadline_passed)
+    cancel_attempts = message(Dispatcher.cancel_attempts)
     drain = message(Dispatcher.drain)
     abandon_running = message(Dispatcher.abandon_running)
     live_workers = message(Dispatcher.live_workers)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from duplex.actors.proxy import Message
 from duplex.messages import ClaimedStep
+from duplex.storage.cancels import RunningCancel
 
 
 class ClaimReports(Protocol):
@@ -59,11 +60,17 @@ class CommitSignals(Protocol):
 
 
 class DispatchChannel(Protocol):
-    """What the CompletionProcessor tells the Dispatcher: dependents a commit claimed."""
+    """What the CompletionProcessor tells the Dispatcher: dependents a commit claimed, and
+    attempts an operator cancelled (found by its sweep)."""
 
     @property
     def dispatch(self) -> Message[[list[ClaimedStep]], None]:
         """``dispatch(steps)``: run these claimed steps (fire-and-forget)."""
+        ...
+
+    @property
+    def cancel_attempts(self) -> Message[[list[RunningCancel]], int]:
+        """``cancel_attempts(requests)``: cancel these attempts if they still run here."""
         ...
 
 

@@ -31,8 +31,9 @@ from duplex.messages import JSONDict
 from duplex.observability.tracing import checked_carrier, current_carrier
 from duplex.schedules.commands import ScheduleCommands
 from duplex.settings import DatabaseSettings, EventSystemSettings, Settings
+from duplex.storage.cancels import cancel_step
 from duplex.storage.db import Database
-from duplex.storage.operations import operator_identity
+from duplex.storage.operations import OperatorReport, cancel_task, operator_identity
 from duplex.storage.pauses import NAMESPACE, TEMPLATE, Pause, list_pauses, pause, resume
 from duplex.storage.schema import ensure_schema_ready
 from duplex.storage.signals import SignalReport, send_signal
@@ -189,6 +190,22 @@ class Client(ScheduleCommands):
         if report.namespaces:  # SQLite; PostgreSQL was notified at the commit
             self._waker.wake(report.namespaces)
         return report
+
+    def cancel(
+        self, task_uuid: str | None = None, *, step: str | None = None, reason: str | None = None
+    ) -> OperatorReport:
+        """Cancel a task, or (``step=``) one step of it, as ``duplex cancel`` does: what has
+        not started is cancelled now, running attempts are stopped by their workers at their
+        next sweep (``report.still_running`` says how many were asked). Raises
+        ``TransitionError`` (finished, already cancelled) or ``InputError``, nothing written."""
+        if (task_uuid is None) == (step is None):
+            raise InputError("give either a task uuid or step=")
+        operation, target = (cancel_task, task_uuid) if step is None else (cancel_step, step)
+        assert target is not None
+        with self.db.write() as conn:
+            return operation(
+                conn, target, operator=operator_identity(), now=utcnow(), reason=reason
+            )
 
     def pause(
         self,

@@ -52,6 +52,9 @@ TASK_DEADLINE_EXCEEDED = "task_deadline_exceeded"
 # handler returned more items than ``worker.max_batch_items``.
 WAIT_TIMEOUT = "wait_timeout"
 BATCH_TOO_LARGE = "batch_too_large"
+# An operator cancelled the task or the step while the attempt ran (``duplex cancel``); the
+# step ends ``cancelled``, never retried (``duplex.commit.retry``).
+CANCELLED = "cancelled"
 
 
 class DuplexError(Exception):

@@ -57,11 +57,15 @@ STEP_TRANSITIONS: Mapping[str, frozenset[str]] = {
     # in_progress -> cancelled: a running step always finishes, but when its task was cancelled
     # meanwhile, the retry its failure would get (or the re-run of a handed-back claim) is
     # cancelled instead of scheduled.
+    # in_progress -> cancelled also: the attempt was cancelled while it ran (``duplex cancel``
+    # of its task or of the step: ``error_type = cancelled``).
     IN_PROGRESS: frozenset({COMPLETE, WAITING_FOR_RETRY, ERROR, ENQUEUED, CANCELLED}),
     # error -> waiting: ``duplex retry`` of a wait step that timed out waits once more.
     ERROR: frozenset({ENQUEUED, RESOLVED_MANUALLY, WAITING, COMPLETE}),
     COMPLETE: frozenset(),
-    CANCELLED: frozenset(),
+    # cancelled -> enqueued/waiting: ``duplex retry`` of a step cancelled on its own
+    # (``duplex cancel --step``) while its task goes on; a cancelled task's steps stay.
+    CANCELLED: frozenset({ENQUEUED, WAITING}),
     RESOLVED_MANUALLY: frozenset(),
     SKIPPED: frozenset(),
 }
@@ -89,8 +93,10 @@ def derive_task_state(current: str, step_counts: Mapping[str, int]) -> str:
     """Return a task's state from how many of its steps are in each state.
 
     ``complete`` once every step is complete, resolved or skipped; ``error`` once a step failed
-    for good and nothing can still run (pending steps only move when a running step completes);
-    ``cancelled`` stays cancelled; otherwise ``in_progress`` (``pending`` before any claim).
+    for good (or was cancelled on its own, ``duplex cancel --step``: its dependents can no
+    longer run either) and nothing can still run (pending steps only move when a running step
+    completes); ``cancelled`` stays cancelled; otherwise ``in_progress`` (``pending`` before
+    any claim).
     """
     if current == TASK_CANCELLED:
         return TASK_CANCELLED
@@ -99,7 +105,8 @@ def derive_task_state(current: str, step_counts: Mapping[str, int]) -> str:
     if total > 0 and done == total:
         return TASK_COMPLETE
     active = sum(step_counts.get(s, 0) for s in ACTIVE)
-    if step_counts.get(ERROR, 0) > 0 and active == 0:
+    stopped = step_counts.get(ERROR, 0) + step_counts.get(CANCELLED, 0)
+    if stopped > 0 and active == 0:
         return TASK_ERROR
     if current == TASK_PENDING and step_counts.get(IN_PROGRESS, 0) == 0 and done == 0:
         return TASK_PENDING

@@ -38,6 +38,7 @@ from duplex.intake.start import start_time
 from duplex.intake.wake import wake_local_workers
 from duplex.settings import Settings
 from duplex.storage.batch_view import batch_groups
+from duplex.storage.cancels import cancel_step
 from duplex.storage.operations import (
     OperatorReport,
     cancel_task,
@@ -116,14 +117,20 @@ def add_commands(sub: Any) -> None:
     )
     status.set_defaults(func=cmd_status)
 
+    cancel = sub.add_parser(
+        "cancel",
+        help="cancel a task (or with --step one step): what has not started is cancelled now, "
+        "running attempts are stopped by their workers within a sweep interval",
+    )
+    cancel.add_argument("task_uuid", metavar="TASK_UUID", nargs="?")
+    cancel.add_argument(
+        "--step", metavar="STEP_UUID", help="cancel this step only; the rest of its task goes on"
+    )
+    cancel.add_argument("--reason", metavar="TEXT", help="why (kept in the transition rows)")
+    cancel.set_defaults(func=cmd_cancel)
+
     for name, what, help_text, func in (
-        (
-            "cancel",
-            "task_uuid",
-            "cancel a task: steps not yet running are cancelled, running ones finish",
-            cmd_cancel,
-        ),
-        ("retry", "step_uuid", "give a step in error one more attempt", cmd_retry),
+        ("retry", "step_uuid", "give a step in error or cancelled one more attempt", cmd_retry),
         (
             "resolve",
             "step_uuid",
@@ -323,7 +330,12 @@ def _worker_json(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
-    print(_operate(settings, cancel_task, args.task_uuid, args.reason).summary)
+    if (args.task_uuid is None) == (args.step is None):
+        raise InputError("give either TASK_UUID or --step STEP_UUID")
+    if args.step is not None:
+        print(_operate(settings, cancel_step, args.step, args.reason).summary)
+    else:
+        print(_operate(settings, cancel_task, args.task_uuid, args.reason).summary)
     return 0
 
 

@@ -18,10 +18,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from duplex.errors import CANCELLED as CANCELLED_ERROR
 from duplex.errors import MAX_RETRY_AFTER_S
 from duplex.messages import RetryOverride, StepFailure
 from duplex.settings import RetrySettings
-from duplex.states import ERROR, WAITING_FOR_RETRY
+from duplex.states import CANCELLED, ERROR, WAITING_FOR_RETRY
 
 Strategy = Literal["exponential", "linear", "fixed"]
 STRATEGIES: tuple[Strategy, ...] = ("exponential", "linear", "fixed")
@@ -138,7 +139,11 @@ class RetryPolicy:
         now: datetime,
         rng: random.Random,
     ) -> RetryDecision:
-        """Decide between another attempt later and a permanent ``error``."""
+        """Decide between another attempt later and a permanent ``error``; an attempt an
+        operator cancelled (``error_type = cancelled``) ends the step ``cancelled``."""
+        if failure.error_type == CANCELLED_ERROR:
+            # Not a failure of the step: it was stopped on purpose, and says so in its state.
+            return RetryDecision(CANCELLED)
         if not (failure.retryable and step_retryable and attempt < max_attempts):
             return RetryDecision(ERROR)
         retry_after = failure.retry_after

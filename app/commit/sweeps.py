@@ -1,7 +1,8 @@
-"""The watchdog's timed sweeps on the commit path: task deadlines, and waits and sleeps whose
-time is up. Each reads first, and writes only when it found something: the sweep runs every
-``worker.deadline_sweep_interval_ms`` on every worker, and on SQLite a write transaction with
-nothing to write would still make every commit of every worker wait for it.
+"""The watchdog's timed sweeps on the commit path: task deadlines, waits and sleeps whose
+time is up, and this worker's running attempts that an operator cancelled (a read only: the
+Dispatcher cancels them). Each reads first, and writes only when it found something: the sweep
+runs every ``worker.deadline_sweep_interval_ms`` on every worker, and on SQLite a write
+transaction with nothing to write would still make every commit of every worker wait for it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TypeVar
 from loguru import logger
 
 from duplex.errors import StorageError
+from duplex.storage.cancels import RunningCancel, find_cancelled_attempts
 from duplex.storage.db import Database
 
 _T = TypeVar("_T")
@@ -41,3 +43,14 @@ def sweep(
     except StorageError as exc:
         logger.warning("the sweep of {} failed: {}", what, exc)
         return None
+
+
+def find_cancels(db: Database, *, worker_id: str) -> list[RunningCancel]:
+    """Return ``worker_id``'s running attempts whose task or step an operator cancelled (empty
+    when the database failed: logged, the next round tries again)."""
+    try:
+        with db.read() as conn:
+            return find_cancelled_attempts(conn, me=worker_id)
+    except StorageError as exc:
+        logger.warning("the sweep of cancelled attempts failed: {}", exc)
+        return []

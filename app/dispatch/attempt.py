@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from duplex.clock import utcnow
 from duplex.dynamic.directives import Batch, Decision, read_return_value
 from duplex.dynamic.kinds import HANDLER
+from duplex.errors import CANCELLED as CANCELLED_ERROR
 from duplex.errors import (
     HANDLER_ABORTED,
     HANDLER_ERROR,
@@ -248,6 +249,25 @@ def deadline_failure(deadline_at: datetime | None, *, ran: bool) -> StepFailure:
     return StepFailure(
         TASK_DEADLINE_EXCEEDED,
         f"the task's deadline (max_duration) passed at {when} {what}",
+        retryable=False,
+    )
+
+
+def cancel_failure(step: ClaimedStep, *, step_only: bool, ran: bool, now: datetime) -> StepFailure:
+    """Return the failure committed when an operator cancelled the attempt (``duplex cancel``
+    of its task, or of the step when ``step_only``), ``ran``: while it ran, else before it
+    could start. Never retried (the step ends ``cancelled``, ``duplex.commit.retry``).
+
+    A task past its deadline was cancelled by the deadline, not by an operator: the attempt
+    keeps the deadline's error type, as it would have had a moment later from its own timer.
+    """
+    if step.deadline_at is not None and step.deadline_at <= now:
+        return deadline_failure(step.deadline_at, ran=ran)
+    what = "step" if step_only else "task"
+    when = "while this attempt ran" if ran else "before this attempt could start"
+    return StepFailure(
+        CANCELLED_ERROR,
+        f"cancelled by operator (duplex cancel of the {what}) {when}",
         retryable=False,
     )
 

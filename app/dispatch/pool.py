@@ -57,6 +57,8 @@ class HandlerPool:
     # before they could start (never run; ``take_overdue``).
     deadlines: int = 0
     overdue: list[ClaimedStep] = field(default_factory=list)
+    # Attempts cancelled by an operator (``duplex cancel``), running or waiting for a slot.
+    cancels: int = 0
     _next_id: int = 0
 
     def new_worker_id(self) -> int:
@@ -109,6 +111,22 @@ class HandlerPool:
             else:
                 self.timeouts += 1
         return run
+
+    def cancel(self, step_uuid: str, attempt: int) -> Running | ClaimedStep | None:
+        """Take that attempt away: abandon the worker running it (returned as ``Running``), or
+        remove it from the steps waiting for a slot (returned as the ``ClaimedStep``); None
+        when this pool does not hold it (it ended; its result is on its way)."""
+        for worker_id, run in self.running.items():
+            if run.step.step_uuid == step_uuid and run.step.attempt == attempt:
+                self.abandon(worker_id, step_uuid, attempt)
+                self.cancels += 1
+                return run
+        for step in self.waiting:
+            if step.step_uuid == step_uuid and step.attempt == attempt:
+                self.waiting.remove(step)
+                self.cancels += 1
+                return step
+        return None
 
     def take_overdue(self) -> list[ClaimedStep]:
         """Remove and return the claimed steps whose task's deadline passed before they ran."""

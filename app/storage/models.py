@@ -148,6 +148,9 @@ workflow_steps = Table(
     Column("spec", JSONValue),
     Column("checkpoint", JSONValue),
     Column("item_index", Integer),
+    # When ``duplex cancel --step`` asked this step's running attempt to stop (migration 0015);
+    # its worker's sweep finds it (duplex.storage.cancels). Cleared by ``duplex retry``.
+    Column("cancel_requested_at", UTCDateTime),
     UniqueConstraint("task_uuid", "name"),
     # The claim query: per priority level, the steps of a namespace due by now, oldest first
     # (``next_attempt_at`` is the not-before time: ready since, due at, scheduled for).

@@ -74,13 +74,15 @@ class StepChange:
 class OperatorReport:
     """What an operator command did."""
 
-    action: str  # "cancel", "retry", "resolve" or "complete"
+    action: str  # "cancel", "cancel_step", "retry", "resolve" or "complete"
     task_uuid: str
     task_state: str
     changes: tuple[StepChange, ...]
     still_running: int = 0
     # The events written (a step completed by hand, and waits a stored signal completed).
     events: tuple[DomainEvent, ...] = ()
+    # ``cancel_step``: the step, as "'name' (uuid)" (it may have moved nowhere yet).
+    subject: str = ""
 
     @property
     def made_ready(self) -> bool:
@@ -94,11 +96,15 @@ class OperatorReport:
         if self.action == "cancel":
             line = f"cancelled task {self.task_uuid}: {len(self.changes)} step(s) cancelled"
             if self.still_running:
-                line += (
-                    f"; {self.still_running} running step(s) will finish "
-                    f"without resuming the workflow"
-                )
+                line += f"; {self.still_running} running attempt(s) asked to stop"
             return line
+        if self.action == "cancel_step":
+            if self.still_running:
+                return (
+                    f"step {self.subject} is running: its attempt was asked to stop; "
+                    f"task {self.task_uuid} is {self.task_state}"
+                )
+            return f"step {self.subject} cancelled; task {self.task_uuid} is {self.task_state}"
         first, *unblocked = self.changes
         if self.action == "retry":
             again = "waiting once more" if first.to_state == WAITING else "enqueued"
@@ -132,10 +138,13 @@ def cancel_task(
     now: datetime,
     reason: str | None = None,
 ) -> OperatorReport:
-    """Cancel a task: steps not yet running are cancelled; running ones finish.
+    """Cancel a task: steps not yet running are cancelled now; running ones are cancelled by
+    their workers, each at its next sweep (``duplex.storage.cancels``), every step ending
+    ``cancelled``.
 
-    The results of steps still running are recorded when they arrive, but they do not resume
-    the workflow: no dependent is enqueued and no retry is scheduled (``commit_outcomes``).
+    A result that arrives before its worker heard of the cancel is recorded, but it does not
+    resume the workflow: no dependent is enqueued and no retry is scheduled
+    (``commit_outcomes``).
     """
     task_id = parse_uuid(task_uuid, "task")
     state = lock_tasks(conn, [task_id]).get(task_id)
@@ -158,8 +167,8 @@ def cancel_task(
             .where(ws.c.step_uuid.in_([s.step_uuid for s in steps]))
             .values(state=CANCELLED, next_attempt_at=None, completed_at=now, updated_at=now)
         )
-    why = _why("cancelled by operator", reason)
-    _write_transitions(
+    why = operator_reason("cancelled by operator", reason)
+    write_transitions(
         conn, [(s.step_uuid, s.state, CANCELLED, s.attempts, why) for s in steps], operator, now
     )
     conn.execute(
@@ -187,27 +196,29 @@ def retry_step(
     now: datetime,
     reason: str | None = None,
 ) -> OperatorReport:
-    """Give a step in ``error`` one more attempt: back to ``enqueued``, task back in progress.
+    """Give a step in ``error`` (or ``cancelled`` on its own, ``duplex cancel --step``) one
+    more attempt: back to ``enqueued``, task back in progress; its cancel request is cleared.
 
     If its attempts are used up, ``max_attempts`` is raised to allow exactly one more. A wait
     step that timed out (``wait_timeout``) waits once more instead, its timeout counted from
     now: no handler runs it, so enqueuing it would have no one to claim it.
     """
-    step = _locked_step(conn, step_uuid)
-    _check_task_open(conn, step, "retry")
-    if step.state != ERROR:
+    step = locked_step(conn, step_uuid)
+    check_task_open(conn, step, "retry")
+    if step.state not in (ERROR, CANCELLED):
         raise TransitionError(
             f"cannot retry step {step.name!r} ({step.step_uuid}): it is {step.state}; "
-            f"only a step in error can be retried"
+            f"only a step in error or cancelled can be retried"
         )
     max_attempts = max(step.max_attempts, step.attempts + 1)
     again = wait_until(step.kind, step.spec, now)
     to_state, next_at = (ENQUEUED, now) if again is None else (WAITING, again.at)
     conn.execute(
         update(ws)
-        .where(ws.c.step_uuid == step.step_uuid, ws.c.state == ERROR)
+        .where(ws.c.step_uuid == step.step_uuid, ws.c.state == step.state)
         .values(
             state=to_state,
+            cancel_requested_at=None,
             max_attempts=max_attempts,
             next_attempt_at=next_at,
             claimed_by=None,
@@ -216,18 +227,20 @@ def retry_step(
             updated_at=now,
         )
     )
-    why = _why("retried by operator", reason)
+    why = operator_reason("retried by operator", reason)
     if again is not None:
         why += f"; {again.reason}"
     elif max_attempts != step.max_attempts:
         why += f" (max_attempts raised to {max_attempts})"
-    _write_transitions(conn, [(step.step_uuid, ERROR, to_state, step.attempts, why)], operator, now)
+    write_transitions(
+        conn, [(step.step_uuid, step.state, to_state, step.attempts, why)], operator, now
+    )
     update_task_states(conn, [step.task_uuid], now=now)
     return OperatorReport(
         "retry",
         step.task_uuid,
-        _task_state(conn, step.task_uuid),
-        (StepChange(step.step_uuid, step.name, ERROR, to_state),),
+        task_state_of(conn, step.task_uuid),
+        (StepChange(step.step_uuid, step.name, step.state, to_state),),
     )
 
 
@@ -276,8 +289,8 @@ def _finish_by_hand(
     reason: str | None,
 ) -> OperatorReport:
     action, verb = ("complete", "completed") if to_state == COMPLETE else ("resolve", "resolved")
-    step = _locked_step(conn, step_uuid)
-    _check_task_open(conn, step, action)
+    step = locked_step(conn, step_uuid)
+    check_task_open(conn, step, action)
     # Only an attempt moves a step out of in_progress: COMPLETABLE leaves it out.
     allowed = COMPLETABLE if to_state == COMPLETE else _RESOLVABLE
     if step.state not in allowed:
@@ -285,20 +298,20 @@ def _finish_by_hand(
             f"cannot {action} step {step.name!r} ({step.step_uuid}): it is {step.state}; "
             f"only a step that is {', '.join(sorted(allowed))} can be {verb}"
         )
-    why = _why(f"{verb} by operator", reason)
+    why = operator_reason(f"{verb} by operator", reason)
     moved, events = finish_by_hand(
         conn, step, to_state, result, operator=operator, now=now, why=why
     )
     return OperatorReport(
         action,
         step.task_uuid,
-        _task_state(conn, step.task_uuid),
+        task_state_of(conn, step.task_uuid),
         tuple(StepChange(*m) for m in moved),
         events=tuple(events),
     )
 
 
-def _locked_step(conn: Connection, step_uuid: str) -> Row[Any]:
+def locked_step(conn: Connection, step_uuid: str) -> Row[Any]:
     """Lock the step's task, then read (and on PostgreSQL lock) the step."""
     step_id = parse_uuid(step_uuid, "step")
     task_uuid = conn.execute(
@@ -317,12 +330,13 @@ def _locked_step(conn: Connection, step_uuid: str) -> Row[Any]:
         ws.c.kind,
         ws.c.spec,
         ws.c.declared_events,
+        ws.c.error,
     ).where(ws.c.step_uuid == step_id)
     return conn.execute(_for_update(conn, query)).one()
 
 
-def _check_task_open(conn: Connection, step: Row[Any], verb: str) -> None:
-    state = _task_state(conn, step.task_uuid)
+def check_task_open(conn: Connection, step: Row[Any], verb: str) -> None:
+    state = task_state_of(conn, step.task_uuid)
     if state == TASK_CANCELLED:
         raise TransitionError(
             f"cannot {verb} step {step.name!r} ({step.step_uuid}): "
@@ -330,7 +344,7 @@ def _check_task_open(conn: Connection, step: Row[Any], verb: str) -> None:
         )
 
 
-def _task_state(conn: Connection, task_uuid: str) -> str:
+def task_state_of(conn: Connection, task_uuid: str) -> str:
     return str(
         conn.execute(select(tasks.c.state).where(tasks.c.task_uuid == task_uuid)).scalar_one()
     )
@@ -340,12 +354,12 @@ def _for_update(conn: Connection, query: Any) -> Any:
     return query.with_for_update() if conn.dialect.name == "postgresql" else query
 
 
-def _why(action: str, reason: str | None) -> str:
+def operator_reason(action: str, reason: str | None) -> str:
     reason = " ".join((reason or "").split())
     return f"{action}: {reason}" if reason else action
 
 
-def _write_transitions(
+def write_transitions(
     conn: Connection,
     moves: Sequence[tuple[str, str, str, int, str]],
     operator: str,

@@ -100,7 +100,9 @@ def reference_status(spec: list[str]) -> tuple[str, int]:
     Returns (execution_status, ready_steps).
     """
     ready = sum(1 for s in spec if s in ("enqueued", RETRY_DUE))
-    if "error" in spec:
+    # A step cancelled in a task that goes on was cancelled on its own (``duplex cancel
+    # --step``, migration 0015): its dependents cannot run, as after an error.
+    if "error" in spec or "cancelled" in spec:
         return "blocked_by_failures", ready
     if ready:
         return "has_ready_steps", ready
@@ -136,9 +138,7 @@ CASES = [
     ),
     pytest.param(["complete", "resolved_manually"], "all_complete", 0, id="complete+resolved"),
     pytest.param(["complete", "pending"], "waiting_for_dependencies", 0, id="complete+pending"),
-    pytest.param(
-        ["complete", "cancelled"], "waiting_for_dependencies", 0, id="cancelled-is-not-complete"
-    ),
+    pytest.param(["complete", "cancelled"], "blocked_by_failures", 0, id="cancelled-step-blocks"),
     pytest.param([RETRY_LATER, "in_progress"], "processing", 0, id="retry-not-due+in-progress"),
 ]
 
@@ -199,6 +199,9 @@ def test_execution_status_matches_the_design_for_any_mix(
         pytest.param(TASK_PENDING, {"in_progress": 1, "pending": 1}, TASK_IN_PROGRESS, id="run"),
         pytest.param(TASK_IN_PROGRESS, {"complete": 2, "resolved_manually": 1}, TASK_COMPLETE),
         pytest.param(TASK_IN_PROGRESS, {"error": 1, "pending": 3}, TASK_ERROR, id="blocked"),
+        pytest.param(
+            TASK_IN_PROGRESS, {"cancelled": 1, "pending": 1}, TASK_ERROR, id="step-cancelled"
+        ),
         pytest.param(
             TASK_IN_PROGRESS, {"error": 1, "in_progress": 1}, TASK_IN_PROGRESS, id="sibling-runs"
         ),
