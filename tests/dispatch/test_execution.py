@@ -8,6 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from duplex.dispatch.attempt import normalise_result, run_attempt
+from duplex.dispatch.attempt import cancel_failure, normalise_result, run_attempt
+from duplex.errors import CANCELLED as CANCELLED_ERROR
 from duplex.errors import (
     HANDLER_ABORTED,
     HANDLER_ERROR,
@@ -24,6 +26,7 @@ from duplex.errors import (
     HANDLER_TIMEOUT,
     INVALID_RESULT,
     RESULT_TOO_LARGE,
+    TASK_DEADLINE_EXCEEDED,
     PermanentError,
     RetryableError,
 )
@@ -665,3 +668,17 @@ def test_a_cancellation_wakes_every_waiter_and_stays_set() -> None:
     assert cancellation.is_set()
     assert bool(cancellation)
     assert cancellation.wait(0)  # already set: returns at once
+
+
+def test_a_cancel_of_a_task_past_its_deadline_keeps_the_deadlines_error_type() -> None:
+    now = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+    step = ClaimedStep(
+        "s", "t", "n", "h", 1, 3, True, None, "w", deadline_at=now - timedelta(seconds=1)
+    )
+    assert cancel_failure(step, step_only=False, ran=True, now=now).error_type == (
+        TASK_DEADLINE_EXCEEDED
+    )
+    live = replace(step, deadline_at=now + timedelta(seconds=1))
+    failure = cancel_failure(live, step_only=True, ran=False, now=now)
+    assert (failure.error_type, failure.retryable) == (CANCELLED_ERROR, False)
+    assert "of the step" in failure.message

@@ -245,3 +245,20 @@ PoolMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_handler_pool_machine = PoolMachine.TestCase
+
+
+def test_cancel_abandons_the_running_attempt_or_drops_a_waiting_one() -> None:
+    pool = filled_pool(1)
+    running, waiting = make_step(), make_step()
+    pool.enqueue([running, waiting])
+    (run,) = pool.assign(default_timeout_s=30)
+
+    assert pool.cancel(waiting.step_uuid, waiting.attempt) == waiting
+    assert list(pool.waiting) == []
+    assert pool.cancel(running.step_uuid, running.attempt + 1) is None  # another attempt
+    assert pool.cancel(running.step_uuid, running.attempt) == run
+    # Its worker is abandoned: a late finish frees no slot, and nothing is held any more.
+    assert pool.finished(run.worker_id, running.step_uuid, running.attempt) is False
+    assert pool.busy == 0
+    assert pool.cancel(running.step_uuid, running.attempt) is None
+    assert pool.cancels == 2
