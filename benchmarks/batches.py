@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -236,8 +237,10 @@ def rss_kib(field: str = "VmRSS") -> int:
 class Sampler:
     """RSS every ``SAMPLE_S``, with how many outcomes were committed by then."""
 
-    def __init__(self, committed: list[int]) -> None:
+    def __init__(self, committed: list[int], items: int) -> None:
         self.committed = committed
+        self.items = items
+        self.objects: list[tuple[int, int]] = []
         self.samples: list[tuple[float, int, int]] = []
         self.t0 = time.perf_counter()
         self._stop = threading.Event()
@@ -248,8 +251,14 @@ class Sampler:
         self._thread.start()
 
     def _run(self) -> None:
+        marks = [self.items // 4, self.items * 3 // 4]
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter() - self.t0, rss_kib(), self.committed[0]))
+            done = self.committed[0]
+            self.samples.append((time.perf_counter() - self.t0, rss_kib(), done))
+            if marks and done >= marks[0]:
+                # Python objects the collector tracks: grows if something keeps every item.
+                self.objects.append((done, len(gc.get_objects())))
+                marks.pop(0)
             self._stop.wait(SAMPLE_S)
 
     def stop(self) -> None:
@@ -278,7 +287,7 @@ def child_main(variant: str, backend: str, items: int, profile: str | None) -> i
         out["parse_s"], out["write_s"] = t1 - t0, time.perf_counter() - t1
         committed = [0]
         batch_commit: dict[str, float] = {}
-        sampler = Sampler(committed)
+        sampler = Sampler(committed, items)
 
         def observe(report: CommitReport) -> None:
             committed[0] += len(report.applied)
@@ -314,6 +323,7 @@ def child_main(variant: str, backend: str, items: int, profile: str | None) -> i
         total=[(r.state, r.results) for r in rows],
         batch_commit=batch_commit,
         samples=sampler.samples,
+        objects=sampler.objects,
         measured=MEASURED,
     )
     if profilers is not None:
@@ -386,6 +396,7 @@ def describe_memory(child: Child) -> dict[str, Any]:
         "hwm": child.data["hwm_end_kib"],
         "end": child.data["rss_end_kib"],
         "from_quarter": (quarter[0], max(quarter)) if quarter else None,
+        "objects": child.data["objects"],
     }
 
 
@@ -457,8 +468,15 @@ def bench_backend(backend: str, rounds: int, items: int, profile: str | None) ->
                 f"   RSS {variant:<6} start {fmt_kib(m['start'])}, after the batch commit "
                 f"{fmt_kib(m['after_commit']) if m['after_commit'] else '-'}, max "
                 f"{fmt_kib(m['max'])} (VmHWM {fmt_kib(m['hwm'])}), end {fmt_kib(m['end'])};"
-                f" from 1/4 of the items done to the max {grew}"
+                f" from 1/4 of the items done to the max {grew}; Python objects at "
+                + ", ".join(f"{done} done {n}" for done, n in m["objects"])
             )
+        samples = runs[variant][len(mems) // 2].data["samples"]
+        step = max(1, len(samples) // 10)
+        print(
+            f"   RSS {variant:<6} timeline of round {len(mems) // 2 + 1} (s: MiB, items done): "
+            + "; ".join(f"{at:.1f}: {kib / 1024:.1f}, {done}" for at, kib, done in samples[::step])
+        )
         m = mems[len(mems) // 2]
         quarter = m["from_quarter"]
         results.append(
