@@ -447,7 +447,21 @@ def bench_backend(backend: str, rounds: int, items: int, profile: str | None) ->
         f" (pairs {', '.join(f'{x:.2f}' for x in pair_ratios)})"
     )
     commits = [c.data["batch_commit"]["at_s"] for c in runs["batch"]]
-    print(f"   batch commit (10k items created) at {spread(commits, '{:.2f}')} s after start")
+    print(f"   the batch's commit ({items} items created) at {spread(commits, '{:.2f}')} s")
+    # Two other readings of the same runs: the batch from its commit on (its items only), and
+    # the static task with its submission (parse and write, the cost the batch pays in its
+    # commit) counted in.
+    after_commit = [
+        items / (c.data["drain_s"] - c.data["batch_commit"]["at_s"]) for c in runs["batch"]
+    ]
+    with_submit = [
+        items / (c.data["drain_s"] + c.data["parse_s"] + c.data["write_s"]) for c in runs["static"]
+    ]
+    print(
+        f"   batch from its commit on {statistics.median(after_commit):.0f}/s"
+        f" ({spread(after_commit)}); static with its submission"
+        f" {statistics.median(with_submit):.0f}/s ({spread(with_submit)})"
+    )
     results = [
         Result(backend, "batch items/s", f"{median['batch']:.0f} ({spread(rates['batch'])})"),
         Result(backend, "static items/s", f"{median['static']:.0f} ({spread(rates['static'])})"),
@@ -457,6 +471,18 @@ def bench_backend(backend: str, rounds: int, items: int, profile: str | None) ->
             f"{ratio:.2f} (pairs {spread(pair_ratios, '{:.2f}')})",
             ">= 0.80",
             ratio >= 0.80,
+        ),
+    ]
+    results += [
+        Result(
+            backend,
+            "batch items/s from its commit on",
+            f"{statistics.median(after_commit):.0f} ({spread(after_commit)})",
+        ),
+        Result(
+            backend,
+            "static items/s, submission counted",
+            f"{statistics.median(with_submit):.0f} ({spread(with_submit)})",
         ),
     ]
     for variant in VARIANTS:
