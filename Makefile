@@ -38,6 +38,7 @@ bench: $(LINKS)
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/relay.py
 	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/batches.py
 
 # Recovery time after SIGKILL (needs PostgreSQL on 127.0.0.1:5432, and root for unshare).
 bench-recovery: $(LINKS)
