@@ -134,6 +134,11 @@ _STEPS_BY_NAME = select(ws.c.step_uuid).where(
 )
 
 
+# Items are written this many at a time, all in the one transaction: the rows of a 100,000-item
+# batch are never built at once (about 2 KiB each as parameters).
+_ITEMS_PER_WRITE = 1000
+
+
 def _create_items(
     conn: Connection,
     batches: Sequence[BatchMade],
@@ -147,8 +152,6 @@ def _create_items(
     and to each convergence step, which so waits for every item (and runs at once for none)."""
     ids = [batch.step_uuid for batch in batches]
     rows = {row.step_uuid: row for row in conn.execute(_BATCH_ROWS, {"ids": ids})}
-    steps: list[dict[str, Any]] = []
-    new_edges: list[dict[str, Any]] = []
     for batch in batches:
         row = rows[batch.step_uuid]
         spec = row.spec or {}
@@ -164,46 +167,50 @@ def _create_items(
             else []
         )
         why = f"created by batch {batch.name}"
-        for index, item in enumerate(batch.items):
-            item_uuid = str(uuid.uuid4())
-            steps.append(
-                {
-                    "step_uuid": item_uuid,
-                    "task_uuid": batch.task_uuid,
-                    "namespace": row.namespace,
-                    "name": f"{worker['name']}[{index}]",
-                    "handler": worker["handler"],
-                    "kind": "handler",
-                    "spec": None,
-                    "position": row.position,
-                    "item_index": index,
-                    "state": ENQUEUED,
-                    "attempts": 0,
-                    "max_attempts": worker["max_attempts"],
-                    "retryable": worker["retryable"],
-                    "timeout_ms": worker.get("timeout_ms"),
-                    "inputs": {**(worker.get("inputs") or {}), "item": item},
-                    "declared_events": worker.get("declared_events") or [],
-                    "priority": worker.get("priority", 0),
-                    "next_attempt_at": now,
-                    "retry_policy": worker.get("retry_policy"),
-                    "created_at": now,
-                    "updated_at": now,
-                }
-            )
-            new_edges.append({"from_step_uuid": batch.step_uuid, "to_step_uuid": item_uuid})
-            new_edges.extend(
-                {"from_step_uuid": item_uuid, "to_step_uuid": target} for target in convergence
-            )
-            progress.ready.append(
-                ReadyStep(item_uuid, row.namespace, worker.get("priority", 0), "handler")
-            )
-            progress.transitions.append(
-                transition_row(item_uuid, None, ENQUEUED, 0, worker_id, at, why)
-            )
+        for first in range(0, len(batch.items), _ITEMS_PER_WRITE):
+            steps: list[dict[str, Any]] = []
+            new_edges: list[dict[str, Any]] = []
+            chunk = batch.items[first : first + _ITEMS_PER_WRITE]
+            for index, item in enumerate(chunk, start=first):
+                item_uuid = str(uuid.uuid4())
+                steps.append(
+                    {
+                        "step_uuid": item_uuid,
+                        "task_uuid": batch.task_uuid,
+                        "namespace": row.namespace,
+                        "name": f"{worker['name']}[{index}]",
+                        "handler": worker["handler"],
+                        "kind": "handler",
+                        "spec": None,
+                        "position": row.position,
+                        "item_index": index,
+                        "state": ENQUEUED,
+                        "attempts": 0,
+                        "max_attempts": worker["max_attempts"],
+                        "retryable": worker["retryable"],
+                        "timeout_ms": worker.get("timeout_ms"),
+                        "inputs": {**(worker.get("inputs") or {}), "item": item},
+                        "declared_events": worker.get("declared_events") or [],
+                        "priority": worker.get("priority", 0),
+                        "next_attempt_at": now,
+                        "retry_policy": worker.get("retry_policy"),
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+                new_edges.append({"from_step_uuid": batch.step_uuid, "to_step_uuid": item_uuid})
+                new_edges.extend(
+                    {"from_step_uuid": item_uuid, "to_step_uuid": target} for target in convergence
+                )
+                progress.ready.append(
+                    ReadyStep(item_uuid, row.namespace, worker.get("priority", 0), "handler")
+                )
+                progress.transitions.append(
+                    transition_row(item_uuid, None, ENQUEUED, 0, worker_id, at, why)
+                )
+            _INSERT_STEPS.execute(conn, steps)
+            _INSERT_EDGES.execute(conn, new_edges)
         progress.items_created += len(batch.items)
-    _INSERT_STEPS.execute(conn, steps)
-    _INSERT_EDGES.execute(conn, new_edges)
 
 
 # --- decisions ------------------------------------------------------------------------------

@@ -55,7 +55,11 @@ _SAVE_CHECKPOINT = (
 # A batch's items are named ``WORKER[i]`` with ``item_index`` = i (``duplex.storage.expansion``):
 # comparing the whole name built from the index matches exactly this batch's items, whatever
 # characters the worker's name holds (no LIKE pattern to escape), and the range on
-# ``item_index`` within the task walks the (task_uuid, item_index) index in order.
+# ``item_index`` within the task walks the (task_uuid, item_index) index in order. The range
+# is closed (``after < item_index <= after + limit``): a batch's items are numbered 0..N-1 with
+# no gap, all created in one transaction and never removed alone, so the page is exactly that
+# range; without the upper bound PostgreSQL's planner, expecting a handful of rows, read every
+# later item and sorted them for each page (a full read grew with the square of the batch).
 _ITEM_NAME = (
     bindparam("item_prefix", type_=String()).concat(cast(ws.c.item_index, String())).concat("]")
 )
@@ -64,6 +68,7 @@ _BATCH_PAGE = (
     .where(
         ws.c.task_uuid == bindparam("task_uuid"),
         ws.c.item_index > bindparam("after"),
+        ws.c.item_index <= bindparam("upto"),
         ws.c.name == _ITEM_NAME,
     )
     .order_by(ws.c.item_index)
@@ -106,6 +111,7 @@ class DatabaseStepStore:
                 {
                     "task_uuid": task_uuid,
                     "after": after,
+                    "upto": after + limit,
                     "item_prefix": f"{worker}[",
                     "limit": limit,
                 },
