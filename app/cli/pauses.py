@@ -16,7 +16,14 @@ from duplex.errors import InputError
 from duplex.intake.wake import wake_local_workers
 from duplex.settings import Settings
 from duplex.storage.operations import operator_identity
-from duplex.storage.pauses import NAMESPACE, TEMPLATE, pause, resume
+from duplex.storage.pauses import (
+    NAMESPACE,
+    TEMPLATE,
+    pause,
+    pause_summary,
+    resume,
+    resume_summary,
+)
 
 
 def add_commands(sub: Any) -> None:
@@ -50,11 +57,7 @@ def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
             now=utcnow(),
             reason=args.reason,
         )
-    if new:
-        print(f"paused {paused.label}: no new claims; running steps finish")
-    else:
-        since = paused.paused_at.isoformat(timespec="seconds")
-        print(f"{paused.label} was already paused (since {since}, by {paused.paused_by})")
+    print(pause_summary(paused, new))
     return 0
 
 
@@ -66,8 +69,7 @@ def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
         if namespaces:  # SQLite: wake this host's workers (PostgreSQL was notified)
             claim_timeout_s = settings.event_system.claim_timeout_s
             wake_local_workers(db, claim_timeout_s=claim_timeout_s, namespaces=namespaces)
-    label = f"{kind} {name!r}"
-    print(f"resumed {label}" if lifted else f"{label} was not paused; nothing to do")
+    print(resume_summary(kind, name, lifted))
     return 0
 
 

@@ -132,6 +132,20 @@ def list_pauses(conn: Connection) -> list[Pause]:
     return [Pause(**row._mapping) for row in rows]
 
 
+def pause_summary(paused: Pause, new: bool) -> str:
+    """The one line ``duplex pause`` prints and the dashboard shows, for ``pause``'s answer."""
+    if new:
+        return f"paused {paused.label}: no new claims; running steps finish"
+    since = paused.paused_at.isoformat(timespec="seconds")
+    return f"{paused.label} was already paused (since {since}, by {paused.paused_by})"
+
+
+def resume_summary(kind: str, name: str, lifted: Pause | None) -> str:
+    """The one line ``duplex resume`` prints and the dashboard shows, for ``resume``'s answer."""
+    label = f"{kind} {name!r}"
+    return f"resumed {label}" if lifted else f"{label} was not paused; nothing to do"
+
+
 def _find(conn: Connection, kind: str, name: str) -> Pause | None:
     row = conn.execute(
         select(pauses).where(pauses.c.kind == kind, pauses.c.name == name)
