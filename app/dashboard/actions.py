@@ -17,7 +17,7 @@ from typing import Any
 
 from duplex.clock import utcnow
 from duplex.dashboard.security import operator_name
-from duplex.dashboard.web import HttpError, Request, Response, cookie_header, redirect
+from duplex.dashboard.web import HttpError, Request, Response, cookie_header, redirect, safe_next
 from duplex.dynamic.kinds import WAIT
 from duplex.errors import InputError
 from duplex.intake.wake import wake_local_workers
@@ -25,6 +25,7 @@ from duplex.settings import Settings
 from duplex.storage.dashboard_detail import step_detail
 from duplex.storage.db import Database
 from duplex.storage.operations import OperatorReport, complete_step
+from duplex.storage.pauses import pause, pause_summary, resume, resume_summary
 from duplex.storage.signals import send_signal
 
 MAX_REASON = 1000
@@ -126,3 +127,29 @@ def signal(db: Database, settings: Settings, request: Request, step_uuid: str) -
             namespaces=report.namespaces,
         )
     return done(f"/tasks/{step.task_uuid}", report.summary)
+
+
+def pause_work(db: Database, settings: Settings, request: Request) -> Response:
+    """Pause the namespace or template named in the form (``duplex pause``); a pause in force
+    stays as it was, and the line says so."""
+    kind, name = request.form.get("kind", ""), request.form.get("name", "")
+    operator, reason = operator_of(request), reason_of(request)
+    with db.write() as conn:
+        paused, new = pause(
+            conn, kind=kind, name=name, operator=operator, now=utcnow(), reason=reason
+        )
+    return done(safe_next(request.form), pause_summary(paused, new))
+
+
+def resume_work(db: Database, settings: Settings, request: Request) -> Response:
+    """Lift the pause of the namespace or template named in the form (``duplex resume``), then
+    wake this host's workers for its namespaces as the CLI does (SQLite; PostgreSQL was
+    notified at the commit). Nothing records who resumed, so no operator name is asked."""
+    kind, name = request.form.get("kind", ""), request.form.get("name", "")
+    with db.write() as conn:
+        lifted, namespaces = resume(conn, kind=kind, name=name)
+    if namespaces:
+        wake_local_workers(
+            db, claim_timeout_s=settings.event_system.claim_timeout_s, namespaces=namespaces
+        )
+    return done(safe_next(request.form), resume_summary(kind, name, lifted))

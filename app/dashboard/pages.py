@@ -46,6 +46,7 @@ from duplex.storage.dashboard_list import (
     status_counts,
     task_page,
 )
+from duplex.storage.pauses import NAMESPACE, TEMPLATE, Pause, list_pauses
 from duplex.storage.queries import parse_uuid, transitions_of_task
 from duplex.storage.workers import judged_workers
 
@@ -106,12 +107,14 @@ class TaskList:
     counts: dict[str, int]
     names: list[str]
     namespaces: list[str]
+    pauses: list[Pause]  # every pause in force, oldest first
 
 
 def task_list(conn: Connection, query: TaskListQuery, *, page_size: int) -> TaskList:
     page = task_page(conn, query.filter, limit=page_size, before=query.before, after=query.after)
     names, namespaces = filter_choices(conn)
-    return TaskList(query, page, status_counts(conn, query.filter), names, namespaces)
+    counts = status_counts(conn, query.filter)
+    return TaskList(query, page, counts, names, namespaces, list_pauses(conn))
 
 
 # ------------------------------------------------------------------------------------------
@@ -135,6 +138,8 @@ class TaskView:
     groups: dict[str, BatchGroup] = field(default_factory=dict)
     # Why a skipped step did not run, what a waiting step waits for (keyed by step uuid).
     notes: dict[str, str] = field(default_factory=dict)
+    # The pauses that hold this task's steps back, keyed by kind: its namespace, its template.
+    paused: dict[str, Pause] = field(default_factory=dict)
 
 
 def task_view(conn: Connection, task_uuid: str, *, now: datetime) -> TaskView:
@@ -171,6 +176,11 @@ def task_view(conn: Connection, task_uuid: str, *, now: datetime) -> TaskView:
         cancellable=task.state not in (TASK_CANCELLED, TASK_COMPLETE),
         groups={g.batch_uuid: g for g in groups},
         notes=notes,
+        paused={
+            p.kind: p
+            for p in list_pauses(conn)
+            if (p.kind, p.name) in ((NAMESPACE, task.namespace), (TEMPLATE, task.name))
+        },
     )
 
 

@@ -104,6 +104,8 @@ class Dashboard:
             ("POST", re.compile(rf"^/steps/{_UUID}/resolve$"), self._resolve),
             ("POST", re.compile(rf"^/steps/{_UUID}/complete$"), self._complete),
             ("POST", re.compile(rf"^/steps/{_UUID}/signal$"), self._signal),
+            ("POST", re.compile(r"^/pause$"), self._pause),
+            ("POST", re.compile(r"^/resume$"), self._resume),
             ("GET", re.compile(r"^/static/(?P<name>[\w.-]+)$"), self._static),
         ]
 
@@ -293,6 +295,12 @@ class Dashboard:
     def _signal(self, request: Request, args: dict[str, str]) -> Response:
         return actions.signal(self.db, self.settings, request, args["uuid"])
 
+    def _pause(self, request: Request, args: dict[str, str]) -> Response:
+        return actions.pause_work(self.db, self.settings, request)
+
+    def _resume(self, request: Request, args: dict[str, str]) -> Response:
+        return actions.resume_work(self.db, self.settings, request)
+
     # -- static files ----------------------------------------------------------------------
 
     def _static(self, request: Request, args: dict[str, str]) -> Response:
@@ -326,6 +334,7 @@ class Dashboard:
             "login_required": self.guard.login_required,
             "csrf": self.guard.csrf_token(request.cookies[CSRF_COOKIE]),
             "flash": flash,
+            "here": full_path(request),  # where a form's action sends the browser back
         }
         page = self.env.get_template(template)
         if request.live:
