@@ -81,6 +81,13 @@ class Site:
                 transaction.rollback()
         return len(claimed)
 
+    def browser(self, task: str) -> Browser:
+        """A browser with the form token of ``task``'s page (its Pause forms carry one)."""
+        browser = Browser(self.port)
+        assert browser.get(f"/tasks/{task}").status == 200
+        assert browser.csrf
+        return browser
+
     def cli_line(self, command: str, capsys: pytest.CaptureFixture[str], **target: str) -> str:
         """What ``duplex pause|resume`` prints for ``target`` (it runs, in this process)."""
         args = argparse.Namespace(
@@ -247,9 +254,8 @@ def test_the_pause_button_writes_the_pause_with_operator_and_reason(
 def test_resume_lifts_the_pause_and_wakes_this_hosts_workers(
     site: Site, wake_socket: socket.socket, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, namespace, template = site.submit()
-    browser = Browser(site.port)
-    browser.get("/tasks")
+    task, namespace, template = site.submit()
+    browser = site.browser(task)
     with site.db.write() as conn:
         pause(conn, kind="namespace", name=namespace, operator="operator:kim", now=utcnow())
         pause(conn, kind="template", name=template, operator="operator:kim", now=utcnow())
@@ -280,13 +286,12 @@ def test_resume_lifts_the_pause_and_wakes_this_hosts_workers(
 def test_without_the_csrf_token_or_from_another_site_nothing_is_paused_or_resumed(
     site: Site,
 ) -> None:
-    _, namespace, _ = site.submit()
+    task, namespace, _ = site.submit()
     with site.db.write() as conn:
         pause(
             conn, kind="namespace", name=f"{namespace}-held", operator="operator:kim", now=utcnow()
         )
-    browser = Browser(site.port)
-    browser.get("/tasks")
+    browser = site.browser(task)
     rows = site.pause_rows()
     for path, name in (("/pause", namespace), ("/resume", f"{namespace}-held")):
         form = {"kind": "namespace", "name": name, "operator": "ann"}
@@ -318,8 +323,7 @@ def test_without_the_csrf_token_or_from_another_site_nothing_is_paused_or_resume
 def test_bad_pause_forms_are_one_line_and_write_nothing(
     site: Site, form: dict[str, str], status: int, message: str
 ) -> None:
-    browser = Browser(site.port)
-    browser.get("/tasks")
+    browser = site.browser(site.submit()[0])
     rows = site.pause_rows()
     sent = {"operator": "ann", **form}
     assert message in assert_error_page(browser.post("/pause", sent), status)
