@@ -17,6 +17,7 @@ from duplex.storage.models import (
     UTCDateTime,
     domain_event_actions,
     domain_events,
+    step_signals,
     tasks,
     workflow_step_edges,
     workflow_step_transitions,
@@ -103,6 +104,8 @@ def prune_batch(conn: Connection, *, cutoff: datetime, limit: int) -> PruneCount
                 or_(edges.c.from_step_uuid.in_(step_ids), edges.c.to_step_uuid.in_(step_ids))
             )
         )
+        # A finished task's signals (``duplex signal``) go with it.
+        conn.execute(delete(step_signals).where(step_signals.c.task_uuid.in_(task_ids)))
         counts.steps = conn.execute(delete(ws).where(ws.c.task_uuid.in_(task_ids))).rowcount
         counts.tasks = conn.execute(delete(tasks).where(tasks.c.task_uuid.in_(task_ids))).rowcount
         return counts

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
 
+from duplex.clock import utcnow
 from duplex.errors import InputError, TransitionError
 from duplex.storage.db import Database
+from duplex.storage.models import domain_events, tasks
 from duplex.storage.operations import cancel_task, resolve_step
+from duplex.storage.retention import prune_batch
 from duplex.storage.signals import COMPLETED, DUPLICATE, STORED
 from tests.dynamic.support import (
     APPROVAL,
@@ -195,3 +200,27 @@ def test_a_signal_id_used_for_another_name_is_refused(db: Database) -> None:
         signal(flow, "rejected", payload={}, signal_id="s")
 
     assert snapshot(db) == before
+
+
+def test_pruning_a_finished_task_removes_its_signals(db: Database) -> None:
+    flow = Flow(db, APPROVAL)
+    start_wait(flow)
+    signal(flow, payload={"ok": True}, signal_id="mail-9")
+    for claimed in flow.claim("ship", "notify"):
+        flow.run(claimed)
+    assert flow.task_row().state == "complete"
+    old = utcnow() - timedelta(days=10)
+    with db.write() as conn:
+        conn.execute(update(tasks).where(tasks.c.task_uuid == flow.task).values(completed_at=old))
+        conn.execute(
+            update(domain_events)
+            .where(domain_events.c.task_uuid == flow.task)
+            .values(created_at=old, published_at=old)
+        )
+    assert len(signal_rows(flow)) == 1
+
+    with db.write() as conn:
+        pruned = prune_batch(conn, cutoff=utcnow() - timedelta(days=1), limit=10)
+
+    assert pruned.tasks == 1
+    assert signal_rows(flow) == []
