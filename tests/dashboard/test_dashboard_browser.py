@@ -444,7 +444,7 @@ def test_retry_runs_the_failed_step_again(stack: Stack, session: Session) -> Non
     cli = stack.duplex.run("retry", flaky)
     assert cli.returncode != 0
     assert cli.stderr == f"duplex: error: {message}\n"
-    assert "only a step in error can be retried" in message
+    assert "only a step in error or cancelled can be retried" in message
     screenshot(other, "conflict.png")
     # Nothing was written by the refused moves: still two attempts, one operator retry.
     assert stack.duplex.sql(
