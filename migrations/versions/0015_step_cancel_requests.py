@@ -66,7 +66,10 @@ _READY = (
     " OR (s.state = 'waiting_for_retry' AND s.next_attempt_at <= {now})"
 )
 # SQLite keeps timestamps as 'YYYY-MM-DD HH:MM:SS.ffffff' text in UTC; compare like with like.
-_NOW = {"sqlite": "strftime('%Y-%m-%d %H:%M:%f000', 'now')", "postgresql": "now()"}
+# Its clock reads milliseconds: "now" is the end of the current millisecond (``%f999``), so a
+# step made ready within it (``next_attempt_at`` = the writer's clock, to the microsecond)
+# reads as ready, not as scheduled for later in that same millisecond.
+_NOW = {"sqlite": "strftime('%Y-%m-%d %H:%M:%f999', 'now')", "postgresql": "now()"}
 
 
 def _recreate_view(blocking: str) -> None:
