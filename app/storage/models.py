@@ -73,6 +73,9 @@ metadata = MetaData(
     }
 )
 
+# The rows of the batch items' partial index.
+BATCH_ITEMS = "item_index IS NOT NULL"
+
 # The rows of the deadline sweep's partial index; its query repeats this text, so that both
 # databases see that the index serves it (the states are written in, not bound).
 OPEN_WITH_DEADLINE = "deadline_at IS NOT NULL AND state IN ('pending', 'in_progress')"
@@ -158,7 +161,14 @@ workflow_steps = Table(
     # Task state probes (which states does a task have?) and per-task listings.
     Index(None, "task_uuid", "state"),
     # A convergence reads its batch's items in order, page by page (``ctx.batch_results``).
-    Index(None, "task_uuid", "item_index"),
+    # Items only (migration 0016): other steps cost it nothing.
+    Index(
+        None,
+        "task_uuid",
+        "item_index",
+        sqlite_where=text(BATCH_ITEMS),
+        postgresql_where=text(BATCH_ITEMS),
+    ),
     # The wait sweep: only waits and sleeps that end by themselves (duplex.storage.waits).
     # ``state`` first, though constant here: else SQLite, without statistics, prefers the
     # claim index for ``state = 'waiting'`` and sorts.
