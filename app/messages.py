@@ -89,6 +89,8 @@ class ClaimedStep:
     spec: JSONDict | None = field(default=None, compare=False)
     checkpoint_state: Any = field(default=None, compare=False)
     skipped_dependencies: tuple[str, ...] = field(default=(), compare=False)
+    # Its concurrency key (docs/flow-control.md): the commit of its result frees a slot of it.
+    concurrency_key: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from duplex.dynamic.kinds import (
     step_problems,
 )
 from duplex.errors import TemplateError
+from duplex.flow.concurrency import ConcurrencyLimit, concurrency_problems
 from duplex.schedules.declaration import ScheduleDeclaration
 
 __all__ = [
@@ -121,6 +122,9 @@ class StepTemplate(BaseModel):
     # None: the task's priority (the template's top-level ``priority``, or the submission's).
     priority: Priority | None = None
     retry: StepRetryPolicy | None = None
+    # At most ``limit`` attempts with this key run at once, on every worker together
+    # (docs/flow-control.md).
+    concurrency: ConcurrencyLimit | None = None
 
     @field_validator("inputs")
     @classmethod
@@ -218,7 +222,7 @@ class TaskTemplate(BaseModel):
         _, cycle = topological_order(self.steps, index)
         if cycle:
             raise ValueError("cycle: " + " -> ".join([*cycle, cycle[0]]))
-        problems = shape_problems(self.steps)
+        problems = shape_problems(self.steps) + concurrency_problems(self.steps)
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -17,7 +17,7 @@ Plain code, no threads (like ``CommitBuffer``): the CompletionProcessor actor ow
 * Tasks past their deadline (``max_duration``) are expired: their waiting steps cancelled, the
   task cancelled (``sweep_deadlines``, and in the same transaction as a running attempt's
   ``task_deadline_exceeded`` failure, so its task's waiting steps do not wait for the sweep).
-* Wait and sleep steps whose time is up are ended (``sweep_waits``, in the same round).
+* Waits and sleeps whose time is up end; steps held by a key with room go (``sweep_waits``).
 * Nothing is announced before its transaction committed: each commit yields an
   ``Announcement`` for the caller to deliver.
 """
@@ -44,6 +44,7 @@ from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
 from duplex.storage.claim_order import DEFAULT_AGING
 from duplex.storage.claims import claim_dependents, release_claims
+from duplex.storage.concurrency import keys_with_room, sweep_held
 from duplex.storage.db import Database
 from duplex.storage.deadlines import ExpiredTask, expire_tasks, find_expired_tasks
 from duplex.storage.recovery import has_lost_claims, recover_lost_claims
@@ -229,12 +230,17 @@ class Committer:
 
     def sweep_waits(self) -> Announcement | None:
         """End the wait and sleep steps whose time is up (``duplex.storage.waits``): a sleep
-        completes and its dependents go on, a wait fails as ``wait_timeout``."""
+        completes and its dependents go on, a wait fails as ``wait_timeout``. Let go of the
+        steps held by concurrency keys with room again (``duplex.storage.concurrency``)."""
         now, me = self._clock(), self._worker_id
         ended = sweep(self._db, "waits", find_due_waits, end_due_waits, now=now, worker_id=me)
-        if ended is None or not ended.ended:
+        held = sweep(self._db, "held steps", keys_with_room, sweep_held, now=now, worker_id=me)
+        if (ended is None or not ended.ended) and not held:
             return None
-        report = CommitReport(events=ended.events, ready=ended.ready, enqueued=len(ended.ready))
+        ready = [*(ended.ready if ended else []), *(held or [])]
+        report = CommitReport(
+            events=ended.events if ended else [], ready=ready, enqueued=len(ready)
+        )
         return self._announcement(report, False, False)
 
     def _log_expired(self, expired: Sequence[ExpiredTask]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from duplex.dynamic.kinds import BATCH, DECISION
 from duplex.errors import BATCH_TOO_LARGE, INVALID_RESULT
+from duplex.flow.concurrency import KeyNotFound, concurrency_key
 from duplex.messages import StepFailure
 
 
@@ -70,7 +71,7 @@ def read_return_value(
     if kind == DECISION:
         return _decision(value, spec or {})
     if kind == BATCH:
-        return _batch(value, max_batch_items)
+        return _batch(value, max_batch_items, spec)
     if isinstance(value, Decision | Batch):
         what = type(value).__name__
         return _invalid(f"only a {what.lower()} step may return {what}; this is a {kind} step")
@@ -91,7 +92,9 @@ def _decision(value: Any, spec: Mapping[str, Any]) -> Directive | StepFailure:
     return Directive({**(value.result or {}), "branches": list(chosen)}, branches=chosen)
 
 
-def _batch(value: Any, max_batch_items: int) -> Directive | StepFailure:
+def _batch(
+    value: Any, max_batch_items: int, spec: Mapping[str, Any] | None
+) -> Directive | StepFailure:
     if not isinstance(value, Batch):
         return _invalid(f"a batch step returns Batch(items), not {type(value).__name__}")
     count = len(value.items)
@@ -107,7 +110,23 @@ def _batch(value: Any, max_batch_items: int) -> Directive | StepFailure:
         items = json.loads(json.dumps(value.items, allow_nan=False, ensure_ascii=False))
     except (TypeError, ValueError) as exc:
         return _invalid(f"a batch item is not JSON-serialisable: {exc}")
+    problem = _item_key_problem(items, spec)
+    if problem is not None:
+        return _invalid(problem)
     return Directive({**(value.result or {}), "items": count}, items=tuple(items))
+
+
+def _item_key_problem(items: list[Any], spec: Mapping[str, Any] | None) -> str | None:
+    """Why an item has no value for its step's concurrency key (``inputs.item...``)."""
+    declared = ((spec or {}).get("worker") or {}).get("concurrency")
+    if not declared or not str(declared["key"]).startswith("inputs.item"):
+        return None
+    for index, item in enumerate(items):
+        try:
+            concurrency_key(declared["key"], {}, {"item": item})
+        except KeyNotFound as exc:
+            return f"batch item {index}: {exc}"
+    return None
 
 
 def _invalid(message: str) -> StepFailure:

@@ -37,6 +37,9 @@ def step_spec(step: StepTemplate, template: TaskTemplate, task_priority: int | N
                 "declared_events": [e.model_dump() for e in worker.events],
                 "priority": template.step_priority(worker, task_priority),
                 "retry_policy": None if worker.retry is None else worker.retry.stored(),
+                "concurrency": None
+                if worker.concurrency is None
+                else worker.concurrency.model_dump(),
             },
             # The steps that wait for every item (the batch's convergence).
             "convergence": [s.name for s in template.steps if worker.name in s.depends_on],

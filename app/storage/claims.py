@@ -48,6 +48,7 @@ from duplex.states import (
     WAITING_FOR_RETRY,
 )
 from duplex.storage.claim_order import DEFAULT_AGING, claim_key, due_levels, due_steps
+from duplex.storage.concurrency import admit
 from duplex.storage.driver import db_time
 from duplex.storage.events import declared_events
 from duplex.storage.models import (
@@ -79,8 +80,24 @@ def claim_ready_steps(
     """
     if limit <= 0 or not namespaces:
         return []
-    candidates = due_steps(conn, namespaces, limit=limit, now=now, aging=aging)
-    return claim_steps(conn, candidates, worker_id=worker_id, now=now)
+    # Candidates held back by their concurrency key leave the queue's head; look again, with
+    # a wider window, so that a key with a long backlog does not starve the claim.
+    admitted: dict[str, str] = {}
+    window = limit
+    for _ in range(_HOLDING_ROUNDS):
+        candidates = due_steps(conn, namespaces, limit=window, now=now, aging=aging)
+        fresh = {k: v for k, v in candidates.items() if k not in admitted}
+        admission = admit(conn, fresh, room=limit - len(admitted), now=now, worker_id=worker_id)
+        admitted.update(admission.admitted)
+        if not admission.held or len(admitted) >= limit or len(candidates) < window:
+            break
+        window = min(window * 4, _MAX_WINDOW)
+    return claim_steps(conn, admitted, worker_id=worker_id, now=now)
+
+
+# How many times a claim looks again past held candidates, and how far at most.
+_HOLDING_ROUNDS = 4
+_MAX_WINDOW = 1000
 
 
 def claim_dependents(
@@ -122,8 +139,10 @@ def claim_dependents(
         )
 
     chosen = sorted((s for s in mine if not outranked(s.priority)), key=lambda s: -s.priority)
-    candidates = dict.fromkeys([step.step_uuid for step in chosen[:limit]], ENQUEUED)
-    return claim_steps(conn, candidates, worker_id=worker_id, now=now)
+    candidates = dict.fromkeys([step.step_uuid for step in chosen], ENQUEUED)
+    # Never waits for a key's lock: this transaction holds task locks already.
+    admission = admit(conn, candidates, room=limit, now=now, worker_id=worker_id, wait=False)
+    return claim_steps(conn, admission.admitted, worker_id=worker_id, now=now)
 
 
 def claim_steps(
@@ -202,6 +221,7 @@ STEP_COLUMNS = (
     ws.c.retry_policy,
     ws.c.kind,
     ws.c.spec,
+    ws.c.concurrency_key,
 )
 
 
@@ -226,6 +246,7 @@ def claimed_step(row: Any, *, claimed_by: str, **context: Any) -> ClaimedStep:
         retry_policy=RetryOverride.from_json(row.retry_policy),
         kind=row.kind,
         spec=row.spec,
+        concurrency_key=row.concurrency_key,
         **context,
     )
 

@@ -14,7 +14,7 @@ or was skipped. A step is skipped only when every parent it has was skipped.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,10 +23,17 @@ from sqlalchemy import Connection, bindparam, select, update
 
 from duplex.dynamic.kinds import WAIT, WAITS
 from duplex.dynamic.specs import wait_until
+from duplex.flow.concurrency import concurrency_key
 from duplex.messages import JSONDict
 from duplex.states import COMPLETE, ENQUEUED, PENDING, SKIPPED, WAITING
 from duplex.storage.driver import ColumnInsert, db_time
-from duplex.storage.models import step_signals, unindexed, workflow_step_edges, workflow_steps
+from duplex.storage.models import (
+    step_signals,
+    tasks,
+    unindexed,
+    workflow_step_edges,
+    workflow_steps,
+)
 from duplex.storage.readiness import (
     ReadyStep,
     enqueue_ready_dependents,
@@ -167,6 +174,7 @@ def _create_items(
             else []
         )
         why = f"created by batch {batch.name}"
+        item_key = _item_key(conn, batch.task_uuid, worker.get("concurrency"))
         for first in range(0, len(batch.items), _ITEMS_PER_WRITE):
             steps: list[dict[str, Any]] = []
             new_edges: list[dict[str, Any]] = []
@@ -194,6 +202,7 @@ def _create_items(
                         "priority": worker.get("priority", 0),
                         "next_attempt_at": now,
                         "retry_policy": worker.get("retry_policy"),
+                        **item_key(item),
                         "created_at": now,
                         "updated_at": now,
                     }
@@ -234,6 +243,26 @@ _SKIP_ORPHANS = (
     .values(state=SKIPPED, completed_at=_NOW, updated_at=_NOW)
     .returning(ws.c.step_uuid)
 )
+
+
+def _item_key(
+    conn: Connection, task_uuid: str, declared: dict[str, Any] | None
+) -> Callable[[Any], dict[str, Any]]:
+    """The concurrency key and limit columns of an item, from its task's context and the
+    item (submission checked the context, the batch's result the items)."""
+    if not declared:
+        return lambda item: {"concurrency_key": None, "concurrency_limit": None}
+    path, limit = declared["key"], declared["limit"]
+    context: dict[str, Any] = {}
+    if path.startswith("context."):
+        context = conn.execute(_TASK_CONTEXT, {"task_uuid": task_uuid}).scalar_one() or {}
+    return lambda item: {
+        "concurrency_key": concurrency_key(path, context, {"item": item}),
+        "concurrency_limit": limit,
+    }
+
+
+_TASK_CONTEXT = select(tasks.c.context).where(tasks.c.task_uuid == bindparam("task_uuid"))
 
 
 def _skip_unchosen(

@@ -73,6 +73,9 @@ metadata = MetaData(
     }
 )
 
+# The rows of the concurrency keys' partial index.
+KEYED = "concurrency_key IS NOT NULL"
+
 # The rows of the batch items' partial index.
 BATCH_ITEMS = "item_index IS NOT NULL"
 
@@ -154,6 +157,10 @@ workflow_steps = Table(
     # When ``duplex cancel --step`` asked this step's running attempt to stop (migration 0015);
     # its worker's sweep finds it (duplex.storage.cancels). Cleared by ``duplex retry``.
     Column("cancel_requested_at", UTCDateTime),
+    # Concurrency keys (docs/flow-control.md, migration 0017): the step's key, and how many
+    # attempts with it may run while this one starts; NULL: none.
+    Column("concurrency_key", String(255)),
+    Column("concurrency_limit", Integer),
     UniqueConstraint("task_uuid", "name"),
     # The claim query: per priority level, the steps of a namespace due by now, oldest first
     # (``next_attempt_at`` is the not-before time: ready since, due at, scheduled for).
@@ -168,6 +175,14 @@ workflow_steps = Table(
         "item_index",
         sqlite_where=text(BATCH_ITEMS),
         postgresql_where=text(BATCH_ITEMS),
+    ),
+    # A key's running attempts (the claim counts them) and the steps it holds back.
+    Index(
+        "ix_workflow_steps_concurrency_key_state",
+        "concurrency_key",
+        "state",
+        sqlite_where=text(KEYED),
+        postgresql_where=text(KEYED),
     ),
     # The wait sweep: only waits and sleeps that end by themselves (duplex.storage.waits).
     # ``state`` first, though constant here: else SQLite, without statistics, prefers the

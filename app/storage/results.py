@@ -17,6 +17,7 @@ SQLite needs no row locks: ``BEGIN IMMEDIATE`` already serialises writers.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,6 +48,7 @@ from duplex.states import (
     TASK_CANCELLED,
     WAITING_FOR_RETRY,
 )
+from duplex.storage.concurrency import let_go
 from duplex.storage.deadlines import ExpiredTask
 from duplex.storage.driver import BulkStatement, db_json, db_time
 from duplex.storage.events import EventLog, events_of, wait_events
@@ -204,6 +206,11 @@ def commit_outcomes(
         for wait in progress.signalled:
             for name, payload in wait_events(wait.name, wait.result, wait.declared_events):
                 log.add(name, wait.task_uuid, wait.step_uuid, payload)
+    # Each keyed attempt that ended frees a slot of its key: a step it held back may go.
+    freed = Counter(o.step.concurrency_key for o in report.applied if o.step.concurrency_key)
+    if freed:
+        report.ready.extend(let_go(conn, freed, now=now, worker_id=None))
+        report.enqueued = len(report.ready)
     insert_transitions(conn, transitions)
     report.events = log.write()
     if touched_tasks:

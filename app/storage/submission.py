@@ -20,6 +20,8 @@ from sqlalchemy import Connection, bindparam, select
 
 from duplex.dynamic.kinds import item_steps, submitted_parents
 from duplex.dynamic.specs import first_wait_until, step_spec
+from duplex.errors import InputError
+from duplex.flow.concurrency import KeyNotFound, concurrency_key
 from duplex.messages import JSONDict
 from duplex.states import ENQUEUED, PENDING, TASK_PENDING, WAITING
 from duplex.storage.driver import ColumnInsert
@@ -29,7 +31,7 @@ from duplex.storage.models import (
     workflow_step_transitions,
     workflow_steps,
 )
-from duplex.templates import TaskTemplate
+from duplex.templates import StepTemplate, TaskTemplate
 
 # SQLite allows 32766 bound parameters per statement; stay well below it.
 _MAX_PARAMETERS = 30_000
@@ -118,6 +120,7 @@ def create_tasks(
                 "updated_at": now,
             }
         )
+    _check_item_keys(template, task_rows)
     step_rows, edge_rows, transition_rows = _step_rows(template, task_rows, start)
     for statement, rows in (
         (_INSERT_TASKS, task_rows),
@@ -196,6 +199,7 @@ def _step_rows(
             else:
                 state, not_before = ENQUEUED, start.not_before
             step_id = step_ids[step.name]
+            key, limit = _concurrency(step, task, len(task_rows) > 1)
             steps.append(
                 {
                     "step_uuid": step_id,
@@ -216,6 +220,8 @@ def _step_rows(
                     "priority": priorities[step.name],
                     "next_attempt_at": not_before,
                     "retry_policy": None if step.retry is None else step.retry.stored(),
+                    "concurrency_key": key,
+                    "concurrency_limit": limit,
                     "created_at": now,
                     "updated_at": now,
                 }
@@ -239,3 +245,27 @@ def _step_rows(
                 {"from_step_uuid": step_ids[parent], "to_step_uuid": step_id} for parent in parents
             )
     return steps, edges, transitions
+
+
+def _concurrency(
+    step: StepTemplate, task: dict[str, Any], several: bool
+) -> tuple[str | None, int | None]:
+    """The step's concurrency key for this task's context, and its limit (None: none)."""
+    declared = step.concurrency
+    if declared is None:
+        return None, None
+    try:
+        return concurrency_key(declared.key, task["context"], step.inputs), declared.limit
+    except KeyNotFound as exc:
+        which = f"task {task['task_uuid']}" if several else "the task"
+        raise InputError(f"step {step.name!r} of {which}: {exc}") from None
+
+
+def _check_item_keys(template: TaskTemplate, task_rows: Sequence[dict[str, Any]]) -> None:
+    """A batch item's key in the task's context must be there (its items are made later)."""
+    items = item_steps(template.steps)
+    for step in template.steps:
+        declared = step.concurrency
+        if step.name in items and declared is not None and declared.key.startswith("context."):
+            for task in task_rows:
+                _concurrency(step, task, len(task_rows) > 1)

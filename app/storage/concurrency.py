@@ -1,0 +1,276 @@
+"""Concurrency keys in SQL: at most ``limit`` attempts with the same key run at once.
+
+No counter is kept: a key's running attempts are its steps ``in_progress``, counted by the
+claim itself. So a result's commit, a lost worker's recovery, a cancel or a deadline frees the
+slot by the state change it makes anyway, in its own transaction.
+
+* **Admitting** (``admit``, in every claim): the candidates with a key are admitted in claim
+  order while their key has room; the others are *held*: they move to ``waiting`` (transition
+  reason ``held by concurrency key ...``), out of the claim's way, and are no attempt (no
+  retry is used). Holding is what makes the claim fair across keys: a key with 10,000 ready
+  steps is held back to its limit, and the claim reaches the steps of other keys behind them.
+* **Letting go** (``let_go``): a commit that ends keyed attempts moves as many held steps of
+  their keys back to ``enqueued`` (the oldest first, by priority), in the same transaction.
+* **The sweep** (``keys_with_room``, then ``sweep_held``: each worker's watchdog, every
+  second): a key with held steps and room for them (a step let go but then cancelled, a
+  limit raised by a new template) gets them back; nothing stays held for longer than a sweep
+  while its key has room.
+
+Exact across workers: on PostgreSQL each transaction that counts or lets go takes a
+transaction-level advisory lock per key, in one global order (by the key's hash), so two
+claims never count the same running attempts; the lock ends with the transaction, also when
+the worker is killed. A claim made inside a result's commit (eager dispatch) only *tries* the
+locks, skipping a key that is busy: a commit that already holds task locks never waits. On
+SQLite writers are serialised already (``BEGIN IMMEDIATE``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, case, func, select, text, update
+
+from duplex.states import CLAIMABLE, ENQUEUED, IN_PROGRESS, WAITING
+from duplex.storage.driver import db_time
+from duplex.storage.models import workflow_steps
+from duplex.storage.readiness import ReadyStep
+from duplex.storage.transitions import insert_transitions, transition_row
+
+ws = workflow_steps
+
+# The advisory lock space of concurrency keys (PostgreSQL's two-integer form: this class,
+# then the key's hash), apart from the single-integer locks of migrations.
+_LOCK_CLASS = 0x44504C58  # "DPLX"
+
+
+@dataclass
+class Admission:
+    """Which candidates a claim may take, and how many it held back."""
+
+    admitted: dict[str, str]
+    held: int = 0
+
+
+def admit(
+    conn: Connection,
+    candidates: Mapping[str, str],
+    *,
+    room: int,
+    now: datetime,
+    worker_id: str | None,
+    wait: bool = True,
+) -> Admission:
+    """Admit up to ``room`` of ``candidates`` (step uuid -> the state it was read in, in claim
+    order) and hold back every candidate whose key is at its limit.
+
+    ``wait=False`` (a claim inside a result's commit): a key another transaction is counting
+    right now is skipped, its candidates neither admitted nor held.
+    """
+    if not candidates:
+        return Admission({})
+    keyed = {
+        row.step_uuid: (row.concurrency_key, row.concurrency_limit)
+        for row in conn.execute(_KEYS_OF, {"ids": list(candidates)})
+    }
+    if not keyed:
+        return Admission(dict(list(candidates.items())[:room]))
+    keys = sorted({key for key, _ in keyed.values()})
+    locked = _lock(conn, keys, wait=wait)
+    running: Counter[str] = Counter(
+        dict(conn.execute(_RUNNING, {"keys": sorted(locked)}).tuples().all()) if locked else {}
+    )
+    admitted: dict[str, str] = {}
+    held: dict[str, tuple[str, str, int]] = {}
+    for step_uuid, state in candidates.items():
+        key, limit = keyed.get(step_uuid, (None, 0))
+        if key is None:
+            if len(admitted) < room:
+                admitted[step_uuid] = state
+        elif key not in locked:
+            continue
+        elif running[key] < limit:
+            if len(admitted) < room:
+                admitted[step_uuid] = state
+                running[key] += 1
+        else:
+            held[step_uuid] = (state, key, limit)
+    if held:
+        _hold(conn, held, running, now=now, worker_id=worker_id)
+    return Admission(admitted, len(held))
+
+
+def let_go(
+    conn: Connection, freed: Counter[str], *, now: datetime, worker_id: str | None
+) -> list[ReadyStep]:
+    """Move up to ``freed[key]`` held steps of each key back to ``enqueued`` (a commit ended
+    that many of its attempts); return them, ready to claim."""
+    keys = sorted(key for key, count in freed.items() if count > 0)
+    if not keys:
+        return []
+    _lock(conn, keys, wait=True)
+    let: list[Any] = []
+    for key in keys:
+        let.extend(conn.execute(_LET_GO, {"key": key, "n": freed[key], "now": now}))
+    if let:
+        at = db_time(conn.dialect, now)
+        insert_transitions(
+            conn,
+            [
+                transition_row(
+                    row.step_uuid,
+                    WAITING,
+                    ENQUEUED,
+                    row.attempts,
+                    worker_id,
+                    at,
+                    f"a slot of concurrency key {row.concurrency_key} freed",
+                )
+                for row in let
+            ],
+        )
+    return [ReadyStep(row.step_uuid, row.namespace, row.priority, row.kind) for row in let]
+
+
+def keys_with_room(conn: Connection, *, now: datetime) -> list[str]:
+    """The keys that hold steps back though they have room for some (the sweep's find)."""
+    limits = dict(conn.execute(_HOLDING).tuples().all())
+    return sorted(key for key, room in _room(conn, limits).items() if room > 0)
+
+
+def sweep_held(
+    conn: Connection, keys: list[str], *, now: datetime, worker_id: str | None
+) -> list[ReadyStep]:
+    """Let go of as many held steps of ``keys`` as each has room for; return them."""
+    _lock(conn, sorted(keys), wait=True)
+    limits = dict(conn.execute(_HOLDING.where(ws.c.concurrency_key.in_(keys))).tuples().all())
+    return let_go(conn, +_room(conn, limits), now=now, worker_id=worker_id)
+
+
+def _room(conn: Connection, limits: dict[str, int]) -> Counter[str]:
+    if not limits:
+        return Counter()
+    taken: dict[str, int] = dict(conn.execute(_TAKEN, {"keys": sorted(limits)}).tuples().all())
+    return Counter({key: limit - taken.get(key, 0) for key, limit in limits.items()})
+
+
+def running_per_key(conn: Connection, limit: int = 50) -> list[tuple[str, int, int, int]]:
+    """The busiest keys (running, then held): (key, running, held, limit) each."""
+    rows = conn.execute(_PER_KEY, {"limit": limit}).all()
+    return [(row[0], int(row[1]), int(row[2]), int(row[3])) for row in rows]
+
+
+def _lock(conn: Connection, keys: list[str], *, wait: bool) -> set[str]:
+    """Take each key's advisory lock (PostgreSQL), in the global order; return the keys this
+    transaction holds (``wait=False``: those that were free)."""
+    if conn.dialect.name != "postgresql":
+        return set(keys)
+    if wait:
+        conn.execute(_LOCK_KEYS, {"cls": _LOCK_CLASS, "keys": keys})
+        return set(keys)
+    return set(conn.execute(_TRY_KEYS, {"cls": _LOCK_CLASS, "keys": keys}).scalars())
+
+
+def _hold(
+    conn: Connection,
+    held: dict[str, tuple[str, str, int]],
+    running: Counter[str],
+    *,
+    now: datetime,
+    worker_id: str | None,
+) -> None:
+    rows = conn.execute(_HOLD, {"ids": list(held), "now": now}).all()
+    at = db_time(conn.dialect, now)
+    insert_transitions(
+        conn,
+        [
+            transition_row(
+                row.step_uuid,
+                held[row.step_uuid][0],
+                WAITING,
+                row.attempts,
+                worker_id,
+                at,
+                f"held by concurrency key {held[row.step_uuid][1]}: "
+                f"{running[held[row.step_uuid][1]]} running, limit {held[row.step_uuid][2]}",
+            )
+            for row in rows
+        ],
+    )
+
+
+_NOW = bindparam("now", type_=ws.c.updated_at.type)
+_KEYS_OF = select(ws.c.step_uuid, ws.c.concurrency_key, ws.c.concurrency_limit).where(
+    ws.c.step_uuid.in_(bindparam("ids", expanding=True)), ws.c.concurrency_key.is_not(None)
+)
+_RUNNING = (
+    select(ws.c.concurrency_key, func.count())
+    .where(ws.c.concurrency_key.in_(bindparam("keys", expanding=True)), ws.c.state == IN_PROGRESS)
+    .group_by(ws.c.concurrency_key)
+)
+# Running, or ready to run: what a key's room is counted against when the sweep lets go.
+_TAKEN = (
+    select(ws.c.concurrency_key, func.count())
+    .where(
+        ws.c.concurrency_key.in_(bindparam("keys", expanding=True)),
+        ws.c.state.in_((IN_PROGRESS, ENQUEUED)),
+    )
+    .group_by(ws.c.concurrency_key)
+)
+# Keys with held steps, and the smallest limit among them (the strictest one decides).
+_HOLDING = (
+    select(ws.c.concurrency_key, func.min(ws.c.concurrency_limit))
+    .where(ws.c.concurrency_key.is_not(None), ws.c.state == WAITING)
+    .group_by(ws.c.concurrency_key)
+)
+_HOLD = (
+    update(ws)
+    .where(ws.c.step_uuid.in_(bindparam("ids", expanding=True)), ws.c.state.in_(CLAIMABLE))
+    .values(state=WAITING, next_attempt_at=None, updated_at=_NOW)
+    .returning(ws.c.step_uuid, ws.c.attempts)
+)
+_OLDEST_HELD = (
+    select(ws.c.step_uuid)
+    .where(ws.c.concurrency_key == bindparam("key"), ws.c.state == WAITING)
+    .order_by(ws.c.priority.desc(), ws.c.created_at, ws.c.position, ws.c.step_uuid)
+    .limit(bindparam("n"))
+    .scalar_subquery()
+)
+_LET_GO = (
+    update(ws)
+    .where(ws.c.step_uuid.in_(_OLDEST_HELD), ws.c.state == WAITING)
+    .values(state=ENQUEUED, next_attempt_at=_NOW, updated_at=_NOW)
+    .returning(
+        ws.c.step_uuid,
+        ws.c.attempts,
+        ws.c.namespace,
+        ws.c.priority,
+        ws.c.kind,
+        ws.c.concurrency_key,
+    )
+)
+_PER_KEY = (
+    select(
+        ws.c.concurrency_key,
+        func.sum(case((ws.c.state == IN_PROGRESS, 1), else_=0)),
+        func.sum(case((ws.c.state == WAITING, 1), else_=0)),
+        func.min(ws.c.concurrency_limit),
+    )
+    .where(ws.c.concurrency_key.is_not(None), ws.c.state.in_((IN_PROGRESS, WAITING)))
+    .group_by(ws.c.concurrency_key)
+    .order_by(text("2 DESC, 3 DESC"), ws.c.concurrency_key)
+    .limit(bindparam("limit"))
+)
+# One statement, the locks taken in the order of the keys' hashes (the global order), so two
+# transactions that need the same keys never wait for each other in a cycle.
+_LOCK_KEYS = text(
+    "SELECT pg_advisory_xact_lock(:cls, h) FROM"
+    " (SELECT DISTINCT hashtext(k) AS h FROM unnest(CAST(:keys AS text[])) AS k ORDER BY h) AS o"
+)
+_TRY_KEYS = text(
+    "SELECT k FROM unnest(CAST(:keys AS text[])) AS k"
+    " WHERE pg_try_advisory_xact_lock(:cls, hashtext(k))"
+)

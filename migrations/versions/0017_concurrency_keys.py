@@ -1,0 +1,45 @@
+"""Concurrency keys: at most N attempts with the same key run at once, on every worker.
+
+``workflow_steps.concurrency_key``: the key made from the step's template and its task's values
+(``context.customer_id=c-17``), NULL for a step without one; ``concurrency_limit``: how many
+attempts with that key may run while this step starts. A step held back by its key waits in
+state ``waiting`` until a slot of its key frees (duplex.storage.concurrency).
+
+The partial index serves the claim's count of a key's running attempts, and finding the steps a
+key holds back; a step without a key costs it nothing.
+
+Revision ID: 0017
+Revises: 0016
+Create Date: 2026-12-05
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0017"
+down_revision = "0016"
+branch_labels = None
+depends_on = None
+
+_INDEX = "ix_workflow_steps_concurrency_key_state"
+_KEYED = sa.text("concurrency_key IS NOT NULL")
+
+
+def upgrade() -> None:
+    op.add_column("workflow_steps", sa.Column("concurrency_key", sa.String(255), nullable=True))
+    op.add_column("workflow_steps", sa.Column("concurrency_limit", sa.Integer(), nullable=True))
+    op.create_index(
+        _INDEX,
+        "workflow_steps",
+        ["concurrency_key", "state"],
+        sqlite_where=_KEYED,
+        postgresql_where=_KEYED,
+    )
+
+
+def downgrade() -> None:
+    op.drop_index(_INDEX, table_name="workflow_steps")
+    op.drop_column("workflow_steps", "concurrency_limit")
+    op.drop_column("workflow_steps", "concurrency_key")
