@@ -81,18 +81,26 @@ def claim_ready_steps(
     if limit <= 0 or not namespaces:
         return []
     # Candidates held back by their concurrency key leave the queue's head; look again, with
-    # a wider window, so that a key with a long backlog does not starve the claim.
-    admitted: dict[str, str] = {}
+    # a wider window, so that a key with a long backlog does not starve the claim. Each round
+    # claims what it admitted (the next round counts those as running); only the first waits
+    # for keys' locks: once this transaction holds some, waiting could close a cycle.
+    claimed: list[ClaimedStep] = []
     window = limit
-    for _ in range(_HOLDING_ROUNDS):
+    for round in range(_HOLDING_ROUNDS):
         candidates = due_steps(conn, namespaces, limit=window, now=now, aging=aging)
-        fresh = {k: v for k, v in candidates.items() if k not in admitted}
-        admission = admit(conn, fresh, room=limit - len(admitted), now=now, worker_id=worker_id)
-        admitted.update(admission.admitted)
-        if not admission.held or len(admitted) >= limit or len(candidates) < window:
+        admission = admit(
+            conn,
+            candidates,
+            room=limit - len(claimed),
+            now=now,
+            worker_id=worker_id,
+            wait=round == 0,
+        )
+        claimed += claim_steps(conn, admission.admitted, worker_id=worker_id, now=now)
+        if not admission.held or len(claimed) >= limit or len(candidates) < window:
             break
         window = min(window * 4, _MAX_WINDOW)
-    return claim_steps(conn, admitted, worker_id=worker_id, now=now)
+    return claimed
 
 
 # How many times a claim looks again past held candidates, and how far at most.

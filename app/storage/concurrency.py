@@ -80,9 +80,7 @@ def admit(
         return Admission(dict(list(candidates.items())[:room]))
     keys = sorted({key for key, _ in keyed.values()})
     locked = _lock(conn, keys, wait=wait)
-    running: Counter[str] = Counter(
-        dict(conn.execute(_RUNNING, {"keys": sorted(locked)}).tuples().all()) if locked else {}
-    )
+    running: Counter[str] = Counter(_pairs(conn, _RUNNING, keys=sorted(locked)) if locked else {})
     admitted: dict[str, str] = {}
     held: dict[str, tuple[str, str, int]] = {}
     for step_uuid, state in candidates.items():
@@ -137,7 +135,7 @@ def let_go(
 
 def keys_with_room(conn: Connection, *, now: datetime) -> list[str]:
     """The keys that hold steps back though they have room for some (the sweep's find)."""
-    limits = dict(conn.execute(_HOLDING).tuples().all())
+    limits = _pairs(conn, _HOLDING)
     return sorted(key for key, room in _room(conn, limits).items() if room > 0)
 
 
@@ -146,14 +144,14 @@ def sweep_held(
 ) -> list[ReadyStep]:
     """Let go of as many held steps of ``keys`` as each has room for; return them."""
     _lock(conn, sorted(keys), wait=True)
-    limits = dict(conn.execute(_HOLDING.where(ws.c.concurrency_key.in_(keys))).tuples().all())
+    limits = _pairs(conn, _HOLDING.where(ws.c.concurrency_key.in_(keys)))
     return let_go(conn, +_room(conn, limits), now=now, worker_id=worker_id)
 
 
 def _room(conn: Connection, limits: dict[str, int]) -> Counter[str]:
     if not limits:
         return Counter()
-    taken: dict[str, int] = dict(conn.execute(_TAKEN, {"keys": sorted(limits)}).tuples().all())
+    taken = _pairs(conn, _TAKEN, keys=sorted(limits))
     return Counter({key: limit - taken.get(key, 0) for key, limit in limits.items()})
 
 
@@ -161,6 +159,11 @@ def running_per_key(conn: Connection, limit: int = 50) -> list[tuple[str, int, i
     """The busiest keys (running, then held): (key, running, held, limit) each."""
     rows = conn.execute(_PER_KEY, {"limit": limit}).all()
     return [(row[0], int(row[1]), int(row[2]), int(row[3])) for row in rows]
+
+
+def _pairs(conn: Connection, statement: Any, **params: Any) -> dict[str, int]:
+    """{key: number} from a statement that reads both."""
+    return {row[0]: int(row[1]) for row in conn.execute(statement, params)}
 
 
 def _lock(conn: Connection, keys: list[str], *, wait: bool) -> set[str]:

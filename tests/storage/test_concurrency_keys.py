@@ -1,0 +1,271 @@
+"""Concurrency keys in storage, on SQLite and PostgreSQL: the claim admits a key's steps up to
+its limit and holds back the rest; a commit ending a keyed attempt lets one go in the same
+transaction; the sweep lets go whatever a key has room for; submission refuses a context
+without the key's value, writing nothing.
+
+On PostgreSQL, claims racing on separate connections (hypothesis draws the workload) never
+admit more of a key than its limit.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+from collections import Counter
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select
+
+from duplex.clock import utcnow
+from duplex.commit.retry import RetryPolicy
+from duplex.errors import InputError, TemplateError
+from duplex.messages import ClaimedStep, StepOutcome
+from duplex.storage.claims import claim_ready_steps
+from duplex.storage.concurrency import keys_with_room, running_per_key, sweep_held
+from duplex.storage.db import Database
+from duplex.storage.models import tasks, workflow_step_transitions, workflow_steps
+from duplex.storage.results import commit_outcomes
+from duplex.storage.submission import create_task, create_tasks
+from duplex.templates import parse_template
+
+ws = workflow_steps
+
+
+def keyed(limit: int, key: str = "context.customer", name: str = "sync") -> Any:
+    return parse_template(
+        f'name = "{name}"\n[[steps]]\nname = "s"\nhandler = "t.s"\n'
+        f'concurrency = {{ key = "{key}", limit = {limit} }}\n'
+    )
+
+
+PLAIN = parse_template('name = "plain"\n[[steps]]\nname = "p"\nhandler = "t.p"\n')
+
+
+def submit(db: Database, template: Any, customers: list[str], now: datetime) -> list[str]:
+    with db.write() as conn:
+        return create_tasks(conn, template, [{"customer": c} for c in customers], now=now)
+
+
+def claim(db: Database, now: datetime, limit: int = 10, worker: str = "w1") -> list[ClaimedStep]:
+    with db.write() as conn:
+        return claim_ready_steps(
+            conn, worker_id=worker, namespaces=("default",), limit=limit, now=now
+        )
+
+
+def finish(db: Database, steps: list[ClaimedStep], now: datetime) -> Any:
+    with db.write() as conn:
+        return commit_outcomes(
+            conn,
+            [StepOutcome(step, now, now, result={}) for step in steps],
+            policy=RetryPolicy(),
+            now=now,
+            rng=random.Random(0),
+        )
+
+
+def states(db: Database) -> Counter[tuple[str | None, str]]:
+    with db.read() as conn:
+        rows = conn.execute(select(ws.c.concurrency_key, ws.c.state)).all()
+    return Counter((key, state) for key, state in rows)
+
+
+def customers_of(steps: list[ClaimedStep]) -> Counter[str | None]:
+    return Counter(step.concurrency_key for step in steps)
+
+
+def test_a_claim_admits_each_key_up_to_its_limit_and_holds_the_rest(db: Database) -> None:
+    t0 = utcnow()
+    submit(db, keyed(2), ["a"] * 6, t0)
+    submit(db, keyed(2), ["b"] * 2, t0 + timedelta(milliseconds=1))
+    with db.write() as conn:
+        create_task(conn, PLAIN, {}, now=t0 + timedelta(milliseconds=2))
+    later = t0 + timedelta(seconds=1)
+    claimed = claim(db, later, limit=10)
+    # Key a's backlog, first in the queue, does not keep the claim from b and the plain step.
+    assert customers_of(claimed) == {"context.customer=a": 2, "context.customer=b": 2, None: 1}
+    assert states(db)[("context.customer=a", "waiting")] == 4
+    # Held steps are no attempt: their count is untouched, and the transition says why.
+    with db.read() as conn:
+        held = conn.execute(
+            select(ws.c.attempts, workflow_step_transitions.c.reason)
+            .join(
+                workflow_step_transitions, workflow_step_transitions.c.step_uuid == ws.c.step_uuid
+            )
+            .where(ws.c.state == "waiting", workflow_step_transitions.c.to_state == "waiting")
+        ).all()
+        assert running_per_key(conn) == [
+            ("context.customer=a", 2, 4, 2),
+            ("context.customer=b", 2, 0, 2),
+        ]
+    assert len(held) == 4
+    assert all(attempts == 0 for attempts, _ in held)
+    assert all(
+        r == "held by concurrency key context.customer=a: 2 running, limit 2" for _, r in held
+    )
+    assert claim(db, later) == []
+
+
+def test_a_commit_lets_one_held_step_go_per_ended_attempt(db: Database) -> None:
+    t0 = utcnow()
+    submit(db, keyed(1), ["a"] * 3, t0)
+    now = t0 + timedelta(seconds=1)
+    (first,) = claim(db, now)
+    assert states(db)[("context.customer=a", "waiting")] == 2
+    report = finish(db, [first], now)
+    # In the same transaction: one held step is ready again (and said so to the committer).
+    assert len(report.ready) == 1
+    assert states(db)[("context.customer=a", "enqueued")] == 1
+    assert states(db)[("context.customer=a", "waiting")] == 1
+    (second,) = claim(db, now + timedelta(seconds=1))
+    finish(db, [second], now + timedelta(seconds=1))
+    (third,) = claim(db, now + timedelta(seconds=2))
+    finish(db, [third], now + timedelta(seconds=2))
+    assert states(db) == {("context.customer=a", "complete"): 3}
+
+
+def test_the_sweep_lets_go_what_a_key_has_room_for(db: Database) -> None:
+    t0 = utcnow()
+    submit(db, keyed(2), ["a"] * 5, t0)
+    now = t0 + timedelta(seconds=1)
+    running = claim(db, now)
+    assert len(running) == 2
+    # A key with both slots taken has no room: nothing to let go.
+    with db.read() as conn:
+        assert keys_with_room(conn, now=now) == []
+    # The running attempts vanish without a commit that lets go (an operator's manual fix):
+    # the sweep finds the room and fills it, no more.
+    with db.write() as conn:
+        conn.execute(ws.update().where(ws.c.state == "in_progress").values(state="error"))
+    with db.read() as conn:
+        keys = keys_with_room(conn, now=now)
+    assert keys == ["context.customer=a"]
+    with db.write() as conn:
+        let = sweep_held(conn, keys, now=now, worker_id="w1")
+    assert len(let) == 2
+    assert states(db)[("context.customer=a", "enqueued")] == 2
+    assert states(db)[("context.customer=a", "waiting")] == 1
+
+
+def test_keys_in_inputs_and_numbers(db: Database) -> None:
+    template = parse_template(
+        'name = "by_api"\n[[steps]]\nname = "s"\nhandler = "t.s"\n'
+        'inputs = { api = { id = 7 } }\nconcurrency = { key = "inputs.api.id", limit = 1 }\n'
+    )
+    with db.write() as conn:
+        create_tasks(conn, template, [{}, {}], now=utcnow())
+    assert states(db)[("inputs.api.id=7", "enqueued")] == 2
+
+
+def test_a_context_without_the_key_is_refused_and_nothing_is_written(db: Database) -> None:
+    missing = r"step 's'.*context.customer: the task's context has no"
+    with pytest.raises(InputError, match=missing), db.write() as conn:
+        create_tasks(conn, keyed(1), [{"customer": "a"}, {"other": 1}], now=utcnow())
+    not_scalar = "the value is dict, not a string, number or boolean"
+    with pytest.raises(InputError, match=not_scalar), db.write() as conn:
+        create_task(conn, keyed(1), {"customer": {"id": 1}}, now=utcnow())
+    with db.read() as conn:
+        assert conn.execute(select(func.count()).select_from(tasks)).scalar_one() == 0
+        assert conn.execute(select(func.count()).select_from(ws)).scalar_one() == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('concurrency = { key = "customer", limit = 1 }', "String should match pattern"),
+        ('concurrency = { key = "context.c", limit = 0 }', "greater than or equal to 1"),
+        ('concurrency = { key = "context.c" }', "limit"),
+        ('concurrency = { key = "inputs.missing", limit = 1 }', "the step's inputs has no"),
+        ('concurrency = { key = "inputs.item.id", limit = 1 }', "reads a batch item"),
+    ],
+)
+def test_bad_declarations_are_refused_with_the_reason(text: str, message: str) -> None:
+    with pytest.raises(TemplateError, match=message):
+        parse_template(f'name = "x"\n[[steps]]\nname = "s"\nhandler = "t.s"\n{text}\n')
+
+
+def test_a_wait_step_takes_no_key() -> None:
+    with pytest.raises(TemplateError, match="a wait step runs no handler; `concurrency`"):
+        parse_template(
+            'name = "x"\n[[steps]]\nname = "w"\nkind = "wait"\nsignal = "go"\n'
+            'concurrency = { key = "context.c", limit = 1 }\n'
+        )
+
+
+# --- PostgreSQL: racing claims ------------------------------------------------------------------
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    limits=st.lists(st.integers(1, 3), min_size=1, max_size=4),
+    steps=st.lists(st.integers(0, 3), min_size=4, max_size=30),
+    claimers=st.integers(2, 4),
+    batch=st.integers(1, 4),
+)
+def test_racing_claims_never_admit_a_key_over_its_limit(
+    postgres_db: Database, limits: list[int], steps: list[int], claimers: int, batch: int
+) -> None:
+    """Claimers on their own connections, released together by a barrier, claim in rounds
+    until every step ran; between rounds half of the running attempts end (their commits let
+    held steps go). After every round the running attempts of each key, read in SQL, are
+    within its limit, and in the end every step ran once."""
+    db = postgres_db
+    run_id = uuid.uuid4().hex[:8]  # examples share the schema: keys of their own
+    now = utcnow()
+    by_key = Counter(i % len(limits) for i in steps)
+    for i, count in by_key.items():
+        submit(db, keyed(limits[i], name=f"k{i}"), [f"{run_id}-{i}"] * count, now)
+    limit_of = {f"context.customer={run_id}-{i}": limit for i, limit in enumerate(limits)}
+    for _ in range(200):
+        barrier = threading.Barrier(claimers)
+        errors: list[BaseException] = []
+
+        def run(i: int, barrier: Any = barrier, errors: list[BaseException] = errors) -> None:
+            try:
+                barrier.wait(timeout=10)
+                claim(db, utcnow(), limit=batch, worker=f"w{i}")
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(claimers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not errors, errors
+        running = _running_steps(db)
+        for key, count in customers_of(running).items():
+            assert key is not None
+            assert count <= limit_of[key], (key, count)
+        if not running:
+            break
+        finish_all(db, running[::2] if len(running) > 1 else running)
+    final = states(db)
+    for i, count in by_key.items():
+        key = f"context.customer={run_id}-{i}"
+        assert {state: n for (k, state), n in final.items() if k == key} == {"complete": count}
+
+
+def _running_steps(db: Database) -> list[ClaimedStep]:
+    from duplex.storage.claims import STEP_COLUMNS, claimed_step
+
+    with db.read() as conn:
+        rows = conn.execute(
+            select(*STEP_COLUMNS, ws.c.claimed_by).where(ws.c.state == "in_progress")
+        ).all()
+    return [claimed_step(row, claimed_by=row.claimed_by) for row in rows]
+
+
+def finish_all(db: Database, steps: list[ClaimedStep]) -> None:
+    if steps:
+        report = finish(db, steps, utcnow())
+        assert len(report.applied) == len(steps)
