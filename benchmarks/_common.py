@@ -29,9 +29,9 @@ from duplex.clock import utcnow  # noqa: E402
 from duplex.handlers import HandlerRegistry  # noqa: E402
 from duplex.observability.logs import configure_logging  # noqa: E402
 from duplex.settings import DatabaseSettings, LoggingSettings, Settings  # noqa: E402
-from duplex.storage.claims import count_open_work  # noqa: E402
 from duplex.storage.db import Database  # noqa: E402
 from duplex.storage.migrate import upgrade_to_head  # noqa: E402
+from duplex.storage.queries import count_open_work  # noqa: E402
 from duplex.storage.results import CommitReport  # noqa: E402
 from duplex.storage.submission import create_task  # noqa: E402
 from duplex.subscriptions import SubscriberRegistry  # noqa: E402

@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from duplex.settings import DatabaseSettings, Settings
-from duplex.storage.claims import count_open_work
 from duplex.storage.db import Database
 from duplex.storage.migrate import upgrade_to_head
+from duplex.storage.queries import count_open_work
 from tests.processes import module_processes, owned_processes, session_processes
 
 __all__ = ["module_processes", "owned_processes", "session_processes"]

@@ -27,11 +27,8 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     Connection,
-    and_,
     bindparam,
-    func,
     literal_column,
-    or_,
     select,
     update,
 )
@@ -44,8 +41,6 @@ from duplex.states import (
     IN_PROGRESS,
     TASK_CANCELLED,
     TASK_PENDING,
-    WAITING,
-    WAITING_FOR_RETRY,
 )
 from duplex.storage.claim_order import DEFAULT_AGING, claim_key, due_levels, due_steps
 from duplex.storage.concurrency import admit
@@ -389,21 +384,3 @@ def release_unconfirmed_claim(
     steps = [claimed_step(row, claimed_by=worker_id) for row in rows]
     reason = "claim not confirmed (connection lost)"
     return release_claims(conn, steps, worker_id=worker_id, now=now, reason=reason)
-
-
-def count_open_work(conn: Connection, namespaces: Sequence[str]) -> int:
-    """Count steps that could still run without an operator: in progress, and enqueued or
-    retrying unless paused (resuming is an operator's move; ``duplex run --until-idle`` would
-    otherwise wait for it forever), and sleeps and waits that end by themselves (a wait with
-    no timeout needs a signal: waiting for it could be forever too)."""
-    query = select(func.count()).where(
-        and_(
-            ws.c.namespace.in_(list(namespaces)),
-            or_(
-                ws.c.state == IN_PROGRESS,
-                and_(ws.c.state.in_((ENQUEUED, WAITING_FOR_RETRY)), NOT_PAUSED),
-                and_(ws.c.state == WAITING, ws.c.next_attempt_at.is_not(None)),
-            ),
-        )
-    )
-    return int(conn.execute(query).scalar_one())

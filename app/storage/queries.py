@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, column, func, select, table
+from sqlalchemy import Connection, and_, column, func, or_, select, table
 
 from duplex.attempts import attempts
 from duplex.clock import utcnow
 from duplex.errors import InputError
-from duplex.states import ENQUEUED, SKIPPED, WAITING, WAITING_FOR_RETRY
+from duplex.states import ENQUEUED, IN_PROGRESS, SKIPPED, WAITING, WAITING_FOR_RETRY
 from duplex.storage.batch_view import BatchGroup, skipped_by, step_note
 from duplex.storage.claim_order import due_levels
 from duplex.storage.models import (
@@ -26,6 +26,7 @@ from duplex.storage.models import (
     workflow_step_transitions,
     workflow_steps,
 )
+from duplex.storage.pauses import NOT_PAUSED
 
 execution_status = table(
     "task_execution_status",
@@ -347,3 +348,31 @@ def _as_utc(value: datetime | str) -> datetime:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+ws = workflow_steps
+
+
+def count_open_work(conn: Connection, namespaces: Sequence[str]) -> int:
+    """Count steps that could still run without an operator: in progress, and enqueued or
+    retrying unless paused (resuming is an operator's move; ``duplex run --until-idle`` would
+    otherwise wait for it forever), and sleeps and waits that end by themselves (a wait with
+    no timeout needs a signal: waiting for it could be forever too)."""
+    query = select(func.count()).where(
+        and_(
+            ws.c.namespace.in_(list(namespaces)),
+            or_(
+                ws.c.state == IN_PROGRESS,
+                and_(ws.c.state.in_((ENQUEUED, WAITING_FOR_RETRY)), NOT_PAUSED),
+                # A step held by its concurrency key goes once its key has room.
+                and_(
+                    ws.c.state == WAITING,
+                    or_(
+                        ws.c.next_attempt_at.is_not(None),
+                        ws.c.concurrency_key.is_not(None),
+                    ),
+                ),
+            ),
+        )
+    )
+    return int(conn.execute(query).scalar_one())

@@ -36,8 +36,8 @@ from duplex.messages import JSONDict
 from duplex.observability.http import HttpServer
 from duplex.observability.tracing import current_carrier
 from duplex.settings import Settings
-from duplex.storage.claims import count_open_work
 from duplex.storage.db import Database
+from duplex.storage.queries import count_open_work
 from duplex.storage.submission import create_task
 from duplex.subscriptions import SubscriberRegistry
 from duplex.subscriptions import subscribers as default_subscribers

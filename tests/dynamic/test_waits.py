@@ -11,9 +11,9 @@ from duplex.clock import utcnow
 from duplex.commit.buffer import CommitBuffer
 from duplex.commit.committer import Committer
 from duplex.errors import WAIT_TIMEOUT
-from duplex.storage.claims import count_open_work
 from duplex.storage.db import Database
 from duplex.storage.operations import retry_step
+from duplex.storage.queries import count_open_work
 from duplex.storage.signals import COMPLETED
 from duplex.storage.waits import _DUE, end_due_waits, find_due_waits
 from tests.conftest import sqlite_database

@@ -30,7 +30,6 @@ from duplex.messages import (
 )
 from duplex.storage.claims import (
     claim_ready_steps,
-    count_open_work,
     release_claims,
     release_unconfirmed_claim,
 )
@@ -43,6 +42,7 @@ from duplex.storage.models import (
     workflow_step_transitions,
     workflow_steps,
 )
+from duplex.storage.queries import count_open_work
 from duplex.storage.recovery import recover_lost_claims
 from duplex.storage.results import CommitReport, commit_outcomes
 from duplex.storage.submission import create_task
