@@ -93,6 +93,11 @@ class EventSystem(SupervisedActor):
         """A commit claimed ``steps`` dependents for this worker (they hold credits too)."""
         self._credits.claimed_eagerly(steps)
 
+    def look_at(self, delay_s: float) -> None:
+        """Steps wait for rate limit tokens that come in ``delay_s``: claim then."""
+        if self._self is not None and not self._credits.stopped:
+            self._timer.call_later(delay_s, partial(tell, self._self.nudge))
+
     def claim_failed(self, requested: int) -> None:
         """The StepExecutor's claim failed (database trouble): try again after a pause."""
         self._credits.claimed(requested, 0)
@@ -155,6 +160,7 @@ class EventSystemProxy(TypedProxy[EventSystem]):
     claimed = message(EventSystem.claimed)
     claimed_eagerly = message(EventSystem.claimed_eagerly)
     claim_failed = message(EventSystem.claim_failed)
+    look_at = message(EventSystem.look_at)
     capacity_freed = message(EventSystem.capacity_freed)
     commits_lagging = message(EventSystem.commits_lagging)
     stats = message(EventSystem.stats)

@@ -30,6 +30,11 @@ class ClaimReports(Protocol):
         """``claim_failed(requested)``: the database failed the claim."""
         ...
 
+    @property
+    def look_at(self) -> Message[[float], None]:
+        """``look_at(delay_s)``: candidates wait for rate limit tokens that come then."""
+        ...
+
 
 class CapacityReports(Protocol):
     """What the Dispatcher tells the EventSystem when slots free up."""

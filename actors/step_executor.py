@@ -42,6 +42,7 @@ class StepExecutor(SupervisedActor):
         super().__init__(supervisor)
         self._metrics = metrics
         self._dispatcher = dispatcher
+        self._clock = clock
         self._claimer = Claimer(
             db, worker_id=worker_id, namespaces=namespaces, clock=clock, aging=priority_aging
         )
@@ -70,6 +71,9 @@ class StepExecutor(SupervisedActor):
             self._in_hand = []
         if self._intake is not None:
             tell(self._intake.claimed, limit, len(steps))
+            tokens_at = self._claimer.tokens_at
+            if tokens_at is not None:  # candidates wait for rate limit tokens: look then
+                tell(self._intake.look_at, max(0.0, (tokens_at - self._clock()).total_seconds()))
 
     def salvage(self) -> None:
         self._hand_back("the step executor failed")

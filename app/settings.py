@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -27,6 +27,7 @@ from pydantic_settings import (
 )
 
 from duplex.errors import ConfigurationError
+from duplex.flow.rates import DeclaredLimit
 from duplex.settings_errors import describe_invalid, describe_unparsable
 
 SETTINGS_FILE_ENV = "DUPLEX_SETTINGS"
@@ -236,6 +237,9 @@ class Settings(BaseSettings):
     observability: ObservabilitySettings = ObservabilitySettings()
     dashboard: DashboardSettings = DashboardSettings()
     schedules: ScheduleSettings = ScheduleSettings()
+    # Rate limits a worker creates at start if SQL has none of the name (docs/flow-control.md):
+    # ``NAME = "100/s"`` or ``NAME = { rate = "100/s", burst = 20 }``.
+    rate_limits: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,255}$")], DeclaredLimit] = {}
 
     @model_validator(mode="after")
     def _heartbeat_fits_the_liveness_timeout(self) -> Settings:

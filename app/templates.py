@@ -39,6 +39,7 @@ from duplex.dynamic.kinds import (
 )
 from duplex.errors import TemplateError
 from duplex.flow.concurrency import ConcurrencyLimit, concurrency_problems
+from duplex.flow.rates import RateLimitUse, rate_problems
 from duplex.schedules.declaration import ScheduleDeclaration
 
 __all__ = [
@@ -122,9 +123,10 @@ class StepTemplate(BaseModel):
     # None: the task's priority (the template's top-level ``priority``, or the submission's).
     priority: Priority | None = None
     retry: StepRetryPolicy | None = None
-    # At most ``limit`` attempts with this key run at once, on every worker together
-    # (docs/flow-control.md).
+    # At most ``limit`` attempts with this key at once; each start takes tokens of the rate
+    # limit (both on every worker together: docs/flow-control.md).
     concurrency: ConcurrencyLimit | None = None
+    rate_limit: RateLimitUse | None = None
 
     @field_validator("inputs")
     @classmethod
@@ -222,7 +224,8 @@ class TaskTemplate(BaseModel):
         _, cycle = topological_order(self.steps, index)
         if cycle:
             raise ValueError("cycle: " + " -> ".join([*cycle, cycle[0]]))
-        problems = shape_problems(self.steps) + concurrency_problems(self.steps)
+        steps = self.steps
+        problems = [*shape_problems(steps), *concurrency_problems(steps), *rate_problems(steps)]
         if problems:
             raise ValueError("; ".join(problems))
         return self

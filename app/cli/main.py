@@ -3,7 +3,8 @@
 Each group of commands lives in a module of its own, which adds its commands to the parser:
 ``run`` (``duplex.cli.run``); ``submit``, ``status``, ``cancel``, ``retry``, ``resolve``,
 ``complete``, ``signal`` and ``workers`` (``duplex.cli.tasks``); ``schedule``
-(``duplex.cli.schedules``); ``pause`` and ``resume`` (``duplex.cli.pauses``); ``relay``,
+(``duplex.cli.schedules``); ``pause`` and ``resume`` (``duplex.cli.pauses``); ``limits``
+(``duplex.cli.limits``); ``relay``,
 ``events`` and ``prune`` (``duplex.cli.events``); ``dashboard``; ``migrate``. Any
 ``DuplexError`` becomes one line on stderr and a non-zero exit, never a traceback
 (``duplex.cli.common``).
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from duplex.cli import dashboard, events, migrate, pauses, run, schedules, tasks
+from duplex.cli import dashboard, events, limits, migrate, pauses, run, schedules, tasks
 from duplex.cli.common import EXIT_USAGE, run_command
 from duplex.observability.logs import configure_logging
 from duplex.settings import Settings, load_settings
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", metavar="FILE", help=_SETTINGS_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     # In the order `duplex --help` lists them.
-    for group in (run, tasks, pauses, schedules, events, dashboard, migrate):
+    for group in (run, tasks, pauses, limits, schedules, events, dashboard, migrate):
         group.add_commands(sub)
     for command in sub.choices.values():
         # Also after the command (`duplex migrate --settings pg.toml`). SUPPRESS: when it is

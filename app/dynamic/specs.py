@@ -40,6 +40,7 @@ def step_spec(step: StepTemplate, template: TaskTemplate, task_priority: int | N
                 "concurrency": None
                 if worker.concurrency is None
                 else worker.concurrency.model_dump(),
+                "rate_limit": None if worker.rate_limit is None else worker.rate_limit.model_dump(),
             },
             # The steps that wait for every item (the batch's convergence).
             "convergence": [s.name for s in template.steps if worker.name in s.depends_on],

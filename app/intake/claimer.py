@@ -18,7 +18,12 @@ from loguru import logger
 from duplex.errors import StorageError
 from duplex.messages import ClaimedStep
 from duplex.storage.claim_order import DEFAULT_AGING
-from duplex.storage.claims import claim_ready_steps, release_claims, release_unconfirmed_claim
+from duplex.storage.claims import (
+    ClaimHints,
+    claim_ready_steps,
+    release_claims,
+    release_unconfirmed_claim,
+)
 from duplex.storage.db import Database
 
 
@@ -41,6 +46,8 @@ class Claimer:
         self._clock = clock
         # ``claimed_at`` stamps of claims that failed: they may have committed unheard.
         self.unconfirmed: list[datetime] = []
+        # When the rate limit tokens that the last claim's candidates wait for come.
+        self.tokens_at: datetime | None = None
 
     def claim(self, limit: int) -> list[ClaimedStep] | None:
         """Claim up to ``limit`` ready steps; None when the database failed the claim."""
@@ -48,15 +55,19 @@ class Claimer:
         try:
             self._settle_unconfirmed()
             now = self._clock()  # what was handed back is ready as of now
+            hints = ClaimHints()
             with self._db.write() as conn:
-                return claim_ready_steps(
+                steps = claim_ready_steps(
                     conn,
                     worker_id=self._worker_id,
                     namespaces=self._namespaces,
                     limit=limit,
                     now=now,
                     aging=self._aging,
+                    hints=hints,
                 )
+            self.tokens_at = hints.tokens_at
+            return steps
         except StorageError as exc:
             # Most likely nothing was claimed, but a connection lost around COMMIT may hide a
             # claim that did commit: remember it, hand back its steps once the database

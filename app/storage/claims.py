@@ -21,6 +21,7 @@ with ``duplex cancel``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -67,8 +68,10 @@ def claim_ready_steps(
     limit: int,
     now: datetime,
     aging: timedelta = DEFAULT_AGING,
+    hints: ClaimHints | None = None,
 ) -> list[ClaimedStep]:
-    """Claim up to ``limit`` due steps of ``namespaces``, in claim order (``claim_key``).
+    """Claim up to ``limit`` due steps of ``namespaces``, in claim order (``claim_key``);
+    ``hints`` learns when rate limit tokens that candidates wait for come.
 
     Steps not yet due (a delayed start, a retry's backoff) cost the claim nothing, however
     many there are (``duplex.storage.claim_order``).
@@ -92,6 +95,8 @@ def claim_ready_steps(
             wait=round == 0,
         )
         claimed += claim_steps(conn, admission.admitted, worker_id=worker_id, now=now)
+        if hints is not None and admission.tokens_at is not None:
+            hints.tokens_at = min(filter(None, (hints.tokens_at, admission.tokens_at)))
         if not admission.held or len(claimed) >= limit or len(candidates) < window:
             break
         window = min(window * 4, _MAX_WINDOW)
@@ -101,6 +106,14 @@ def claim_ready_steps(
 # How many times a claim looks again past held candidates, and how far at most.
 _HOLDING_ROUNDS = 4
 _MAX_WINDOW = 1000
+
+
+@dataclass
+class ClaimHints:
+    """What a claim learned besides its steps."""
+
+    # When the first rate limit tokens a candidate waits for come: look again then.
+    tokens_at: datetime | None = None
 
 
 def claim_dependents(
@@ -298,6 +311,7 @@ _CLAIM = (
         claimed_at=_NOW,
         started_at=None,
         next_attempt_at=None,
+        rate_reserved_at=None,
         updated_at=_NOW,
     )
     .returning(

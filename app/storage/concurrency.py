@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, func, select, text, update
+from sqlalchemy import Connection, bindparam, case, func, or_, select, text, update
 
 from duplex.states import CLAIMABLE, ENQUEUED, IN_PROGRESS, WAITING
 from duplex.storage.driver import db_time
 from duplex.storage.models import workflow_steps
+from duplex.storage.rate_limits import take_tokens
 from duplex.storage.readiness import ReadyStep
 from duplex.storage.transitions import insert_transitions, transition_row
 
@@ -52,7 +53,10 @@ class Admission:
     """Which candidates a claim may take, and how many it held back."""
 
     admitted: dict[str, str]
+    # Candidates held back by a key, or waiting for a rate limit's tokens.
     held: int = 0
+    # When the first tokens a candidate waits for come (the claim should look again then).
+    tokens_at: datetime | None = None
 
 
 def admit(
@@ -65,21 +69,25 @@ def admit(
     wait: bool = True,
 ) -> Admission:
     """Admit up to ``room`` of ``candidates`` (step uuid -> the state it was read in, in claim
-    order) and hold back every candidate whose key is at its limit.
+    order) and hold back every candidate whose key is at its limit; then take the rate limit
+    tokens of those admitted (``duplex.storage.rate_limits``): a candidate whose tokens come
+    later is not admitted, and ``tokens_at`` says when the first come.
 
-    ``wait=False`` (a claim inside a result's commit): a key another transaction is counting
-    right now is skipped, its candidates neither admitted nor held.
+    ``wait=False`` (a claim inside a result's commit): a key or limit another transaction is
+    using right now is skipped, its candidates neither admitted nor held.
     """
     if not candidates:
         return Admission({})
-    keyed = {
-        row.step_uuid: (row.concurrency_key, row.concurrency_limit)
-        for row in conn.execute(_KEYS_OF, {"ids": list(candidates)})
-    }
-    if not keyed:
+    flows = {row.step_uuid: row for row in conn.execute(_FLOW_OF, {"ids": list(candidates)})}
+    if not flows:
         return Admission(dict(list(candidates.items())[:room]))
+    keyed = {
+        s: (row.concurrency_key, row.concurrency_limit)
+        for s, row in flows.items()
+        if row.concurrency_key is not None
+    }
     keys = sorted({key for key, _ in keyed.values()})
-    locked = _lock(conn, keys, wait=wait)
+    locked = _lock(conn, keys, wait=wait) if keys else set()
     running: Counter[str] = Counter(_pairs(conn, _RUNNING, keys=sorted(locked)) if locked else {})
     admitted: dict[str, str] = {}
     held: dict[str, tuple[str, str, int]] = {}
@@ -98,7 +106,20 @@ def admit(
             held[step_uuid] = (state, key, limit)
     if held:
         _hold(conn, held, running, now=now, worker_id=worker_id)
-    return Admission(admitted, len(held))
+    # Then the rate limits' tokens, for the candidates admitted so far.
+    uses = {
+        s: (row.rate_limit, row.rate_units or 1, row.rate_reserved_at)
+        for s, row in flows.items()
+        if row.rate_limit is not None and s in admitted
+    }
+    if not uses:
+        return Admission(admitted, len(held))
+    tokens = take_tokens(conn, admitted, uses, now=now, wait=wait)
+    return Admission(
+        tokens.admitted,
+        len(held) + len(tokens.deferred),
+        min(tokens.deferred.values(), default=None),
+    )
 
 
 def let_go(
@@ -206,8 +227,17 @@ def _hold(
 
 
 _NOW = bindparam("now", type_=ws.c.updated_at.type)
-_KEYS_OF = select(ws.c.step_uuid, ws.c.concurrency_key, ws.c.concurrency_limit).where(
-    ws.c.step_uuid.in_(bindparam("ids", expanding=True)), ws.c.concurrency_key.is_not(None)
+# The candidates with a concurrency key or a rate limit (most steps have neither).
+_FLOW_OF = select(
+    ws.c.step_uuid,
+    ws.c.concurrency_key,
+    ws.c.concurrency_limit,
+    ws.c.rate_limit,
+    ws.c.rate_units,
+    ws.c.rate_reserved_at,
+).where(
+    ws.c.step_uuid.in_(bindparam("ids", expanding=True)),
+    or_(ws.c.concurrency_key.is_not(None), ws.c.rate_limit.is_not(None)),
 )
 _RUNNING = (
     select(ws.c.concurrency_key, func.count())

@@ -34,6 +34,7 @@ from duplex.storage.models import (
     workflow_step_edges,
     workflow_steps,
 )
+from duplex.storage.rate_limits import rate_columns
 from duplex.storage.readiness import (
     ReadyStep,
     enqueue_ready_dependents,
@@ -203,6 +204,7 @@ def _create_items(
                         "next_attempt_at": now,
                         "retry_policy": worker.get("retry_policy"),
                         **item_key(item),
+                        **rate_columns(worker.get("rate_limit")),
                         "created_at": now,
                         "updated_at": now,
                     }

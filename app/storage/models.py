@@ -161,6 +161,11 @@ workflow_steps = Table(
     # attempts with it may run while this one starts; NULL: none.
     Column("concurrency_key", String(255)),
     Column("concurrency_limit", Integer),
+    # Rate limits (docs/flow-control.md, migration 0018): the limit a start takes tokens of,
+    # how many, and the start they are reserved for (set when a claim found none).
+    Column("rate_limit", String(255)),
+    Column("rate_units", Integer),
+    Column("rate_reserved_at", UTCDateTime),
     UniqueConstraint("task_uuid", "name"),
     # The claim query: per priority level, the steps of a namespace due by now, oldest first
     # (``next_attempt_at`` is the not-before time: ready since, due at, scheduled for).
@@ -338,6 +343,20 @@ pauses = Table(
     Column("reason", Text),
     Column("paused_by", String(255), nullable=False),
     Column("paused_at", UTCDateTime, nullable=False),
+)
+
+# Named rate limits (``duplex limits set``, docs/flow-control.md): ``limit`` units per
+# ``period_ms``, ``burst`` more at once; ``tat`` is the whole state of the bucket (NULL: full).
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("limit", Integer, nullable=False),
+    Column("period_ms", BigInteger, nullable=False),
+    Column("burst", Integer, nullable=False, default=0, server_default="0"),
+    Column("tat", UTCDateTime),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("updated_by", String(255)),
 )
 
 # Signals sent to tasks (``duplex signal``): kept until the wait step they name uses them

@@ -31,6 +31,7 @@ from duplex.storage.models import (
     workflow_step_transitions,
     workflow_steps,
 )
+from duplex.storage.rate_limits import check_limits_exist, rate_columns
 from duplex.templates import StepTemplate, TaskTemplate
 
 # SQLite allows 32766 bound parameters per statement; stay well below it.
@@ -121,6 +122,8 @@ def create_tasks(
             }
         )
     _check_item_keys(template, task_rows)
+    if task_rows:
+        check_limits_exist(conn, template)
     step_rows, edge_rows, transition_rows = _step_rows(template, task_rows, start)
     for statement, rows in (
         (_INSERT_TASKS, task_rows),
@@ -222,6 +225,7 @@ def _step_rows(
                     "retry_policy": None if step.retry is None else step.retry.stored(),
                     "concurrency_key": key,
                     "concurrency_limit": limit,
+                    **rate_columns(step.rate_limit),
                     "created_at": now,
                     "updated_at": now,
                 }

@@ -38,6 +38,7 @@ from duplex.observability.tracing import current_carrier
 from duplex.settings import Settings
 from duplex.storage.db import Database
 from duplex.storage.queries import count_open_work
+from duplex.storage.rate_limits import declare_limits
 from duplex.storage.submission import create_task
 from duplex.subscriptions import SubscriberRegistry
 from duplex.subscriptions import subscribers as default_subscribers
@@ -207,6 +208,8 @@ class Worker:
         ``duplex run`` calls it with retries before ``start``; ``start`` calls it otherwise.
         """
         self.heartbeat.register()
+        with self.db.write() as conn:  # [rate_limits] not in SQL yet (docs/flow-control.md)
+            declare_limits(conn, self.settings.rate_limits, now=utcnow())
         self._registered = True
 
     def serve_http(self) -> None:

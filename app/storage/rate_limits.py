@@ -1,0 +1,208 @@
+"""Rate limits in SQL: the ``rate_limits`` rows, and the tokens a claim takes of them.
+
+A claim takes the tokens of each candidate with a ``rate_limit`` in claim order
+(``take_tokens``): the limit's row is locked (``FOR UPDATE`` on PostgreSQL, in name order;
+SQLite serialises writers), its bucket reserves the start (``duplex.flow.rates``), and the row's
+``tat`` moves on. A candidate whose tokens come later is not claimed: its not-before time
+(``next_attempt_at``) becomes the moment they come, and ``rate_reserved_at`` says they are
+its, so the claim at that time takes none again. The claim reports the earliest such moment,
+and the worker looks then: no polling for tokens.
+
+A limit that no longer exists does not hold a step back (``duplex limits`` has no delete; a
+submission naming an unknown limit is refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, insert, select, update
+
+from duplex.errors import InputError
+from duplex.flow.rates import DeclaredLimit, Rate, RateLimitUse
+from duplex.storage.models import rate_limits, workflow_steps
+from duplex.templates import TaskTemplate
+
+ws = workflow_steps
+rl = rate_limits
+
+
+@dataclass(frozen=True)
+class LimitRow:
+    """A limit as ``duplex limits list`` shows it."""
+
+    name: str
+    rate: Rate
+    tokens: float
+    updated_at: datetime
+    updated_by: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rate": self.rate.text(),
+            "limit": self.rate.limit,
+            "period_ms": round(self.rate.period.total_seconds() * 1000),
+            "burst": self.rate.burst,
+            "tokens": round(self.tokens, 3),
+            "updated_at": self.updated_at.isoformat(),
+            "updated_by": self.updated_by,
+        }
+
+
+def rate_columns(use: RateLimitUse | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The step row's rate limit columns for what its template declares."""
+    if use is None:
+        return {"rate_limit": None, "rate_units": None}
+    if isinstance(use, RateLimitUse):
+        return {"rate_limit": use.name, "rate_units": use.units}
+    return {"rate_limit": use["name"], "rate_units": use.get("units", 1)}
+
+
+def check_limits_exist(conn: Connection, template: TaskTemplate) -> None:
+    """Refuse a template whose steps name a rate limit that is not declared."""
+    named = {step.name: step.rate_limit.name for step in template.steps if step.rate_limit}
+    if not named:
+        return
+    known = set(
+        conn.execute(select(rl.c.name).where(rl.c.name.in_(sorted(set(named.values()))))).scalars()
+    )
+    for step, name in named.items():
+        if name not in known:
+            raise InputError(
+                f"step {step!r}: rate limit {name!r} is not declared "
+                f"(`duplex limits set {name} 100/s`, or [rate_limits] in the settings)"
+            )
+
+
+def set_limit(
+    conn: Connection, name: str, rate: Rate, *, now: datetime, operator: str | None
+) -> Rate | None:
+    """Create or change the limit ``name``; return the rate it had (None: new). The bucket's
+    state is kept: tokens already reserved stay reserved."""
+    row = conn.execute(select(*_RATE_COLUMNS).where(rl.c.name == name).with_for_update()).first()
+    values = {
+        "limit": rate.limit,
+        "period_ms": round(rate.period.total_seconds() * 1000),
+        "burst": rate.burst,
+        "updated_at": now,
+        "updated_by": operator,
+    }
+    if row is None:
+        conn.execute(insert(rl).values(name=name, tat=None, **values))
+        return None
+    conn.execute(update(rl).where(rl.c.name == name).values(**values))
+    return _rate(row)
+
+
+def declare_limits(
+    conn: Connection, declared: Mapping[str, DeclaredLimit], *, now: datetime
+) -> list[str]:
+    """Insert the settings' limits that do not exist yet (a limit in SQL is never
+    overwritten: ``duplex limits set`` changed it on purpose); return the names inserted."""
+    if not declared:
+        return []
+    existing = set(conn.execute(select(rl.c.name).where(rl.c.name.in_(sorted(declared)))).scalars())
+    added = [name for name in sorted(declared) if name not in existing]
+    for name in added:
+        set_limit(conn, name, declared[name].parsed(), now=now, operator="settings")
+    return added
+
+
+def list_limits(conn: Connection, *, now: datetime) -> list[LimitRow]:
+    rows = conn.execute(
+        select(*_RATE_COLUMNS, rl.c.updated_at, rl.c.updated_by).order_by(rl.c.name)
+    )
+    return [
+        LimitRow(row.name, rate, rate.tokens(row.tat, now), row.updated_at, row.updated_by)
+        for row in rows
+        for rate in [_rate(row)]
+    ]
+
+
+@dataclass
+class Tokens:
+    """What ``take_tokens`` decided: the candidates that start now, and when the others'
+    tokens come."""
+
+    admitted: dict[str, str]
+    deferred: dict[str, datetime]
+
+
+def take_tokens(
+    conn: Connection,
+    candidates: Mapping[str, str],
+    uses: Mapping[str, tuple[str, int, datetime | None]],
+    *,
+    now: datetime,
+    wait: bool,
+) -> Tokens:
+    """Take the tokens of ``candidates`` (in claim order) whose step uses a limit (``uses``:
+    step uuid -> limit name, units, the start its tokens are reserved for).
+
+    ``wait=False``: a limit another transaction holds is skipped, its candidates neither
+    admitted nor deferred (they stay in the queue for a later claim).
+    """
+    names = sorted({uses[s][0] for s in candidates if s in uses and not _reserved(uses[s], now)})
+    buckets = _lock(conn, names, wait=wait) if names else {}
+    tats = {name: tat for name, (_, tat) in buckets.items()}
+    admitted: dict[str, str] = {}
+    deferred: dict[str, datetime] = {}
+    for step_uuid, state in candidates.items():
+        use = uses.get(step_uuid)
+        if use is None or _reserved(use, now):
+            admitted[step_uuid] = state  # no limit, or its tokens are reserved
+            continue
+        name, units, _ = use
+        if name not in buckets:
+            if wait:  # the limit is gone: nothing holds the step back
+                admitted[step_uuid] = state
+            continue  # else another transaction holds it: a later claim takes the step
+        reservation = buckets[name][0].reserve(tats[name], now, units)
+        tats[name] = reservation.tat
+        if reservation.start_at <= now:
+            admitted[step_uuid] = state
+        else:
+            deferred[step_uuid] = reservation.start_at
+    changed = [{"b_name": n, "v_tat": t} for n, t in tats.items() if t != buckets[n][1]]
+    if changed:
+        conn.execute(_SET_TAT, changed)
+    if deferred:
+        conn.execute(_DEFER, [{"b_step_uuid": s, "v_at": at} for s, at in deferred.items()])
+    return Tokens(admitted, deferred)
+
+
+def _reserved(use: tuple[str, int, datetime | None], now: datetime) -> bool:
+    return use[2] is not None and use[2] <= now
+
+
+def _lock(conn: Connection, names: Sequence[str], *, wait: bool) -> dict[str, tuple[Rate, Any]]:
+    query = select(*_RATE_COLUMNS).where(rl.c.name.in_(names)).order_by(rl.c.name)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=not wait)
+    return {row.name: (_rate(row), row.tat) for row in conn.execute(query)}
+
+
+def _rate(row: Any) -> Rate:
+    return Rate(row.limit, timedelta(milliseconds=row.period_ms), row.burst)
+
+
+_RATE_COLUMNS = (rl.c.name, rl.c.limit, rl.c.period_ms, rl.c.burst, rl.c.tat)
+_SET_TAT = (
+    update(rl)
+    .where(rl.c.name == bindparam("b_name"))
+    .values(tat=bindparam("v_tat", type_=rl.c.tat.type))
+)
+# The step keeps its state (``enqueued`` or ``waiting_for_retry``) and its place: only its
+# not-before time moves to when its tokens come, and they are marked as its.
+_DEFER = (
+    update(ws)
+    .where(ws.c.step_uuid == bindparam("b_step_uuid"))
+    .values(
+        next_attempt_at=bindparam("v_at", type_=ws.c.next_attempt_at.type),
+        rate_reserved_at=bindparam("v_at", type_=ws.c.rate_reserved_at.type),
+    )
+)

@@ -1,0 +1,49 @@
+"""Rate limits: named limits in SQL, and the steps that take their tokens.
+
+``rate_limits``: one row per limit (``duplex limits set NAME 100/s``): ``limit`` units per
+``period_ms``, ``burst`` more at once, and the bucket's whole state, ``tat`` (the generic cell
+rate algorithm's theoretical arrival time; NULL: full). ``workflow_steps.rate_limit`` and
+``rate_units``: the limit a step's start takes tokens of, and how many; ``rate_reserved_at``:
+the start its tokens are reserved for (a claim that found none set the step's not-before time
+to it; the claim at that time takes no more tokens).
+
+Revision ID: 0018
+Revises: 0017
+Create Date: 2026-12-05
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0018"
+down_revision = "0017"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "rate_limits",
+        sa.Column("name", sa.String(255), nullable=False),
+        sa.Column("limit", sa.Integer(), nullable=False),
+        sa.Column("period_ms", sa.BigInteger(), nullable=False),
+        sa.Column("burst", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("tat", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_by", sa.String(255), nullable=True),
+        sa.PrimaryKeyConstraint("name", name="pk_rate_limits"),
+    )
+    op.add_column("workflow_steps", sa.Column("rate_limit", sa.String(255), nullable=True))
+    op.add_column("workflow_steps", sa.Column("rate_units", sa.Integer(), nullable=True))
+    op.add_column(
+        "workflow_steps", sa.Column("rate_reserved_at", sa.DateTime(timezone=True), nullable=True)
+    )
+
+
+def downgrade() -> None:
+    op.drop_column("workflow_steps", "rate_reserved_at")
+    op.drop_column("workflow_steps", "rate_units")
+    op.drop_column("workflow_steps", "rate_limit")
+    op.drop_table("rate_limits")
