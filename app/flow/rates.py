@@ -5,13 +5,10 @@ A step names a limit (``rate_limit = "payment_api"``, or ``{ name = "payment_api
 2 }``); the limits are rows of ``rate_limits`` (``duplex limits set payment_api 100/s``, or
 ``[rate_limits]`` in the settings). The bucket is the generic cell rate algorithm: its whole
 state is one time, ``tat`` (the theoretical arrival time), so taking a token is one update of
-one row, whatever the number of workers.
-
-Every start reserves its tokens: the step may start at ``reserve(...).start_at``, which is
-*now* when a token is there, else the moment its token comes. A step that must wait keeps its
-place in the queue with that time as its not-before time, so no worker polls for the token,
-and, the token being reserved, it starts then without asking again. In any window of one
-period (half-open) at most ``limit + burst`` units start.
+one row, whatever the number of workers. A start takes its tokens at its own time
+(``reserve(...).start_at`` is then *now*); in any window of one period (half-open) at most
+``limit + burst`` units start. A start that finds no token learns when it is expected
+(``start_at``).
 """
 
 from __future__ import annotations

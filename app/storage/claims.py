@@ -311,7 +311,6 @@ _CLAIM = (
         claimed_at=_NOW,
         started_at=None,
         next_attempt_at=None,
-        rate_reserved_at=None,
         updated_at=_NOW,
     )
     .returning(

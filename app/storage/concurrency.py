@@ -108,7 +108,7 @@ def admit(
         _hold(conn, held, running, now=now, worker_id=worker_id)
     # Then the rate limits' tokens, for the candidates admitted so far.
     uses = {
-        s: (row.rate_limit, row.rate_units or 1, row.rate_reserved_at)
+        s: (row.rate_limit, row.rate_units or 1)
         for s, row in flows.items()
         if row.rate_limit is not None and s in admitted
     }
@@ -234,7 +234,6 @@ _FLOW_OF = select(
     ws.c.concurrency_limit,
     ws.c.rate_limit,
     ws.c.rate_units,
-    ws.c.rate_reserved_at,
 ).where(
     ws.c.step_uuid.in_(bindparam("ids", expanding=True)),
     or_(ws.c.concurrency_key.is_not(None), ws.c.rate_limit.is_not(None)),

@@ -161,11 +161,10 @@ workflow_steps = Table(
     # attempts with it may run while this one starts; NULL: none.
     Column("concurrency_key", String(255)),
     Column("concurrency_limit", Integer),
-    # Rate limits (docs/flow-control.md, migration 0018): the limit a start takes tokens of,
-    # how many, and the start they are reserved for (set when a claim found none).
+    # Rate limits (docs/flow-control.md, migration 0018): the limit each start takes tokens
+    # of, and how many.
     Column("rate_limit", String(255)),
     Column("rate_units", Integer),
-    Column("rate_reserved_at", UTCDateTime),
     UniqueConstraint("task_uuid", "name"),
     # The claim query: per priority level, the steps of a namespace due by now, oldest first
     # (``next_attempt_at`` is the not-before time: ready since, due at, scheduled for).

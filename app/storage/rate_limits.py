@@ -2,11 +2,15 @@
 
 A claim takes the tokens of each candidate with a ``rate_limit`` in claim order
 (``take_tokens``): the limit's row is locked (``FOR UPDATE`` on PostgreSQL, in name order;
-SQLite serialises writers), its bucket reserves the start (``duplex.flow.rates``), and the row's
-``tat`` moves on. A candidate whose tokens come later is not claimed: its not-before time
-(``next_attempt_at``) becomes the moment they come, and ``rate_reserved_at`` says they are
-its, so the claim at that time takes none again. The claim reports the earliest such moment,
-and the worker looks then: no polling for tokens.
+SQLite serialises writers), its bucket decides (``duplex.flow.rates``), and the row's ``tat``
+moves on for each start. Tokens are only ever taken by a claim, at its time, so the starts
+themselves keep the rate, however late a worker comes to them.
+
+A candidate whose tokens are not there is not claimed: its not-before time
+(``next_attempt_at``) moves to when they are expected (each such candidate one share of the
+rate after the one before), keeping its state and its place. The claim reports the earliest
+such time and the worker looks then: no polling for tokens. A start that came first may have
+taken them; the step then waits again.
 
 A limit that no longer exists does not hold a step back (``duplex limits`` has no delete; a
 submission naming an unknown limit is refused).
@@ -126,7 +130,7 @@ def list_limits(conn: Connection, *, now: datetime) -> list[LimitRow]:
 @dataclass
 class Tokens:
     """What ``take_tokens`` decided: the candidates that start now, and when the others'
-    tokens come."""
+    tokens are expected."""
 
     admitted: dict[str, str]
     deferred: dict[str, datetime]
@@ -135,48 +139,49 @@ class Tokens:
 def take_tokens(
     conn: Connection,
     candidates: Mapping[str, str],
-    uses: Mapping[str, tuple[str, int, datetime | None]],
+    uses: Mapping[str, tuple[str, int]],
     *,
     now: datetime,
     wait: bool,
 ) -> Tokens:
     """Take the tokens of ``candidates`` (in claim order) whose step uses a limit (``uses``:
-    step uuid -> limit name, units, the start its tokens are reserved for).
+    step uuid -> limit name, units); defer those whose tokens are not there.
 
     ``wait=False``: a limit another transaction holds is skipped, its candidates neither
     admitted nor deferred (they stay in the queue for a later claim).
     """
-    names = sorted({uses[s][0] for s in candidates if s in uses and not _reserved(uses[s], now)})
+    names = sorted({uses[s][0] for s in candidates if s in uses})
     buckets = _lock(conn, names, wait=wait) if names else {}
     tats = {name: tat for name, (_, tat) in buckets.items()}
+    # Where the deferred candidates' expected times are counted from (never stored).
+    expected = dict(tats)
     admitted: dict[str, str] = {}
     deferred: dict[str, datetime] = {}
     for step_uuid, state in candidates.items():
         use = uses.get(step_uuid)
-        if use is None or _reserved(use, now):
-            admitted[step_uuid] = state  # no limit, or its tokens are reserved
+        if use is None:
+            admitted[step_uuid] = state
             continue
-        name, units, _ = use
+        name, units = use
         if name not in buckets:
             if wait:  # the limit is gone: nothing holds the step back
                 admitted[step_uuid] = state
             continue  # else another transaction holds it: a later claim takes the step
-        reservation = buckets[name][0].reserve(tats[name], now, units)
-        tats[name] = reservation.tat
-        if reservation.start_at <= now:
+        rate = buckets[name][0]
+        taken = rate.reserve(tats[name], now, units)
+        if taken.start_at <= now:
             admitted[step_uuid] = state
+            tats[name] = expected[name] = taken.tat
         else:
-            deferred[step_uuid] = reservation.start_at
+            later = rate.reserve(expected[name], now, units)
+            expected[name] = later.tat
+            deferred[step_uuid] = later.start_at
     changed = [{"b_name": n, "v_tat": t} for n, t in tats.items() if t != buckets[n][1]]
     if changed:
         conn.execute(_SET_TAT, changed)
     if deferred:
         conn.execute(_DEFER, [{"b_step_uuid": s, "v_at": at} for s, at in deferred.items()])
     return Tokens(admitted, deferred)
-
-
-def _reserved(use: tuple[str, int, datetime | None], now: datetime) -> bool:
-    return use[2] is not None and use[2] <= now
 
 
 def _lock(conn: Connection, names: Sequence[str], *, wait: bool) -> dict[str, tuple[Rate, Any]]:
@@ -196,13 +201,10 @@ _SET_TAT = (
     .where(rl.c.name == bindparam("b_name"))
     .values(tat=bindparam("v_tat", type_=rl.c.tat.type))
 )
-# The step keeps its state (``enqueued`` or ``waiting_for_retry``) and its place: only its
-# not-before time moves to when its tokens come, and they are marked as its.
+# The step keeps its state (``enqueued`` or ``waiting_for_retry``): only its not-before time
+# moves to when its tokens are expected.
 _DEFER = (
     update(ws)
     .where(ws.c.step_uuid == bindparam("b_step_uuid"))
-    .values(
-        next_attempt_at=bindparam("v_at", type_=ws.c.next_attempt_at.type),
-        rate_reserved_at=bindparam("v_at", type_=ws.c.rate_reserved_at.type),
-    )
+    .values(next_attempt_at=bindparam("v_at", type_=ws.c.next_attempt_at.type))
 )

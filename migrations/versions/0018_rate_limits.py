@@ -3,9 +3,7 @@
 ``rate_limits``: one row per limit (``duplex limits set NAME 100/s``): ``limit`` units per
 ``period_ms``, ``burst`` more at once, and the bucket's whole state, ``tat`` (the generic cell
 rate algorithm's theoretical arrival time; NULL: full). ``workflow_steps.rate_limit`` and
-``rate_units``: the limit a step's start takes tokens of, and how many; ``rate_reserved_at``:
-the start its tokens are reserved for (a claim that found none set the step's not-before time
-to it; the claim at that time takes no more tokens).
+``rate_units``: the limit each start of the step takes tokens of, and how many.
 
 Revision ID: 0018
 Revises: 0017
@@ -37,13 +35,9 @@ def upgrade() -> None:
     )
     op.add_column("workflow_steps", sa.Column("rate_limit", sa.String(255), nullable=True))
     op.add_column("workflow_steps", sa.Column("rate_units", sa.Integer(), nullable=True))
-    op.add_column(
-        "workflow_steps", sa.Column("rate_reserved_at", sa.DateTime(timezone=True), nullable=True)
-    )
 
 
 def downgrade() -> None:
-    op.drop_column("workflow_steps", "rate_reserved_at")
     op.drop_column("workflow_steps", "rate_units")
     op.drop_column("workflow_steps", "rate_limit")
     op.drop_table("rate_limits")
