@@ -19,8 +19,10 @@ from rich.table import Table
 from rich.text import Text
 
 from duplex.storage.batch_view import BatchGroup
+from duplex.storage.concurrency import KeyLoad
 from duplex.storage.pauses import Pause
 from duplex.storage.queries import StepSummary, TaskSummary
+from duplex.storage.rate_limits import LimitRow
 from duplex.storage.workers import Liveness
 
 # Piped output: wide enough never to fold a line (tables take only the width they need).
@@ -229,4 +231,19 @@ def pause_lines(paused: Sequence[Pause]) -> list[str]:
         f"paused: {p.label} since {p.paused_at.isoformat(timespec='seconds')} by {p.paused_by}"
         + (f" ({p.reason})" if p.reason else "")
         for p in paused
+    ]
+
+
+def flow_lines(keys: Sequence[KeyLoad], limits: Sequence[LimitRow]) -> list[str]:
+    """The busiest concurrency keys and every rate limit, for ``duplex status``."""
+    return [
+        *(
+            f"concurrency key {k.key}: {k.running} running, {k.held} held (limit {k.limit})"
+            for k in keys
+        ),
+        *(
+            f"rate limit {r.name}: {r.rate.text()}, burst {r.rate.burst}, "
+            f"{r.tokens:.1f} token(s) now"
+            for r in limits
+        ),
     ]

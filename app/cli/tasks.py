@@ -39,6 +39,7 @@ from duplex.intake.wake import wake_local_workers
 from duplex.settings import Settings
 from duplex.storage.batch_view import batch_groups
 from duplex.storage.cancels import cancel_step
+from duplex.storage.concurrency import running_per_key
 from duplex.storage.operations import (
     OperatorReport,
     cancel_task,
@@ -50,6 +51,7 @@ from duplex.storage.operations import (
 from duplex.storage.outbox import event_lag
 from duplex.storage.pauses import list_pauses
 from duplex.storage.queries import count_tasks, get_task, list_tasks, task_steps
+from duplex.storage.rate_limits import list_limits
 from duplex.storage.workers import alive_workers, judged_workers
 from duplex.templates import load_template
 
@@ -238,6 +240,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             )
             lag = event_lag(conn, now=now).as_json(now)
             paused = list_pauses(conn)
+            keys, limits = running_per_key(conn, limit=10), list_limits(conn, now=now)
     if args.json:
         # In the order they started, as ``status --json`` has always listed them.
         rows = sorted((row for row, _ in alive), key=lambda r: (r["started_at"], r["worker_id"]))
@@ -248,6 +251,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 "workers": [_worker_json(row) for row in rows],
                 "events": lag,
                 "paused": [p.as_json() for p in paused],
+                "concurrency_keys": [k.as_json() for k in keys],
+                "rate_limits": [limit.as_json() for limit in limits],
             }
         )
         return 0
@@ -262,7 +267,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             f"`--limit {total}` lists them all, `status TASK_UUID` shows one"
         )
     print(console.lag_line(lag))
-    for line in console.pause_lines(paused):
+    for line in [*console.pause_lines(paused), *console.flow_lines(keys, limits)]:
         print(line)
     if alive:
         out.print()

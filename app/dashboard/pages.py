@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from duplex.attempts import Attempt, attempts
+from duplex.clock import utcnow
 from duplex.dashboard.graph import GraphStep, Layout, layout
 from duplex.dashboard.timeline import Timeline, timeline
 from duplex.errors import InputError
@@ -27,6 +28,7 @@ from duplex.states import (
     TASK_STATES,
 )
 from duplex.storage.batch_view import BatchGroup, ItemPage, batch_groups, item_page, step_note
+from duplex.storage.concurrency import KeyLoad, running_per_key
 from duplex.storage.dashboard_detail import (
     EventRow,
     StepRow,
@@ -48,6 +50,7 @@ from duplex.storage.dashboard_list import (
 )
 from duplex.storage.pauses import NAMESPACE, TEMPLATE, Pause, list_pauses
 from duplex.storage.queries import parse_uuid, transitions_of_task
+from duplex.storage.rate_limits import LimitRow, list_limits
 from duplex.storage.workers import judged_workers
 
 # ------------------------------------------------------------------------------------------
@@ -108,13 +111,17 @@ class TaskList:
     names: list[str]
     namespaces: list[str]
     pauses: list[Pause]  # every pause in force, oldest first
+    # Flow control (docs/flow-control.md): the busiest concurrency keys, every rate limit.
+    keys: list[KeyLoad]
+    limits: list[LimitRow]
 
 
 def task_list(conn: Connection, query: TaskListQuery, *, page_size: int) -> TaskList:
     page = task_page(conn, query.filter, limit=page_size, before=query.before, after=query.after)
     names, namespaces = filter_choices(conn)
     counts = status_counts(conn, query.filter)
-    return TaskList(query, page, counts, names, namespaces, list_pauses(conn))
+    flow = (running_per_key(conn, limit=20), list_limits(conn, now=utcnow()))
+    return TaskList(query, page, counts, names, namespaces, list_pauses(conn), *flow)
 
 
 # ------------------------------------------------------------------------------------------

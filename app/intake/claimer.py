@@ -18,12 +18,8 @@ from loguru import logger
 from duplex.errors import StorageError
 from duplex.messages import ClaimedStep
 from duplex.storage.claim_order import DEFAULT_AGING
-from duplex.storage.claims import (
-    ClaimHints,
-    claim_ready_steps,
-    release_claims,
-    release_unconfirmed_claim,
-)
+from duplex.storage.claims import claim_ready_steps, release_claims, release_unconfirmed_claim
+from duplex.storage.concurrency import ClaimHints
 from duplex.storage.db import Database
 
 
@@ -46,8 +42,8 @@ class Claimer:
         self._clock = clock
         # ``claimed_at`` stamps of claims that failed: they may have committed unheard.
         self.unconfirmed: list[datetime] = []
-        # When the rate limit tokens that the last claim's candidates wait for come.
-        self.tokens_at: datetime | None = None
+        # What the last claim learned: when rate limit tokens come, the waits it caused.
+        self.hints = ClaimHints()
 
     def claim(self, limit: int) -> list[ClaimedStep] | None:
         """Claim up to ``limit`` ready steps; None when the database failed the claim."""
@@ -66,7 +62,7 @@ class Claimer:
                     aging=self._aging,
                     hints=hints,
                 )
-            self.tokens_at = hints.tokens_at
+            self.hints = hints
             return steps
         except StorageError as exc:
             # Most likely nothing was claimed, but a connection lost around COMMIT may hide a

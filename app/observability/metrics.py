@@ -36,6 +36,7 @@ from duplex.observability.counters import (
     StepMetrics,
 )
 from duplex.observability.families import counter, gauge, histograms
+from duplex.observability.flow import flow_gauges
 from duplex.observability.queue import QueueFigures, QueueProbe
 from duplex.observability.schedule_metrics import schedule_metrics
 from duplex.version import duplex_version
@@ -89,6 +90,9 @@ class WorkerMetrics:
         self.started_monotonic = time.monotonic()
         self.claimed = Counter()  # namespace; written by the StepExecutor
         self.claimed_eagerly = Counter()  # namespace; by the CompletionProcessor (in commits)
+        # Steps held by a concurrency key or deferred by a rate limit at this worker's claims:
+        # (kind, key path or limit name); written by the StepExecutor.
+        self.flow_waits = Counter()
         self.steps = StepMetrics()  # written by the CompletionProcessor
         self.schedules = ScheduleMetrics()  # written by the schedule firer's thread
         self.queue = queue
@@ -185,6 +189,13 @@ class DuplexCollector(Collector):
             "Of those, dependents claimed in the commit that made them ready.",
             ["namespace"],
             eager,
+        )
+        yield counter(
+            "duplex_flow_control_waits",
+            "Steps this worker's claims held back: by a concurrency key (its path) at its limit,"
+            " or until a rate limit's tokens come.",
+            ["kind", "name"],
+            m.flow_waits.snapshot(),
         )
         steps = m.steps
         yield counter(
@@ -361,6 +372,7 @@ class DuplexCollector(Collector):
         for kind, name in figures.paused:
             paused.add_metric([kind, name], 1)
         yield paused
+        yield from flow_gauges(figures)
         if figures.relay is not None:
             yield from _relay_metrics(figures.relay)
 

@@ -25,6 +25,10 @@ class QueueFigures:
     relay: dict[str, Any] | None = None
     # The pauses in force (``duplex pause``): (kind, name) pairs.
     paused: tuple[tuple[str, str], ...] = ()
+    # Flow control: the busiest concurrency keys (key, running, held, limit), and each rate
+    # limit's tokens now (name, tokens).
+    keys: tuple[tuple[str, int, int, int], ...] = ()
+    tokens: tuple[tuple[str, float], ...] = ()
 
 
 class QueueProbe:

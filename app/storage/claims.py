@@ -21,7 +21,6 @@ with ``duplex cancel``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -44,7 +43,7 @@ from duplex.states import (
     TASK_PENDING,
 )
 from duplex.storage.claim_order import DEFAULT_AGING, claim_key, due_levels, due_steps
-from duplex.storage.concurrency import admit
+from duplex.storage.concurrency import ClaimHints, admit
 from duplex.storage.driver import db_time
 from duplex.storage.events import declared_events
 from duplex.storage.models import (
@@ -95,8 +94,8 @@ def claim_ready_steps(
             wait=round == 0,
         )
         claimed += claim_steps(conn, admission.admitted, worker_id=worker_id, now=now)
-        if hints is not None and admission.tokens_at is not None:
-            hints.tokens_at = min(filter(None, (hints.tokens_at, admission.tokens_at)))
+        if hints is not None:
+            hints.add(admission)
         if not admission.held or len(claimed) >= limit or len(candidates) < window:
             break
         window = min(window * 4, _MAX_WINDOW)
@@ -106,14 +105,6 @@ def claim_ready_steps(
 # How many times a claim looks again past held candidates, and how far at most.
 _HOLDING_ROUNDS = 4
 _MAX_WINDOW = 1000
-
-
-@dataclass
-class ClaimHints:
-    """What a claim learned besides its steps."""
-
-    # When the first rate limit tokens a candidate waits for come: look again then.
-    tokens_at: datetime | None = None
 
 
 def claim_dependents(

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -57,6 +57,22 @@ class Admission:
     held: int = 0
     # When the first tokens a candidate waits for come (the claim should look again then).
     tokens_at: datetime | None = None
+    # The waits caused: holds per key path (``context.customer_id``), deferrals per limit.
+    waits: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+@dataclass
+class ClaimHints:
+    """What a claim learned besides its steps: when the first rate limit tokens a candidate
+    waits for come (look again then), and the waits flow control caused (``Admission``)."""
+
+    tokens_at: datetime | None = None
+    waits: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def add(self, admission: Admission) -> None:
+        if admission.tokens_at is not None:
+            self.tokens_at = min(filter(None, (self.tokens_at, admission.tokens_at)))
+        self.waits.update(admission.waits)
 
 
 def admit(
@@ -112,13 +128,16 @@ def admit(
         for s, row in flows.items()
         if row.rate_limit is not None and s in admitted
     }
+    waits = Counter(("concurrency_key", key.partition("=")[0]) for _, key, _ in held.values())
     if not uses:
-        return Admission(admitted, len(held))
+        return Admission(admitted, len(held), None, waits)
     tokens = take_tokens(conn, admitted, uses, now=now, wait=wait)
+    waits.update(("rate_limit", uses[step][0]) for step in tokens.deferred)
     return Admission(
         tokens.admitted,
         len(held) + len(tokens.deferred),
         min(tokens.deferred.values(), default=None),
+        waits,
     )
 
 
@@ -176,10 +195,23 @@ def _room(conn: Connection, limits: dict[str, int]) -> Counter[str]:
     return Counter({key: limit - taken.get(key, 0) for key, limit in limits.items()})
 
 
-def running_per_key(conn: Connection, limit: int = 50) -> list[tuple[str, int, int, int]]:
-    """The busiest keys (running, then held): (key, running, held, limit) each."""
+@dataclass(frozen=True)
+class KeyLoad:
+    """A concurrency key's attempts running now and steps it holds back."""
+
+    key: str
+    running: int
+    held: int
+    limit: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"key": self.key, "running": self.running, "held": self.held, "limit": self.limit}
+
+
+def running_per_key(conn: Connection, limit: int = 50) -> list[KeyLoad]:
+    """The busiest keys (most running, then most held), at most ``limit`` of them."""
     rows = conn.execute(_PER_KEY, {"limit": limit}).all()
-    return [(row[0], int(row[1]), int(row[2]), int(row[3])) for row in rows]
+    return [KeyLoad(row[0], int(row[1]), int(row[2]), int(row[3])) for row in rows]
 
 
 def _pairs(conn: Connection, statement: Any, **params: Any) -> dict[str, int]:

@@ -16,10 +16,12 @@ from duplex.clock import utcnow
 from duplex.errors import StorageError
 from duplex.observability.metrics import WorkerMetrics
 from duplex.observability.queue import QueueFigures
+from duplex.storage.concurrency import running_per_key
 from duplex.storage.db import Database
 from duplex.storage.outbox import event_lag
 from duplex.storage.pauses import list_pauses
 from duplex.storage.queries import ready_queue
+from duplex.storage.rate_limits import list_limits
 from duplex.storage.workers import probe
 
 Phase = Literal["starting", "running", "draining", "stopped"]
@@ -102,7 +104,9 @@ def read_queue(db: Database, namespaces: Sequence[str], *, relay: bool) -> Queue
         ready, oldest = ready_queue(conn, namespaces, now=now)
         lag = event_lag(conn, now=now).as_json(now) if relay else None
         paused = tuple((p.kind, p.name) for p in list_pauses(conn))
-    return QueueFigures(ready, oldest, lag, paused)
+        keys = tuple((k.key, k.running, k.held, k.limit) for k in running_per_key(conn, 20))
+        tokens = tuple((r.name, r.tokens) for r in list_limits(conn, now=now))
+    return QueueFigures(ready, oldest, lag, paused, keys, tokens)
 
 
 def readiness(snapshot: HealthSnapshot) -> list[str]:

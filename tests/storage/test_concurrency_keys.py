@@ -26,7 +26,7 @@ from duplex.commit.retry import RetryPolicy
 from duplex.errors import InputError, TemplateError
 from duplex.messages import ClaimedStep, StepOutcome
 from duplex.storage.claims import claim_ready_steps
-from duplex.storage.concurrency import keys_with_room, running_per_key, sweep_held
+from duplex.storage.concurrency import KeyLoad, keys_with_room, running_per_key, sweep_held
 from duplex.storage.db import Database
 from duplex.storage.models import tasks, workflow_step_transitions, workflow_steps
 from duplex.storage.results import commit_outcomes
@@ -100,8 +100,8 @@ def test_a_claim_admits_each_key_up_to_its_limit_and_holds_the_rest(db: Database
             .where(ws.c.state == "waiting", workflow_step_transitions.c.to_state == "waiting")
         ).all()
         assert running_per_key(conn) == [
-            ("context.customer=a", 2, 4, 2),
-            ("context.customer=b", 2, 0, 2),
+            KeyLoad("context.customer=a", 2, 4, 2),
+            KeyLoad("context.customer=b", 2, 0, 2),
         ]
     assert len(held) == 4
     assert all(attempts == 0 for attempts, _ in held)

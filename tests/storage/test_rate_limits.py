@@ -21,7 +21,8 @@ from sqlalchemy import func, select
 from duplex.clock import utcnow
 from duplex.errors import InputError, TemplateError
 from duplex.flow.rates import Rate, parse_rate
-from duplex.storage.claims import ClaimHints, claim_ready_steps
+from duplex.storage.claims import claim_ready_steps
+from duplex.storage.concurrency import ClaimHints
 from duplex.storage.db import Database
 from duplex.storage.models import tasks, workflow_step_transitions, workflow_steps
 from duplex.storage.rate_limits import declare_limits, list_limits, set_limit
