@@ -16,11 +16,13 @@ slot by the state change it makes anyway, in its own transaction.
   limit raised by a new template) gets them back; nothing stays held for longer than a sweep
   while its key has room.
 
-Exact across workers: on PostgreSQL each transaction that counts or lets go takes a
-transaction-level advisory lock per key, in one global order (by the key's hash), so two
-claims never count the same running attempts; the lock ends with the transaction, also when
-the worker is killed. A claim made inside a result's commit (eager dispatch) only *tries* the
-locks, skipping a key that is busy: a commit that already holds task locks never waits. On
+Exact across workers: on PostgreSQL each claim that counts a key's running attempts first
+takes a transaction-level advisory lock per key, in one global order (by the key's hash), so
+two claims never count the same running attempts; the lock ends with the transaction, also
+when the worker is killed. A claim made inside a result's commit (eager dispatch) only
+*tries* the locks, skipping a key that is busy: a commit that already holds task locks never
+waits. Letting go takes no lock either (a step let go beyond a key's room is held again by
+the claim that counts it), so a commit never waits for a claim. On
 SQLite writers are serialised already (``BEGIN IMMEDIATE``).
 """
 
@@ -149,9 +151,12 @@ def let_go(
     keys = sorted(key for key, count in freed.items() if count > 0)
     if not keys:
         return []
-    _lock(conn, keys, wait=True)
+    # No key lock: a commit never waits for a claim. A claim holding a step back right now,
+    # on a count made before this commit, commits it held after this read: the sweep lets it
+    # go (within a second). Most keys hold nothing back: one read finds those that do.
+    holding = sorted(conn.execute(_HOLDING_ANY, {"keys": keys}).scalars())
     let: list[Any] = []
-    for key in keys:
+    for key in holding:
         let.extend(conn.execute(_LET_GO, {"key": key, "n": freed[key], "now": now}))
     if let:
         at = db_time(conn.dialect, now)
@@ -289,6 +294,11 @@ _HOLDING = (
     select(ws.c.concurrency_key, func.min(ws.c.concurrency_limit))
     .where(ws.c.concurrency_key.is_not(None), ws.c.state == WAITING)
     .group_by(ws.c.concurrency_key)
+)
+_HOLDING_ANY = (
+    select(ws.c.concurrency_key)
+    .where(ws.c.concurrency_key.in_(bindparam("keys", expanding=True)), ws.c.state == WAITING)
+    .distinct()
 )
 _HOLD = (
     update(ws)
