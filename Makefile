@@ -39,6 +39,7 @@ bench: $(LINKS)
 	$(PY) benchmarks/relay.py
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/batches.py
+	$(PY) benchmarks/flow_control.py
 
 # Recovery time after SIGKILL (needs PostgreSQL on 127.0.0.1:5432, and root for unshare).
 bench-recovery: $(LINKS)

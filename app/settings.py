@@ -88,7 +88,9 @@ class WorkerSettings(_Section):
 class EventSystemSettings(_Section):
     """How the worker learns that work is available."""
 
-    deployment_mode: Literal["polling", "event_driven", "hybrid"] = "polling"
+    # PostgreSQL: LISTEN/NOTIFY wakes the intake at once, the poll is the fallback. SQLite:
+    # every mode polls and takes local wake-ups.
+    deployment_mode: Literal["polling", "event_driven", "hybrid"] = "hybrid"
     polling_interval_ms: int = Field(default=250, gt=0)
     # The liveness timeout: a worker whose heartbeat is older than this is presumed dead and
     # its running attempts are recovered (``worker_lost``).

@@ -43,7 +43,7 @@ def test_defaults_without_a_file() -> None:
     assert settings.worker.max_concurrent_handlers == 10
     assert settings.worker.handler_timeout_ms == 30_000
     assert settings.worker.shutdown_timeout_ms == 10_000
-    assert settings.event_system.deployment_mode == "polling"
+    assert settings.event_system.deployment_mode == "hybrid"
     assert settings.event_system.polling_interval_ms == 250
     assert settings.event_system.claim_timeout_s == 30.0
     assert settings.worker.heartbeat_interval_s == 5.0
@@ -72,7 +72,7 @@ max_concurrent_handlers = 3
 handler_timeout_ms = 1500
 
 [event_system]
-deployment_mode = "hybrid"
+deployment_mode = "event_driven"
 polling_interval_ms = 50
 claim_timeout_s = 16.5
 
@@ -91,7 +91,7 @@ level = "DEBUG"
     assert settings.worker.handler_timeout_ms == 1500
     # Keys the file leaves out keep their defaults.
     assert settings.worker.shutdown_timeout_ms == 10_000
-    assert settings.event_system.deployment_mode == "hybrid"
+    assert settings.event_system.deployment_mode == "event_driven"
     assert settings.event_system.polling_interval_ms == 50
     assert settings.event_system.claim_timeout_s == 16.5
     assert settings.domain_events.buffer_size == 7

@@ -135,12 +135,7 @@ def admit(
         return Admission(admitted, len(held), None, waits)
     tokens = take_tokens(conn, admitted, uses, now=now, wait=wait)
     waits.update(("rate_limit", uses[step][0]) for step in tokens.deferred)
-    return Admission(
-        tokens.admitted,
-        len(held) + len(tokens.deferred),
-        min(tokens.deferred.values(), default=None),
-        waits,
-    )
+    return Admission(tokens.admitted, len(held) + len(tokens.deferred), tokens.next_due_at, waits)
 
 
 def let_go(

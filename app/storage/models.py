@@ -73,6 +73,9 @@ metadata = MetaData(
     }
 )
 
+# The rows of the rate limits' partial index.
+RATE_LIMITED = "rate_limit IS NOT NULL"
+
 # The rows of the concurrency keys' partial index.
 KEYED = "concurrency_key IS NOT NULL"
 
@@ -187,6 +190,15 @@ workflow_steps = Table(
         "state",
         sqlite_where=text(KEYED),
         postgresql_where=text(KEYED),
+    ),
+    # When the next step waiting for a rate limit's tokens is due (duplex.storage.rate_limits).
+    Index(
+        "ix_workflow_steps_rate_limit_waiting",
+        "rate_limit",
+        "state",
+        "next_attempt_at",
+        sqlite_where=text(RATE_LIMITED),
+        postgresql_where=text(RATE_LIMITED),
     ),
     # The wait sweep: only waits and sleeps that end by themselves (duplex.storage.waits).
     # ``state`` first, though constant here: else SQLite, without statistics, prefers the

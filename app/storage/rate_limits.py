@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from duplex.errors import InputError
 from duplex.flow.rates import DeclaredLimit, Rate, RateLimitUse
+from duplex.states import CLAIMABLE
 from duplex.storage.models import rate_limits, workflow_steps
 from duplex.templates import TaskTemplate
 
@@ -134,6 +135,8 @@ class Tokens:
 
     admitted: dict[str, str]
     deferred: dict[str, datetime]
+    # When the first step that waits for these limits' tokens is due (None: none waits).
+    next_due_at: datetime | None = None
 
 
 def take_tokens(
@@ -181,7 +184,10 @@ def take_tokens(
         conn.execute(_SET_TAT, changed)
     if deferred:
         conn.execute(_DEFER, [{"b_step_uuid": s, "v_at": at} for s, at in deferred.items()])
-    return Tokens(admitted, deferred)
+    # When the next step waiting for these limits' tokens is due (deferred by this claim or an
+    # earlier one): the worker looks then, so a line of deferred steps never waits for a poll.
+    waiting = conn.execute(_NEXT_WAITING, {"names": sorted(buckets), "now": now}).scalar()
+    return Tokens(admitted, deferred, waiting)
 
 
 def _lock(conn: Connection, names: Sequence[str], *, wait: bool) -> dict[str, tuple[Rate, Any]]:
@@ -195,6 +201,11 @@ def _rate(row: Any) -> Rate:
     return Rate(row.limit, timedelta(milliseconds=row.period_ms), row.burst)
 
 
+_NEXT_WAITING = select(func.min(ws.c.next_attempt_at)).where(
+    ws.c.rate_limit.in_(bindparam("names", expanding=True)),
+    ws.c.state.in_(CLAIMABLE),
+    ws.c.next_attempt_at > bindparam("now", type_=ws.c.next_attempt_at.type),
+)
 _RATE_COLUMNS = (rl.c.name, rl.c.limit, rl.c.period_ms, rl.c.burst, rl.c.tat)
 _SET_TAT = (
     update(rl)

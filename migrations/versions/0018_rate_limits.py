@@ -3,7 +3,9 @@
 ``rate_limits``: one row per limit (``duplex limits set NAME 100/s``): ``limit`` units per
 ``period_ms``, ``burst`` more at once, and the bucket's whole state, ``tat`` (the generic cell
 rate algorithm's theoretical arrival time; NULL: full). ``workflow_steps.rate_limit`` and
-``rate_units``: the limit each start of the step takes tokens of, and how many.
+``rate_units``: the limit each start of the step takes tokens of, and how many; the partial
+index finds when the next step waiting for a limit's tokens is due (steps without a limit cost
+it nothing).
 
 Revision ID: 0018
 Revises: 0017
@@ -20,6 +22,9 @@ down_revision = "0017"
 branch_labels = None
 depends_on = None
 
+_INDEX = "ix_workflow_steps_rate_limit_waiting"
+_LIMITED = sa.text("rate_limit IS NOT NULL")
+
 
 def upgrade() -> None:
     op.create_table(
@@ -35,9 +40,17 @@ def upgrade() -> None:
     )
     op.add_column("workflow_steps", sa.Column("rate_limit", sa.String(255), nullable=True))
     op.add_column("workflow_steps", sa.Column("rate_units", sa.Integer(), nullable=True))
+    op.create_index(
+        _INDEX,
+        "workflow_steps",
+        ["rate_limit", "state", "next_attempt_at"],
+        sqlite_where=_LIMITED,
+        postgresql_where=_LIMITED,
+    )
 
 
 def downgrade() -> None:
+    op.drop_index(_INDEX, table_name="workflow_steps")
     op.drop_column("workflow_steps", "rate_units")
     op.drop_column("workflow_steps", "rate_limit")
     op.drop_table("rate_limits")
