@@ -8,6 +8,7 @@ claimed itself are counted here as claims (``claimed_eagerly``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -51,6 +52,9 @@ class EventSystem(SupervisedActor):
         self._make_listener = listen
         self._listener: WorkListener | None = None
         self._poll_handle: TimerHandle | None = None
+        # The look asked for by claims that left steps waiting for tokens (``look_at``).
+        self._look_handle: TimerHandle | None = None
+        self._look_at = 0.0
         self._self: EventSystemProxy | None = None
 
     def on_start(self) -> None:
@@ -94,9 +98,18 @@ class EventSystem(SupervisedActor):
         self._credits.claimed_eagerly(steps)
 
     def look_at(self, delay_s: float) -> None:
-        """Steps wait for rate limit tokens that come in ``delay_s``: claim then."""
-        if self._self is not None and not self._credits.stopped:
-            self._timer.call_later(delay_s, partial(tell, self._self.nudge))
+        """Steps wait for rate limit tokens that come in ``delay_s``: claim then. One look is
+        kept, the earliest (each claim that touches a limit asks again for the next)."""
+        if self._self is None or self._credits.stopped:
+            return
+        now = time.monotonic()
+        pending = self._look_handle is not None and now < self._look_at
+        if pending and self._look_at <= now + delay_s:
+            return
+        if pending and self._look_handle is not None:
+            self._look_handle.cancel()
+        self._look_at = now + delay_s
+        self._look_handle = self._timer.call_later(delay_s, partial(tell, self._self.nudge))
 
     def claim_failed(self, requested: int) -> None:
         """The StepExecutor's claim failed (database trouble): try again after a pause."""
@@ -142,6 +155,8 @@ class EventSystem(SupervisedActor):
     def _stop_signals(self) -> None:
         if self._poll_handle is not None:
             self._poll_handle.cancel()
+        if self._look_handle is not None and time.monotonic() < self._look_at:
+            self._look_handle.cancel()
         if self._listener is not None:
             self._listener.stop()
 

@@ -66,12 +66,12 @@ class StepExecutor(SupervisedActor):
             if self._metrics is not None:
                 for step in steps:
                     self._metrics.claimed.inc((step.namespace,))
-        if self._metrics is not None:
-            for kind_and_name, count in self._claimer.hints.waits.items():
-                self._metrics.flow_waits.inc(kind_and_name, count)
             if not tell(self._dispatcher.dispatch, steps):
                 self._hand_back("the dispatcher is gone")
             self._in_hand = []
+        if self._metrics is not None:
+            for kind_and_name, count in self._claimer.hints.waits.items():
+                self._metrics.flow_waits.inc(kind_and_name, count)
         if self._intake is not None:
             tell(self._intake.claimed, limit, len(steps))
             tokens_at = self._claimer.hints.tokens_at

@@ -49,10 +49,12 @@ STEP_TRANSITIONS: Mapping[str, frozenset[str]] = {
     # pending -> complete (and the other -> complete below that no attempt makes): ``duplex
     # complete`` gives a step its result by hand.
     PENDING: frozenset({ENQUEUED, CANCELLED, RESOLVED_MANUALLY, SKIPPED, WAITING, COMPLETE}),
-    ENQUEUED: frozenset({IN_PROGRESS, CANCELLED, RESOLVED_MANUALLY, COMPLETE}),
-    WAITING_FOR_RETRY: frozenset({IN_PROGRESS, CANCELLED, RESOLVED_MANUALLY, COMPLETE}),
-    # waiting -> complete: the signal arrived (or the sleep ended); -> error: ``wait_timeout``.
-    WAITING: frozenset({COMPLETE, ERROR, CANCELLED, RESOLVED_MANUALLY}),
+    # enqueued/waiting_for_retry -> waiting: held by its concurrency key at its limit.
+    ENQUEUED: frozenset({IN_PROGRESS, WAITING, CANCELLED, RESOLVED_MANUALLY, COMPLETE}),
+    WAITING_FOR_RETRY: frozenset({IN_PROGRESS, WAITING, CANCELLED, RESOLVED_MANUALLY, COMPLETE}),
+    # waiting -> complete: the signal arrived (or the sleep ended); -> error: ``wait_timeout``;
+    # -> enqueued: a slot of the concurrency key that held it freed.
+    WAITING: frozenset({COMPLETE, ERROR, ENQUEUED, CANCELLED, RESOLVED_MANUALLY}),
     # in_progress -> enqueued: a claim handed back, never started (worker stopping).
     # in_progress -> cancelled: a running step always finishes, but when its task was cancelled
     # meanwhile, the retry its failure would get (or the re-run of a handed-back claim) is

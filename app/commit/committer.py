@@ -10,16 +10,14 @@ Plain code, no threads (like ``CommitBuffer``): the CompletionProcessor actor ow
 * A batch the database refuses (``StorageError.refused``: it would refuse it again) is
   committed one result at a time (claiming nothing eagerly), so the refused one cannot hold
   up the others; a result refused on its own is recorded as ``result_unstorable`` instead.
-* Any other failure keeps the batch in the buffer for a retry with backoff. A commit that
-  failed at its COMMIT may have gone through unheard, with its eager claims: those are handed
-  back before the next transaction (``release_claims``, guarded like a result).
+* Any other failure keeps the batch for a retry with backoff. A commit failed at its COMMIT
+  may have gone through unheard: its eager claims are handed back first (``release_claims``).
 * Running attempts of dead workers are failed as ``worker_lost`` (``recover_lost_claims``).
 * Tasks past their deadline (``max_duration``) are expired: their waiting steps cancelled, the
   task cancelled (``sweep_deadlines``, and in the same transaction as a running attempt's
   ``task_deadline_exceeded`` failure, so its task's waiting steps do not wait for the sweep).
 * Waits and sleeps whose time is up end; steps held by a key with room go (``sweep_waits``).
-* Nothing is announced before its transaction committed: each commit yields an
-  ``Announcement`` for the caller to deliver.
+* Nothing is announced before its transaction committed: each commit yields an Announcement.
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
 from duplex.storage.claim_order import DEFAULT_AGING
 from duplex.storage.claims import claim_dependents, release_claims
-from duplex.storage.concurrency import keys_with_room, sweep_held
+from duplex.storage.concurrency import ClaimHints, keys_with_room, sweep_held
 from duplex.storage.db import Database
 from duplex.storage.deadlines import ExpiredTask, expire_tasks, find_expired_tasks
 from duplex.storage.recovery import has_lost_claims, recover_lost_claims
@@ -60,7 +58,7 @@ class Announcement:
     report: CommitReport
     # Steps became ready (dependents enqueued, claims released): the intake should look now.
     wake_intake: bool
-    # A retry falls due in this many seconds: the intake should look then.
+    # A retry (or a rate limit's tokens) falls due in this many seconds: look then.
     retry_due_in_s: float | None
     # The buffer drained below its high-water mark with this commit: intake may resume.
     caught_up: bool = False
@@ -229,9 +227,8 @@ class Committer:
         return self._announcement(report, False, False)
 
     def sweep_waits(self) -> Announcement | None:
-        """End the wait and sleep steps whose time is up (``duplex.storage.waits``): a sleep
-        completes and its dependents go on, a wait fails as ``wait_timeout``. Let go of the
-        steps held by concurrency keys with room again (``duplex.storage.concurrency``)."""
+        """End the waits and sleeps whose time is up (a sleep completes, a wait fails as
+        ``wait_timeout``); let go of steps held by concurrency keys with room again."""
         now, me = self._clock(), self._worker_id
         ended = sweep(self._db, "waits", find_due_waits, end_due_waits, now=now, worker_id=me)
         held = sweep(self._db, "held steps", keys_with_room, sweep_held, now=now, worker_id=me)
@@ -274,6 +271,7 @@ class Committer:
                 self._expire_with(conn, report, now)
                 limit = min(report.parents_completed, self.eager_limit) if eager else 0
                 if limit and report.ready:
+                    hints = ClaimHints()
                     claimed = report.claimed = claim_dependents(
                         conn,
                         report.ready,
@@ -282,7 +280,9 @@ class Committer:
                         limit=limit,
                         now=now,
                         aging=self._aging,
+                        hints=hints,
                     )
+                    report.next_retry_at = hints.look_by(report.next_retry_at)
                 released = release_claims(
                     conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"
                 )

@@ -117,13 +117,16 @@ def _batch(
 
 
 def _item_key_problem(items: list[Any], spec: Mapping[str, Any] | None) -> str | None:
-    """Why an item has no value for its step's concurrency key (``inputs.item...``)."""
-    declared = ((spec or {}).get("worker") or {}).get("concurrency")
-    if not declared or not str(declared["key"]).startswith("inputs.item"):
+    """Why an item has no value for its step's concurrency key in its inputs (the item step's
+    inputs with ``item``; a key in the context was checked at submission)."""
+    worker = (spec or {}).get("worker") or {}
+    declared = worker.get("concurrency")
+    if not declared or not str(declared["key"]).startswith("inputs."):
         return None
+    inputs = worker.get("inputs") or {}
     for index, item in enumerate(items):
         try:
-            concurrency_key(declared["key"], {}, {"item": item})
+            concurrency_key(declared["key"], {}, {**inputs, "item": item})
         except KeyNotFound as exc:
             return f"batch item {index}: {exc}"
     return None

@@ -7,7 +7,8 @@ A step names a limit (``rate_limit = "payment_api"``, or ``{ name = "payment_api
 state is one time, ``tat`` (the theoretical arrival time), so taking a token is one update of
 one row, whatever the number of workers. A start takes its tokens at its own time
 (``reserve(...).start_at`` is then *now*); in any window of one period (half-open) at most
-``limit + burst`` units start. A start that finds no token learns when it is expected
+``limit + burst`` one-unit starts go (a start of N units may go on its first unit's token and
+leave the bucket owing the rest). A start that finds no token learns when it is expected
 (``start_at``).
 """
 
@@ -41,22 +42,35 @@ class Rate:
 
     @property
     def interval(self) -> timedelta:
-        """The time one unit's token takes to come."""
-        return self.period / self.limit
+        """The time one unit's token takes to come, rounded up to a whole microsecond (never
+        shorter than the rate says: 3/s is 333,334 us)."""
+        return timedelta(microseconds=-(-_micros(self.period) // self.limit))
 
     def reserve(self, tat: datetime | None, now: datetime, units: int = 1) -> Reservation:
         """Take ``units`` tokens for a start no earlier than ``now``, from a bucket whose
-        theoretical arrival time is ``tat`` (None: a full bucket)."""
+        theoretical arrival time is ``tat`` (None: a full bucket).
+
+        A start may go once one unit's token is there; a start of several units then leaves
+        the bucket owing the rest, which the next starts wait for (so a step of more units
+        than the burst allows still starts, never waits forever)."""
         base = now if tat is None or tat < now else tat
-        new_tat = base + units * self.interval
-        earliest = new_tat - (self.burst + 1) * self.interval
-        return Reservation(start_at=max(now, earliest), tat=new_tat)
+        earliest = base - self.burst * self.interval
+        return Reservation(start_at=max(now, earliest), tat=base + units * self.interval)
 
     def tokens(self, tat: datetime | None, now: datetime) -> float:
         """Units that could start now (for ``duplex limits list``)."""
         if tat is None or tat <= now:
             return float(self.burst + 1)
         return max(0.0, self.burst + 1 - (tat - now) / self.interval)
+
+    def rescaled(self, tat: datetime | None, now: datetime, before: Rate) -> datetime | None:
+        """The bucket's ``tat`` under this rate, for a bucket that ran at ``before`` until
+        ``now``: the units it owes are kept, to be paid at this rate (a change takes effect
+        at once, not once the old debt is paid at the old rate)."""
+        if tat is None or tat <= now:
+            return tat
+        owed = (tat - now) / before.interval
+        return now + owed * self.interval
 
     def text(self) -> str:
         """``100/s``: how ``duplex limits set`` takes it and ``list`` shows it."""
@@ -88,7 +102,13 @@ def parse_rate(text: str, burst: int = 0) -> Rate:
         raise ValueError(f"invalid rate {text!r}: {exc}") from None
     if not 0 <= burst <= 1_000_000:
         raise ValueError(f"invalid burst {burst}: 0 to 1000000")
+    if limit > _micros(period):
+        raise ValueError(f"invalid rate {text!r}: at most 1 per microsecond")
     return Rate(limit, period, burst)
+
+
+def _micros(period: timedelta) -> int:
+    return period // timedelta(microseconds=1)
 
 
 class RateLimitUse(BaseModel):

@@ -116,9 +116,11 @@ def claim_dependents(
     limit: int,
     now: datetime,
     aging: timedelta = DEFAULT_AGING,
+    hints: ClaimHints | None = None,
 ) -> list[ClaimedStep]:
     """Claim up to ``limit`` of the dependents ``ready`` that the commit in this transaction
-    just enqueued, those of ``namespaces`` only; the others stay in the queue.
+    just enqueued, those of ``namespaces`` only; the others stay in the queue (``hints``, as
+    for ``claim_ready_steps``).
 
     The claim order holds here too (docs/time.md, Priority). A dependent is claimed only if
     no due work of a higher priority waits (the dependents themselves count, being
@@ -149,6 +151,8 @@ def claim_dependents(
     candidates = dict.fromkeys([step.step_uuid for step in chosen], ENQUEUED)
     # Never waits for a key's lock: this transaction holds task locks already.
     admission = admit(conn, candidates, room=limit, now=now, worker_id=worker_id, wait=False)
+    if hints is not None:
+        hints.add(admission)
     return claim_steps(conn, admission.admitted, worker_id=worker_id, now=now)
 
 

@@ -12,18 +12,20 @@ slot by the state change it makes anyway, in its own transaction.
 * **Letting go** (``let_go``): a commit that ends keyed attempts moves as many held steps of
   their keys back to ``enqueued`` (the oldest first, by priority), in the same transaction.
 * **The sweep** (``keys_with_room``, then ``sweep_held``: each worker's watchdog, every
-  second): a key with held steps and room for them (a step let go but then cancelled, a
-  limit raised by a new template) gets them back; nothing stays held for longer than a sweep
+  second): a key with held steps and room for them (a step let go but then cancelled, a slot
+  freed by a cancel or a deadline) gets them back; nothing stays held for longer than a sweep
   while its key has room.
 
-Exact across workers: on PostgreSQL each claim that counts a key's running attempts first
-takes a transaction-level advisory lock per key, in one global order (by the key's hash), so
-two claims never count the same running attempts; the lock ends with the transaction, also
-when the worker is killed. A claim made inside a result's commit (eager dispatch) only
-*tries* the locks, skipping a key that is busy: a commit that already holds task locks never
-waits. Letting go takes no lock either (a step let go beyond a key's room is held again by
-the claim that counts it), so a commit never waits for a claim. On
-SQLite writers are serialised already (``BEGIN IMMEDIATE``).
+Exact across workers: on PostgreSQL a claim counts a key's running attempts only under that
+key's transaction-level advisory lock, so two claims never count the same running attempts;
+the lock ends with the transaction, also when the worker is killed. A claim's first round
+waits for its keys' locks, taken in one global order (by the key's hash); its later rounds,
+and a claim made inside a result's commit (eager dispatch, which holds task locks), only
+*try* them, skipping a key that is busy: nothing waits for a lock while holding one out of
+order. Letting go takes no key lock (a step let go beyond a key's room is held again by the
+claim that counts it) and skips held rows another transaction holds, so a commit never waits
+for a claim nor for ``duplex cancel``. On SQLite writers are serialised already (``BEGIN
+IMMEDIATE``).
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, func, or_, select, text, update
+from sqlalchemy import Connection, and_, bindparam, case, func, or_, select, text, update
 
 from duplex.states import CLAIMABLE, ENQUEUED, IN_PROGRESS, WAITING
 from duplex.storage.driver import db_time
-from duplex.storage.models import workflow_steps
+from duplex.storage.models import HELD_BY_KEY, workflow_steps
 from duplex.storage.rate_limits import take_tokens
 from duplex.storage.readiness import ReadyStep
 from duplex.storage.transitions import insert_transitions, transition_row
@@ -70,6 +72,11 @@ class ClaimHints:
 
     tokens_at: datetime | None = None
     waits: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def look_by(self, due: datetime | None) -> datetime | None:
+        """The earlier of ``due`` and ``tokens_at``: when the worker should look for work (a
+        dependent a commit left waiting for tokens is looked for then, like a retry)."""
+        return min((t for t in (due, self.tokens_at) if t is not None), default=None)
 
     def add(self, admission: Admission) -> None:
         if admission.tokens_at is not None:
@@ -152,7 +159,11 @@ def let_go(
     holding = sorted(conn.execute(_HOLDING_ANY, {"keys": keys}).scalars())
     let: list[Any] = []
     for key in holding:
-        let.extend(conn.execute(_LET_GO, {"key": key, "n": freed[key], "now": now}))
+        # Two statements: a LIMIT with SKIP LOCKED inside the update's IN may be run again by
+        # PostgreSQL's plan and let go more than ``n``.
+        oldest = list(conn.execute(_OLDEST_HELD, {"key": key, "n": freed[key]}).scalars())
+        if oldest:
+            let.extend(conn.execute(_LET_GO, {"ids": oldest, "now": now}))
     if let:
         at = db_time(conn.dialect, now)
         insert_transitions(
@@ -176,7 +187,7 @@ def let_go(
 def keys_with_room(conn: Connection, *, now: datetime) -> list[str]:
     """The keys that hold steps back though they have room for some (the sweep's find)."""
     limits = _pairs(conn, _HOLDING)
-    return sorted(key for key, room in _room(conn, limits).items() if room > 0)
+    return sorted(key for key, room in _room(conn, limits, now).items() if room > 0)
 
 
 def sweep_held(
@@ -185,13 +196,13 @@ def sweep_held(
     """Let go of as many held steps of ``keys`` as each has room for; return them."""
     _lock(conn, sorted(keys), wait=True)
     limits = _pairs(conn, _HOLDING.where(ws.c.concurrency_key.in_(keys)))
-    return let_go(conn, +_room(conn, limits), now=now, worker_id=worker_id)
+    return let_go(conn, +_room(conn, limits, now), now=now, worker_id=worker_id)
 
 
-def _room(conn: Connection, limits: dict[str, int]) -> Counter[str]:
+def _room(conn: Connection, limits: dict[str, int], now: datetime) -> Counter[str]:
     if not limits:
         return Counter()
-    taken = _pairs(conn, _TAKEN, keys=sorted(limits))
+    taken = _pairs(conn, _TAKEN, keys=sorted(limits), now=now)
     return Counter({key: limit - taken.get(key, 0) for key, limit in limits.items()})
 
 
@@ -275,19 +286,27 @@ _RUNNING = (
     .where(ws.c.concurrency_key.in_(bindparam("keys", expanding=True)), ws.c.state == IN_PROGRESS)
     .group_by(ws.c.concurrency_key)
 )
-# Running, or ready to run: what a key's room is counted against when the sweep lets go.
+# Running, or due to run: what a key's room is counted against when the sweep lets go (a
+# step not due yet, a delayed start or one waiting for tokens, does not take a slot now).
 _TAKEN = (
     select(ws.c.concurrency_key, func.count())
     .where(
         ws.c.concurrency_key.in_(bindparam("keys", expanding=True)),
-        ws.c.state.in_((IN_PROGRESS, ENQUEUED)),
+        or_(
+            ws.c.state == IN_PROGRESS,
+            and_(
+                ws.c.state == ENQUEUED,
+                ws.c.next_attempt_at <= bindparam("now", type_=ws.c.next_attempt_at.type),
+            ),
+        ),
     )
     .group_by(ws.c.concurrency_key)
 )
-# Keys with held steps, and the smallest limit among them (the strictest one decides).
+# Keys with held steps, and the smallest limit among them (the strictest one decides). The
+# condition is the held steps' partial index's, word for word, so both databases use it.
 _HOLDING = (
     select(ws.c.concurrency_key, func.min(ws.c.concurrency_limit))
-    .where(ws.c.concurrency_key.is_not(None), ws.c.state == WAITING)
+    .where(text(HELD_BY_KEY))
     .group_by(ws.c.concurrency_key)
 )
 _HOLDING_ANY = (
@@ -301,16 +320,18 @@ _HOLD = (
     .values(state=WAITING, next_attempt_at=None, updated_at=_NOW)
     .returning(ws.c.step_uuid, ws.c.attempts)
 )
+# A held step another transaction holds (``duplex cancel`` of its task, a claim's hold) is
+# skipped, never waited for: letting go waits for no row (the sweep takes what is left).
 _OLDEST_HELD = (
     select(ws.c.step_uuid)
     .where(ws.c.concurrency_key == bindparam("key"), ws.c.state == WAITING)
     .order_by(ws.c.priority.desc(), ws.c.created_at, ws.c.position, ws.c.step_uuid)
     .limit(bindparam("n"))
-    .scalar_subquery()
+    .with_for_update(skip_locked=True)
 )
 _LET_GO = (
     update(ws)
-    .where(ws.c.step_uuid.in_(_OLDEST_HELD), ws.c.state == WAITING)
+    .where(ws.c.step_uuid.in_(bindparam("ids", expanding=True)), ws.c.state == WAITING)
     .values(state=ENQUEUED, next_attempt_at=_NOW, updated_at=_NOW)
     .returning(
         ws.c.step_uuid,

@@ -175,7 +175,7 @@ def _create_items(
             else []
         )
         why = f"created by batch {batch.name}"
-        item_key = _item_key(conn, batch.task_uuid, worker.get("concurrency"))
+        item_key = _item_key(conn, batch.task_uuid, worker)
         for first in range(0, len(batch.items), _ITEMS_PER_WRITE):
             steps: list[dict[str, Any]] = []
             new_edges: list[dict[str, Any]] = []
@@ -248,18 +248,20 @@ _SKIP_ORPHANS = (
 
 
 def _item_key(
-    conn: Connection, task_uuid: str, declared: dict[str, Any] | None
+    conn: Connection, task_uuid: str, worker: dict[str, Any]
 ) -> Callable[[Any], dict[str, Any]]:
-    """The concurrency key and limit columns of an item, from its task's context and the
-    item (submission checked the context, the batch's result the items)."""
+    """The concurrency key and limit columns of an item, from its task's context and its
+    inputs (the item step's, and the item): submission checked the context and the template
+    the item step's inputs, the batch's result each item."""
+    declared = worker.get("concurrency")
     if not declared:
         return lambda item: {"concurrency_key": None, "concurrency_limit": None}
-    path, limit = declared["key"], declared["limit"]
+    path, limit, inputs = declared["key"], declared["limit"], worker.get("inputs") or {}
     context: dict[str, Any] = {}
     if path.startswith("context."):
         context = conn.execute(_TASK_CONTEXT, {"task_uuid": task_uuid}).scalar_one() or {}
     return lambda item: {
-        "concurrency_key": concurrency_key(path, context, {"item": item}),
+        "concurrency_key": concurrency_key(path, context, {**inputs, "item": item}),
         "concurrency_limit": limit,
     }
 

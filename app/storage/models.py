@@ -76,8 +76,9 @@ metadata = MetaData(
 # The rows of the rate limits' partial index.
 RATE_LIMITED = "rate_limit IS NOT NULL"
 
-# The rows of the concurrency keys' partial index.
+# The rows of the concurrency keys' partial indexes.
 KEYED = "concurrency_key IS NOT NULL"
+HELD_BY_KEY = "state = 'waiting' AND concurrency_key IS NOT NULL"
 
 # The rows of the batch items' partial index.
 BATCH_ITEMS = "item_index IS NOT NULL"
@@ -183,13 +184,20 @@ workflow_steps = Table(
         sqlite_where=text(BATCH_ITEMS),
         postgresql_where=text(BATCH_ITEMS),
     ),
-    # A key's running attempts (the claim counts them) and the steps it holds back.
+    # A key's running attempts (the claim counts them) and the steps it holds back; the keys
+    # that hold any back (the sweep looks every second).
     Index(
         "ix_workflow_steps_concurrency_key_state",
         "concurrency_key",
         "state",
         sqlite_where=text(KEYED),
         postgresql_where=text(KEYED),
+    ),
+    Index(
+        "ix_workflow_steps_held_by_key",
+        "concurrency_key",
+        sqlite_where=text(HELD_BY_KEY),
+        postgresql_where=text(HELD_BY_KEY),
     ),
     # When the next step waiting for a rate limit's tokens is due (duplex.storage.rate_limits).
     Index(

@@ -7,10 +7,10 @@ moves on for each start. Tokens are only ever taken by a claim, at its time, so 
 themselves keep the rate, however late a worker comes to them.
 
 A candidate whose tokens are not there is not claimed: its not-before time
-(``next_attempt_at``) moves to when they are expected (each such candidate one share of the
-rate after the one before), keeping its state and its place. The claim reports the earliest
-such time and the worker looks then: no polling for tokens. A start that came first may have
-taken them; the step then waits again.
+(``next_attempt_at``, also its place in the claim order) moves to when they are expected
+(each such candidate one share of the rate after the one before); its state stays. The claim
+reports when the next step waiting for the limit is due, and the worker looks then: no
+polling for tokens. A start that came first may have taken them; the step then waits again.
 
 A limit that no longer exists does not hold a step back (``duplex limits`` has no delete; a
 submission naming an unknown limit is refused).
@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from duplex.errors import InputError
 from duplex.flow.rates import DeclaredLimit, Rate, RateLimitUse
@@ -86,21 +87,18 @@ def check_limits_exist(conn: Connection, template: TaskTemplate) -> None:
 def set_limit(
     conn: Connection, name: str, rate: Rate, *, now: datetime, operator: str | None
 ) -> Rate | None:
-    """Create or change the limit ``name``; return the rate it had (None: new). The bucket's
-    state is kept: tokens already reserved stay reserved."""
+    """Create or change the limit ``name``; return the rate it had (None: new). It takes
+    effect at once: the units the bucket owes are kept and paid at the new rate. (Steps
+    already waiting for tokens keep the time they were given, and look then.)"""
     row = conn.execute(select(*_RATE_COLUMNS).where(rl.c.name == name).with_for_update()).first()
-    values = {
-        "limit": rate.limit,
-        "period_ms": round(rate.period.total_seconds() * 1000),
-        "burst": rate.burst,
-        "updated_at": now,
-        "updated_by": operator,
-    }
+    values = _row_values(rate, now=now, operator=operator)
     if row is None:
         conn.execute(insert(rl).values(name=name, tat=None, **values))
         return None
-    conn.execute(update(rl).where(rl.c.name == name).values(**values))
-    return _rate(row)
+    before = _rate(row)
+    tat = rate.rescaled(row.tat, now, before)
+    conn.execute(update(rl).where(rl.c.name == name).values(tat=tat, **values))
+    return before
 
 
 def declare_limits(
@@ -110,11 +108,30 @@ def declare_limits(
     overwritten: ``duplex limits set`` changed it on purpose); return the names inserted."""
     if not declared:
         return []
-    existing = set(conn.execute(select(rl.c.name).where(rl.c.name.in_(sorted(declared)))).scalars())
-    added = [name for name in sorted(declared) if name not in existing]
-    for name in added:
-        set_limit(conn, name, declared[name].parsed(), now=now, operator="settings")
+    added = []
+    for name in sorted(declared):
+        rate = declared[name].parsed()
+        # Workers starting together: the first insert wins, the others change nothing.
+        row = {**_row_values(rate, now=now, operator="settings"), "name": name, "tat": None}
+        if conn.execute(_insert_if_absent(conn, row)).first() is not None:
+            added.append(name)
     return added
+
+
+def _insert_if_absent(conn: Connection, row: dict[str, Any]) -> Any:
+    module = postgresql if conn.dialect.name == "postgresql" else sqlite
+    insert_row = module.insert(rl).values(**row)
+    return insert_row.on_conflict_do_nothing(index_elements=[rl.c.name]).returning(rl.c.name)
+
+
+def _row_values(rate: Rate, *, now: datetime, operator: str | None) -> dict[str, Any]:
+    return {
+        "limit": rate.limit,
+        "period_ms": round(rate.period.total_seconds() * 1000),
+        "burst": rate.burst,
+        "updated_at": now,
+        "updated_by": operator,
+    }
 
 
 def list_limits(conn: Connection, *, now: datetime) -> list[LimitRow]:

@@ -5,8 +5,9 @@
 attempts with that key may run while this step starts. A step held back by its key waits in
 state ``waiting`` until a slot of its key frees (duplex.storage.concurrency).
 
-The partial index serves the claim's count of a key's running attempts, and finding the steps a
-key holds back; a step without a key costs it nothing.
+The partial indexes serve the claim's count of a key's running attempts and a key's held steps
+(a step without a key costs them nothing), and the watchdog's look for keys holding steps back
+(only held steps: not every keyed step ever run).
 
 Revision ID: 0017
 Revises: 0016
@@ -25,6 +26,8 @@ depends_on = None
 
 _INDEX = "ix_workflow_steps_concurrency_key_state"
 _KEYED = sa.text("concurrency_key IS NOT NULL")
+_HELD_INDEX = "ix_workflow_steps_held_by_key"
+_HELD = sa.text("state = 'waiting' AND concurrency_key IS NOT NULL")
 
 
 def upgrade() -> None:
@@ -37,9 +40,17 @@ def upgrade() -> None:
         sqlite_where=_KEYED,
         postgresql_where=_KEYED,
     )
+    op.create_index(
+        _HELD_INDEX,
+        "workflow_steps",
+        ["concurrency_key"],
+        sqlite_where=_HELD,
+        postgresql_where=_HELD,
+    )
 
 
 def downgrade() -> None:
+    op.drop_index(_HELD_INDEX, table_name="workflow_steps")
     op.drop_index(_INDEX, table_name="workflow_steps")
     op.drop_column("workflow_steps", "concurrency_limit")
     op.drop_column("workflow_steps", "concurrency_key")

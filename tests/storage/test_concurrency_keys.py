@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from duplex.clock import utcnow
 from duplex.commit.retry import RetryPolicy
+from duplex.dynamic.directives import Batch, Directive, read_return_value
 from duplex.errors import InputError, TemplateError
-from duplex.messages import ClaimedStep, StepOutcome
+from duplex.messages import ClaimedStep, StepFailure, StepOutcome
+from duplex.states import is_legal_step_transition
 from duplex.storage.claims import claim_ready_steps
 from duplex.storage.concurrency import KeyLoad, keys_with_room, running_per_key, sweep_held
 from duplex.storage.db import Database
@@ -32,6 +34,7 @@ from duplex.storage.models import tasks, workflow_step_transitions, workflow_ste
 from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task, create_tasks
 from duplex.templates import parse_template
+from tests.storage.support import Flow
 
 ws = workflow_steps
 
@@ -269,3 +272,115 @@ def finish_all(db: Database, steps: list[ClaimedStep]) -> None:
     if steps:
         report = finish(db, steps, utcnow())
         assert len(report.applied) == len(steps)
+
+
+# --- what the review of this code found ----------------------------------------------------------
+
+
+BATCH_BY_API = """
+name = "ops"
+[[steps]]
+name = "split"
+kind = "batch"
+handler = "t.split"
+worker = "call"
+[[steps]]
+name = "call"
+handler = "t.call"
+depends_on = ["split"]
+inputs = { api = "crm" }
+concurrency = { key = "inputs.api", limit = 1 }
+"""
+
+
+def test_batch_items_take_their_key_from_the_item_steps_inputs(db: Database) -> None:
+    """A key in the item step's own inputs (not the item) is read from them at expansion."""
+    flow = Flow(db, BATCH_BY_API)
+    (split,) = flow.claim("split")
+    directive = read_return_value(
+        Batch([{"n": 1}, {"n": 2}]), split.kind, split.spec, max_batch_items=10
+    )
+    assert isinstance(directive, Directive), directive
+    now = utcnow()
+    outcome = StepOutcome(split, now, now, result=directive.result, items=directive.items)
+    with db.write() as conn:
+        commit_outcomes(conn, [outcome], policy=RetryPolicy(), now=now, rng=random.Random(0))
+    assert states(db)[("inputs.api=crm", "enqueued")] == 2
+    with db.write() as conn:
+        calls = claim_ready_steps(
+            conn, worker_id="w1", namespaces=[flow.namespace], limit=10, now=utcnow()
+        )
+    assert len(calls) == 1  # one at a time: the other is held
+    # An item without the value its key reads is the batch's invalid result, before any SQL.
+    by_item = {
+        "worker": {
+            "name": "call",
+            "inputs": {},
+            "concurrency": {"key": "inputs.item.id", "limit": 1},
+        }
+    }
+    refused = read_return_value(Batch([{"id": 1}, {}]), "batch", by_item, max_batch_items=10)
+    assert isinstance(refused, StepFailure)
+    assert "batch item 1: concurrency key inputs.item.id" in refused.message
+
+
+def test_letting_go_never_waits_for_a_row_another_transaction_holds(
+    postgres_db: Database,
+) -> None:
+    """A held step locked by another transaction (``duplex cancel`` of its task) is skipped:
+    the commit goes on with the next held step instead of waiting (no deadlock cycle)."""
+    db = postgres_db
+    t0 = utcnow()
+    submit(db, keyed(1), ["a"] * 3, t0)
+    (running,) = claim(db, t0 + timedelta(seconds=1))
+    with db.read() as conn:
+        held = list(
+            conn.execute(
+                select(ws.c.step_uuid).where(ws.c.state == "waiting").order_by(ws.c.created_at)
+            ).scalars()
+        )
+    blocker = db.engine.connect()
+    try:
+        transaction = blocker.begin()
+        blocker.execute(select(ws.c.step_uuid).where(ws.c.step_uuid == held[0]).with_for_update())
+        with db.write() as conn:
+            conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+            report = commit_outcomes(
+                conn,
+                [StepOutcome(running, t0, t0, result={})],
+                policy=RetryPolicy(),
+                now=t0 + timedelta(seconds=2),
+                rng=random.Random(0),
+            )
+        transaction.rollback()
+    finally:
+        blocker.close()
+    assert [step.step_uuid for step in report.ready] == [held[1]]
+
+
+def test_the_sweep_does_not_count_steps_not_due_as_taking_a_slot(db: Database) -> None:
+    t0 = utcnow()
+    with db.write() as conn:
+        create_task(conn, keyed(1), {"customer": "a"}, now=t0, run_at=t0 + timedelta(days=7))
+    submit(db, keyed(1), ["a"] * 2, t0)
+    now = t0 + timedelta(seconds=1)
+    assert len(claim(db, now)) == 1
+    with db.write() as conn:
+        conn.execute(ws.update().where(ws.c.state == "in_progress").values(state="error"))
+    # The one due next week does not hold the key's only slot today.
+    with db.read() as conn:
+        assert keys_with_room(conn, now=now) == ["context.customer=a"]
+
+
+def test_every_transition_holding_and_letting_go_write_is_legal(db: Database) -> None:
+    t0 = utcnow()
+    submit(db, keyed(1), ["a"] * 3, t0)
+    for i in range(3):
+        now = t0 + timedelta(seconds=1 + i)
+        finish(db, claim(db, now), now)
+    t = workflow_step_transitions
+    with db.read() as conn:
+        moves = conn.execute(select(t.c.from_state, t.c.to_state)).all()
+    assert ("enqueued", "waiting") in moves
+    assert ("waiting", "enqueued") in moves
+    assert all(f is None or is_legal_step_transition(f, to) for f, to in moves), moves

@@ -234,3 +234,45 @@ def test_racing_claims_keep_the_rate(
         )
     assert len(times) == steps
     assert starts_in_windows(times, period) <= limit + burst
+
+
+def test_a_start_of_more_units_than_the_burst_holds_still_starts() -> None:
+    rate = parse_rate("100/s")  # burst 0: one unit at once
+    now = datetime(2026, 1, 1)
+    first = rate.reserve(None, now, units=5)
+    assert first.start_at == now  # it goes on its first unit's token...
+    # ...and the next start waits until the bucket has paid what it owes.
+    assert rate.reserve(first.tat, now, units=1).start_at == first.tat
+
+
+def test_a_share_of_the_rate_is_never_shorter_than_the_rate_says() -> None:
+    rate = parse_rate("3/s")
+    assert rate.interval == timedelta(microseconds=333_334)
+    now, tat, started = datetime(2026, 1, 1), None, []
+    for step in range(10):
+        at = now + step * timedelta(microseconds=1)
+        taken = rate.reserve(tat, at)
+        if taken.start_at <= at:
+            started.append(at)
+            tat = taken.tat
+    later = rate.reserve(tat, now + timedelta(seconds=1) - timedelta(microseconds=1))
+    assert len(started) == 1
+    assert later.start_at >= now + timedelta(seconds=1) - timedelta(microseconds=1)
+    with pytest.raises(ValueError, match="at most 1 per microsecond"):
+        parse_rate("2000000/s")
+
+
+def test_changing_a_limit_takes_effect_at_once(db: Database) -> None:
+    declare(db, "1/m")
+    t0 = utcnow()
+    with db.write() as conn:
+        create_tasks(conn, LIMITED, [{}] * 3, now=t0)
+    assert len(claim(db, t0)) == 1  # the bucket now owes a minute at 1/m
+    declare(db, "100/s")  # owed: one unit, paid at 100/s
+    with db.read() as conn:
+        (payments,) = list_limits(conn, now=t0)
+    assert payments.tokens == 0.0
+    with db.write() as conn:
+        conn.execute(workflow_steps.update().values(next_attempt_at=t0))  # due again now
+    # A second later, not a minute: the new rate pays the old debt.
+    assert len(claim(db, t0 + timedelta(seconds=1))) == 1
