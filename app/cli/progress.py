@@ -111,7 +111,8 @@ class RunProgress:
         left = (
             "nothing left to run"
             if open_work == 0
-            else f"{open_work} step(s) still to run (enqueued, running or waiting for a retry)"
+            else f"{open_work} step(s) still to run (enqueued, running, waiting for a retry "
+            "or held by a concurrency key)"
         )
         print(
             f"done: {succeeded + failed} attempt(s) committed ({succeeded} succeeded, "

@@ -227,7 +227,8 @@ def step_note(
         return f"sleeping{until}"
     if kind == WAIT:
         return f"waiting for signal {(spec or {}).get('signal')}{until}"
-    return f"waiting{until}"
+    # A step that runs a handler waits only when its concurrency key held it: the reason says so.
+    return reason or f"waiting{until}"
 
 
 def _utc(moment: datetime) -> str:

@@ -45,7 +45,8 @@ def test_the_summary_says_what_is_still_to_run_when_stopped_early() -> None:
     progress.close()
     assert out.getvalue().splitlines()[-1] == (
         "done: 0 attempt(s) committed (0 succeeded, 0 failed) in 2.0s; "
-        "3 step(s) still to run (enqueued, running or waiting for a retry)"
+        "3 step(s) still to run (enqueued, running, waiting for a retry or held by a "
+        "concurrency key)"
     )
 
 

@@ -31,6 +31,7 @@ from duplex.storage.claims import claim_ready_steps
 from duplex.storage.concurrency import KeyLoad, keys_with_room, running_per_key, sweep_held
 from duplex.storage.db import Database
 from duplex.storage.models import tasks, workflow_step_transitions, workflow_steps
+from duplex.storage.queries import task_steps
 from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task, create_tasks
 from duplex.templates import parse_template
@@ -384,3 +385,16 @@ def test_every_transition_holding_and_letting_go_write_is_legal(db: Database) ->
     assert ("enqueued", "waiting") in moves
     assert ("waiting", "enqueued") in moves
     assert all(f is None or is_legal_step_transition(f, to) for f, to in moves), moves
+
+
+def test_duplex_status_of_a_task_says_which_key_holds_its_step(db: Database) -> None:
+    t0 = utcnow()
+    submit(db, keyed(1), ["a"], t0)
+    (held_task,) = submit(db, keyed(1), ["a"], t0 + timedelta(milliseconds=1))
+    claim(db, t0 + timedelta(seconds=1))
+    with db.read() as conn:
+        (step,) = task_steps(conn, held_task)
+    assert (step.state, step.note) == (
+        "waiting",
+        "held by concurrency key context.customer=a: 1 running, limit 1",
+    )
