@@ -163,6 +163,8 @@ def test_duplex_console_script_works(tmp_path: Path) -> None:
             "published_per_s": 0.0,
         },
         "paused": [],
+        "concurrency_keys": [],
+        "rate_limits": [],
     }
 
 

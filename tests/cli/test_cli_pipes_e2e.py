@@ -229,6 +229,7 @@ COVERED = {
     "schedule",
     "pause",
     "resume",
+    "limits",
 }
 
 
@@ -279,6 +280,9 @@ def one_shot_cases(duplex: Duplex) -> list[list[str]]:
         ["pause", "pipes-ns", "--reason", "a test"],
         ["status"],
         ["resume", "pipes-ns"],
+        ["limits", "set", "pipes_api", "10/s"],
+        ["limits", "list"],
+        ["limits", "list", "--json"],
     ]
 
 
