@@ -13,7 +13,7 @@ from duplex.errors import SchemaNotReadyError
 from duplex.storage.db import Database
 
 # The newest script in migrations/versions; tests/storage/test_migrations.py checks that they agree.
-HEAD_REVISION = "0018"
+HEAD_REVISION = "0019"
 
 
 def current_revision(db: Database) -> str | None:
