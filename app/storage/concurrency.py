@@ -59,7 +59,7 @@ class Admission:
     admitted: dict[str, str]
     # Candidates held back by a key, or waiting for a rate limit's tokens.
     held: int = 0
-    # When the first tokens a candidate waits for come (the claim should look again then).
+    # When the next step waiting for a rate limit's tokens is due (look again then).
     tokens_at: datetime | None = None
     # The waits caused: holds per key path (``context.customer_id``), deferrals per limit.
     waits: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -67,8 +67,8 @@ class Admission:
 
 @dataclass
 class ClaimHints:
-    """What a claim learned besides its steps: when the first rate limit tokens a candidate
-    waits for come (look again then), and the waits flow control caused (``Admission``)."""
+    """What a claim learned besides its steps: when the next step waiting for a rate limit's
+    tokens is due (look again then), and the waits flow control caused (``Admission``)."""
 
     tokens_at: datetime | None = None
     waits: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -96,7 +96,7 @@ def admit(
     """Admit up to ``room`` of ``candidates`` (step uuid -> the state it was read in, in claim
     order) and hold back every candidate whose key is at its limit; then take the rate limit
     tokens of those admitted (``duplex.storage.rate_limits``): a candidate whose tokens come
-    later is not admitted, and ``tokens_at`` says when the first come.
+    later is not admitted, and ``tokens_at`` says when the next step waiting for them is due.
 
     ``wait=False`` (a claim inside a result's commit): a key or limit another transaction is
     using right now is skipped, its candidates neither admitted nor held.
