@@ -149,11 +149,14 @@ def claim_dependents(
 
     chosen = sorted((s for s in mine if not outranked(s.priority)), key=lambda s: -s.priority)
     candidates = dict.fromkeys([step.step_uuid for step in chosen], ENQUEUED)
-    # Never waits for a key's lock: this transaction holds task locks already.
-    admission = admit(conn, candidates, room=limit, now=now, worker_id=worker_id, wait=False)
-    if hints is not None:
-        hints.add(admission)
-    return claim_steps(conn, admission.admitted, worker_id=worker_id, now=now)
+    admitted = dict(list(candidates.items())[:limit])
+    if any(step.limited for step in chosen):  # the usual hop has no key nor limit to read
+        # Never waits for a key's lock: this transaction holds task locks already.
+        admission = admit(conn, candidates, room=limit, now=now, worker_id=worker_id, wait=False)
+        if hints is not None:
+            hints.add(admission)
+        admitted = admission.admitted
+    return claim_steps(conn, admitted, worker_id=worker_id, now=now)
 
 
 def claim_steps(

@@ -214,7 +214,13 @@ def _create_items(
                     {"from_step_uuid": item_uuid, "to_step_uuid": target} for target in convergence
                 )
                 progress.ready.append(
-                    ReadyStep(item_uuid, row.namespace, worker.get("priority", 0), "handler")
+                    ReadyStep(
+                        item_uuid,
+                        row.namespace,
+                        worker.get("priority", 0),
+                        "handler",
+                        bool(worker.get("concurrency") or worker.get("rate_limit")),
+                    )
                 )
                 progress.transitions.append(
                     transition_row(item_uuid, None, ENQUEUED, 0, worker_id, at, why)

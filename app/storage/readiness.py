@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Connection, bindparam, exists, not_, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, exists, not_, or_, select, update
 
 from duplex.states import (
     DONE,
@@ -59,7 +59,13 @@ _ENQUEUE_READY = (
         next_attempt_at=bindparam("now", type_=ws.c.next_attempt_at.type),
         updated_at=bindparam("now", type_=ws.c.updated_at.type),
     )
-    .returning(ws.c.step_uuid, ws.c.namespace, ws.c.priority, ws.c.kind)
+    .returning(
+        ws.c.step_uuid,
+        ws.c.namespace,
+        ws.c.priority,
+        ws.c.kind,
+        or_(ws.c.concurrency_key.is_not(None), ws.c.rate_limit.is_not(None)).label("limited"),
+    )
 )
 
 
@@ -72,6 +78,9 @@ class ReadyStep(NamedTuple):
     priority: int = 0
     # A wait or sleep step made ready starts waiting instead (``duplex.storage.expansion``).
     kind: str = "handler"
+    # Under a concurrency key or a rate limit (True when not known): a commit claiming it
+    # counts its key or takes its tokens; claiming none of those costs no such read.
+    limited: bool = True
 
 
 def enqueue_ready_dependents(
@@ -80,7 +89,10 @@ def enqueue_ready_dependents(
     """Enqueue pending children of ``parents`` whose parents are now all complete or resolved;
     return them in step-uuid order."""
     rows = conn.execute(_ENQUEUE_READY, {"parents": list(parents), "now": now})
-    return sorted(ReadyStep(row.step_uuid, row.namespace, row.priority, row.kind) for row in rows)
+    return sorted(
+        ReadyStep(row.step_uuid, row.namespace, row.priority, row.kind, bool(row.limited))
+        for row in rows
+    )
 
 
 # What a claimed step gets from its parents (``ctx.dependency_results``).

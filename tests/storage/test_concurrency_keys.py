@@ -27,7 +27,7 @@ from duplex.dynamic.directives import Batch, Directive, read_return_value
 from duplex.errors import InputError, TemplateError
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.states import is_legal_step_transition
-from duplex.storage.claims import claim_ready_steps
+from duplex.storage.claims import claim_dependents, claim_ready_steps
 from duplex.storage.concurrency import KeyLoad, keys_with_room, running_per_key, sweep_held
 from duplex.storage.db import Database
 from duplex.storage.models import tasks, workflow_step_transitions, workflow_steps
@@ -398,3 +398,32 @@ def test_duplex_status_of_a_task_says_which_key_holds_its_step(db: Database) -> 
         "waiting",
         "held by concurrency key context.customer=a: 1 running, limit 1",
     )
+
+
+KEYED_SECOND = parse_template(
+    'name = "then_sync"\n[[steps]]\nname = "prep"\nhandler = "t.p"\n'
+    '[[steps]]\nname = "sync"\nhandler = "t.s"\ndepends_on = ["prep"]\n'
+    'concurrency = { key = "context.customer", limit = 1 }\n'
+)
+
+
+def test_a_commit_claiming_keyed_dependents_holds_them_to_the_limit(db: Database) -> None:
+    """Dependents a result's commit claims for itself (eager dispatch) obey their key too."""
+    t0 = utcnow()
+    submit(db, KEYED_SECOND, ["a", "a"], t0)
+    now = t0 + timedelta(seconds=1)
+    preps = claim(db, now)
+    assert sorted(step.name for step in preps) == ["prep", "prep"]
+    with db.write() as conn:
+        report = commit_outcomes(
+            conn,
+            [StepOutcome(step, now, now, result={}) for step in preps],
+            policy=RetryPolicy(),
+            now=now,
+            rng=random.Random(0),
+        )
+        claimed = claim_dependents(
+            conn, report.ready, worker_id="w1", namespaces=["default"], limit=2, now=now
+        )
+    assert [step.name for step in claimed] == ["sync"]
+    assert states(db)[("context.customer=a", "waiting")] == 1
