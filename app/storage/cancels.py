@@ -29,14 +29,12 @@ from duplex.states import CANCELLABLE, CANCELLED, IN_PROGRESS, TASK_CANCELLED
 from duplex.storage.models import tasks, workflow_steps
 from duplex.storage.operations import (
     OperatorReport,
-    StepChange,
     check_task_open,
     locked_step,
     operator_reason,
+    step_moved,
     task_state_of,
-    write_transitions,
 )
-from duplex.storage.task_state import update_task_states
 
 __all__ = ["RunningCancel", "cancel_error", "cancel_step", "find_cancelled_attempts"]
 
@@ -137,14 +135,13 @@ def cancel_step(
             updated_at=now,
         )
     )
-    write_transitions(
-        conn, [(step.step_uuid, step.state, CANCELLED, step.attempts, reason_text)], operator, now
-    )
-    update_task_states(conn, [step.task_uuid], now=now)
-    return OperatorReport(
+    return step_moved(
+        conn,
         "cancel_step",
-        step.task_uuid,
-        task_state_of(conn, step.task_uuid),
-        (StepChange(step.step_uuid, step.name, step.state, CANCELLED),),
+        step,
+        CANCELLED,
+        reason_text,
+        operator=operator,
+        now=now,
         subject=subject,
     )

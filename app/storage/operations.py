@@ -232,16 +232,7 @@ def retry_step(
         why += f"; {again.reason}"
     elif max_attempts != step.max_attempts:
         why += f" (max_attempts raised to {max_attempts})"
-    write_transitions(
-        conn, [(step.step_uuid, step.state, to_state, step.attempts, why)], operator, now
-    )
-    update_task_states(conn, [step.task_uuid], now=now)
-    return OperatorReport(
-        "retry",
-        step.task_uuid,
-        task_state_of(conn, step.task_uuid),
-        (StepChange(step.step_uuid, step.name, step.state, to_state),),
-    )
+    return step_moved(conn, "retry", step, to_state, why, operator=operator, now=now)
 
 
 def resolve_step(
@@ -342,6 +333,32 @@ def check_task_open(conn: Connection, step: Row[Any], verb: str) -> None:
             f"cannot {verb} step {step.name!r} ({step.step_uuid}): "
             f"its task {step.task_uuid} is cancelled"
         )
+
+
+def step_moved(
+    conn: Connection,
+    action: str,
+    step: Row[Any],
+    to_state: str,
+    why: str,
+    *,
+    operator: str,
+    now: datetime,
+    subject: str = "",
+) -> OperatorReport:
+    """Record an operator's move of one step (read with ``locked_step``, already updated to
+    ``to_state``): its transition, its task's state, and the report of it."""
+    write_transitions(
+        conn, [(step.step_uuid, step.state, to_state, step.attempts, why)], operator, now
+    )
+    update_task_states(conn, [step.task_uuid], now=now)
+    return OperatorReport(
+        action,
+        step.task_uuid,
+        task_state_of(conn, step.task_uuid),
+        (StepChange(step.step_uuid, step.name, step.state, to_state),),
+        subject=subject,
+    )
 
 
 def task_state_of(conn: Connection, task_uuid: str) -> str:
