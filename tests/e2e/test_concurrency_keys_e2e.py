@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -78,6 +79,12 @@ def peak_running(cluster: Cluster, tasks: Sequence[str]) -> dict[str, int]:
         "WHERE s.task_uuid = ANY(%s) AND s.concurrency_key IS NOT NULL ORDER BY t.id",
         [list(tasks)],
     )
+    return peaks(rows)
+
+
+def peaks(rows: Sequence[Sequence[Any]]) -> dict[str, int]:
+    """The most attempts running at once per key, from transition rows in ``id`` order:
+    (concurrency key, step uuid, attempt, from state, to state) each."""
     running: dict[str, set[tuple[str, int]]] = defaultdict(set)
     peak: dict[str, int] = defaultdict(int)
     for key, step_uuid, attempt, from_state, to_state in rows:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tempfile
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -19,28 +18,25 @@ from duplex.templates import parse_template
 from tests import processes
 from tests.cli.support import Duplex, make_duplex, wait_for
 from tests.conftest import sqlite_database
-from tests.e2e.test_concurrency_keys_e2e import HANDLERS, Workload, keyed_template, workloads
+from tests.e2e.test_concurrency_keys_e2e import (
+    HANDLERS,
+    Workload,
+    keyed_template,
+    peaks,
+    workloads,
+)
 
 pytestmark = [pytest.mark.e2e]
 
 
 def peak_running(duplex: Duplex) -> dict[str, int]:
-    rows = duplex.sql(
-        "SELECT s.concurrency_key, t.step_uuid, t.attempt, t.from_state, t.to_state"
-        " FROM workflow_step_transitions t JOIN workflow_steps s ON s.step_uuid = t.step_uuid"
-        " WHERE s.concurrency_key IS NOT NULL ORDER BY t.id"
+    return peaks(
+        duplex.sql(
+            "SELECT s.concurrency_key, t.step_uuid, t.attempt, t.from_state, t.to_state"
+            " FROM workflow_step_transitions t JOIN workflow_steps s"
+            " ON s.step_uuid = t.step_uuid WHERE s.concurrency_key IS NOT NULL ORDER BY t.id"
+        )
     )
-    running: dict[str, set[tuple[str, int]]] = defaultdict(set)
-    peak: dict[str, int] = defaultdict(int)
-    for key, step_uuid, attempt, from_state, to_state in rows:
-        if from_state == "in_progress":
-            assert (step_uuid, attempt) in running[key], ("settled, never claimed", step_uuid)
-            running[key].discard((step_uuid, attempt))
-        if to_state == "in_progress":
-            assert (step_uuid, attempt) not in running[key], ("claimed twice", step_uuid)
-            running[key].add((step_uuid, attempt))
-            peak[key] = max(peak[key], len(running[key]))
-    return dict(peak)
 
 
 @settings(
