@@ -35,7 +35,7 @@ from duplex.storage.queries import task_steps
 from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task, create_tasks
 from duplex.templates import parse_template
-from tests.storage.support import Flow
+from tests.storage.support import Flow, claim
 
 ws = workflow_steps
 
@@ -53,13 +53,6 @@ PLAIN = parse_template('name = "plain"\n[[steps]]\nname = "p"\nhandler = "t.p"\n
 def submit(db: Database, template: Any, customers: list[str], now: datetime) -> list[str]:
     with db.write() as conn:
         return create_tasks(conn, template, [{"customer": c} for c in customers], now=now)
-
-
-def claim(db: Database, now: datetime, limit: int = 10, worker: str = "w1") -> list[ClaimedStep]:
-    with db.write() as conn:
-        return claim_ready_steps(
-            conn, worker_id=worker, namespaces=("default",), limit=limit, now=now
-        )
 
 
 def finish(db: Database, steps: list[ClaimedStep], now: datetime) -> Any:
