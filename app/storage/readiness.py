@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Connection, bindparam, exists, not_, or_, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, exists, not_, select, update
 
 from duplex.states import (
     DONE,
@@ -64,7 +64,10 @@ _ENQUEUE_READY = (
         ws.c.namespace,
         ws.c.priority,
         ws.c.kind,
-        or_(ws.c.concurrency_key.is_not(None), ws.c.rate_limit.is_not(None)).label("limited"),
+        # The columns, not ``key IS NOT NULL OR rate IS NOT NULL``: SQLite 3.40 returns 1 for
+        # that expression in this RETURNING when both are NULL.
+        ws.c.concurrency_key,
+        ws.c.rate_limit,
     )
 )
 
@@ -90,7 +93,13 @@ def enqueue_ready_dependents(
     return them in step-uuid order."""
     rows = conn.execute(_ENQUEUE_READY, {"parents": list(parents), "now": now})
     return sorted(
-        ReadyStep(row.step_uuid, row.namespace, row.priority, row.kind, bool(row.limited))
+        ReadyStep(
+            row.step_uuid,
+            row.namespace,
+            row.priority,
+            row.kind,
+            row.concurrency_key is not None or row.rate_limit is not None,
+        )
         for row in rows
     )
 

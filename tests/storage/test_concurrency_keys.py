@@ -420,3 +420,34 @@ def test_a_commit_claiming_keyed_dependents_holds_them_to_the_limit(db: Database
         )
     assert [step.name for step in claimed] == ["sync"]
     assert states(db)[("context.customer=a", "waiting")] == 1
+
+
+def test_the_readiness_update_says_which_dependents_have_a_key_or_a_limit(db: Database) -> None:
+    """A commit reads flow control only for dependents that have some: a plain dependent
+    must come back not limited (SQLite 3.40 once said it was, costing every hop a read)."""
+    plain = parse_template(
+        'name = "plain"\n[[steps]]\nname = "prep"\nhandler = "t.p"\n'
+        '[[steps]]\nname = "sync"\nhandler = "t.s"\ndepends_on = ["prep"]\n'
+    )
+    t0 = utcnow()
+    submit(db, KEYED_SECOND, ["a"], t0)
+    submit(db, plain, ["a"], t0)
+    now = t0 + timedelta(seconds=1)
+    preps = claim(db, now)
+    with db.write() as conn:
+        report = commit_outcomes(
+            conn,
+            [StepOutcome(step, now, now, result={}) for step in preps],
+            policy=RetryPolicy(),
+            now=now,
+            rng=random.Random(0),
+        )
+        templates = dict(
+            conn.execute(
+                select(workflow_steps.c.step_uuid, tasks.c.name).join(
+                    tasks, tasks.c.task_uuid == workflow_steps.c.task_uuid
+                )
+            ).all()
+        )
+    limited = {templates[step.step_uuid]: step.limited for step in report.ready}
+    assert limited == {"then_sync": True, "plain": False}
