@@ -21,8 +21,9 @@ from duplex.actors.ports import CommitSignals, DispatchChannel
 from duplex.actors.proxy import TypedProxy, message
 from duplex.actors.supervised import SupervisedActor, take_mailbox, tell
 from duplex.clock import Timer, utcnow
+from duplex.commit.announcement import Announcement
 from duplex.commit.buffer import CommitBuffer
-from duplex.commit.committer import Announcement, Committer
+from duplex.commit.committer import Committer
 from duplex.commit.retry import RetryPolicy
 from duplex.commit.sweeps import find_cancels
 from duplex.messages import ClaimedStep, StepOutcome

@@ -26,12 +26,12 @@ import contextlib
 import random
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from loguru import logger
 from sqlalchemy import Connection
 
+from duplex.commit.announcement import Announcement, Flush
 from duplex.commit.buffer import CommitBuffer
 from duplex.commit.retry import RetryPolicy
 from duplex.commit.sweeps import sweep
@@ -41,59 +41,16 @@ from duplex.messages import ClaimedStep, StepOutcome
 from duplex.observability.logs import step_log
 from duplex.observability.tracing import StepTracer
 from duplex.storage.claim_order import DEFAULT_AGING
-from duplex.storage.claims import claim_dependents, release_claims
+from duplex.storage.claims import claim_dependents
 from duplex.storage.concurrency import ClaimHints, keys_with_room, sweep_held
 from duplex.storage.db import Database
 from duplex.storage.deadlines import ExpiredTask, expire_tasks, find_expired_tasks
 from duplex.storage.recovery import has_lost_claims, recover_lost_claims
+from duplex.storage.releases import release_claims
 from duplex.storage.results import CommitReport, commit_outcomes
+from duplex.storage.transitions import TransitionRow, insert_transitions
 from duplex.storage.waits import end_due_waits, find_due_waits
 from duplex.storage.workers import dead_local_workers, heartbeat_cutoff
-
-
-@dataclass(frozen=True)
-class Announcement:
-    """What the rest of the worker hears about one committed transaction."""
-
-    report: CommitReport
-    # Steps became ready (dependents enqueued, claims released): the intake should look now.
-    wake_intake: bool
-    # A retry (or a rate limit's tokens) falls due in this many seconds: look then.
-    retry_due_in_s: float | None
-    # The buffer drained below its high-water mark with this commit: intake may resume.
-    caught_up: bool = False
-    # The commit failed attempts of lost workers, not results of this one.
-    recovery: bool = False
-
-    @property
-    def claimed(self) -> list[ClaimedStep]:
-        """Dependents claimed for this worker in the same transaction: to dispatch now."""
-        return self.report.claimed
-
-
-@dataclass
-class Flush:
-    """The result of committing one batch."""
-
-    announcements: list[Announcement] = field(default_factory=list)
-    # Called with each announcement as soon as its commit is done: in the one-by-one fallback
-    # a result is announced right after its own commit, not after the slowest of the others.
-    announce: Callable[[Announcement], None] | None = None
-    # The batch was a retry after failed commits.
-    retried: bool = False
-    # The database failed: what was not committed stays in the buffer.
-    failed: bool = False
-    # How long to wait before the next try (when ``failed``).
-    retry_in_s: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def add(self, announcement: Announcement) -> None:
-        self.announcements.append(announcement)
-        if self.announce is not None:
-            self.announce(announcement)
 
 
 class Committer:
@@ -265,8 +222,14 @@ class Committer:
         body_done = False
         try:
             with traced, self._db.write() as conn:
+                transitions: list[TransitionRow] = []  # the results' and the claims': one insert
                 report = commit_outcomes(
-                    conn, outcomes, policy=self._policy, now=now, rng=self._rng
+                    conn,
+                    outcomes,
+                    policy=self._policy,
+                    now=now,
+                    rng=self._rng,
+                    transitions=transitions,
                 )
                 self._expire_with(conn, report, now)
                 limit = min(report.parents_completed, self.eager_limit) if eager else 0
@@ -281,8 +244,10 @@ class Committer:
                         now=now,
                         aging=self._aging,
                         hints=hints,
+                        transitions=transitions,
                     )
                     report.next_retry_at = hints.look_by(report.next_retry_at)
+                insert_transitions(conn, transitions)
                 released = release_claims(
                     conn, releases, worker_id=self._worker_id, now=now, reason="released on stop"
                 )

@@ -18,9 +18,10 @@ from loguru import logger
 from duplex.errors import StorageError
 from duplex.messages import ClaimedStep
 from duplex.storage.claim_order import DEFAULT_AGING
-from duplex.storage.claims import claim_ready_steps, release_claims, release_unconfirmed_claim
+from duplex.storage.claims import claim_ready_steps
 from duplex.storage.concurrency import ClaimHints
 from duplex.storage.db import Database
+from duplex.storage.releases import release_claims, release_unconfirmed_claim
 
 
 class Claimer:

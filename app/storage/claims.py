@@ -1,4 +1,4 @@
-"""Claiming ready steps, and handing back claims that never started.
+"""Claiming ready steps (handing back claims that never started: ``duplex.storage.releases``).
 
 A claim is atomic: the candidate rows are read and updated in one write transaction
 (``BEGIN IMMEDIATE`` on SQLite, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), and the update is
@@ -29,17 +29,14 @@ from sqlalchemy import (
     Connection,
     bindparam,
     literal_column,
-    select,
     update,
 )
 
 from duplex.messages import ClaimedStep, RetryOverride
 from duplex.states import (
-    CANCELLED,
     CLAIMABLE,
     ENQUEUED,
     IN_PROGRESS,
-    TASK_CANCELLED,
     TASK_PENDING,
 )
 from duplex.storage.claim_order import DEFAULT_AGING, claim_key, due_levels, due_steps
@@ -53,8 +50,8 @@ from duplex.storage.models import (
 )
 from duplex.storage.pauses import NOT_PAUSED
 from duplex.storage.readiness import ReadyStep, parent_results
-from duplex.storage.task_state import lock_tasks, mark_tasks_started
-from duplex.storage.transitions import insert_transitions, transition_row
+from duplex.storage.task_state import mark_tasks_started
+from duplex.storage.transitions import TransitionRow, insert_transitions, transition_row
 
 ws = workflow_steps
 
@@ -117,6 +114,7 @@ def claim_dependents(
     now: datetime,
     aging: timedelta = DEFAULT_AGING,
     hints: ClaimHints | None = None,
+    transitions: list[TransitionRow] | None = None,
 ) -> list[ClaimedStep]:
     """Claim up to ``limit`` of the dependents ``ready`` that the commit in this transaction
     just enqueued, those of ``namespaces`` only; the others stay in the queue (``hints``, as
@@ -156,17 +154,24 @@ def claim_dependents(
         if hints is not None:
             hints.add(admission)
         admitted = admission.admitted
-    return claim_steps(conn, admitted, worker_id=worker_id, now=now)
+    return claim_steps(conn, admitted, worker_id=worker_id, now=now, transitions=transitions)
 
 
 def claim_steps(
-    conn: Connection, candidates: Mapping[str, str], *, worker_id: str, now: datetime
+    conn: Connection,
+    candidates: Mapping[str, str],
+    *,
+    worker_id: str,
+    now: datetime,
+    transitions: list[TransitionRow] | None = None,
 ) -> list[ClaimedStep]:
     """Claim ``candidates`` (step uuid -> the claimable state it was read in), in that order.
 
     The update is guarded by state, so a candidate no longer claimable is skipped. Each claim
     writes its transition row (from the state read, reason ``claimed``), counts the attempt,
     stamps ``claimed_by`` and ``claimed_at`` with ``now``, and brings its parents' results.
+    Given ``transitions``, the transition rows go there for the caller to insert with the rest
+    of its transaction's (one statement), instead of being inserted here.
     """
     if not candidates:
         return []
@@ -180,21 +185,22 @@ def claim_steps(
     claimed.sort(key=lambda r: order[r.step_uuid])
 
     at = db_time(conn.dialect, now)
-    insert_transitions(
-        conn,
-        [
-            transition_row(
-                row.step_uuid,
-                candidates[row.step_uuid],
-                IN_PROGRESS,
-                row.attempts,
-                worker_id,
-                at,
-                "claimed",
-            )
-            for row in claimed
-        ],
-    )
+    rows = [
+        transition_row(
+            row.step_uuid,
+            candidates[row.step_uuid],
+            IN_PROGRESS,
+            row.attempts,
+            worker_id,
+            at,
+            "claimed",
+        )
+        for row in claimed
+    ]
+    if transitions is None:
+        insert_transitions(conn, rows)
+    else:
+        transitions.extend(rows)
     # The claim's RETURNING already brought each task's state and context and whether a
     # step has parents: only what is needed is read or written on top.
     pending = sorted({row.task_uuid for row in claimed if row.task_state == TASK_PENDING})
@@ -322,76 +328,3 @@ _CLAIM = (
         _RETURN_HAS_CHILDREN,
     )
 )
-
-
-def release_claims(
-    conn: Connection, steps: Sequence[ClaimedStep], *, worker_id: str, now: datetime, reason: str
-) -> int:
-    """Hand back claimed attempts that never started; they become ready again at once.
-
-    The attempt is not counted: the handler never ran. Guarded like a result, so a claim that
-    was meanwhile recovered by another worker is left alone. A step whose task was cancelled
-    meanwhile is not handed back to the queue: it becomes ``cancelled``.
-    """
-    released = 0
-    task_states = lock_tasks(conn, {step.task_uuid for step in steps})
-    for step in steps:
-        cancelled = task_states.get(step.task_uuid) == TASK_CANCELLED
-        to_state = CANCELLED if cancelled else ENQUEUED
-        result = conn.execute(
-            update(ws)
-            .where(
-                ws.c.step_uuid == step.step_uuid,
-                ws.c.state == IN_PROGRESS,
-                ws.c.attempts == step.attempt,
-                ws.c.claimed_by == worker_id,
-            )
-            .values(
-                state=to_state,
-                attempts=ws.c.attempts - 1,
-                claimed_by=None,
-                claimed_at=None,
-                next_attempt_at=None if cancelled else now,
-                completed_at=now if cancelled else None,
-                updated_at=now,
-            )
-        )
-        if result.rowcount:
-            released += 1
-            insert_transitions(
-                conn,
-                [
-                    transition_row(
-                        step.step_uuid,
-                        IN_PROGRESS,
-                        to_state,
-                        step.attempt - 1,
-                        worker_id,
-                        db_time(conn.dialect, now),
-                        f"{reason}; task cancelled" if cancelled else reason,
-                    )
-                ],
-            )
-    return released
-
-
-def release_unconfirmed_claim(
-    conn: Connection, *, worker_id: str, claimed_at: datetime, now: datetime
-) -> int:
-    """Hand back what a claim transaction claimed if its outcome was never confirmed.
-
-    When the connection drops around COMMIT, the claim may have committed without the worker
-    hearing of it: those steps are this live worker's, so no one would recover them. Every
-    claim stamps ``claimed_at`` with its own ``now``, which finds exactly its rows.
-    """
-    rows = conn.execute(
-        select(*STEP_COLUMNS).where(
-            ws.c.state == IN_PROGRESS,
-            ws.c.claimed_by == worker_id,
-            ws.c.claimed_at == bindparam("claimed_at", type_=ws.c.claimed_at.type),
-        ),
-        {"claimed_at": claimed_at},
-    )
-    steps = [claimed_step(row, claimed_by=worker_id) for row in rows]
-    reason = "claim not confirmed (connection lost)"
-    return release_claims(conn, steps, worker_id=worker_id, now=now, reason=reason)

@@ -33,16 +33,23 @@ class _Compiled(NamedTuple):
     mode: str
     arrange: Callable[[tuple[Any, ...]], Any] | None = None  # None: rows go as given
     constants: dict[str, Any] | None = None  # "arrays": the statement's own parameters
+    few: _Compiled | None = None  # "copy": the executemany that a few rows take instead
+
+
+# Fewer rows than this go to PostgreSQL as one INSERT each (psycopg pipelines them) instead of
+# through COPY, which costs a round trip more: a hop of a chain writes one or two rows.
+COPY_FROM_ROWS = 8
 
 
 class BulkStatement:
     """An INSERT or UPDATE of many rows in one call, without SQLAlchemy's per-row work.
 
     On SQLite it is the driver's ``executemany``. On PostgreSQL, where each statement of an
-    executemany costs the server a parse, bind and execute of its own, an INSERT streams
-    through ``COPY`` and an UPDATE runs once for all rows, joined to the rows given as one
-    array per column (``UPDATE … FROM unnest(…)``); its row count is what the executemany's
-    would sum to, as long as no two rows update the same row.
+    executemany costs the server a parse, bind and execute of its own, an INSERT of
+    ``COPY_FROM_ROWS`` rows or more streams through ``COPY``, and an UPDATE runs once for all
+    rows, joined to the rows given as one array per column (``UPDATE … FROM unnest(…)``); its
+    row count is what the executemany's would sum to, as long as no two rows update the same
+    row.
 
     ``columns`` names the statement's bind parameters in the order a row gives them; every
     other parameter must be a constant of the statement itself (such as a literal state).
@@ -62,11 +69,15 @@ class BulkStatement:
             arrays = {name: [row[i] for row in rows] for i, name in enumerate(self.columns)}
             params = {**(compiled.constants or {}), **arrays}
             return int(conn.exec_driver_sql(compiled.sql, params).rowcount)
+        if compiled.few is not None and len(rows) < COPY_FROM_ROWS:
+            compiled = compiled.few
         arranged = rows if compiled.arrange is None else [compiled.arrange(row) for row in rows]
         if compiled.mode == "copy":
             copy_rows(conn, compiled.sql, arranged)
             return len(rows)
-        return int(conn.exec_driver_sql(compiled.sql, arranged).rowcount)
+        # One row is one execute: an executemany of one costs psycopg a pipeline of its own.
+        given = arranged[0] if len(arranged) == 1 else arranged
+        return int(conn.exec_driver_sql(compiled.sql, given).rowcount)
 
     def _compile(self, dialect: Dialect) -> _Compiled:
         compiled = self.statement.compile(dialect=dialect)
@@ -75,10 +86,11 @@ class BulkStatement:
         missing = set(self.columns) - set(names)
         if missing:
             raise ValueError(f"columns not in the statement: {sorted(missing)}")
+        few = self._executemany(compiled, names, constants)
         result = (
-            self._streamed(dialect, names, constants)
+            self._streamed(dialect, names, constants, few)
             or self._joined_to_arrays(dialect, compiled)
-            or self._executemany(compiled, names, constants)
+            or few
         )
         self._compiled[dialect.name] = result
         return result
@@ -119,7 +131,7 @@ class BulkStatement:
         return _Compiled(joined.string, "arrays", constants=constants)
 
     def _streamed(
-        self, dialect: Dialect, names: list[str], constants: dict[str, Any]
+        self, dialect: Dialect, names: list[str], constants: dict[str, Any], few: _Compiled
     ) -> _Compiled | None:
         """COPY for a plain INSERT on PostgreSQL: no RETURNING, every parameter a column's."""
         statement, table = self.statement, getattr(self.statement, "table", None)
@@ -133,9 +145,9 @@ class BulkStatement:
             return None
         sql = copy_statement(dialect, table, (*self.columns, *constants))
         if not constants:
-            return _Compiled(sql, "copy")
+            return _Compiled(sql, "copy", few=few)
         tail = tuple(constants.values())
-        return _Compiled(sql, "copy", lambda row: (*row, *tail))
+        return _Compiled(sql, "copy", lambda row: (*row, *tail), few=few)
 
     def _executemany(self, compiled: Any, names: list[str], constants: dict[str, Any]) -> _Compiled:
         index = {name: i for i, name in enumerate(self.columns)}

@@ -94,8 +94,12 @@ def commit_outcomes(
     policy: RetryPolicy,
     now: datetime,
     rng: random.Random,
+    transitions: list[TransitionRow] | None = None,
 ) -> CommitReport:
     """Apply ``outcomes`` inside the caller's write transaction and return what happened.
+
+    Given ``transitions``, the transition rows go there for the caller to insert with the rest
+    of its transaction's (the claims of its dependents: one statement), instead of here.
 
     A result for a step whose task was cancelled while it ran is still recorded, but it does
     not resume the workflow: no dependent is enqueued, and a failure that would be retried
@@ -106,7 +110,8 @@ def commit_outcomes(
         return report
     dialect = conn.dialect
     at = db_time(dialect, now)
-    transitions: list[TransitionRow] = []
+    written_here = transitions is None
+    transitions = [] if transitions is None else transitions
     completed: list[str] = []
     decisions: list[Decided] = []
     batches: list[BatchMade] = []
@@ -211,7 +216,8 @@ def commit_outcomes(
     if freed:
         report.ready.extend(let_go(conn, freed, now=now, worker_id=None))
         report.enqueued = len(report.ready)
-    insert_transitions(conn, transitions)
+    if written_here:
+        insert_transitions(conn, transitions)
     report.events = log.write()
     if touched_tasks:
         update_task_states(conn, touched_tasks, now=now, locked_states=task_states)

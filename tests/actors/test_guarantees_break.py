@@ -23,9 +23,10 @@ from duplex.commit.retry import RetryPolicy
 from duplex.errors import HANDLER_TIMEOUT, StorageError
 from duplex.handlers import HandlerRegistry, StepContext
 from duplex.messages import ClaimedStep, DomainEvent, Status, StepFailure, StepOutcome
-from duplex.storage.claims import claim_ready_steps, release_claims
+from duplex.storage.claims import claim_ready_steps
 from duplex.storage.db import Database
 from duplex.storage.models import domain_events, workflow_step_transitions, workflow_steps
+from duplex.storage.releases import release_claims
 from duplex.subscriptions import SubscriberRegistry
 from tests.actors.support import fresh_database, running_worker, submit
 from tests.conftest import open_work, wait_until

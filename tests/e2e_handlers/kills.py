@@ -247,7 +247,7 @@ def _break_heartbeat() -> None:
 def _break_announce() -> None:
     from duplex.actors.completion_processor import CompletionProcessor
     from duplex.commit.committer import Committer
-    from duplex.storage.claims import release_claims
+    from duplex.storage.releases import release_claims
     from duplex.storage.results import commit_outcomes
 
     original_init = CompletionProcessor.__init__

@@ -27,7 +27,7 @@ from sqlalchemy import text as sql
 from duplex.errors import StorageError
 from duplex.settings import DatabaseSettings
 from duplex.storage.db import Database
-from duplex.storage.driver import BulkStatement, ColumnInsert, db_json, db_time
+from duplex.storage.driver import COPY_FROM_ROWS, BulkStatement, ColumnInsert, db_json, db_time
 from duplex.storage.models import JSONValue, UTCDateTime
 from tests.conftest import postgres_schema_url, require_postgres
 
@@ -120,49 +120,60 @@ def _raw(conn: Any, via: str) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in rows]
 
 
-def test_rows_written_at_the_driver_match_sqlalchemys(db: Database) -> None:
+# One row (one execute), a few (executemany), and enough for COPY on PostgreSQL.
+Values = list[tuple[str | None, datetime | None, Any]]
+SIZES = [VALUES[:1], VALUES, VALUES * 2]
+SIZE_IDS = ["one", "few", "copy"]
+assert len(VALUES) < COPY_FROM_ROWS <= len(VALUES) * 2
+
+
+@pytest.mark.parametrize("values", SIZES, ids=SIZE_IDS)
+def test_rows_written_at_the_driver_match_sqlalchemys(db: Database, values: Values) -> None:
     with db.write() as conn:
         conn.execute(
             insert(probe),
             [
                 {"id": i, "via": "core", "label": label, "at": at, "doc": doc}
-                for i, (label, at, doc) in enumerate(VALUES)
+                for i, (label, at, doc) in enumerate(values)
             ],
         )
         rows = [
             (100 + i, "bulk", label, db_time(conn.dialect, at), db_json(doc))
-            for i, (label, at, doc) in enumerate(VALUES)
+            for i, (label, at, doc) in enumerate(values)
         ]
         assert BULK_INSERT.execute(conn, rows) == len(rows)
     with db.read() as conn:
         assert _raw(conn, "bulk") == _raw(conn, "core")
         typed = conn.execute(select(probe.c.at, probe.c.doc).order_by(probe.c.id)).all()
         defaults = conn.execute(select(probe.c.n).where(probe.c.via == "bulk")).scalars().all()
-    assert defaults == [7] * len(VALUES)
-    core, bulk = typed[: len(VALUES)], typed[len(VALUES) :]
+    assert defaults == [7] * len(values)
+    core, bulk = typed[: len(values)], typed[len(values) :]
     assert bulk == core
-    assert [doc for _, doc in bulk] == [doc for _, _, doc in VALUES]
-    assert [at for at, _ in bulk] == [at for _, at, _ in VALUES]
+    assert [doc for _, doc in bulk] == [doc for _, _, doc in values]
+    assert [at for at, _ in bulk] == [at for _, at, _ in values]
 
 
-def test_an_insert_of_every_column_writes_what_sqlalchemy_writes(db: Database) -> None:
+@pytest.mark.parametrize("values", SIZES, ids=SIZE_IDS)
+def test_an_insert_of_every_column_writes_what_sqlalchemy_writes(
+    db: Database, values: Values
+) -> None:
     with db.write() as conn:
         conn.execute(
             insert(probe),
             [
                 {"id": i, "via": "core", "label": label, "at": at, "doc": doc, "n": i}
-                for i, (label, at, doc) in enumerate(VALUES)
+                for i, (label, at, doc) in enumerate(values)
             ],
         )
         rows = [
             (100 + i, "copy", label, db_time(conn.dialect, at), db_json(doc), i)
-            for i, (label, at, doc) in enumerate(VALUES)
+            for i, (label, at, doc) in enumerate(values)
         ]
         assert BULK_COPY.execute(conn, rows) == len(rows)
     with db.read() as conn:
         assert _raw(conn, "copy") == _raw(conn, "core")
         typed = conn.execute(select(probe.c.at, probe.c.doc, probe.c.n).order_by(probe.c.id)).all()
-    assert typed[len(VALUES) :] == typed[: len(VALUES)]
+    assert typed[len(values) :] == typed[: len(values)]
 
 
 def test_an_insert_refused_by_the_database_is_a_storage_error(db: Database) -> None:

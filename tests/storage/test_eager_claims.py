@@ -18,9 +18,10 @@ from sqlalchemy import Row, select
 
 from duplex.clock import utcnow
 from duplex.messages import StepOutcome
-from duplex.storage.claims import claim_dependents, release_claims
+from duplex.storage.claims import claim_dependents
 from duplex.storage.db import Database
 from duplex.storage.models import workflow_step_transitions, workflow_steps
+from duplex.storage.releases import release_claims
 from duplex.storage.results import commit_outcomes
 from tests.storage.support import BACKOFF_POLICY as POLICY
 from tests.storage.support import claim, commit_and_claim, fan, ok, submit

@@ -15,7 +15,6 @@ from sqlalchemy import select
 
 from duplex.clock import utcnow
 from duplex.errors import InputError, TransitionError
-from duplex.storage.claims import release_claims
 from duplex.storage.db import Database
 from duplex.storage.models import (
     domain_events,
@@ -31,6 +30,7 @@ from duplex.storage.operations import (
     resolve_step,
     retry_step,
 )
+from duplex.storage.releases import release_claims
 from tests.storage.support import FAN_IN, OPERATOR, Flow
 
 

@@ -51,7 +51,7 @@ from duplex.states import (
     derive_task_state,
     is_legal_step_transition,
 )
-from duplex.storage.claims import claim_dependents, claim_ready_steps, release_claims
+from duplex.storage.claims import claim_dependents, claim_ready_steps
 from duplex.storage.models import (
     tasks,
     workflow_step_edges,
@@ -60,6 +60,7 @@ from duplex.storage.models import (
 )
 from duplex.storage.operations import cancel_task, resolve_step, retry_step
 from duplex.storage.recovery import recover_lost_claims
+from duplex.storage.releases import release_claims
 from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task
 from duplex.templates import TaskTemplate

@@ -28,11 +28,7 @@ from duplex.messages import (
     StepFailure,
     StepOutcome,
 )
-from duplex.storage.claims import (
-    claim_ready_steps,
-    release_claims,
-    release_unconfirmed_claim,
-)
+from duplex.storage.claims import claim_ready_steps
 from duplex.storage.db import Database
 from duplex.storage.models import (
     domain_events,
@@ -44,6 +40,7 @@ from duplex.storage.models import (
 )
 from duplex.storage.queries import count_open_work
 from duplex.storage.recovery import recover_lost_claims
+from duplex.storage.releases import release_claims, release_unconfirmed_claim
 from duplex.storage.results import CommitReport, commit_outcomes
 from duplex.storage.submission import create_task
 from duplex.storage.workers import (
