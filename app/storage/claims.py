@@ -49,7 +49,7 @@ from duplex.storage.models import (
     workflow_steps,
 )
 from duplex.storage.pauses import NOT_PAUSED
-from duplex.storage.readiness import ReadyStep, parent_results
+from duplex.storage.readiness import RETURN_PARENTS, ReadyStep, parents_of
 from duplex.storage.task_state import mark_tasks_started
 from duplex.storage.transitions import TransitionRow, insert_transitions, transition_row
 
@@ -176,7 +176,9 @@ def claim_steps(
     if not candidates:
         return []
     claimed = list(
-        conn.execute(_CLAIM, {"ids": list(candidates), "worker_id": worker_id, "now": now})
+        conn.execute(
+            _CLAIM[conn.dialect.name], {"ids": list(candidates), "worker_id": worker_id, "now": now}
+        )
     )
     if not claimed:
         return []
@@ -201,28 +203,29 @@ def claim_steps(
         insert_transitions(conn, rows)
     else:
         transitions.extend(rows)
-    # The claim's RETURNING already brought each task's state and context and whether a
-    # step has parents: only what is needed is read or written on top.
+    # The claim's RETURNING already brought each task's state and context and the step's
+    # parents' results: only what is needed is written on top.
     pending = sorted({row.task_uuid for row in claimed if row.task_state == TASK_PENDING})
     if pending:
         mark_tasks_started(conn, pending, now)
-    with_parents = [row.step_uuid for row in claimed if row.has_parents]
-    parents, skipped = parent_results(conn, with_parents) if with_parents else ({}, {})
-    return [
-        claimed_step(
-            row,
-            claimed_by=worker_id,
-            inputs=row.inputs or {},
-            task_context=row.task_context or {},
-            dependency_results=parents.get(row.step_uuid, {}),
-            has_children=row.has_children,
-            claimed_at=now,
-            deadline_at=row.task_deadline_at,
-            checkpoint_state=row.checkpoint,
-            skipped_dependencies=tuple(skipped.get(row.step_uuid, ())),
+    steps = []
+    for row in claimed:
+        parents, skipped = parents_of(conn.dialect.name, row.parents)
+        steps.append(
+            claimed_step(
+                row,
+                claimed_by=worker_id,
+                inputs=row.inputs or {},
+                task_context=row.task_context or {},
+                dependency_results=parents,
+                has_children=row.has_children,
+                claimed_at=now,
+                deadline_at=row.task_deadline_at,
+                checkpoint_state=row.checkpoint,
+                skipped_dependencies=tuple(skipped),
+            )
         )
-        for row in claimed
-    ]
+    return steps
 
 
 # The columns a ``ClaimedStep`` is built from (see ``claimed_step``).
@@ -288,43 +291,45 @@ _RETURN_TASK_DEADLINE = literal_column(
     "(SELECT t.deadline_at FROM tasks AS t WHERE t.task_uuid = workflow_steps.task_uuid)",
     tasks.c.deadline_at.type,
 ).label("task_deadline_at")
-_RETURN_HAS_PARENTS = literal_column(
-    "EXISTS (SELECT 1 FROM workflow_step_edges AS e"
-    " WHERE e.to_step_uuid = workflow_steps.step_uuid)",
-    Boolean(),
-).label("has_parents")
 _RETURN_HAS_CHILDREN = literal_column(
     "EXISTS (SELECT 1 FROM workflow_step_edges AS e"
     " WHERE e.from_step_uuid = workflow_steps.step_uuid)",
     Boolean(),
 ).label("has_children")
-_CLAIM = (
-    update(ws)
-    .where(
-        ws.c.step_uuid.in_(bindparam("ids", expanding=True)),
-        unindexed(ws.c.state).in_(CLAIMABLE),
-        # Never before its time (a delayed start, a retry's backoff), whoever claims it.
-        ws.c.next_attempt_at <= _NOW,
-        # Here too, so that eager claims and a claim racing ``duplex pause`` obey it.
-        NOT_PAUSED,
+
+
+def _claim_statement(dialect: str) -> Any:
+    return (
+        update(ws)
+        .where(
+            ws.c.step_uuid.in_(bindparam("ids", expanding=True)),
+            unindexed(ws.c.state).in_(CLAIMABLE),
+            # Never before its time (a delayed start, a retry's backoff), whoever claims it.
+            ws.c.next_attempt_at <= _NOW,
+            # Here too, so that eager claims and a claim racing ``duplex pause`` obey it.
+            NOT_PAUSED,
+        )
+        .values(
+            state=IN_PROGRESS,
+            attempts=ws.c.attempts + 1,
+            claimed_by=bindparam("worker_id"),
+            claimed_at=_NOW,
+            started_at=None,
+            next_attempt_at=None,
+            updated_at=_NOW,
+        )
+        .returning(
+            *STEP_COLUMNS,
+            ws.c.inputs,
+            ws.c.checkpoint,
+            _RETURN_TASK_STATE,
+            _RETURN_TASK_CONTEXT,
+            _RETURN_TASK_DEADLINE,
+            RETURN_PARENTS[dialect],
+            _RETURN_HAS_CHILDREN,
+        )
     )
-    .values(
-        state=IN_PROGRESS,
-        attempts=ws.c.attempts + 1,
-        claimed_by=bindparam("worker_id"),
-        claimed_at=_NOW,
-        started_at=None,
-        next_attempt_at=None,
-        updated_at=_NOW,
-    )
-    .returning(
-        *STEP_COLUMNS,
-        ws.c.inputs,
-        ws.c.checkpoint,
-        _RETURN_TASK_STATE,
-        _RETURN_TASK_CONTEXT,
-        _RETURN_TASK_DEADLINE,
-        _RETURN_HAS_PARENTS,
-        _RETURN_HAS_CHILDREN,
-    )
-)
+
+
+# Per dialect: the parents' read is spelled in each one's JSON functions.
+_CLAIM = {dialect: _claim_statement(dialect) for dialect in RETURN_PARENTS}

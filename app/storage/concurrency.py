@@ -181,7 +181,10 @@ def let_go(
                 for row in let
             ],
         )
-    return [ReadyStep(row.step_uuid, row.namespace, row.priority, row.kind) for row in let]
+    return [
+        ReadyStep(row.step_uuid, row.namespace, row.priority, row.kind, task_uuid=row.task_uuid)
+        for row in let
+    ]
 
 
 def keys_with_room(conn: Connection, *, now: datetime) -> list[str]:
@@ -335,6 +338,7 @@ _LET_GO = (
     .values(state=ENQUEUED, next_attempt_at=_NOW, updated_at=_NOW)
     .returning(
         ws.c.step_uuid,
+        ws.c.task_uuid,
         ws.c.attempts,
         ws.c.namespace,
         ws.c.priority,

@@ -220,6 +220,7 @@ def _create_items(
                         worker.get("priority", 0),
                         "handler",
                         bool(worker.get("concurrency") or worker.get("rate_limit")),
+                        batch.task_uuid,
                     )
                 )
                 progress.transitions.append(

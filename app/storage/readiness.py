@@ -7,11 +7,24 @@ can claim it at once when it is the committing worker's to run (``claim_dependen
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Connection, bindparam, exists, not_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Text,
+    bindparam,
+    exists,
+    literal_column,
+    not_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.sql.elements import Label
 
 from duplex.states import (
     DONE,
@@ -61,6 +74,7 @@ _ENQUEUE_READY = (
     )
     .returning(
         ws.c.step_uuid,
+        ws.c.task_uuid,
         ws.c.namespace,
         ws.c.priority,
         ws.c.kind,
@@ -84,6 +98,9 @@ class ReadyStep(NamedTuple):
     # Under a concurrency key or a rate limit (True when not known): a commit claiming it
     # counts its key or takes its tokens; claiming none of those costs no such read.
     limited: bool = True
+    # Its task ("" when not known): a task with a step made ready keeps running, so the
+    # commit need not probe its steps' states (``duplex.storage.results``).
+    task_uuid: str = ""
 
 
 def enqueue_ready_dependents(
@@ -99,35 +116,51 @@ def enqueue_ready_dependents(
             row.priority,
             row.kind,
             row.concurrency_key is not None or row.rate_limit is not None,
+            row.task_uuid,
         )
         for row in rows
     )
 
 
-# What a claimed step gets from its parents (``ctx.dependency_results``).
-_parent = ws.alias("parent")
-# A batch's items are not read here: a convergence reads them page by page
+# What a claimed step gets from its parents (``ctx.dependency_results``), read in the claim's
+# own RETURNING: for the row claimed, its parents as one JSON array of [name, state, results].
+# Correlated with the claimed row, the read goes from the edges' index to the parents' keys
+# whatever the planner knows of the tables; a separate read of the claimed steps' parents, on
+# a task PostgreSQL had no statistics of, walked every step of the task for each commit. A
+# batch's items are not read here: a convergence reads them page by page
 # (``ctx.batch_results``), however many there are.
-_PARENT_RESULTS = (
-    select(workflow_step_edges.c.to_step_uuid, _parent.c.name, _parent.c.state, _parent.c.results)
-    .join(_parent, _parent.c.step_uuid == workflow_step_edges.c.from_step_uuid)
-    .where(
-        workflow_step_edges.c.to_step_uuid.in_(bindparam("ids", expanding=True)),
-        _parent.c.item_index.is_(None),
-    )
+_PARENTS_FROM = (
+    " FROM workflow_step_edges AS e JOIN workflow_steps AS p ON p.step_uuid = e.from_step_uuid"
+    " WHERE e.to_step_uuid = workflow_steps.step_uuid AND p.item_index IS NULL)"
 )
+# SQLite gives each parent's results as their stored text, parsed here as the column's type
+# would (SQLite's json() would rewrite them first).
+RETURN_PARENTS: dict[str, Label[Any]] = {
+    "sqlite": literal_column(
+        "(SELECT json_group_array(json_array(p.name, p.state, p.results))" + _PARENTS_FROM, Text()
+    ).label("parents"),
+    "postgresql": literal_column(
+        "(SELECT jsonb_agg(jsonb_build_array(p.name, p.state, p.results))" + _PARENTS_FROM,
+        JSONB(),
+    ).label("parents"),
+}
 
 
-def parent_results(
-    conn: Connection, step_uuids: list[str]
-) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
-    """Each step's parents' results by name, and the names of its skipped parents."""
-    rows = conn.execute(_PARENT_RESULTS, {"ids": step_uuids})
-    results: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, list[str]] = {}
-    for child, name, state, value in rows:
+def parents_of(dialect: str, value: Any) -> tuple[dict[str, Any], list[str]]:
+    """A claimed step's parents' results by name, and the names of its skipped parents, from
+    what ``RETURN_PARENTS`` read."""
+    if dialect == "sqlite":
+        parents = [
+            (name, state, None if results is None else json.loads(results))
+            for name, state, results in json.loads(value or "[]")
+        ]
+    else:
+        parents = value or []
+    results: dict[str, Any] = {}
+    skipped: list[str] = []
+    for name, state, result in parents:
         if state == SKIPPED:
-            skipped.setdefault(child, []).append(name)
+            skipped.append(name)
         else:
-            results.setdefault(child, {})[name] = value or {}
+            results[name] = result or {}
     return results, skipped

@@ -46,6 +46,7 @@ from duplex.states import (
     COMPLETE,
     IN_PROGRESS,
     TASK_CANCELLED,
+    TASK_IN_PROGRESS,
     WAITING_FOR_RETRY,
 )
 from duplex.storage.concurrency import let_go
@@ -219,8 +220,16 @@ def commit_outcomes(
     if written_here:
         insert_transitions(conn, transitions)
     report.events = log.write()
-    if touched_tasks:
-        update_task_states(conn, touched_tasks, now=now, locked_states=task_states)
+    # A running task with a step waiting for a retry or made ready in this transaction is
+    # still running (``derive_task_state``): probing its steps' states would only say so.
+    going_on = {o.step.task_uuid for o in report.retrying} | {s.task_uuid for s in report.ready}
+    unsettled = {
+        task_uuid
+        for task_uuid in touched_tasks
+        if task_uuid not in going_on or task_states.get(task_uuid) != TASK_IN_PROGRESS
+    }
+    if unsettled:
+        update_task_states(conn, unsettled, now=now, locked_states=task_states)
     return report
 
 

@@ -18,7 +18,7 @@ from duplex.clock import utcnow
 from duplex.storage.batch_view import _ITEMS
 from duplex.storage.db import Database
 from duplex.storage.models import workflow_steps
-from duplex.storage.readiness import _PARENT_RESULTS
+from duplex.storage.readiness import RETURN_PARENTS
 from duplex.storage.step_store import _BATCH_PAGE
 from duplex.storage.submission import create_task
 from duplex.storage.task_state import _STATES_PRESENT
@@ -62,7 +62,11 @@ def test_a_commit_reads_few_rows_of_a_large_task_without_statistics(
         middle = conn.execute(
             select(workflow_steps.c.step_uuid).where(workflow_steps.c.name == f"s{STEPS // 2}")
         ).scalar_one()
-        parents = rows_read(conn, _PARENT_RESULTS, {"ids": [middle]}, "workflow_steps")
+        # The claim's RETURNING reads the parents of the row it claimed, as this select does.
+        read_parents = select(RETURN_PARENTS["postgresql"]).where(
+            workflow_steps.c.step_uuid == middle
+        )
+        parents = rows_read(conn, read_parents, {}, "workflow_steps")
         probes = rows_read(conn, _STATES_PRESENT, {"ids": [task]}, "workflow_steps")
     assert parents <= FEW_ROWS, f"the parents' read went through {parents} steps"
     assert probes <= FEW_ROWS, f"the state probes went through {probes} steps"

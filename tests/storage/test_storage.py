@@ -391,6 +391,27 @@ def test_claim_gives_parents_results(db: Database) -> None:
     assert steps_of(db, task)["d"].attempts == 1
 
 
+# Values a handler may return, as JSON keeps them: each must reach the dependent unchanged.
+EXACT_RESULTS = {
+    "big": 2**63 + 1,
+    "negative": -12345678901234567890,
+    "float": 0.1,
+    "tiny": 1e-300,
+    "text": "ü \u2603 \"quoted\" \\ back",
+    "nested": {"list": [1, "two", None, True, {"x": []}], "empty": {}},
+}
+
+
+def test_parents_results_reach_the_dependent_exactly(db: Database) -> None:
+    now = utcnow()
+    submit(db, DIAMOND, now)
+    (a,) = claim(db, now)
+    commit(db, [ok(a, now, EXACT_RESULTS)], now)
+    bc = by_name(claim(db, now))
+    assert bc["b"].dependency_results == {"a": EXACT_RESULTS}
+    assert type(bc["b"].dependency_results["a"]["big"]) is int
+
+
 def test_two_claims_never_return_the_same_step(db: Database) -> None:
     now = utcnow()
     submit(db, wide(6), now)
