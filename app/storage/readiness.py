@@ -37,6 +37,7 @@ from duplex.storage.models import (
     workflow_step_edges,
     workflow_steps,
 )
+from duplex.storage.planning import InValuesOf
 
 ws = workflow_steps
 
@@ -49,10 +50,11 @@ def pending_children_whose_parents_are_all(states: Sequence[str]) -> list[Column
     """The WHERE of a pending child of ``:parents`` whose every parent is in ``states``."""
     return [
         unindexed(ws.c.state) == PENDING,
-        ws.c.step_uuid.in_(
+        InValuesOf(
+            ws.c.step_uuid,
             select(workflow_step_edges.c.to_step_uuid).where(
                 workflow_step_edges.c.from_step_uuid.in_(bindparam("parents", expanding=True))
-            )
+            ),
         ),
         not_(
             exists().where(
@@ -124,23 +126,29 @@ def enqueue_ready_dependents(
 
 # What a claimed step gets from its parents (``ctx.dependency_results``), read in the claim's
 # own RETURNING: for the row claimed, its parents as one JSON array of [name, state, results].
-# Correlated with the claimed row, the read goes from the edges' index to the parents' keys
-# whatever the planner knows of the tables; a separate read of the claimed steps' parents, on
-# a task PostgreSQL had no statistics of, walked every step of the task for each commit. A
-# batch's items are not read here: a convergence reads them page by page
+# Each parent is looked up by its key from the claimed step's edges, a scalar subquery the
+# planner cannot turn around: as a join, PostgreSQL without statistics of a task written
+# moments ago (a row estimate of 1 for ``item_index IS NULL``) walked every step of the task
+# for each claim. A batch's items are not read here: a convergence reads them page by page
 # (``ctx.batch_results``), however many there are.
-_PARENTS_FROM = (
-    " FROM workflow_step_edges AS e JOIN workflow_steps AS p ON p.step_uuid = e.from_step_uuid"
-    " WHERE e.to_step_uuid = workflow_steps.step_uuid AND p.item_index IS NULL)"
-)
+def _parents_read(aggregate: str, parent: str) -> str:
+    return (
+        f"(SELECT {aggregate} FROM (SELECT (SELECT {parent} FROM workflow_steps AS p"
+        " WHERE p.step_uuid = e.from_step_uuid AND p.item_index IS NULL) AS parent"
+        " FROM workflow_step_edges AS e WHERE e.to_step_uuid = workflow_steps.step_uuid)"
+        " AS parents WHERE parent IS NOT NULL)"
+    )
+
+
 # SQLite gives each parent's results as their stored text, parsed here as the column's type
 # would (SQLite's json() would rewrite them first).
 RETURN_PARENTS: dict[str, Label[Any]] = {
     "sqlite": literal_column(
-        "(SELECT json_group_array(json_array(p.name, p.state, p.results))" + _PARENTS_FROM, Text()
+        _parents_read("json_group_array(json(parent))", "json_array(p.name, p.state, p.results)"),
+        Text(),
     ).label("parents"),
     "postgresql": literal_column(
-        "(SELECT jsonb_agg(jsonb_build_array(p.name, p.state, p.results))" + _PARENTS_FROM,
+        _parents_read("jsonb_agg(parent)", "jsonb_build_array(p.name, p.state, p.results)"),
         JSONB(),
     ).label("parents"),
 }

@@ -397,7 +397,7 @@ EXACT_RESULTS = {
     "negative": -12345678901234567890,
     "float": 0.1,
     "tiny": 1e-300,
-    "text": "ü \u2603 \"quoted\" \\ back",
+    "text": 'ü \u2603 "quoted" \\ back',
     "nested": {"list": [1, "two", None, True, {"x": []}], "empty": {}},
 }
 
