@@ -10,9 +10,14 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
     Connection,
     ScalarSelect,
+    Select,
+    String,
     bindparam,
+    func,
     literal_column,
     select,
     update,
@@ -74,7 +79,9 @@ def update_task_states(
     if not current:
         return
     present: dict[str, dict[str, int]] = {task_uuid: {} for task_uuid in current}
-    for task_uuid, *probes in conn.execute(_STATES_PRESENT, {"ids": list(current)}):
+    for task_uuid, *probes in conn.execute(
+        _STATES_PRESENT[conn.dialect.name], {"ids": list(current)}
+    ):
         present[task_uuid] = {
             state: 1 for state, hit in zip(STEP_STATES, probes, strict=True) if hit
         }
@@ -95,18 +102,35 @@ def update_task_states(
 # databases run per row: PostgreSQL turned an EXISTS in WHERE into a semi-join, and one in
 # the select list into a hashed subplan, each reading the whole steps table.
 # The states are Duplex's own constants, written into the SQL rather than bound 8 times.
-def _probe(state: str) -> ScalarSelect[Any]:
+def _probe(state: str, task_uuid: ColumnElement[str]) -> ScalarSelect[Any]:
     return (
         select(literal_column("1"))
-        .where(ws.c.task_uuid == tasks.c.task_uuid, ws.c.state == literal_column(f"'{state}'"))
+        .where(ws.c.task_uuid == task_uuid, ws.c.state == literal_column(f"'{state}'"))
         .limit(literal_column("1"))
         .scalar_subquery()
     )
 
 
-_STATES_PRESENT = select(
-    tasks.c.task_uuid, *[_probe(state).label(state) for state in STEP_STATES]
-).where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)))
+def _states_present(task_uuid: ColumnElement[str]) -> Select[Any]:
+    return select(task_uuid, *[_probe(state, task_uuid).label(state) for state in STEP_STATES])
+
+
+# On PostgreSQL the tasks are the values of one array parameter (``unnest``), not rows of
+# ``tasks`` found by an IN list: the statement's text is the same for any number of tasks, so
+# it is prepared once, and no plan scans ``tasks`` (without statistics, PostgreSQL compared
+# every row of it with every value of a batch's list: 5-7 ms per commit of 200 tasks).
+_TASK_IDS = (
+    func.unnest(bindparam("ids", type_=ARRAY(String())))
+    .table_valued("task_uuid")
+    .render_derived()
+    .alias("ids")
+)
+_STATES_PRESENT = {
+    "sqlite": _states_present(tasks.c.task_uuid).where(
+        tasks.c.task_uuid.in_(bindparam("ids", expanding=True))
+    ),
+    "postgresql": _states_present(_TASK_IDS.c.task_uuid),
+}
 _SET_TASK_STATE = BulkStatement(
     update(tasks)
     .where(tasks.c.task_uuid == bindparam("b_task_uuid"))
