@@ -24,15 +24,13 @@ from duplex.storage.db import Database
 from duplex.storage.models import workflow_steps
 from duplex.storage.readiness import RETURN_PARENTS
 from duplex.storage.step_store import _BATCH_PAGE
-from duplex.storage.submission import create_task, create_tasks
+from duplex.storage.submission import create_task
 from duplex.storage.task_state import _STATES_PRESENT
 from duplex.templates import TaskTemplate
 
 STEPS = 400
 # Rows a plan may read from workflow_steps: one probe per state and the parent, with room.
 FEW_ROWS = 40
-# Tasks in the table beside the one probed.
-MANY_TASKS = 1000
 
 
 def chain(n: int) -> TaskTemplate:
@@ -136,16 +134,3 @@ def test_a_page_of_batch_items_is_a_range_of_the_items_index(
             for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string, positional)
         )
     assert "USING INDEX ix_workflow_steps_task_uuid_item_index" in plan, plan
-
-
-def test_the_state_probes_of_one_task_among_many_read_its_steps_only(
-    postgres_db: Database,
-) -> None:
-    """Many small tasks (5,000 single-step tasks, say): each probe is one look into the
-    (task, state) index, not a walk through every step in that state (the claim index)."""
-    with postgres_db.write() as conn:
-        ids = create_tasks(conn, chain(2), [{}] * MANY_TASKS, now=utcnow())
-        conn.execute(update(workflow_steps).values(state=COMPLETE))
-    with postgres_db.read() as conn:
-        probes = rows_read(conn, _STATES_PRESENT["postgresql"], {"ids": [ids[0]]}, "workflow_steps")
-    assert probes <= FEW_ROWS, f"the state probes went through {probes} steps"
