@@ -210,7 +210,9 @@ class Waker:
     The addresses are read from the ``workers`` table by the liveness rule's SQL half and kept
     for ``cache_s``. A worker that records its address meanwhile is not woken by this Waker
     until then: it finds that work at its next poll, or at the look it takes once its address
-    is recorded if the work was committed before that.
+    is recorded if the work was committed before that. A read that finds no address is not
+    kept: a worker starting records its address just after its row, and a submitter that read
+    between the two would otherwise leave it to its poll for a second.
     """
 
     def __init__(
@@ -267,7 +269,8 @@ class Waker:
                 hostname=self._hostname,
                 heartbeat_cutoff=heartbeat_cutoff(utcnow(), self._claim_timeout_s),
             )
-        self._cached = (now + self._cache_s, addresses)
+        if addresses:
+            self._cached = (now + self._cache_s, addresses)
         return addresses
 
 

@@ -310,3 +310,21 @@ def test_a_waker_on_postgresql_sends_nothing(postgres_db: Database) -> None:
     assert waker._sock is None  # PostgreSQL's wake-up is the work notification
     waker.wake(["default"])
     waker.close()
+
+
+def test_a_read_that_finds_no_worker_is_not_kept(
+    sqlite_db: Database, receivers: list[Receiver]
+) -> None:
+    """A worker records its wake address just after its row: a submitter that read between
+    the two wakes it at its next submission, not a second later."""
+    starting = receiver(receivers)
+    now = [100.0]
+    waker = Waker(sqlite_db, claim_timeout_s=30, clock=lambda: now[0])
+    try:
+        waker.wake()  # no worker has an address yet
+        add_worker(sqlite_db, "w1", starting.address)
+        now[0] += 0.1
+        waker.wake()
+        assert starting.received() == [b""]
+    finally:
+        waker.close()
