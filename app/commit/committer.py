@@ -48,7 +48,7 @@ from duplex.storage.deadlines import ExpiredTask, expire_tasks, find_expired_tas
 from duplex.storage.recovery import has_lost_claims, recover_lost_claims
 from duplex.storage.releases import release_claims
 from duplex.storage.results import CommitReport, commit_outcomes
-from duplex.storage.transitions import TransitionRow, insert_transitions
+from duplex.storage.transitions import TransitionRow, insert_pending, insert_transitions
 from duplex.storage.waits import end_due_waits, find_due_waits
 from duplex.storage.workers import dead_local_workers, heartbeat_cutoff
 
@@ -231,7 +231,7 @@ class Committer:
                     rng=self._rng,
                     transitions=transitions,
                 )
-                self._expire_with(conn, report, now)
+                self._expire_with(conn, report, now, transitions)
                 limit = min(report.parents_completed, self.eager_limit) if eager else 0
                 if limit and report.ready:
                     hints = ClaimHints()
@@ -260,7 +260,13 @@ class Committer:
         self.counts["claimed_eagerly"] += len(claimed)
         return report, released
 
-    def _expire_with(self, conn: Connection, report: CommitReport, now: datetime) -> None:
+    def _expire_with(
+        self,
+        conn: Connection,
+        report: CommitReport,
+        now: datetime,
+        transitions: list[TransitionRow],
+    ) -> None:
         """Expire, in the commit's transaction, the tasks of its deadline failures (before any
         dependent is claimed: those of an expired task are cancelled instead)."""
         tasks = {
@@ -270,6 +276,7 @@ class Committer:
         }
         if not tasks:
             return
+        insert_pending(conn, transitions)  # the expiry writes its rows: the commit's go first
         expiry = expire_tasks(conn, tasks, now=now, worker_id=self._worker_id)
         report.events.extend(expiry.events)
         # A dependent this batch enqueued in an expired task is cancelled now: the claim that

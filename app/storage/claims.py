@@ -51,7 +51,12 @@ from duplex.storage.models import (
 from duplex.storage.pauses import NOT_PAUSED
 from duplex.storage.readiness import RETURN_PARENTS, ReadyStep, parents_of
 from duplex.storage.task_state import mark_tasks_started
-from duplex.storage.transitions import TransitionRow, insert_transitions, transition_row
+from duplex.storage.transitions import (
+    TransitionRow,
+    insert_pending,
+    insert_transitions,
+    transition_row,
+)
 
 ws = workflow_steps
 
@@ -149,6 +154,8 @@ def claim_dependents(
     candidates = dict.fromkeys([step.step_uuid for step in chosen], ENQUEUED)
     admitted = dict(list(candidates.items())[:limit])
     if any(step.limited for step in chosen):  # the usual hop has no key nor limit to read
+        if transitions:  # a hold writes its own rows: the commit's go first
+            insert_pending(conn, transitions)
         # Never waits for a key's lock: this transaction holds task locks already.
         admission = admit(conn, candidates, room=limit, now=now, worker_id=worker_id, wait=False)
         if hints is not None:

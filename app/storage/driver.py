@@ -33,7 +33,7 @@ class _Compiled(NamedTuple):
     mode: str
     arrange: Callable[[tuple[Any, ...]], Any] | None = None  # None: rows go as given
     constants: dict[str, Any] | None = None  # "arrays": the statement's own parameters
-    few: _Compiled | None = None  # "copy": the executemany that a few rows take instead
+    few: _Compiled | None = None  # "copy": the plain INSERT that a few rows take instead
 
 
 # Fewer rows than this go to PostgreSQL as one INSERT each (psycopg pipelines them) instead of
@@ -44,12 +44,12 @@ COPY_FROM_ROWS = 8
 class BulkStatement:
     """An INSERT or UPDATE of many rows in one call, without SQLAlchemy's per-row work.
 
-    On SQLite it is the driver's ``executemany``. On PostgreSQL, where each statement of an
-    executemany costs the server a parse, bind and execute of its own, an INSERT of
-    ``COPY_FROM_ROWS`` rows or more streams through ``COPY``, and an UPDATE runs once for all
-    rows, joined to the rows given as one array per column (``UPDATE … FROM unnest(…)``); its
-    row count is what the executemany's would sum to, as long as no two rows update the same
-    row.
+    On SQLite it is the driver's ``executemany`` (one row: ``execute``). On PostgreSQL, where
+    each statement of an executemany costs the server a parse, bind and execute of its own, an
+    INSERT of ``COPY_FROM_ROWS`` rows or more streams through ``COPY`` (fewer: as on SQLite),
+    and an UPDATE runs once for all rows, joined to the rows given as one array per column
+    (``UPDATE … FROM unnest(…)``); its row count is what the executemany's would sum to, as
+    long as no two rows update the same row.
 
     ``columns`` names the statement's bind parameters in the order a row gives them; every
     other parameter must be a constant of the statement itself (such as a literal state).

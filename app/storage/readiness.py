@@ -158,8 +158,10 @@ def parents_of(dialect: str, value: Any) -> tuple[dict[str, Any], list[str]]:
     """A claimed step's parents' results by name, and the names of its skipped parents, from
     what ``RETURN_PARENTS`` read."""
     if dialect == "sqlite":
+        # Stored JSON text comes back a string; a bare number, stored by SQLite's NUMERIC
+        # affinity as one, comes back as it is.
         parents = [
-            (name, state, None if results is None else json.loads(results))
+            (name, state, json.loads(results) if isinstance(results, str) else results)
             for name, state, results in json.loads(value or "[]")
         ]
     else:

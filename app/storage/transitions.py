@@ -37,3 +37,10 @@ def transition_row(
 def insert_transitions(conn: Connection, rows: Sequence[TransitionRow]) -> None:
     """Record state changes, one row each."""
     _INSERT_TRANSITIONS.execute(conn, rows)
+
+
+def insert_pending(conn: Connection, rows: list[TransitionRow]) -> None:
+    """Insert the rows a transaction has gathered so far, and empty the list: before a writer
+    that inserts its own, so that every step's history keeps the order its changes were made."""
+    insert_transitions(conn, rows)
+    rows.clear()

@@ -22,8 +22,8 @@ import duplex.commit.committer as committer_module
 from duplex.commit.buffer import CommitBuffer
 from duplex.commit.committer import Committer
 from duplex.commit.retry import RetryPolicy
-from duplex.errors import StorageError
-from duplex.messages import ClaimedStep, StepOutcome
+from duplex.errors import TASK_DEADLINE_EXCEEDED, StorageError
+from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.settings import DatabaseSettings
 from duplex.storage.claims import claim_dependents, claim_ready_steps
 from duplex.storage.db import Database
@@ -280,3 +280,65 @@ def test_the_one_by_one_fallback_claims_nothing(
     flush = committer(db, buffered(roots)).flush_batch()
     assert len(flush.announcements) == 2
     assert all(a.claimed == [] and a.wake_intake for a in flush.announcements)
+
+
+def histories_are_chains(db: Database) -> list[tuple[str, list[tuple[str | None, str]]]]:
+    """Each step's name and transitions in id order; each starts where the one before ended."""
+    t, ws = workflow_step_transitions, workflow_steps
+    with db.read() as conn:
+        rows = conn.execute(
+            select(ws.c.step_uuid, ws.c.name, t.c.from_state, t.c.to_state)
+            .join(ws, ws.c.step_uuid == t.c.step_uuid)
+            .order_by(t.c.id)
+        ).all()
+    history: dict[str, tuple[str, list[tuple[str | None, str]]]] = {}
+    for step_uuid, name, from_state, to_state in rows:
+        changes = history.setdefault(step_uuid, (name, []))[1]
+        assert not changes or changes[-1][1] == from_state, f"{name}: {changes}, {from_state}"
+        changes.append((from_state, to_state))
+    return list(history.values())
+
+
+def test_a_dependent_held_by_its_key_in_the_commit_keeps_its_history_in_order(
+    db: Database,
+) -> None:
+    template = parse_template(
+        'name = "then_sync"\n[[steps]]\nname = "prep"\nhandler = "t.p"\n'
+        '[[steps]]\nname = "sync"\nhandler = "t.s"\ndepends_on = ["prep"]\n'
+        'concurrency = { key = "context.customer", limit = 1 }\n'
+    )
+    with db.write() as conn:
+        for _ in range(2):
+            create_task(conn, template, {"customer": "a"}, now=T0)
+    flush = committer(db, buffered(claim_roots(db))).flush_batch()
+    assert [step.name for a in flush.announcements for step in a.claimed] == ["sync"]
+    held = [changes for name, changes in histories_are_chains(db) if name == "sync"]
+    assert ("enqueued", "waiting") in [change for changes in held for change in changes]
+
+
+def test_a_dependent_cancelled_by_a_deadline_in_the_commit_keeps_its_history_in_order(
+    db: Database,
+) -> None:
+    template = parse_template(
+        'name = "t"\nmax_duration = "15m"\n[[steps]]\nname = "a"\nhandler = "t.h"\n'
+        '[[steps]]\nname = "c"\nhandler = "t.h"\n'
+        '[[steps]]\nname = "b"\nhandler = "t.h"\ndepends_on = ["a"]\n'
+    )
+    with db.write() as conn:
+        create_task(conn, template, {}, now=T0)
+    buffer = CommitBuffer(50)
+    late = T0 + timedelta(minutes=16)
+    for step in claim_roots(db):
+        if step.name == "a":
+            buffer.add(StepOutcome(step, T0, late, result={}))
+        else:
+            failure = StepFailure(TASK_DEADLINE_EXCEEDED, "past the deadline", retryable=False)
+            buffer.add(StepOutcome(step, T0, late, failure=failure))
+    made = committer(db, buffer)
+    made._clock = lambda: late
+    assert made.flush_batch().ok
+    assert dict(histories_are_chains(db))["b"] == [
+        (None, "pending"),
+        ("pending", "enqueued"),
+        ("enqueued", "cancelled"),
+    ]

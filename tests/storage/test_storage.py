@@ -16,7 +16,8 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, select, text
+import pytest
+from sqlalchemy import Row, select, text, update
 
 from duplex.clock import utcnow
 from duplex.commit.retry import RetryPolicy
@@ -410,6 +411,25 @@ def test_parents_results_reach_the_dependent_exactly(db: Database) -> None:
     bc = by_name(claim(db, now))
     assert bc["b"].dependency_results == {"a": EXACT_RESULTS}
     assert type(bc["b"].dependency_results["a"]["big"]) is int
+
+
+@pytest.mark.parametrize("stored", [5, "text", [1, 2], None])
+def test_a_parents_result_stored_as_any_json_value_reaches_the_dependent(
+    db: Database, stored: Any
+) -> None:
+    """Rows written before results had to be objects (or by hand) hold any JSON value; SQLite
+    keeps a bare number as a number, which the parents' read must not parse again."""
+    now = utcnow()
+    submit(db, DIAMOND, now)
+    (a,) = claim(db, now)
+    commit(db, [ok(a, now, {})], now)
+    with db.write() as conn:
+        conn.execute(
+            update(workflow_steps).where(workflow_steps.c.step_uuid == a.step_uuid),
+            {"results": stored},
+        )
+    bc = by_name(claim(db, now))
+    assert bc["b"].dependency_results == {"a": stored if stored is not None else {}}
 
 
 def test_two_claims_never_return_the_same_step(db: Database) -> None:
