@@ -213,14 +213,11 @@ def _create_items(
                 new_edges.extend(
                     {"from_step_uuid": item_uuid, "to_step_uuid": target} for target in convergence
                 )
+                limited = bool(worker.get("concurrency") or worker.get("rate_limit"))
+                priority = worker.get("priority", 0)
                 progress.ready.append(
                     ReadyStep(
-                        item_uuid,
-                        row.namespace,
-                        worker.get("priority", 0),
-                        "handler",
-                        bool(worker.get("concurrency") or worker.get("rate_limit")),
-                        batch.task_uuid,
+                        item_uuid, row.namespace, priority, "handler", limited, batch.task_uuid
                     )
                 )
                 progress.transitions.append(
