@@ -361,8 +361,8 @@ def bench_chain4(
         claim = statistics.median(t.first_claim_ms for t in times)
         rest = statistics.median(t.claim_to_complete_ms for t in times)
         print(
-            f"   as recorded in SQL (medians): Client.submit {statistics.median(submits_ms):.1f}"
-            f" ms, created to first step claimed {claim:.1f} ms, first step claimed to task"
+            f"   medians: Client.submit took {statistics.median(submits_ms):.1f} ms; as recorded"
+            f" in SQL, created to first step claimed {claim:.1f} ms, first step claimed to task"
             f" complete {rest:.1f} ms"
         )
         hops = [hop_breakdown(db, task_uuid) for task_uuid in uuids]
