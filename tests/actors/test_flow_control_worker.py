@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -38,6 +38,7 @@ from duplex.templates import TaskTemplate
 from duplex.worker.wiring import Worker
 from tests.actors.support import fresh_database
 from tests.conftest import make_settings, open_work, wait_until
+from tests.storage.support import starts_in_windows
 
 ASK_S = 10.0
 HOLD_S = 120.0
@@ -77,6 +78,19 @@ def submit_all(db: Database, step: dict[str, Any], contexts: Sequence[dict[str, 
 def states_of(db: Database, name: str) -> Counter[str]:
     with db.read() as conn:
         return Counter(conn.execute(select(ws.c.state).where(ws.c.name == name)).scalars())
+
+
+def moves_to(db: Database, name: str, to_state: str, column: Any) -> list[Any]:
+    """``column`` of every transition of the steps called ``name`` into ``to_state``."""
+    t = workflow_step_transitions
+    with db.read() as conn:
+        return list(
+            conn.execute(
+                select(column)
+                .join(ws, ws.c.step_uuid == t.c.step_uuid)
+                .where(ws.c.name == name, t.c.to_state == to_state)
+            ).scalars()
+        )
 
 
 @dataclass
@@ -164,14 +178,7 @@ def test_a_key_with_a_long_backlog_does_not_starve_another_key() -> None:
         assert wait_until(lambda: gauge.snapshot()[1]["A"] >= limit, timeout_s=30)
         peak, started, finished = gauge.snapshot()
         a_states = states_of(db, "a")
-        with db.read() as conn:
-            held_reasons = set(
-                conn.execute(
-                    select(workflow_step_transitions.c.reason)
-                    .join(ws, ws.c.step_uuid == workflow_step_transitions.c.step_uuid)
-                    .where(ws.c.name == "a", workflow_step_transitions.c.to_state == "waiting")
-                ).scalars()
-            )
+        held_reasons = set(moves_to(db, "a", "waiting", workflow_step_transitions.c.reason))
         # B is done while A has completed nothing (far below a tenth of its backlog), and
         # neither key ever had more than its limit inside the handlers.
         assert (started["B"], finished["B"]) == (others, others)
@@ -198,17 +205,6 @@ def test_a_key_with_a_long_backlog_does_not_starve_another_key() -> None:
 
 
 # --- rate limits: starts spaced, and the worker looks when the tokens come -----------------------
-
-
-def most_in_a_window(times: Sequence[float], period_s: float) -> int:
-    """The most of ``times`` in any half-open window of ``period_s`` (one starting at one)."""
-    ordered = sorted(times)
-    most, first = 0, 0
-    for last, at in enumerate(ordered):
-        while ordered[first] <= at - period_s:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
@@ -274,14 +270,7 @@ def test_a_rate_limit_spaces_starts_and_the_worker_does_not_poll_for_tokens(
         took_s = time.monotonic() - began
         with lock:
             handler_starts, claims_made = list(starts), claims - claims_before
-        with db.read() as conn:
-            claimed_at = list(
-                conn.execute(
-                    select(workflow_step_transitions.c.created_at)
-                    .join(ws, ws.c.step_uuid == workflow_step_transitions.c.step_uuid)
-                    .where(ws.c.name == "p", workflow_step_transitions.c.to_state == "in_progress")
-                ).scalars()
-            )
+        claimed_at = moves_to(db, "p", "in_progress", workflow_step_transitions.c.created_at)
         p_states = states_of(db, "p")
     ran_s = sorted(ran for ran, _ in handler_starts)
     closest = min((b - a for a, b in zip(ran_s, ran_s[rate + burst :], strict=False)), default=None)
@@ -298,7 +287,7 @@ def test_a_rate_limit_spaces_starts_and_the_worker_does_not_poll_for_tokens(
     first = min(claimed_at)
     assert sorted(at for _, at in handler_starts) == sorted(claimed_at)
     claim_s = sorted((at - first).total_seconds() for at in claimed_at)
-    assert most_in_a_window(claim_s, 1.0) <= rate + burst
+    assert starts_in_windows(claimed_at, timedelta(seconds=1)) <= rate + burst
     assert claim_s[-1] >= (steps - 1 - burst) / rate  # and no stricter than the rate
     # (By the handlers' own clock a start comes after its claim by however long the hand-off
     # to a slot takes, unbounded on a loaded machine: the rate is the claims', as documented.)

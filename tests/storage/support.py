@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, select
@@ -215,3 +215,14 @@ def commit_and_claim(
             conn, report.ready, worker_id=worker, namespaces=namespaces, limit=limit, now=now
         )
     return report, claimed
+
+
+def starts_in_windows(times: Sequence[datetime], period: timedelta) -> int:
+    """The most starts in any half-open window of one period (one starting at a start)."""
+    ordered = sorted(times)
+    most, first = 0, 0
+    for last, at in enumerate(ordered):
+        while ordered[first] <= at - period:
+            first += 1
+        most = max(most, last - first + 1)
+    return most

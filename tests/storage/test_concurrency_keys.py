@@ -27,7 +27,7 @@ from duplex.dynamic.directives import Batch, Directive, read_return_value
 from duplex.errors import InputError, TemplateError
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.states import is_legal_step_transition
-from duplex.storage.claims import claim_dependents, claim_ready_steps
+from duplex.storage.claims import claim_ready_steps
 from duplex.storage.concurrency import KeyLoad, keys_with_room, running_per_key, sweep_held
 from duplex.storage.db import Database
 from duplex.storage.models import tasks, workflow_step_transitions, workflow_steps
@@ -35,7 +35,7 @@ from duplex.storage.queries import task_steps
 from duplex.storage.results import commit_outcomes
 from duplex.storage.submission import create_task, create_tasks
 from duplex.templates import parse_template
-from tests.storage.support import Flow, claim
+from tests.storage.support import Flow, claim, commit_and_claim, ok
 
 ws = workflow_steps
 
@@ -407,17 +407,7 @@ def test_a_commit_claiming_keyed_dependents_holds_them_to_the_limit(db: Database
     now = t0 + timedelta(seconds=1)
     preps = claim(db, now)
     assert sorted(step.name for step in preps) == ["prep", "prep"]
-    with db.write() as conn:
-        report = commit_outcomes(
-            conn,
-            [StepOutcome(step, now, now, result={}) for step in preps],
-            policy=RetryPolicy(),
-            now=now,
-            rng=random.Random(0),
-        )
-        claimed = claim_dependents(
-            conn, report.ready, worker_id="w1", namespaces=["default"], limit=2, now=now
-        )
+    _, claimed = commit_and_claim(db, [ok(step, now, {}) for step in preps], now, limit=2)
     assert [step.name for step in claimed] == ["sync"]
     assert states(db)[("context.customer=a", "waiting")] == 1
 
@@ -434,14 +424,8 @@ def test_the_readiness_update_says_which_dependents_have_a_key_or_a_limit(db: Da
     submit(db, plain, ["a"], t0)
     now = t0 + timedelta(seconds=1)
     preps = claim(db, now)
-    with db.write() as conn:
-        report = commit_outcomes(
-            conn,
-            [StepOutcome(step, now, now, result={}) for step in preps],
-            policy=RetryPolicy(),
-            now=now,
-            rng=random.Random(0),
-        )
+    report = finish(db, preps, now)
+    with db.read() as conn:
         templates = dict(
             conn.execute(
                 select(workflow_steps.c.step_uuid, tasks.c.name).join(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,19 +27,9 @@ from duplex.storage.models import tasks, workflow_step_transitions, workflow_ste
 from duplex.storage.rate_limits import declare_limits, list_limits, set_limit
 from duplex.storage.submission import create_tasks
 from duplex.templates import parse_template
+from tests.storage.support import starts_in_windows
 
 ws = workflow_steps
-
-
-def starts_in_windows(times: Sequence[datetime], period: timedelta) -> int:
-    """The most starts in any half-open window of one period (one starting at a start)."""
-    ordered = sorted(times)
-    most, first = 0, 0
-    for last, at in enumerate(ordered):
-        while ordered[first] <= at - period:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
 
 
 @settings(max_examples=300, deadline=None)
