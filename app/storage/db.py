@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +34,12 @@ from duplex.errors import ConfigurationError, StorageError
 from duplex.settings import DatabaseSettings
 
 _WRITE = "duplex_write"
+# A pooled PostgreSQL connection is pinged before use only when it has been idle this long.
+# One used a moment ago is alive but for a rare mishap (a terminated backend, a restart),
+# which its next statement reports as a transient error like any other; a ping on every
+# checkout cost each transaction a round trip (a hop of a chain is one transaction).
+PING_AFTER_IDLE_S = 1.0
+_IDLE_SINCE = "duplex_idle_since"
 
 
 class Database:
@@ -170,7 +177,6 @@ def create_database_engine(settings: DatabaseSettings) -> Engine:
         }
     else:
         kwargs["pool_size"] = settings.pool_size
-        kwargs["pool_pre_ping"] = True
     if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
         # Without it libpq waits for a host that drops packets as long as the kernel keeps
         # retrying: a claim, a command or a dashboard page would hang instead of failing.
@@ -181,7 +187,33 @@ def create_database_engine(settings: DatabaseSettings) -> Engine:
         raise ConfigurationError(f"database.url: {_first_line(exc)}") from None
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, settings.busy_timeout_ms)
+    else:
+        _ping_when_idle(engine)
     return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection at checkout only after ``PING_AFTER_IDLE_S`` in the pool; a
+    dead one is replaced (SQLAlchemy retries a checkout that raises ``DisconnectionError``)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()  # new: nothing to ping
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:  # None: the connection was invalidated
+            record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is not None and time.monotonic() - since < PING_AFTER_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError(_first_line(exc)) from exc
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
