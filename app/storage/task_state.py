@@ -14,12 +14,12 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     ScalarSelect,
-    Select,
     String,
     bindparam,
-    func,
+    column,
     literal_column,
     select,
+    text,
     update,
 )
 
@@ -78,13 +78,7 @@ def update_task_states(
     }
     if not current:
         return
-    present: dict[str, dict[str, int]] = {task_uuid: {} for task_uuid in current}
-    for task_uuid, *probes in conn.execute(
-        _STATES_PRESENT[conn.dialect.name], {"ids": list(current)}
-    ):
-        present[task_uuid] = {
-            state: 1 for state, hit in zip(STEP_STATES, probes, strict=True) if hit
-        }
+    present = states_present(conn, current)
     at = db_time(conn.dialect, now)
     changes = []
     for task_uuid, state in current.items():
@@ -95,13 +89,29 @@ def update_task_states(
     _SET_TASK_STATE.execute(conn, changes)
 
 
-# Which states the steps of each task are in: a row per task with one probe of the
-# (task_uuid, state) index per state, so the cost grows with the tasks in the batch, never with
-# their size (counting every step of a 5000-step task on each commit did), and one statement
-# serves the whole batch. Each probe is a ``LIMIT 1`` subquery in the select list, which both
-# databases run per row: PostgreSQL turned an EXISTS in WHERE into a semi-join, and one in
-# the select list into a hashed subplan, each reading the whole steps table.
-# The states are Duplex's own constants, written into the SQL rather than bound 8 times.
+def states_present(conn: Connection, task_uuids: Iterable[str]) -> dict[str, dict[str, int]]:
+    """The states the steps of each task are in (as ``derive_task_state`` takes them)."""
+    ids = list(task_uuids)
+    present: dict[str, dict[str, int]] = {task_uuid: {} for task_uuid in ids}
+    if conn.dialect.name == "postgresql":
+        for task_uuid, states in conn.execute(_DISTINCT_STATES, {"ids": ids}):
+            present[task_uuid] = dict.fromkeys(states, 1)
+        return present
+    for task_uuid, *probes in conn.execute(_STATES_PRESENT, {"ids": ids}):
+        present[task_uuid] = {
+            state: 1 for state, hit in zip(STEP_STATES, probes, strict=True) if hit
+        }
+    return present
+
+
+# Both reads cost what the tasks in the batch cost, never what their size does (counting
+# every step of a 5000-step task on each commit did), and one statement serves the whole
+# batch; each runs through the (task_uuid, state) index only.
+#
+# SQLite: a row per task with one probe of the index per state, each a ``LIMIT 1`` subquery
+# in the select list (PostgreSQL turned an EXISTS in WHERE into a semi-join, and one in the
+# select list into a hashed subplan, each reading the whole steps table). The states are
+# Duplex's own constants, written into the SQL.
 def _probe(state: str, task_uuid: ColumnElement[str]) -> ScalarSelect[Any]:
     return (
         select(literal_column("1"))
@@ -111,26 +121,39 @@ def _probe(state: str, task_uuid: ColumnElement[str]) -> ScalarSelect[Any]:
     )
 
 
-def _states_present(task_uuid: ColumnElement[str]) -> Select[Any]:
-    return select(task_uuid, *[_probe(state, task_uuid).label(state) for state in STEP_STATES])
+_STATES_PRESENT = select(
+    tasks.c.task_uuid, *[_probe(state, tasks.c.task_uuid).label(state) for state in STEP_STATES]
+).where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)))
 
-
-# On PostgreSQL the tasks are the values of one array parameter (``unnest``), not rows of
+# PostgreSQL: each task's distinct states, read as a skip scan of the index (the first state,
+# then the first one after it, ...: one probe per state present, plus one). Probes of a given
+# state were planned on the claim index (state, ...) and walked every step in that state to
+# find the task's: without statistics, or with ones taken when those states were rare, both
+# paths look like one row to the planner. A probe of ``task_uuid = :t AND state > :s`` has one
+# index that fits it. The tasks are the values of one array parameter (``unnest``), not rows of
 # ``tasks`` found by an IN list: the statement's text is the same for any number of tasks, so
 # it is prepared once, and no plan scans ``tasks`` (without statistics, PostgreSQL compared
 # every row of it with every value of a batch's list: 5-7 ms per commit of 200 tasks).
-_TASK_IDS = (
-    func.unnest(bindparam("ids", type_=ARRAY(String())))
-    .table_valued("task_uuid")
-    .render_derived()
-    .alias("ids")
+_DISTINCT_STATES = (
+    text(
+        """
+SELECT ids.task_uuid, ARRAY(
+    WITH RECURSIVE present(state) AS (
+        SELECT (SELECT min(w.state) FROM workflow_steps AS w
+                WHERE w.task_uuid = ids.task_uuid)
+        UNION ALL
+        SELECT (SELECT min(w.state) FROM workflow_steps AS w
+                WHERE w.task_uuid = ids.task_uuid AND w.state > present.state)
+        FROM present WHERE present.state IS NOT NULL
+    )
+    SELECT state FROM present WHERE state IS NOT NULL
+) AS states
+FROM unnest(:ids) AS ids(task_uuid)
+"""
+    )
+    .bindparams(bindparam("ids", type_=ARRAY(String())))
+    .columns(column("task_uuid", String()), column("states", ARRAY(String())))
 )
-_STATES_PRESENT = {
-    "sqlite": _states_present(tasks.c.task_uuid).where(
-        tasks.c.task_uuid.in_(bindparam("ids", expanding=True))
-    ),
-    "postgresql": _states_present(_TASK_IDS.c.task_uuid),
-}
 _SET_TASK_STATE = BulkStatement(
     update(tasks)
     .where(tasks.c.task_uuid == bindparam("b_task_uuid"))

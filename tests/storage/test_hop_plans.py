@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +26,7 @@ from duplex.storage.models import workflow_steps
 from duplex.storage.readiness import RETURN_PARENTS
 from duplex.storage.step_store import _BATCH_PAGE
 from duplex.storage.submission import create_task
-from duplex.storage.task_state import _STATES_PRESENT
+from duplex.storage.task_state import _DISTINCT_STATES, states_present
 from duplex.templates import TaskTemplate
 
 STEPS = 400
@@ -66,16 +67,19 @@ def rows_read(conn: Connection, statement: Any, params: dict[str, Any], table: s
     prepared = re.sub(r"%\((\w+)\)s", numbered, expanded.statement)
     # As literals: EXPLAIN EXECUTE cannot type bound parameters; these take the prepared ones'.
     arguments = ", ".join(_literal(expanded.parameters[name]) for name in names)
+    name = f"hop_plan_{uuid.uuid4().hex}"  # never one left behind by a failed read
     conn.exec_driver_sql("SAVEPOINT plan")
     conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
-    conn.exec_driver_sql(f"PREPARE hop_plan AS {prepared}")
+    conn.exec_driver_sql(f"PREPARE {name} AS {prepared}")
     try:
         (plan,) = conn.exec_driver_sql(
-            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE hop_plan({arguments})"
+            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {name}({arguments})"
         ).one()
+        # Before the rollback: psycopg answers a rollback with DEALLOCATE ALL when it has
+        # prepared statements of its own.
+        conn.exec_driver_sql(f"DEALLOCATE {name}")
     finally:
         conn.exec_driver_sql("ROLLBACK TO SAVEPOINT plan")
-        conn.exec_driver_sql("DEALLOCATE hop_plan")
     nodes = plan if isinstance(plan, list) else json.loads(plan)
 
     def walk(node: dict[str, Any]) -> int:
@@ -106,9 +110,31 @@ def test_a_commit_reads_few_rows_of_a_large_task_without_statistics(
             workflow_steps.c.step_uuid == following
         )
         parents = rows_read(conn, read_parents, {}, "workflow_steps")
-        probes = rows_read(conn, _STATES_PRESENT["postgresql"], {"ids": [task]}, "workflow_steps")
+        probes = rows_read(conn, _DISTINCT_STATES, {"ids": [task]}, "workflow_steps")
     assert parents <= FEW_ROWS, f"the parents' read went through {parents} steps"
     assert probes <= FEW_ROWS, f"the state probes went through {probes} steps"
+
+
+TASKS = 500
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["no_statistics", "stale_statistics"])
+def test_the_state_probes_of_a_task_read_its_steps_not_every_step_in_a_state(
+    postgres_db: Database, analyzed: bool
+) -> None:
+    with postgres_db.write() as conn:
+        ids = [create_task(conn, chain(2), {}, now=utcnow()) for _ in range(TASKS)]
+    if analyzed:  # statistics taken while no step was complete: "complete" looks rare
+        with postgres_db.write() as conn:
+            conn.exec_driver_sql("ANALYZE workflow_steps")
+    with postgres_db.write() as conn:
+        conn.execute(update(workflow_steps).values(state=COMPLETE))
+    with postgres_db.read() as conn:
+        probes = rows_read(conn, _DISTINCT_STATES, {"ids": [ids[0], ids[-1]]}, "workflow_steps")
+        present = states_present(conn, [ids[0], ids[-1]])
+    # Two tasks, each: the first state, and that there is no other.
+    assert probes <= 4 * 2, f"the state probes went through {probes} steps"
+    assert present == {ids[0]: {COMPLETE: 1}, ids[-1]: {COMPLETE: 1}}
 
 
 @pytest.mark.parametrize("statement", [_BATCH_PAGE, _ITEMS], ids=["batch_results", "item_page"])
