@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import Connection, select, update
 
 from duplex.clock import utcnow
-from duplex.states import COMPLETE
+from duplex.states import COMPLETE, PENDING
 from duplex.storage.batch_view import _ITEMS
 from duplex.storage.db import Database
 from duplex.storage.models import workflow_steps
@@ -111,7 +111,9 @@ def test_a_commit_reads_few_rows_of_a_large_task_without_statistics(
         )
         parents = rows_read(conn, read_parents, {}, "workflow_steps")
         probes = rows_read(conn, _DISTINCT_STATES, {"ids": [task]}, "workflow_steps")
+        present = states_present(conn, [task])
     assert parents <= FEW_ROWS, f"the parents' read went through {parents} steps"
+    assert present == {task: {COMPLETE: 1, PENDING: 1}}
     assert probes <= FEW_ROWS, f"the state probes went through {probes} steps"
 
 
