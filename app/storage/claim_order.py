@@ -54,6 +54,16 @@ DEFAULT_AGING = timedelta(seconds=1)
 PRIORITY_FLOOR = PRIORITY_MIN - 1
 
 
+class DueSteps(NamedTuple):
+    """The due steps a claim read, in claim order."""
+
+    # step uuid -> the claimable state it was read in
+    states: dict[str, str]
+    # Whether any has a concurrency key or a rate limit: a claim of none of those reads no
+    # flow control (``duplex.storage.concurrency.admit``).
+    limited: bool = False
+
+
 def due_steps(
     conn: Connection,
     namespaces: Sequence[str],
@@ -61,9 +71,8 @@ def due_steps(
     limit: int,
     now: datetime,
     aging: timedelta = DEFAULT_AGING,
-) -> dict[str, str]:
-    """Return the first ``limit`` steps of ``namespaces`` due by ``now`` in claim order, as
-    {step uuid: the claimable state it was read in}.
+) -> DueSteps:
+    """Return the first ``limit`` steps of ``namespaces`` due by ``now`` in claim order.
 
     Two statements: the due levels, then every due level's first ``limit`` steps in one
     union (on PostgreSQL each read ``FOR UPDATE SKIP LOCKED``). Each level is read only as
@@ -72,7 +81,7 @@ def due_steps(
     """
     levels = due_levels(conn, namespaces, now=now, nth=limit)
     if not levels:
-        return {}
+        return DueSteps({})
     cut = min(
         (claim_key(level.nth, level.priority, aging) for level in levels if level.nth),
         default=None,
@@ -89,8 +98,11 @@ def due_steps(
             }
         )
     ready = conn.execute(ready_statement(len(levels), conn.dialect.name == "postgresql"), params)
-    rows = sorted(ready, key=lambda row: claim_order(row, aging))
-    return {row.step_uuid: row.state for row in rows[:limit]}
+    rows = sorted(ready, key=lambda row: claim_order(row, aging))[:limit]
+    return DueSteps(
+        {row.step_uuid: row.state for row in rows},
+        any(row.concurrency_key is not None or row.rate_limit is not None for row in rows),
+    )
 
 
 def claim_key(ready_at: datetime, priority: int, aging: timedelta) -> datetime:
@@ -155,7 +167,14 @@ def _level_query(i: int, *, skip_locked: bool) -> Select[Any]:
     # One priority level of one state and namespace: its due steps, oldest first, read as one
     # range of the index (state, namespace, priority, next_attempt_at).
     query = (
-        select(ws.c.step_uuid, ws.c.state, ws.c.next_attempt_at, ws.c.priority)
+        select(
+            ws.c.step_uuid,
+            ws.c.state,
+            ws.c.next_attempt_at,
+            ws.c.priority,
+            ws.c.concurrency_key,
+            ws.c.rate_limit,
+        )
         .where(
             ws.c.state == bindparam(f"s{i}", type_=ws.c.state.type),
             ws.c.namespace == bindparam(f"n{i}", type_=ws.c.namespace.type),

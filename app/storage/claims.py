@@ -40,7 +40,7 @@ from duplex.states import (
     TASK_PENDING,
 )
 from duplex.storage.claim_order import DEFAULT_AGING, claim_key, due_levels, due_steps
-from duplex.storage.concurrency import ClaimHints, admit
+from duplex.storage.concurrency import Admission, ClaimHints, admit
 from duplex.storage.driver import db_time
 from duplex.storage.events import declared_events
 from duplex.storage.models import (
@@ -86,14 +86,13 @@ def claim_ready_steps(
     claimed: list[ClaimedStep] = []
     window = limit
     for round in range(_HOLDING_ROUNDS):
-        candidates = due_steps(conn, namespaces, limit=window, now=now, aging=aging)
-        admission = admit(
-            conn,
-            candidates,
-            room=limit - len(claimed),
-            now=now,
-            worker_id=worker_id,
-            wait=round == 0,
+        due = due_steps(conn, namespaces, limit=window, now=now, aging=aging)
+        candidates, room = due.states, limit - len(claimed)
+        # The usual claim has no key nor limit to count: no flow control read.
+        admission = (
+            admit(conn, candidates, room=room, now=now, worker_id=worker_id, wait=round == 0)
+            if due.limited
+            else Admission(dict(list(candidates.items())[:room]))
         )
         claimed += claim_steps(conn, admission.admitted, worker_id=worker_id, now=now)
         if hints is not None:

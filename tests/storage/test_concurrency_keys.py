@@ -27,6 +27,8 @@ from duplex.dynamic.directives import Batch, Directive, read_return_value
 from duplex.errors import InputError, TemplateError
 from duplex.messages import ClaimedStep, StepFailure, StepOutcome
 from duplex.states import is_legal_step_transition
+from duplex.storage import claims as claims_module
+from duplex.storage import concurrency
 from duplex.storage.claims import claim_ready_steps
 from duplex.storage.concurrency import KeyLoad, keys_with_room, running_per_key, sweep_held
 from duplex.storage.db import Database
@@ -106,6 +108,32 @@ def test_a_claim_admits_each_key_up_to_its_limit_and_holds_the_rest(db: Database
         r == "held by concurrency key context.customer=a: 2 running, limit 2" for _, r in held
     )
     assert claim(db, later) == []
+
+
+def test_a_claim_reads_flow_control_only_when_a_candidate_has_a_key(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admitted: list[int] = []
+    real_admit = concurrency.admit
+
+    def counted(conn: Any, candidates: Any, **kw: Any) -> Any:
+        admitted.append(len(candidates))
+        return real_admit(conn, candidates, **kw)
+
+    monkeypatch.setattr(claims_module, "admit", counted)
+    t0 = utcnow()
+    with db.write() as conn:
+        for i in range(3):
+            create_task(conn, PLAIN, {}, now=t0 + timedelta(milliseconds=i))
+    later = t0 + timedelta(seconds=1)
+    assert len(claim(db, later, limit=2)) == 2
+    assert admitted == []  # nothing to count: the claim took the first two as they came
+    submit(db, keyed(1), ["a", "a"], t0 + timedelta(milliseconds=5))
+    claimed = claim(db, later, limit=10)
+    # The plain step left and one of key a; the other is held by its key.
+    assert customers_of(claimed) == {None: 1, "context.customer=a": 1}
+    assert admitted == [3]
+    assert states(db)[("context.customer=a", "waiting")] == 1
 
 
 def test_a_commit_lets_one_held_step_go_per_ended_attempt(db: Database) -> None:
