@@ -29,7 +29,7 @@ from duplex.clock import utcnow  # noqa: E402
 from duplex.handlers import HandlerRegistry  # noqa: E402
 from duplex.observability.logs import configure_logging  # noqa: E402
 from duplex.settings import DatabaseSettings, LoggingSettings, Settings  # noqa: E402
-from duplex.storage.db import Database  # noqa: E402
+from duplex.storage.db import WORKER_PING_AFTER_IDLE_S, Database  # noqa: E402
 from duplex.storage.migrate import upgrade_to_head  # noqa: E402
 from duplex.storage.queries import count_open_work  # noqa: E402
 from duplex.storage.results import CommitReport  # noqa: E402
@@ -114,7 +114,11 @@ def database(backend: str) -> Iterator[Database | None]:
     except Exception:
         yield None
         return
-    db = Database(DatabaseSettings(url=f"{url}?options=-csearch_path%3D{schema}"))
+    # As ``duplex run`` opens it: the in-process worker is measured as the real one.
+    db = Database(
+        DatabaseSettings(url=f"{url}?options=-csearch_path%3D{schema}"),
+        ping_after_idle_s=WORKER_PING_AFTER_IDLE_S,
+    )
     try:
         upgrade_to_head(db)
         yield db

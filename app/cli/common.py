@@ -87,14 +87,15 @@ def open_database(
     *,
     check_schema: bool = True,
     unavailable: Callable[[StorageError], None] | None = None,
+    ping_after_idle_s: float = 0.0,
 ) -> Iterator[Database]:
     """The database of ``settings``, its schema checked; the engine is disposed on the way out.
 
     ``check_schema=False`` for the commands that migrate it themselves. With ``unavailable``,
     a database that cannot be reached is passed to it rather than raised (a schema that is
-    not at head still raises ``SchemaNotReadyError``).
+    not at head still raises ``SchemaNotReadyError``). ``ping_after_idle_s``: see ``Database``.
     """
-    db = Database(settings.database)
+    db = Database(settings.database, ping_after_idle_s=ping_after_idle_s)
     try:
         if check_schema:
             _check_schema(db, unavailable)

@@ -18,7 +18,7 @@ from duplex.cli.common import open_database
 from duplex.cli.progress import RunProgress
 from duplex.handlers import import_handler_modules
 from duplex.settings import Settings
-from duplex.storage.db import Database
+from duplex.storage.db import WORKER_PING_AFTER_IDLE_S, Database
 from duplex.worker.startup import StartupStopped, StopSignals, retry_transient, stop_signals
 
 
@@ -54,7 +54,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         _stopped_during_startup(signals)
         return 0
     # The worker migrates the schema itself: no check on opening.
-    with open_database(settings, check_schema=False) as db:
+    with open_database(
+        settings, check_schema=False, ping_after_idle_s=WORKER_PING_AFTER_IDLE_S
+    ) as db:
         worker = Worker(settings, db)
         progress: RunProgress | None = None
         try:

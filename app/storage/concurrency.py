@@ -4,11 +4,12 @@ No counter is kept: a key's running attempts are its steps ``in_progress``, coun
 claim itself. So a result's commit, a lost worker's recovery, a cancel or a deadline frees the
 slot by the state change it makes anyway, in its own transaction.
 
-* **Admitting** (``admit``, in every claim): the candidates with a key are admitted in claim
-  order while their key has room; the others are *held*: they move to ``waiting`` (transition
-  reason ``held by concurrency key ...``), out of the claim's way, and are no attempt (no
-  retry is used). Holding is what makes the claim fair across keys: a key with 10,000 ready
-  steps is held back to its limit, and the claim reaches the steps of other keys behind them.
+* **Admitting** (``admit``, in every claim with a keyed or limited candidate): the candidates
+  with a key are admitted in claim order while their key has room; the others are *held*:
+  they move to ``waiting`` (transition reason ``held by concurrency key ...``), out of the
+  claim's way, and are no attempt (no retry is used). Holding is what makes the claim fair
+  across keys: a key with 10,000 ready steps is held back to its limit, and the claim
+  reaches the steps of other keys behind them.
 * **Letting go** (``let_go``): a commit that ends keyed attempts moves as many held steps of
   their keys back to ``enqueued`` (the oldest first, by priority), in the same transaction.
 * **The sweep** (``keys_with_room``, then ``sweep_held``: each worker's watchdog, every

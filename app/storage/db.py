@@ -24,6 +24,7 @@ from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
     IntegrityError,
+    InvalidatePoolError,
     OperationalError,
     ProgrammingError,
     SQLAlchemyError,
@@ -34,20 +35,27 @@ from duplex.errors import ConfigurationError, StorageError
 from duplex.settings import DatabaseSettings
 
 _WRITE = "duplex_write"
-# A pooled PostgreSQL connection is pinged before use only when it has been idle this long.
-# One used a moment ago is alive but for a rare mishap (a terminated backend, a restart),
-# which its next statement reports as a transient error like any other; a ping on every
-# checkout cost each transaction a round trip (a hop of a chain is one transaction).
-PING_AFTER_IDLE_S = 1.0
+# How long ``duplex run`` lets a pooled PostgreSQL connection sit idle before it pings it at
+# checkout. One used a moment ago is alive but for a rare mishap (a terminated backend, a
+# restart), which its next statement reports as a transient error, and every path of the
+# worker retries those; a ping on every checkout cost each transaction a round trip (a hop
+# of a chain is one transaction). Other programs (the Client, the CLI, the dashboard) ping
+# at every checkout: they show such an error to their user instead of retrying it.
+WORKER_PING_AFTER_IDLE_S = 1.0
 _IDLE_SINCE = "duplex_idle_since"
+_clock = time.monotonic  # what the idle time is measured with
 
 
 class Database:
-    """An engine plus the two kinds of transaction Duplex uses: read and write."""
+    """An engine plus the two kinds of transaction Duplex uses: read and write.
 
-    def __init__(self, settings: DatabaseSettings) -> None:
+    ``ping_after_idle_s``: on PostgreSQL, ping a pooled connection at checkout only after it
+    sat idle this long (0: at every checkout).
+    """
+
+    def __init__(self, settings: DatabaseSettings, *, ping_after_idle_s: float = 0.0) -> None:
         self.url = settings.url
-        self.engine = create_database_engine(settings)
+        self.engine = create_database_engine(settings, ping_after_idle_s=ping_after_idle_s)
         self.dialect = self.engine.dialect.name
         # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
         # growing steps (the busy handler) instead of being woken. Queue this process's writers
@@ -161,7 +169,7 @@ def refuses_data(exc: SQLAlchemyError) -> bool:
     return sqlstate is not None and sqlstate[:2] in _PG_REFUSED_DATA_CLASSES
 
 
-def create_database_engine(settings: DatabaseSettings) -> Engine:
+def create_database_engine(settings: DatabaseSettings, *, ping_after_idle_s: float = 0.0) -> Engine:
     """Create the engine for ``settings.url`` with Duplex's connection setup."""
     try:
         url = make_url(settings.url)
@@ -177,6 +185,8 @@ def create_database_engine(settings: DatabaseSettings) -> Engine:
         }
     else:
         kwargs["pool_size"] = settings.pool_size
+        # The connection checked in last goes out first: the busy ones stay warm (not pinged).
+        kwargs["pool_use_lifo"] = True
     if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
         # Without it libpq waits for a host that drops packets as long as the kernel keeps
         # retrying: a claim, a command or a dashboard page would hang instead of failing.
@@ -188,32 +198,32 @@ def create_database_engine(settings: DatabaseSettings) -> Engine:
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, settings.busy_timeout_ms)
     else:
-        _ping_when_idle(engine)
+        _ping_when_idle(engine, ping_after_idle_s)
     return engine
 
 
-def _ping_when_idle(engine: Engine) -> None:
-    """Ping a pooled connection at checkout only after ``PING_AFTER_IDLE_S`` in the pool; a
-    dead one is replaced (SQLAlchemy retries a checkout that raises ``DisconnectionError``)."""
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Ping a pooled connection at checkout once it sat ``idle_s`` in the pool. A dead one is
+    replaced, with every connection older than it (SQLAlchemy retries the checkout)."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(_dbapi_connection: Any, record: Any) -> None:
-        record.info[_IDLE_SINCE] = time.monotonic()  # new: nothing to ping
+        record.info[_IDLE_SINCE] = _clock()  # new: nothing to ping
 
     @event.listens_for(engine, "checkin")
     def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
-        if record is not None:  # None: the connection was invalidated
-            record.info[_IDLE_SINCE] = time.monotonic()
+        record.info[_IDLE_SINCE] = _clock()
 
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         since = record.info.get(_IDLE_SINCE)
-        if since is not None and time.monotonic() - since < PING_AFTER_IDLE_S:
+        if idle_s > 0 and since is not None and _clock() - since < idle_s:
             return
         try:
             engine.dialect.do_ping(dbapi_connection)
         except engine.dialect.loaded_dbapi.Error as exc:
-            raise DisconnectionError(_first_line(exc)) from exc
+            # As ``pool_pre_ping`` does: what killed this one (a restart) killed the others.
+            raise InvalidatePoolError(_first_line(exc)) from exc
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:

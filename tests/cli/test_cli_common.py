@@ -30,8 +30,8 @@ class Recorded(Database):
 
     opened: list[Recorded] = []
 
-    def __init__(self, settings: DatabaseSettings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: DatabaseSettings, **options: Any) -> None:
+        super().__init__(settings, **options)
         self.disposed = 0
         Recorded.opened.append(self)
 
