@@ -92,7 +92,7 @@ def claim_ready_steps(
         admission = (
             admit(conn, candidates, room=room, now=now, worker_id=worker_id, wait=round == 0)
             if due.limited
-            else Admission(dict(list(candidates.items())[:room]))
+            else Admission.first(candidates, room)
         )
         claimed += claim_steps(conn, admission.admitted, worker_id=worker_id, now=now)
         if hints is not None:
@@ -151,7 +151,7 @@ def claim_dependents(
 
     chosen = sorted((s for s in mine if not outranked(s.priority)), key=lambda s: -s.priority)
     candidates = dict.fromkeys([step.step_uuid for step in chosen], ENQUEUED)
-    admitted = dict(list(candidates.items())[:limit])
+    admitted = Admission.first(candidates, limit).admitted
     if any(step.limited for step in chosen):  # the usual hop has no key nor limit to read
         if transitions:  # a hold writes its own rows: the commit's go first
             insert_pending(conn, transitions)

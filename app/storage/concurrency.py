@@ -65,6 +65,12 @@ class Admission:
     # The waits caused: holds per key path (``context.customer_id``), deferrals per limit.
     waits: Counter[tuple[str, str]] = field(default_factory=Counter)
 
+    @classmethod
+    def first(cls, candidates: Mapping[str, str], room: int) -> Admission:
+        """The first ``room`` candidates, in their order: what a claim takes when none of
+        them has a key or a limit."""
+        return cls(dict(list(candidates.items())[:room]))
+
 
 @dataclass
 class ClaimHints:
@@ -106,7 +112,7 @@ def admit(
         return Admission({})
     flows = {row.step_uuid: row for row in conn.execute(_FLOW_OF, {"ids": list(candidates)})}
     if not flows:
-        return Admission(dict(list(candidates.items())[:room]))
+        return Admission.first(candidates, room)
     keyed = {
         s: (row.concurrency_key, row.concurrency_limit)
         for s, row in flows.items()
