@@ -37,6 +37,7 @@ from sqlalchemy import (
 )
 
 from duplex.states import CLAIMABLE, WAITING_FOR_RETRY
+from duplex.storage.direct import DirectStatement
 from duplex.storage.models import workflow_steps
 from duplex.storage.pauses import NOT_PAUSED
 from duplex.templates import PRIORITY_MIN
@@ -97,7 +98,7 @@ def due_steps(
                 f"c{i}": until,
             }
         )
-    ready = conn.execute(ready_statement(len(levels), conn.dialect.name == "postgresql"), params)
+    ready = _direct_ready(len(levels), conn.dialect.name == "postgresql").rows(conn, params)
     rows = sorted(ready, key=lambda row: claim_order(row, aging))[:limit]
     return DueSteps(
         {row.step_uuid: row.state for row in rows},
@@ -159,7 +160,7 @@ def due_levels(
         "offset": max(nth - 1, 0),
     }
     params.update({f"n{i}": namespace for i, namespace in enumerate(namespaces)})
-    rows = conn.execute(due_levels_statement(len(namespaces)), params)
+    rows = _direct_due_levels(len(namespaces)).rows(conn, params)
     return [Level(row.state, row.namespace, int(row.priority), row.nth) for row in rows]
 
 
@@ -258,3 +259,14 @@ ORDER BY levels.state, levels.priority DESC
             column("nth", ws.c.next_attempt_at.type),
         )
     )
+
+
+# The same statements run at the driver (``duplex.storage.direct``): one per shape, as above.
+@functools.lru_cache(maxsize=512)
+def _direct_ready(levels: int, skip_locked: bool) -> DirectStatement:
+    return DirectStatement(ready_statement(levels, skip_locked))
+
+
+@functools.lru_cache(maxsize=64)
+def _direct_due_levels(namespaces: int) -> DirectStatement:
+    return DirectStatement(due_levels_statement(namespaces))

@@ -41,6 +41,7 @@ from duplex.states import (
 )
 from duplex.storage.claim_order import DEFAULT_AGING, claim_key, due_levels, due_steps
 from duplex.storage.concurrency import Admission, ClaimHints, admit
+from duplex.storage.direct import DirectStatement
 from duplex.storage.driver import db_time
 from duplex.storage.events import declared_events
 from duplex.storage.models import (
@@ -181,10 +182,8 @@ def claim_steps(
     """
     if not candidates:
         return []
-    claimed = list(
-        conn.execute(
-            _CLAIM[conn.dialect.name], {"ids": list(candidates), "worker_id": worker_id, "now": now}
-        )
+    claimed = _CLAIM[conn.dialect.name].rows(
+        conn, {"ids": list(candidates), "worker_id": worker_id, "now": now}
     )
     if not claimed:
         return []
@@ -338,4 +337,4 @@ def _claim_statement(dialect: str) -> Any:
 
 
 # Per dialect: the parents' read is spelled in each one's JSON functions.
-_CLAIM = {dialect: _claim_statement(dialect) for dialect in RETURN_PARENTS}
+_CLAIM = {dialect: DirectStatement(_claim_statement(dialect)) for dialect in RETURN_PARENTS}

@@ -24,6 +24,7 @@ from sqlalchemy.sql.expression import Insert, Update, UpdateBase
 from sqlalchemy.sql.visitors import replacement_traverse
 from sqlalchemy.types import ARRAY
 
+from duplex.storage.direct import run_at_driver
 from duplex.storage.models import UTCDateTime
 
 
@@ -68,7 +69,7 @@ class BulkStatement:
         if compiled.mode == "arrays":
             arrays = {name: [row[i] for row in rows] for i, name in enumerate(self.columns)}
             params = {**(compiled.constants or {}), **arrays}
-            return int(conn.exec_driver_sql(compiled.sql, params).rowcount)
+            return run_at_driver(conn, compiled.sql, params)[1]
         if compiled.few is not None and len(rows) < COPY_FROM_ROWS:
             compiled = compiled.few
         arranged = rows if compiled.arrange is None else [compiled.arrange(row) for row in rows]
@@ -76,8 +77,9 @@ class BulkStatement:
             copy_rows(conn, compiled.sql, arranged)
             return len(rows)
         # One row is one execute: an executemany of one costs psycopg a pipeline of its own.
-        given = arranged[0] if len(arranged) == 1 else arranged
-        return int(conn.exec_driver_sql(compiled.sql, given).rowcount)
+        if len(arranged) == 1:
+            return run_at_driver(conn, compiled.sql, arranged[0])[1]
+        return run_at_driver(conn, compiled.sql, arranged, many=True)[1]
 
     def _compile(self, dialect: Dialect) -> _Compiled:
         compiled = self.statement.compile(dialect=dialect)

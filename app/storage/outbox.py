@@ -51,6 +51,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
 
 from duplex.messages import JSONDict
+from duplex.storage.direct import DirectStatement
 from duplex.storage.models import UTCDateTime, domain_events, tasks
 
 de = domain_events
@@ -155,18 +156,20 @@ def next_sequences(conn: Connection, task_uuids: Iterable[str]) -> dict[str, int
     ids = sorted(set(task_uuids))
     if not ids:
         return {}
-    found = {row.task_uuid: row.last or 0 for row in conn.execute(_LAST_SEQUENCES, {"ids": ids})}
+    found = {row.task_uuid: row.last or 0 for row in _LAST_SEQUENCES.rows(conn, {"ids": ids})}
     return {task_uuid: found.get(task_uuid, 0) for task_uuid in ids}
 
 
 # One max() probe of (task_uuid, sequence) per task, whatever the task's size.
-_LAST_SEQUENCES = select(
-    tasks.c.task_uuid,
-    select(func.max(de.c.sequence))
-    .where(de.c.task_uuid == tasks.c.task_uuid)
-    .scalar_subquery()
-    .label("last"),
-).where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)))
+_LAST_SEQUENCES = DirectStatement(
+    select(
+        tasks.c.task_uuid,
+        select(func.max(de.c.sequence))
+        .where(de.c.task_uuid == tasks.c.task_uuid)
+        .scalar_subquery()
+        .label("last"),
+    ).where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)))
+)
 
 
 # --- the relay's work list ----------------------------------------------------------------

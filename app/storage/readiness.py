@@ -32,6 +32,7 @@ from duplex.states import (
     PENDING,
     SKIPPED,
 )
+from duplex.storage.direct import DirectStatement
 from duplex.storage.models import (
     unindexed,
     workflow_step_edges,
@@ -66,7 +67,7 @@ def pending_children_whose_parents_are_all(states: Sequence[str]) -> list[Column
     ]
 
 
-_ENQUEUE_READY = (
+_ENQUEUE_READY = DirectStatement(
     update(ws)
     .where(*pending_children_whose_parents_are_all(DONE))
     .values(
@@ -110,7 +111,7 @@ def enqueue_ready_dependents(
 ) -> list[ReadyStep]:
     """Enqueue pending children of ``parents`` whose parents are now all complete or resolved;
     return them in step-uuid order."""
-    rows = conn.execute(_ENQUEUE_READY, {"parents": list(parents), "now": now})
+    rows = _ENQUEUE_READY.rows(conn, {"parents": list(parents), "now": now})
     return sorted(
         ReadyStep(
             row.step_uuid,

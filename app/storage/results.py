@@ -51,6 +51,7 @@ from duplex.states import (
 )
 from duplex.storage.concurrency import let_go
 from duplex.storage.deadlines import ExpiredTask
+from duplex.storage.direct import DirectStatement
 from duplex.storage.driver import BulkStatement, db_json, db_time
 from duplex.storage.events import EventLog, events_of, wait_events
 from duplex.storage.expansion import BatchMade, Decided, advance
@@ -280,7 +281,7 @@ def _lock_tasks_and_read_claims(
     }
     task_states: dict[str, str] = {}
     held: dict[str, tuple[int, str | None]] = {}
-    for task_uuid, task_state, step_uuid, attempts, claimed_by in conn.execute(query, params):
+    for task_uuid, task_state, step_uuid, attempts, claimed_by in query.rows(conn, params):
         if step_uuid is None:
             task_states[task_uuid] = task_state
         else:
@@ -319,8 +320,8 @@ def _tasks_with_claims(*, lock: bool) -> CompoundSelect[Any]:
     )
 
 
-_TASKS_WITH_CLAIMS = _tasks_with_claims(lock=False)
-_LOCK_TASKS_WITH_CLAIMS = _tasks_with_claims(lock=True)
+_TASKS_WITH_CLAIMS = DirectStatement(_tasks_with_claims(lock=False))
+_LOCK_TASKS_WITH_CLAIMS = DirectStatement(_tasks_with_claims(lock=True))
 
 
 def _reason(outcome: StepOutcome) -> str:

@@ -30,6 +30,7 @@ from duplex.states import (
     TASK_PENDING,
     derive_task_state,
 )
+from duplex.storage.direct import DirectStatement
 from duplex.storage.driver import BulkStatement, db_time
 from duplex.storage.models import (
     tasks,
@@ -49,14 +50,15 @@ def lock_tasks(conn: Connection, task_uuids: Iterable[str]) -> dict[str, str]:
     if not ids:
         return {}
     query = _LOCK_TASKS if conn.dialect.name == "postgresql" else _TASK_STATES
-    return {task_uuid: state for task_uuid, state in conn.execute(query, {"ids": ids})}
+    return {task_uuid: state for task_uuid, state in query.rows(conn, {"ids": ids})}
 
 
-_TASK_STATES = select(tasks.c.task_uuid, tasks.c.state).where(
+_TASK_STATES_READ = select(tasks.c.task_uuid, tasks.c.state).where(
     tasks.c.task_uuid.in_(bindparam("ids", expanding=True))
 )
+_TASK_STATES = DirectStatement(_TASK_STATES_READ)
 # PostgreSQL locks rows as the sorted result is produced: a deadlock-free order.
-_LOCK_TASKS = _TASK_STATES.order_by(tasks.c.task_uuid).with_for_update()
+_LOCK_TASKS = DirectStatement(_TASK_STATES_READ.order_by(tasks.c.task_uuid).with_for_update())
 
 
 def update_task_states(
@@ -72,7 +74,7 @@ def update_task_states(
     """
     ids = sorted(set(task_uuids))
     if locked_states is None:
-        locked_states = {t: s for t, s in conn.execute(_TASK_STATES, {"ids": ids})}
+        locked_states = {t: s for t, s in _TASK_STATES.rows(conn, {"ids": ids})}
     current = {
         task_uuid: locked_states[task_uuid] for task_uuid in ids if task_uuid in locked_states
     }
@@ -94,11 +96,11 @@ def states_present(conn: Connection, task_uuids: Iterable[str]) -> dict[str, dic
     ids = list(task_uuids)
     present: dict[str, dict[str, int]] = {task_uuid: {} for task_uuid in ids}
     if conn.dialect.name == "postgresql":
-        for task_uuid, states in conn.execute(_DISTINCT_STATES, {"ids": ids}):
+        for task_uuid, states in _DISTINCT_STATES.rows(conn, {"ids": ids}):
             # NULL past the last state present
             present[task_uuid] = dict.fromkeys((state for state in states if state), 1)
         return present
-    for task_uuid, *probes in conn.execute(_STATES_PRESENT, {"ids": ids}):
+    for task_uuid, *probes in _STATES_PRESENT.rows(conn, {"ids": ids}):
         present[task_uuid] = {
             state: 1 for state, hit in zip(STEP_STATES, probes, strict=True) if hit
         }
@@ -122,9 +124,12 @@ def _probe(state: str, task_uuid: ColumnElement[str]) -> ScalarSelect[Any]:
     )
 
 
-_STATES_PRESENT = select(
-    tasks.c.task_uuid, *[_probe(state, tasks.c.task_uuid).label(state) for state in STEP_STATES]
-).where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)))
+_STATES_PRESENT = DirectStatement(
+    select(
+        tasks.c.task_uuid,
+        *[_probe(state, tasks.c.task_uuid).label(state) for state in STEP_STATES],
+    ).where(tasks.c.task_uuid.in_(bindparam("ids", expanding=True)))
+)
 
 
 # PostgreSQL: each task's distinct states, read as a skip scan of the index: its first state,
@@ -153,7 +158,7 @@ def _distinct_states_sql(count: int) -> str:
     )
 
 
-_DISTINCT_STATES = (
+_DISTINCT_STATES = DirectStatement(
     text(_distinct_states_sql(len(STEP_STATES)))
     .bindparams(bindparam("ids", type_=ARRAY(String())))
     .columns(column("task_uuid", String()), column("states", ARRAY(String())))

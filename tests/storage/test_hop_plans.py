@@ -110,7 +110,7 @@ def test_a_commit_reads_few_rows_of_a_large_task_without_statistics(
             workflow_steps.c.step_uuid == following
         )
         parents = rows_read(conn, read_parents, {}, "workflow_steps")
-        probes = rows_read(conn, _DISTINCT_STATES, {"ids": [task]}, "workflow_steps")
+        probes = rows_read(conn, _DISTINCT_STATES.statement, {"ids": [task]}, "workflow_steps")
         present = states_present(conn, [task])
     assert parents <= FEW_ROWS, f"the parents' read went through {parents} steps"
     assert present == {task: {COMPLETE: 1, PENDING: 1}}
@@ -132,7 +132,9 @@ def test_the_state_probes_of_a_task_read_its_steps_not_every_step_in_a_state(
     with postgres_db.write() as conn:
         conn.execute(update(workflow_steps).values(state=COMPLETE))
     with postgres_db.read() as conn:
-        probes = rows_read(conn, _DISTINCT_STATES, {"ids": [ids[0], ids[-1]]}, "workflow_steps")
+        probes = rows_read(
+            conn, _DISTINCT_STATES.statement, {"ids": [ids[0], ids[-1]]}, "workflow_steps"
+        )
         present = states_present(conn, [ids[0], ids[-1]])
     # Two tasks, each: the first state, and that there is no other.
     assert probes <= 4 * 2, f"the state probes went through {probes} steps"

@@ -1,0 +1,250 @@
+"""DirectStatement reads and writes exactly what SQLAlchemy's own execution does, on every
+backend: the same rows, values converted the same way, the same row counts, the same errors."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Connection,
+    Integer,
+    String,
+    bindparam,
+    column,
+    literal,
+    select,
+    text,
+    update,
+)
+
+from duplex.clock import utcnow
+from duplex.errors import StorageError
+from duplex.settings import DatabaseSettings
+from duplex.states import COMPLETE, ENQUEUED, PENDING
+from duplex.storage.claim_order import due_levels_statement, ready_statement
+from duplex.storage.claims import _CLAIM
+from duplex.storage.db import Database
+from duplex.storage.direct import DirectStatement
+from duplex.storage.migrate import upgrade_to_head
+from duplex.storage.models import UTCDateTime, pauses, tasks, workflow_steps
+from duplex.storage.outbox import _LAST_SEQUENCES
+from duplex.storage.readiness import _ENQUEUE_READY, parents_of
+from duplex.storage.results import _LOCK_TASKS_WITH_CLAIMS, _TASKS_WITH_CLAIMS
+from duplex.storage.submission import create_task
+from duplex.storage.task_state import _DISTINCT_STATES, _STATES_PRESENT
+from duplex.templates import parse_template
+
+ws = workflow_steps
+NOW = utcnow()
+CHAIN = parse_template(
+    'name = "direct"\n'
+    '[[steps]]\nname = "a"\nhandler = "t.h"\n'
+    '[[steps]]\nname = "b"\nhandler = "t.h"\ndepends_on = ["a"]\n'
+    '[[steps]]\nname = "c"\nhandler = "t.h"\ndepends_on = ["b"]\n'
+)
+
+
+def _tasks(db: Database, count: int = 2) -> list[str]:
+    with db.write() as conn:
+        ids = [create_task(conn, CHAIN, {"n": i}, now=NOW) for i in range(count)]
+        # The first step of each complete, with a result: the others' parents read it.
+        conn.execute(
+            update(ws)
+            .where(ws.c.name == "a")
+            .values(state=COMPLETE, results={"out": [1, "ü"]}, completed_at=NOW)
+        )
+    return ids
+
+
+def _both(conn: Connection, direct: DirectStatement, params: dict[str, Any]) -> tuple[Any, Any]:
+    """What SQLAlchemy's execution returns, then what the DirectStatement does, each in a
+    savepoint rolled back (an UPDATE's rows are found again by the second)."""
+    nested = conn.begin_nested()
+    result = conn.execute(direct.statement, params)
+    keys = tuple(result.keys()) if result.returns_rows else ()
+    expected = [tuple(row) for row in result] if result.returns_rows else result.rowcount
+    nested.rollback()
+    nested = conn.begin_nested()
+    if result.returns_rows:
+        rows = direct.rows(conn, params)
+        got: Any = [tuple(row) for row in rows]
+        assert all(row._fields == keys for row in rows)
+    else:
+        got = direct.rowcount(conn, params)
+    nested.rollback()
+    return expected, got
+
+
+def _same_rows(expected: Any, got: Any) -> None:
+    # RETURNING gives no order: compare as sorted reprs of the rows.
+    if isinstance(expected, list):
+        assert sorted(map(repr, got)) == sorted(map(repr, expected))
+    else:
+        assert got == expected
+
+
+def test_a_select_with_typed_parameters_and_in_lists_of_every_length(db: Database) -> None:
+    ids = _tasks(db, 3)
+    given = {"now": NOW, "since": NOW - timedelta(days=1), "at": NOW}
+    query = DirectStatement(
+        select(ws.c.step_uuid, ws.c.created_at, ws.c.results, ws.c.retryable, ws.c.state)
+        .where(
+            ws.c.task_uuid.in_(bindparam("ids", expanding=True)),
+            ws.c.state.in_([PENDING, COMPLETE]),  # a list of the statement's own
+            ws.c.created_at <= bindparam("now", type_=UTCDateTime()),
+            ws.c.updated_at <= bindparam("now", type_=UTCDateTime()),  # the same one again
+            ws.c.created_at > bindparam("since", type_=UTCDateTime()),
+            # Equal only as the column stores it (on SQLite, text of one shape).
+            ws.c.created_at == bindparam("at", type_=UTCDateTime()),
+        )
+        .order_by(ws.c.step_uuid)
+    )
+    with db.read() as conn:
+        for some in ([], ids[:1], ids, ids[1:]):  # each length prepared, then one again
+            expected, got = _both(conn, query, {"ids": some, **given})
+            assert got == expected
+            assert len(got) == 3 * len(some)
+        first = query.rows(conn, {"ids": ids[:1], **given})[0]
+    # Converted as the column types convert: an aware datetime, parsed JSON, a bool.
+    assert first.created_at == NOW
+    assert first.created_at.tzinfo is not None
+    assert isinstance(first.retryable, bool)
+    assert {type(row.results) for row in [first]} <= {dict, type(None)}
+
+
+def test_a_textual_statement_converts_its_declared_columns(db: Database) -> None:
+    (task,) = _tasks(db, 1)
+    query = DirectStatement(
+        text("SELECT name, created_at FROM workflow_steps WHERE task_uuid = :t ORDER BY name")
+        .bindparams(bindparam("t", type_=String()))
+        .columns(column("name", String()), column("created_at", UTCDateTime()))
+    )
+    with db.read() as conn:
+        expected, got = _both(conn, query, {"t": task})
+    assert got == expected == [("a", NOW), ("b", NOW), ("c", NOW)]
+
+
+def test_an_update_counts_the_rows_it_matched_and_writes_what_sqlalchemy_writes(
+    db: Database,
+) -> None:
+    ids = _tasks(db, 2)
+    later = NOW + timedelta(seconds=1)
+    touch = DirectStatement(
+        update(ws)
+        .where(ws.c.task_uuid.in_(bindparam("ids", expanding=True)), ws.c.state == PENDING)
+        .values(updated_at=bindparam("now", type_=UTCDateTime()))
+    )
+    with db.write() as conn:
+        assert _both(conn, touch, {"ids": ids, "now": later}) == (4, 4)
+        assert touch.rowcount(conn, {"ids": ids[:1], "now": later}) == 2
+    with db.read() as conn:  # found by SQLAlchemy's own equality: stored in the same shape
+        touched = conn.execute(select(ws.c.task_uuid).where(ws.c.updated_at == later)).all()
+    assert [task for (task,) in touched] == [ids[0], ids[0]]
+
+
+def test_the_hop_statements_match_sqlalchemys(db: Database) -> None:
+    """Every statement a chain's hop runs at the driver, on the same rows."""
+    ids = _tasks(db, 2)
+    with db.read() as conn:
+        steps = dict(
+            conn.execute(select(ws.c.name, ws.c.step_uuid).where(ws.c.task_uuid == ids[0])).all()
+        )
+    lock = _LOCK_TASKS_WITH_CLAIMS if db.dialect == "postgresql" else _TASKS_WITH_CLAIMS
+    level = {"s0": ENQUEUED, "n0": "default", "p0": 0, "c0": NOW, "limit": 10}
+    checks: list[tuple[DirectStatement, dict[str, Any]]] = [
+        (lock, {"task_ids": ids, "step_ids": list(steps.values())}),
+        (_LAST_SEQUENCES, {"ids": ids}),
+        (_STATES_PRESENT if db.is_sqlite else _DISTINCT_STATES, {"ids": ids}),
+        (_ENQUEUE_READY, {"parents": [steps["a"]], "now": NOW}),
+        (
+            DirectStatement(due_levels_statement(1)),
+            {"n0": "default", "floor": -(10**6), "now": NOW, "offset": 0},
+        ),
+        (DirectStatement(ready_statement(1, not db.is_sqlite)), level),
+    ]
+    with db.write() as conn:
+        # A step of the other task waits in the queue: the claim order's reads find it.
+        conn.execute(
+            update(ws)
+            .where(ws.c.task_uuid == ids[1], ws.c.name == "b")
+            .values(state=ENQUEUED, next_attempt_at=NOW)
+        )
+        for direct, params in checks:
+            expected, got = _both(conn, direct, params)
+            assert expected, f"nothing to compare: {direct.statement}"
+            _same_rows(expected, got)
+        # The claim of a step made ready, with its parents' results read in its RETURNING.
+        conn.execute(
+            update(ws)
+            .where(ws.c.step_uuid == steps["b"])
+            .values(state=ENQUEUED, next_attempt_at=NOW)
+        )
+        claim = _CLAIM[db.dialect]
+        params = {"ids": [steps["b"]], "worker_id": "w1", "now": NOW}
+        expected, got = _both(conn, claim, params)
+        assert len(expected) == 1
+        _same_rows(expected, got)
+        (row,) = claim.rows(conn, params)
+    assert row.step_uuid == steps["b"]
+    assert row.attempts == 1
+    assert row.created_at == NOW
+    assert row.task_context == {"n": 0}
+    assert parents_of(db.dialect, row.parents) == ({"a": {"out": [1, "ü"]}}, [])
+
+
+def test_a_statement_refused_by_the_database_is_a_storage_error(db: Database) -> None:
+    insert_pause = DirectStatement(
+        pauses.insert().values(
+            kind=literal("namespace"),
+            name=bindparam("name"),
+            paused_by=literal("test"),
+            paused_at=bindparam("now", type_=UTCDateTime()),
+        )
+    )
+    with db.write() as conn:
+        assert insert_pause.rowcount(conn, {"name": "n1", "now": NOW}) == 1
+    with pytest.raises(StorageError) as failed, db.write() as conn:  # noqa: PT012
+        insert_pause.rowcount(conn, {"name": "n2", "now": NOW})
+        insert_pause.rowcount(conn, {"name": "n1", "now": NOW})  # the same key again
+    assert failed.value.refused
+    assert not failed.value.transient
+    with db.read() as conn:  # the whole transaction rolled back, n2 with it
+        assert conn.execute(select(pauses.c.name)).scalars().all() == ["n1"]
+
+
+def test_a_write_meeting_another_writers_lock_is_a_transient_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    db = Database(DatabaseSettings(url=url, busy_timeout_ms=0))
+    upgrade_to_head(db)
+    holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    touch = DirectStatement(update(tasks).values(updated_at=bindparam("now", type_=UTCDateTime())))
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        # A read transaction does not take the write lock up front: its write meets it here.
+        with pytest.raises(StorageError) as failed, db.read() as conn:
+            touch.rowcount(conn, {"now": NOW})
+        assert failed.value.transient
+    finally:
+        holder.rollback()
+        holder.close()
+        db.dispose()
+
+
+def test_a_parameter_rendered_into_the_sql_is_refused(db: Database) -> None:
+    query = DirectStatement(
+        select(ws.c.step_uuid).limit(bindparam("n", literal_execute=True, type_=Integer()))
+    )
+    with db.read() as conn, pytest.raises(ValueError, match="literal_execute"):
+        query.rows(conn, {"n": 1})
+
+
+def test_a_missing_parameter_is_an_error_not_a_value_from_another_call(db: Database) -> None:
+    query = DirectStatement(select(ws.c.step_uuid).where(ws.c.task_uuid == bindparam("t")))
+    with db.read() as conn:
+        assert query.rows(conn, {"t": "none"}) == []
+        with pytest.raises(KeyError):
+            query.rows(conn, {})
