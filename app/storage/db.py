@@ -33,6 +33,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from duplex.errors import ConfigurationError, StorageError
 from duplex.settings import DatabaseSettings
+from duplex.storage.direct import run_at_driver
 
 _WRITE = "duplex_write"
 # How long ``duplex run`` lets a pooled PostgreSQL connection sit idle before it pings it at
@@ -243,7 +244,7 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         write = conn.get_execution_options().get(_WRITE, True)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        run_at_driver(conn, "BEGIN IMMEDIATE" if write else "BEGIN", ())
 
 
 def _first_line(exc: BaseException) -> str:

@@ -150,22 +150,29 @@ def run_at_driver(
 ) -> tuple[list[Sequence[Any]], int]:
     """Run ``sql`` with parameters in the driver's form; return its rows and its row count.
 
-    On SQLite straight on the driver's cursor, with a driver error raised as SQLAlchemy raises
-    it. On PostgreSQL through ``exec_driver_sql``, which costs a little more but keeps
-    SQLAlchemy's handling of a lost connection (the connection invalidated, and the pool's
-    older ones with it).
+    On SQLite straight on the driver's cursor, with the engine's cursor events and a driver
+    error raised as SQLAlchemy raises it. On PostgreSQL through ``exec_driver_sql``, which
+    costs a little more but keeps SQLAlchemy's handling of a lost connection (the connection
+    invalidated, and the pool's older ones with it).
     """
     if conn.dialect.name != "sqlite":
         result = conn.exec_driver_sql(sql, params)
         rows: list[Sequence[Any]] = list(result.fetchall()) if result.returns_rows else []
         return rows, int(result.rowcount)
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    # Listeners of the engine's cursor events (tracing, fault injection) still see every
+    # statement, as SQLAlchemy runs them (what a ``retval`` listener returns is not used).
+    events = conn.dispatch
     try:
+        if events.before_cursor_execute:
+            events.before_cursor_execute(conn, cursor, sql, params, None, many)
         if many:
             cursor.executemany(sql, params)
         else:
             cursor.execute(sql, params)
         found = list(cursor.fetchall()) if cursor.description is not None else []
+        if events.after_cursor_execute:
+            events.after_cursor_execute(conn, cursor, sql, params, None, many)
         return found, int(cursor.rowcount)
     except sqlite3.Error as exc:
         raise DBAPIError.instance(sql, params, exc, sqlite3.Error, dialect=conn.dialect) from exc

@@ -182,7 +182,7 @@ def mark_tasks_started(conn: Connection, task_uuids: list[str], now: datetime) -
     the task state up to date (``derive_task_state``).
     """
     query = _START_FREE_TASKS if conn.dialect.name == "postgresql" else _START_TASKS
-    conn.execute(query, {"ids": task_uuids, "now": now})
+    query.rowcount(conn, {"ids": task_uuids, "now": now})
 
 
 _STARTED = {
@@ -191,7 +191,7 @@ _STARTED = {
 }
 # ``unindexed``: the rows are found by key; without it SQLite may read every pending task
 # through the (state, ...) indexes, and tasks waiting for a delayed start are all pending.
-_START_TASKS = (
+_START_TASKS = DirectStatement(
     update(tasks)
     .where(
         tasks.c.task_uuid.in_(bindparam("ids", expanding=True)),
@@ -202,7 +202,7 @@ _START_TASKS = (
 # One statement on PostgreSQL too: the subquery locks the rows, skipping those another writer
 # holds, and the update only touches (and waits for) the rows it returned.
 _free_task = tasks.alias("free_task")
-_START_FREE_TASKS = (
+_START_FREE_TASKS = DirectStatement(
     update(tasks)
     .where(
         tasks.c.task_uuid.in_(

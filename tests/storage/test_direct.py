@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     bindparam,
     column,
+    event,
     literal,
     select,
     text,
@@ -248,3 +249,26 @@ def test_a_missing_parameter_is_an_error_not_a_value_from_another_call(db: Datab
         assert query.rows(conn, {"t": "none"}) == []
         with pytest.raises(KeyError):
             query.rows(conn, {})
+
+
+def test_the_engines_cursor_events_see_every_statement_run_at_the_driver(db: Database) -> None:
+    seen: list[tuple[str, str]] = []
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(("before", statement))
+
+    def after(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(("after", statement))
+
+    query = DirectStatement(select(ws.c.step_uuid).where(ws.c.task_uuid == bindparam("t")))
+    event.listen(db.engine, "before_cursor_execute", before)
+    event.listen(db.engine, "after_cursor_execute", after)
+    try:
+        with db.read() as conn:
+            seen.clear()  # the transaction's own BEGIN, where the driver sends one
+            query.rows(conn, {"t": "none"})
+    finally:
+        event.remove(db.engine, "before_cursor_execute", before)
+        event.remove(db.engine, "after_cursor_execute", after)
+    assert [when for when, _ in seen] == ["before", "after"]
+    assert all("FROM workflow_steps" in statement for _, statement in seen)
