@@ -34,11 +34,12 @@ class _Compiled(NamedTuple):
     mode: str
     arrange: Callable[[tuple[Any, ...]], Any] | None = None  # None: rows go as given
     constants: dict[str, Any] | None = None  # "arrays": the statement's own parameters
-    few: _Compiled | None = None  # "copy": the plain INSERT that a few rows take instead
+    few: _Compiled | None = None  # the plain statement that a few rows take instead
 
 
-# Fewer rows than this go to PostgreSQL as one INSERT each (psycopg pipelines them) instead of
-# through COPY, which costs a round trip more: a hop of a chain writes one or two rows.
+# Fewer rows than this go to PostgreSQL as one INSERT or UPDATE each (psycopg pipelines them)
+# instead of through COPY, which costs a round trip more, or an UPDATE joined to arrays, which
+# costs the server more than a plain one (a chain's hop: one result, 0.33 against 0.18 ms).
 COPY_FROM_ROWS = 8
 
 
@@ -47,10 +48,10 @@ class BulkStatement:
 
     On SQLite it is the driver's ``executemany`` (one row: ``execute``). On PostgreSQL, where
     each statement of an executemany costs the server a parse, bind and execute of its own, an
-    INSERT of ``COPY_FROM_ROWS`` rows or more streams through ``COPY`` (fewer: as on SQLite),
-    and an UPDATE runs once for all rows, joined to the rows given as one array per column
-    (``UPDATE … FROM unnest(…)``); its row count is what the executemany's would sum to, as
-    long as no two rows update the same row.
+    INSERT of ``COPY_FROM_ROWS`` rows or more streams through ``COPY``, and an UPDATE of as
+    many runs once for all rows, joined to the rows given as one array per column (``UPDATE …
+    FROM unnest(…)``; fewer rows: as on SQLite); its row count is what the executemany's would
+    sum to, as long as no two rows update the same row.
 
     ``columns`` names the statement's bind parameters in the order a row gives them; every
     other parameter must be a constant of the statement itself (such as a literal state).
@@ -66,7 +67,7 @@ class BulkStatement:
         if not rows:
             return 0
         compiled = self._compiled.get(conn.dialect.name) or self._compile(conn.dialect)
-        if compiled.mode == "arrays":
+        if compiled.mode == "arrays" and len(rows) >= COPY_FROM_ROWS:
             arrays = {name: [row[i] for row in rows] for i, name in enumerate(self.columns)}
             params = {**(compiled.constants or {}), **arrays}
             return run_at_driver(conn, compiled.sql, params)[1]
@@ -91,7 +92,7 @@ class BulkStatement:
         few = self._executemany(compiled, names, constants)
         result = (
             self._streamed(dialect, names, constants, few)
-            or self._joined_to_arrays(dialect, compiled)
+            or self._joined_to_arrays(dialect, compiled, few)
             or few
         )
         self._compiled[dialect.name] = result
@@ -112,7 +113,9 @@ class BulkStatement:
             constants[name] = processor(value) if processor else value
         return constants
 
-    def _joined_to_arrays(self, dialect: Dialect, compiled: Any) -> _Compiled | None:
+    def _joined_to_arrays(
+        self, dialect: Dialect, compiled: Any, few: _Compiled
+    ) -> _Compiled | None:
         """An UPDATE on PostgreSQL: every row parameter becomes a column of
         ``unnest(array per column) AS bulk_rows(...)``, which the statement is joined to."""
         if dialect.name != "postgresql" or not isinstance(self.statement, Update):
@@ -130,7 +133,7 @@ class BulkStatement:
         joined = joined.compile(dialect=dialect)
         names = list(joined.params)
         constants = self._constants(dialect, joined, names)
-        return _Compiled(joined.string, "arrays", constants=constants)
+        return _Compiled(joined.string, "arrays", constants=constants, few=few)
 
     def _streamed(
         self, dialect: Dialect, names: list[str], constants: dict[str, Any], few: _Compiled

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    event,
     insert,
     select,
 )
@@ -214,10 +215,13 @@ BULK_REWRITE = BulkStatement(
 )
 
 
-def test_updated_rows_match_sqlalchemys_updates(db: Database) -> None:
-    # On PostgreSQL the update runs once, joined to one array per column.
+@pytest.mark.parametrize("values", [VALUES, VALUES * 2], ids=["few", "many"])
+def test_updated_rows_match_sqlalchemys_updates(db: Database, values: Values) -> None:
+    # On PostgreSQL many rows update in one statement, joined to one array per column; fewer
+    # than COPY_FROM_ROWS as one plain UPDATE each (lighter for the server than the join).
+    statements: list[str] = []
     with db.write() as conn:
-        for i, via in enumerate(["core"] * len(VALUES) + ["bulk"] * len(VALUES)):
+        for i, via in enumerate(["core"] * len(values) + ["bulk"] * len(values)):
             conn.execute(insert(probe).values(id=i, via=via, label="old", doc={"old": True}))
         conn.execute(
             probe.update()
@@ -225,16 +229,26 @@ def test_updated_rows_match_sqlalchemys_updates(db: Database) -> None:
             .values(label=bindparam("v_label"), at=bindparam("v_at"), doc=bindparam("v_doc")),
             [
                 {"b_id": i, "v_label": label, "v_at": at, "v_doc": doc}
-                for i, (label, at, doc) in enumerate(VALUES)
+                for i, (label, at, doc) in enumerate(values)
             ],
         )
         rows = [
-            (label, db_time(conn.dialect, at), db_json(doc), len(VALUES) + i)
-            for i, (label, at, doc) in enumerate(VALUES)
+            (label, db_time(conn.dialect, at), db_json(doc), len(values) + i)
+            for i, (label, at, doc) in enumerate(values)
         ]
-        assert BULK_REWRITE.execute(conn, [*rows, ("x", None, "null", 99)]) == len(rows)
+
+        def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            statements.append(statement)
+
+        event.listen(db.engine, "before_cursor_execute", seen)
+        try:
+            assert BULK_REWRITE.execute(conn, [*rows, ("x", None, "null", 99)]) == len(rows)
+        finally:
+            event.remove(db.engine, "before_cursor_execute", seen)
     with db.read() as conn:
         assert _raw(conn, "bulk") == _raw(conn, "core")
+    joined = len(values) + 1 >= COPY_FROM_ROWS and db.dialect == "postgresql"
+    assert [("unnest(" in statement) for statement in statements] == [joined]
 
 
 def test_a_parameter_that_is_neither_a_column_nor_a_constant_is_refused(db: Database) -> None:
