@@ -13,6 +13,7 @@ readable in its module like every other statement.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.base import Executable
 
 Processor = Callable[[Any], Any] | None
+# Shapes (lengths of the IN lists) kept compiled per statement.
+SHAPES_KEPT = 64
 
 
 class _Prepared(NamedTuple):
@@ -46,7 +49,9 @@ class DirectStatement:
         )
         self._compiled: dict[str, Any] = {}
         self._expanding: dict[str, tuple[str, ...]] = {}
-        self._prepared: dict[tuple[str, tuple[int, ...]], _Prepared] = {}
+        # The shapes used lately (thread-safe): a batch's IN lists take any length up to its
+        # size, and each length is a statement of its own.
+        self._shape = functools.lru_cache(maxsize=SHAPES_KEPT)(self._expand)
 
     def rows(self, conn: Connection, params: Mapping[str, Any] | None = None) -> list[Any]:
         """Run the statement; return its rows."""
@@ -73,18 +78,26 @@ class DirectStatement:
                     if bind.expanding and bind.required
                 )
             )
-        key = (dialect.name, tuple(len(params[name]) for name in expanding))
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            prepared = self._prepared[key] = self._expand(dialect, params)
+        lengths = tuple(len(params[name]) for name in expanding)
+        prepared: _Prepared = self._shape(dialect, lengths)
         return prepared
 
-    def _expand(self, dialect: Dialect, params: Mapping[str, Any]) -> _Prepared:
-        """The SQL and the conversions for IN lists of the lengths in ``params``."""
+    def _expand(self, dialect: Dialect, lengths: tuple[int, ...]) -> _Prepared:
+        """The SQL and the conversions for IN lists of these ``lengths``."""
         compiled = self._compiled[dialect.name]
         if any(bind.literal_execute for bind in compiled.binds.values()):
             raise ValueError("a literal_execute parameter is rendered per call: not supported")
-        state = compiled.construct_expanded_state(dict(params))
+        # Placeholders: only the lists' lengths shape the SQL.
+        shape: dict[str, Any] = {
+            name: None for name, bind in compiled.binds.items() if bind.required
+        }
+        shape.update(
+            {
+                name: [None] * n
+                for name, n in zip(self._expanding[dialect.name], lengths, strict=True)
+            }
+        )
+        state = compiled.construct_expanded_state(shape)
         origin = {name: name for name in state.parameters}
         for name, expanded in (state.parameter_expansion or {}).items():
             origin.update({part: name for part in expanded})

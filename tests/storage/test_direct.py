@@ -29,7 +29,7 @@ from duplex.states import COMPLETE, ENQUEUED, PENDING
 from duplex.storage.claim_order import due_levels_statement, ready_statement
 from duplex.storage.claims import _CLAIM
 from duplex.storage.db import Database
-from duplex.storage.direct import DirectStatement
+from duplex.storage.direct import SHAPES_KEPT, DirectStatement
 from duplex.storage.migrate import upgrade_to_head
 from duplex.storage.models import UTCDateTime, pauses, tasks, workflow_steps
 from duplex.storage.outbox import _LAST_SEQUENCES
@@ -272,3 +272,13 @@ def test_the_engines_cursor_events_see_every_statement_run_at_the_driver(db: Dat
         event.remove(db.engine, "after_cursor_execute", after)
     assert [when for when, _ in seen] == ["before", "after"]
     assert all("FROM workflow_steps" in statement for _, statement in seen)
+
+
+def test_the_shapes_kept_compiled_are_bounded(db: Database) -> None:
+    # A batch's IN lists take any length up to its size: each length is a statement of its
+    # own, and a long-lived worker must not keep every one it ever ran.
+    query = DirectStatement(select(ws.c.step_uuid).where(ws.c.step_uuid.in_(bindparam("ids"))))
+    with db.read() as conn:
+        for n in range(1, SHAPES_KEPT + 20):
+            assert query.rows(conn, {"ids": [f"missing-{i}" for i in range(n)]}) == []
+    assert query._shape.cache_info().currsize == SHAPES_KEPT
