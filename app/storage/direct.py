@@ -19,8 +19,8 @@ from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Dialect, Float, Numeric
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql.base import Executable
 
 Processor = Callable[[Any], Any] | None
@@ -34,69 +34,84 @@ class _Prepared(NamedTuple):
     row: Callable[[Sequence[Any]], Any]  # a driver row -> a row of converted values
 
 
+class _Compiled(NamedTuple):
+    dialect: Dialect  # the first one seen of its kind
+    compiled: Any  # SQLAlchemy's compiled statement
+    expanding: tuple[str, ...]  # the IN lists a caller gives, by name
+    required: frozenset[str]  # every parameter a caller gives
+
+
 class DirectStatement:
     """A Core statement run at the driver: ``rows`` for what it returns, ``rowcount`` for what
     it matched. Parameters are given by name, as to ``Connection.execute``; a list for an
     ``expanding`` one. Rows are named tuples of the statement's columns (or its RETURNING's),
-    their values converted as SQLAlchemy converts them."""
+    their values converted as SQLAlchemy converts them.
+
+    Only the statement's own parameters without a value are given by a caller: a value for
+    one of its constants, or for a column it does not write, is refused (SQLAlchemy would
+    use them), and so are result columns whose conversion depends on the driver's type code
+    (``Numeric``, ``Float``)."""
 
     def __init__(self, statement: Executable) -> None:
         self.statement = statement
         columns = list(getattr(statement, "exported_columns", ()))
+        odd = [column.key for column in columns if isinstance(column.type, (Numeric, Float))]
+        if odd:
+            raise ValueError(f"columns converted by the driver's type code: {odd}")
         self._columns = columns
         self._row_type: Any = namedtuple(  # type: ignore[misc]
             "Row", [column.key for column in columns], rename=True
         )
-        self._compiled: dict[str, Any] = {}
-        self._expanding: dict[str, tuple[str, ...]] = {}
+        # Per kind of dialect (name, driver, parameter style).
+        self._compiled: dict[tuple[str, str, str], _Compiled] = {}
         # The shapes used lately (thread-safe): a batch's IN lists take any length up to its
         # size, and each length is a statement of its own.
         self._shape = functools.lru_cache(maxsize=SHAPES_KEPT)(self._expand)
 
     def rows(self, conn: Connection, params: Mapping[str, Any] | None = None) -> list[Any]:
         """Run the statement; return its rows."""
-        prepared = self._prepare(conn.dialect, params or {})
-        rows, _ = run_at_driver(conn, prepared.sql, prepared.arrange(params or {}))
+        prepared, driver_params = self._prepare(conn.dialect, params or {})
+        rows, _ = run_at_driver(conn, prepared.sql, driver_params)
         return [prepared.row(row) for row in rows]
 
     def rowcount(self, conn: Connection, params: Mapping[str, Any] | None = None) -> int:
         """Run the statement; return how many rows it matched."""
-        prepared = self._prepare(conn.dialect, params or {})
-        _, count = run_at_driver(conn, prepared.sql, prepared.arrange(params or {}))
+        prepared, driver_params = self._prepare(conn.dialect, params or {})
+        _, count = run_at_driver(conn, prepared.sql, driver_params)
         return count
 
-    def _prepare(self, dialect: Dialect, params: Mapping[str, Any]) -> _Prepared:
-        expanding = self._expanding.get(dialect.name)
-        if expanding is None:
-            compiled = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
-            self._compiled[dialect.name] = compiled
-            # The IN lists the caller gives (a list of constants has its one length).
-            expanding = self._expanding[dialect.name] = tuple(
-                sorted(
-                    name
-                    for name, bind in compiled.binds.items()
-                    if bind.expanding and bind.required
-                )
-            )
-        lengths = tuple(len(params[name]) for name in expanding)
-        prepared: _Prepared = self._shape(dialect, lengths)
-        return prepared
+    def _prepare(self, dialect: Dialect, params: Mapping[str, Any]) -> tuple[_Prepared, Any]:
+        kind = (dialect.name, dialect.driver, dialect.paramstyle)
+        compiled = self._compiled.get(kind) or self._compile(kind, dialect)
+        if not params.keys() <= compiled.required:
+            unknown = sorted(set(params) - compiled.required)
+            raise ValueError(f"not parameters a caller gives to this statement: {unknown}")
+        lengths = tuple(len(params[name]) for name in compiled.expanding)
+        prepared: _Prepared = self._shape(kind, lengths)
+        try:
+            return prepared, prepared.arrange(params)
+        except (TypeError, ValueError) as exc:
+            # As SQLAlchemy reports a value it cannot convert (a StorageError that says the
+            # data was refused), not as a bare exception from a bind processor.
+            raise StatementError(str(exc), prepared.sql, dict(params), exc) from exc
 
-    def _expand(self, dialect: Dialect, lengths: tuple[int, ...]) -> _Prepared:
-        """The SQL and the conversions for IN lists of these ``lengths``."""
-        compiled = self._compiled[dialect.name]
+    def _compile(self, kind: tuple[str, str, str], dialect: Dialect) -> _Compiled:
+        compiled = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
         if any(bind.literal_execute for bind in compiled.binds.values()):
             raise ValueError("a literal_execute parameter is rendered per call: not supported")
+        required = frozenset(name for name, bind in compiled.binds.items() if bind.required)
+        # The IN lists the caller gives (a list of constants has its one length).
+        expanding = tuple(sorted(name for name in required if compiled.binds[name].expanding))
+        entry = _Compiled(dialect, compiled, expanding, required)
+        self._compiled[kind] = entry
+        return entry
+
+    def _expand(self, kind: tuple[str, str, str], lengths: tuple[int, ...]) -> _Prepared:
+        """The SQL and the conversions for IN lists of these ``lengths``."""
+        dialect, compiled, expanding, required = self._compiled[kind]
         # Placeholders: only the lists' lengths shape the SQL.
-        shape: dict[str, Any] = {
-            name: None for name, bind in compiled.binds.items() if bind.required
-        }
-        shape.update(
-            {
-                name: [None] * n
-                for name, n in zip(self._expanding[dialect.name], lengths, strict=True)
-            }
-        )
+        shape: dict[str, Any] = dict.fromkeys(required)
+        shape.update({name: [None] * n for name, n in zip(expanding, lengths, strict=True)})
         state = compiled.construct_expanded_state(shape)
         origin = {name: name for name in state.parameters}
         for name, expanded in (state.parameter_expansion or {}).items():
@@ -163,31 +178,34 @@ def run_at_driver(
 ) -> tuple[list[Sequence[Any]], int]:
     """Run ``sql`` with parameters in the driver's form; return its rows and its row count.
 
-    On SQLite straight on the driver's cursor, with the engine's cursor events and a driver
-    error raised as SQLAlchemy raises it. On PostgreSQL through ``exec_driver_sql``, which
-    costs a little more but keeps SQLAlchemy's handling of a lost connection (the connection
-    invalidated, and the pool's older ones with it).
+    On SQLite straight on the driver's cursor, a driver error raised as the ``DBAPIError``
+    SQLAlchemy would raise. Through ``exec_driver_sql`` on PostgreSQL, where it keeps
+    SQLAlchemy's handling of a lost connection (the connection invalidated, and the pool's
+    older ones with it), and wherever something listens to the engine's cursor or error
+    events (tracing, fault injection): they get what SQLAlchemy gives them.
     """
-    if conn.dialect.name != "sqlite":
+    if conn.dialect.name != "sqlite" or _watched(conn):
         result = conn.exec_driver_sql(sql, params)
         rows: list[Sequence[Any]] = list(result.fetchall()) if result.returns_rows else []
         return rows, int(result.rowcount)
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    # Listeners of the engine's cursor events (tracing, fault injection) still see every
-    # statement, as SQLAlchemy runs them (what a ``retval`` listener returns is not used).
-    events = conn.dispatch
     try:
-        if events.before_cursor_execute:
-            events.before_cursor_execute(conn, cursor, sql, params, None, many)
         if many:
             cursor.executemany(sql, params)
         else:
             cursor.execute(sql, params)
         found = list(cursor.fetchall()) if cursor.description is not None else []
-        if events.after_cursor_execute:
-            events.after_cursor_execute(conn, cursor, sql, params, None, many)
         return found, int(cursor.rowcount)
     except sqlite3.Error as exc:
         raise DBAPIError.instance(sql, params, exc, sqlite3.Error, dialect=conn.dialect) from exc
     finally:
         cursor.close()
+
+
+def _watched(conn: Connection) -> bool:
+    events = conn.dispatch
+    return bool(
+        events.before_cursor_execute
+        or events.after_cursor_execute
+        or conn.dialect.dispatch.handle_error  # where SQLAlchemy keeps the engine's listeners
+    )

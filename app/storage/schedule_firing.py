@@ -299,8 +299,9 @@ def _advance(
         )
 
 
-# One statement for the whole batch (an array update on PostgreSQL). The guard: the row is
-# still as this firer read it (``IS NOT DISTINCT FROM``: a NULL held-back fire matches NULL).
+# One statement for the whole batch (from 8 rows, an array update on PostgreSQL). The guard:
+# the row is still as this firer read it (``IS NOT DISTINCT FROM``: a NULL held-back fire
+# matches NULL).
 _ADVANCE = BulkStatement(
     update(sc)
     .where(

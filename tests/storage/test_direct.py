@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from sqlalchemy import (
     Connection,
+    Float,
     Integer,
     String,
     bindparam,
+    cast,
     column,
     event,
     literal,
@@ -252,13 +254,19 @@ def test_a_missing_parameter_is_an_error_not_a_value_from_another_call(db: Datab
 
 
 def test_the_engines_cursor_events_see_every_statement_run_at_the_driver(db: Database) -> None:
+    # As a tracing integration listens: it keeps its span on the execution context.
     seen: list[tuple[str, str]] = []
 
-    def before(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    def before(
+        _conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, *_: Any
+    ) -> None:
+        context.span = statement
         seen.append(("before", statement))
 
-    def after(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        seen.append(("after", statement))
+    def after(
+        _conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, *_: Any
+    ) -> None:
+        seen.append(("after", context.span))
 
     query = DirectStatement(select(ws.c.step_uuid).where(ws.c.task_uuid == bindparam("t")))
     event.listen(db.engine, "before_cursor_execute", before)
@@ -282,3 +290,43 @@ def test_the_shapes_kept_compiled_are_bounded(db: Database) -> None:
         for n in range(1, SHAPES_KEPT + 20):
             assert query.rows(conn, {"ids": [f"missing-{i}" for i in range(n)]}) == []
     assert query._shape.cache_info().currsize == SHAPES_KEPT
+
+
+def test_without_listeners_sqlite_statements_skip_sqlalchemys_execution(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    through_sqlalchemy = Connection.exec_driver_sql
+
+    def counted(self: Connection, statement: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(statement)
+        return through_sqlalchemy(self, statement, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "exec_driver_sql", counted)
+    query = DirectStatement(select(ws.c.step_uuid).where(ws.c.task_uuid == bindparam("t")))
+    with sqlite_db.read() as conn:
+        assert query.rows(conn, {"t": "none"}) == []
+    assert calls == []
+
+
+def test_a_value_the_statement_cannot_take_is_refused_data(db: Database) -> None:
+    query = DirectStatement(
+        select(ws.c.step_uuid).where(ws.c.created_at == bindparam("at", type_=UTCDateTime()))
+    )
+    with pytest.raises(StorageError, match="naive") as failed, db.read() as conn:
+        query.rows(conn, {"at": NOW.replace(tzinfo=None)})
+    assert failed.value.refused
+
+
+def test_parameters_sqlalchemy_would_take_and_this_would_not_are_refused(db: Database) -> None:
+    # SQLAlchemy would write a column named by an extra parameter, or replace a constant.
+    touch = DirectStatement(
+        update(ws).where(ws.c.step_uuid == bindparam("id")).values(state=PENDING)
+    )
+    with db.write() as conn:
+        with pytest.raises(ValueError, match="'name'"):
+            touch.rowcount(conn, {"id": "none", "name": "renamed"})
+        with pytest.raises(ValueError, match="'state'"):
+            touch.rowcount(conn, {"id": "none", "state": COMPLETE})
+    with pytest.raises(ValueError, match="driver's type code"):
+        DirectStatement(select(cast(ws.c.attempts, Float).label("share")))
