@@ -23,12 +23,10 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
-    CompoundSelect,
     Connection,
     Integer,
     Select,
     String,
-    TextualSelect,
     bindparam,
     column,
     select,
@@ -98,7 +96,7 @@ def due_steps(
                 f"c{i}": until,
             }
         )
-    ready = _direct_ready(len(levels), conn.dialect.name == "postgresql").rows(conn, params)
+    ready = ready_statement(len(levels), conn.dialect.name == "postgresql").rows(conn, params)
     rows = sorted(ready, key=lambda row: claim_order(row, aging))[:limit]
     return DueSteps(
         {row.step_uuid: row.state for row in rows},
@@ -160,7 +158,7 @@ def due_levels(
         "offset": max(nth - 1, 0),
     }
     params.update({f"n{i}": namespace for i, namespace in enumerate(namespaces)})
-    rows = _direct_due_levels(len(namespaces)).rows(conn, params)
+    rows = due_levels_statement(len(namespaces)).rows(conn, params)
     return [Level(row.state, row.namespace, int(row.priority), row.nth) for row in rows]
 
 
@@ -191,7 +189,7 @@ def _level_query(i: int, *, skip_locked: bool) -> Select[Any]:
 
 
 @functools.lru_cache(maxsize=512)
-def ready_statement(levels: int, skip_locked: bool) -> CompoundSelect[Any] | Select[Any]:
+def ready_statement(levels: int, skip_locked: bool) -> DirectStatement:
     # Every due level in one statement, each read in index order up to the limit; the caller
     # keeps the first ``limit`` of them in claim order. On PostgreSQL the rows a claim read
     # but did not take stay locked until its transaction ends, which only makes other workers
@@ -199,11 +197,11 @@ def ready_statement(levels: int, skip_locked: bool) -> CompoundSelect[Any] | Sel
     parts = [
         select(_level_query(i, skip_locked=skip_locked).subquery(f"l{i}")) for i in range(levels)
     ]
-    return parts[0] if levels == 1 else union_all(*parts)
+    return DirectStatement(parts[0] if levels == 1 else union_all(*parts))
 
 
 @functools.lru_cache(maxsize=64)
-def due_levels_statement(namespaces: int) -> TextualSelect:
+def due_levels_statement(namespaces: int) -> DirectStatement:
     # A recursive skip scan, for every claimable state and namespace: the highest priority
     # present, then the next one below it, ... each one probe of the claim index; then the
     # levels that have a due step. Spelled in SQL: SQLAlchemy's recursive CTEs cannot say
@@ -245,7 +243,7 @@ WHERE levels.priority IS NOT NULL AND EXISTS (
       AND w.task_uuid NOT IN ({_TASKS_OF_PAUSED_TEMPLATES}))
 ORDER BY levels.state, levels.priority DESC
 """
-    return (
+    return DirectStatement(
         text(sql)
         .bindparams(
             bindparam("now", type_=ws.c.next_attempt_at.type),
@@ -259,14 +257,3 @@ ORDER BY levels.state, levels.priority DESC
             column("nth", ws.c.next_attempt_at.type),
         )
     )
-
-
-# The same statements run at the driver (``duplex.storage.direct``): one per shape, as above.
-@functools.lru_cache(maxsize=512)
-def _direct_ready(levels: int, skip_locked: bool) -> DirectStatement:
-    return DirectStatement(ready_statement(levels, skip_locked))
-
-
-@functools.lru_cache(maxsize=64)
-def _direct_due_levels(namespaces: int) -> DirectStatement:
-    return DirectStatement(due_levels_statement(namespaces))

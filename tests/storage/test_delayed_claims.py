@@ -123,8 +123,8 @@ def test_many_steps_waiting_for_their_time_are_never_read(db: Database) -> None:
 def _statements() -> list[tuple[Any, dict[str, Any]]]:
     levels = {"s0": "enqueued", "n0": "default", "p0": 0}
     return [
-        (due_levels_statement(1), {"n0": "default", "floor": -101, "offset": 9}),
-        (ready_statement(1, True), {**levels, "limit": 10}),
+        (due_levels_statement(1).statement, {"n0": "default", "floor": -101, "offset": 9}),
+        (ready_statement(1, True).statement, {**levels, "limit": 10}),
     ]
 
 

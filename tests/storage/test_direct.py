@@ -164,10 +164,10 @@ def test_the_hop_statements_match_sqlalchemys(db: Database) -> None:
         (_STATES_PRESENT if db.is_sqlite else _DISTINCT_STATES, {"ids": ids}),
         (_ENQUEUE_READY, {"parents": [steps["a"]], "now": NOW}),
         (
-            DirectStatement(due_levels_statement(1)),
+            due_levels_statement(1),
             {"n0": "default", "floor": -(10**6), "now": NOW, "offset": 0},
         ),
-        (DirectStatement(ready_statement(1, not db.is_sqlite)), level),
+        (ready_statement(1, not db.is_sqlite), level),
     ]
     with db.write() as conn:
         # A step of the other task waits in the queue: the claim order's reads find it.
