@@ -292,8 +292,8 @@ def test_the_shapes_kept_compiled_are_bounded(db: Database) -> None:
     assert query._shape.cache_info().currsize == SHAPES_KEPT
 
 
-def test_without_listeners_sqlite_statements_skip_sqlalchemys_execution(
-    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+def test_without_listeners_statements_skip_sqlalchemys_execution(
+    db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
     through_sqlalchemy = Connection.exec_driver_sql
@@ -304,7 +304,7 @@ def test_without_listeners_sqlite_statements_skip_sqlalchemys_execution(
 
     monkeypatch.setattr(Connection, "exec_driver_sql", counted)
     query = DirectStatement(select(ws.c.step_uuid).where(ws.c.task_uuid == bindparam("t")))
-    with sqlite_db.read() as conn:
+    with db.read() as conn:
         assert query.rows(conn, {"t": "none"}) == []
     assert calls == []
 
