@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 
 from duplex.messages import DomainEvent
 from duplex.storage.db import Database
+from duplex.storage.direct import DirectStatement
 
 # Both channel names are documented in docs/relay.md and docs/architecture.md; the work
 # channel's is also in migration 0002.
@@ -82,10 +83,11 @@ def notify_new_events(conn: Connection, events: Sequence[DomainEvent]) -> None:
         size += len(item) + 1
     payloads.append("[" + ",".join(chunk) + "]")
     for payload in payloads:
-        conn.execute(_NOTIFY, {"channel": EVENTS_CHANNEL, "payload": payload})
+        _NOTIFY.rowcount(conn, {"channel": EVENTS_CHANNEL, "payload": payload})
 
 
-_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+# Run at the driver (``duplex.storage.direct``): a hop sends one.
+_NOTIFY = DirectStatement(text("SELECT pg_notify(:channel, :payload)"))
 
 
 def notify_work(conn: Connection, namespaces: Collection[str]) -> None:
@@ -97,7 +99,7 @@ def notify_work(conn: Connection, namespaces: Collection[str]) -> None:
     if conn.dialect.name != "postgresql":
         return
     for namespace in sorted(namespaces):
-        conn.execute(_NOTIFY, {"channel": WORK_CHANNEL, "payload": namespace})
+        _NOTIFY.rowcount(conn, {"channel": WORK_CHANNEL, "payload": namespace})
 
 
 def parse_payload(payload: str) -> list[SequenceRange]:
