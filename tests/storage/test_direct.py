@@ -282,14 +282,55 @@ def test_the_engines_cursor_events_see_every_statement_run_at_the_driver(db: Dat
     assert all("FROM workflow_steps" in statement for _, statement in seen)
 
 
-def test_the_shapes_kept_compiled_are_bounded(db: Database) -> None:
+def test_the_shapes_kept_compiled_are_bounded(sqlite_db: Database) -> None:
     # A batch's IN lists take any length up to its size: each length is a statement of its
     # own, and a long-lived worker must not keep every one it ever ran.
     query = DirectStatement(select(ws.c.step_uuid).where(ws.c.step_uuid.in_(bindparam("ids"))))
-    with db.read() as conn:
+    with sqlite_db.read() as conn:
         for n in range(1, SHAPES_KEPT + 20):
             assert query.rows(conn, {"ids": [f"missing-{i}" for i in range(n)]}) == []
     assert query._shape.cache_info().currsize == SHAPES_KEPT
+
+
+def test_postgresql_takes_a_list_of_any_other_length_than_one_as_one_prepared_array(
+    postgres_db: Database,
+) -> None:
+    ids = _tasks(postgres_db, 8)
+    query = DirectStatement(
+        select(ws.c.step_uuid).where(
+            ws.c.task_uuid.in_(bindparam("ids", expanding=True)),
+            ws.c.name.not_in(bindparam("names", expanding=True)),
+            ws.c.state.in_([PENDING, COMPLETE]),  # the statement's own: stays a list
+        )
+    )
+    with postgres_db.read() as conn:
+        for n in [0, 1, 2, 3, 8]:
+            expected, got = _both(conn, query, {"ids": ids[:n], "names": ["b"] * n})
+            assert sorted(got) == sorted(expected)
+            assert len(got) == 2 * n
+    with postgres_db.read() as conn:
+        # psycopg prepares a text on its fifth run on a connection (a rollback, a savepoint's
+        # too, forgets them all): as IN lists these would be four texts run twice each.
+        for n in [2, 3, 5, 8] * 2:
+            assert len(query.rows(conn, {"ids": ids[:n], "names": ["b"] * n})) == 2 * n
+        prepared = conn.exec_driver_sql(
+            "SELECT statement FROM pg_prepared_statements WHERE statement LIKE %(like)s",
+            {"like": "%workflow_steps.task_uuid%"},
+        ).scalars()
+        texts = [" ".join(text.split()) for text in prepared]
+    assert len(texts) == 1
+    assert "workflow_steps.task_uuid = ANY ($1::VARCHAR(36)[])" in texts[0]
+    assert "workflow_steps.name != ALL ($2::VARCHAR(255)[])" in texts[0]
+    assert "workflow_steps.state IN ($3::VARCHAR, $4::VARCHAR)" in texts[0]
+    # A list of one value stays an IN list, which PostgreSQL plans as ``= value``.
+    with postgres_db.read() as conn:
+        for _ in range(6):
+            assert len(query.rows(conn, {"ids": ids[:1], "names": ["b"]})) == 2
+        prepared = conn.exec_driver_sql(
+            "SELECT statement FROM pg_prepared_statements WHERE statement LIKE %(like)s",
+            {"like": "%workflow_steps.task_uuid IN ($1::VARCHAR)%"},
+        ).scalars()
+        assert len(list(prepared)) == 1
 
 
 def test_without_listeners_statements_skip_sqlalchemys_execution(
