@@ -21,18 +21,30 @@ assumes an array of several values), and its lock read ran in 58 µs instead of 
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Connection, Dialect, Float, Numeric, Tuple, all_, any_, bindparam
+from sqlalchemy import (
+    Connection,
+    Dialect,
+    Float,
+    Numeric,
+    String,
+    Tuple,
+    TypeDecorator,
+    all_,
+    any_,
+    bindparam,
+)
 from sqlalchemy.exc import StatementError
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter
-from sqlalchemy.sql.visitors import ExternallyTraversible, replacement_traverse
-from sqlalchemy.types import ARRAY
+from sqlalchemy.sql.visitors import ExternallyTraversible, iterate, replacement_traverse
+from sqlalchemy.types import ARRAY, TypeEngine
 
 Processor = Callable[[Any], Any] | None
 # A kind of dialect (name, driver, parameter style) and the form of the IN lists: LISTS, a
@@ -194,8 +206,9 @@ class DirectStatement:
 
 def _with_arrays(statement: Executable) -> Executable | None:
     """``statement`` with each IN list of a caller's values as one array parameter, or None
-    when it has none: ``column IN (:name)`` as ``column = ANY(:name)``, and ``NOT IN`` as
-    ``<> ALL``, which mean the same for every list, an empty one and NULLs included."""
+    when it has none, or has one that cannot be: ``column IN (:name)`` as ``column =
+    ANY(:name)``, and ``NOT IN`` as ``<> ALL``, which mean the same for every list, an empty
+    one and NULLs included."""
     found = False
 
     def replace(element: ExternallyTraversible, **_: Any) -> ExternallyTraversible | None:
@@ -205,20 +218,48 @@ def _with_arrays(statement: Executable) -> Executable | None:
             and isinstance(element.right, BindParameter)
             and element.right.expanding
             and element.right.required  # a list of the statement's own stays as it is
+            and element.operator in _ARRAY_FORMS
             and not isinstance(element.left, Tuple)
         ):
             return None
-        array = bindparam(element.right.key, type_=ARRAY(element.left.type))
-        if element.operator is operators.in_op:
-            found = True
-            return element.left == any_(array)
-        if element.operator is operators.not_in_op:
-            found = True
-            return element.left != all_(array)
-        return None
+        item = _array_item(element.right.type)
+        if item is None:
+            return None
+        found = True
+        array = bindparam(element.right.key, type_=ARRAY(item))
+        converted: ExternallyTraversible = _ARRAY_FORMS[element.operator](element.left, array)
+        return converted
 
-    converted = replacement_traverse(cast(ExternallyTraversible, statement), {}, replace)
-    return cast(Executable, converted) if found else None
+    arrays = replacement_traverse(cast(ExternallyTraversible, statement), {}, replace)
+    lists_left = any(
+        isinstance(node, BindParameter) and node.expanding and node.required
+        for node in iterate(arrays)
+    )
+    return cast(Executable, arrays) if found and not lists_left else None
+
+
+_ARRAY_FORMS: dict[Any, Callable[[Any, Any], Any]] = {
+    operators.in_op: lambda column, array: column == any_(array),
+    operators.not_in_op: lambda column, array: column != all_(array),
+}
+
+
+def _array_item(type_: TypeEngine[Any]) -> TypeEngine[Any] | None:
+    """The type of an array's items for values of ``type_``, None for one that cannot be.
+
+    PostgreSQL truncates a value cast to ``varchar(n)``, an array's items too (``'abcd' IN
+    (:v)`` compares 'abcd', ``= ANY(:v::varchar(3)[])`` 'abc'): a sized string loses its
+    size, and a decorated one stays an IN list. A type that says nothing cannot be cast."""
+    if type_._isnull:
+        return None
+    if isinstance(type_, TypeDecorator):
+        impl = type_.impl_instance
+        return None if isinstance(impl, String) and impl.length else type_
+    if isinstance(type_, String) and type_.length:
+        unsized = copy.copy(type_)
+        unsized.length = None
+        return unsized
+    return type_
 
 
 def run_at_driver(

@@ -299,6 +299,13 @@ def final_stats(actors: Actors, identity: dict[str, Any]) -> dict[str, Any]:
     return parts
 
 
+def event_stats(actors: Actors) -> dict[str, Any]:
+    """The publisher's counters as ``final_stats`` gives them (nothing from a dead one)."""
+    with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+        return {"events": actors.publisher.stats().get(timeout=ASK_TIMEOUT_S)}
+    return {}
+
+
 def deliver_events(actors: Actors, deadline: float) -> None:
     """Deliver the committed events in process, then (best effort) to the broker."""
     run_stage(

@@ -338,9 +338,10 @@ class Worker:
                 lambda: flow.finish_handlers(actors, self.supervisor, deadline),
             )
             uncommitted = flow.commit_everything(actors, deadline, self._results_held)
-            flow.deliver_events(actors, deadline)
-            # After the delivery: the final figures count what it delivered.
             final.update(flow.final_stats(actors, self.observers.identity()))
+            flow.deliver_events(actors, deadline)
+            # The events delivered by the stop count too.
+            final.update(flow.event_stats(actors))
         except Exception:
             # A bug in a stage must not leave the actors' threads keeping the process alive.
             logger.exception("stop: unexpected error; stopping what is left")

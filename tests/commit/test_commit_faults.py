@@ -30,6 +30,7 @@ from duplex.storage.results import CommitReport
 from duplex.storage.submission import create_task
 from duplex.subscriptions import SubscriberRegistry
 from duplex.templates import TaskTemplate
+from duplex.worker import flow
 from duplex.worker.wiring import Worker
 from tests.conftest import make_settings, open_work, sqlite_database, wait_until
 
@@ -240,7 +241,9 @@ def test_raising_and_slow_subscribers_never_affect_steps(sqlite_db: Database) ->
     assert sorted(slow_seen) == sorted(stored)
 
 
-def test_full_event_buffer_drops_and_counts_but_keeps_rows(sqlite_db: Database) -> None:
+def test_full_event_buffer_drops_and_counts_but_keeps_rows(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ran: list[str] = []
     seen: list[str] = []
     entered, release = threading.Event(), threading.Event()
@@ -274,11 +277,15 @@ def test_full_event_buffer_drops_and_counts_but_keeps_rows(sqlite_db: Database) 
         except BaseException:
             release.set()
             raise
-        # The stop begins with the subscriber still stuck: what it delivers while the stop
-        # waits for it counts in the stop's figures.
-        releaser = threading.Timer(0.3, release.set)
-        releaser.start()
-    releaser.join()
+        # The subscriber is still stuck when the stop begins, and let go only when the stop
+        # delivers the events: what it delivers then counts in the stop's figures.
+        deliver = flow.deliver_events
+
+        def deliver_after_release(actors: Any, deadline: float) -> None:
+            release.set()
+            deliver(actors, deadline)
+
+        monkeypatch.setattr(flow, "deliver_events", deliver_after_release)
 
     with sqlite_db.read() as conn:
         stored = conn.execute(select(domain_events.c.event_id)).scalars().all()

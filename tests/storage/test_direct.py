@@ -14,11 +14,13 @@ from sqlalchemy import (
     Float,
     Integer,
     String,
+    TypeDecorator,
     bindparam,
     cast,
     column,
     event,
     literal,
+    literal_column,
     select,
     text,
     update,
@@ -319,8 +321,8 @@ def test_postgresql_takes_a_list_of_any_other_length_than_one_as_one_prepared_ar
         ).scalars()
         texts = [" ".join(text.split()) for text in prepared]
     assert len(texts) == 1
-    assert "workflow_steps.task_uuid = ANY ($1::VARCHAR(36)[])" in texts[0]
-    assert "workflow_steps.name != ALL ($2::VARCHAR(255)[])" in texts[0]
+    assert "workflow_steps.task_uuid = ANY ($1::VARCHAR[])" in texts[0]
+    assert "workflow_steps.name != ALL ($2::VARCHAR[])" in texts[0]
     assert "workflow_steps.state IN ($3::VARCHAR, $4::VARCHAR)" in texts[0]
     # A list of one value stays an IN list, which PostgreSQL plans as ``= value``.
     with postgres_db.read() as conn:
@@ -331,6 +333,38 @@ def test_postgresql_takes_a_list_of_any_other_length_than_one_as_one_prepared_ar
             {"like": "%workflow_steps.task_uuid IN ($1::VARCHAR)%"},
         ).scalars()
         assert len(list(prepared)) == 1
+
+
+class _Lowered(TypeDecorator[str]):
+    """A bound value lower-cased on its way in."""
+
+    impl = String(10)
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return None if value is None else value.lower()
+
+
+def test_lists_as_arrays_find_what_in_lists_find(db: Database) -> None:
+    ids = _tasks(db, 2)
+    among = ws.c.task_uuid.in_(bindparam("ids", expanding=True))
+    besides = ws.c.task_uuid.not_in(bindparam("ids", expanding=True))
+    lowered = ws.c.name.in_(bindparam("names", type_=_Lowered(), expanding=True))
+    untyped = literal_column("workflow_steps.name").in_(bindparam("names", expanding=True))
+    # Longer than the column (an array's items cast to varchar(36) would be cut to a match),
+    # NULLs, repeats; a bound type of its own; a column that says nothing of its type.
+    cases: list[tuple[Any, str, list[list[Any]]]] = [
+        (among, "ids", [[ids[0] + "-and-more", "x"], [None, ids[1]], [ids[0], ids[0]]]),
+        (besides, "ids", [[ids[0] + "-and-more", "x"], [ids[0], None], [ids[1], ids[1]]]),
+        (lowered, "names", [["A", "B"], ["C", "Z", "a"]]),
+        (untyped, "names", [["a", "b"], ["c", "z"]]),
+    ]
+    with db.read() as conn:
+        for condition, name, lists in cases:
+            query = DirectStatement(select(ws.c.step_uuid).where(condition))
+            for values in lists:
+                expected, got = _both(conn, query, {name: values})
+                assert sorted(got) == sorted(expected), (condition, values)
 
 
 def test_without_listeners_statements_skip_sqlalchemys_execution(

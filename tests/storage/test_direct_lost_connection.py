@@ -29,7 +29,7 @@ def _read_after_its_backend_is_terminated(
 ) -> None:
     with db.read() as conn:
         pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
-        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+        admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])  # waits for its exit
         try:
             _TASK.rows(conn, {"t": "none"})
         finally:
