@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from sqlalchemy import func, select
 
 from duplex.clock import utcnow
 from duplex.errors import BrokerUnavailableError, InputError, TransitionError
+from duplex.events import relay as relay_module
 from duplex.events.broker import Message
 from duplex.events.publishing import Backoff, envelope, message_of
 from duplex.events.relay import Relay
@@ -402,7 +404,7 @@ def test_two_relays_on_postgres_keep_each_task_in_order(
 
 
 def test_wake_ups_while_the_broker_is_down_do_not_reconnect_before_the_backoff(
-    sqlite_db: Database,
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     submit(sqlite_db, 1)
     (step,) = claim_all(sqlite_db)
@@ -410,9 +412,13 @@ def test_wake_ups_while_the_broker_is_down_do_not_reconnect_before_the_backoff(
     attempts = []
     broker = FakeBroker()
     up = [False]
+    # The relay's clock, moved by hand: the wake-ups all come within the backoff, however
+    # slow the machine, and the next one comes after it.
+    now = [1000.0]
+    monkeypatch.setattr(relay_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
 
     def connect() -> FakePublisher:
-        attempts.append(time.monotonic())
+        attempts.append(now[0])
         if not up[0]:
             raise BrokerUnavailableError("connection refused")
         return FakePublisher(broker)
@@ -421,11 +427,14 @@ def test_wake_ups_while_the_broker_is_down_do_not_reconnect_before_the_backoff(
         sqlite_db, relay_settings(backoff_base_ms=200, backoff_max_ms=200), connect=connect
     )
     try:
-        delays = [relay.pump() for _ in range(20)]  # as if woken by 20 commits
+        delays = []
+        for _ in range(20):  # as if woken by 20 commits, 5 ms apart
+            delays.append(relay.pump())
+            now[0] += 0.005
         assert len(attempts) == 1
-        assert all(0 < d <= 0.2 for d in delays)
+        assert all(0 < d <= 0.2 + 1e-9 for d in delays), delays
         up[0] = True
-        time.sleep(0.21)
+        now[0] = attempts[0] + 0.21
         relay.pump()
         assert len(attempts) == 2
         assert len(broker.delivered) == 2
