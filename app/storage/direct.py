@@ -222,11 +222,11 @@ def _with_arrays(statement: Executable) -> Executable | None:
             and not isinstance(element.left, Tuple)
         ):
             return None
-        item = _array_item(element.right.type)
-        if item is None:
+        array_type = array_of(element.right.type)
+        if array_type is None:
             return None
         found = True
-        array = bindparam(element.right.key, type_=ARRAY(item))
+        array = bindparam(element.right.key, type_=array_type)
         converted: ExternallyTraversible = _ARRAY_FORMS[element.operator](element.left, array)
         return converted
 
@@ -244,22 +244,23 @@ _ARRAY_FORMS: dict[Any, Callable[[Any, Any], Any]] = {
 }
 
 
-def _array_item(type_: TypeEngine[Any]) -> TypeEngine[Any] | None:
-    """The type of an array's items for values of ``type_``, None for one that cannot be.
+def array_of(type_: TypeEngine[Any]) -> ARRAY[Any] | None:
+    """The type of a PostgreSQL array of ``type_``'s values, None for one that cannot be.
 
     PostgreSQL truncates a value cast to ``varchar(n)``, an array's items too (``'abcd' IN
-    (:v)`` compares 'abcd', ``= ANY(:v::varchar(3)[])`` 'abc'): a sized string loses its
-    size, and a decorated one stays an IN list. A type that says nothing cannot be cast."""
+    (:v)`` compares 'abcd', ``= ANY(:v::varchar(3)[])`` 'abc'; an UPDATE from such an array
+    writes 'abc' where a plain one refuses 'abcd'): a sized string loses its size, and a
+    decorated one cannot be an array. A type that says nothing cannot be cast."""
     if type_._isnull:
         return None
     if isinstance(type_, TypeDecorator):
         impl = type_.impl_instance
-        return None if isinstance(impl, String) and impl.length else type_
+        return None if isinstance(impl, String) and impl.length else ARRAY(type_)
     if isinstance(type_, String) and type_.length:
         unsized = copy.copy(type_)
         unsized.length = None
-        return unsized
-    return type_
+        return ARRAY(unsized)
+    return ARRAY(type_)
 
 
 def run_at_driver(

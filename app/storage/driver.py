@@ -22,9 +22,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.expression import Insert, Update, UpdateBase
 from sqlalchemy.sql.visitors import replacement_traverse
-from sqlalchemy.types import ARRAY
 
-from duplex.storage.direct import run_at_driver
+from duplex.storage.direct import array_of, run_at_driver
 from duplex.storage.models import UTCDateTime
 
 
@@ -120,7 +119,10 @@ class BulkStatement:
         ``unnest(array per column) AS bulk_rows(...)``, which the statement is joined to."""
         if dialect.name != "postgresql" or not isinstance(self.statement, Update):
             return None
-        arrays = [bindparam(name, type_=ARRAY(compiled.binds[name].type)) for name in self.columns]
+        types = [array_of(compiled.binds[name].type) for name in self.columns]
+        if None in types:
+            return None  # a row value that cannot be an array item: one UPDATE per row
+        arrays = [bindparam(name, type_=t) for name, t in zip(self.columns, types, strict=True)]
         given = func.unnest(*arrays).table_valued(*self.columns).render_derived().alias("bulk_rows")
 
         def from_rows(element: Any) -> Any:

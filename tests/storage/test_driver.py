@@ -251,6 +251,22 @@ def test_updated_rows_match_sqlalchemys_updates(db: Database, values: Values) ->
     assert [("unnest(" in statement) for statement in statements] == [joined]
 
 
+# SQLite does not enforce a string column's length: PostgreSQL only.
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("count", [1, COPY_FROM_ROWS], ids=["few", "many"])
+def test_a_value_longer_than_its_column_is_refused_not_cut(db: Database, count: int) -> None:
+    # PostgreSQL refuses it in a plain UPDATE; an array of varchar(32) would cut it to fit.
+    with db.write() as conn:
+        for i in range(count):
+            conn.execute(insert(probe).values(id=i, via="bulk", label="old"))
+    rows = [("x" * 40, None, "null", i) for i in range(count)]
+    with pytest.raises(StorageError) as refused, db.write() as conn:
+        BULK_REWRITE.execute(conn, rows)
+    assert refused.value.refused
+    with db.read() as conn:
+        assert set(conn.execute(select(probe.c.label)).scalars()) == {"old"}
+
+
 def test_a_parameter_that_is_neither_a_column_nor_a_constant_is_refused(db: Database) -> None:
     statement = BulkStatement(
         probe.update().where(probe.c.id == bindparam("b_id")).values(label=bindparam("v")),
