@@ -207,7 +207,10 @@ def due_levels_statement(namespaces: int) -> DirectStatement:
     # levels that have a due step. Spelled in SQL: SQLAlchemy's recursive CTEs cannot say
     # "the next value below" as a scalar subquery of the recursive term. Paused namespaces
     # and templates (``duplex.storage.pauses``) are left out here as in ``_level_query``, so a
-    # level whose first due steps are paused still yields the steps behind them.
+    # level whose first due steps are paused still yields the steps behind them. "Has a due
+    # step" is a scalar subquery, not EXISTS: PostgreSQL may turn an EXISTS into a hash join
+    # over every step of the table ready in the past, whatever its state (it did on a table
+    # with no statistics yet: a sequential scan per claim); a scalar subquery stays a probe.
     pairs = " UNION ALL ".join(
         f"SELECT '{state}' AS state, CAST(:n{i} AS VARCHAR(255)) AS namespace"
         for state in CLAIMABLE
@@ -236,11 +239,12 @@ SELECT levels.state, levels.namespace, levels.priority,
           AND w.task_uuid NOT IN ({_TASKS_OF_PAUSED_TEMPLATES})
         ORDER BY w.next_attempt_at LIMIT 1 OFFSET :offset) AS nth
 FROM levels
-WHERE levels.priority IS NOT NULL AND EXISTS (
+WHERE levels.priority IS NOT NULL AND (
     SELECT 1 FROM workflow_steps AS w
     WHERE w.state = levels.state AND w.namespace = levels.namespace
       AND w.priority = levels.priority AND w.next_attempt_at <= :now
-      AND w.task_uuid NOT IN ({_TASKS_OF_PAUSED_TEMPLATES}))
+      AND w.task_uuid NOT IN ({_TASKS_OF_PAUSED_TEMPLATES})
+    LIMIT 1) IS NOT NULL
 ORDER BY levels.state, levels.priority DESC
 """
     return DirectStatement(

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, select, text, update
 
 from duplex.clock import utcnow
 from duplex.storage.claim_order import due_levels_statement, ready_statement
@@ -114,6 +114,26 @@ def test_many_steps_waiting_for_their_time_are_never_read(db: Database) -> None:
     with db.write() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("ANALYZE workflow_steps"))
+            _assert_postgres_reads_only_due_rows(conn, t0)
+        else:
+            _assert_sqlite_searches_by_range(conn, t0)
+    assert len(claim(db, t0 + timedelta(seconds=1))) == 5
+
+
+def test_finished_steps_are_never_read_by_a_claim_on_a_table_without_statistics(
+    db: Database,
+) -> None:
+    """3,000 finished steps, all past their ``next_attempt_at``, written moments ago (no
+    statistics yet), and 5 due: the claim's reads are index probes of about 5 rows. A level's
+    "has a due step" test spelled as EXISTS let PostgreSQL plan it as a hash join over every
+    step ready in the past, whatever its state: a sequential scan of the table per claim."""
+    t0 = utcnow()
+    with db.write() as conn:
+        create_tasks(conn, ONE, [{}] * 3000, now=t0 - timedelta(seconds=5))
+        conn.execute(update(workflow_steps).values(state="complete"))
+        create_tasks(conn, ONE, [{}] * 5, now=t0)
+    with db.write() as conn:
+        if conn.dialect.name == "postgresql":
             _assert_postgres_reads_only_due_rows(conn, t0)
         else:
             _assert_sqlite_searches_by_range(conn, t0)
