@@ -143,7 +143,7 @@ def test_finished_steps_are_never_read_by_a_claim_on_a_table_without_statistics(
 def _statements() -> list[tuple[Any, dict[str, Any]]]:
     levels = {"s0": "enqueued", "n0": "default", "p0": 0}
     return [
-        (due_levels_statement(1).statement, {"n0": "default", "floor": -101, "offset": 9}),
+        (due_levels_statement(1, 16).statement, {"n0": "default", "floor": -101}),
         (ready_statement(1, True).statement, {**levels, "limit": 10}),
     ]
 
