@@ -49,7 +49,7 @@ _TASKS_OF_PAUSED_TEMPLATES = (
 ws = workflow_steps
 # One priority level is worth this much waiting (``worker.priority_aging_ms``).
 DEFAULT_AGING = timedelta(seconds=1)
-# The lowest priority there can be, minus one: "no floor" for ``due_levels``.
+# The lowest priority there can be, minus one: the floor of the claim order's skip scan.
 PRIORITY_FLOOR = PRIORITY_MIN - 1
 
 
@@ -143,10 +143,9 @@ def due_levels(
     namespaces: Sequence[str],
     *,
     now: datetime,
-    above: int | None = None,
     nth: int = 1,
 ) -> list[Level]:
-    """Return each priority level, above ``above`` if given, that has a claimable step due by
+    """Return each priority level that has a claimable step due by
     ``now``; highest priority first within a state.
 
     A skip scan of the claim index: one probe finds each level present, one more tells
@@ -156,7 +155,7 @@ def due_levels(
     statement of its own, with the offset written in, whose plan PostgreSQL keeps.
     """
     namespaces = list(dict.fromkeys(namespaces))
-    params: dict[str, Any] = {"now": now, "floor": PRIORITY_FLOOR if above is None else above}
+    params: dict[str, Any] = {"now": now}
     params.update({f"n{i}": namespace for i, namespace in enumerate(namespaces)})
     reach = 1 << (max(nth, 1) - 1).bit_length()
     rows = due_levels_statement(len(namespaces), reach).rows(conn, params)
@@ -204,21 +203,42 @@ def ready_statement(levels: int, skip_locked: bool) -> DirectStatement:
 @functools.lru_cache(maxsize=256)
 def due_levels_statement(namespaces: int, nth: int = 1) -> DirectStatement:
     # A recursive skip scan, for every claimable state and namespace: the highest priority
-    # present, then the next one below it, ... each one probe of the claim index; then the
-    # levels that have a due step. Spelled in SQL: SQLAlchemy's recursive CTEs cannot say
-    # "the next value below" as a scalar subquery of the recursive term. Paused namespaces
-    # and templates (``duplex.storage.pauses``) are left out here as in ``_level_query``, so a
-    # level whose first due steps are paused still yields the steps behind them. "Has a due
-    # step" is a scalar subquery, not EXISTS: PostgreSQL may turn an EXISTS into a hash join
-    # over every step of the table ready in the past, whatever its state (it did on a table
-    # with no statistics yet: a sequential scan per claim); a scalar subquery stays a probe.
-    # The offset of the ``nth`` step is written in, not bound: with an offset it does not
-    # know, PostgreSQL costs the prepared statement's generic plan above the custom ones and
-    # plans every call again (0.37 ms, most of the server's time in a chain's hop).
+    # present, then the next one below it, ... each one probe of the claim index; then, per
+    # level, its first due step (``first``) and its ``nth``. Spelled in SQL: SQLAlchemy's
+    # recursive CTEs cannot say "the next value below" as a scalar subquery of the recursive
+    # term. Paused namespaces and templates (``duplex.storage.pauses``) are left out here as in
+    # ``_level_query``, so a level whose first due steps are paused still yields the steps
+    # behind them. How PostgreSQL must not plan it, each seen on a table of a few thousand
+    # steps, with or without statistics:
+    # - "has a due step" as EXISTS became a hash join over every step ready in the past,
+    #   whatever its state, and an unordered LIMIT 1 a sequential scan: it is the first due
+    #   step in index order, read once per level (the ``due`` CTE) and reused as its nth when
+    #   nth is 1;
+    # - the paused templates' tasks, a subquery per level, were costed as a read of ``tasks``
+    #   per level of the 200 it expects, enough to compile the statement (JIT) at every call:
+    #   they are read once (``paused_tasks``);
+    # - with the offset of the nth step bound, or ``now`` compared as a value known to the
+    #   planner, the prepared statement's generic plan looked dearer than its custom plans and
+    #   every call was planned again (0.3-0.4 ms, more than running it): the offset is written
+    #   in, and ``now`` is read by a subquery, which no plan knows the value of, so the generic
+    #   plan costs what a custom one does. Every read of the index stays a range up to now.
+    if nth < 1:
+        raise ValueError(f"nth is counted from 1, got {nth}")
     pairs = " UNION ALL ".join(
         f"SELECT '{state}' AS state, CAST(:n{i} AS VARCHAR(255)) AS namespace"
         for state in CLAIMABLE
         for i in range(namespaces)
+    )
+    due_steps_of_level = """FROM workflow_steps AS w
+            WHERE w.state = {level}.state AND w.namespace = {level}.namespace
+              AND w.priority = {level}.priority AND w.next_attempt_at <= (SELECT :now)
+              AND w.task_uuid NOT IN (SELECT task_uuid FROM paused_tasks)
+            ORDER BY w.next_attempt_at"""
+    nth_step = (
+        "due.first"
+        if nth == 1
+        else f"(SELECT w.next_attempt_at {due_steps_of_level.format(level='due')}"
+        f" LIMIT 1 OFFSET {nth - 1:d})"
     )
     sql = f"""
 WITH RECURSIVE pairs(state, namespace) AS ({pairs}),
@@ -226,36 +246,31 @@ levels(state, namespace, priority) AS (
     SELECT pairs.state, pairs.namespace,
            (SELECT max(w.priority) FROM workflow_steps AS w
             WHERE w.state = pairs.state AND w.namespace = pairs.namespace
-              AND w.priority > :floor)
+              AND w.priority > {PRIORITY_FLOOR:d})
     FROM pairs
     WHERE pairs.namespace NOT IN (SELECT name FROM pauses WHERE kind = 'namespace')
     UNION ALL
     SELECT levels.state, levels.namespace,
            (SELECT max(w.priority) FROM workflow_steps AS w
             WHERE w.state = levels.state AND w.namespace = levels.namespace
-              AND w.priority > :floor AND w.priority < levels.priority)
+              AND w.priority > {PRIORITY_FLOOR:d} AND w.priority < levels.priority)
+    FROM levels WHERE levels.priority IS NOT NULL
+),
+paused_tasks(task_uuid) AS MATERIALIZED ({_TASKS_OF_PAUSED_TEMPLATES}),
+due(state, namespace, priority, first) AS MATERIALIZED (
+    SELECT levels.state, levels.namespace, levels.priority,
+           (SELECT w.next_attempt_at {due_steps_of_level.format(level="levels")} LIMIT 1)
     FROM levels WHERE levels.priority IS NOT NULL
 )
-SELECT levels.state, levels.namespace, levels.priority,
-       (SELECT w.next_attempt_at FROM workflow_steps AS w
-        WHERE w.state = levels.state AND w.namespace = levels.namespace
-          AND w.priority = levels.priority AND w.next_attempt_at <= :now
-          AND w.task_uuid NOT IN ({_TASKS_OF_PAUSED_TEMPLATES})
-        ORDER BY w.next_attempt_at LIMIT 1 OFFSET {nth - 1:d}) AS nth
-FROM levels
-WHERE levels.priority IS NOT NULL AND (
-    SELECT 1 FROM workflow_steps AS w
-    WHERE w.state = levels.state AND w.namespace = levels.namespace
-      AND w.priority = levels.priority AND w.next_attempt_at <= :now
-      AND w.task_uuid NOT IN ({_TASKS_OF_PAUSED_TEMPLATES})
-    LIMIT 1) IS NOT NULL
-ORDER BY levels.state, levels.priority DESC
+SELECT due.state, due.namespace, due.priority, {nth_step} AS nth
+FROM due
+WHERE due.first IS NOT NULL
+ORDER BY due.state, due.priority DESC
 """
     return DirectStatement(
         text(sql)
         .bindparams(
             bindparam("now", type_=ws.c.next_attempt_at.type),
-            bindparam("floor", type_=Integer),
         )
         .columns(
             column("state", String()),

@@ -120,19 +120,21 @@ def test_many_steps_waiting_for_their_time_are_never_read(db: Database) -> None:
     assert len(claim(db, t0 + timedelta(seconds=1))) == 5
 
 
-def test_finished_steps_are_never_read_by_a_claim_on_a_table_without_statistics(
-    db: Database,
-) -> None:
-    """3,000 finished steps, all past their ``next_attempt_at``, written moments ago (no
-    statistics yet), and 5 due: the claim's reads are index probes of about 5 rows. A level's
-    "has a due step" test spelled as EXISTS let PostgreSQL plan it as a hash join over every
-    step ready in the past, whatever its state: a sequential scan of the table per claim."""
+@pytest.mark.parametrize("analyzed", [False, True], ids=["no_statistics", "statistics"])
+def test_finished_steps_are_never_read_by_a_claim(db: Database, analyzed: bool) -> None:
+    """3,000 finished steps, all past their ``next_attempt_at``, and 5 due: the claim's reads
+    are index probes of about 5 rows, on a table written moments ago (no statistics yet) as
+    on one analyzed since. On PostgreSQL a level's "has a due step" spelled as EXISTS became
+    a hash join over every step ready in the past, whatever its state (without statistics),
+    and as an unordered LIMIT 1 a sequential scan expecting a match early (with them)."""
     t0 = utcnow()
     with db.write() as conn:
         create_tasks(conn, ONE, [{}] * 3000, now=t0 - timedelta(seconds=5))
         conn.execute(update(workflow_steps).values(state="complete"))
         create_tasks(conn, ONE, [{}] * 5, now=t0)
     with db.write() as conn:
+        if analyzed:
+            conn.execute(text("ANALYZE workflow_steps" if db.is_sqlite else "ANALYZE"))
         if conn.dialect.name == "postgresql":
             _assert_postgres_reads_only_due_rows(conn, t0)
         else:
@@ -143,7 +145,7 @@ def test_finished_steps_are_never_read_by_a_claim_on_a_table_without_statistics(
 def _statements() -> list[tuple[Any, dict[str, Any]]]:
     levels = {"s0": "enqueued", "n0": "default", "p0": 0}
     return [
-        (due_levels_statement(1, 16).statement, {"n0": "default", "floor": -101}),
+        (due_levels_statement(1, 16).statement, {"n0": "default"}),
         (ready_statement(1, True).statement, {**levels, "limit": 10}),
     ]
 
@@ -182,11 +184,20 @@ def _assert_postgres_reads_only_due_rows(conn: Connection, now: datetime) -> Non
         ).scalar_one()
         plan = plan if isinstance(plan, dict) else json.loads(plan)[0]
         nodes = list(_nodes(plan["Plan"]))
-        assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], plan
+        scans = [n for n in nodes if "Scan" in n["Node Type"] and "Relation Name" in n]
+        # A sequential scan of a table that grows with the work, run at all (``pauses`` is a
+        # handful of rows; the paused templates' tasks are not read when none is paused).
+        walked = [
+            n
+            for n in scans
+            if n["Node Type"] == "Seq Scan"
+            and n["Relation Name"] in ("workflow_steps", "tasks")
+            and n["Actual Loops"]
+        ]
+        assert not walked, plan
+        # Rows read from tables, and rows an index range held that the scan filtered out.
         read = sum(
-            n["Actual Rows"] * n["Actual Loops"] + n.get("Rows Removed by Filter", 0)
-            for n in nodes
-            if "Index" in n["Node Type"]
+            n["Actual Rows"] * n["Actual Loops"] + n.get("Rows Removed by Filter", 0) for n in scans
         )
         assert read <= 20, plan
 

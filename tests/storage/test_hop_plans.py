@@ -21,12 +21,12 @@ from sqlalchemy import Connection, select, update
 from duplex.clock import utcnow
 from duplex.states import COMPLETE, PENDING
 from duplex.storage.batch_view import _ITEMS
-from duplex.storage.claim_order import due_levels
+from duplex.storage.claim_order import due_levels, due_levels_statement
 from duplex.storage.db import Database
 from duplex.storage.models import workflow_steps
 from duplex.storage.readiness import RETURN_PARENTS
 from duplex.storage.step_store import _BATCH_PAGE
-from duplex.storage.submission import create_task
+from duplex.storage.submission import create_task, create_tasks
 from duplex.storage.task_state import _DISTINCT_STATES, states_present
 from duplex.templates import TaskTemplate
 
@@ -167,17 +167,26 @@ def test_a_page_of_batch_items_is_a_range_of_the_items_index(
     assert "USING INDEX ix_workflow_steps_task_uuid_item_index" in plan, plan
 
 
-def test_the_claim_orders_level_read_keeps_its_plan_once_prepared(postgres_db: Database) -> None:
+@pytest.mark.parametrize("analyzed", [False, True], ids=["no_statistics", "statistics"])
+def test_the_claim_orders_level_read_keeps_its_plan_once_prepared(
+    postgres_db: Database, analyzed: bool
+) -> None:
     """The due levels are read at every claim, eager ones included. Prepared, the statement
-    must run on its generic plan: planning it cost 0.37 ms a call, more than running it.
-    With the offset of the ``nth`` step bound as a parameter, PostgreSQL costed the generic
-    plan above the custom ones and planned every call again."""
+    must run on its generic plan: planning it cost 0.3-0.4 ms a call, more than running it.
+    With the offset of the ``nth`` step bound (without statistics), or ``now`` compared as a
+    known value (with them), PostgreSQL costed the generic plan above the custom ones and
+    planned every call again."""
     now = utcnow()
     with postgres_db.write() as conn:
-        for _ in range(20):
-            create_task(conn, chain(2), {}, now=now)
+        create_tasks(conn, chain(2), [{}] * 200, now=now)
+        conn.execute(
+            update(workflow_steps).where(workflow_steps.c.name == "s0").values(state=COMPLETE)
+        )
+        create_tasks(conn, chain(2), [{}] * 5, now=now)
+        if analyzed:
+            conn.exec_driver_sql("ANALYZE")
     with postgres_db.read() as conn:
-        # psycopg prepares a text on its fifth run; PostgreSQL plans the first five runs of
+        # psycopg prepares a text on its sixth run; PostgreSQL plans the first five runs of
         # a prepared statement for their values, then settles on the generic plan if it is
         # no dearer. Sixteen runs each of a claim's read (nth 10) and an eager claim's (nth 1).
         for nth in [1, 10] * 16:
@@ -193,3 +202,28 @@ def test_the_claim_orders_level_read_keeps_its_plan_once_prepared(postgres_db: D
         # Planned for its values five times at most, then always on the generic plan.
         assert custom <= 5, plans
         assert generic > 0, plans
+
+
+def test_the_claim_orders_level_read_costs_the_same_whatever_the_number_of_tasks(
+    postgres_db: Database,
+) -> None:
+    """With statistics of 10,000 tasks, the planner's estimate of the due levels' read stays
+    below ``jit_above_cost``, so PostgreSQL never compiles it at a claim. The paused
+    templates' tasks, once a subquery per level, were costed as a read of ``tasks`` for each
+    of the 200 levels the planner expects: 240,000 at 20,000 tasks, and the compilation made
+    every claim take 27 ms instead of 0.2."""
+    now = utcnow()
+    with postgres_db.write() as conn:
+        create_tasks(conn, chain(1), [{}] * 10_000, now=now)
+        conn.exec_driver_sql("ANALYZE")
+    with postgres_db.read() as conn:
+        threshold = float(conn.exec_driver_sql("SHOW jit_above_cost").scalar_one())
+        for nth in (1, 16):
+            statement = due_levels_statement(1, nth).statement
+            compiled = statement.compile(dialect=conn.dialect)
+            values = compiled.construct_params({"n0": "default", "now": now})
+            raw = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + compiled.string, values)
+            found = raw.scalar_one()
+            plan = found if isinstance(found, list) else json.loads(found)
+            cost = plan[0]["Plan"]["Total Cost"]
+            assert cost < threshold / 10, f"nth {nth}: estimated cost {cost}"
