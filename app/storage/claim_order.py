@@ -77,8 +77,8 @@ def due_steps(
     union (on PostgreSQL each read ``FOR UPDATE SKIP LOCKED``). Each level is read only as
     far as it can matter: a level that has ``limit`` due steps bounds the claim key of the
     ``limit``-th step taken (``cut``), and no other level is read past that key. (The bound
-    ``due_levels`` gives may be a step a little further on in that level: a later cut reads
-    a few rows more, never misses one.)
+    ``due_levels`` gives is the level's step at ``limit`` rounded up to a power of two: a later
+    cut reads up to ``limit`` rows more per other due level, never misses one.)
     """
     levels = due_levels(conn, namespaces, now=now, nth=limit)
     if not levels:
@@ -145,14 +145,14 @@ def due_levels(
     now: datetime,
     nth: int = 1,
 ) -> list[Level]:
-    """Return each priority level that has a claimable step due by
-    ``now``; highest priority first within a state.
+    """Return each priority level that has a claimable step due by ``now``; highest priority
+    first within a state.
 
-    A skip scan of the claim index: one probe finds each level present, one more tells
-    whether it has a due step, whatever the number of steps in it; ``nth`` steps more of the
-    index (no row read) find the level's ``nth`` due step. ``nth`` is rounded up to a power
-    of two (a level's ``nth`` may be a step a little further on): each such value is a
-    statement of its own, with the offset written in, whose plan PostgreSQL keeps.
+    A skip scan of the claim index: one probe finds each level present, one more its first
+    due step, whatever the number of steps in it; ``nth`` steps more of the index find the
+    level's ``nth`` due step. ``nth`` is rounded up to a power of two (a level's ``nth`` may
+    be a step further on): each such value is a statement of its own, with the offset
+    written in, whose plan PostgreSQL keeps.
     """
     namespaces = list(dict.fromkeys(namespaces))
     params: dict[str, Any] = {"now": now}
