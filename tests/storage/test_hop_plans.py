@@ -216,7 +216,8 @@ def test_the_claim_orders_level_read_costs_the_same_whatever_the_number_of_tasks
     def estimates(conn: Connection) -> list[float]:
         costs = []
         for nth in (1, 16):
-            compiled = due_levels_statement(1, nth).statement.compile(dialect=conn.dialect)
+            statement: Any = due_levels_statement(1, nth).statement
+            compiled = statement.compile(dialect=conn.dialect)
             values = compiled.construct_params({"n0": "default", "now": utcnow()})
             raw = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + compiled.string, values)
             found = raw.scalar_one()
