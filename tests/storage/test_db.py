@@ -1,4 +1,5 @@
-"""Connecting: a PostgreSQL host that never answers fails in bounded time, as a StorageError."""
+"""Connecting: a PostgreSQL host that never answers fails in bounded time, as a StorageError;
+PostgreSQL sessions run without JIT."""
 
 from __future__ import annotations
 
@@ -67,3 +68,14 @@ def test_a_connect_timeout_in_the_url_wins_over_the_setting(silent_port: int) ->
 def test_the_connect_timeout_is_at_least_libpqs_minimum() -> None:
     with pytest.raises(ValueError, match="connect_timeout_s"):
         DatabaseSettings(connect_timeout_s=1)
+
+
+def test_postgresql_connections_run_without_jit(postgres_db: Database) -> None:
+    """Every pooled connection, the first and those opened later: JIT compiled the claim
+    order's read at every claim once its cost estimate grew with the tasks table."""
+    with postgres_db.read() as first, postgres_db.read() as second:
+        settings = [conn.exec_driver_sql("SHOW jit").scalar_one() for conn in (first, second)]
+    # A session setting, not a transaction's: it outlives the transactions before.
+    with postgres_db.write() as conn:
+        settings.append(conn.exec_driver_sql("SHOW jit").scalar_one())
+    assert settings == ["off", "off", "off"]

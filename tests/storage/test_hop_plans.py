@@ -184,7 +184,7 @@ def test_the_claim_orders_level_read_keeps_its_plan_once_prepared(
         )
         create_tasks(conn, chain(2), [{}] * 5, now=now)
         if analyzed:
-            conn.exec_driver_sql("ANALYZE")
+            conn.exec_driver_sql("ANALYZE workflow_steps, tasks, pauses")
     with postgres_db.read() as conn:
         # psycopg prepares a text on its sixth run; PostgreSQL plans the first five runs of
         # a prepared statement for their values, then settles on the generic plan if it is
@@ -227,11 +227,11 @@ def test_the_claim_orders_level_read_costs_the_same_whatever_the_number_of_tasks
 
     with postgres_db.write() as conn:
         create_tasks(conn, chain(1), [{}] * 1_000, now=utcnow())
-        conn.exec_driver_sql("ANALYZE")
+        conn.exec_driver_sql("ANALYZE workflow_steps, tasks, pauses")
         few = estimates(conn)
     with postgres_db.write() as conn:
         create_tasks(conn, chain(1), [{}] * 9_000, now=utcnow())
-        conn.exec_driver_sql("ANALYZE")
+        conn.exec_driver_sql("ANALYZE workflow_steps, tasks, pauses")
         many = estimates(conn)
         threshold = float(conn.exec_driver_sql("SHOW jit_above_cost").scalar_one())
     for at_1000, at_10000 in zip(few, many, strict=True):
