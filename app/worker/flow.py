@@ -287,23 +287,29 @@ def commit_everything(actors: Actors, deadline: float, held: Callable[[], int]) 
 def final_stats(actors: Actors, identity: dict[str, Any]) -> dict[str, Any]:
     """``identity`` and the counters of every actor still alive (a dead one's part is left
     out)."""
-    parts = dict(identity)
-    for key, ask in (
-        ("dispatcher", actors.dispatcher.stats),
-        ("completion", actors.completion.stats),
-        ("events", actors.publisher.stats),
-        *((("relay", actors.relay.stats),) if actors.relay is not None else ()),
-    ):
-        with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
-            parts[key] = ask().get(timeout=ASK_TIMEOUT_S)
-    return parts
+    return {
+        **identity,
+        **_counters(
+            ("dispatcher", actors.dispatcher.stats),
+            ("completion", actors.completion.stats),
+            ("events", actors.publisher.stats),
+            *((("relay", actors.relay.stats),) if actors.relay is not None else ()),
+        ),
+    }
 
 
 def event_stats(actors: Actors) -> dict[str, Any]:
     """The publisher's counters as ``final_stats`` gives them (nothing from a dead one)."""
-    with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
-        return {"events": actors.publisher.stats().get(timeout=ASK_TIMEOUT_S)}
-    return {}
+    return _counters(("events", actors.publisher.stats))
+
+
+def _counters(*asks: tuple[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Each ask's answer under its key; an actor dead or too slow to answer is left out."""
+    parts: dict[str, Any] = {}
+    for key, ask in asks:
+        with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+            parts[key] = ask().get(timeout=ASK_TIMEOUT_S)
+    return parts
 
 
 def deliver_events(actors: Actors, deadline: float) -> None:
