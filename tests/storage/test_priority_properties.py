@@ -18,11 +18,12 @@ from datetime import datetime, timedelta
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 
 from duplex.clock import utcnow
 from duplex.commit.retry import RetryPolicy
 from duplex.messages import StepOutcome
+from duplex.storage.claim_order import due_steps
 from duplex.storage.claims import claim_dependents, claim_ready_steps
 from duplex.storage.db import Database
 from duplex.storage.models import (
@@ -134,6 +135,52 @@ def test_claims_follow_the_aged_priority_order_and_never_take_a_step_early(
         if keys and left:
             assert max(keys) <= min(left), "a due step of an earlier claim order was left"
         taken.update(claimed)
+
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        # Most of them due, in two priority levels of two states: full levels, few of them.
+        st.tuples(st.integers(0, 1000), st.sampled_from([0, 0, 1]), st.booleans()),
+        min_size=1,
+        max_size=30,
+    ),
+    limit=st.integers(1, 9),
+    now_ms=st.integers(500, 3000),
+    aging_ms=st.integers(1, 2000),
+)
+def test_one_read_of_the_due_steps_finds_the_first_limit_of_them_in_claim_order(
+    sql: Database,
+    steps: list[tuple[int, int, bool]],
+    limit: int,
+    now_ms: int,
+    aging_ms: int,
+) -> None:
+    """What one claim round reads (``due_steps``), with few priority levels and many steps in
+    each: its cut, from a level's step at ``limit`` or further on, never stops the read short
+    (a claim's later rounds would make up for a short one, at a statement each)."""
+    clear(sql)
+    aging, now = timedelta(milliseconds=aging_ms), T0 + timedelta(milliseconds=now_ms)
+    due = {}
+    for ready_ms, priority, retry in steps:
+        task = add(sql, ONE["default"], ready_ms, priority, retry)
+        ready = T0 + timedelta(milliseconds=ready_ms)
+        if ready <= now:
+            due[task] = order(ready, priority, retry, aging)
+    with sql.read() as conn:
+        rows = conn.execute(select(workflow_steps.c.step_uuid, workflow_steps.c.task_uuid)).all()
+        task_of = {step: task for step, task in rows}
+        read = due_steps(conn, ("default",), limit=limit, now=now, aging=aging)
+    found = [task_of[step] for step in read.states]
+    assert set(found) <= set(due), "a step read before its time"
+    assert len(found) == min(limit, len(due))
+    keys = [due[task] for task in found]
+    assert keys == sorted(keys), "read out of claim order"
+    left = [key for task, key in due.items() if task not in found]
+    if keys and left:
+        assert max(keys) <= min(left), "a due step of an earlier claim order was left"
 
 
 @settings(
